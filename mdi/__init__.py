@@ -1,0 +1,2 @@
+"""mdi: model-distributed inference for GPT models."""
+__version__ = "0.1.0"

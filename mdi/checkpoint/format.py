@@ -1,0 +1,170 @@
+"""Our checkpoint format: a directory with
+
+    config.json        {"format": "mdi-checkpoint", "version": 1, "model": GPTConfig,
+                        "training": {...metadata...}}
+    model.safetensors  the weights, nanoGPT names; the tied lm_head.weight is not stored
+    tokenizer.json     the tokenizer (see mdi.tokenizer)
+    train_state.pt     optional, for `mdi train --resume`; loads with weights_only=True
+
+Stages load only the tensors of their own layer range.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..model import GPT, GPTConfig
+from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
+
+FORMAT = "mdi-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TRAIN_STATE = "train_state.pt"
+TIED_HEAD = "lm_head.weight"
+EMBEDDING = "transformer.wte.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or does not match its config."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config: GPTConfig
+    training: dict = field(default_factory=dict)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS
+
+    def tokenizer(self) -> Tokenizer:
+        try:
+            return load_tokenizer(self.path / TOKENIZER)
+        except TokenizerError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+
+
+def storable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict to write: contiguous tensors, the tied head left out."""
+    sd = model.state_dict()
+    if model.has_embeddings and model.has_head:
+        sd.pop(TIED_HEAD, None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
+                    training: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (WEIGHTS + ".tmp")
+    save_file(storable_state_dict(model), str(tmp), metadata={"format": FORMAT})
+    tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
+    cfg = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+           "training": training or {}}
+    (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, path / TOKENIZER)
+    return path
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} is not an mdi checkpoint: no {CONFIG}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path} is not an mdi checkpoint config (format field)")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{cfg_path}: unsupported version {data.get('version')!r}")
+    try:
+        config = GPTConfig.from_dict(data.get("model"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    training = data.get("training") or {}
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{cfg_path}: the training field must be an object")
+    return CheckpointInfo(path, config, training)
+
+
+def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
+                    ) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a stage, without allocating it."""
+    with torch.device("meta"):
+        stage = GPT(config, start, stop)
+    return {k: tuple(v.shape) for k, v in stage.state_dict().items()}
+
+
+def build_stage(config: GPTConfig, start: int, stop: int | None,
+                get: Callable[[str], torch.Tensor | None], names: set[str] | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                where: str = "weights") -> GPT:
+    """Build a stage from tensors fetched by name, checking every name and shape.
+
+    `get(name)` returns a tensor or None when absent. `names`, when given, is
+    the set of names the source holds: anything the stage does not use but
+    belongs to its layer range is an error (wrong config).
+    """
+    want = expected_shapes(config, start, stop)
+    sd: dict[str, torch.Tensor] = {}
+    for name, shape in want.items():
+        t = get(name)
+        if t is None and name == TIED_HEAD:
+            t = get(EMBEDDING)  # tied to the token embedding
+        if t is None:
+            raise CheckpointError(f"{where}: missing tensor {name!r}")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the config needs {shape}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
+        sd[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if names is not None:
+        whole = set(expected_shapes(config)) | {TIED_HEAD}
+        unknown = sorted(names - whole)
+        if unknown:
+            raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unknown[:5])}")
+    with torch.device("meta"):
+        stage = GPT(config, start, stop)
+    stage.load_state_dict(sd, assign=True, strict=True)
+    if stage.has_embeddings and stage.has_head:
+        stage.lm_head.weight = stage.transformer.wte.weight
+    return stage.eval()
+
+
+def load_stage(path: str | Path, start: int = 0, stop: int | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[GPT, CheckpointInfo]:
+    """Load blocks [start, stop) of the checkpoint at path (the whole model by default)."""
+    info = read_info(path)
+    if not info.weights_path.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    try:
+        with safe_open(str(info.weights_path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            stage = build_stage(info.config, start, stop,
+                                lambda n: f.get_tensor(n) if n in keys else None,
+                                names=keys, device=device, dtype=dtype,
+                                where=str(info.weights_path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
+    return stage, info
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, CheckpointInfo]:
+    return load_stage(path, 0, None, device=device, dtype=dtype)

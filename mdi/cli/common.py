@@ -1,0 +1,105 @@
+"""Options and helpers shared by the generation commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..generate.sampling import SamplingConfig
+from ..results import GenerationResult, append_time_run, dump_json, write_plots
+from ..tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """A bad command-line value."""
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--n-samples", type=int, default=3, help="samples to generate (default 3)")
+    g.add_argument("--n-tokens", type=int, default=1000, help="new tokens per sample (default 1000)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="prompt text, or FILE:path with one prompt per line; repeat for one "
+                        "prompt per sample (default: a newline)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=200, help="keep the k likeliest tokens (default 200)")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    o = p.add_argument_group("output")
+    o.add_argument("--time-run", metavar="CSV", help="append one row of timings to this CSV")
+    o.add_argument("--plots", metavar="DIR", help="write tokens-vs-time CSV and PNG to DIR")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    if args.n_samples <= 0:
+        raise UsageError(f"--n-samples must be positive, got {args.n_samples}")
+    if args.n_tokens <= 0:
+        raise UsageError(f"--n-tokens must be positive, got {args.n_tokens}")
+    try:
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        if n <= 0:
+            raise UsageError(f"--threads must be positive, got {n}")
+        torch.set_num_threads(n)
+
+
+def read_prompts(values: list[str] | None, n_samples: int) -> list[str]:
+    """One prompt per sample from --prompt values (text or FILE:path, one per line)."""
+    prompts: list[str] = []
+    for v in values or ["\n"]:
+        if v.startswith("FILE:"):
+            path = Path(v[5:])
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"cannot read prompt file {path}: {e}") from None
+            lines = [line for line in text.splitlines() if line.strip()]
+            if not lines:
+                raise UsageError(f"prompt file {path} has no non-empty line")
+            prompts.extend(lines)
+        else:
+            prompts.append(v)
+    if len(prompts) == 1:
+        return prompts * n_samples
+    if len(prompts) != n_samples:
+        raise UsageError(f"got {len(prompts)} prompts for --n-samples {n_samples}: give one prompt, "
+                         "or exactly one per sample")
+    return prompts
+
+
+def encode_prompts(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+        try:
+            ids = tok.encode(p)
+        except ValueError as e:
+            raise UsageError(f"prompt {i}: {e}") from None
+        if not ids:
+            raise UsageError(f"prompt {i} encodes to no tokens")
+        out.append(ids)
+    return out
+
+
+def emit(args: argparse.Namespace, result: GenerationResult) -> None:
+    if args.time_run:
+        append_time_run(args.time_run, result)
+    if args.plots:
+        write_plots(args.plots, result)
+    if args.json:
+        print(dump_json(result))
+        return
+    for prompt, text in zip(result.prompts, result.samples):
+        sys.stdout.write(prompt + text + "\n---------------\n")
+    print(result.summary(), file=sys.stderr)

@@ -1,0 +1,155 @@
+"""Distributed commands: node, starter, split, run."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+
+from tqdm import tqdm
+
+from ..checkpoint import read_info
+from ..dist.auth import resolve_token
+from ..dist.nodes_config import load_nodes_config
+from ..dist.starter import NodeFailure, RunOptions, Starter
+from ..results import GenerationResult
+from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
+                     sampling_config, set_threads)
+
+log = logging.getLogger("mdi")
+
+
+def _token_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="the cluster's shared secret (or MDI_TOKEN, or --token-file)")
+    p.add_argument("--token-file", help="file holding the cluster's shared secret")
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from ..dist.node import NodeRuntime
+    from ..dist.serve import run_node
+
+    set_threads(args.threads)
+    token = resolve_token(args.token, args.token_file)
+    spec = load_nodes_config(args.nodes_config).find(args.role, args.index)
+    if spec.role == "starter":
+        raise UsageError("the starter runs `mdi starter`, not `mdi node`")
+    rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any)
+    run_node(rt)
+    return 0
+
+
+def _generate(args: argparse.Namespace, nodes, token: str) -> int:
+    sampling = sampling_config(args)
+    info = read_info(args.ckpt)
+    tok = info.tokenizer()
+    prompts = read_prompts(args.prompt, args.n_samples)
+    ids = encode_prompts(tok, prompts)
+    bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
+    starter = Starter(nodes, token, args.ckpt,
+                      RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
+                                 n_groups=args.micro_batches),
+                      on_step=lambda i: bar.update(1))
+    try:
+        result = starter.run(ids, args.n_tokens, sampling)
+        error = None
+    except NodeFailure as e:
+        if e.partial is None:
+            raise
+        result, error = e.partial, e
+    finally:
+        bar.close()
+    result.prompts = prompts
+    result.samples = [tok.decode(t) for t in result.tokens]
+    if error is not None:
+        result.extra["error"] = str(error)
+    emit(args, result)
+    if not args.json and error is None:
+        _print_hops(result)
+    if error is not None:
+        print(f"mdi {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+def _print_hops(result: GenerationResult) -> None:
+    for h in result.extra.get("hops", []):
+        print(f"  {h['from']} -> {h['to']}: {h['bytes_per_token']:.1f} bytes/token after prefill, "
+              f"{h['prefill_bytes']} bytes of prefill", file=sys.stderr)
+    if result.n_nodes > 1:
+        print(f"  bytes per hop per token (activations): {result.extra['bytes_per_hop_per_token']:.1f}",
+              file=sys.stderr)
+
+
+def cmd_starter(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    token = resolve_token(args.token, args.token_file)
+    return _generate(args, load_nodes_config(args.nodes_config), token)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from ..dist.split import write_chunks
+
+    for path in write_chunks(args.ckpt, args.nodes, args.out):
+        print(path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..dist.local_cluster import LocalCluster, default_threads
+
+    read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    threads = args.threads or default_threads(args.nodes)
+    set_threads(threads)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout) as cluster:
+            return _generate(args, cluster.nodes, cluster.token)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _dist_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds of silence before a node counts as gone (default 10)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="groups of samples in flight (default min(n_samples, n_nodes))")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="serve as an intermediate or finisher node")
+    p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
+    p.add_argument("--role", required=True, choices=["intermediate", "finisher"])
+    p.add_argument("--index", type=int, default=0, help="which intermediate (default 0)")
+    p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
+    p.add_argument("--timeout", type=float, default=10.0, help="handshake and connect timeout (s)")
+    p.add_argument("--bind-any", action="store_true",
+                   help="listen on all interfaces instead of the address in the nodes file")
+    _token_options(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("starter", help="configure the nodes and generate")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
+    add_generation_options(p)
+    _dist_options(p)
+    _token_options(p)
+    p.set_defaults(func=cmd_starter)
+
+    p = sub.add_parser("split", help="write per-node chunks of a checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("run", help="start N local nodes and the starter in one command")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
+    add_generation_options(p)
+    _dist_options(p)
+    p.set_defaults(func=cmd_run)

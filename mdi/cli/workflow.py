@@ -1,0 +1,157 @@
+"""Single-device commands: prepare, train, sample, inspect, convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError, load_model, read_info
+from ..generate import LocalGenerator
+from ..model import GPTConfig
+from ..results import GenerationResult
+from .common import (DTYPES, UsageError, add_generation_options, emit, encode_prompts,
+                     read_prompts, sampling_config, set_threads)
+
+log = logging.getLogger("mdi")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ..data import prepare
+
+    meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..data import Dataset
+    from ..train import TrainConfig, train
+
+    set_threads(args.threads)
+    cfg = TrainConfig(batch_size=args.batch_size, grad_acc_steps=args.grad_acc_steps,
+                      max_iters=args.max_iters, lr=args.lr, min_lr=args.min_lr,
+                      warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
+                      eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                      seed=args.seed, device=args.device, dtype=args.dtype)
+    model_config = None
+    if not args.resume:
+        vocab = Dataset.load(args.data).tokenizer.vocab_size
+        model_config = GPTConfig(vocab_size=vocab, block_size=args.block_size, n_layer=args.n_layer,
+                                 n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                                 bias=args.bias)
+    summary = train(args.data, args.out, model_config, cfg, resume=args.resume, plot=args.plot)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    sampling = sampling_config(args)
+    set_threads(args.threads)
+    model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
+    tok = info.tokenizer()
+    prompts = read_prompts(args.prompt, args.n_samples)
+    ids = encode_prompts(tok, prompts)
+    n_groups = args.micro_batches or 1
+    gen = LocalGenerator(model, ids, sampling, n_groups)
+    step_times = []
+    t0 = time.perf_counter()
+    for _ in tqdm(gen.generate(args.n_tokens), total=args.n_tokens, unit="tok", disable=None,
+                  desc="generating", leave=False):
+        step_times.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    result = GenerationResult(
+        samples=[tok.decode(s.generated) for s in gen.states], prompts=prompts,
+        n_tokens=args.n_tokens, gen_time_s=elapsed, step_times=step_times,
+        n_layers=model.config.n_layer, block_size=model.config.block_size)
+    emit(args, result)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError, safe_open
+
+    info = read_info(args.ckpt)
+    if not info.weights_path.is_file():
+        raise CheckpointError(f"{info.path} has no {info.weights_path.name}")
+    tensors = []  # (name, shape, dtype), read before printing so a bad file prints nothing
+    try:
+        with safe_open(str(info.weights_path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                sl = f.get_slice(name)
+                tensors.append((name, tuple(sl.get_shape()), sl.get_dtype()))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
+    print(f"checkpoint: {info.path}")
+    print("model config:")
+    for k, v in info.config.to_dict().items():
+        print(f"  {k}: {v}")
+    total = 0
+    print("tensors:")
+    for name, shape, dtype in tensors:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+        print(f"  {name:48s} {str(shape):20s} {dtype}")
+    print(f"parameters: {total:,} ({total / 1e6:.2f}M)")
+    try:
+        tok = info.tokenizer()
+        print(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}")
+    except ValueError as e:
+        print(f"tokenizer: unavailable ({e})")
+    if info.training:
+        print("training:")
+        for k, v in info.training.items():
+            print(f"  {k}: {v}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="encode a text file into train/val token files")
+    p.add_argument("--input", required=True, help="UTF-8 text file")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a GPT from scratch or resume")
+    p.add_argument("--data", required=True, help="data directory from `mdi prepare`")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=384)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-acc-steps", type=int, default=1)
+    p.add_argument("--max-iters", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-interval", type=int, default=250)
+    p.add_argument("--eval-iters", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--plot", action="store_true", help="also write OUT/loss.png")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate on one device (the baseline)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    add_generation_options(p)
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="split the samples into this many batches (default 1; tokens do not depend on it)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's structure")
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,373 @@
+"""A secondary node (intermediate or finisher): the runtime behind `mdi node`.
+
+One asyncio loop serves both planes: the FastAPI control app (see control.py)
+and the data-plane listener. Model compute runs on one worker thread, so the
+loop keeps answering health checks and stop requests while a stage computes.
+
+Life of a run: /init (config) -> /weights (unless the node has the chunk on
+disk) -> /connect (open the downstream link) -> the upstream peer connects and
+proves the token -> frames until STOP -> back to idle. Any failure on either
+link drops the run's state (caches, connections) and the node waits for the
+next starter; it never needs a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
+from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
+from ..model import GPT, GPTConfig, KVCache
+from .auth import AuthError, answer, challenge
+from .messages import InitRequest
+from .nodes_config import NodeSpec
+from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class InitError(ValueError):
+    """A configuration the node refuses; its state does not change."""
+
+
+@dataclass
+class Stats:
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    decode_bytes_out: int = 0
+    decode_tokens_out: int = 0
+    prefill_bytes_out: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """Everything one run owns; dropped as a whole when the run ends."""
+    req: InitRequest
+    config: GPTConfig
+    limits: Limits
+    stage: GPT | None = None
+    caches: list[KVCache] = field(default_factory=list)
+    group_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # sample -> (group, row)
+    positions: list[int] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+    sampling: SamplingConfig | None = None
+    downstream: asyncio.StreamWriter | None = None
+    upstream_task: asyncio.Task | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def is_finisher(self) -> bool:
+        return self.req.role == "finisher"
+
+
+def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
+    try:
+        config = GPTConfig.from_dict(req.model)
+    except (ValueError, TypeError) as e:
+        raise InitError(f"model: {e}") from None
+    if not req.start < req.stop <= config.n_layer or req.start == 0:
+        raise InitError(f"start/stop: layer range [{req.start}, {req.stop}) is not a secondary "
+                        f"node's part of a {config.n_layer}-layer model")
+    if (req.stop == config.n_layer) != (req.role == "finisher"):
+        raise InitError(f"role: a {req.role} cannot hold layers [{req.start}, {req.stop}) "
+                        f"of {config.n_layer}")
+    if req.role == "finisher" and req.sampling is None:
+        raise InitError("sampling: the finisher needs sampling settings")
+    expect = 0
+    for i, g in enumerate(req.groups):
+        if len(g) != 2 or g[0] != expect or g[1] <= g[0]:
+            raise InitError(f"groups[{i}]: groups must be contiguous, non-empty sample ranges")
+        expect = g[1]
+    n_samples = expect
+    limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
+                    DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups))
+    return config, limits
+
+
+class NodeRuntime:
+    def __init__(self, spec: NodeSpec, token: str, chunk_dir: str | Path | None = None,
+                 timeout: float = 10.0, bind_any: bool = False) -> None:
+        self.spec = spec
+        self.token = token
+        self.timeout = timeout
+        self.bind_host = "0.0.0.0" if bind_any else spec.addr
+        self.chunk = load_chunk_info(chunk_dir) if chunk_dir else None
+        self.chunk_dir = Path(chunk_dir) if chunk_dir else None
+        self.run: Run | None = None
+        self.last_stats: dict = {}
+        self.runs_completed = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-compute")
+        self.data_server: asyncio.base_events.Server | None = None
+
+    # ---- state -------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.run is None:
+            return "idle"
+        if self.run.stage is None:
+            return "awaiting_weights"
+        if self.run.upstream_task is not None:
+            return "running"
+        return "ready"
+
+    def health(self) -> dict:
+        return {"status": "ok", "role": self.spec.role, "index": self.spec.index,
+                "state": self.state, "chunk": self.chunk, "pid": os.getpid()}
+
+    def status(self) -> dict:
+        import psutil
+        import threading
+
+        proc = psutil.Process()
+        run = self.run
+        return {**self.health(),
+                "run_id": run.req.run_id if run else None,
+                "layers": [run.req.start, run.req.stop] if run else None,
+                "stats": run.stats.to_dict() if run else None,
+                "last_run": self.last_stats, "runs_completed": self.runs_completed,
+                "rss_bytes": proc.memory_info().rss, "threads": threading.active_count(),
+                "open_fds": proc.num_fds(), "torch_threads": torch.get_num_threads()}
+
+    async def drop_run(self, reason: str) -> None:
+        """Forget the current run: close its links, free its caches."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        log.info("dropping run %d: %s", run.req.run_id, reason)
+        self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
+        if run.downstream is not None:
+            run.downstream.close()
+        task = run.upstream_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    # ---- control plane actions --------------------------------------------
+    async def init(self, req: InitRequest) -> dict:
+        config, limits = validate_init(req)
+        device = req.device or self.spec.device
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, ValueError) as e:
+            raise InitError(f"device: {device!r} is not usable here: {e}") from None
+        run = Run(req, config, limits)
+        if req.weights == "local":
+            if self.chunk is None or self.chunk_dir is None:
+                raise InitError("weights: 'local' asked, but this node was started without --chunk")
+            if (self.chunk["start"], self.chunk["stop"]) != (req.start, req.stop) \
+                    or self.chunk["model"] != config.to_dict():
+                raise InitError(f"weights: this node's chunk holds layers {self.chunk['start']}.."
+                                f"{self.chunk['stop']} of another model or split")
+            loop = asyncio.get_running_loop()
+            stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
+                                               config, req.start, req.stop, device, DTYPES[req.dtype])
+            self._arm(run, stage)
+        await self.drop_run("a new run was configured")
+        self.run = run
+        log.info("configured run %d: %s, layers [%d, %d), %d samples in %d group(s)", req.run_id,
+                 req.role, req.start, req.stop, limits.n_samples, len(req.groups))
+        return {"state": self.state}
+
+    async def load_weights(self, run_id: int, body: bytes) -> dict:
+        run = self._current(run_id)
+        if run.stage is not None:
+            raise InitError("weights: already loaded for this run")
+        loop = asyncio.get_running_loop()
+        req = run.req
+        stage = await loop.run_in_executor(self.executor, stage_from_bytes, body, run.config,
+                                           req.start, req.stop, req.device or self.spec.device,
+                                           DTYPES[req.dtype])
+        if self.run is not run:
+            raise InitError("run_id: the run changed while the weights loaded")
+        self._arm(run, stage)
+        return {"state": self.state}
+
+    def _arm(self, run: Run, stage: GPT) -> None:
+        run.stage = stage
+        req = run.req
+        for gi, (a, b) in enumerate(req.groups):
+            run.caches.append(stage.new_cache(b - a))
+            for row, s in enumerate(range(a, b)):
+                run.group_of[s] = (gi, row)
+        run.positions = [0] * run.limits.n_samples
+        if req.sampling is not None:
+            run.sampling = SamplingConfig(req.sampling.temperature, req.sampling.top_k, req.sampling.seed)
+            run.generators = [sample_generator(req.sampling.seed, s) for s in range(run.limits.n_samples)]
+
+    def _current(self, run_id: int) -> Run:
+        if self.run is None or self.run.req.run_id != run_id:
+            raise InitError(f"run_id: {run_id} is not the configured run")
+        return self.run
+
+    async def connect(self, run_id: int) -> dict:
+        run = self._current(run_id)
+        if run.stage is None:
+            raise InitError("weights: not loaded yet")
+        nxt = run.req.next
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
+            await answer(reader, writer, self.token, run_id, self.timeout)
+        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+            raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: "
+                                  f"{e or type(e).__name__}") from None
+        if run.downstream is not None:
+            run.downstream.close()
+        run.downstream = writer
+        return {"state": self.state}
+
+    async def stop(self) -> dict:
+        await self.drop_run("stopped by the starter")
+        return {"state": self.state}
+
+    # ---- data plane --------------------------------------------------------
+    async def start_data_server(self) -> None:
+        self.data_server = await asyncio.start_server(self._on_upstream, self.bind_host,
+                                                      self.spec.port_in)
+
+    async def _on_upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            run = self.run
+            if run is None or run.stage is None or run.downstream is None:
+                raise AuthError("no run is ready on this node")
+            if peer and peer[0] != run.req.prev_addr and not _same_host(peer[0], run.req.prev_addr):
+                raise AuthError(f"connection from {peer[0]}, the previous node is {run.req.prev_addr}")
+            if run.upstream_task is not None:
+                raise AuthError("this run already has an upstream connection")
+            await challenge(reader, writer, self.token, run.req.run_id, self.timeout)
+        except (AuthError, WireError, EOFError, asyncio.TimeoutError, OSError) as e:
+            log.warning("refused data connection from %s: %s", peer, e or type(e).__name__)
+            writer.close()
+            return
+        run.upstream_task = asyncio.current_task()
+        try:
+            await self._serve_frames(run, reader)
+        except asyncio.CancelledError:
+            pass
+        except (WireError, EOFError, OSError, ValueError) as e:
+            log.warning("run %d: upstream link from %s failed: %s", run.req.run_id, peer, e)
+            if self.run is run:
+                await self.drop_run(f"upstream failed: {e}")
+        finally:
+            writer.close()
+
+    async def _serve_frames(self, run: Run, reader: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await read_frame(reader, run.limits)
+            run.stats.frames_in += 1
+            if frame.kind == Kind.STOP:
+                await self._send(run, Frame(Kind.STOP, run.req.run_id))
+                self.runs_completed += 1
+                await self.drop_run("run complete")
+                return
+            if frame.kind not in (Kind.PREFILL, Kind.DECODE):
+                raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
+            out = await loop.run_in_executor(self.executor, self._compute, run, frame)
+            if out is not None:
+                await self._send(run, out)
+
+    async def _send(self, run: Run, frame: Frame) -> None:
+        assert run.downstream is not None
+        n = await write_frame(run.downstream, frame)
+        run.stats.frames_out += 1
+        run.stats.bytes_out += n
+        if frame.kind in (Kind.DECODE, Kind.TOKENS):
+            run.stats.decode_bytes_out += n
+            run.stats.decode_tokens_out += frame.tensor.shape[0]
+        elif frame.kind == Kind.PREFILL:
+            run.stats.prefill_bytes_out += n
+
+    @torch.inference_mode()
+    def _compute(self, run: Run, frame: Frame) -> Frame | None:
+        """Run this node's stage on one frame (worker thread)."""
+        stage = run.stage
+        assert stage is not None and frame.tensor is not None
+        p = next(stage.parameters())
+        x = frame.tensor.to(p.device)
+        if frame.kind == Kind.PREFILL:
+            gi, row = run.group_of[frame.sample]
+            t = x.shape[1]
+            pos = torch.arange(t, device=p.device)[None]
+            h = stage(x, pos, run.caches[gi].rows(row, row + 1), logits=False)
+            run.positions[frame.sample] = t
+            if run.is_finisher:
+                return None
+            return Frame(Kind.PREFILL, run.req.run_id, frame.sample, 0, h)
+        # DECODE: the frame must cover exactly one group
+        gi, row = run.group_of[frame.sample]
+        a, b = run.req.groups[gi]
+        if row != 0 or x.shape[0] != b - a:
+            raise WireError(f"DECODE for samples {frame.sample}..{frame.sample + x.shape[0] - 1} "
+                            f"does not match group {a}..{b - 1}")
+        positions = run.positions[a:b]
+        if positions[0] != frame.position:
+            raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
+        if max(positions) >= run.config.block_size:
+            raise WireError("DECODE past block_size without a prefill")
+        pos = torch.tensor(positions, device=p.device)[:, None]
+        out = stage(x, pos, run.caches[gi])
+        for s in range(a, b):
+            run.positions[s] += 1
+        if not run.is_finisher:
+            return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
+        assert run.sampling is not None
+        tokens = sample_rows(out[:, -1], run.sampling, run.generators[a:b])
+        return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
+
+    async def close(self) -> None:
+        await self.drop_run("node shutting down")
+        if self.data_server is not None:
+            self.data_server.close()
+            await self.data_server.wait_closed()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _same_host(a: str, b: str) -> bool:
+    loop = {"127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1"}
+    return a in loop and b in loop
+
+
+def stage_from_bytes(body: bytes, config: GPTConfig, start: int, stop: int, device: str,
+                     dtype: torch.dtype) -> GPT:
+    """Parse a safetensors stream (no pickle) into a stage, checking names and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(body)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise InitError(f"weights: not a valid safetensors stream: {e}") from None
+    want = set(expected_shapes(config, start, stop))
+    extra = sorted(set(tensors) - want)
+    if extra:
+        raise InitError(f"weights: tensor(s) not part of layers [{start}, {stop}): {', '.join(extra[:5])}")
+    try:
+        return build_stage(config, start, stop, tensors.get, device=device, dtype=dtype,
+                           where="weights")
+    except CheckpointError as e:
+        raise InitError(str(e)) from None
+
+
+def load_chunk_info(chunk_dir: str | Path) -> dict:
+    from .split import read_chunk_info
+
+    return read_chunk_info(chunk_dir)
+
+
+def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
+                     dtype: torch.dtype) -> GPT:
+    from .split import load_chunk
+
+    return load_chunk(chunk_dir, config, start, stop, device, dtype)

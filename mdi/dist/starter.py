@@ -1,0 +1,345 @@
+"""The starter: configures the ring, runs the first stage, owns the prompts and
+the text, and pipelines the samples' groups (micro-batches) around the ring.
+
+Recurrent pipelining: every group's first step is sent before any answer is
+awaited; afterwards, each TOKENS frame that comes back lets the starter advance
+that group by one step and send it again, while the other groups are being
+computed further down the ring. With G groups and N nodes, G >= N keeps every
+node busy.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+import torch
+
+from ..checkpoint import load_stage, read_info
+from ..generate.local import LocalGenerator
+from ..generate.sampling import SamplingConfig
+from ..generate.schedule import SampleState, accept, make_groups, plan_step
+from ..model import GPT
+from ..results import GenerationResult
+from .auth import AuthError, answer, challenge
+from .nodes_config import NodeSpec, NodesConfig
+from .partition import Shard, even_split, manual_split
+from .split import shard_bytes
+from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EXIT_NODE_FAILURE = 3
+
+
+class NodeFailure(RuntimeError):
+    """A node stopped answering; carries the tokens produced so far."""
+    exit_code = EXIT_NODE_FAILURE
+
+    def __init__(self, message: str, partial: GenerationResult | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    timeout: float = 10.0             # seconds of silence before a node counts as gone
+    connect_retries: int = 5          # health checks at configure time, with backoff
+    n_groups: int | None = None       # micro-batches; default min(n_samples, n_nodes)
+
+
+@dataclass
+class HopStats:
+    src: str
+    dst: str
+    decode_bytes: int = 0
+    decode_tokens: int = 0
+    prefill_bytes: int = 0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.decode_bytes / self.decode_tokens if self.decode_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {"from": self.src, "to": self.dst, "decode_bytes": self.decode_bytes,
+                "decode_tokens": self.decode_tokens, "prefill_bytes": self.prefill_bytes,
+                "bytes_per_token": round(self.bytes_per_token, 3)}
+
+
+def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
+    ring = nodes.ring
+    manual = [n.layers for n in ring]
+    if all(m is None for m in manual):
+        return even_split(n_layer, len(ring))
+    if any(m is None for m in manual):
+        raise ValueError("give 'layers' for every node or for none")
+    return manual_split(n_layer, manual)  # type: ignore[arg-type]
+
+
+@dataclass
+class Starter:
+    nodes: NodesConfig
+    token: str
+    ckpt: str
+    opts: RunOptions = field(default_factory=RunOptions)
+    on_step: Callable[[int], None] | None = None     # progress callback (step index)
+
+    def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig
+            ) -> GenerationResult:
+        """Generate; the result's `tokens` hold each sample's new token ids."""
+        return asyncio.run(self._run(prompts, n_tokens, sampling))
+
+    # ------------------------------------------------------------------------
+    async def _run(self, prompts, n_tokens, sampling) -> GenerationResult:
+        ring = self.nodes.ring
+        config = read_info(self.ckpt).config
+        shards = plan_shards(self.nodes, config.n_layer)
+        stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
+                              dtype=DTYPES[self.opts.dtype])
+        n_groups = self.opts.n_groups or min(len(prompts), len(ring))
+        groups = make_groups(len(prompts), n_groups)
+        if len(ring) == 1:
+            return self._run_single(stage, prompts, n_tokens, sampling, groups)
+        run_id = random.randrange(1, 2**32)
+        limits = Limits(run_id, config.n_embd, config.block_size, len(prompts),
+                        DTYPE_CODES[DTYPES[self.opts.dtype]], max(len(g) for g in groups))
+        async with httpx.AsyncClient(timeout=self.opts.timeout,
+                                     headers={"Authorization": f"Bearer {self.token}"}) as http:
+            healths = [await self._await_health(http, n) for n in ring[1:]]
+            inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
+            server = await asyncio.start_server(
+                lambda r, w: self._accept_finisher(r, w, run_id, inbound),
+                ring[0].addr, ring[0].port_in)
+            links: list[asyncio.StreamWriter] = []
+            try:
+                await self._configure(http, run_id, config, shards, groups, sampling, healths)
+                for spec in reversed(ring[1:]):
+                    await self._post(http, spec, "/connect", {"run_id": run_id})
+                _, writer = await self._open_first(ring[1], run_id)
+                links.append(writer)
+                reader, back = await self._wait(inbound.get(), ring[-1], "connecting back to the starter")
+                links.append(back)
+                return await self._pipeline(stage, prompts, n_tokens, sampling, groups, limits,
+                                            writer, reader, http)
+            finally:
+                for w in links:
+                    w.close()
+                server.close()
+
+    def _run_single(self, stage, prompts, n_tokens, sampling, groups) -> GenerationResult:
+        gen = LocalGenerator(stage, prompts, sampling, len(groups))
+        t0, times = time.perf_counter(), []
+        for step in gen.generate(n_tokens):
+            times.append(time.perf_counter() - t0)
+            if self.on_step:
+                self.on_step(step.index)
+        return self._result(stage.config, gen.states, n_tokens, time.perf_counter() - t0, times, [])
+
+    # ---- configuration ----------------------------------------------------
+    async def _await_health(self, http: httpx.AsyncClient, spec: NodeSpec) -> dict:
+        delay, last = 0.2, None
+        for attempt in range(self.opts.connect_retries):
+            try:
+                r = await http.get(spec.url + "/health", timeout=min(self.opts.timeout, 5.0))
+                if r.status_code == 200:
+                    return r.json()
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = str(e) or type(e).__name__
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        raise NodeFailure(f"{spec.describe()} did not come up after {self.opts.connect_retries} "
+                          f"tries: {last}")
+
+    async def _post(self, http: httpx.AsyncClient, spec: NodeSpec, path: str, body: dict) -> dict:
+        try:
+            r = await http.post(spec.url + path, json=body)
+        except httpx.HTTPError as e:
+            raise NodeFailure(f"{spec.describe()} did not answer {path}: {e or type(e).__name__}")
+        return _check(r, spec, path)
+
+    async def _configure(self, http, run_id, config, shards, groups, sampling, healths) -> None:
+        ring = self.nodes.ring
+        for i, (spec, shard, health) in enumerate(zip(ring[1:], shards[1:], healths), start=1):
+            nxt = ring[(i + 1) % len(ring)]
+            chunk = health.get("chunk")
+            local = bool(chunk and (chunk["start"], chunk["stop"]) == (shard.start, shard.stop)
+                         and chunk["model"] == config.to_dict())
+            body = {"run_id": run_id, "role": "finisher" if shard.is_last else "intermediate",
+                    "start": shard.start, "stop": shard.stop, "model": config.to_dict(),
+                    "dtype": self.opts.dtype, "device": spec.device,
+                    "groups": [[g.start, g.stop] for g in groups],
+                    "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
+                    "sampling": sampling.to_dict() if shard.is_last else None,
+                    "weights": "local" if local else "upload"}
+            await self._post(http, spec, "/init", body)
+            if not local:
+                data = shard_bytes(self.ckpt, shard)
+                try:
+                    r = await http.put(f"{spec.url}/weights/{run_id}", content=data,
+                                       timeout=max(self.opts.timeout, 60.0),
+                                       headers={"content-type": "application/octet-stream"})
+                except httpx.HTTPError as e:
+                    raise NodeFailure(f"{spec.describe()} did not take its weights: {e}") from None
+                _check(r, spec, "/weights")
+            log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
+                     "from its local chunk" if local else "uploaded")
+
+    async def _open_first(self, spec: NodeSpec, run_id: int):
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
+            await answer(reader, writer, self.token, run_id, self.opts.timeout)
+        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+            raise NodeFailure(f"cannot open the data link to {spec.name} at "
+                              f"{spec.addr}:{spec.port_in}: {e or type(e).__name__}") from None
+        return reader, writer
+
+    async def _accept_finisher(self, reader, writer, run_id: int, inbound: asyncio.Queue) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            await challenge(reader, writer, self.token, run_id, self.opts.timeout)
+            inbound.put_nowait((reader, writer))
+        except (AuthError, WireError, EOFError, asyncio.TimeoutError, OSError, asyncio.QueueFull) as e:
+            log.warning("refused data connection from %s: %s", peer, e or type(e).__name__)
+            writer.close()
+
+    async def _wait(self, aw, spec: NodeSpec, what: str):
+        try:
+            return await asyncio.wait_for(aw, self.opts.timeout)
+        except asyncio.TimeoutError:
+            raise NodeFailure(f"{spec.describe()} timed out {what}") from None
+
+    # ---- generation --------------------------------------------------------
+    async def _pipeline(self, stage: GPT, prompts, n_tokens, sampling, groups, limits,
+                        writer, reader, http) -> GenerationResult:
+        config = stage.config
+        run_id = limits.run_id
+        states = [SampleState.from_prompt(p) for p in prompts]
+        caches = [stage.new_cache(len(g)) for g in groups]
+        hop = HopStats("starter", self.nodes.ring[1].name)
+        steps = [0] * len(groups)
+        step_done = [0] * n_tokens
+        times: list[float] = []
+        in_flight: list[int] = []
+
+        async def send_step(gi: int) -> None:
+            g = groups[gi]
+            with torch.inference_mode():
+                plans = [plan_step(states[s], config.block_size) for s in g]
+                for row, (s, p) in enumerate(zip(g, plans)):
+                    if p.prefill:
+                        idx = torch.tensor([p.prefill], device=self.opts.device)
+                        pos = torch.arange(len(p.prefill), device=self.opts.device)[None]
+                        h = stage(idx, pos, caches[gi].rows(row, row + 1))
+                        hop.prefill_bytes += await write_frame(writer, Frame(Kind.PREFILL, run_id, s, 0, h))
+                idx = torch.tensor([[p.token] for p in plans], device=self.opts.device)
+                pos = torch.tensor([[p.position] for p in plans], device=self.opts.device)
+                h = stage(idx, pos, caches[gi])
+            hop.decode_bytes += await write_frame(
+                writer, Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
+            hop.decode_tokens += len(g)
+            in_flight.append(gi)
+
+        t0 = time.perf_counter()
+        try:
+            for gi in range(len(groups)):
+                await send_step(gi)
+            while in_flight:
+                gi = in_flight.pop(0)
+                frame = await self._next_frame(reader, limits)
+                g = groups[gi]
+                if frame.kind != Kind.TOKENS or frame.sample != g.start or frame.tensor.shape[0] != len(g):
+                    raise WireError(f"expected TOKENS for samples {g.start}..{g.stop - 1}, got "
+                                    f"{frame.kind.name} for sample {frame.sample}")
+                for s, tok in zip(g, frame.tensor.tolist()):
+                    if not 0 <= tok < config.vocab_size:
+                        raise WireError(f"token id {tok} outside the vocabulary")
+                    accept(states[s], tok)
+                step = steps[gi]
+                steps[gi] += 1
+                step_done[step] += 1
+                if step_done[step] == len(groups):
+                    times.append(time.perf_counter() - t0)
+                    if self.on_step:
+                        self.on_step(step)
+                if steps[gi] < n_tokens:
+                    await send_step(gi)
+            elapsed = time.perf_counter() - t0
+            await write_frame(writer, Frame(Kind.STOP, run_id))
+            stop = await self._next_frame(reader, limits)
+            if stop.kind != Kind.STOP:
+                raise WireError(f"expected STOP back from the finisher, got {stop.kind.name}")
+        except (NodeFailure, WireError, EOFError, OSError) as e:
+            elapsed = time.perf_counter() - t0
+            partial = self._result(config, states, min(steps) if steps else 0, elapsed, times, [hop])
+            culprit = await self._diagnose(http)
+            raise NodeFailure(f"{culprit}: {e}" if culprit else str(e), partial) from None
+        hops = [hop] + await self._collect_hops(http, run_id)
+        return self._result(config, states, n_tokens, elapsed, times, hops)
+
+    async def _next_frame(self, reader, limits) -> Frame:
+        try:
+            return await asyncio.wait_for(read_frame(reader, limits), self.opts.timeout)
+        except asyncio.TimeoutError:
+            raise NodeFailure(f"no answer from the ring for {self.opts.timeout:g} s") from None
+        except EOFError:
+            raise NodeFailure("the finisher closed its link to the starter") from None
+
+    async def _diagnose(self, http: httpx.AsyncClient) -> str | None:
+        """Find the first node that does not answer its health check."""
+        for spec in self.nodes.secondaries:
+            try:
+                r = await http.get(spec.url + "/health", timeout=2.0)
+                if r.status_code == 200:
+                    continue
+            except httpx.HTTPError:
+                pass
+            return f"{spec.describe()} (data port {spec.port_in}) stopped answering"
+        return None
+
+    async def _collect_hops(self, http: httpx.AsyncClient, run_id: int) -> list[HopStats]:
+        ring = self.nodes.ring
+        hops = []
+        for i, spec in enumerate(ring[1:], start=1):
+            nxt = ring[(i + 1) % len(ring)]
+            try:
+                r = await http.get(spec.url + "/status")
+                last = r.json().get("last_run") or {} if r.status_code == 200 else {}
+            except httpx.HTTPError:
+                last = {}
+            if last.get("run_id") != run_id:
+                log.warning("%s reported no statistics for this run", spec.describe())
+                last = {}
+            hops.append(HopStats(spec.name, nxt.name, last.get("decode_bytes_out", 0),
+                                 last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0)))
+        return hops
+
+    def _result(self, config, states, n_tokens, elapsed, times, hops) -> GenerationResult:
+        n_nodes = len(self.nodes.ring)
+        act = [h for h in hops if h.dst != "starter"]
+        bpt = sum(h.bytes_per_token for h in act) / len(act) if act else 0.0
+        return GenerationResult(
+            samples=[], prompts=[], tokens=[s.generated for s in states], n_tokens=n_tokens,
+            gen_time_s=elapsed, step_times=times,
+            n_layers=config.n_layer, block_size=config.block_size,
+            mode="distributed" if n_nodes > 1 else "single", n_nodes=n_nodes,
+            extra={"bytes_per_hop_per_token": round(bpt, 3), "hops": [h.to_dict() for h in hops]})
+
+
+def _check(r: httpx.Response, spec: NodeSpec, path: str) -> dict:
+    if r.status_code == 200:
+        return r.json()
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    if r.status_code == 401:
+        raise AuthError(f"{spec.describe()} refused the cluster token ({path})")
+    raise RuntimeError(f"{spec.describe()} refused {path} (HTTP {r.status_code}): {detail}")

@@ -1,0 +1,236 @@
+"""The data-plane wire format: a fixed binary header, then raw tensor bytes.
+
+This module is a security boundary. Nothing received is unpickled or
+torch.load-ed: a payload becomes a tensor only through torch.frombuffer with
+a dtype from a fixed table, after every header field has been checked against
+the run's limits (model width, block size, samples). A payload length that
+does not match the checked shape is refused before any byte of it is read or
+any buffer allocated.
+
+Header (big-endian, 44 bytes), see docs/wire.md:
+
+    magic    4s  b"MDI\\x00"
+    version  B   1
+    kind     B   Kind
+    dtype    B   DType code (0 for frames without a tensor)
+    ndim     B   0..3
+    run_id   I   the run this frame belongs to
+    sample   I   first sample id the frame carries
+    position I   position of the first token (PREFILL) / of the first sample (DECODE)
+    shape    3I  dims, unused ones 0
+    length   Q   payload bytes that follow
+    reserved 4x
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = b"MDI\x00"
+VERSION = 1
+HEADER = struct.Struct("!4sBBBBIII3IQ4x")
+HEADER_SIZE = HEADER.size
+MAX_CONTROL_PAYLOAD = 256  # handshake frames
+
+
+class WireError(ValueError):
+    """A frame that breaks the format or the run's limits."""
+
+
+class Kind(enum.IntEnum):
+    PREFILL = 1      # activations (1, T, C) of one sample, positions 0..T-1
+    DECODE = 2       # activations (B, 1, C) of a group, one token per sample
+    TOKENS = 3       # sampled ids (B,) int64, finisher -> starter
+    STOP = 4         # end of the run; travels once around the ring
+    CHALLENGE = 5    # handshake: server nonce (uint8 bytes)
+    AUTH = 6         # handshake: HMAC over the nonce (uint8 bytes)
+
+
+class DType(enum.IntEnum):
+    NONE = 0
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+    INT64 = 4
+    UINT8 = 5
+
+
+TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16,
+                DType.BFLOAT16: torch.bfloat16, DType.INT64: torch.int64, DType.UINT8: torch.uint8}
+DTYPE_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    dtype: DType
+    run_id: int
+    sample: int
+    position: int
+    shape: tuple[int, ...]
+    length: int
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    run_id: int
+    sample: int = 0
+    position: int = 0
+    tensor: torch.Tensor | None = None
+
+    def encode(self) -> bytes:
+        return encode_frame(self)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a frame of this run may carry."""
+    run_id: int
+    n_embd: int
+    block_size: int
+    n_samples: int
+    act_dtype: DType
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        if self.act_dtype not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16):
+            raise WireError(f"activation dtype must be floating point, got {self.act_dtype!r}")
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def encode_frame(f: Frame) -> bytes:
+    if f.tensor is None:
+        dtype, shape, payload = DType.NONE, (), b""
+    else:
+        if f.tensor.dtype not in DTYPE_CODES:
+            raise WireError(f"cannot send dtype {f.tensor.dtype}")
+        dtype, shape, payload = DTYPE_CODES[f.tensor.dtype], tuple(f.tensor.shape), tensor_bytes(f.tensor)
+    if len(shape) > 3:
+        raise WireError(f"at most 3 dimensions on the wire, got {shape}")
+    dims = list(shape) + [0] * (3 - len(shape))
+    return HEADER.pack(MAGIC, VERSION, int(f.kind), int(dtype), len(shape), f.run_id, f.sample,
+                       f.position, *dims, len(payload)) + payload
+
+
+def parse_header(data: bytes) -> Header:
+    """Unpack and check the fields that need no run context."""
+    if len(data) != HEADER_SIZE:
+        raise WireError(f"truncated header: {len(data)} of {HEADER_SIZE} bytes")
+    magic, version, kind, dtype, ndim, run_id, sample, position, d0, d1, d2, length = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}: not an mdi data-plane frame")
+    if version != VERSION:
+        raise WireError(f"unsupported wire version {version} (this node speaks {VERSION})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise WireError(f"unknown frame kind {kind}") from None
+    try:
+        dtype = DType(dtype)
+    except ValueError:
+        raise WireError(f"unknown dtype code {dtype}") from None
+    if ndim > 3:
+        raise WireError(f"ndim {ndim} > 3")
+    dims = (d0, d1, d2)
+    if any(dims[ndim:]):
+        raise WireError(f"unused shape dims must be 0, got {dims} for ndim {ndim}")
+    return Header(kind, dtype, run_id, sample, position, dims[:ndim], length)
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise WireError(msg)
+
+
+def check_header(h: Header, lim: Limits | None) -> None:
+    """Check a header against the run; afterwards h.length is safe to read.
+
+    Handshake frames are checked without a run (lim None is allowed only for them).
+    """
+    if h.kind in (Kind.CHALLENGE, Kind.AUTH):
+        _expect(h.dtype == DType.UINT8 and len(h.shape) == 1, f"{h.kind.name} must carry a uint8 vector")
+        _expect(0 < h.shape[0] <= MAX_CONTROL_PAYLOAD, f"{h.kind.name} payload of {h.shape[0]} bytes")
+        _expect(h.length == h.shape[0], f"{h.kind.name} length {h.length} != shape {h.shape}")
+        return
+    _expect(lim is not None, f"{h.kind.name} frame before the handshake")
+    assert lim is not None
+    _expect(h.run_id == lim.run_id, f"frame for run {h.run_id}, this run is {lim.run_id}")
+    if h.kind == Kind.STOP:
+        _expect(h.dtype == DType.NONE and not h.shape and h.length == 0, "STOP frames carry no payload")
+        return
+    if h.kind == Kind.TOKENS:
+        _expect(h.dtype == DType.INT64 and len(h.shape) == 1, "TOKENS must be an int64 vector")
+        batch = h.shape[0]
+    else:
+        _expect(h.dtype == lim.act_dtype,
+                f"activation dtype {h.dtype.name}, the run uses {lim.act_dtype.name}")
+        _expect(len(h.shape) == 3, f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
+        batch, t, c = h.shape
+        _expect(c == lim.n_embd, f"activation width {c}, the model's n_embd is {lim.n_embd}")
+        if h.kind == Kind.PREFILL:
+            _expect(batch == 1, f"PREFILL carries one sample, got batch {batch}")
+            _expect(1 <= t <= lim.block_size, f"PREFILL of {t} tokens, block_size is {lim.block_size}")
+            _expect(h.position == 0, f"PREFILL must start at position 0, got {h.position}")
+        else:
+            _expect(t == 1, f"DECODE carries one token per sample, got {t}")
+            _expect(h.position < lim.block_size, f"position {h.position} >= block_size {lim.block_size}")
+    _expect(1 <= batch <= lim.max_batch, f"batch {batch} outside 1..{lim.max_batch}")
+    _expect(h.sample + batch <= lim.n_samples,
+            f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
+    itemsize = torch.tensor([], dtype=TORCH_DTYPES[h.dtype]).element_size()
+    want = math.prod(h.shape) * itemsize
+    _expect(h.length == want, f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
+
+
+def build_frame(h: Header, payload: bytes) -> Frame:
+    if len(payload) != h.length:
+        raise WireError(f"truncated payload: {len(payload)} of {h.length} bytes")
+    tensor = None
+    if h.dtype != DType.NONE:
+        buf = bytearray(payload)  # writable copy owned by the tensor
+        tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[h.dtype]) if buf else torch.empty(
+            0, dtype=TORCH_DTYPES[h.dtype])
+        tensor = tensor.reshape(h.shape)
+    return Frame(h.kind, h.run_id, h.sample, h.position, tensor)
+
+
+def decode_frame(data: bytes, lim: Limits | None) -> Frame:
+    """Decode one complete frame from bytes (the fuzzed entry point)."""
+    h = parse_header(data[:HEADER_SIZE])
+    check_header(h, lim)
+    if len(data) != HEADER_SIZE + h.length:
+        raise WireError(f"frame of {len(data)} bytes, header announces {HEADER_SIZE + h.length}")
+    return build_frame(h, data[HEADER_SIZE:])
+
+
+async def read_frame(reader: asyncio.StreamReader, lim: Limits | None) -> Frame:
+    """Read one frame; raises WireError on a bad frame, EOFError on a closed stream."""
+    try:
+        raw = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            raise EOFError("connection closed") from None
+        raise WireError(f"truncated header: {len(e.partial)} of {HEADER_SIZE} bytes") from None
+    h = parse_header(raw)
+    check_header(h, lim)
+    try:
+        payload = await reader.readexactly(h.length) if h.length else b""
+    except asyncio.IncompleteReadError as e:
+        raise WireError(f"truncated payload: {len(e.partial)} of {h.length} bytes") from None
+    return build_frame(h, payload)
+
+
+async def write_frame(writer: asyncio.StreamWriter, f: Frame) -> int:
+    data = encode_frame(f)
+    writer.write(data)
+    await writer.drain()
+    return len(data)

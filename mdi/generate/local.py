@@ -1,0 +1,83 @@
+"""Single-device generation with a KV cache: the baseline every distributed run
+must reproduce token for token.
+
+Samples are grouped into micro-batches (one group by default). A step of a
+group prefills the samples that need it, one at a time, then decodes one token
+for every sample in the group. The model's cached forward is batch-invariant,
+and each sample draws from its own generator, so the tokens do not depend on
+the grouping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..model import GPT, KVCache
+from .sampling import SamplingConfig, sample_generator, sample_rows
+from .schedule import SampleState, accept, make_groups, plan_step
+
+
+@dataclass
+class Step:
+    """The tokens produced in one step, one per sample (index = sample id)."""
+    index: int
+    tokens: list[int]
+
+
+def prefill(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
+    """Write one sample's tokens at positions 0..len-1 into cache row `row`."""
+    dev = cache.k[0].device
+    idx = torch.tensor([tokens], dtype=torch.long, device=dev)
+    pos = torch.arange(len(tokens), device=dev)[None]
+    model(idx, pos, cache.rows(row, row + 1), logits=False)
+
+
+def decode(model: GPT, cache: KVCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """One token per row of the group; returns logits (B, vocab)."""
+    dev = cache.k[0].device
+    idx = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+    pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
+    return model(idx, pos, cache)[:, -1]
+
+
+class LocalGenerator:
+    def __init__(self, model: GPT, prompts: list[list[int]], sampling: SamplingConfig,
+                 n_groups: int = 1) -> None:
+        if not (model.has_embeddings and model.has_head):
+            raise ValueError("single-device generation needs the whole model")
+        self.model = model
+        self.sampling = sampling
+        self.states = [SampleState.from_prompt(p) for p in prompts]
+        self.groups = make_groups(len(prompts), n_groups)
+        self.caches = [model.new_cache(len(g)) for g in self.groups]
+        self.generators = [sample_generator(sampling.seed, i) for i in range(len(prompts))]
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        out = [0] * len(self.states)
+        for group, cache in zip(self.groups, self.caches):
+            plans = [plan_step(self.states[s], self.model.config.block_size) for s in group]
+            for row, plan in enumerate(plans):
+                if plan.prefill:
+                    prefill(self.model, cache, row, plan.prefill)
+            logits = decode(self.model, cache, [p.token for p in plans], [p.position for p in plans])
+            new = sample_rows(logits, self.sampling, [self.generators[s] for s in group])
+            for s, tok in zip(group, new):
+                accept(self.states[s], tok)
+                out[s] = tok
+        return out
+
+    def generate(self, n_tokens: int) -> Iterator[Step]:
+        for i in range(n_tokens):
+            yield Step(i, self.step())
+
+
+def generate(model: GPT, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
+             n_groups: int = 1) -> list[list[int]]:
+    """Generate n_tokens new tokens per prompt; returns the new tokens of each sample."""
+    gen = LocalGenerator(model, prompts, sampling, n_groups)
+    for _ in gen.generate(n_tokens):
+        pass
+    return [s.generated for s in gen.states]

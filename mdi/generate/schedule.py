@@ -1,0 +1,71 @@
+"""What each sample's cache needs at each step: the context-overflow policy.
+
+Shared, unchanged, by single-device and distributed generation, so both feed
+the model exactly the same (tokens, positions) and produce the same text.
+
+A sample's context is tokens[window:]. Its cache holds all of the context but
+the newest token; a step decodes the newest token at position
+len(context) - 1. When the context would exceed block_size, the window jumps
+so that only the newest block_size // 2 tokens remain, the cache row is
+dropped and re-filled (a prefill from position 0), then decoding goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleState:
+    tokens: list[int]             # prompt followed by generated tokens
+    n_prompt: int
+    window: int = 0               # index in tokens of position 0
+    cached: int = 0               # tokens of the context currently in the cache
+    generated: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_prompt(cls, prompt: list[int]) -> "SampleState":
+        if not prompt:
+            raise ValueError("a prompt must have at least one token")
+        return cls(tokens=list(prompt), n_prompt=len(prompt))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """For one sample: an optional prefill, then one decode."""
+    prefill: list[int]            # tokens to write at positions 0..len-1 ([] for none)
+    token: int                    # token to decode
+    position: int                 # its position
+
+
+def plan_step(s: SampleState, block_size: int) -> StepPlan:
+    """Decide this step for one sample and update its cache bookkeeping."""
+    if len(s.tokens) - s.window > block_size:
+        s.window = len(s.tokens) - max(1, block_size // 2)
+        s.cached = 0
+    context = s.tokens[s.window:]
+    prefill = context[s.cached:-1]
+    if prefill and s.cached:
+        raise AssertionError("a cache is only ever filled from position 0 or one token at a time")
+    s.cached = len(context)  # after this step the cache holds the whole context
+    return StepPlan(prefill=prefill, token=context[-1], position=len(context) - 1)
+
+
+def accept(s: SampleState, token: int) -> None:
+    s.tokens.append(token)
+    s.generated.append(token)
+
+
+def make_groups(n_samples: int, n_groups: int) -> list[range]:
+    """Split samples 0..n-1 into n_groups contiguous, near-equal micro-batches."""
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    if n_groups <= 0:
+        raise ValueError(f"the number of micro-batches must be positive, got {n_groups}")
+    n_groups = min(n_groups, n_samples)
+    base, extra = divmod(n_samples, n_groups)
+    groups, start = [], 0
+    for g in range(n_groups):
+        size = base + (1 if g < extra else 0)
+        groups.append(range(start, start + size))
+        start += size
+    return groups
