@@ -30,7 +30,7 @@ class GenerationResult:
 
     @property
     def n_samples(self) -> int:
-        return len(self.samples)
+        return len(self.tokens) if self.tokens else len(self.samples)
 
     @property
     def tokens_per_s(self) -> float:

@@ -272,7 +272,7 @@ class NodeRuntime:
                 self.runs_completed += 1
                 await self.drop_run("run complete")
                 return
-            if frame.kind not in (Kind.PREFILL, Kind.DECODE):
+            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
             out = await loop.run_in_executor(self.executor, self._compute, run, frame)
             if out is not None:
@@ -283,7 +283,7 @@ class NodeRuntime:
         n = await write_frame(run.downstream, frame)
         run.stats.frames_out += 1
         run.stats.bytes_out += n
-        if frame.kind in (Kind.DECODE, Kind.TOKENS):
+        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT):
             run.stats.decode_bytes_out += n
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
@@ -296,6 +296,13 @@ class NodeRuntime:
         assert stage is not None and frame.tensor is not None
         p = next(stage.parameters())
         x = frame.tensor.to(p.device)
+        if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
+            out = stage(x)
+            if not run.is_finisher:
+                return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
+            assert run.sampling is not None
+            tok = sample_rows(out[:, -1], run.sampling, run.generators[frame.sample:frame.sample + 1])
+            return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
         if frame.kind == Kind.PREFILL:
             gi, row = run.group_of[frame.sample]
             t = x.shape[1]

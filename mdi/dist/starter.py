@@ -52,6 +52,7 @@ class RunOptions:
     timeout: float = 10.0             # seconds of silence before a node counts as gone
     connect_retries: int = 5          # health checks at configure time, with backoff
     n_groups: int | None = None       # micro-batches; default min(n_samples, n_nodes)
+    resend_context: bool = False      # no KV cache: the whole context crosses every hop
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Starter:
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
+        if self.opts.resend_context:
+            n_groups = len(prompts)  # one sample per frame, as the original system
         groups = make_groups(len(prompts), n_groups)
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups)
@@ -231,6 +234,9 @@ class Starter:
 
         async def send_step(gi: int) -> None:
             g = groups[gi]
+            if self.opts.resend_context:
+                await send_context(gi)
+                return
             with torch.inference_mode():
                 plans = [plan_step(states[s], config.block_size) for s in g]
                 for row, (s, p) in enumerate(zip(g, plans)):
@@ -245,6 +251,16 @@ class Starter:
             hop.decode_bytes += await write_frame(
                 writer, Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
             hop.decode_tokens += len(g)
+            in_flight.append(gi)
+
+        async def send_context(gi: int) -> None:
+            s = groups[gi].start
+            plan_step(states[s], config.block_size)  # moves the window on overflow
+            context = states[s].tokens[states[s].window:]
+            with torch.inference_mode():
+                h = stage(torch.tensor([context], device=self.opts.device))
+            hop.decode_bytes += await write_frame(writer, Frame(Kind.CONTEXT, run_id, s, 0, h))
+            hop.decode_tokens += 1
             in_flight.append(gi)
 
         t0 = time.perf_counter()

@@ -49,6 +49,8 @@ class Kind(enum.IntEnum):
     STOP = 4         # end of the run; travels once around the ring
     CHALLENGE = 5    # handshake: server nonce (uint8 bytes)
     AUTH = 6         # handshake: HMAC over the nonce (uint8 bytes)
+    CONTEXT = 7      # activations (1, T, C) of a sample's whole context, no cache
+                     # (--resend-context: the original system's behaviour)
 
 
 class DType(enum.IntEnum):
@@ -176,10 +178,11 @@ def check_header(h: Header, lim: Limits | None) -> None:
         _expect(len(h.shape) == 3, f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
         batch, t, c = h.shape
         _expect(c == lim.n_embd, f"activation width {c}, the model's n_embd is {lim.n_embd}")
-        if h.kind == Kind.PREFILL:
-            _expect(batch == 1, f"PREFILL carries one sample, got batch {batch}")
-            _expect(1 <= t <= lim.block_size, f"PREFILL of {t} tokens, block_size is {lim.block_size}")
-            _expect(h.position == 0, f"PREFILL must start at position 0, got {h.position}")
+        if h.kind in (Kind.PREFILL, Kind.CONTEXT):
+            name = h.kind.name
+            _expect(batch == 1, f"{name} carries one sample, got batch {batch}")
+            _expect(1 <= t <= lim.block_size, f"{name} of {t} tokens, block_size is {lim.block_size}")
+            _expect(h.position == 0, f"{name} must start at position 0, got {h.position}")
         else:
             _expect(t == 1, f"DECODE carries one token per sample, got {t}")
             _expect(h.position < lim.block_size, f"position {h.position} >= block_size {lim.block_size}")

@@ -22,8 +22,8 @@ class SamplingConfig:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(
                 f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                                       or self.top_k <= 0):
+        k = self.top_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
 
     def to_dict(self) -> dict:
