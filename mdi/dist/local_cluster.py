@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -43,11 +44,15 @@ def free_ports(n: int, addr: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 def default_threads(n_nodes: int) -> int:
@@ -59,7 +64,12 @@ def default_threads(n_nodes: int) -> int:
 class LocalCluster:
     def __init__(self, n_nodes: int, threads: int | None = None, chunks: list[str] | None = None,
                  startup_timeout: float = 60.0, node_timeout: float = 10.0,
-                 ports: list[int] | None = None, extra_env: dict[str, str] | None = None) -> None:
+                 ports: list[int] | None = None, extra_env: dict[str, str] | None = None,
+                 addrs: list[str] | None = None, prefixes: list[list[str]] | None = None,
+                 affinity: list[list[int]] | None = None) -> None:
+        """addrs, prefixes and affinity are per node, index 0 being the starter (this
+        process): node addresses, a command prefix that starts each secondary (e.g.
+        `ip netns exec NS`), and the CPUs each node is pinned to."""
         if n_nodes < 1:
             raise ValueError(f"--nodes must be at least 1, got {n_nodes}")
         self.n_nodes = n_nodes
@@ -70,6 +80,9 @@ class LocalCluster:
         self.token = new_token()
         self.ports = ports
         self.extra_env = extra_env or {}
+        self.addrs = addrs
+        self.prefixes = prefixes
+        self.affinity = affinity
         self.procs: list[subprocess.Popen] = []
         self.tmp = tempfile.TemporaryDirectory(prefix="mdi-run-")
         self.nodes: NodesConfig | None = None
@@ -90,13 +103,14 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
-        ports = self.ports or free_ports(2 * self.n_nodes)
-        self.nodes = local_nodes_config(self.n_nodes, ports)
+        ports = self.ports or free_ports(2 * self.n_nodes)  # loopback: free there, so free anywhere
+        self.nodes = local_nodes_config(self.n_nodes, ports, self.addrs)
         path = self.dir / "nodes.json"
         path.write_text(json.dumps(self.nodes.to_dict(), indent=2))
         env = {**os.environ, ENV_VAR: self.token, "OMP_WAIT_POLICY": "PASSIVE", **self.extra_env}
         for i, spec in enumerate(self.nodes.secondaries, start=1):
-            cmd = [sys.executable, "-m", "mdi.cli.main", "node", "--nodes-config", str(path),
+            prefix = self.prefixes[i] if self.prefixes else []
+            cmd = [*prefix, sys.executable, "-m", "mdi.cli.main", "node", "--nodes-config", str(path),
                    "--role", spec.role, "--index", str(spec.index), "--threads", str(self.threads),
                    "--timeout", str(self.node_timeout)]
             if self.chunks:
@@ -104,7 +118,8 @@ class LocalCluster:
             logf = (self.dir / f"node{i}.log").open("wb")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                                stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=_die_with_parent))
+                                               preexec_fn=_child_setup(
+                                                   self.affinity[i] if self.affinity else None)))
             logf.close()
         self._wait_ready()
 

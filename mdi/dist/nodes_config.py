@@ -166,14 +166,16 @@ def load_nodes_config(path: str | Path) -> NodesConfig:
         raise NodesConfigError(f"{path}: {e}") from None
 
 
-def local_nodes_config(n_nodes: int, ports: list[int], addr: str = "127.0.0.1") -> NodesConfig:
-    """A config for n local nodes from 2*n free ports (control, data per node)."""
+def local_nodes_config(n_nodes: int, ports: list[int], addrs: list[str] | None = None
+                       ) -> NodesConfig:
+    """A config for n nodes from 2*n ports (control, data per node); loopback by default."""
     if len(ports) < 2 * n_nodes:
         raise ValueError("need two ports per node")
+    addrs = addrs or ["127.0.0.1"] * n_nodes
     specs = []
     for i in range(n_nodes):
         role = "starter" if i == 0 else ("finisher" if i == n_nodes - 1 else "intermediate")
-        specs.append(NodeSpec(role, max(0, i - 1) if role == "intermediate" else 0, addr,
+        specs.append(NodeSpec(role, max(0, i - 1) if role == "intermediate" else 0, addrs[i],
                               ports[2 * i], ports[2 * i + 1], ports[2 * i + 1]))
     return NodesConfig(specs[0], tuple(specs[1:-1]) if n_nodes > 1 else (),
                        specs[-1] if n_nodes > 1 else None)
