@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import convert, dist, workflow
+from . import bench, convert, dist, workflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflow.register(sub)
     convert.register(sub)
     dist.register(sub)
+    bench.register(sub)
     return p
 
 

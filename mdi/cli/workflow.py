@@ -4,16 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 
-import torch
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, load_model, read_info
-from ..generate import LocalGenerator
+from ..generate.local import generate_timed
 from ..model import GPTConfig
-from ..results import GenerationResult
-from .common import (DTYPES, UsageError, add_generation_options, emit, encode_prompts,
+from .common import (DTYPES, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
 
 log = logging.getLogger("mdi")
@@ -55,18 +52,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
-    n_groups = args.micro_batches or 1
-    gen = LocalGenerator(model, ids, sampling, n_groups)
-    step_times = []
-    t0 = time.perf_counter()
-    for _ in tqdm(gen.generate(args.n_tokens), total=args.n_tokens, unit="tok", disable=None,
-                  desc="generating", leave=False):
-        step_times.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - t0
-    result = GenerationResult(
-        samples=[tok.decode(s.generated) for s in gen.states], prompts=prompts,
-        n_tokens=args.n_tokens, gen_time_s=elapsed, step_times=step_times,
-        n_layers=model.config.n_layer, block_size=model.config.block_size)
+    bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
+    with bar:
+        result = generate_timed(model, ids, args.n_tokens, sampling, args.micro_batches or 1,
+                                on_step=lambda i: bar.update(1))
+    result.prompts = prompts
+    result.samples = [tok.decode(t) for t in result.tokens]
     emit(args, result)
     return 0
 

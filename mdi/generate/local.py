@@ -9,12 +9,14 @@ the grouping.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..model import GPT, KVCache
+from ..results import GenerationResult
 from .sampling import SamplingConfig, sample_generator, sample_rows
 from .schedule import SampleState, accept, make_groups, plan_step
 
@@ -81,3 +83,19 @@ def generate(model: GPT, prompts: list[list[int]], n_tokens: int, sampling: Samp
     for _ in gen.generate(n_tokens):
         pass
     return [s.generated for s in gen.states]
+
+
+def generate_timed(model: GPT, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
+                   n_groups: int = 1, on_step: Callable[[int], None] | None = None
+                   ) -> GenerationResult:
+    """Generate and time every step: what `mdi sample` and the benchmarks report."""
+    gen = LocalGenerator(model, prompts, sampling, n_groups)
+    t0, times = time.perf_counter(), []
+    for step in gen.generate(n_tokens):
+        times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(step.index)
+    return GenerationResult(samples=[], prompts=[], tokens=[s.generated for s in gen.states],
+                            n_tokens=n_tokens, gen_time_s=time.perf_counter() - t0,
+                            step_times=times, n_layers=model.config.n_layer,
+                            block_size=model.config.block_size)

@@ -1,0 +1,1 @@
+"""Benchmarks: random-weight models at named sizes, the run matrix, reports."""

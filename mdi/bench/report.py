@@ -1,0 +1,135 @@
+"""What `mdi bench` writes: runs.csv, summary.md and the figures."""
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+from ..generate.schedule import SampleState, accept, plan_step
+from ..plots import plt, _finish, plot_tokens_time
+from ..dist.wire import HEADER_SIZE
+
+CSV_FIELDS = ["timestamp", "config", "mode", "n_nodes", "n_samples", "n_layer", "n_embd",
+              "block_size", "params", "n_tokens", "isolate", "hosts", "link_rate", "run",
+              "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
+              "tokens_total"]
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    node_cols = sorted({k for r in rows for k in r if k.startswith(("peak_rss_mb_node", "cpu_s_node"))},
+                       key=lambda k: (k.startswith("cpu"), int(k.rsplit("node", 1)[1])))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + node_cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _by_config(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["config"], []).append(r)
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def write_summary(rows: list[dict], path: Path, title: str) -> Path:
+    groups = _by_config(rows)
+    single = groups.get("single")
+    base = statistics.median(r["tokens_per_s"] for r in single) if single else None
+    lines = [f"# {title}", "", "Medians over runs, (min–max) in brackets.", "",
+             "| config | nodes | tokens/s | gen time (s) | first token (s) | bytes/hop/token "
+             "| peak RSS per node (MB) | vs single |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        rss = []
+        for i in range(rs[0]["n_nodes"]):
+            vals = [r[f"peak_rss_mb_node{i}"] for r in rs]
+            rss.append(f"{statistics.median(vals):.0f}")
+        ratio = f"{statistics.median(tps) / base:.2f}x" if base else "n/a"
+        lines.append(f"| {name} | {rs[0]['n_nodes']} | {_stat(tps)} | "
+                     f"{_stat([r['gen_time_s'] for r in rs])} | "
+                     f"{_stat([r['first_token_s'] for r in rs])} | "
+                     f"{statistics.median(r['bytes_per_hop_per_token'] for r in rs):.1f} | "
+                     f"{' / '.join(rss)} | {ratio} |")
+    r0 = rows[0]
+    lines += ["", f"Model: {r0['n_layer']} layers, n_embd {r0['n_embd']}, block_size "
+              f"{r0['block_size']}, {r0['params'] / 1e6:.2f}M parameters. {r0['n_samples']} samples x "
+              f"{r0['n_tokens']} tokens; isolate={r0['isolate']}, hosts={r0['hosts']}, "
+              f"link rate={r0['link_rate'] or 'unlimited'}.", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def mean_context(n_prompt: int, n_tokens: int, block_size: int) -> list[int]:
+    """Context length seen at each decode step under the overflow policy."""
+    s = SampleState.from_prompt([0] * n_prompt)
+    out = []
+    for _ in range(n_tokens):
+        p = plan_step(s, block_size)
+        out.append(p.position + 1)
+        accept(s, 0)
+    return out
+
+
+def write_plots(rows: list[dict], out: Path) -> list[Path]:
+    groups = _by_config(rows)
+    paths = []
+    # 1. tokens against time, the median run of each configuration
+    series = {}
+    for name, rs in groups.items():
+        med = sorted(rs, key=lambda r: r["gen_time_s"])[len(rs) // 2]
+        n = med["n_samples"]
+        series[name] = ([(i + 1) * n for i in range(len(med["step_times"]))], med["step_times"])
+    paths.append(plot_tokens_time(series, out / "tokens_time.png", "tokens generated against time"))
+    # 2. tokens/s against nodes
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in ("kv-cache", "resend-context"):
+        pts = sorted((rs[0]["n_nodes"], [r["tokens_per_s"] for r in rs]) for rs in groups.values()
+                     if rs[0]["mode"] in (mode, "single"))
+        if len(pts) < 2 and mode == "resend-context":
+            continue
+        xs = [p[0] for p in pts]
+        med = [statistics.median(p[1]) for p in pts]
+        err = [[m - min(p[1]) for m, p in zip(med, pts)], [max(p[1]) - m for m, p in zip(med, pts)]]
+        ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label=mode)
+    ax.set_xticks(sorted({r["n_nodes"] for r in rows}))
+    paths.append(_finish(fig, ax, out / "tokens_per_s_vs_nodes.png", "throughput", "nodes",
+                         "tokens/s (median, min-max)"))
+    # 3. bytes per hop per token against context length: from the frame format,
+    #    with each configuration's measured mean drawn at its mean context length
+    r0 = rows[0]
+    C, bs, n_tok = r0["n_embd"], r0["block_size"], r0["n_tokens"]
+    ctx = list(range(1, bs + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    group = max(1, r0["n_samples"] // max(1, min(r0["n_samples"], max(r["n_nodes"] for r in rows))))
+    ax.plot(ctx, [HEADER_SIZE / group + 4 * C] * len(ctx), label="KV cache: one token's activation")
+    ax.plot(ctx, [HEADER_SIZE + 4 * C * L for L in ctx], label="resend context: whole context")
+    lens = mean_context(1, n_tok, bs)
+    for name, rs in groups.items():
+        if rs[0]["n_nodes"] > 1:
+            x = statistics.mean(lens)
+            ax.scatter([x], [statistics.median(r["bytes_per_hop_per_token"] for r in rs)],
+                       zorder=3, label=f"measured mean, {name}")
+    ax.set_yscale("log")
+    paths.append(_finish(fig, ax, out / "bytes_vs_context.png", "bytes one hop carries per token",
+                         "context length (tokens)", "bytes (float32)"))
+    # 4. peak memory per node
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(groups)
+    width = 0.8 / max(1, max(rs[0]["n_nodes"] for rs in groups.values()))
+    for i in range(max(rs[0]["n_nodes"] for rs in groups.values())):
+        xs, hs = [], []
+        for j, name in enumerate(names):
+            rs = groups[name]
+            if i < rs[0]["n_nodes"]:
+                xs.append(j + i * width)
+                hs.append(statistics.median(r[f"peak_rss_mb_node{i}"] for r in rs))
+        ax.bar(xs, hs, width=width, label="starter" if i == 0 else f"node {i}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    paths.append(_finish(fig, ax, out / "memory_per_node.png", "peak RSS per node", "configuration",
+                         "MB"))
+    return paths

@@ -1,0 +1,204 @@
+"""`mdi bench`: a matrix of configurations run side by side, several times each.
+
+Every configuration of one invocation lives in one process tree: the clusters
+of all node counts are started first and stay up (idle nodes block on their
+sockets), then the runs interleave configuration by configuration, so slow
+phases of a noisy machine hit all of them alike. Each generation runs as its
+own worker process (mdi.bench.worker) so its peak RSS and CPU time are its
+own; secondary nodes are measured through /proc.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from ..checkpoint import read_info
+from ..dist.auth import ENV_VAR
+from ..dist.local_cluster import LocalCluster, _child_setup
+from .models import random_checkpoint
+from .netns import NetnsHosts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    ckpt: str | None = None
+    model_size: str | None = None
+    nodes: list[int] = field(default_factory=lambda: [1, 2, 3])
+    n_samples: int = 3
+    n_tokens: int = 500
+    runs: int = 5
+    out: str = "bench-out"
+    isolate: bool = False
+    hosts: str = "local"
+    link_rate: str | None = None
+    resend_context: bool = False
+    seed: int = 1337
+    run_timeout: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if (self.ckpt is None) == (self.model_size is None):
+            raise ValueError("give exactly one of --ckpt and --model-size")
+        if not self.nodes or any(n < 1 for n in self.nodes):
+            raise ValueError(f"--nodes must list positive node counts, got {self.nodes}")
+        for name in ("n_samples", "n_tokens", "runs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.hosts not in ("local", "netns"):
+            raise ValueError(f"--hosts must be local or netns, got {self.hosts!r}")
+        if self.link_rate and self.hosts != "netns":
+            raise ValueError("--link-rate needs --hosts netns")
+
+
+@dataclass(frozen=True)
+class Variant:
+    n_nodes: int
+    resend: bool
+
+    @property
+    def name(self) -> str:
+        if self.n_nodes == 1:
+            return "single"
+        return f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
+
+    @property
+    def mode(self) -> str:
+        return "single" if self.n_nodes == 1 else ("resend-context" if self.resend else "kv-cache")
+
+
+def variants(cfg: BenchConfig) -> list[Variant]:
+    out = [Variant(n, False) for n in sorted(set(cfg.nodes))]
+    if cfg.resend_context:
+        out += [Variant(n, True) for n in sorted(set(cfg.nodes)) if n > 1]
+    return out
+
+
+def core_plan(n_nodes: int, isolate: bool, max_nodes: int) -> list[list[int]] | None:
+    """CPUs per node when isolating: each node its own core(s); the single-device
+    run gets as many cores as the largest cluster of the matrix uses in total."""
+    if not isolate:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // max_nodes
+    if per < 1:
+        raise ValueError(f"--isolate: {max_nodes} nodes need at least {max_nodes} cores, "
+                         f"this machine has {len(cores)}")
+    if n_nodes == 1:
+        return [cores[: per * max_nodes]]
+    return [cores[i * per:(i + 1) * per] for i in range(n_nodes)]
+
+
+def threads_for(n_nodes: int, isolate: bool, max_nodes: int) -> int:
+    cores = len(os.sched_getaffinity(0))
+    if isolate:
+        per = cores // max_nodes
+        return per * max_nodes if n_nodes == 1 else per
+    return max(1, cores // n_nodes)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
+        self.info = read_info(self.ckpt)
+        self.variants = variants(cfg)
+        self.max_nodes = max(v.n_nodes for v in self.variants)
+
+    def run(self) -> list[dict]:
+        rows: list[dict] = []
+        with contextlib.ExitStack() as stack:
+            hosts = None
+            if self.cfg.hosts == "netns":
+                hosts = stack.enter_context(NetnsHosts(self.max_nodes, self.cfg.link_rate))
+            clusters: dict[int, LocalCluster] = {}
+            for n in sorted({v.n_nodes for v in self.variants if v.n_nodes > 1}):
+                clusters[n] = stack.enter_context(LocalCluster(
+                    n, threads=threads_for(n, self.cfg.isolate, self.max_nodes),
+                    node_timeout=60.0, affinity=core_plan(n, self.cfg.isolate, self.max_nodes),
+                    addrs=hosts.addrs[:n] if hosts else None,
+                    prefixes=[hosts.prefix(i) for i in range(n)] if hosts else None))
+            total = self.cfg.runs * len(self.variants)
+            with tqdm(total=total, unit="run", desc="bench", disable=None) as bar:
+                for r in range(self.cfg.runs):
+                    for v in self.variants:
+                        bar.set_postfix_str(v.name)
+                        rows.append(self._one(v, r, clusters.get(v.n_nodes), hosts))
+                        bar.update(1)
+        return rows
+
+    def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
+             hosts: NetnsHosts | None) -> dict:
+        cfg = self.cfg
+        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()),
+               "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
+               "--threads", str(threads_for(v.n_nodes, cfg.isolate, self.max_nodes)),
+               "--seed", str(cfg.seed + run)]
+        env = dict(os.environ)
+        if cluster is not None:
+            cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]
+            env[ENV_VAR] = cluster.token
+            if v.resend:
+                cmd.append("--resend-context")
+        if hosts is not None:
+            cmd = hosts.prefix(0) + cmd
+        cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
+        node_pids = [p.pid for p in cluster.procs] if cluster else []
+        cpu_before = [_cpu_s(p) for p in node_pids]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                preexec_fn=_child_setup(cpus[0] if cpus else None))
+        try:
+            out, err = proc.communicate(timeout=cfg.run_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError(f"{v.name} run {run} took longer than {cfg.run_timeout:g} s")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{v.name} run {run} failed:\n{err.decode(errors='replace')[-2000:]}")
+        res = json.loads(out)
+        rss = [res["peak_rss_mb"]] + [_peak_rss_mb(p) for p in node_pids]
+        cpu = [res["cpu_s"]] + [_cpu_s(p) - b for p, b in zip(node_pids, cpu_before)]
+        c = self.info.config
+        row = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": v.name, "mode": v.mode,
+               "n_nodes": v.n_nodes, "n_samples": cfg.n_samples, "n_layer": c.n_layer,
+               "n_embd": c.n_embd, "block_size": c.block_size,
+               "params": self.params(), "n_tokens": cfg.n_tokens, "isolate": cfg.isolate,
+               "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
+               "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
+               "first_token_s": res["first_token_s"],
+               "bytes_per_hop_per_token": res.get("bytes_per_hop_per_token", 0.0),
+               "tokens_total": res["tokens_total"], "step_times": res["step_times"]}
+        for i in range(self.max_nodes):
+            row[f"peak_rss_mb_node{i}"] = round(rss[i], 1) if i < len(rss) else ""
+            row[f"cpu_s_node{i}"] = round(cpu[i], 3) if i < len(cpu) else ""
+        return row
+
+    def params(self) -> int:
+        c = self.info.config
+        per_block = 12 * c.n_embd ** 2 + (13 * c.n_embd if c.bias else 0)
+        return c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_block

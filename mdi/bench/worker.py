@@ -1,0 +1,56 @@
+"""One measured generation, run as its own process so that its peak RSS and CPU
+time are its own: `python -m mdi.bench.worker ...` prints one JSON object."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+import torch
+
+from ..checkpoint import load_model, read_info
+from ..dist.auth import resolve_token
+from ..dist.nodes_config import load_nodes_config
+from ..dist.starter import RunOptions, Starter
+from ..generate.local import generate_timed
+from ..generate.sampling import SamplingConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mdi.bench.worker")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--nodes-config")
+    p.add_argument("--n-samples", type=int, required=True)
+    p.add_argument("--n-tokens", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--resend-context", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
+    tok = read_info(args.ckpt).tokenizer()
+    prompts = [tok.encode("\n")] * args.n_samples
+    if args.nodes_config:
+        starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
+                          RunOptions(timeout=args.timeout, resend_context=args.resend_context))
+        result = starter.run(prompts, args.n_tokens, sampling)
+    else:
+        model, _ = load_model(args.ckpt)
+        result = generate_timed(model, prompts, args.n_tokens, sampling)
+        result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
+    out = result.to_json()
+    out.pop("samples", None)
+    out["step_times"] = [round(t, 6) for t in result.step_times]
+    out["tokens_total"] = sum(len(t) for t in result.tokens)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process is the starter node
+    out["peak_rss_mb"] = usage.ru_maxrss / 1024
+    out["cpu_s"] = usage.ru_utime + usage.ru_stime
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

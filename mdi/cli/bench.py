@@ -1,0 +1,58 @@
+"""`mdi bench`: timings of a matrix of configurations to CSV, summary and plots."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench.netns import NetnsUnavailable
+    from ..bench.report import write_csv, write_plots, write_summary
+    from ..bench.runner import Bench, BenchConfig
+
+    try:
+        nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--nodes must be a comma-separated list of counts, got {args.nodes!r}") from None
+    cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
+                      n_samples=args.n_samples, n_tokens=args.n_tokens, runs=args.runs, out=args.out,
+                      isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,
+                      resend_context=args.resend_context, seed=args.seed)
+    try:
+        bench = Bench(cfg)
+        rows = bench.run()
+    except NetnsUnavailable as e:
+        print(f"mdi bench: skipped: {e}", file=sys.stderr)
+        return 0
+    out = Path(args.out)
+    files = [write_csv(rows, out / "runs.csv"),
+             write_summary(rows, out / "summary.md", f"mdi bench: {Path(bench.ckpt).name}")]
+    files += write_plots(rows, out)
+    (out / "bench.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    print((out / "summary.md").read_text())
+    for f in files:
+        print(f, file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark single-device and distributed generation")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="checkpoint directory")
+    src.add_argument("--model-size", help="random weights at a named size: tiny, bundled, gpt2, "
+                                          "gpt2-medium")
+    p.add_argument("--nodes", default="1,2,3", help="comma-separated node counts; 1 is single-device")
+    p.add_argument("--n-samples", type=int, default=3)
+    p.add_argument("--n-tokens", type=int, default=500)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--isolate", action="store_true", help="pin each node to its own core(s)")
+    p.add_argument("--hosts", choices=["local", "netns"], default="local",
+                   help="netns: each node in its own network namespace (needs root)")
+    p.add_argument("--link-rate", help="cap every link with tc tbf, e.g. 100mbit (with --hosts netns)")
+    p.add_argument("--resend-context", action="store_true",
+                   help="also run the original system's no-cache mode for comparison")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_bench)
