@@ -120,16 +120,18 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     # 4. peak memory per node
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(groups)
-    width = 0.8 / max(1, max(rs[0]["n_nodes"] for rs in groups.values()))
-    for i in range(max(rs[0]["n_nodes"] for rs in groups.values())):
+    most = max(rs[0]["n_nodes"] for rs in groups.values())
+    width = 0.8 / most
+    for i in range(most):
         xs, hs = [], []
         for j, name in enumerate(names):
             rs = groups[name]
-            if i < rs[0]["n_nodes"]:
-                xs.append(j + i * width)
+            k = rs[0]["n_nodes"]
+            if i < k:
+                xs.append(j + (i - (k - 1) / 2) * width)
                 hs.append(statistics.median(r[f"peak_rss_mb_node{i}"] for r in rs))
         ax.bar(xs, hs, width=width, label="starter" if i == 0 else f"node {i}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_xticks(range(len(names)), names)
     paths.append(_finish(fig, ax, out / "memory_per_node.png", "peak RSS per node", "configuration",
                          "MB"))
     return paths

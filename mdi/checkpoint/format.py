@@ -132,7 +132,10 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
                 f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the config needs {shape}")
         if not t.is_floating_point():
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
-        sd[name] = t.to(device=device, dtype=dtype or t.dtype)
+        # A fresh, allocator-aligned copy: on some CPUs the per-row GEMM's low bits
+        # depend on the operand's address, and a tensor inside a file or an
+        # uploaded stream sits at whatever offset the format gave it.
+        sd[name] = t.to(device=device, dtype=dtype or t.dtype, copy=True)
     if names is not None:
         whole = set(expected_shapes(config)) | {TIED_HEAD}
         unknown = sorted(names - whole)

@@ -158,6 +158,8 @@ def load_nodes_config(path: str | Path) -> NodesConfig:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise NodesConfigError(f"nodes file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise NodesConfigError(f"cannot read nodes file {path}: {e}") from None
     except json.JSONDecodeError as e:
         raise NodesConfigError(f"{path} is not valid JSON: {e}") from None
     try:
@@ -169,9 +171,11 @@ def load_nodes_config(path: str | Path) -> NodesConfig:
 def local_nodes_config(n_nodes: int, ports: list[int], addrs: list[str] | None = None
                        ) -> NodesConfig:
     """A config for n nodes from 2*n ports (control, data per node); loopback by default."""
-    if len(ports) < 2 * n_nodes:
-        raise ValueError("need two ports per node")
+    if n_nodes < 1 or len(ports) < 2 * n_nodes:
+        raise ValueError(f"need at least one node and two ports per node, got {n_nodes} and {ports}")
     addrs = addrs or ["127.0.0.1"] * n_nodes
+    if len(addrs) != n_nodes:
+        raise ValueError(f"need one address per node: {n_nodes} nodes, {len(addrs)} addresses")
     specs = []
     for i in range(n_nodes):
         role = "starter" if i == 0 else ("finisher" if i == n_nodes - 1 else "intermediate")

@@ -90,7 +90,10 @@ def manual_split(n_layer: int, layers: Sequence[int | Sequence[int]]) -> list[Sh
         if r[0] != expect:
             raise PartitionError(f"node {i}: layers start at {r[0]}, expected {expect} "
                                  "(ranges must be contiguous, in ring order)")
-        shards.append(Shard(r[0], r[1], n_layer))
+        try:
+            shards.append(Shard(r[0], r[1], n_layer))
+        except PartitionError as e:
+            raise PartitionError(f"node {i}: {e}") from None
         expect = r[1]
     if expect != n_layer:
         raise PartitionError(f"the layer ranges end at {expect}, the model has {n_layer} layers")

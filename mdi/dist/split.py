@@ -36,7 +36,8 @@ def shard_tensors(ckpt: str | Path, shard: Shard) -> dict[str, torch.Tensor]:
                 src = name if name in keys else (EMBEDDING if name == TIED_HEAD else None)
                 if src is None or src not in keys:
                     raise CheckpointError(f"{info.weights_path}: missing tensor {name!r}")
-                out[name] = f.get_tensor(src).contiguous()
+                # clone: the tied head must not share memory with the embedding
+                out[name] = f.get_tensor(src).clone()
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
     return out
