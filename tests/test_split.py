@@ -23,6 +23,8 @@ from mdi.generate.schedule import SampleState, accept, plan_step
 from mdi.model import GPT, GPTConfig, KVCache
 from mdi.tokenizer import CharTokenizer
 
+from conftest import scaled_random_model
+
 torch.set_num_threads(1)
 
 CONFIG = GPTConfig(vocab_size=40, block_size=16, n_layer=4, n_head=2, n_embd=32)
@@ -30,23 +32,10 @@ CONFIG = GPTConfig(vocab_size=40, block_size=16, n_layer=4, n_head=2, n_embd=32)
 NODES = [1, 2, 3, 4]
 
 
-def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
-    """Larger-than-init random weights so logits are far from uniform (sharp comparisons)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     tok = CharTokenizer(list((string.ascii_letters + string.digits)[:CONFIG.vocab_size]))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), random_gpt(CONFIG), tok)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), scaled_random_model(CONFIG), tok)
 
 
 class Chunks:
