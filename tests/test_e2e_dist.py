@@ -1,0 +1,445 @@
+"""End to end: real `mdi` processes on loopback.
+
+Every distributed run here must print exactly what `mdi sample` prints for the
+same checkpoint, prompts and seed: `mdi run` (it spawns its own nodes), and
+`mdi starter` against long-lived `mdi node` processes that this module starts
+from a nodes file in the original layout (DESIGN.md, "Configuration file"). The nodes stay
+up across runs, models and ring sizes; their role comes from the starter's
+/init, the role on their command line only locates their address.
+
+All slow (select with `-m slow`). Tiny models (n_embd 32, block_size 32) and
+one torch thread per process: the machine these run on may be a busy 2-core
+box, where two spinning OpenMP threads per process cost 100x. Every command
+runs under a timeout so a hang fails a test instead of blocking CI.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from mdi.checkpoint import save_checkpoint
+from mdi.dist.partition import even_split
+from mdi.dist.wire import HEADER_SIZE
+from mdi.model import GPT, GPTConfig
+from mdi.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
+N_EMBD = 32
+BLOCK_SIZE = 32
+TIMEOUT = 120          # seconds for any one command
+NODE_START = 60        # seconds for a node to answer /health
+FLOAT32 = 4
+
+# The usual generation: 3 samples of 30 tokens, sampled (the default settings).
+STD = dict(n_samples=3, n_tokens=30, prompts=("ROMEO:",), temperature=0.8, top_k=200, seed=7)
+
+
+# ---- processes -----------------------------------------------------------------
+def _env(token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MDI_TOKEN"}
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    if token is not None:
+        env["MDI_TOKEN"] = token
+    return env
+
+
+def _die_with_parent() -> None:  # child, between fork and exec: no orphans if pytest dies
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def mdi(*args, token: str | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mdi.cli.main", *map(str, args)]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(token),
+                              stdin=subprocess.DEVNULL, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"`mdi {' '.join(map(str, args))}` hung for {timeout} s; stderr:\n{e.stderr}")
+
+
+def mdi_json(*args, token: str | None = None) -> tuple[dict, str]:
+    """Run a generation command with --json; returns (parsed stdout, stderr)."""
+    p = mdi(*args, "--json", token=token)
+    assert p.returncode == 0, f"`mdi {' '.join(map(str, args))}` exited {p.returncode}:\n{p.stderr}"
+    return json.loads(p.stdout), p.stderr
+
+
+def gen_args(n_samples: int, n_tokens: int, prompts, temperature: float, top_k: int,
+             seed: int) -> list[str]:
+    out = ["--n-samples", n_samples, "--n-tokens", n_tokens, "--temperature", temperature,
+           "--top-k", top_k, "--seed", seed, "--threads", 1]
+    for p in prompts:
+        out += ["--prompt", p]
+    return [str(a) for a in out]
+
+
+DIST = ["--timeout", "30"]  # a busy CI box can be slower than the default 10 s of silence
+
+_baselines: dict[tuple, dict] = {}
+
+
+def sample(ckpt: Path, **gen) -> dict:
+    """`mdi sample` (the single-device baseline), once per distinct set of options."""
+    key = (str(ckpt), tuple(sorted(gen.items())))
+    if key not in _baselines:
+        _baselines[key], _ = mdi_json("sample", "--ckpt", ckpt, *gen_args(**gen))
+    return _baselines[key]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):  # all bound at once, so the ports are distinct
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_entry(ports: tuple[int, int, int], secondary: bool = True) -> dict:
+    """One node of the original layout from (control, data in, data out) ports."""
+    ctrl, port_in, port_out = ports
+    comm = {"starter_addr": "127.0.0.1", "port": ctrl} if secondary else {"port": ctrl}
+    return {"addr": "127.0.0.1", "communication": comm,
+            "inference": {"port_in": port_in, "port_out": port_out}}
+
+
+def write_nodes_file(path: Path, starter, intermediates=(), finisher=None) -> Path:
+    nodes: dict = {"starter": node_entry(starter, secondary=False),
+                   "intermediate": [node_entry(p) for p in intermediates]}
+    if finisher is not None:
+        nodes["finisher"] = node_entry(finisher)
+    path.write_text(json.dumps({"nodes": nodes}, indent=2))
+    return path
+
+
+def three_ports() -> tuple[int, int, int]:
+    return tuple(free_ports(3))  # type: ignore[return-value]
+
+
+class Nodes:
+    """`mdi node` processes of one nodes file; stop() always ends them."""
+
+    def __init__(self, nodes_file: Path, token: str, log_dir: Path) -> None:
+        self.nodes_file = nodes_file
+        self.token = token
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen, Path, str]] = []   # name, proc, log, url
+        self.ports: dict[str, tuple[int, int, int]] = {}                  # role -> ports
+
+    def start(self, role: str, ctrl_port: int, index: int = 0, chunk: Path | None = None) -> str:
+        name = f"{role}{index}"
+        log = self.log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "mdi.cli.main", "node", "--nodes-config", str(self.nodes_file),
+               "--role", role, "--index", str(index), "--threads", "1"]
+        if chunk is not None:
+            cmd += ["--chunk", str(chunk)]
+        with log.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                    env=_env(self.token), cwd=REPO, preexec_fn=_die_with_parent)
+        url = f"http://127.0.0.1:{ctrl_port}"
+        self.procs.append((name, proc, log, url))
+        return url
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + NODE_START
+        for name, proc, log, url in self.procs:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"node {name} exited with {proc.returncode}:\n{log.read_text()}")
+                try:
+                    if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"node {name} did not answer /health in {NODE_START} s:\n"
+                                f"{log.read_text()}")
+                time.sleep(0.1)
+
+    def health(self, url: str) -> dict:
+        r = httpx.get(url + "/health", timeout=5.0)
+        assert r.status_code == 200
+        return r.json()
+
+    def status(self, url: str) -> dict:
+        r = httpx.get(url + "/status", timeout=5.0, headers={"Authorization": f"Bearer {self.token}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def assert_alive(self) -> None:
+        for name, proc, log, _ in self.procs:
+            assert proc.poll() is None, f"node {name} died:\n{log.read_text()}"
+
+    def stop(self) -> None:
+        for _, proc, _, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _, _ in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+# ---- fixtures ------------------------------------------------------------------
+def tiny_checkpoint(path: Path, tok: CharTokenizer, n_layer: int, seed: int) -> Path:
+    """Random weights, scaled up from GPT-2's init so that the logits (and hence the
+    sampled tokens) depend on the model, not only on the sampling generator."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=BLOCK_SIZE, n_layer=n_layer,
+                       n_head=2, n_embd=N_EMBD)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return save_checkpoint(path, model.eval(), tok, {"note": "random weights for e2e tests"})
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CharTokenizer:
+    return CharTokenizer.train(SHAKESPEARE.read_text(encoding="utf-8")[:5000])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer) -> Path:
+    """4 layers: 2 nodes hold 2+2, 3 nodes hold 1+2+1 (even split)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt4"), tokenizer, n_layer=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt3(tmp_path_factory, tokenizer) -> Path:
+    """Another model (3 layers, other weights) for re-initialising the same nodes."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt3"), tokenizer, n_layer=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ring3(tmp_path_factory):
+    """Long-lived intermediate + finisher processes, nodes file in the original layout."""
+    d = tmp_path_factory.mktemp("ring3")
+    ports = {"starter": three_ports(), "intermediate": three_ports(), "finisher": three_ports()}
+    path = write_nodes_file(d / "nodes.json", ports["starter"], [ports["intermediate"]],
+                            ports["finisher"])
+    nodes = Nodes(path, token="e2e-secret-ring3", log_dir=d)
+    try:
+        nodes.start("intermediate", ports["intermediate"][0])
+        nodes.start("finisher", ports["finisher"][0])
+        nodes.wait_healthy()
+        nodes.ports.update(ports)
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def urls(nodes: Nodes) -> dict[str, str]:
+    return {name: url for name, _, _, url in nodes.procs}
+
+
+def assert_same_samples(dist: dict, base: dict) -> None:
+    assert dist["samples"] == base["samples"]
+    assert dist["n_samples"] == base["n_samples"]
+
+
+def assert_hops(out: dict, names: list[str], group_sizes: set[int] | None = None) -> None:
+    """`hops` goes once around the ring; with equal groups of size g every activation
+    hop costs one header per frame of g samples plus n_embd float32 per sample."""
+    hops = out["hops"]
+    ring = names + [names[0]]
+    assert [(h["from"], h["to"]) for h in hops] == list(zip(ring, ring[1:]))
+    if group_sizes is not None and len(group_sizes) == 1:
+        (g,) = group_sizes
+        want = HEADER_SIZE / g + N_EMBD * FLOAT32
+        assert out["bytes_per_hop_per_token"] == pytest.approx(want, abs=1e-3)
+        for h in hops:  # the way back carries one int64 token id per sample
+            per_sample = N_EMBD * FLOAT32 if h["to"] != "starter" else 8
+            assert h["bytes_per_token"] == pytest.approx(HEADER_SIZE / g + per_sample, abs=1e-3)
+
+
+# ---- 1. mdi run == mdi sample --------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("n_nodes", [2, 3])
+def test_run_equals_sample_past_block_size(ckpt, n_nodes, temperature):
+    # 80 new tokens with block_size 32: the context overflows (window + re-prefill)
+    # several times; 6 samples make equal groups for 2 and 3 nodes (3+3, 2+2+2).
+    gen = dict(n_samples=6, n_tokens=80, prompts=("ROMEO:",), temperature=temperature,
+               top_k=200, seed=1234)
+    base = sample(ckpt, **gen)
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen_args(**gen))
+    assert_same_samples(out, base)
+    assert all(len(s) == 80 for s in out["samples"])
+    assert out["mode"] == "distributed" and out["n_nodes"] == n_nodes
+    names = ["starter"] + [f"intermediate[{i}]" for i in range(n_nodes - 2)] + ["finisher"]
+    assert_hops(out, names, {6 // n_nodes})
+
+
+# ---- 2. mdi starter against long-lived nodes -----------------------------------
+@pytest.mark.slow
+def test_starter_twice_on_the_same_nodes(ckpt, ring3):
+    base = sample(ckpt, **STD)
+    first, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
+                          *gen_args(**STD), token=ring3.token)
+    assert_same_samples(first, base)
+    assert "weights uploaded" in log
+    # 3 samples on 3 nodes: three groups of one sample
+    assert_hops(first, ["starter", "intermediate[0]", "finisher"], {1})
+    assert first["bytes_per_hop_per_token"] == HEADER_SIZE + N_EMBD * FLOAT32
+
+    done = {name: ring3.status(u)["runs_completed"] for name, u in urls(ring3).items()}
+    second, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
+                         *gen_args(**STD), token=ring3.token)
+    assert second["samples"] == first["samples"]
+    for name, u in urls(ring3).items():
+        st = ring3.status(u)
+        assert st["runs_completed"] == done[name] + 1, st
+        assert st["state"] == "idle" and st["run_id"] is None, st
+    ring3.assert_alive()
+
+
+@pytest.mark.slow
+def test_same_nodes_other_ring_and_model(ckpt, ckpt3, ring3, tmp_path):
+    # A 2-node ring whose finisher is the running finisher process; the intermediate
+    # process sits this run out. Another model (3 layers): the finisher re-inits.
+    two = write_nodes_file(tmp_path / "two.json", three_ports(), [], ring3.ports["finisher"])
+    base3 = sample(ckpt3, **STD)
+    out, log = mdi_json("starter", "--ckpt", ckpt3, "--nodes-config", two, *DIST, *gen_args(**STD),
+                        token=ring3.token)
+    assert_same_samples(out, base3)
+    assert out["n_nodes"] == 2
+    fin = even_split(3, 2)[1]
+    assert f"finisher at 127.0.0.1:{ring3.ports['finisher'][0]}: layers [{fin.start}, {fin.stop})" in log
+    assert_hops(out, ["starter", "finisher"], {2, 1})
+    assert out["samples"] != sample(ckpt, **STD)["samples"]  # another model, other text
+
+    # The role comes from /init: the process started as `--role intermediate` serves
+    # as this ring's finisher (layers, head and sampling).
+    swapped = write_nodes_file(tmp_path / "swapped.json", three_ports(), [],
+                               ring3.ports["intermediate"])
+    out, _ = mdi_json("starter", "--ckpt", ckpt3, "--nodes-config", swapped, *DIST,
+                      *gen_args(**STD), token=ring3.token)
+    assert_same_samples(out, base3)
+
+    # ... and back to the 3-node ring and the first model.
+    again, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
+                        *gen_args(**STD), token=ring3.token)
+    assert_same_samples(again, sample(ckpt, **STD))
+    ring3.assert_alive()
+
+
+# ---- 3. S < N, S > N, several prompts ------------------------------------------
+LONG_PROMPT = "First Citizen: Before we proceed any further, hear me speak."  # > block_size
+
+
+@pytest.mark.slow
+def test_one_sample_on_three_nodes(ckpt):
+    gen = dict(STD, n_samples=1, prompts=("MENENIUS:",))
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", 3, *DIST, *gen_args(**gen))
+    assert_same_samples(out, sample(ckpt, **gen))
+    assert_hops(out, ["starter", "intermediate[0]", "finisher"], {1})
+
+
+@pytest.mark.slow
+def test_five_prompts_on_two_nodes(ckpt):
+    # one prompt per sample, one of them longer than block_size, one a single character
+    prompts = ("ROMEO:", "A", LONG_PROMPT, "Citizen", "\n")
+    gen = dict(STD, n_samples=5, prompts=prompts)
+    base = sample(ckpt, **gen)
+    assert len(set(base["samples"])) == 5
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", 2, *DIST, *gen_args(**gen))
+    assert_same_samples(out, base)
+    assert_hops(out, ["starter", "finisher"], {3, 2})
+
+
+@pytest.mark.slow
+def test_prompt_file_with_starter(ckpt, ring3, tmp_path):
+    lines = ["ROMEO:", "CORIOLANUS: Hear me, friends!", LONG_PROMPT, "What"]
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # blank line skipped
+    gen = dict(STD, n_samples=4, prompts=(f"FILE:{pfile}",))
+    base = sample(ckpt, **gen)
+    # the file is one prompt per sample: same as giving them one by one
+    assert base["samples"] == sample(ckpt, **dict(gen, prompts=tuple(lines)))["samples"]
+    out, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
+                      *gen_args(**gen), token=ring3.token)
+    assert_same_samples(out, base)
+
+
+# ---- 4. pre-split chunks -------------------------------------------------------
+@pytest.mark.slow
+def test_split_chunks_are_not_uploaded(ckpt, tmp_path):
+    chunks = tmp_path / "chunks"
+    p = mdi("split", "--ckpt", ckpt, "--nodes", 3, "--out", chunks)
+    assert p.returncode == 0, p.stderr
+    assert [Path(line).name for line in p.stdout.split()] == ["node0", "node1", "node2"]
+
+    ports = {"starter": three_ports(), "intermediate": three_ports(), "finisher": three_ports()}
+    path = write_nodes_file(tmp_path / "nodes.json", ports["starter"], [ports["intermediate"]],
+                            ports["finisher"])
+    nodes = Nodes(path, token="e2e-secret-chunks", log_dir=tmp_path)
+    try:
+        inter = nodes.start("intermediate", ports["intermediate"][0], chunk=chunks / "node1")
+        fin = nodes.start("finisher", ports["finisher"][0], chunk=chunks / "node2")
+        nodes.wait_healthy()
+        # each node announces the chunk it holds: the even split of 4 layers over 3 nodes
+        for u, shard in zip((inter, fin), even_split(4, 3)[1:]):
+            chunk = nodes.health(u)["chunk"]
+            assert (chunk["start"], chunk["stop"]) == (shard.start, shard.stop), chunk
+        out, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", path, *DIST,
+                            *gen_args(**STD), token=nodes.token)
+        assert_same_samples(out, sample(ckpt, **STD))
+        assert log.count("weights from its local chunk") == 2, log
+        assert "uploaded" not in log
+        for u in (inter, fin):
+            assert nodes.status(u)["runs_completed"] == 1
+    finally:
+        nodes.stop()
+
+
+# ---- 6. one node ---------------------------------------------------------------
+@pytest.mark.slow
+def test_single_node_starter_and_run(ckpt, tmp_path):
+    base = sample(ckpt, **STD)
+    path = write_nodes_file(tmp_path / "one.json", three_ports())
+    out, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", path, *DIST, *gen_args(**STD),
+                      token="unused-by-one-node")
+    assert_same_samples(out, base)
+    assert out["n_nodes"] == 1 and out["hops"] == []
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", 1, *DIST, *gen_args(**STD))
+    assert_same_samples(out, base)
+    assert out["n_nodes"] == 1
+
+
+# ---- 7. wrong token --------------------------------------------------------------
+@pytest.mark.slow
+def test_wrong_token_is_one_clear_line(ckpt, ring3):
+    p = mdi("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST, "--json",
+            *gen_args(**STD), token="not-the-cluster-token")
+    assert p.returncode != 0
+    assert p.stdout == ""
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("mdi starter: error: ") and "token" in lines[0], lines[0]
+    # nothing changed on the nodes, and they still serve the right token
+    for u in urls(ring3).values():
+        assert ring3.status(u)["state"] == "idle"
+    ring3.assert_alive()
