@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
+from . import st_io
 
 FORMAT = "mdi-checkpoint"
 VERSION = 1
@@ -30,6 +30,7 @@ TOKENIZER = "tokenizer.json"
 TRAIN_STATE = "train_state.pt"
 TIED_HEAD = "lm_head.weight"
 EMBEDDING = "transformer.wte.weight"
+ALIGN = 64  # bytes; what torch's CPU allocator gives
 
 
 class CheckpointError(ValueError):
@@ -122,6 +123,9 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
     want = expected_shapes(config, start, stop)
     sd: dict[str, torch.Tensor] = {}
     for name, shape in want.items():
+        if name == TIED_HEAD and EMBEDDING in sd:
+            sd[name] = sd[EMBEDDING]  # tied: one tensor, read once (re-tied below)
+            continue
         t = get(name)
         if t is None and name == TIED_HEAD:
             t = get(EMBEDDING)  # tied to the token embedding
@@ -132,10 +136,12 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
                 f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the config needs {shape}")
         if not t.is_floating_point():
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
-        # A fresh, allocator-aligned copy: on some CPUs the per-row GEMM's low bits
-        # depend on the operand's address, and a tensor inside a file or an
-        # uploaded stream sits at whatever offset the format gave it.
-        sd[name] = t.to(device=device, dtype=dtype or t.dtype, copy=True)
+        t = t.to(device=device, dtype=dtype or t.dtype)
+        # On some CPUs the per-row GEMM's low bits depend on the operand's
+        # address; a tensor inside a file or a stream sits at whatever offset the
+        # format gave it. Copy those into allocator-aligned memory (only those:
+        # a second copy of every weight would double the peak memory).
+        sd[name] = t.clone() if t.data_ptr() % ALIGN else t
     if names is not None:
         whole = set(expected_shapes(config)) | {TIED_HEAD}
         unknown = sorted(names - whole)
@@ -152,20 +158,27 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
 def load_stage(path: str | Path, start: int = 0, stop: int | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                ) -> tuple[GPT, CheckpointInfo]:
-    """Load blocks [start, stop) of the checkpoint at path (the whole model by default)."""
+    """Load blocks [start, stop) of the checkpoint at path (the whole model by default).
+
+    Only the stage's tensors are read, each once, into fresh buffers (see st_io).
+    """
     info = read_info(path)
     if not info.weights_path.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS}")
+    return read_stage_file(info.weights_path, info.config, start, stop, device, dtype), info
+
+
+def read_stage_file(weights: str | Path, config: GPTConfig, start: int = 0, stop: int | None = None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """Build a stage from a safetensors file (a checkpoint's or a chunk's)."""
     try:
-        with safe_open(str(info.weights_path), framework="pt", device="cpu") as f:
-            keys = set(f.keys())
-            stage = build_stage(info.config, start, stop,
-                                lambda n: f.get_tensor(n) if n in keys else None,
-                                names=keys, device=device, dtype=dtype,
-                                where=str(info.weights_path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
-    return stage, info
+        with st_io.open_file(weights) as f:
+            entries, data_start = st_io.read_header(f)
+            return build_stage(config, start, stop,
+                               lambda n: st_io.read_tensor(f, entries[n], data_start) if n in entries else None,
+                               names=set(entries), device=device, dtype=dtype, where=str(weights))
+    except (st_io.SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

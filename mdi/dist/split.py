@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save, save_file
 
-from ..checkpoint.format import (EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, build_stage,
-                                 expected_shapes, read_info)
+from ..checkpoint import st_io
+from ..checkpoint.format import (EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes,
+                                 read_info, read_stage_file)
 from ..model import GPT, GPTConfig
 from .partition import Shard, even_split
 
@@ -27,19 +27,26 @@ CHUNK_FORMAT = "mdi-chunk"
 def shard_tensors(ckpt: str | Path, shard: Shard) -> dict[str, torch.Tensor]:
     """The tensors of one stage, read from a checkpoint without loading the rest."""
     info = read_info(ckpt)
-    want = expected_shapes(info.config, shard.start, shard.stop)
     out = {}
     try:
-        with safe_open(str(info.weights_path), framework="pt") as f:
-            keys = set(f.keys())
-            for name in want:
-                src = name if name in keys else (EMBEDDING if name == TIED_HEAD else None)
-                if src is None or src not in keys:
-                    raise CheckpointError(f"{info.weights_path}: missing tensor {name!r}")
-                # clone: the tied head must not share memory with the embedding
-                out[name] = f.get_tensor(src).clone()
-    except (SafetensorError, OSError) as e:
+        with st_io.open_file(info.weights_path) as f:
+            entries, data_start = st_io.read_header(f)
+            for name, src in stage_sources(entries, info.config, shard, info.weights_path):
+                # a fresh read per name: the tied head must not share the embedding's memory
+                out[name] = st_io.read_tensor(f, entries[src], data_start)
+    except (st_io.SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
+    return out
+
+
+def stage_sources(entries, config: GPTConfig, shard: Shard, where) -> list[tuple[str, str]]:
+    """(stage tensor name, name stored in the file) for each tensor of a stage."""
+    out = []
+    for name in expected_shapes(config, shard.start, shard.stop):
+        src = name if name in entries else (EMBEDDING if name == TIED_HEAD else None)
+        if src is None or src not in entries:
+            raise CheckpointError(f"{where}: missing tensor {name!r}")
+        out.append((name, src))
     return out
 
 
@@ -90,11 +97,4 @@ def read_chunk_info(chunk_dir: str | Path) -> dict:
 
 def load_chunk(chunk_dir: str | Path, config: GPTConfig, start: int, stop: int,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    path = Path(chunk_dir) / WEIGHTS
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            return build_stage(config, start, stop, lambda n: f.get_tensor(n) if n in keys else None,
-                               device=device, dtype=dtype, where=str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype)

@@ -1,0 +1,133 @@
+"""Weights over HTTP as a safetensors stream, one tensor at a time.
+
+The starter streams a stage's tensors in the safetensors layout, reading them
+from its checkpoint one by one, so it never holds another node's weights in
+memory. The node parses the stream as it arrives: the JSON header is checked
+against the stage it was told to expect (names, shapes, dtypes, offsets)
+before a byte of tensor data is read, then each tensor is read straight into
+its own freshly allocated (aligned) buffer. Peak memory on both sides is about
+one copy of the stage.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from ..checkpoint import st_io
+from ..checkpoint.format import CheckpointError, read_info
+from .partition import Shard
+from .split import stage_sources
+
+
+class WeightsStreamError(ValueError):
+    """A weights stream that does not match the announced stage."""
+
+
+def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
+    """(total length, byte chunks) of a stage's tensors in safetensors layout."""
+    info = read_info(ckpt)
+    path = info.weights_path
+    try:
+        with st_io.open_file(path) as f:
+            entries, _ = st_io.read_header(f)
+    except (st_io.SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+    order = stage_sources(entries, info.config, shard, path)
+    header, offset = {}, 0
+    for name, src in order:
+        e = entries[src]
+        header[name] = {"dtype": e.dtype_name, "shape": list(e.shape),
+                        "data_offsets": [offset, offset + e.end - e.begin]}
+        offset += e.end - e.begin
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    total = 8 + len(head) + offset
+
+    def chunks() -> Iterator[bytes]:
+        yield struct.pack("<Q", len(head)) + head
+        with st_io.open_file(path) as f:
+            _, data_start = st_io.read_header(f)
+            for _, src in order:  # one tensor in memory at a time
+                yield st_io.read_raw(f, entries[src], data_start)
+
+    return total, chunks()
+
+
+class _Reader:
+    """readexactly/readinto over an async iterator of byte chunks."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.buf = b""
+        self.pos = 0
+        self.total = 0
+
+    async def _more(self) -> None:
+        try:
+            chunk = await self.chunks.__anext__()
+        except StopAsyncIteration:
+            raise WeightsStreamError(f"stream ended after {self.total} bytes") from None
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        self.total += len(chunk)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            await self._more()
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    async def readinto(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            if self.pos == len(self.buf):
+                await self._more()
+            take = min(len(view) - done, len(self.buf) - self.pos)
+            view[done:done + take] = self.buf[self.pos:self.pos + take]
+            self.pos += take
+            done += take
+
+    async def at_end(self) -> bool:
+        if self.pos < len(self.buf):
+            return False
+        try:
+            await self._more()
+        except WeightsStreamError:
+            return True
+        return False
+
+
+async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]]
+                      ) -> dict[str, torch.Tensor]:
+    """Parse a safetensors stream holding exactly the tensors `want` (name -> shape)."""
+    r = _Reader(chunks)
+    try:
+        entries = st_io.parse_header(await r.readexactly(st_io.header_length(await r.readexactly(8))))
+    except st_io.SafetensorsFormatError as e:
+        raise WeightsStreamError(str(e)) from None
+    missing, extra = sorted(set(want) - set(entries)), sorted(set(entries) - set(want))
+    if missing:
+        raise WeightsStreamError(f"missing tensor(s): {', '.join(missing[:5])}")
+    if extra:
+        raise WeightsStreamError(f"tensor(s) not part of this stage: {', '.join(extra[:5])}")
+    for e in entries.values():
+        if e.shape != tuple(want[e.name]):
+            raise WeightsStreamError(f"tensor {e.name!r} has shape {list(e.shape)}, the config needs "
+                                     f"{list(want[e.name])}")
+    try:
+        ordered = st_io.in_order(entries)
+    except st_io.SafetensorsFormatError as e:
+        raise WeightsStreamError(str(e)) from None
+    out: dict[str, torch.Tensor] = {}
+    for e in ordered:
+        t = torch.empty(e.shape, dtype=e.dtype)
+        if t.numel():
+            await r.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        out[e.name] = t
+    if not await r.at_end():
+        raise WeightsStreamError("trailing bytes after the last tensor")
+    return out
