@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
@@ -12,16 +11,18 @@ from tqdm import tqdm
 from ..checkpoint import read_info
 from ..dist.auth import resolve_token
 from ..dist.nodes_config import load_nodes_config
-from ..dist.starter import NodeFailure, RunOptions, Starter
+from ..dist.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
 
 log = logging.getLogger("mdi")
+DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="the cluster's shared secret (or MDI_TOKEN, or --token-file)")
+    p.add_argument("--token", help="the cluster's shared secret (visible in the process list: "
+                                   "prefer MDI_TOKEN or --token-file)")
     p.add_argument("--token-file", help="file holding the cluster's shared secret")
 
 
@@ -30,6 +31,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from ..dist.serve import run_node
 
     set_threads(args.threads)
+    _check_timeout(args.timeout)
     token = resolve_token(args.token, args.token_file)
     spec = load_nodes_config(args.nodes_config).find(args.role, args.index)
     if spec.role == "starter":
@@ -37,6 +39,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any)
     run_node(rt)
     return 0
+
+
+def _check_timeout(timeout: float) -> None:
+    if not timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
 def _generate(args: argparse.Namespace, nodes, token: str) -> int:
@@ -63,6 +70,10 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     result.samples = [tok.decode(t) for t in result.tokens]
     if error is not None:
         result.extra["error"] = str(error)
+        if error.node is not None:
+            n = error.node
+            result.extra["failed_node"] = {"role": n.role, "index": n.index, "addr": n.addr,
+                                           "port": n.port, "port_in": n.port_in}
     emit(args, result)
     if not args.json and error is None:
         _print_hops(result)
@@ -83,6 +94,7 @@ def _print_hops(result: GenerationResult) -> None:
 
 def cmd_starter(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    _check_timeout(args.timeout)
     token = resolve_token(args.token, args.token_file)
     return _generate(args, load_nodes_config(args.nodes_config), token)
 
@@ -99,14 +111,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..dist.local_cluster import LocalCluster, default_threads
 
     read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    _check_timeout(args.timeout)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the cluster's __exit__ ends every child.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout) as cluster:
             return _generate(args, cluster.nodes, cluster.token)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -114,8 +129,10 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _dist_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds of silence before a node counts as gone (default 10)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds of silence before a node counts as gone; the run then stops "
+                        f"with exit status {EXIT_NODE_FAILURE} and the text so far "
+                        f"(default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="groups of samples in flight (default min(n_samples, n_nodes))")
 
@@ -127,7 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", type=int, default=0, help="which intermediate (default 0)")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
     p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
-    p.add_argument("--timeout", type=float, default=10.0, help="handshake and connect timeout (s)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds for a handshake, a connect, or the next node to take a frame "
+                        "(default 10)")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")
     _token_options(p)

@@ -4,13 +4,16 @@ Control plane: every request but /health carries `Authorization: Bearer TOKEN`,
 compared in constant time. Data plane: the listening side sends a random nonce
 (CHALLENGE); the connecting side answers HMAC-SHA256(token, context || nonce)
 (AUTH), where the context binds the run id. A stranger who reaches a data port
-without the token cannot get a frame accepted. Traffic is not encrypted.
+without the token cannot get a frame accepted. Traffic is not encrypted, and
+the handshake is one-way: the listener checks the connecting node, not the
+other way round (see docs/security.md).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -19,8 +22,10 @@ import torch
 
 from .wire import Frame, Kind, WireError, read_frame, write_frame
 
+log = logging.getLogger(__name__)
 ENV_VAR = "MDI_TOKEN"
 NONCE_BYTES = 32
+MIN_TOKEN_CHARS = 16  # shorter tokens work, with a warning
 
 
 class AuthError(ValueError):
@@ -30,19 +35,43 @@ class AuthError(ValueError):
 def resolve_token(token: str | None = None, token_file: str | None = None) -> str:
     """--token, else --token-file, else $MDI_TOKEN; error when none is given."""
     if token:
-        return token
+        return _checked(token.strip(), "--token")
     if token_file:
         try:
             value = Path(token_file).read_text().strip()
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise AuthError(f"cannot read --token-file {token_file}: {e}") from None
         if not value:
             raise AuthError(f"--token-file {token_file} is empty")
-        return value
+        return _checked(value, f"--token-file {token_file}")
     value = os.environ.get(ENV_VAR, "").strip()
     if value:
-        return value
+        return _checked(value, ENV_VAR)
     raise AuthError(f"no cluster token: pass --token or --token-file, or set {ENV_VAR}")
+
+
+def _checked(token: str, where: str) -> str:
+    """A token must fit in an HTTP header: printable ASCII, no spaces."""
+    if not token or not all(33 <= ord(c) <= 126 for c in token):
+        raise AuthError(f"{where}: the token must be printable ASCII without spaces")
+    if len(token) < MIN_TOKEN_CHARS:
+        log.warning("%s: a token of %d characters is easy to guess; use %d or more "
+                    "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+                    where, len(token), MIN_TOKEN_CHARS)
+    return token
+
+
+async def bounded(aw, timeout: float):
+    """`await aw`, raising asyncio.TimeoutError after `timeout` seconds.
+
+    asyncio.wait_for before Python 3.12 can swallow a cancellation that arrives
+    just as `aw` completes (then Ctrl-C, or a node dropping a run, is lost and
+    the loop goes on); asyncio.timeout cannot.
+    """
+    if hasattr(asyncio, "timeout"):  # Python >= 3.11
+        async with asyncio.timeout(timeout):
+            return await aw
+    return await asyncio.wait_for(aw, timeout)
 
 
 def new_token() -> str:
@@ -50,9 +79,11 @@ def new_token() -> str:
 
 
 def check_bearer(header: str | None, token: str) -> bool:
+    """Constant-time check of an `Authorization: Bearer TOKEN` header value."""
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[7:].encode(), token.encode())
+    return hmac.compare_digest(header[7:].strip().encode("utf-8", "surrogateescape"),
+                               token.encode())
 
 
 def _mac(token: str, run_id: int, nonce: bytes) -> bytes:
@@ -69,7 +100,7 @@ async def challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     """Listening side: raise AuthError unless the peer proves the token for run_id."""
     nonce = secrets.token_bytes(NONCE_BYTES)
     await write_frame(writer, Frame(Kind.CHALLENGE, run_id, tensor=_bytes_tensor(nonce)))
-    reply = await asyncio.wait_for(read_frame(reader, None), timeout)
+    reply = await bounded(read_frame(reader, None), timeout)
     if reply.kind != Kind.AUTH or reply.tensor is None:
         raise AuthError(f"expected AUTH, got {reply.kind.name}")
     if reply.run_id != run_id:
@@ -81,7 +112,7 @@ async def challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str,
                  run_id: int, timeout: float) -> None:
     """Connecting side: answer the listener's challenge."""
-    ch = await asyncio.wait_for(read_frame(reader, None), timeout)
+    ch = await bounded(read_frame(reader, None), timeout)
     if ch.kind != Kind.CHALLENGE or ch.tensor is None:
         raise WireError(f"expected CHALLENGE, got {ch.kind.name}")
     mac = _mac(token, run_id, bytes(ch.tensor.numpy()))

@@ -3,8 +3,13 @@
 The cluster picks free loopback ports, writes a nodes file, generates a token,
 starts `mdi node` children and waits until they answer. Leaving the `with`
 block (normally, on Ctrl-C, SIGTERM or an error) shuts every child down: a
-polite /shutdown, then SIGTERM, then SIGKILL. Children also get SIGTERM from
-the kernel if this process dies (PR_SET_PDEATHSIG), so none are orphaned.
+polite /shutdown to all, then SIGTERM, then SIGKILL, each to the child's whole
+process group (a command prefix may have started more than one process), with
+one shared deadline per step, so a child that ignores /shutdown or is frozen
+costs seconds, not minutes. SIGINT and SIGTERM are held back while stopping,
+so a second Ctrl-C cannot leave children behind. Children also get SIGTERM
+from the kernel if the thread that started them dies (PR_SET_PDEATHSIG), so
+none are orphaned even when this process is SIGKILLed.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,11 +37,32 @@ PR_SET_PDEATHSIG = 1
 
 
 def free_ports(n: int, addr: str = "127.0.0.1") -> list[int]:
-    socks, ports = [], []
+    """n distinct ports that are free on addr now.
+
+    They are drawn outside the kernel's ephemeral range when there is room: a
+    port from that range, once released here, can be taken as the source port
+    of any outgoing connection on the machine before the node that should
+    listen on it has started.
+    """
+    lo, _ = _ephemeral_range()
+    pool = range(10000, lo) if lo - 10000 >= 1000 else None
+    rng = random.Random()
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    tries = 0
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((addr, 0))
+        while len(ports) < n:
+            tries += 1
+            port = rng.choice(pool) if pool is not None and tries <= 50 * n else 0
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.bind((addr, port))
+            except OSError:
+                s.close()
+                if tries > 100 * n:
+                    raise
+                continue
             socks.append(s)
             ports.append(s.getsockname()[1])
     finally:
@@ -44,12 +71,25 @@ def free_ports(n: int, addr: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    parent = os.getpid()
+
     def setup() -> None:  # runs in the child between fork and exec
+        os.setpgid(0, 0)  # its own process group: stop() signals the group
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         except OSError:
             pass
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
         if cpus:
             os.sched_setaffinity(0, cpus)
     return setup
@@ -145,27 +185,74 @@ class LocalCluster:
         p = self.dir / f"node{i}.log"
         return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else ""
 
-    def stop(self) -> None:
+    @property
+    def pids(self) -> list[int]:
+        """The secondary nodes' process ids (index 0 is the first secondary)."""
+        return [p.pid for p in self.procs]
+
+    def stop(self, grace: float = 3.0) -> None:
+        """End every child, whatever state it is in; safe to call more than once."""
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._stop(grace)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _stop(self, grace: float) -> None:
+        polite = []  # children that took /shutdown: they get `grace` to exit on their own
         if self.nodes is not None:
             for spec, proc in zip(self.nodes.secondaries, self.procs):
                 if proc.poll() is None:
                     try:
-                        httpx.post(spec.url + "/shutdown", timeout=1.0,
-                                   headers={"Authorization": f"Bearer {self.token}"})
+                        r = httpx.post(spec.url + "/shutdown", timeout=0.5,
+                                       headers={"Authorization": f"Bearer {self.token}"})
+                        if r.status_code == 200:
+                            polite.append(proc)
                     except httpx.HTTPError:
-                        pass
-        for proc in self.procs:
-            _reap(proc)
+                        pass  # frozen, dead or busy: the signals below deal with it
+        rude = [p for p in self.procs if p not in polite]
+        _terminate(rude)
+        _wait_all(self.procs, grace)
+        _terminate(self.procs)
+        _wait_all(self.procs, grace)
+        for p in self.procs:
+            if p.poll() is None:
+                _signal_group(p, signal.SIGKILL)
+        _wait_all(self.procs, grace)
+        for p in self.procs:
+            if p.poll() is None:  # unkillable (e.g. in uninterruptible sleep): say so
+                log.error("local node process %d did not exit", p.pid)
         self.procs = []
         self.tmp.cleanup()
 
 
-def _reap(proc: subprocess.Popen) -> None:
-    for sig, wait in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-        if sig is not None and proc.poll() is None:
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, then SIGCONT so that a stopped (frozen) child handles it now."""
+    for p in procs:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGTERM)
+            _signal_group(p, signal.SIGCONT)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a live (not yet reaped) child's process group, whose id is the child's pid."""
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own group (see _child_setup)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if p.poll() is not None:
             continue
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass

@@ -9,12 +9,20 @@ disk) -> /connect (open the downstream link) -> the upstream peer connects and
 proves the token -> frames until STOP -> back to idle. Any failure on either
 link drops the run's state (caches, connections) and the node waits for the
 next starter; it never needs a restart.
+
+What ends a run early, and is logged with its reason: the previous node closing
+its link, a bad frame (any header field off, an unknown sample, a frame that
+does not fit the run's state), a compute error, the next node closing its link
+or not taking a frame within the timeout, /stop, or a new /init. The node keeps
+serving either way.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +32,22 @@ import torch
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..model import GPT, GPTConfig, KVCache
-from .auth import AuthError, answer, challenge
+from .auth import AuthError, answer, bounded, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
 
 
 class InitError(ValueError):
     """A configuration the node refuses; its state does not change."""
+
+
+class DownstreamError(ConnectionError):
+    """The link to the next node failed (closed, reset, or not draining in time)."""
 
 
 @dataclass
@@ -63,7 +76,10 @@ class Run:
     generators: list[torch.Generator] = field(default_factory=list)
     sampling: SamplingConfig | None = None
     downstream: asyncio.StreamWriter | None = None
-    upstream_task: asyncio.Task | None = None
+    upstream_task: asyncio.Task | None = None    # serves the previous node's frames
+    watch_task: asyncio.Task | None = None       # notices the next node closing its link
+    prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
+    stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
 
     @property
@@ -90,6 +106,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
             raise InitError(f"groups[{i}]: groups must be contiguous, non-empty sample ranges")
         expect = g[1]
     n_samples = expect
+    if n_samples > MAX_SAMPLES:
+        raise InitError(f"groups: {n_samples} samples, at most {MAX_SAMPLES} per run")
     limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
                     DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups))
     return config, limits
@@ -101,7 +119,7 @@ class NodeRuntime:
         self.spec = spec
         self.token = token
         self.timeout = timeout
-        self.bind_host = "0.0.0.0" if bind_any else spec.addr
+        self.bind_host = ("::" if ":" in spec.addr else "0.0.0.0") if bind_any else spec.addr
         self.chunk = load_chunk_info(chunk_dir) if chunk_dir else None
         self.chunk_dir = Path(chunk_dir) if chunk_dir else None
         self.run: Run | None = None
@@ -137,20 +155,25 @@ class NodeRuntime:
                 "stats": run.stats.to_dict() if run else None,
                 "last_run": self.last_stats, "runs_completed": self.runs_completed,
                 "rss_bytes": proc.memory_info().rss, "threads": threading.active_count(),
-                "open_fds": proc.num_fds(), "torch_threads": torch.get_num_threads()}
+                "os_threads": proc.num_threads(), "open_fds": proc.num_fds(),
+                "torch_threads": torch.get_num_threads()}
 
     async def drop_run(self, reason: str) -> None:
         """Forget the current run: close its links, free its caches."""
         run, self.run = self.run, None
         if run is None:
             return
+        run.stopping = True
         log.info("dropping run %d: %s", run.req.run_id, reason)
         self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
         if run.downstream is not None:
             run.downstream.close()
-        task = run.upstream_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        for task in (run.upstream_task, run.watch_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        # Free the weights and caches now, not when the last reference goes: a
+        # compute still running on the worker thread holds its own references.
+        run.stage, run.caches, run.generators = None, [], []
 
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
@@ -160,7 +183,7 @@ class NodeRuntime:
             torch.empty(0, device=device)
         except (RuntimeError, ValueError) as e:
             raise InitError(f"device: {device!r} is not usable here: {e}") from None
-        run = Run(req, config, limits)
+        run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"))
         if req.weights == "local":
             if self.chunk is None or self.chunk_dir is None:
                 raise InitError("weights: 'local' asked, but this node was started without --chunk")
@@ -169,8 +192,12 @@ class NodeRuntime:
                 raise InitError(f"weights: this node's chunk holds layers {self.chunk['start']}.."
                                 f"{self.chunk['stop']} of another model or split")
             loop = asyncio.get_running_loop()
-            stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
-                                               config, req.start, req.stop, device, DTYPES[req.dtype])
+            try:
+                stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
+                                                   config, req.start, req.stop, device,
+                                                   DTYPES[req.dtype])
+            except CheckpointError as e:
+                raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
             self._arm(run, stage)
         await self.drop_run("a new run was configured")
         self.run = run
@@ -193,16 +220,41 @@ class NodeRuntime:
         return {"state": self.state}
 
     def _arm(self, run: Run, stage: GPT) -> None:
-        run.stage = stage
+        """Give the run its stage and caches, all or nothing (InitError leaves it as it was)."""
         req = run.req
-        for gi, (a, b) in enumerate(req.groups):
-            run.caches.append(stage.new_cache(b - a))
-            for row, s in enumerate(range(a, b)):
-                run.group_of[s] = (gi, row)
-        run.positions = [0] * run.limits.n_samples
+        n = run.limits.n_samples
+        try:
+            caches = [stage.new_cache(b - a) for a, b in req.groups]
+        except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
+            raise InitError(f"groups: cannot allocate the KV caches of {n} samples: {e}") from None
+        sampling, generators = None, []
         if req.sampling is not None:
-            run.sampling = SamplingConfig(req.sampling.temperature, req.sampling.top_k, req.sampling.seed)
-            run.generators = [sample_generator(req.sampling.seed, s) for s in range(run.limits.n_samples)]
+            try:
+                sampling = SamplingConfig(req.sampling.temperature, req.sampling.top_k,
+                                          req.sampling.seed)
+            except ValueError as e:
+                raise InitError(f"sampling: {e}") from None
+            generators = [sample_generator(req.sampling.seed, s) for s in range(n)]
+        run.group_of = {s: (gi, row) for gi, (a, b) in enumerate(req.groups)
+                        for row, s in enumerate(range(a, b))}
+        run.positions = [0] * n
+        run.caches, run.sampling, run.generators = caches, sampling, generators
+        run.stage = stage
+
+    async def _resolve(self, host: str, where: str) -> frozenset:
+        """The IP addresses of host (a literal, or a name looked up once at /init)."""
+        ip = _ip(host)
+        if ip is not None:
+            return frozenset({ip})
+        try:
+            infos = await bounded(asyncio.get_running_loop().getaddrinfo(
+                host, None, type=socket.SOCK_STREAM), self.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise InitError(f"{where}: cannot resolve {host!r}: {e or type(e).__name__}") from None
+        ips = frozenset(ip for ip in (_ip(info[4][0]) for info in infos) if ip is not None)
+        if not ips:
+            raise InitError(f"{where}: {host!r} has no IP address")
+        return ips
 
     def _current(self, run_id: int) -> Run:
         if self.run is None or self.run.req.run_id != run_id:
@@ -215,19 +267,27 @@ class NodeRuntime:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await bounded(
                 asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
             await answer(reader, writer, self.token, run_id, self.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
             raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: "
                                   f"{e or type(e).__name__}") from None
+        if self.run is not run:  # dropped or replaced while we connected
+            writer.close()
+            raise InitError(f"run_id: run {run_id} ended while connecting to the next node")
         if run.downstream is not None:
             run.downstream.close()
+        if run.watch_task is not None:
+            run.watch_task.cancel()
         run.downstream = writer
+        run.watch_task = asyncio.create_task(self._watch_downstream(run, reader))
         return {"state": self.state}
 
-    async def stop(self) -> dict:
-        await self.drop_run("stopped by the starter")
+    async def stop(self, run_id: int | None = None) -> dict:
+        """Drop the current run (only if it is run_id, when given)."""
+        if run_id is None or (self.run is not None and self.run.req.run_id == run_id):
+            await self.drop_run("stopped by the starter")
         return {"state": self.state}
 
     # ---- data plane --------------------------------------------------------
@@ -237,28 +297,38 @@ class NodeRuntime:
 
     async def _on_upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        host = peer[0] if peer else "?"
+        run = self.run
         try:
-            run = self.run
             if run is None or run.stage is None or run.downstream is None:
                 raise AuthError("no run is ready on this node")
-            if peer and peer[0] != run.req.prev_addr and not _same_host(peer[0], run.req.prev_addr):
-                raise AuthError(f"connection from {peer[0]}, the previous node is {run.req.prev_addr}")
+            if not _peer_allowed(host, run.prev_ips):
+                raise AuthError(f"connection from {host}, the previous node is {run.req.prev_addr}")
             if run.upstream_task is not None:
                 raise AuthError("this run already has an upstream connection")
-            await challenge(reader, writer, self.token, run.req.run_id, self.timeout)
-        except (AuthError, WireError, EOFError, asyncio.TimeoutError, OSError) as e:
-            log.warning("refused data connection from %s: %s", peer, e or type(e).__name__)
+            await bounded(challenge(reader, writer, self.token, run.req.run_id, self.timeout),
+                          self.timeout)
+            if self.run is not run or run.upstream_task is not None:
+                raise AuthError("the run changed during the handshake")
+        except asyncio.CancelledError:
+            writer.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a stranger sends, refuse and go on
+            log.warning("refused data connection from %s: %s", _fmt_peer(peer), _reason(e))
             writer.close()
             return
         run.upstream_task = asyncio.current_task()
+        log.info("run %d: previous node connected from %s", run.req.run_id, _fmt_peer(peer))
         try:
             await self._serve_frames(run, reader)
         except asyncio.CancelledError:
-            pass
-        except (WireError, EOFError, OSError, ValueError) as e:
-            log.warning("run %d: upstream link from %s failed: %s", run.req.run_id, peer, e)
+            pass  # drop_run cancelled us: the run is already gone
+        except Exception as e:  # noqa: BLE001 - no frame may kill the task silently
+            reason = _link_failure(e)
+            log.warning("run %d: %s", run.req.run_id, reason,
+                        exc_info=not isinstance(e, (WireError, EOFError, OSError)))
             if self.run is run:
-                await self.drop_run(f"upstream failed: {e}")
+                await self.drop_run(reason)
         finally:
             writer.close()
 
@@ -268,9 +338,11 @@ class NodeRuntime:
             frame = await read_frame(reader, run.limits)
             run.stats.frames_in += 1
             if frame.kind == Kind.STOP:
+                run.stopping = True  # the next node may close its end once it has the STOP
                 await self._send(run, Frame(Kind.STOP, run.req.run_id))
                 self.runs_completed += 1
-                await self.drop_run("run complete")
+                if self.run is run:
+                    await self.drop_run("run complete")
                 return
             if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
@@ -279,8 +351,15 @@ class NodeRuntime:
                 await self._send(run, out)
 
     async def _send(self, run: Run, frame: Frame) -> None:
-        assert run.downstream is not None
-        n = await write_frame(run.downstream, frame)
+        nxt = run.req.next
+        if run.downstream is None:
+            raise DownstreamError(f"no link to the next node at {nxt.addr}:{nxt.port}")
+        try:
+            n = await bounded(write_frame(run.downstream, frame), self.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            what = f"took no frame for {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
+                else f"failed: {e or type(e).__name__}"
+            raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} {what}") from None
         run.stats.frames_out += 1
         run.stats.bytes_out += n
         if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT):
@@ -289,13 +368,27 @@ class NodeRuntime:
         elif frame.kind == Kind.PREFILL:
             run.stats.prefill_bytes_out += n
 
+    async def _watch_downstream(self, run: Run, reader: asyncio.StreamReader) -> None:
+        """The next node never sends on our outgoing link: data or EOF there means it is gone."""
+        nxt = run.req.next
+        try:
+            data = await reader.read(1)
+            reason = (f"the next node at {nxt.addr}:{nxt.port} sent unexpected data" if data
+                      else f"the next node at {nxt.addr}:{nxt.port} closed the link")
+        except OSError as e:
+            reason = f"the link to the next node at {nxt.addr}:{nxt.port} failed: {e}"
+        if self.run is run and not run.stopping:
+            log.warning("run %d: %s", run.req.run_id, reason)
+            await self.drop_run(reason)
+
     @torch.inference_mode()
     def _compute(self, run: Run, frame: Frame) -> Frame | None:
         """Run this node's stage on one frame (worker thread)."""
         stage = run.stage
-        assert stage is not None and frame.tensor is not None
+        if stage is None or frame.tensor is None:
+            raise RuntimeError("the run was dropped before this frame was computed")
         p = next(stage.parameters())
-        x = frame.tensor.to(p.device)
+        x = frame.tensor.to(p.device, copy=True)  # aligned memory, as in single-device runs
         if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
             out = stage(x)
             if not run.is_finisher:
@@ -337,13 +430,53 @@ class NodeRuntime:
         await self.drop_run("node shutting down")
         if self.data_server is not None:
             self.data_server.close()
-            await self.data_server.wait_closed()
+            try:  # Python >= 3.12 waits for open connections here; bound it
+                await bounded(self.data_server.wait_closed(), self.timeout)
+            except asyncio.TimeoutError:
+                log.warning("data connections still open at shutdown")
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _same_host(a: str, b: str) -> bool:
-    loop = {"127.0.0.1", "::1", "localhost", "::ffff:127.0.0.1"}
-    return a in loop and b in loop
+def _ip(addr: str):
+    """An address as an ipaddress object (IPv4-mapped IPv6 unmapped), or None for a name."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip
+
+
+def _peer_allowed(host: str, allowed: frozenset) -> bool:
+    """Is a connection from host the configured previous node? Loopback counts as one host."""
+    ip = _ip(host)
+    if ip is None:
+        return False
+    return ip in allowed or (ip.is_loopback and any(a.is_loopback for a in allowed))
+
+
+def _fmt_peer(peer) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, (WireError, AuthError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _link_failure(e: BaseException) -> str:
+    """Why a run's upstream task ended, in words for the log and the starter."""
+    if isinstance(e, EOFError):
+        return "the previous node closed the link"
+    if isinstance(e, DownstreamError):
+        return str(e)
+    if isinstance(e, WireError):
+        return f"bad frame from the previous node: {e}"
+    if isinstance(e, OSError):
+        return f"the link from the previous node failed: {_reason(e)}"
+    return f"cannot process a frame: {_reason(e)}"
 
 
 def stage_from_bytes(body: bytes, config: GPTConfig, start: int, stop: int, device: str,

@@ -1,4 +1,11 @@
-"""Run a node process: control plane (uvicorn) and data plane in one asyncio loop."""
+"""Run a node process: control plane (uvicorn) and data plane in one asyncio loop.
+
+Both listeners bind the node's own address from the nodes file (all interfaces
+only with --bind-any) and set SO_REUSEADDR (asyncio's default on POSIX), so a
+node restarted on the same ports binds at once. On /shutdown, SIGTERM or
+SIGINT, uvicorn stops taking requests, open requests get a few seconds, the
+current run is dropped and the data listener closed.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,12 +17,20 @@ from .control import create_app
 from .node import NodeRuntime
 
 log = logging.getLogger(__name__)
+GRACEFUL_SHUTDOWN_S = 3      # open control requests get this long on shutdown
+MAX_CONNECTIONS = 64         # concurrent control connections (more get 503)
 
 
 async def serve_node(rt: NodeRuntime) -> None:
-    await rt.start_data_server()
+    try:
+        await rt.start_data_server()
+    except OSError as e:
+        raise OSError(f"{rt.spec.name} cannot listen for data on {rt.bind_host}:{rt.spec.port_in}: "
+                      f"{e.strerror or e}") from None
     config = uvicorn.Config(None, host=rt.bind_host, port=rt.spec.port, log_level="warning",
-                            lifespan="off", access_log=False)
+                            lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            limit_concurrency=MAX_CONNECTIONS)
     server = uvicorn.Server(config)
 
     def request_exit() -> None:

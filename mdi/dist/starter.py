@@ -6,6 +6,12 @@ awaited; afterwards, each TOKENS frame that comes back lets the starter advance
 that group by one step and send it again, while the other groups are being
 computed further down the ring. With G groups and N nodes, G >= N keeps every
 node busy.
+
+Faults: every wait on the ring is bounded by RunOptions.timeout (seconds of
+silence). When a node dies, freezes or drops the run, the starter names it
+(health checks with a short timeout, then the nodes' own reasons), raises
+NodeFailure carrying the tokens produced so far, and tells the nodes that
+still answer to drop the run, so the ring is idle again for the next starter.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..model import GPT
 from ..results import GenerationResult
-from .auth import AuthError, answer, challenge
+from .auth import AuthError, answer, bounded, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .split import shard_bytes
@@ -37,12 +43,16 @@ EXIT_NODE_FAILURE = 3
 
 
 class NodeFailure(RuntimeError):
-    """A node stopped answering; carries the tokens produced so far."""
+    """A node stopped answering; carries the tokens produced so far and, when
+    known, the node that failed."""
     exit_code = EXIT_NODE_FAILURE
 
-    def __init__(self, message: str, partial: GenerationResult | None = None) -> None:
+    def __init__(self, message: str, partial: GenerationResult | None = None,
+                 node: NodeSpec | None = None, silent: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.partial = partial
+        self.node = node
+        self.silent = silent  # names of nodes that did not answer a health check
 
 
 @dataclass
@@ -116,9 +126,13 @@ class Starter:
                                      headers={"Authorization": f"Bearer {self.token}"}) as http:
             healths = [await self._await_health(http, n) for n in ring[1:]]
             inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
-            server = await asyncio.start_server(
-                lambda r, w: self._accept_finisher(r, w, run_id, inbound),
-                ring[0].addr, ring[0].port_in)
+            try:
+                server = await asyncio.start_server(
+                    lambda r, w: self._accept_finisher(r, w, run_id, inbound),
+                    ring[0].addr, ring[0].port_in)
+            except OSError as e:
+                raise OSError(f"the starter cannot listen for the finisher on {ring[0].addr}:"
+                              f"{ring[0].port_in}: {e.strerror or e}") from None
             links: list[asyncio.StreamWriter] = []
             try:
                 await self._configure(http, run_id, config, shards, groups, sampling, healths)
@@ -130,6 +144,11 @@ class Starter:
                 links.append(back)
                 return await self._pipeline(stage, prompts, n_tokens, sampling, groups, limits,
                                             writer, reader, http)
+            except Exception as e:
+                for w in links:
+                    w.close()
+                await self._release(http, run_id, getattr(e, "silent", ()))
+                raise
             finally:
                 for w in links:
                     w.close()
@@ -146,8 +165,10 @@ class Starter:
 
     # ---- configuration ----------------------------------------------------
     async def _await_health(self, http: httpx.AsyncClient, spec: NodeSpec) -> dict:
+        """Health-check a node, retrying with backoff (0.2 s, doubling, at most 2 s)."""
         delay, last = 0.2, None
-        for attempt in range(self.opts.connect_retries):
+        tries = max(1, self.opts.connect_retries)
+        for attempt in range(1, tries + 1):
             try:
                 r = await http.get(spec.url + "/health", timeout=min(self.opts.timeout, 5.0))
                 if r.status_code == 200:
@@ -155,16 +176,20 @@ class Starter:
                 last = f"HTTP {r.status_code}"
             except httpx.HTTPError as e:
                 last = str(e) or type(e).__name__
+            if attempt == tries:
+                break
+            log.info("%s is not up yet (%s); retrying in %.1f s", spec.describe(), last, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        raise NodeFailure(f"{spec.describe()} did not come up after {self.opts.connect_retries} "
-                          f"tries: {last}")
+        raise NodeFailure(f"{spec.describe()} did not come up after {tries} tries: {last}",
+                          node=spec)
 
     async def _post(self, http: httpx.AsyncClient, spec: NodeSpec, path: str, body: dict) -> dict:
         try:
             r = await http.post(spec.url + path, json=body)
         except httpx.HTTPError as e:
-            raise NodeFailure(f"{spec.describe()} did not answer {path}: {e or type(e).__name__}")
+            raise NodeFailure(f"{spec.describe()} did not answer {path}: {e or type(e).__name__}",
+                              node=spec) from None
         return _check(r, spec, path)
 
     async def _configure(self, http, run_id, config, shards, groups, sampling, healths) -> None:
@@ -189,19 +214,21 @@ class Starter:
                                        timeout=max(self.opts.timeout, 60.0),
                                        headers={"content-type": "application/octet-stream"})
                 except httpx.HTTPError as e:
-                    raise NodeFailure(f"{spec.describe()} did not take its weights: {e}") from None
+                    raise NodeFailure(f"{spec.describe()} did not take its weights: "
+                                      f"{e or type(e).__name__}", node=spec) from None
                 _check(r, spec, "/weights")
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
                      "from its local chunk" if local else "uploaded")
 
     async def _open_first(self, spec: NodeSpec, run_id: int):
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await bounded(
                 asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
             await answer(reader, writer, self.token, run_id, self.opts.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
             raise NodeFailure(f"cannot open the data link to {spec.name} at "
-                              f"{spec.addr}:{spec.port_in}: {e or type(e).__name__}") from None
+                              f"{spec.addr}:{spec.port_in}: {e or type(e).__name__}",
+                              node=spec) from None
         return reader, writer
 
     async def _accept_finisher(self, reader, writer, run_id: int, inbound: asyncio.Queue) -> None:
@@ -215,15 +242,20 @@ class Starter:
 
     async def _wait(self, aw, spec: NodeSpec, what: str):
         try:
-            return await asyncio.wait_for(aw, self.opts.timeout)
+            return await bounded(aw, self.opts.timeout)
         except asyncio.TimeoutError:
-            raise NodeFailure(f"{spec.describe()} timed out {what}") from None
+            raise NodeFailure(f"{spec.describe()} timed out {what}", node=spec) from None
 
     # ---- generation --------------------------------------------------------
     async def _pipeline(self, stage: GPT, prompts, n_tokens, sampling, groups, limits,
                         writer, reader, http) -> GenerationResult:
         config = stage.config
         run_id = limits.run_id
+        first = self.nodes.ring[1]
+
+        async def send(frame: Frame) -> int:
+            return await self._write(writer, frame, first)
+
         states = [SampleState.from_prompt(p) for p in prompts]
         caches = [stage.new_cache(len(g)) for g in groups]
         hop = HopStats("starter", self.nodes.ring[1].name)
@@ -244,12 +276,11 @@ class Starter:
                         idx = torch.tensor([p.prefill], device=self.opts.device)
                         pos = torch.arange(len(p.prefill), device=self.opts.device)[None]
                         h = stage(idx, pos, caches[gi].rows(row, row + 1))
-                        hop.prefill_bytes += await write_frame(writer, Frame(Kind.PREFILL, run_id, s, 0, h))
+                        hop.prefill_bytes += await send(Frame(Kind.PREFILL, run_id, s, 0, h))
                 idx = torch.tensor([[p.token] for p in plans], device=self.opts.device)
                 pos = torch.tensor([[p.position] for p in plans], device=self.opts.device)
                 h = stage(idx, pos, caches[gi])
-            hop.decode_bytes += await write_frame(
-                writer, Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
+            hop.decode_bytes += await send(Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
             hop.decode_tokens += len(g)
             in_flight.append(gi)
 
@@ -259,7 +290,7 @@ class Starter:
             context = states[s].tokens[states[s].window:]
             with torch.inference_mode():
                 h = stage(torch.tensor([context], device=self.opts.device))
-            hop.decode_bytes += await write_frame(writer, Frame(Kind.CONTEXT, run_id, s, 0, h))
+            hop.decode_bytes += await send(Frame(Kind.CONTEXT, run_id, s, 0, h))
             hop.decode_tokens += 1
             in_flight.append(gi)
 
@@ -288,37 +319,89 @@ class Starter:
                 if steps[gi] < n_tokens:
                     await send_step(gi)
             elapsed = time.perf_counter() - t0
-            await write_frame(writer, Frame(Kind.STOP, run_id))
+            await send(Frame(Kind.STOP, run_id))
             stop = await self._next_frame(reader, limits)
             if stop.kind != Kind.STOP:
                 raise WireError(f"expected STOP back from the finisher, got {stop.kind.name}")
         except (NodeFailure, WireError, EOFError, OSError) as e:
             elapsed = time.perf_counter() - t0
             partial = self._result(config, states, min(steps) if steps else 0, elapsed, times, [hop])
-            culprit = await self._diagnose(http)
-            raise NodeFailure(f"{culprit}: {e}" if culprit else str(e), partial) from None
+            node, culprit, silent = await self._diagnose(http, run_id)
+            if node is None and isinstance(e, NodeFailure):
+                node = e.node
+            raise NodeFailure(f"{culprit}: {e}" if culprit else str(e), partial, node,
+                              silent) from None
         hops = [hop] + await self._collect_hops(http, run_id)
         return self._result(config, states, n_tokens, elapsed, times, hops)
 
     async def _next_frame(self, reader, limits) -> Frame:
         try:
-            return await asyncio.wait_for(read_frame(reader, limits), self.opts.timeout)
+            return await bounded(read_frame(reader, limits), self.opts.timeout)
         except asyncio.TimeoutError:
             raise NodeFailure(f"no answer from the ring for {self.opts.timeout:g} s") from None
         except EOFError:
             raise NodeFailure("the finisher closed its link to the starter") from None
 
-    async def _diagnose(self, http: httpx.AsyncClient) -> str | None:
-        """Find the first node that does not answer its health check."""
-        for spec in self.nodes.secondaries:
+    async def _write(self, writer: asyncio.StreamWriter, frame: Frame, spec: NodeSpec) -> int:
+        """Send a frame to the first secondary; a peer that takes nothing for `timeout` is gone."""
+        try:
+            return await bounded(write_frame(writer, frame), self.opts.timeout)
+        except asyncio.TimeoutError:
+            raise NodeFailure(f"{spec.name} at {spec.addr}:{spec.port_in} took no data for "
+                              f"{self.opts.timeout:g} s", node=spec) from None
+        except OSError as e:
+            raise NodeFailure(f"the data link to {spec.name} at {spec.addr}:{spec.port_in} failed: "
+                              f"{e or type(e).__name__}", node=spec) from None
+
+    def _probe_timeout(self) -> float:
+        return max(0.5, min(self.opts.timeout, 2.0))
+
+    async def _diagnose(self, http: httpx.AsyncClient, run_id: int
+                        ) -> tuple[NodeSpec | None, str | None, tuple[str, ...]]:
+        """Name the node behind a failure: first one that does not answer its health
+        check within a short timeout (dead or frozen), else the ones that dropped the
+        run, with their reasons. Also returns the names of all silent nodes."""
+        specs = self.nodes.secondaries
+        timeout = self._probe_timeout()
+
+        async def alive(spec: NodeSpec) -> bool:
             try:
-                r = await http.get(spec.url + "/health", timeout=2.0)
-                if r.status_code == 200:
-                    continue
+                r = await http.get(spec.url + "/health", timeout=timeout)
+                return r.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        answers = await asyncio.gather(*(alive(s) for s in specs))
+        silent = tuple(spec.name for spec, ok in zip(specs, answers) if not ok)
+        for spec, ok in zip(specs, answers):
+            if not ok:
+                return spec, f"{spec.describe()} (data port {spec.port_in}) stopped answering", silent
+        dropped = []
+        for spec in specs:
+            try:
+                r = await http.get(spec.url + "/status", timeout=timeout)
+                last = (r.json().get("last_run") or {}) if r.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            if last.get("run_id") == run_id and last.get("reason") not in (None, "run complete"):
+                dropped.append((spec, f"{spec.describe()} dropped the run ({last['reason']})"))
+        if dropped:
+            return dropped[0][0], "; ".join(text for _, text in dropped), silent
+        return None, None, silent
+
+    async def _release(self, http: httpx.AsyncClient, run_id: int, skip: tuple[str, ...] = ()
+                       ) -> None:
+        """After a failure: ask every node that answers to drop this run (best effort;
+        nodes in `skip` did not answer a health check just now)."""
+        timeout = self._probe_timeout()
+
+        async def stop(spec: NodeSpec) -> None:
+            try:
+                await http.post(spec.url + "/stop", json={"run_id": run_id}, timeout=timeout)
             except httpx.HTTPError:
                 pass
-            return f"{spec.describe()} (data port {spec.port_in}) stopped answering"
-        return None
+
+        await asyncio.gather(*(stop(s) for s in self.nodes.secondaries if s.name not in skip))
 
     async def _collect_hops(self, http: httpx.AsyncClient, run_id: int) -> list[HopStats]:
         ring = self.nodes.ring
