@@ -31,6 +31,7 @@ async def _aiter(chunks, size=7):
     for c in chunks:
         for i in range(0, len(c), size):  # odd chunk sizes: tensors straddle chunks
             yield c[i:i + size]
+            yield b""  # as Starlette's request.stream() does at the end
 
 
 def parse(data: bytes, want):
@@ -76,7 +77,7 @@ def test_rejections_name_the_problem(ckpt):
         parse(good[:-3], want)
     with pytest.raises(WeightsStreamError, match="trailing"):
         parse(good + b"x", want)
-    with pytest.raises(WeightsStreamError, match="header length"):
+    with pytest.raises(WeightsStreamError, match="not a valid safetensors stream: header length"):
         parse(struct.pack("<Q", 1 << 40) + b"{}", want)
     with pytest.raises(WeightsStreamError, match="not JSON"):
         parse(struct.pack("<Q", 4) + b"\x80abc", want)

@@ -67,7 +67,8 @@ def parse_header(raw: bytes) -> dict[str, Entry]:
             raise SafetensorsFormatError(f"tensor {name!r}: entry is not an object")
         dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
         if dtype not in ST_DTYPES:
-            raise SafetensorsFormatError(f"tensor {name!r}: dtype {dtype!r} is not F32, F16 or BF16")
+            raise SafetensorsFormatError(f"tensor {name!r}: dtype {dtype!r}, expected floating point "
+                                         "(F32, F16 or BF16)")
         if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise SafetensorsFormatError(f"tensor {name!r}: bad shape {shape!r}")

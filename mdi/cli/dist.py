@@ -95,8 +95,10 @@ def _print_hops(result: GenerationResult) -> None:
 def cmd_starter(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     _check_timeout(args.timeout)
-    token = resolve_token(args.token, args.token_file)
-    return _generate(args, load_nodes_config(args.nodes_config), token)
+    nodes = load_nodes_config(args.nodes_config)
+    # a starter alone talks to nobody: no token needed
+    token = resolve_token(args.token, args.token_file) if nodes.secondaries else ""
+    return _generate(args, nodes, token)
 
 
 def cmd_split(args: argparse.Namespace) -> int:

@@ -136,10 +136,8 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
         if int(declared) > limit:
             raise InitError(f"weights: {declared} bytes exceed the {limit} bytes "
                             "this layer range can need")
-        body = await request.body()
-        if len(body) > limit:
-            raise InitError(f"weights: body of {len(body)} bytes exceeds {limit}")
-        return await rt.load_weights(run_id, body)
+        # parsed as it arrives: the header is checked before any tensor byte is read
+        return await rt.load_weights(run_id, request.stream())
 
     @app.post("/connect", dependencies=[Depends(authorized)])
     async def connect(ref: RunRef) -> dict:

@@ -26,6 +26,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 import torch
 
@@ -35,6 +36,7 @@ from ..model import GPT, GPTConfig, KVCache
 from .auth import AuthError, answer, bounded, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
+from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -205,13 +207,20 @@ class NodeRuntime:
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
         return {"state": self.state}
 
-    async def load_weights(self, run_id: int, body: bytes) -> dict:
+    async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
+        """Take the run's weights: a safetensors stream, parsed as it arrives."""
         run = self._current(run_id)
         if run.stage is not None:
             raise InitError("weights: already loaded for this run")
-        loop = asyncio.get_running_loop()
         req = run.req
-        stage = await loop.run_in_executor(self.executor, stage_from_bytes, body, run.config,
+        chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
+        try:
+            tensors = await read_stream(chunks, expected_shapes(run.config, req.start, req.stop),
+                                        f"layers [{req.start}, {req.stop})")
+        except WeightsStreamError as e:
+            raise InitError(f"weights: {e}") from None
+        loop = asyncio.get_running_loop()
+        stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors, run.config,
                                            req.start, req.stop, req.device or self.spec.device,
                                            DTYPES[req.dtype])
         if self.run is not run:
@@ -339,6 +348,9 @@ class NodeRuntime:
             run.stats.frames_in += 1
             if frame.kind == Kind.STOP:
                 run.stopping = True  # the next node may close its end once it has the STOP
+                # statistics first: once STOP is out, the starter may ask for them
+                self.last_stats = {"run_id": run.req.run_id, "reason": "run complete",
+                                   **run.stats.to_dict()}
                 await self._send(run, Frame(Kind.STOP, run.req.run_id))
                 self.runs_completed += 1
                 if self.run is run:
@@ -479,20 +491,13 @@ def _link_failure(e: BaseException) -> str:
     return f"cannot process a frame: {_reason(e)}"
 
 
-def stage_from_bytes(body: bytes, config: GPTConfig, start: int, stop: int, device: str,
-                     dtype: torch.dtype) -> GPT:
-    """Parse a safetensors stream (no pickle) into a stage, checking names and shapes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
+async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield bytes(body)
 
-    try:
-        tensors = st_load(body)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise InitError(f"weights: not a valid safetensors stream: {e}") from None
-    want = set(expected_shapes(config, start, stop))
-    extra = sorted(set(tensors) - want)
-    if extra:
-        raise InitError(f"weights: tensor(s) not part of layers [{start}, {stop}): {', '.join(extra[:5])}")
+
+def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, start: int, stop: int,
+                       device: str, dtype: torch.dtype) -> GPT:
+    """Build a stage from a checked stream's tensors (names and shapes already match)."""
     try:
         return build_stage(config, start, stop, tensors.get, device=device, dtype=dtype,
                            where="weights")

@@ -20,13 +20,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import httpx
 import torch
 
 from ..checkpoint import load_stage, read_info
-from ..generate.local import LocalGenerator
+from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..model import GPT
@@ -34,7 +34,7 @@ from ..results import GenerationResult
 from .auth import AuthError, answer, bounded, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
-from .split import shard_bytes
+from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,10 @@ class Starter:
                 server.close()
 
     def _run_single(self, stage, prompts, n_tokens, sampling, groups) -> GenerationResult:
-        gen = LocalGenerator(stage, prompts, sampling, len(groups))
-        t0, times = time.perf_counter(), []
-        for step in gen.generate(n_tokens):
-            times.append(time.perf_counter() - t0)
-            if self.on_step:
-                self.on_step(step.index)
-        return self._result(stage.config, gen.states, n_tokens, time.perf_counter() - t0, times, [])
+        """One node: the ring is the starter alone, which is `mdi sample`."""
+        result = generate_timed(stage, prompts, n_tokens, sampling, len(groups), self.on_step)
+        result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
+        return result
 
     # ---- configuration ----------------------------------------------------
     async def _await_health(self, http: httpx.AsyncClient, spec: NodeSpec) -> dict:
@@ -208,11 +205,12 @@ class Starter:
                     "weights": "local" if local else "upload"}
             await self._post(http, spec, "/init", body)
             if not local:
-                data = shard_bytes(self.ckpt, shard)
+                total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time
                 try:
-                    r = await http.put(f"{spec.url}/weights/{run_id}", content=data,
+                    r = await http.put(f"{spec.url}/weights/{run_id}", content=_aiter(chunks),
                                        timeout=max(self.opts.timeout, 60.0),
-                                       headers={"content-type": "application/octet-stream"})
+                                       headers={"content-type": "application/octet-stream",
+                                                "content-length": str(total)})
                 except httpx.HTTPError as e:
                     raise NodeFailure(f"{spec.describe()} did not take its weights: "
                                       f"{e or type(e).__name__}", node=spec) from None
@@ -430,6 +428,11 @@ class Starter:
             n_layers=config.n_layer, block_size=config.block_size,
             mode="distributed" if n_nodes > 1 else "single", n_nodes=n_nodes,
             extra={"bytes_per_hop_per_token": round(bpt, 3), "hops": [h.to_dict() for h in hops]})
+
+
+async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 def _check(r: httpx.Response, spec: NodeSpec, path: str) -> dict:

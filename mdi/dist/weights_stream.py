@@ -92,36 +92,37 @@ class _Reader:
             done += take
 
     async def at_end(self) -> bool:
-        if self.pos < len(self.buf):
-            return False
-        try:
-            await self._more()
-        except WeightsStreamError:
-            return True
+        while self.pos == len(self.buf):  # empty chunks (Starlette ends with one) say nothing
+            try:
+                await self._more()
+            except WeightsStreamError:
+                return True
         return False
 
 
-async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]]
-                      ) -> dict[str, torch.Tensor]:
+async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]],
+                      what: str = "this stage") -> dict[str, torch.Tensor]:
     """Parse a safetensors stream holding exactly the tensors `want` (name -> shape)."""
     r = _Reader(chunks)
     try:
         entries = st_io.parse_header(await r.readexactly(st_io.header_length(await r.readexactly(8))))
     except st_io.SafetensorsFormatError as e:
-        raise WeightsStreamError(str(e)) from None
-    missing, extra = sorted(set(want) - set(entries)), sorted(set(entries) - set(want))
-    if missing:
-        raise WeightsStreamError(f"missing tensor(s): {', '.join(missing[:5])}")
+        raise WeightsStreamError(f"not a valid safetensors stream: {e}") from None
+    extra = sorted(set(entries) - set(want))
     if extra:
-        raise WeightsStreamError(f"tensor(s) not part of this stage: {', '.join(extra[:5])}")
+        raise WeightsStreamError(f"tensor(s) not part of {what}: {', '.join(extra[:5])}")
+    missing = [n for n in want if n not in entries]
+    if missing:
+        raise WeightsStreamError(f"missing tensor {missing[0]!r}"
+                                 + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     for e in entries.values():
         if e.shape != tuple(want[e.name]):
-            raise WeightsStreamError(f"tensor {e.name!r} has shape {list(e.shape)}, the config needs "
-                                     f"{list(want[e.name])}")
+            raise WeightsStreamError(f"tensor {e.name!r} has shape {e.shape}, the config needs "
+                                     f"{tuple(want[e.name])}")
     try:
         ordered = st_io.in_order(entries)
     except st_io.SafetensorsFormatError as e:
-        raise WeightsStreamError(str(e)) from None
+        raise WeightsStreamError(f"not a valid safetensors stream: {e}") from None
     out: dict[str, torch.Tensor] = {}
     for e in ordered:
         t = torch.empty(e.shape, dtype=e.dtype)
