@@ -81,3 +81,14 @@ def test_rejections_name_the_problem(ckpt):
         parse(struct.pack("<Q", 1 << 40) + b"{}", want)
     with pytest.raises(WeightsStreamError, match="not JSON"):
         parse(struct.pack("<Q", 4) + b"\x80abc", want)
+
+
+def test_stream_in_small_pieces_is_the_same(ckpt, monkeypatch):
+    import mdi.dist.weights_stream as ws
+
+    shard = Shard(2, 4, 4)
+    whole = b"".join(shard_stream(ckpt, shard)[1])
+    monkeypatch.setattr(ws, "CHUNK", 5)
+    total, chunks = shard_stream(ckpt, shard)
+    pieces = list(chunks)
+    assert max(len(p) for p in pieces[1:]) == 5 and b"".join(pieces) == whole and len(whole) == total

@@ -115,13 +115,5 @@ def read_tensor(f: BinaryIO, entry: Entry, data_start: int) -> torch.Tensor:
     return t
 
 
-def read_raw(f: BinaryIO, entry: Entry, data_start: int) -> bytes:
-    f.seek(data_start + entry.begin)
-    data = f.read(entry.end - entry.begin)
-    if len(data) != entry.end - entry.begin:
-        raise SafetensorsFormatError(f"file ends inside tensor {entry.name!r}")
-    return data
-
-
 def open_file(path: str | Path) -> BinaryIO:
     return open(path, "rb")

@@ -23,6 +23,9 @@ from .partition import Shard
 from .split import stage_sources
 
 
+CHUNK = 4 << 20  # bytes per piece of an upload
+
+
 class WeightsStreamError(ValueError):
     """A weights stream that does not match the announced stage."""
 
@@ -51,8 +54,16 @@ def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
         yield struct.pack("<Q", len(head)) + head
         with st_io.open_file(path) as f:
             _, data_start = st_io.read_header(f)
-            for _, src in order:  # one tensor in memory at a time
-                yield st_io.read_raw(f, entries[src], data_start)
+            for _, src in order:  # a few MB in memory at a time, even for the embedding
+                e = entries[src]
+                f.seek(data_start + e.begin)
+                left = e.end - e.begin
+                while left:
+                    piece = f.read(min(left, CHUNK))
+                    if not piece:
+                        raise CheckpointError(f"{path} ends inside tensor {src!r}")
+                    left -= len(piece)
+                    yield piece
 
     return total, chunks()
 
