@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
-                                 n_groups=args.micro_batches),
+                                 n_groups=args.micro_batches, resend_context=args.resend_context),
                       on_step=lambda i: bar.update(1))
     try:
         result = starter.run(ids, args.n_tokens, sampling)
@@ -137,6 +137,9 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="groups of samples in flight (default min(n_samples, n_nodes))")
+    p.add_argument("--resend-context", action="store_true",
+                   help="no KV cache: send the whole context every step, as the original system "
+                        "did (for comparisons)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
