@@ -31,7 +31,7 @@ from mdi.dist.auth import answer, challenge
 from mdi.dist.local_cluster import free_ports
 from mdi.dist.nodes_config import NodesConfig, NodeSpec, local_nodes_config
 from mdi.dist.partition import Shard
-from mdi.dist.split import shard_bytes
+from mdi.dist.weights_stream import shard_bytes
 from mdi.dist.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer

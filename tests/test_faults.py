@@ -272,7 +272,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     from mdi.dist.messages import InitRequest
     from mdi.dist.node import NodeRuntime
     from mdi.dist.partition import Shard
-    from mdi.dist.split import shard_bytes
+    from mdi.dist.weights_stream import shard_bytes
     from mdi.dist.auth import challenge
     from mdi.dist.wire import Frame, Kind, read_frame
 
@@ -339,7 +339,7 @@ def test_next_node_closing_its_link_drops_the_run(ckpt, caplog):
     from mdi.dist.messages import InitRequest
     from mdi.dist.node import NodeRuntime
     from mdi.dist.partition import Shard
-    from mdi.dist.split import shard_bytes
+    from mdi.dist.weights_stream import shard_bytes
 
     cfg = local_nodes_config(2, free_ports(4))
     config = read_info(ckpt).config

@@ -209,20 +209,27 @@ PRE_HANDSHAKE = {  # what a stranger sends instead of the AUTH frame -> logged r
 }
 
 
+async def send_and_wait_log(node, run_id: int, data: bytes, reason: str, name: str,
+                            handshake: bool = True) -> str:
+    """Send raw bytes on the node's data port; the node must close the link and log
+    `reason`. Returns the log line."""
+    mark = node.log_mark()
+    reader, writer = await open_data(node.spec, run_id, handshake=handshake)
+    writer.write(data)
+    writer.write_eof()
+    await writer.drain()
+    assert await closed_by_peer(reader), name
+    writer.close()
+    return node.wait_log(reason, since=mark)
+
+
 def test_garbage_instead_of_a_handshake_is_refused(ring):
     fin = ring.fin
 
     async def scenario():
         async with fake_upstream(ring, run_id=83):
             for name, (data, reason) in PRE_HANDSHAKE.items():
-                mark = fin.log_mark()
-                reader, writer = await open_data(fin.spec, 83, handshake=False)
-                writer.write(data)
-                writer.write_eof()
-                await writer.drain()
-                assert await closed_by_peer(reader), name
-                writer.close()
-                line = fin.wait_log(reason, since=mark)
+                line = await send_and_wait_log(fin, 83, data, reason, name, handshake=False)
                 assert "refused data connection from 127.0.0.1" in line, (name, line)
                 assert status(fin.spec)["state"] == "ready", name
             # ... and the previous node gets in afterwards.
@@ -267,14 +274,7 @@ def test_bad_frames_are_refused_and_the_node_keeps_serving(ring):
 
     async def one(name: str, data: bytes, reason: str) -> None:
         async with fake_upstream(ring, run_id=RUN):
-            mark = fin.log_mark()
-            reader, writer = await open_data(fin.spec, RUN)
-            writer.write(data)
-            writer.write_eof()
-            await writer.drain()
-            assert await closed_by_peer(reader), name
-            writer.close()
-            line = fin.wait_log(reason, since=mark)
+            line = await send_and_wait_log(fin, RUN, data, reason, name)
             assert f"run {RUN}: bad frame from the previous node" in line, (name, line)
             wait_state(fin.spec, "idle", 5.0)  # the run is dropped, the node is not
 

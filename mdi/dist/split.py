@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save, save_file
+from safetensors.torch import save_file
 
 from ..checkpoint import st_io
 from ..checkpoint.format import (EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes,
@@ -48,11 +48,6 @@ def stage_sources(entries, config: GPTConfig, shard: Shard, where) -> list[tuple
             raise CheckpointError(f"{where}: missing tensor {name!r}")
         out.append((name, src))
     return out
-
-
-def shard_bytes(ckpt: str | Path, shard: Shard) -> bytes:
-    """One stage's weights as a safetensors stream (what the starter uploads)."""
-    return st_save(shard_tensors(ckpt, shard))
 
 
 def write_chunks(ckpt: str | Path, n_nodes: int, out_dir: str | Path,

@@ -68,6 +68,11 @@ def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
     return total, chunks()
 
 
+def shard_bytes(ckpt: str | Path, shard: Shard) -> bytes:
+    """A stage's whole stream at once (for tests and small models)."""
+    return b"".join(shard_stream(ckpt, shard)[1])
+
+
 class _Reader:
     """readexactly/readinto over an async iterator of byte chunks."""
 
