@@ -27,12 +27,12 @@ import httpx
 import torch
 
 from mdi.checkpoint.format import save_checkpoint
-from mdi.dist.auth import answer, challenge
-from mdi.dist.local_cluster import free_ports
-from mdi.dist.nodes_config import NodesConfig, NodeSpec, local_nodes_config
-from mdi.dist.partition import Shard
-from mdi.dist.weights_stream import shard_bytes
-from mdi.dist.wire import HEADER_SIZE, Frame, Kind, parse_header
+from mdi.ring.auth import answer, challenge
+from mdi.ring.local_cluster import free_ports
+from mdi.ring.nodes_config import NodesConfig, NodeSpec, local_nodes_config
+from mdi.ring.partition import Shard
+from mdi.ring.weights_stream import shard_bytes
+from mdi.ring.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 
@@ -306,7 +306,7 @@ def raw_frame(kind: int = Kind.DECODE, run_id: int = 1, *, magic: bytes = b"MDI\
               version: int = 1, dtype: int = 1, shape: tuple[int, ...] = (1, 1, 32), sample: int = 0,
               position: int = 0, length: int | None = None, payload: bytes | None = None) -> bytes:
     """A frame with any header field set by hand (float32 payload of the shape by default)."""
-    from mdi.dist.wire import HEADER
+    from mdi.ring.wire import HEADER
 
     n = 1
     for d in shape:
@@ -321,7 +321,7 @@ def raw_frame(kind: int = Kind.DECODE, run_id: int = 1, *, magic: bytes = b"MDI\
 
 def read_raw_frame(sock: socket.socket) -> Frame:
     """Blocking read of one frame without run limits (handshake frames)."""
-    from mdi.dist.wire import build_frame, check_header
+    from mdi.ring.wire import build_frame, check_header
 
     head = _recv_exact(sock, HEADER_SIZE)
     h = parse_header(head)

@@ -22,9 +22,9 @@ import torch
 from cluster_helpers import (TOKEN, build_tiny_ckpt, child_env, error_lines, find_nodes_file,
                              health, mdi_cmd, port_released, run_cli, start_ring, status, wait_gone,
                              wait_state, write_nodes_file)
-from mdi.dist.local_cluster import free_ports
-from mdi.dist.nodes_config import load_nodes_config, local_nodes_config
-from mdi.dist.starter import EXIT_NODE_FAILURE, RunOptions, Starter
+from mdi.ring.local_cluster import free_ports
+from mdi.ring.nodes_config import load_nodes_config, local_nodes_config
+from mdi.ring.starter import EXIT_NODE_FAILURE, RunOptions, Starter
 from mdi.generate.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
@@ -269,12 +269,12 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     closes the link, drops the run, and takes the next one."""
     from cluster_helpers import closed_by_peer, open_data
     from mdi.checkpoint import read_info
-    from mdi.dist.messages import InitRequest
-    from mdi.dist.node import NodeRuntime
-    from mdi.dist.partition import Shard
-    from mdi.dist.weights_stream import shard_bytes
-    from mdi.dist.auth import challenge
-    from mdi.dist.wire import Frame, Kind, read_frame
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+    from mdi.ring.partition import Shard
+    from mdi.ring.weights_stream import shard_bytes
+    from mdi.ring.auth import challenge
+    from mdi.ring.wire import Frame, Kind, read_frame
 
     ports = free_ports(4)
     cfg = local_nodes_config(2, ports)
@@ -325,7 +325,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
             server.close()
             await rt.close()
 
-    with caplog.at_level(logging.WARNING, logger="mdi.dist.node"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.node"):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert any("cannot process a frame" in r.getMessage() and type(exc).__name__ in r.getMessage()
                for r in caplog.records), caplog.text
@@ -335,11 +335,11 @@ def test_next_node_closing_its_link_drops_the_run(ckpt, caplog):
     """The finisher's downstream is the starter: when it goes away, the run is dropped
     even though no frame is being written."""
     from mdi.checkpoint import read_info
-    from mdi.dist.auth import challenge
-    from mdi.dist.messages import InitRequest
-    from mdi.dist.node import NodeRuntime
-    from mdi.dist.partition import Shard
-    from mdi.dist.weights_stream import shard_bytes
+    from mdi.ring.auth import challenge
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+    from mdi.ring.partition import Shard
+    from mdi.ring.weights_stream import shard_bytes
 
     cfg = local_nodes_config(2, free_ports(4))
     config = read_info(ckpt).config

@@ -24,9 +24,9 @@ import pytest
 from cluster_helpers import (TOKEN, auth, build_tiny_ckpt, child_env, closed_by_peer,
                              error_lines, fake_upstream, open_data, raw_frame, raw_http,
                              read_raw_frame, run_cli, start_ring, status, wait_state)
-from mdi.dist.auth import AuthError, check_bearer, resolve_token
-from mdi.dist.starter import RunOptions, Starter
-from mdi.dist.wire import HEADER, HEADER_SIZE, Frame, Kind
+from mdi.ring.auth import AuthError, check_bearer, resolve_token
+from mdi.ring.starter import RunOptions, Starter
+from mdi.ring.wire import HEADER, HEADER_SIZE, Frame, Kind
 from mdi.generate.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
@@ -143,7 +143,7 @@ def test_token_sources_and_a_wrong_token(ring, tmp_path):
 
 
 def test_bearer_tokens_are_compared_in_constant_time(monkeypatch):
-    import mdi.dist.auth as auth_mod
+    import mdi.ring.auth as auth_mod
 
     calls = []
     real = auth_mod.hmac.compare_digest
@@ -378,7 +378,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
             errors.append(e)
 
     t = threading.Thread(target=run)
-    caplog.set_level(logging.WARNING, logger="mdi.dist.starter")
+    caplog.set_level(logging.WARNING, logger="mdi.ring.starter")
     t.start()
     try:
         wait_state(fin, "running", 30.0)
@@ -407,7 +407,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
 def test_nodes_bind_the_configured_address_not_all_interfaces(ring):
     import psutil
 
-    from mdi.dist.node import NodeRuntime
+    from mdi.ring.node import NodeRuntime
 
     for n in ring.procs:
         listening = {c.laddr.port: c.laddr.ip for c in psutil.Process(n.pid).net_connections("tcp")

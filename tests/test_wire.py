@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdi.dist.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_PAYLOAD,
+from mdi.ring.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_PAYLOAD,
                            TORCH_DTYPES, VERSION, DType, Frame, Kind, Limits, WireError,
                            decode_frame, encode_frame, read_frame, write_frame)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..generate.schedule import SampleState, accept, plan_step
 from ..plots import plt, _finish, plot_tokens_time
-from ..dist.wire import HEADER_SIZE
+from ..ring.wire import HEADER_SIZE
 
 CSV_FIELDS = ["timestamp", "config", "mode", "n_nodes", "n_samples", "n_layer", "n_embd",
               "block_size", "params", "n_tokens", "isolate", "hosts", "link_rate", "run",

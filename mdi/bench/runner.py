@@ -23,8 +23,8 @@ import psutil
 from tqdm import tqdm
 
 from ..checkpoint import read_info
-from ..dist.auth import ENV_VAR
-from ..dist.local_cluster import LocalCluster, _child_setup
+from ..ring.auth import ENV_VAR
+from ..ring.local_cluster import LocalCluster, _child_setup
 from .models import random_checkpoint
 from .netns import NetnsHosts
 

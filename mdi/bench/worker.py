@@ -10,9 +10,9 @@ import sys
 import torch
 
 from ..checkpoint import load_model, read_info
-from ..dist.auth import resolve_token
-from ..dist.nodes_config import load_nodes_config
-from ..dist.starter import RunOptions, Starter
+from ..ring.auth import resolve_token
+from ..ring.nodes_config import load_nodes_config
+from ..ring.starter import RunOptions, Starter
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 

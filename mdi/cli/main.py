@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, convert, dist, workflow
+from . import bench, convert, ring, workflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     workflow.register(sub)
     convert.register(sub)
-    dist.register(sub)
+    ring.register(sub)
     bench.register(sub)
     return p
 

@@ -9,9 +9,9 @@ import sys
 from tqdm import tqdm
 
 from ..checkpoint import read_info
-from ..dist.auth import resolve_token
-from ..dist.nodes_config import load_nodes_config
-from ..dist.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
+from ..ring.auth import resolve_token
+from ..ring.nodes_config import load_nodes_config
+from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
@@ -27,8 +27,8 @@ def _token_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from ..dist.node import NodeRuntime
-    from ..dist.serve import run_node
+    from ..ring.node import NodeRuntime
+    from ..ring.serve import run_node
 
     set_threads(args.threads)
     _check_timeout(args.timeout)
@@ -102,7 +102,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from ..dist.split import write_chunks
+    from ..ring.split import write_chunks
 
     for path in write_chunks(args.ckpt, args.nodes, args.out):
         print(path)
@@ -110,7 +110,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..dist.local_cluster import LocalCluster, default_threads
+    from ..ring.local_cluster import LocalCluster, default_threads
 
     read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)

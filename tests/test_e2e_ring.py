@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from mdi.checkpoint import save_checkpoint
-from mdi.dist.partition import even_split
-from mdi.dist.wire import HEADER_SIZE
+from mdi.ring.partition import even_split
+from mdi.ring.wire import HEADER_SIZE
 from mdi.generate.schedule import make_groups
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer

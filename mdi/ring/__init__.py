@@ -1,0 +1,1 @@
+"""The ring: partition, nodes file, wire format, auth, node runtime, control plane, starter."""
