@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ..generate.sampling import SamplingConfig
+from ..model.dtypes import DTYPES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
 from ..tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(ValueError):

@@ -5,8 +5,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)

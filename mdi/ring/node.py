@@ -33,6 +33,7 @@ import torch
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..model import GPT, GPTConfig, KVCache
+from ..model.dtypes import DTYPES
 from .auth import AuthError, answer, bounded, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
@@ -40,7 +41,6 @@ from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
 
 

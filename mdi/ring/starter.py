@@ -30,6 +30,7 @@ from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..model import GPT
+from ..model.dtypes import DTYPES
 from ..results import GenerationResult
 from .auth import AuthError, answer, bounded, challenge
 from .nodes_config import NodeSpec, NodesConfig
@@ -38,7 +39,6 @@ from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EXIT_NODE_FAILURE = 3
 
 
