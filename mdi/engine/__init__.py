@@ -1,0 +1,1 @@
+"""The engine: sequences scheduled over the pipeline's lanes (see api.py)."""
