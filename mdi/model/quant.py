@@ -1,0 +1,188 @@
+"""int8 weights with per-output-channel scales, applied to a stage in place.
+
+Storage: every `nn.Linear` weight (out, in) becomes int8 `q` and a float32
+`scale` (out,) with `w ≈ q * scale[:, None]` (symmetric, round to nearest,
+q in [-127, 127]); every `nn.Embedding` table (vocab, C) likewise, one scale
+per row. Weights take 1 byte instead of 4 (plus 4 bytes per row for the scale).
+
+Compute on CPU (`torch._int_mm`, int8 x int8 -> int32): each input row is
+quantized to int8 on the fly with its own scale (amax / 127), multiplied with
+the int8 weight in exact integer arithmetic, and rescaled by row scale x
+channel scale. Measured on this project's 2-core AVX-512 machine, a GPT-2-small
+block's four projections cost ~0.3 ms at one row against ~2.4 ms in fp32
+(the weight read dominates decode; int8 reads 4x fewer bytes), and stay 2-3x
+faster at 16-64 rows (VNNI). The alternatives measured: dequantize-per-call
+(`x @ (q.float() * scale).t()`, 6x slower than fp32 at one row: it writes a
+fresh fp32 weight every call), `torch._weight_int8pack_mm` (fp32 activations:
+>10x slower than fp32; bf16 activations: faster but erratic at one row) and
+`torch.ao` dynamic quantization (fbgemm; as fast, but one activation scale per
+*tensor*, so a row's numbers depend on its step-mates, and the API is
+deprecated). Per-row activation scales plus exact integer accumulation make
+`Int8Linear` batch-invariant by construction: a row's output does not depend
+on the other rows, so no per-row loop is needed for `--batch-invariant`.
+Other devices dequantize per call (weight-only): correct, not tuned.
+
+Tied head: the embedding and the head are the same matrix. Both are quantized
+from the same fp32 tensor with the same rule (one scale per vocabulary row), so
+a stage holding only the embedding (first node) and a stage holding only the
+head (last node) use identical int8 values; on a stage holding both, the
+quantized tensors are shared, not duplicated.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QUANT_MODES = ("int8",)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (N, in) float @ dequant(q, scale).T -> (N, out) float32, on CPU.
+
+    Per-row dynamic activation scale; integer accumulation is exact, so row n's
+    result depends on row n alone.
+    """
+    x = x.float()
+    xs = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (N, 1)
+    xq = torch.round(x / xs).to(torch.int8)  # |x / xs| <= 127: no clamp needed
+    acc = torch._int_mm(xq, q.t())  # (N, out) int32; q.t() as a view is the fast layout
+    return acc.float() * (xs * scale)
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 (out, in) with a float32 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear,
+                    quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int8Linear":
+        """Quantize `layer`; `quantized` = (q, scale) already made from the same weight (ties)."""
+        out = cls(layer.in_features, layer.out_features, layer.bias is not None,
+                  device=layer.weight.device)
+        q, scale = quantized if quantized is not None else quantize_rows(layer.weight)
+        out.weight, out.scale = q, scale  # buffers: assignment re-registers them (shared if tied)
+        if layer.bias is not None:
+            out.bias = layer.bias.detach().clone()
+        return out
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        if x.device.type == "cpu":
+            y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
+        else:
+            y = x2 @ self.dequantized(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """An Embedding whose table is int8 (num, dim) with a float32 scale per row."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.out_dtype = dtype  # an embedding has no input to take the dtype from
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding,
+                       quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int8Embedding":
+        out = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype, emb.weight.device)
+        q, scale = quantized if quantized is not None else quantize_rows(emb.weight)
+        out.weight, out.scale = q, scale
+        return out
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.weight).float() * self.scale[idx].unsqueeze(-1)
+        return rows.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) or name.endswith("." + pat) or name == pat
+               for pat in skip)
+
+
+@torch.no_grad()
+def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bool = True
+                     ) -> nn.Module:
+    """Replace, in place, every nn.Linear (and nn.Embedding if `embeddings`) by its
+    int8 counterpart; returns `module`.
+
+    skip: module names (as in named_modules) or fnmatch patterns to leave in float.
+    Modules that share one weight tensor (a tied embedding and head) share one
+    quantized tensor afterwards.
+    """
+    skip = tuple(skip)
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(fp weight) -> (q, scale)
+    targets = [(name, m) for name, m in module.named_modules()
+               if (isinstance(m, nn.Linear) or (embeddings and isinstance(m, nn.Embedding)))
+               and not _skipped(name, skip)]
+    for name, m in targets:
+        key = id(m.weight)
+        if key not in done:
+            done[key] = quantize_rows(m.weight)
+        new = (Int8Linear.from_linear(m, done[key]) if isinstance(m, nn.Linear)
+               else Int8Embedding.from_embedding(m, done[key]))
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, new)
+    return module
+
+
+def quantize(module: nn.Module, mode: str | None) -> nn.Module:
+    """Apply a `--quantize` mode by name (None: unchanged)."""
+    if mode is None or mode == "none":
+        return module
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    return quantize_linears(module)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers, shared tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
