@@ -12,12 +12,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.report import write_csv, write_plots, write_summary
     from ..bench.runner import Bench, BenchConfig
 
+    if args.vs_transformers:
+        return cmd_vs_transformers(args)
     try:
         nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--nodes must be a comma-separated list of counts, got {args.nodes!r}") from None
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
-                      n_samples=args.n_samples, n_tokens=args.n_tokens, runs=args.runs, out=args.out,
+                      n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
                       isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,
                       resend_context=args.resend_context, seed=args.seed)
     try:
@@ -37,6 +39,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma-separated list of counts, got {text!r}") from None
+
+
+def cmd_vs_transformers(args: argparse.Namespace) -> int:
+    from ..bench.vs_transformers import VsConfig, VsTransformers, write_report
+
+    cfg = VsConfig(ckpt=args.ckpt, model_size=args.model_size, seqs=_counts(args.seqs, "--seqs"),
+                   n_tokens=args.n_tokens or 24, runs=args.runs, threads=args.threads or 2,
+                   out=args.out)
+    bench = VsTransformers(cfg)
+    rows = bench.run()
+    out = Path(args.out)
+    files = write_report(rows, out, f"mdi vs transformers: {Path(bench.ckpt).name}")
+    (out / "bench.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    print((out / "summary.md").read_text())
+    for f in files:
+        print(f, file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark single-device and distributed generation")
     src = p.add_mutually_exclusive_group(required=True)
@@ -45,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "gpt2-medium")
     p.add_argument("--nodes", default="1,2,3", help="comma-separated node counts; 1 is single-device")
     p.add_argument("--n-samples", type=int, default=3)
-    p.add_argument("--n-tokens", type=int, default=500)
+    p.add_argument("--n-tokens", type=int, default=None,
+                   help="new tokens per sample (default 500; 24 with --vs-transformers)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--isolate", action="store_true", help="pin each node to its own core(s)")
@@ -55,4 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resend-context", action="store_true",
                    help="also run the original system's no-cache mode for comparison")
     p.add_argument("--seed", type=int, default=1337)
+    v = p.add_argument_group("comparison with Hugging Face transformers (same weights, one process)")
+    v.add_argument("--vs-transformers", action="store_true",
+                   help="compare single-device mdi with transformers' generate, greedy")
+    v.add_argument("--seqs", default="1,4,16,64", help="concurrent sequences (default 1,4,16,64)")
+    v.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     p.set_defaults(func=cmd_bench)
