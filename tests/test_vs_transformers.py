@@ -35,7 +35,7 @@ def test_transformers_copy_gives_the_same_logits_and_tokens(make_model):
 
 def test_vs_transformers_report(tmp_path):
     cfg = VsConfig(model_size="tiny", seqs=[1, 3], n_tokens=4, runs=2, threads=1,
-                   out=str(tmp_path))
+                   out=str(tmp_path), variants=[])
     rows = VsTransformers(cfg).run()
     assert {(r["engine"], r["n_seqs"]) for r in rows} == {
         (e, n) for e in ("mdi", "transformers") for n in (1, 3)}
@@ -49,7 +49,8 @@ def test_vs_transformers_report(tmp_path):
 
 def test_cli_vs_transformers(tmp_path, capsys):
     rc = main(["bench", "--vs-transformers", "--model-size", "tiny", "--seqs", "1,2",
-               "--n-tokens", "3", "--runs", "1", "--threads", "1", "--out", str(tmp_path)])
+               "--n-tokens", "3", "--runs", "1", "--threads", "1", "--out", str(tmp_path),
+               "--mdi-variants", ""])
     assert rc == 0
     out = capsys.readouterr().out
     assert "mdi vs transformers" in out and "| 2 |" in out

@@ -44,8 +44,8 @@ class VsConfig:
     runs: int = 3
     threads: int = 2
     out: str = "bench-vs-transformers"
-    # Extra mdi variants, name -> keyword arguments of the mdi generation call.
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Extra mdi variants besides plain "mdi", by name (see VARIANTS).
+    variants: list[str] = field(default_factory=lambda: ["int8", "batch-invariant"])
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model_size is None):
@@ -55,6 +55,25 @@ class VsConfig:
         for name in ("n_tokens", "runs", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown mdi variant(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(VARIANTS)}")
+
+
+# Variant name -> how its model differs from plain mdi (fp32, batched decode).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int8": {"quantize": "int8"},
+    "batch-invariant": {"batch_invariant": True},
+}
+
+
+def prepare_model(model: GPT, quantize: str | None = None, batch_invariant: bool = False) -> GPT:
+    from ..model.quant import quantize as apply_quantization
+
+    apply_quantization(model, quantize)
+    model.batch_invariant = batch_invariant
+    return model
 
 
 def to_transformers(model: GPT) -> Any:
@@ -103,21 +122,18 @@ def hf_generate_timed(hf: Any, prompt: list[int], n_seqs: int, n_tokens: int
     return dt, out[:, len(prompt):].tolist()
 
 
-def mdi_generate_timed(model: GPT, prompt: list[int], n_seqs: int, n_tokens: int,
-                       **kwargs: Any) -> tuple[float, list[list[int]]]:
-    result = generate_timed(model, [prompt] * n_seqs, n_tokens, GREEDY, **kwargs)
+def mdi_generate_timed(model: GPT, prompt: list[int], n_seqs: int, n_tokens: int
+                       ) -> tuple[float, list[list[int]]]:
+    result = generate_timed(model, [prompt] * n_seqs, n_tokens, GREEDY)
     return result.gen_time_s, result.tokens
 
 
 class VsTransformers:
-    def __init__(self, cfg: VsConfig, prepare: Callable[[GPT, dict], GPT] | None = None) -> None:
-        """prepare(model, variant kwargs) -> model: how an mdi variant builds its model
-        (e.g. int8); kwargs it does not consume go to the generation call."""
+    def __init__(self, cfg: VsConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
-        self.prepare = prepare
 
     def run(self) -> list[dict]:
         cfg = self.cfg
@@ -127,11 +143,10 @@ class VsTransformers:
         prompt = info.tokenizer().encode("\n")
         engines: dict[str, Callable[[int], tuple[float, list[list[int]]]]] = {}
         engines["mdi"] = lambda n: mdi_generate_timed(base, prompt, n, cfg.n_tokens)
-        for name, kwargs in cfg.variants.items():
-            kwargs = dict(kwargs)
-            model = self.prepare(load_model(self.ckpt)[0].eval(), kwargs) if self.prepare else base
-            engines[name] = (lambda m, kw: lambda n: mdi_generate_timed(m, prompt, n, cfg.n_tokens,
-                                                                        **kw))(model, kwargs)
+        for name in cfg.variants:
+            model = prepare_model(load_model(self.ckpt)[0].eval(), **VARIANTS[name])
+            engines[f"mdi-{name}"] = (lambda m: lambda n: mdi_generate_timed(
+                m, prompt, n, cfg.n_tokens))(model)
         hf = to_transformers(base)
         engines["transformers"] = lambda n: hf_generate_timed(hf, prompt, n, cfg.n_tokens)
         # One untimed warm-up per engine (allocator, thread pool, lazy init).

@@ -51,7 +51,7 @@ def cmd_vs_transformers(args: argparse.Namespace) -> int:
 
     cfg = VsConfig(ckpt=args.ckpt, model_size=args.model_size, seqs=_counts(args.seqs, "--seqs"),
                    n_tokens=args.n_tokens or 24, runs=args.runs, threads=args.threads or 2,
-                   out=args.out)
+                   out=args.out, variants=[v for v in args.mdi_variants.split(",") if v.strip()])
     bench = VsTransformers(cfg)
     rows = bench.run()
     out = Path(args.out)
@@ -87,4 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compare single-device mdi with transformers' generate, greedy")
     v.add_argument("--seqs", default="1,4,16,64", help="concurrent sequences (default 1,4,16,64)")
     v.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    v.add_argument("--mdi-variants", default="int8,batch-invariant",
+                   help="mdi variants run beside plain mdi: int8, batch-invariant (comma-separated, "
+                        "may be empty)")
     p.set_defaults(func=cmd_bench)
