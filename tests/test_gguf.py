@@ -391,3 +391,19 @@ def test_smollm2_tokenizer_and_chat_prompt_equal_transformers(smollm2):
     for text in TEXTS:
         assert tok.encode(text).ids == ref(text)["input_ids"], text
     assert src.generation_config["eos_token_id"] == ref.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+def test_convert_cli_writes_an_hf_directory(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mdi.cli.main import main
+    out = tmp_path / "hf"
+    assert main(["convert", str(tiny), "--out", str(out)]) == 0
+    assert "Hugging Face directory" in capsys.readouterr().out
+    src = gguf_source(tiny)
+    written = load_file(out / "model.safetensors")
+    assert set(written) == set(src.shapes)
+    assert all(torch.equal(bits(written[n]), bits(src.read(n))) for n in written)
+    assert json.loads((out / "config.json").read_text()) == src.config
+    assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
+    assert "--force" in capsys.readouterr().err

