@@ -407,3 +407,50 @@ def test_convert_cli_writes_an_hf_directory(tiny, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text()) == src.config
     assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
     assert "--force" in capsys.readouterr().err
+
+
+# --- our decoder on GGUF weights vs transformers (needs mdi.checkpoint.sources, the HF mapping) ---
+
+def our_model(spec: str):
+    sources = pytest.importorskip("mdi.checkpoint.sources",
+                                  reason="the Hugging Face mapping onto our decoder is not merged yet")
+    model, ck = sources.load_model(spec)
+    return model.eval(), ck
+
+
+def greedy(logits_fn, ids: list[int], n: int, stop: int) -> list[int]:
+    """Uncached greedy decoding: the simplest reference, one full forward per token."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(logits_fn(torch.tensor([out]))[0, -1].argmax())
+            out.append(nxt)
+            if nxt == stop:
+                break
+    return out[len(ids):]
+
+
+def test_our_decoder_on_a_tiny_gguf_equals_transformers(tiny, transformers_tiny):
+    model, _ = our_model(str(tiny))
+    ref, _ = transformers_tiny
+    ids = torch.tensor([[5, 17, 200, 3, 99, 1, 42, 7, 300, 12]])
+    with torch.no_grad():
+        ours, want = model(ids), ref(ids).logits
+    assert ours.shape == want.shape
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy_answer_equal_transformers(smollm2):
+    _, ref, ref_tok = smollm2
+    model, ck = our_model("smollm2-135m-instruct")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=0)
+    eot = ref_tok.convert_tokens_to_ids("<|im_end|>")
+    ours = greedy(model, ids, 16, eot)
+    assert ours == greedy(lambda t: ref(t).logits, ids, 16, eot)
+    assert "Paris" in ref_tok.decode(ours)
