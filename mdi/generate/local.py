@@ -19,6 +19,7 @@ from ..model import GPT, KVCache
 from ..results import GenerationResult
 from .sampling import SamplingConfig, sample_generator, sample_rows
 from .schedule import SampleState, accept, make_groups, plan_step
+from .step import decode, prefill  # module globals: tests record the calls
 
 
 @dataclass
@@ -26,22 +27,6 @@ class Step:
     """The tokens produced in one step, one per sample (index = sample id)."""
     index: int
     tokens: list[int]
-
-
-def prefill(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
-    """Write one sample's tokens at positions 0..len-1 into cache row `row`."""
-    dev = cache.k[0].device
-    idx = torch.tensor([tokens], dtype=torch.long, device=dev)
-    pos = torch.arange(len(tokens), device=dev)[None]
-    model(idx, pos, cache.rows(row, row + 1), logits=False)
-
-
-def decode(model: GPT, cache: KVCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
-    """One token per row of the group; returns logits (B, vocab)."""
-    dev = cache.k[0].device
-    idx = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
-    pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
-    return model(idx, pos, cache)[:, -1]
 
 
 class LocalGenerator:

@@ -29,6 +29,7 @@ from ..checkpoint import load_stage, read_info
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
+from ..generate.step import decode, forward_context, prefill
 from ..model import GPT
 from ..model.dtypes import DTYPES
 from ..results import GenerationResult
@@ -271,13 +272,9 @@ class Starter:
                 plans = [plan_step(states[s], config.block_size) for s in g]
                 for row, (s, p) in enumerate(zip(g, plans)):
                     if p.prefill:
-                        idx = torch.tensor([p.prefill], device=self.opts.device)
-                        pos = torch.arange(len(p.prefill), device=self.opts.device)[None]
-                        h = stage(idx, pos, caches[gi].rows(row, row + 1))
+                        h = prefill(stage, caches[gi], row, p.prefill)
                         hop.prefill_bytes += await send(Frame(Kind.PREFILL, run_id, s, 0, h))
-                idx = torch.tensor([[p.token] for p in plans], device=self.opts.device)
-                pos = torch.tensor([[p.position] for p in plans], device=self.opts.device)
-                h = stage(idx, pos, caches[gi])
+                h = decode(stage, caches[gi], [p.token for p in plans], [p.position for p in plans])
             hop.decode_bytes += await send(Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
             hop.decode_tokens += len(g)
             in_flight.append(gi)
@@ -287,7 +284,7 @@ class Starter:
             plan_step(states[s], config.block_size)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
             with torch.inference_mode():
-                h = stage(torch.tensor([context], device=self.opts.device))
+                h = forward_context(stage, context)
             hop.decode_bytes += await send(Frame(Kind.CONTEXT, run_id, s, 0, h))
             hop.decode_tokens += 1
             in_flight.append(gi)
