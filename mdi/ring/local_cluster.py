@@ -79,7 +79,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+def child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    """A preexec_fn for a child of this process: its own process group (so it can be
+    signalled as a whole), SIGTERM when this thread dies, pinned to cpus if given."""
     parent = os.getpid()
 
     def setup() -> None:  # runs in the child between fork and exec
@@ -158,7 +160,7 @@ class LocalCluster:
             logf = (self.dir / f"node{i}.log").open("wb")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                                stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=_child_setup(
+                                               preexec_fn=child_setup(
                                                    self.affinity[i] if self.affinity else None)))
             logf.close()
         self._wait_ready()
@@ -238,7 +240,7 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signal a live (not yet reaped) child's process group, whose id is the child's pid."""
     try:
-        os.killpg(proc.pid, sig)  # the child leads its own group (see _child_setup)
+        os.killpg(proc.pid, sig)  # the child leads its own group (see child_setup)
     except (ProcessLookupError, PermissionError):
         if proc.poll() is None:
             try:

@@ -35,7 +35,8 @@ from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
-from .auth import AuthError, answer, bounded, challenge
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
 from .weights_stream import WeightsStreamError, read_stream
@@ -210,7 +211,7 @@ class NodeRuntime:
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is not None:
             raise InitError("weights: already loaded for this run")
         req = run.req
@@ -266,13 +267,14 @@ class NodeRuntime:
             raise InitError(f"{where}: {host!r} has no IP address")
         return ips
 
-    def _current(self, run_id: int) -> Run:
+    def current_run(self, run_id: int) -> Run:
+        """The configured run, if it is run_id (InitError otherwise)."""
         if self.run is None or self.run.req.run_id != run_id:
             raise InitError(f"run_id: {run_id} is not the configured run")
         return self.run
 
     async def connect(self, run_id: int) -> dict:
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is None:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next

@@ -33,7 +33,8 @@ from ..generate.step import decode, forward_context, prefill
 from ..model import GPT
 from ..model.dtypes import DTYPES
 from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
-from .auth import AuthError, answer, bounded, challenge
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .weights_stream import shard_stream
