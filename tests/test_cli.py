@@ -281,6 +281,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_console_script_error(workflow):
     exe = Path(sys.executable).with_name("mdi")
     assert exe.is_file()
@@ -292,6 +293,7 @@ def test_console_script_error(workflow):
     assert p.stderr.startswith("mdi sample: error: prompt 0: character(s) '€' not in")
 
 
+@pytest.mark.slow
 def test_module_entry_point_sample(workflow):
     p = subprocess.run([sys.executable, "-m", "mdi.cli.main", "sample", "--ckpt", str(workflow["ckpt"]),
                         "--n-samples", "2", "--n-tokens", "10", "--seed", "3", "--json",

@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
 from .auth import ENV_VAR, new_token
-from .nodes_config import NodesConfig, local_nodes_config
+from .nodes_config import NodesConfig, NodeSpec, local_nodes_config
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -95,6 +95,27 @@ def child_setup(cpus: list[int] | None) -> Callable[[], None]:
         if cpus:
             os.sched_setaffinity(0, cpus)
     return setup
+
+
+def wait_healthy(nodes: Sequence[tuple[NodeSpec, subprocess.Popen]], timeout: float,
+                 log_tail: Callable[[int], str], interval: float = 0.1) -> None:
+    """Wait until every node process answers /health. RuntimeError, with the tail of its
+    log (log_tail(i) for nodes[i]), when one exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    for i, (spec, proc) in enumerate(nodes):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"local {spec.name} exited with status {proc.returncode}:\n"
+                                   + log_tail(i))
+            try:
+                if httpx.get(spec.url + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"local {spec.describe()} did not start within "
+                                   f"{timeout:g} s:\n" + log_tail(i))
+            time.sleep(interval)
 
 
 def default_threads(n_nodes: int) -> int:
@@ -167,21 +188,8 @@ class LocalCluster:
 
     def _wait_ready(self) -> None:
         assert self.nodes is not None
-        deadline = time.monotonic() + self.startup_timeout
-        for i, (spec, proc) in enumerate(zip(self.nodes.secondaries, self.procs), start=1):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"local {spec.name} exited with status {proc.returncode}:\n"
-                                       + self.log_tail(i))
-                try:
-                    if httpx.get(spec.url + "/health", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"local {spec.describe()} did not start within "
-                                       f"{self.startup_timeout:g} s:\n" + self.log_tail(i))
-                time.sleep(0.1)
+        wait_healthy(list(zip(self.nodes.secondaries, self.procs)), self.startup_timeout,
+                     lambda i: self.log_tail(i + 1))
 
     def log_tail(self, i: int, lines: int = 20) -> str:
         p = self.dir / f"node{i}.log"
