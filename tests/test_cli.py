@@ -6,21 +6,18 @@ cost seconds on a shared core); two run the real console script."""
 from __future__ import annotations
 
 import csv
-import io
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
-from mdi.cli.main import main
+from cluster_helpers import run_cli
 from mdi.model import GPT, GPTConfig
 
 TRAIN_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -28,24 +25,6 @@ TRAIN_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size
               "--batch-size", "8", "--warmup-iters", "5"]
 TIME_RUN_HEADER = ["timestamp", "mode", "n_nodes", "n_samples", "n_layers", "block_size",
                    "n_tokens", "gen_time_s", "tokens_per_s"]
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """main(argv) with stdout/stderr captured; returns (exit code, stdout, stderr)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.handlers.clear()  # main's logging.basicConfig then binds the captured stderr
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                rc = main([str(a) for a in argv])
-            except SystemExit as e:  # argparse usage errors
-                rc = e.code
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def assert_clean_error(result: tuple[int, str, str], command: str, *needles: str) -> str:
