@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 
 from cluster_helpers import run_cli
 from mdi.model import GPT, GPTConfig
