@@ -10,6 +10,7 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointError, load_model, read_info
 from ..generate.local import generate_timed
 from ..model import GPTConfig
+from ..results import Texts
 from .common import (DTYPES, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
 
@@ -55,9 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
     with bar:
         result = generate_timed(model, ids, args.n_tokens, sampling, args.micro_batches or 1,
-                                on_step=lambda i: bar.update(1))
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
+                                on_step=lambda i: bar.update(1), texts=Texts(tok, prompts))
     emit(args, result)
     return 0
 
