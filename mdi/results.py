@@ -25,15 +25,31 @@ class HopStats:
     decode_bytes: int = 0
     decode_tokens: int = 0
     prefill_bytes: int = 0
+    # Time per frame at the hop's source node, summed over `frames` frames (s):
+    # waiting for input, the stage's compute, and the rest (the hop's overhead:
+    # copies, hand-offs, encoding, socket writes).
+    frames: int = 0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    other_s: float = 0.0
 
     @property
     def bytes_per_token(self) -> float:
         return self.decode_bytes / self.decode_tokens if self.decode_tokens else 0.0
 
+    def per_frame_us(self, seconds: float) -> float:
+        return round(seconds / self.frames * 1e6, 1) if self.frames else 0.0
+
+    @property
+    def overhead_us(self) -> float:
+        return self.per_frame_us(self.other_s)
+
     def to_dict(self) -> dict:
         return {"from": self.src, "to": self.dst, "decode_bytes": self.decode_bytes,
                 "decode_tokens": self.decode_tokens, "prefill_bytes": self.prefill_bytes,
-                "bytes_per_token": round(self.bytes_per_token, 3)}
+                "bytes_per_token": round(self.bytes_per_token, 3), "frames": self.frames,
+                "wait_us": self.per_frame_us(self.wait_s),
+                "compute_us": self.per_frame_us(self.compute_s), "overhead_us": self.overhead_us}
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,12 @@ class GenerationResult:
         act = [h for h in self.hops or [] if h.dst != "starter"]
         return round(sum(h.bytes_per_token for h in act) / len(act), 3) if act else 0.0
 
+    @property
+    def hop_overhead_us(self) -> float:
+        """Mean per-frame overhead (neither waiting nor compute) over the timed hops, in µs."""
+        timed = [h for h in self.hops or [] if h.frames]
+        return round(sum(h.overhead_us for h in timed) / len(timed), 1) if timed else 0.0
+
     def to_json(self) -> dict[str, Any]:
         out = {"samples": self.samples, "n_samples": self.n_samples, "n_tokens": self.n_tokens,
                "gen_time_s": round(self.gen_time_s, 6), "tokens_per_s": round(self.tokens_per_s, 3),
@@ -117,6 +139,7 @@ class GenerationResult:
                "n_nodes": self.n_nodes}
         if self.hops is not None:
             out["bytes_per_hop_per_token"] = self.bytes_per_hop_per_token
+            out["hop_overhead_us"] = self.hop_overhead_us
             out["hops"] = [h.to_dict() for h in self.hops]
         if self.failure is not None:
             out["error"] = self.failure.message

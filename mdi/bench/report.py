@@ -12,12 +12,14 @@ from ..ring.wire import HEADER_SIZE
 CSV_FIELDS = ["timestamp", "config", "mode", "n_nodes", "n_samples", "n_layer", "n_embd",
               "block_size", "params", "n_tokens", "isolate", "hosts", "link_rate", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
-              "tokens_total"]
+              "hop_overhead_us", "tokens_total"]
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    node_cols = sorted({k for r in rows for k in r if k.startswith(("peak_rss_mb_node", "cpu_s_node"))},
-                       key=lambda k: (k.startswith("cpu"), int(k.rsplit("node", 1)[1])))
+    prefixes = ("peak_rss_mb_node", "cpu_s_node", "hop_us_node")
+    node_cols = sorted({k for r in rows for k in r if k.startswith(prefixes)},
+                       key=lambda k: ([k.startswith(p) for p in prefixes].index(True),
+                                      int(k.rsplit("node", 1)[1])))
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS + node_cols, extrasaction="ignore")
         w.writeheader()
@@ -42,7 +44,8 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
     base = statistics.median(r["tokens_per_s"] for r in single) if single else None
     lines = [f"# {title}", "", "Medians over runs, (min–max) in brackets.", "",
              "| config | nodes | tokens/s | gen time (s) | first token (s) | bytes/hop/token "
-             "| peak RSS per node (MB) | vs single |", "|---|---|---|---|---|---|---|---|"]
+             "| hop overhead (µs/frame) | peak RSS per node (MB) | vs single |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         tps = [r["tokens_per_s"] for r in rs]
         rss = []
@@ -54,6 +57,7 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
                      f"{_stat([r['gen_time_s'] for r in rs])} | "
                      f"{_stat([r['first_token_s'] for r in rs])} | "
                      f"{statistics.median(r['bytes_per_hop_per_token'] for r in rs):.1f} | "
+                     f"{statistics.median(r.get('hop_overhead_us', 0.0) for r in rs):.0f} | "
                      f"{' / '.join(rss)} | {ratio} |")
     r0 = rows[0]
     lines += ["", f"Model: {r0['n_layer']} layers, n_embd {r0['n_embd']}, block_size "

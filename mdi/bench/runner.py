@@ -192,8 +192,11 @@ class Bench:
                "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
                "first_token_s": res["first_token_s"],
                "bytes_per_hop_per_token": res.get("bytes_per_hop_per_token", 0.0),
+               "hop_overhead_us": res.get("hop_overhead_us", 0.0),
                "tokens_total": res["tokens_total"], "step_times": res["step_times"]}
+        hops = res.get("hops") or []
         for i in range(self.max_nodes):
+            row[f"hop_us_node{i}"] = hops[i].get("overhead_us", "") if i < len(hops) else ""
             row[f"peak_rss_mb_node{i}"] = round(rss[i], 1) if i < len(rss) else ""
             row[f"cpu_s_node{i}"] = round(cpu[i], 3) if i < len(cpu) else ""
         return row

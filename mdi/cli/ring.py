@@ -78,7 +78,9 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
 def _print_hops(result: GenerationResult) -> None:
     for h in result.hops or []:
         print(f"  {h.src} -> {h.dst}: {round(h.bytes_per_token, 3):.1f} bytes/token after prefill, "
-              f"{h.prefill_bytes} bytes of prefill", file=sys.stderr)
+              f"{h.prefill_bytes} bytes of prefill; per frame: wait "
+              f"{h.per_frame_us(h.wait_s):.0f} us, compute {h.per_frame_us(h.compute_s):.0f} us, "
+              f"overhead {h.overhead_us:.0f} us", file=sys.stderr)
     if result.n_nodes > 1:
         print(f"  bytes per hop per token (activations): {result.bytes_per_hop_per_token:.1f}",
               file=sys.stderr)

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,10 @@ from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
-MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
+MAX_SAMPLES = 1 << 16
+# Decode steps whose running mean compute time is below this run on the event
+# loop itself (no executor hand-off, measured at 30-65 us per frame here).
+INLINE_BELOW_S = 0.005  # per run; each one costs a KV-cache row on every node
 
 
 class InitError(ValueError):
@@ -62,6 +66,21 @@ class Stats:
     decode_bytes_out: int = 0
     decode_tokens_out: int = 0
     prefill_bytes_out: int = 0
+    # Per-frame time split (seconds, summed over timed frames): waiting for the
+    # frame (read_frame: idle until the previous node sends, then header and
+    # payload), compute (the stage and sampling), and the rest: the hop's own
+    # overhead (payload copy, executor hand-off, encoding, the socket write).
+    frames_timed: int = 0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+    other_s: float = 0.0
+    frames_inline: int = 0  # computed on the event loop, without an executor hand-off
+
+    def time_frame(self, wait: float, compute: float, busy: float) -> None:
+        self.frames_timed += 1
+        self.wait_s += wait
+        self.compute_s += compute
+        self.other_s += max(0.0, busy - compute)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,6 +104,8 @@ class Run:
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
+    compute_s: float = 0.0               # the last frame's stage + sampling time
+    decode_ema_s: float | None = None    # running mean of decode compute (None: none yet)
 
     @property
     def is_finisher(self) -> bool:
@@ -347,7 +368,9 @@ class NodeRuntime:
     async def _serve_frames(self, run: Run, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            t0 = time.perf_counter()
             frame = await read_frame(reader, run.limits)
+            t1 = time.perf_counter()
             run.stats.frames_in += 1
             if frame.kind == Kind.STOP:
                 run.stopping = True  # the next node may close its end once it has the STOP
@@ -361,9 +384,19 @@ class NodeRuntime:
                 return
             if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
-            out = await loop.run_in_executor(self.executor, self._compute, run, frame)
+            # A short decode runs right here: handing it to the worker thread and
+            # back costs more than it computes, and blocks the loop for less than
+            # INLINE_BELOW_S. Prefills and long steps keep the loop free for
+            # health checks and /stop.
+            ema = run.decode_ema_s
+            if frame.kind == Kind.DECODE and ema is not None and ema < INLINE_BELOW_S:
+                out = self._compute(run, frame)
+                run.stats.frames_inline += 1
+            else:
+                out = await loop.run_in_executor(self.executor, self._compute, run, frame)
             if out is not None:
                 await self._send(run, out)
+            run.stats.time_frame(t1 - t0, run.compute_s, time.perf_counter() - t1)
 
     async def _send(self, run: Run, frame: Frame) -> None:
         nxt = run.req.next
@@ -396,24 +429,33 @@ class NodeRuntime:
             log.warning("run %d: %s", run.req.run_id, reason)
             await self.drop_run(reason)
 
-    @torch.inference_mode()
     def _compute(self, run: Run, frame: Frame) -> Frame | None:
-        """Run this node's stage on one frame (worker thread)."""
+        """Run this node's stage on one frame (worker thread or loop)."""
+        run.compute_s = 0.0
+        out = self._compute_frame(run, frame)
+        if frame.kind == Kind.DECODE:
+            ema = run.decode_ema_s
+            run.decode_ema_s = run.compute_s if ema is None else 0.8 * ema + 0.2 * run.compute_s
+        return out
+
+    @torch.inference_mode()
+    def _compute_frame(self, run: Run, frame: Frame) -> Frame | None:
         stage = run.stage
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
         device = next(stage.parameters()).device
         x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
         if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
-            out = forward_context(stage, x)
+            out = _timed(run, forward_context, stage, x)
             if not run.is_finisher:
                 return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
             assert run.sampling is not None
-            tok = sample_rows(out, run.sampling, run.generators[frame.sample:frame.sample + 1])
+            gens = run.generators[frame.sample:frame.sample + 1]
+            tok = _timed(run, sample_rows, out, run.sampling, gens)
             return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
         if frame.kind == Kind.PREFILL:
             gi, row = run.group_of[frame.sample]
-            h = prefill(stage, run.caches[gi], row, x)
+            h = _timed(run, prefill, stage, run.caches[gi], row, x)
             run.positions[frame.sample] = x.shape[1]
             if run.is_finisher:
                 return None
@@ -429,13 +471,13 @@ class NodeRuntime:
             raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
         if max(positions) >= run.config.block_size:
             raise WireError("DECODE past block_size without a prefill")
-        out = decode(stage, run.caches[gi], x, positions)
+        out = _timed(run, decode, stage, run.caches[gi], x, positions)
         for s in range(a, b):
             run.positions[s] += 1
         if not run.is_finisher:
             return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
         assert run.sampling is not None
-        tokens = sample_rows(out, run.sampling, run.generators[a:b])
+        tokens = _timed(run, sample_rows, out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
 
     async def close(self) -> None:
@@ -447,6 +489,15 @@ class NodeRuntime:
             except asyncio.TimeoutError:
                 log.warning("data connections still open at shutdown")
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _timed(run: Run, fn, *args):
+    """fn(*args), its time added to the frame's compute time."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        run.compute_s += time.perf_counter() - t0
 
 
 def _ip(addr: str):

@@ -248,6 +248,13 @@ class Starter:
         times: list[float] = []
         in_flight: list[int] = []
 
+        def timed(fn, *args):  # a stage call, its time counted as the hop's compute
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                hop.compute_s += time.perf_counter() - t
+
         async def send_step(gi: int) -> None:
             g = groups[gi]
             if self.opts.resend_context:
@@ -257,9 +264,10 @@ class Starter:
                 plans = [plan_step(states[s], config.block_size) for s in g]
                 for row, (s, p) in enumerate(zip(g, plans)):
                     if p.prefill:
-                        h = prefill(stage, caches[gi], row, p.prefill)
+                        h = timed(prefill, stage, caches[gi], row, p.prefill)
                         hop.prefill_bytes += await send(Frame(Kind.PREFILL, run_id, s, 0, h))
-                h = decode(stage, caches[gi], [p.token for p in plans], [p.position for p in plans])
+                h = timed(decode, stage, caches[gi], [p.token for p in plans],
+                          [p.position for p in plans])
             hop.decode_bytes += await send(Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
             hop.decode_tokens += len(g)
             in_flight.append(gi)
@@ -269,7 +277,7 @@ class Starter:
             plan_step(states[s], config.block_size)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
             with torch.inference_mode():
-                h = forward_context(stage, context)
+                h = timed(forward_context, stage, context)
             hop.decode_bytes += await send(Frame(Kind.CONTEXT, run_id, s, 0, h))
             hop.decode_tokens += 1
             in_flight.append(gi)
@@ -280,7 +288,11 @@ class Starter:
                 await send_step(gi)
             while in_flight:
                 gi = in_flight.pop(0)
+                t_wait = time.perf_counter()
                 frame = await self._next_frame(reader, limits)
+                t_busy = time.perf_counter()
+                compute_before = hop.compute_s
+                hop.wait_s += t_busy - t_wait
                 g = groups[gi]
                 if frame.kind != Kind.TOKENS or frame.sample != g.start or frame.tensor.shape[0] != len(g):
                     raise WireError(f"expected TOKENS for samples {g.start}..{g.stop - 1}, got "
@@ -298,6 +310,8 @@ class Starter:
                         self.on_step(step)
                 if steps[gi] < n_tokens:
                     await send_step(gi)
+                hop.frames += 1  # one frame back in, one step out: the starter's hop
+                hop.other_s += time.perf_counter() - t_busy - (hop.compute_s - compute_before)
             elapsed = time.perf_counter() - t0
             await send(Frame(Kind.STOP, run_id))
             stop = await self._next_frame(reader, limits)
@@ -400,7 +414,9 @@ class Starter:
                 log.warning("%s reported no statistics for this run", spec.describe())
                 last = {}
             hops.append(HopStats(spec.name, nxt.name, last.get("decode_bytes_out", 0),
-                                 last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0)))
+                                 last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0),
+                                 last.get("frames_timed", 0), last.get("wait_s", 0.0),
+                                 last.get("compute_s", 0.0), last.get("other_s", 0.0)))
         return hops
 
     def _result(self, config, states, n_tokens, elapsed, times, hops, texts,
