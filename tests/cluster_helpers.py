@@ -31,7 +31,7 @@ from mdi.ring.auth import answer, challenge
 from mdi.ring.local_cluster import free_ports
 from mdi.ring.nodes_config import NodesConfig, NodeSpec, local_nodes_config
 from mdi.ring.partition import Shard
-from mdi.ring.weights_stream import shard_bytes
+from mdi.checkpoint.stream import shard_bytes
 from mdi.ring.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..checkpoint import load_model, read_info
+from ..checkpoint import load_model, open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import RunOptions, Starter
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
-    tok = read_info(args.ckpt).tokenizer()
+    tok = open_checkpoint(args.ckpt).tokenizer()
     prompts = [tok.encode("\n")] * args.n_samples
     if args.nodes_config:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,

@@ -8,7 +8,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
@@ -48,7 +48,7 @@ def _check_timeout(timeout: float) -> None:
 
 def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     sampling = sampling_config(args)
-    info = read_info(args.ckpt)
+    info = open_checkpoint(args.ckpt)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
@@ -112,7 +112,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.local_cluster import LocalCluster, default_threads
 
-    read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)

@@ -25,17 +25,17 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import torch
 
-from ..checkpoint import load_stage, read_info
+from ..checkpoint import load_stage, open_checkpoint
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..model import GPT
+from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
 from ..results import GenerationResult
 from .auth import AuthError, answer, bounded, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
-from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Starter:
     # ------------------------------------------------------------------------
     async def _run(self, prompts, n_tokens, sampling) -> GenerationResult:
         ring = self.nodes.ring
-        config = read_info(self.ckpt).config
+        config = open_checkpoint(self.ckpt).config
         shards = plan_shards(self.nodes, config.n_layer)
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])

