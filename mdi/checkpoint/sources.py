@@ -20,7 +20,7 @@ from typing import Union
 import torch
 
 from ..model import GPT
-from .format import CheckpointError, CheckpointInfo, build_stage, read_info
+from .format import CONFIG, CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
 from .format import load_stage as load_our_stage
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
 
@@ -71,3 +71,22 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
 def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
     return load_stage(spec, 0, None, device=device, dtype=dtype)
+
+
+def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write any checkpoint (Hugging Face directory, hub name, GGUF) in our format,
+    with its tokenizer files; weights keep their stored dtype unless `dtype`."""
+    ck = open_checkpoint(spec)
+    out = Path(out_dir)
+    if (out / CONFIG).exists() and not overwrite:
+        raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
+                              "or pass --force")
+    model, _ = load_model(ck, dtype=dtype)
+    try:
+        tok = ck.tokenizer()
+    except CheckpointError as e:
+        log.warning("no tokenizer written: %s", e)
+        tok = None
+    save_checkpoint(out, model, tok, dict(ck.training))
+    return out
