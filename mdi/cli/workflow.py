@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     cfg = TrainConfig(batch_size=args.batch_size, grad_acc_steps=args.grad_acc_steps,
                       max_iters=args.max_iters, lr=args.lr, min_lr=args.min_lr,
-                      warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
+                      warmup_iters=args.warmup_iters, lr_decay_iters=args.lr_decay_iters,
+                      weight_decay=args.weight_decay,
                       eval_interval=args.eval_interval, eval_iters=args.eval_iters,
                       seed=args.seed, device=args.device, dtype=args.dtype)
     model_config = None
@@ -107,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iteration where the cosine reaches --min-lr (default --max-iters); keep it "
+                        "fixed to extend a finished run with a larger --max-iters")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-interval", type=int, default=250)
     p.add_argument("--eval-iters", type=int, default=50)
