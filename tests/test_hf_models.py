@@ -214,3 +214,33 @@ def test_gguf_without_reader_is_refused_clearly(tmp_path):
             open_checkpoint(tmp_path / "x.gguf")
     else:
         pytest.skip("the GGUF reader is present; its own tests cover it")
+
+
+# ---- bench shapes -------------------------------------------------------------------
+@pytest.mark.parametrize("name,layers,kv", [("smollm2-135m", 30, 3), ("tinyllama-1.1b", 22, 4)])
+def test_bench_shapes_map_onto_the_decoder(name, layers, kv):
+    from mdi.bench.models import HF_SIZES, llama_hf_shapes
+    from mdi.checkpoint.hf_map import config_from_hf
+
+    config, _ = config_from_hf(HF_SIZES[name])
+    assert (config.n_layer, config.kv_heads, config.positions, config.activation) == \
+        (layers, kv, "rope", "swiglu")
+    shapes = llama_hf_shapes(HF_SIZES[name])
+    n = sum(torch.Size(s).numel() for s in shapes.values())
+    assert n == pytest.approx({"smollm2-135m": 134.5e6, "tinyllama-1.1b": 1.1e9}[name], rel=0.01)
+
+
+def test_random_hf_dir_is_loadable_and_sharded(tmp_path):
+    from mdi.bench.models import write_random_hf_dir
+
+    hf = dict(architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=48,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+              max_position_embeddings=32, tie_word_embeddings=False)
+    d = write_random_hf_dir(hf, tmp_path / "r", shard_bytes=8000)
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 1
+    model, ck = load_model(d)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = ck.tokenizer().encode("\nhello")
+    assert len(ids) == 6 and ck.tokenizer().decode(ids) == "\nhello"
+    with torch.no_grad():
+        assert model(torch.tensor([ids])).shape == (1, 6, 300)
