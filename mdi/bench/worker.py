@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
-        model, _ = load_model(args.ckpt)
+        model, _ = load_model(args.ckpt, dtype=torch.float32)  # as the starter's default
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
     out = result.to_json()
