@@ -17,6 +17,8 @@ class TokenizerError(ValueError):
 
 class Tokenizer(Protocol):
     kind: str
+    eos_ids: tuple[int, ...]      # ids that end a sample (empty: none known)
+    chat_template: str | None     # jinja2 source from tokenizer_config.json, if any
 
     @property
     def vocab_size(self) -> int: ...
@@ -27,6 +29,8 @@ class Tokenizer(Protocol):
 
 class CharTokenizer:
     kind = "char"
+    eos_ids: tuple[int, ...] = ()
+    chat_template: str | None = None
 
     def __init__(self, vocab: list[str]) -> None:
         if len(set(vocab)) != len(vocab) or any(len(c) != 1 for c in vocab):
@@ -64,6 +68,8 @@ class CharTokenizer:
 
 class BPETokenizer:
     kind = "bpe"
+    eos_ids: tuple[int, ...] = ()
+    chat_template: str | None = None
 
     def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
         self.tok = tok

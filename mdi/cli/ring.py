@@ -158,7 +158,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     add_generation_options(p)
     _dist_options(p)
@@ -172,7 +173,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
     add_generation_options(p)
     _dist_options(p)
