@@ -244,3 +244,34 @@ def test_random_hf_dir_is_loadable_and_sharded(tmp_path):
     assert len(ids) == 6 and ck.tokenizer().decode(ids) == "\nhello"
     with torch.no_grad():
         assert model(torch.tensor([ids])).shape == (1, 6, 300)
+
+
+# ---- config -------------------------------------------------------------------------
+def test_config_defaults_are_nanogpt_and_old_configs_load():
+    from mdi.model import GPT, GPTConfig
+
+    old = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False,
+               activation="gelu", head_bias=False, layer_norm_eps=1e-5)
+    c = GPTConfig.from_dict(old)
+    assert (c.norm, c.positions, c.kv_heads, c.mlp_size, c.tie_embeddings) == \
+        ("layernorm", "learned", 2, 128, True)
+    assert not any(c.bias_of(w) for w in ("qkv", "attn_proj", "mlp", "norm"))
+    names = set(GPT(c).state_dict())
+    assert {"transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight"} <= names
+    assert GPTConfig.from_dict({**old, "qkv_bias": None, "n_kv_head": 1}).kv_heads == 1
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(n_kv_head=3), "multiple of n_kv_head"),
+    (dict(norm="batchnorm"), "GPTConfig.norm"),
+    (dict(positions="alibi"), "GPTConfig.positions"),
+    (dict(rope_scaling="yarn"), "GPTConfig.rope_scaling"),
+    (dict(qkv_bias="yes"), "qkv_bias"),
+    (dict(intermediate_size=-1), "intermediate_size"),
+])
+def test_config_validation_names_the_field(changes, match):
+    from mdi.model import GPTConfig
+
+    with pytest.raises(ValueError, match=match):
+        GPTConfig.from_dict({"n_head": 4, "n_embd": 32, **changes})
