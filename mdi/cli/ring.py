@@ -8,7 +8,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
@@ -48,7 +48,7 @@ def _check_timeout(timeout: float) -> None:
 
 def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     sampling = sampling_config(args)
-    info = read_info(args.ckpt)
+    info = open_checkpoint(args.ckpt)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
@@ -106,7 +106,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.local_cluster import LocalCluster, default_threads
 
-    read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
@@ -152,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     add_generation_options(p)
     _dist_options(p)
@@ -166,7 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
     add_generation_options(p)
     _dist_options(p)

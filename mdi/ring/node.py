@@ -32,6 +32,7 @@ from typing import AsyncIterator
 import torch
 
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
+from ..checkpoint.stream import WeightsStreamError, read_stream
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
@@ -40,7 +41,6 @@ from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
-from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -557,13 +557,13 @@ def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, star
 
 
 def load_chunk_info(chunk_dir: str | Path) -> dict:
-    from .split import read_chunk_info
+    from ..checkpoint.chunks import read_chunk_info
 
     return read_chunk_info(chunk_dir)
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
                      dtype: torch.dtype) -> GPT:
-    from .split import load_chunk
+    from ..checkpoint.chunks import load_chunk
 
     return load_chunk(chunk_dir, config, start, stop, device, dtype)
