@@ -3,9 +3,9 @@ must reproduce token for token.
 
 Samples are grouped into micro-batches (one group by default). A step of a
 group prefills the samples that need it, one at a time, then decodes one token
-for every sample in the group. The model's cached forward is batch-invariant,
-and each sample draws from its own generator, so the tokens do not depend on
-the grouping.
+for every sample in the group. Each sample draws from its own generator; with
+the model's `batch_invariant` set (`--batch-invariant`) its numbers do not depend
+on its step-mates either, so the tokens do not depend on the grouping.
 """
 from __future__ import annotations
 

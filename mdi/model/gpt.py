@@ -9,10 +9,13 @@ token embedding when the config ties them (and the stage holds both).
 
 Two forward modes:
 - uncached (`cache=None`): training and reference logits, causal attention.
-- cached: the explicit per-sample KV cache; every matmul is computed per sample
-  (a batched matmul with one problem per row), so a sample's numbers do not
-  depend on which other samples share its micro-batch. Distributed and
-  single-device generation rely on this to produce identical tokens.
+- cached: the explicit per-sample KV cache. By default one GEMM per layer for
+  all rows of the step (the weights are read once per step, whatever the
+  number of sequences), and attention reads only the filled part of the cache.
+  With `batch_invariant = True` every matmul and the attention run per row, so
+  a sample's numbers do not depend on which other samples share its step:
+  distributed runs whose groupings differ from the single-device run's then
+  produce identical tokens (`--batch-invariant`).
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ class GPT(nn.Module):
             if self.has_embeddings and config.tie_embeddings:
                 self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self._rope_freq: torch.Tensor | None = None
+        # A runtime choice, not part of the config: with it, every matmul of a
+        # cached forward runs per row (see layers.linear). Set by the caller.
+        self.batch_invariant = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
@@ -122,9 +128,10 @@ class GPT(nn.Module):
         rope = None
         if self.config.positions == "rope":
             rope = rope_cos_sin(self._inv_freq(x.device), input_pos, x.dtype)  # (B, 1, T, hs) each
+        per_row = cache is not None and self.batch_invariant
         for i, block in enumerate(self.transformer.h.values()):
-            x = block(x, input_pos, cache, i, rope)
+            x = block(x, input_pos, cache, i, rope, per_row)
         if not self.has_head or not logits:
             return x
         x = self.transformer.ln_f(x)
-        return linear(self.lm_head, x, per_row=cache is not None)
+        return linear(self.lm_head, x, per_row)

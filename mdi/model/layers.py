@@ -19,9 +19,14 @@ from .cache import KVCache
 from .config import GPTConfig
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """`layer(x)`; with per_row, one GEMM per batch row so results are batch-invariant."""
-    if not per_row:
+def linear(layer: nn.Module, x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """`layer(x)`: one GEMM for all rows (the weights are read once per step).
+
+    With per_row, one GEMM per batch row, so a row's numbers do not depend on
+    its step-mates (`--batch-invariant`; every row re-reads the weights). An
+    int8 layer (quant.Int8Linear) is row-independent by construction: no loop.
+    """
+    if not per_row or not isinstance(layer, nn.Linear):
         return layer(x)
     w = layer.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
     y = torch.bmm(x, w)
@@ -96,9 +101,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                per_row: bool = False) -> torch.Tensor:
         B, T, _ = x.shape
-        per_row = cache is not None
         q, k, v = linear(self.c_attn, x, per_row).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -112,13 +117,29 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=gqa)
         else:
             k, v = cache.update(layer, input_pos, k, v)  # (B, nkv, T_max, hs)
-            # Query t of row b sees keys at positions <= input_pos[b, t]. Stale
-            # entries past a sample's position (after a reset) stay masked.
-            key_pos = torch.arange(cache.max_len, device=x.device)
-            mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, T_max)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = cached_attention(q, k, v, input_pos, gqa, per_row)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)
         return self.resid_dropout(linear(self.c_proj, y, per_row))
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+                     gqa: bool, per_row: bool) -> torch.Tensor:
+    """q (B, nh, T, hs) against the cache k, v (B, nkv, T_max, hs) -> (B, nh, T, hs).
+
+    Reads only the filled part: keys [0, L) with L = the largest position of the
+    step + 1, not all T_max. Query t of row b sees keys at positions <=
+    input_pos[b, t]; stale entries past a row's position (after a reset) and the
+    rows shorter than L stay masked. With per_row, each row uses its own L, so
+    its numbers do not depend on its step-mates.
+    """
+    if per_row and q.shape[0] > 1:
+        return torch.cat([cached_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b:b + 1],
+                                           gqa, False) for b in range(q.shape[0])])
+    L = int(input_pos.max()) + 1
+    key_pos = torch.arange(L, device=q.device)
+    mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, L)
+    return F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask,
+                                          enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -153,6 +174,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, cache, layer, rope)
-        return x + self.mlp(self.ln_2(x), per_row=cache is not None)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                per_row: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, cache, layer, rope, per_row)
+        return x + self.mlp(self.ln_2(x), per_row=per_row)

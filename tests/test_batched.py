@@ -1,0 +1,129 @@
+"""Batched decode (one GEMM per layer for all rows), the --batch-invariant option,
+attention over the filled part of the cache only, and int8 stages in cached
+generation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdi.generate import SamplingConfig, generate
+from mdi.generate.step import decode, prefill
+from mdi.model import GPT, GPTConfig, layers
+from mdi.model.quant import quantize_linears
+
+GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=0)
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4]]
+
+
+def _decode_steps(model: GPT, prompts: list[list[int]], steps: int, together: bool
+                  ) -> list[torch.Tensor]:
+    """Greedy decode logits per step: all rows in one cache, or each row alone."""
+    groups = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+    caches = [model.new_cache(len(g)) for g in groups]
+    seqs = [list(p) for p in prompts]
+    out = []
+    with torch.inference_mode():
+        for g, cache in zip(groups, caches):
+            for row, s in enumerate(g):
+                if len(seqs[s]) > 1:
+                    prefill(model, cache, row, seqs[s][:-1])
+        for _ in range(steps):
+            step = torch.empty(len(prompts), model.config.vocab_size)
+            for g, cache in zip(groups, caches):
+                logits = decode(model, cache, [seqs[s][-1] for s in g], [len(seqs[s]) - 1 for s in g])
+                step[g] = logits
+            out.append(step)
+            for s in range(len(prompts)):
+                seqs[s].append(int(step[s].argmax()))
+    return out
+
+
+def test_batched_decode_close_to_rows_alone_and_invariant_mode_bitwise(tiny_config, make_model):
+    model = make_model(tiny_config, seed=5)
+    assert model.batch_invariant is False  # batched is the default
+    alone = _decode_steps(model, PROMPTS, 6, together=False)
+    batched = _decode_steps(model, PROMPTS, 6, together=True)
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    model.batch_invariant = True
+    invariant = _decode_steps(model, PROMPTS, 6, together=True)
+    for a, b in zip(_decode_steps(model, PROMPTS, 6, together=False), invariant):
+        assert torch.equal(a, b)
+
+
+def test_batched_decode_uses_one_gemm_per_layer(tiny_config, make_model, monkeypatch):
+    """Without --batch-invariant no per-row bmm runs; with it, every linear is per row."""
+    model = make_model(tiny_config, seed=1)
+    calls = {"bmm": 0}
+    real_bmm = torch.bmm
+
+    def counting_bmm(*a, **k):
+        calls["bmm"] += 1
+        return real_bmm(*a, **k)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
+    cache = model.new_cache(3)
+    with torch.inference_mode():
+        decode(model, cache, [1, 2, 3], [0, 0, 0])
+        assert calls["bmm"] == 0
+        model.batch_invariant = True
+        decode(model, cache, [1, 2, 3], [1, 1, 1])
+    assert calls["bmm"] == 4 * tiny_config.n_layer + 1  # c_attn, c_proj, c_fc, c_proj + head
+
+
+def test_attention_reads_only_the_filled_part_of_the_cache(tiny_config, make_model, monkeypatch):
+    model = make_model(tiny_config, seed=2)
+    key_lens: list[int] = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        key_lens.append(k.shape[2])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recording)
+    cache = model.new_cache(2)
+    assert cache.max_len == tiny_config.block_size
+    with torch.inference_mode():
+        prefill(model, cache, 0, [1, 2, 3, 4])
+        assert set(key_lens) == {4}  # a 4-token prefill attends over 4 keys, not block_size
+        key_lens.clear()
+        decode(model, cache, [5, 6], [4, 0])
+        assert set(key_lens) == {5}  # max position of the step + 1
+        key_lens.clear()
+        model.batch_invariant = True
+        decode(model, cache, [7, 8], [5, 1])
+        assert key_lens == [6, 2] * tiny_config.n_layer  # each row its own length
+
+
+def test_batch_invariant_tokens_do_not_depend_on_grouping(tiny_config, make_model):
+    model = make_model(tiny_config, seed=7)
+    model.batch_invariant = True
+    sampling = SamplingConfig(temperature=1.0, top_k=None, seed=3)
+    n = 2 * tiny_config.block_size + 3  # through the context-overflow policy
+    runs = [generate(model, PROMPTS, n, sampling, n_groups=g) for g in (1, 2, 3)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_int8_cached_generation_equals_int8_uncached(tiny_config, make_model, batch_invariant):
+    """int8 activations are quantized per token, so a cached decode sees the same
+    int8 numbers as a full forward: greedy tokens agree with the uncached reference."""
+    model = quantize_linears(make_model(tiny_config, seed=8))
+    model.batch_invariant = batch_invariant
+    n = tiny_config.block_size - max(map(len, PROMPTS))  # no window jump
+    got = generate(model, PROMPTS, n, GREEDY)
+    for prompt, tokens in zip(PROMPTS, got):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert tokens == seq[len(prompt):]
+
+
+def test_int8_stage_is_batch_invariant_with_the_option(tiny_config, make_model):
+    model = quantize_linears(make_model(tiny_config, seed=9))
+    model.batch_invariant = True
+    for a, b in zip(_decode_steps(model, PROMPTS, 5, together=False),
+                    _decode_steps(model, PROMPTS, 5, together=True)):
+        assert torch.equal(a, b)
