@@ -127,3 +127,43 @@ def test_int8_stage_is_batch_invariant_with_the_option(tiny_config, make_model):
     for a, b in zip(_decode_steps(model, PROMPTS, 5, together=False),
                     _decode_steps(model, PROMPTS, 5, together=True)):
         assert torch.equal(a, b)
+
+
+def test_init_request_carries_the_runtime_options():
+    from pydantic import ValidationError
+
+    from mdi.ring.messages import InitRequest
+
+    body = {"run_id": 1, "role": "finisher", "start": 1, "stop": 2, "model": {}, "groups": [[0, 1]],
+            "next": {"addr": "127.0.0.1", "port": 5000}, "prev_addr": "127.0.0.1"}
+    req = InitRequest.model_validate(body)
+    assert req.quantize is None and req.batch_invariant is False
+    req = InitRequest.model_validate({**body, "quantize": "int8", "batch_invariant": True})
+    assert req.quantize == "int8" and req.batch_invariant is True
+    with pytest.raises(ValidationError, match="quantize"):
+        InitRequest.model_validate({**body, "quantize": "int4"})
+
+
+def test_configure_stage(tiny_config, make_model):
+    from mdi.model.quant import Int8Linear, configure_stage
+
+    model = configure_stage(make_model(tiny_config), "int8", True)
+    assert model.batch_invariant is True and isinstance(model.lm_head, Int8Linear)
+    plain = configure_stage(make_model(tiny_config), None, False)
+    assert plain.batch_invariant is False and type(plain.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_nodes", [2, 3])
+def test_int8_ring_equals_int8_sample(tmp_path, n_nodes):
+    """--quantize int8 travels in /init: every node quantizes its own stage the same
+    way, so the ring's tokens equal the single-device int8 run's."""
+    from cluster_helpers import TEXT, build_tiny_ckpt
+    from test_e2e_ring import DIST, gen_args, mdi_json
+
+    ckpt = build_tiny_ckpt(tmp_path / "ckpt")
+    gen = gen_args(n_samples=3, n_tokens=40, prompts=(TEXT[:5],), temperature=0.8, top_k=200,
+                   seed=3) + ["--quantize", "int8"]
+    base, _ = mdi_json("sample", "--ckpt", ckpt, *gen)
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen)
+    assert out["samples"] == base["samples"]

@@ -63,7 +63,8 @@ def mdi_json(*args, token: str | None = None) -> tuple[dict, str]:
 def gen_args(n_samples: int, n_tokens: int, prompts, temperature: float, top_k: int,
              seed: int) -> list[str]:
     out = ["--n-samples", n_samples, "--n-tokens", n_tokens, "--temperature", temperature,
-           "--top-k", top_k, "--seed", seed, "--threads", 1]
+           "--top-k", top_k, "--seed", seed, "--threads", 1,
+           "--batch-invariant"]  # distributed groupings differ from the single run's
     for p in prompts:
         out += ["--prompt", p]
     return [str(a) for a in out]

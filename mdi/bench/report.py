@@ -10,7 +10,8 @@ from ..plots import finish_figure, plot_tokens_time, plt
 from ..ring.wire import HEADER_SIZE
 
 CSV_FIELDS = ["timestamp", "config", "mode", "n_nodes", "n_samples", "n_layer", "n_embd",
-              "block_size", "params", "n_tokens", "isolate", "hosts", "link_rate", "run",
+              "block_size", "params", "n_tokens", "quantize",
+              "batch_invariant", "isolate", "hosts", "link_rate", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
               "hop_overhead_us", "tokens_total"]
 

@@ -44,6 +44,8 @@ class BenchConfig:
     hosts: str = "local"
     link_rate: str | None = None
     resend_context: bool = False
+    quantize: str | None = None       # every configuration of the invocation, on every node
+    batch_invariant: bool = False
     seed: int = 1337
     run_timeout: float = 1800.0
 
@@ -159,6 +161,10 @@ class Bench:
                "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
                "--threads", str(threads_for(v.n_nodes, cfg.isolate, self.max_nodes)),
                "--seed", str(cfg.seed + run)]
+        if cfg.quantize:
+            cmd += ["--quantize", cfg.quantize]
+        if cfg.batch_invariant:
+            cmd.append("--batch-invariant")
         env = dict(os.environ)
         if cluster is not None:
             cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]
@@ -188,6 +194,7 @@ class Bench:
                "n_nodes": v.n_nodes, "n_samples": cfg.n_samples, "n_layer": c.n_layer,
                "n_embd": c.n_embd, "block_size": c.block_size,
                "params": self.params(), "n_tokens": cfg.n_tokens, "isolate": cfg.isolate,
+               "quantize": cfg.quantize or "", "batch_invariant": cfg.batch_invariant,
                "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
                "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
                "first_token_s": res["first_token_s"],

@@ -204,7 +204,7 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def write_report(rows: list[dict], out: Path, title: str) -> list[Path]:
-    from ..plots import _finish, plt
+    from ..plots import finish_figure, plt
 
     r0 = rows[0]
     text = [f"# {title}", "", f"Greedy, {r0['n_tokens']} new tokens per sequence, "
@@ -219,6 +219,6 @@ def write_report(rows: list[dict], out: Path, title: str) -> list[Path]:
         ax.plot(seqs, [med[(e, n)] for n in seqs], marker="o", label=e)
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqs, [str(n) for n in seqs])
-    png = _finish(fig, ax, out / "vs_transformers.png", "decode throughput, same weights",
+    png = finish_figure(fig, ax, out / "vs_transformers.png", "decode throughput, same weights",
                   "concurrent sequences", "tokens/s (median)")
     return [write_csv(rows, out / "vs_transformers.csv"), md, png]

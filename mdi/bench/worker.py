@@ -15,6 +15,7 @@ from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import RunOptions, Starter
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
+from ..model.quant import QUANT_MODES, configure_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--resend-context", action="store_true")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None)
+    p.add_argument("--batch-invariant", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -35,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tok.encode("\n")] * args.n_samples
     if args.nodes_config:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
-                          RunOptions(timeout=args.timeout, resend_context=args.resend_context))
+                          RunOptions(timeout=args.timeout, resend_context=args.resend_context,
+                                     quantize=args.quantize, batch_invariant=args.batch_invariant))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         model, _ = load_model(args.ckpt, dtype=torch.float32)  # as the starter's default
+        configure_stage(model, args.quantize, args.batch_invariant)
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()

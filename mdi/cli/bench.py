@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..model.quant import QUANT_MODES
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.netns import NetnsUnavailable
@@ -21,7 +23,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
                       isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,
-                      resend_context=args.resend_context, seed=args.seed)
+                      resend_context=args.resend_context, seed=args.seed,
+                      quantize=args.quantize, batch_invariant=args.batch_invariant)
     try:
         bench = Bench(cfg)
         rows = bench.run()
@@ -83,6 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resend-context", action="store_true",
                    help="also run the original system's no-cache mode for comparison")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="int8 weights on every node of every configuration")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="per-row compute on every node of every configuration")
     v = p.add_argument_group("comparison with Hugging Face transformers (same weights, one process)")
     v.add_argument("--vs-transformers", action="store_true",
                    help="compare single-device mdi with transformers' generate, greedy")

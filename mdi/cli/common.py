@@ -9,6 +9,7 @@ import torch
 
 from ..generate.sampling import SamplingConfig
 from ..model.dtypes import DTYPES
+from ..model.quant import QUANT_MODES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
 from ..tokenizer import Tokenizer
 
@@ -31,6 +32,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="int8: weights as int8 with per-channel scales, quantized at load time on "
+                        "every node (4x less weight memory than float32)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="compute every sequence on its own (per-row GEMMs): its tokens then do "
+                        "not depend on which sequences share its step, at a cost in speed")
     o = p.add_argument_group("output")
     o.add_argument("--time-run", metavar="CSV", help="append one row of timings to this CSV")
     o.add_argument("--plots", metavar="DIR", help="write tokens-vs-time CSV and PNG to DIR")

@@ -55,7 +55,8 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
-                                 n_groups=args.micro_batches, resend_context=args.resend_context),
+                                 n_groups=args.micro_batches, resend_context=args.resend_context,
+                                 quantize=args.quantize, batch_invariant=args.batch_invariant),
                       on_step=lambda i: bar.update(1))
     try:
         result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))

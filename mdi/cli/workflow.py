@@ -10,6 +10,7 @@ from tqdm import tqdm
 from ..checkpoint import load_model
 from ..generate.local import generate_timed
 from ..model import GPTConfig
+from ..model.quant import configure_stage
 from ..results import Texts
 from .common import (DTYPES, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
@@ -52,6 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampling = sampling_config(args)
     set_threads(args.threads)
     model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
+    configure_stage(model, args.quantize, args.batch_invariant)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)

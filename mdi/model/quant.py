@@ -186,3 +186,12 @@ def weight_bytes(module: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
+                    batch_invariant: bool = False) -> nn.Module:
+    """Apply the runtime choices every loader of a stage takes (`--quantize`,
+    `--batch-invariant`): single-device, the starter and each node alike."""
+    quantize(stage, quantize_mode)
+    stage.batch_invariant = batch_invariant
+    return stage

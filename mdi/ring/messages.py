@@ -34,6 +34,8 @@ class InitRequest(Strict):
     prev_addr: str = Field(min_length=1, max_length=255)
     sampling: SamplingSpec | None = None
     weights: Literal["upload", "local"] = "upload"
+    quantize: Literal["int8"] | None = None  # applied by the node to its own stage at load
+    batch_invariant: bool = False            # per-row compute (see GPT.batch_invariant)
 
 
 class RunRef(Strict):

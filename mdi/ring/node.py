@@ -37,6 +37,7 @@ from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
+from ..model.quant import configure_stage
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .messages import InitRequest
@@ -221,6 +222,8 @@ class NodeRuntime:
                 stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
                                                    config, req.start, req.stop, device,
                                                    DTYPES[req.dtype])
+                stage = await loop.run_in_executor(self.executor, configure_stage, stage,
+                                                   req.quantize, req.batch_invariant)
             except CheckpointError as e:
                 raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
             self._arm(run, stage)
@@ -246,6 +249,8 @@ class NodeRuntime:
         stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors, run.config,
                                            req.start, req.stop, req.device or self.spec.device,
                                            DTYPES[req.dtype])
+        stage = await loop.run_in_executor(self.executor, configure_stage, stage, req.quantize,
+                                           req.batch_invariant)
         if self.run is not run:
             raise InitError("run_id: the run changed while the weights loaded")
         self._arm(run, stage)

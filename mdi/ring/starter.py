@@ -33,6 +33,7 @@ from ..generate.step import decode, forward_context, prefill
 from ..model import GPT
 from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
+from ..model.quant import configure_stage
 from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
 from .aio import bounded
 from .auth import AuthError, answer, challenge
@@ -65,6 +66,8 @@ class RunOptions:
     connect_retries: int = 5          # health checks at configure time, with backoff
     n_groups: int | None = None       # micro-batches; default min(n_samples, n_nodes)
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
+    quantize: str | None = None       # "int8": every node quantizes its own stage at load
+    batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
 
 
 def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
@@ -98,6 +101,7 @@ class Starter:
         shards = plan_shards(self.nodes, config.n_layer)
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
+        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
         if self.opts.resend_context:
             n_groups = len(prompts)  # one sample per frame, as the original system
@@ -188,7 +192,8 @@ class Starter:
                     "groups": [[g.start, g.stop] for g in groups],
                     "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
                     "sampling": sampling.to_dict() if shard.is_last else None,
-                    "weights": "local" if local else "upload"}
+                    "weights": "local" if local else "upload",
+                    "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
             await self._post(http, spec, "/init", body)
             if not local:
                 total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time
