@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Awaitable, TypeVar
 
 T = TypeVar("T")
@@ -18,3 +19,20 @@ async def bounded(aw: Awaitable[T], timeout: float) -> T:
         async with asyncio.timeout(timeout):
             return await aw
     return await asyncio.wait_for(aw, timeout)
+
+
+def run(main: Awaitable[T]) -> T:
+    """`asyncio.run(main)`, on uvloop when it is installed and MDI_UVLOOP is not "0".
+
+    The ring's per-frame work is event-loop bound (a read, a write, a wake-up
+    per frame and hop); uvloop halves the cost of a loop round trip measured
+    here (executor hand-off 30 vs 65 us). MDI_UVLOOP=0 measures the default loop.
+    """
+    if os.environ.get("MDI_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)

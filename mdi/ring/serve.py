@@ -8,11 +8,11 @@ current run is dropped and the data listener closed.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import uvicorn
 
+from . import aio
 from .control import create_app
 from .node import NodeRuntime
 
@@ -47,4 +47,4 @@ async def serve_node(rt: NodeRuntime) -> None:
 
 
 def run_node(rt: NodeRuntime) -> None:
-    asyncio.run(serve_node(rt))
+    aio.run(serve_node(rt))

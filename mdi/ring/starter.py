@@ -35,6 +35,7 @@ from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
 from ..model.quant import configure_stage
 from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
+from . import aio
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .nodes_config import NodeSpec, NodesConfig
@@ -92,7 +93,7 @@ class Starter:
             texts: Texts | None = None) -> GenerationResult:
         """Generate; the result's `tokens` hold each sample's new token ids, and with
         texts its `samples` the text. NodeFailure carries the partial result."""
-        return asyncio.run(self._run(prompts, n_tokens, sampling, texts))
+        return aio.run(self._run(prompts, n_tokens, sampling, texts))
 
     # ------------------------------------------------------------------------
     async def _run(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
