@@ -33,7 +33,9 @@ from .node import InitError, NodeRuntime
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
 PUBLIC_PATHS = ("/health",)
-CLOSE = (b"connection", b"close")  # after a refusal whose body was not read
+# After a refusal whose body has no declared length (or more bytes than declared):
+# close rather than read on. A declared length h11 reads and discards itself.
+CLOSE = (b"connection", b"close")
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -117,7 +119,7 @@ class Guard:
             log.warning("refused %s %s from %s: missing or wrong token", scope["method"],
                         printable(scope["path"]), client[0])
             await _respond(send, 401, "missing or wrong cluster token",
-                           [(b"www-authenticate", b"Bearer"), CLOSE])
+                           [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
         if b"transfer-encoding" in headers:  # the size must be known, and be the real one
@@ -136,7 +138,7 @@ class Guard:
             return
         if length is not None and int(length) > self.json_limit:
             await _respond(send, 413, f"body: {length.decode('latin-1')} bytes, "
-                                      f"at most {self.json_limit}", [CLOSE])
+                                      f"at most {self.json_limit}")
             return
         body = await _read_body(receive, self.json_limit)
         if body is None:
