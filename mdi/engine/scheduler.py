@@ -115,9 +115,8 @@ class PipelineEngine:
                  retry_after: float = 1.0) -> None:
         if not first.has_embeddings:
             raise ValueError("the engine runs the first stage: it needs the embeddings")
-        if (link is None) != first.has_head:
-            raise ValueError("without a link the first stage must be the whole model, "
-                             "with one it must not hold the head")
+        if link is not None and first.has_head:
+            raise ValueError("with a link the first stage must not hold the head")
         if max_seqs <= 0:
             raise ValueError(f"max_seqs must be positive, got {max_seqs}")
         self.sizes = lane_sizes(max_seqs, max(1, n_stages))
@@ -145,6 +144,8 @@ class PipelineEngine:
 
     # ---- the Engine protocol -------------------------------------------------
     async def start(self) -> None:
+        if self.link is None and not self.first.stage.has_head:
+            raise ValueError("without a link the first stage must be the whole model")
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
             if self.link is not None:

@@ -94,7 +94,7 @@ class SlotStage:
         t = m.x.shape[1]
         if not 1 <= t <= self.stage.config.block_size:
             raise SlotError(f"prefill of {t} tokens, block_size is {self.stage.config.block_size}")
-        x = m.x.to(self.device)
+        x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         pos = torch.arange(t, device=self.device)[None]
         h = self.stage(x, pos, self.caches[s.lane].rows(s.row, s.row + 1), logits=False)
         s.position = t
@@ -114,7 +114,7 @@ class SlotStage:
             raise SlotError(f"decode slots must be ascending and distinct: {list(m.slots)}")
         if max(s.position for s in slots) >= self.stage.config.block_size:
             raise SlotError("decode past block_size without a prefill")
-        x = m.x.to(self.device)
+        x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         cache = self.caches[m.lane]
         outs, i = [], 0
         while i < len(rows):  # contiguous runs of rows: one forward each

@@ -189,7 +189,10 @@ class Starter:
                               node=spec) from None
         return _check(r, spec, path)
 
-    async def _configure(self, http, run_id, config, shards, groups, sampling, healths) -> None:
+    async def _configure(self, http, run_id, config, shards, groups, sampling, healths,
+                         sequences: bool = False) -> None:
+        """Configure every secondary; sequences: an engine run (groups are lanes of
+        slots, sampling travels per sequence in ADMIT frames)."""
         ring = self.nodes.ring
         for i, (spec, shard, health) in enumerate(zip(ring[1:], shards[1:], healths), start=1):
             nxt = ring[(i + 1) % len(ring)]
@@ -201,8 +204,10 @@ class Starter:
                     "dtype": self.opts.dtype, "device": spec.device,
                     "groups": [[g.start, g.stop] for g in groups],
                     "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
-                    "sampling": sampling.to_dict() if shard.is_last else None,
+                    "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload"}
+            if sequences:
+                body["sequences"] = True
             await self._post(http, spec, "/init", body)
             if not local:
                 total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time
