@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mdi.engine.messages import Admit, Decode, Prefill, Retire, Tokens
+from mdi.engine.slots import SlotStage
+from mdi.model import GPT, GPTConfig
 from mdi.ring.seq_frames import to_frame, to_message
 from mdi.ring.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, Frame, Kind, Limits, WireError,
                            admit_frame, admit_params, decode_frame)
@@ -20,12 +22,16 @@ SEQ = Limits(RUN, C, BS, SLOTS, DTYPE_CODES[torch.float32], LANE, sequences=True
 FIXED = Limits(RUN, C, BS, SLOTS, DTYPE_CODES[torch.float32], LANE)
 
 
-def lane_of(slot: int) -> int:
-    return slot // LANE
+STAGE = SlotStage(GPT(GPTConfig(vocab_size=100, block_size=BS, n_layer=2, n_head=2, n_embd=C), 0, 1),
+                  [LANE, SLOTS - LANE])  # two lanes: slots 0..2 and 3..5
+
+
+def to_bytes(m) -> bytes:
+    return to_frame(m, RUN, STAGE).encode()
 
 
 def round_trip(m):
-    return to_message(decode_frame(to_frame(m, RUN).encode(), SEQ), lane_of)
+    return to_message(decode_frame(to_bytes(m), SEQ), STAGE)
 
 
 @pytest.mark.parametrize("m", [
@@ -43,17 +49,33 @@ def test_tensor_messages_round_trip():
     d = round_trip(Decode(1, (3, 5), x))
     assert isinstance(d, Decode) and (d.lane, d.slots) == (1, (3, 5)) and torch.equal(d.x, x)
     assert round_trip(Tokens(0, (0, 2), (17, 4))) == Tokens(0, (0, 2), (17, 4))
-    frame = to_frame(Decode(1, (3, 5), x), RUN)
+    frame = to_frame(Decode(1, (3, 5), x), RUN, STAGE)
+    assert frame.kind == Kind.SEQ_DECODE
     assert len(frame.encode()) == HEADER_SIZE + 2 * 4 + x.numel() * 4  # slot table: 4 bytes a row
+
+
+def test_a_whole_lane_travels_as_decode_and_tokens_without_a_slot_table():
+    x = torch.randn(3, 1, C)
+    frame = to_frame(Decode(1, (3, 4, 5), x, position=7), RUN, STAGE)
+    assert (frame.kind, frame.sample, frame.position, frame.slots) == (Kind.DECODE, 3, 7, ())
+    assert len(frame.encode()) == HEADER_SIZE + x.numel() * 4  # as a fixed batch's group
+    d = round_trip(Decode(1, (3, 4, 5), x, position=7))
+    assert (d.lane, d.slots, d.position) == (1, (3, 4, 5), 7) and torch.equal(d.x, x)
+    t = to_frame(Tokens(0, (0, 1, 2), (5, 6, 7)), RUN, STAGE)
+    assert t.kind == Kind.TOKENS and round_trip(Tokens(0, (0, 1, 2), (5, 6, 7))).slots == (0, 1, 2)
+    for sample, rows in [(1, 2), (0, 2), (2, 2)]:  # not exactly one lane: refused
+        data = Frame(Kind.DECODE, RUN, sample, 0, torch.zeros(rows, 1, C)).encode()
+        with pytest.raises(WireError, match="not a whole lane"):
+            to_message(decode_frame(data, SEQ), STAGE)
 
 
 def test_each_run_kind_refuses_the_others_frames():
     with pytest.raises(WireError, match="ADMIT frame in a fixed-batch run"):
-        decode_frame(to_frame(Admit(0, 1.0, None, None, 1), RUN).encode(), FIXED)
+        decode_frame(to_bytes(Admit(0, 1.0, None, None, 1)), FIXED)
     with pytest.raises(WireError, match="SEQ_DECODE frame in a fixed-batch run"):
-        decode_frame(to_frame(Decode(0, (0,), torch.zeros(1, 1, C)), RUN).encode(), FIXED)
-    with pytest.raises(WireError, match="DECODE frame in a sequence run"):
-        decode_frame(Frame(Kind.DECODE, RUN, 0, 0, torch.zeros(1, 1, C)).encode(), SEQ)
+        decode_frame(to_bytes(Decode(0, (0,), torch.zeros(1, 1, C))), FIXED)
+    with pytest.raises(WireError, match="CONTEXT frame in a sequence run"):
+        decode_frame(Frame(Kind.CONTEXT, RUN, 0, 0, torch.zeros(1, 4, C)).encode(), SEQ)
 
 
 def seq_decode_bytes(sample: int, slots: list[int], rows: int | None = None, position: int = 0,
@@ -133,7 +155,7 @@ def seq_frames(draw):
 def test_fuzz_sequence_frames(m, cut, flip):
     """Valid frames round-trip and are canonical; a changed byte or a cut frame is
     either refused with WireError or decodes to a frame that re-encodes to the same bytes."""
-    data = to_frame(m, RUN).encode()
+    data = to_bytes(m)
     f = decode_frame(data, SEQ)
     assert f.encode() == data
     broken = bytearray(data)

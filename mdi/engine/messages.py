@@ -49,6 +49,7 @@ class Decode:
     lane: int
     slots: tuple[int, ...]
     x: torch.Tensor
+    position: int | None = None   # slots[0]'s position, when the sender checks it
 
 
 @dataclass(frozen=True)

@@ -331,7 +331,7 @@ class PipelineEngine:
         if positions != [plans[s].position for s in slots]:
             raise SlotError(f"slot positions {positions} differ from the schedule's")
         ids = torch.tensor([[plans[s].token] for s in slots], dtype=torch.long)
-        nxt = first.handle(Decode(lane, slots, ids))
+        nxt = first.handle(Decode(lane, slots, ids, positions[0]))
         assert nxt is not None
         out.append(nxt)
         return out

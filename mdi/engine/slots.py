@@ -61,6 +61,17 @@ class SlotStage:
     def n_slots(self) -> int:
         return len(self.slots)
 
+    def lane_of(self, slot: int) -> int:
+        if not 0 <= slot < len(self.slots):
+            raise SlotError(f"slot {slot} outside 0..{len(self.slots) - 1}")
+        return self.slots[slot].lane
+
+    def is_whole_lane(self, slots: tuple[int, ...]) -> bool:
+        """Do `slots` make up one whole lane, in order?"""
+        lane = self.lane_of(slots[0])
+        first, n = self.first[lane], self.sizes[lane]
+        return slots == tuple(range(first, first + n))
+
     def _slot(self, slot: int, active: bool | None = True) -> _Slot:
         if not 0 <= slot < len(self.slots):
             raise SlotError(f"slot {slot} outside 0..{len(self.slots) - 1}")
@@ -112,6 +123,9 @@ class SlotStage:
         rows = [s.row for s in slots]
         if any(b <= a for a, b in zip(rows, rows[1:])):
             raise SlotError(f"decode slots must be ascending and distinct: {list(m.slots)}")
+        if m.position is not None and slots[0].position != m.position:
+            raise SlotError(f"decode at position {m.position}, slot {m.slots[0]} is at "
+                            f"{slots[0].position}")
         if max(s.position for s in slots) >= self.stage.config.block_size:
             raise SlotError("decode past block_size without a prefill")
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
@@ -153,5 +167,5 @@ class SlotStage:
             out = self.decode(m)
             if self.stage.has_head:
                 return Tokens(m.lane, m.slots, self.sample(m.slots, out))
-            return Decode(m.lane, m.slots, out)
+            return Decode(m.lane, m.slots, out, m.position)
         raise SlotError(f"unexpected message {type(m).__name__}")

@@ -455,10 +455,10 @@ class NodeRuntime:
     def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:
         """A sequence run: the frame as a message for this stage's slots (worker thread)."""
         try:
-            out = slots.handle(to_message(frame, lambda s: slots.slots[s].lane))
+            out = slots.handle(to_message(frame, slots))
         except SlotError as e:
             raise WireError(str(e)) from None
-        return None if out is None else to_frame(out, run.req.run_id)
+        return None if out is None else to_frame(out, run.req.run_id, slots)
 
     async def close(self) -> None:
         await self.drop_run("node shutting down")

@@ -23,14 +23,15 @@ import httpx
 from ..checkpoint import load_stage, read_info
 from ..engine.api import EngineFailure
 from ..engine.link import LinkClosed
-from ..engine.messages import Decode, Message, Tokens
+from ..engine.messages import Decode, Message, Prefill, Tokens
 from ..engine.scheduler import PipelineEngine
+from ..engine.slots import SlotError, SlotStage
 from ..model.dtypes import DTYPES
 from ..tokenizer import Tokenizer
 from .auth import bounded
 from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
-from .starter import NodeFailure, RunOptions, Starter, plan_shards
+from .starter import HopStats, NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -38,25 +39,26 @@ log = logging.getLogger(__name__)
 
 class TcpLink:
     """The engine's Link over the ring's data plane: frames to the first secondary,
-    SEQ_TOKENS back from the finisher.
+    TOKENS / SEQ_TOKENS back from the finisher.
 
     Silence only counts while a Decode is unanswered: an idle server may wait
     for requests as long as it likes; a ring that does not answer a Decode
-    within `timeout` seconds has failed."""
+    within `timeout` seconds (from the Decode, or from the previous answer)
+    has failed."""
 
     def __init__(self, starter: Starter, http: httpx.AsyncClient, limits: Limits,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 back: asyncio.StreamWriter, lane_of, timeout: float) -> None:
+                 back: asyncio.StreamWriter, slots: SlotStage, timeout: float) -> None:
         self.starter = starter
         self.http = http
         self.limits = limits
         self.reader, self.writer, self.back = reader, writer, back
-        self.lane_of = lane_of
+        self.slots = slots                   # the engine's first stage: the lanes
         self.timeout = timeout
         self.outstanding = 0                 # Decodes sent and not answered
-        self.progress = time.monotonic()     # last Decode out while idle, or Tokens in
+        self.progress = time.monotonic()     # last Decode out while idle, or answer in
         self.failed: LinkClosed | None = None
-        self.bytes_out = 0
+        self.hop = HopStats("starter", starter.nodes.ring[1].name)
 
     @property
     def first(self) -> NodeSpec:
@@ -65,26 +67,34 @@ class TcpLink:
     async def send(self, msg: Message) -> None:
         if self.failed is not None:
             raise self.failed
+        frame = to_frame(msg, self.limits.run_id, self.slots)
         try:
-            self.bytes_out += await bounded(write_frame(self.writer, to_frame(msg, self.limits.run_id)),
-                                            self.timeout)
+            n = await bounded(write_frame(self.writer, frame), self.timeout)
         except asyncio.TimeoutError:
-            raise await self._failure(f"{self.first.name} took no data for {self.timeout:g} s",
-                                      self.first) from None
+            raise await self._failure(f"{self.first.name} at {self.first.addr}:{self.first.port_in} "
+                                      f"took no data for {self.timeout:g} s", self.first) from None
         except OSError as e:
-            raise await self._failure(f"the data link to {self.first.name} failed: "
-                                      f"{e or type(e).__name__}", self.first) from None
+            raise await self._failure(f"the data link to {self.first.name} at {self.first.addr}:"
+                                      f"{self.first.port_in} failed: {e or type(e).__name__}",
+                                      self.first) from None
         if isinstance(msg, Decode):
+            self.hop.decode_bytes += n
+            self.hop.decode_tokens += len(msg.slots)
             if self.outstanding == 0:
                 self.progress = time.monotonic()
             self.outstanding += 1
+        elif isinstance(msg, Prefill):
+            self.hop.prefill_bytes += n
 
     async def recv(self) -> Tokens:
         while True:
             if self.failed is not None:
                 raise self.failed
+            wait = self.timeout
+            if self.outstanding:
+                wait = max(0.0, self.progress + self.timeout - time.monotonic())
             try:
-                frame = await asyncio.wait_for(read_frame(self.reader, self.limits), self.timeout)
+                frame = await asyncio.wait_for(read_frame(self.reader, self.limits), wait)
             except asyncio.TimeoutError:
                 if self.outstanding and time.monotonic() - self.progress >= self.timeout:
                     raise await self._failure(f"no answer from the ring for {self.timeout:g} s") \
@@ -94,11 +104,14 @@ class TcpLink:
                 raise await self._failure("the finisher closed its link to the starter") from None
             except (WireError, OSError) as e:
                 raise await self._failure(f"bad data from the finisher: {e}") from None
-            if frame.kind != Kind.SEQ_TOKENS or not self.outstanding:
+            if frame.kind not in (Kind.TOKENS, Kind.SEQ_TOKENS) or not self.outstanding:
                 raise await self._failure(f"unexpected {frame.kind.name} frame from the finisher")
             self.outstanding -= 1
             self.progress = time.monotonic()
-            msg = to_message(frame, self.lane_of)
+            try:
+                msg = to_message(frame, self.slots)
+            except (WireError, SlotError) as e:
+                raise await self._failure(f"bad data from the finisher: {e}") from None
             assert isinstance(msg, Tokens)
             return msg
 
@@ -111,6 +124,7 @@ class TcpLink:
         await self.starter._release(self.http, self.limits.run_id, silent)
         self.failed = LinkClosed(f"{culprit}: {what}" if culprit else what,
                                  node=spec.describe() if spec else None)
+        self.failed.spec = spec  # type: ignore[attr-defined]
         return self.failed
 
     async def close(self) -> None:
@@ -143,26 +157,29 @@ class RingEngine(PipelineEngine):
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, lanes: int | None = None) -> None:
         self.opts = opts or RunOptions()
         info = read_info(ckpt)
         self.shards = plan_shards(nodes, info.config.n_layer)
         stage, _ = load_stage(ckpt, 0, self.shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
         tokenizer = tokenizer or info.tokenizer()
-        super().__init__(stage, tokenizer.decode, max_seqs, n_stages=len(nodes.ring), link=None,
-                         max_queue=max_queue, retry_after=retry_after)
+        super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),
+                         link=None, max_queue=max_queue, retry_after=retry_after)
         self.tokenizer = tokenizer
         self.nodes = nodes
         self.starter = Starter(nodes, token, ckpt, self.opts)
         self.run_id: int | None = None
         self._http: httpx.AsyncClient | None = None
         self._server: asyncio.base_events.Server | None = None
+        self.hops: list[HopStats] = []   # per hop, after close()
 
     async def start(self) -> None:
+        """Form the ring (unless form() did) and start scheduling; a node that fails
+        to join raises EngineFailure naming it."""
         if len(self.nodes.ring) > 1 and self.link is None:
             try:
-                await self._form()
+                await self.form()
             except NodeFailure as e:
                 await self._close_transport()
                 raise EngineFailure(str(e), node=e.node.describe() if e.node else None) from None
@@ -172,8 +189,13 @@ class RingEngine(PipelineEngine):
         await super().start()
 
     async def close(self) -> None:
+        """Cancel what still runs, STOP around the ring, collect the hops' statistics."""
         try:
             await super().close()
+            link = self.link
+            if isinstance(link, TcpLink) and link.failed is None and self._http is not None:
+                assert self.run_id is not None
+                self.hops = [link.hop] + await self.starter._collect_hops(self._http, self.run_id)
         finally:
             await self._close_transport()
 
@@ -185,7 +207,9 @@ class RingEngine(PipelineEngine):
             await self._http.aclose()
             self._http = None
 
-    async def _form(self) -> None:
+    async def form(self) -> None:
+        """Configure the nodes and open the data links; raises the starter's errors
+        (NodeFailure naming the node, AuthError, ...) as they are. Before start()."""
         st, ring = self.starter, self.nodes.ring
         config = self.config
         run_id = random.randrange(1, 2**32)
@@ -217,7 +241,6 @@ class RingEngine(PipelineEngine):
                 writer.close()
             await st._release(http, run_id)
             raise
-        self.link = TcpLink(st, http, limits, reader, writer, back,
-                            lambda s: self.first.slots[s].lane, self.opts.timeout)
+        self.link = TcpLink(st, http, limits, reader, writer, back, self.first, self.opts.timeout)
         log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d", len(ring),
                  len(self.sizes), "/".join(map(str, self.sizes)), run_id)

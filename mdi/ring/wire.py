@@ -23,10 +23,11 @@ Header (big-endian, 44 bytes), see docs/wire.md:
 
 A run is either a fixed batch (PREFILL/DECODE/TOKENS/CONTEXT over samples) or a
 sequence run of the engine (ADMIT/RETIRE/PREFILL/SEQ_DECODE/SEQ_TOKENS over
-slots, Limits.sequences); each refuses the other's kinds. SEQ_DECODE and
-SEQ_TOKENS carry only some slots of a lane: their payload starts with a slot
+slots, Limits.sequences); each refuses the other's own kinds. SEQ_DECODE and
+SEQ_TOKENS carry some slots of a lane: their payload starts with a slot
 table, B uint32 slot ids (network order, strictly ascending, the first equal to
-`sample`), then the tensor bytes.
+`sample`), then the tensor bytes. A step of a whole lane needs no table: it
+travels as DECODE/TOKENS, exactly as a fixed batch's group.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class Kind(enum.IntEnum):
     SEQ_TOKENS = 11  # slot table + sampled ids (B,) int64, finisher -> starter
 
 
-FIXED_KINDS = frozenset({Kind.DECODE, Kind.TOKENS, Kind.CONTEXT})
-SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS})
+FIXED_KINDS = frozenset({Kind.CONTEXT})  # refused in sequence runs
+SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS})  # refused in fixed runs
 SLOT_TABLE_KINDS = frozenset({Kind.SEQ_DECODE, Kind.SEQ_TOKENS})
 ADMIT_FIELDS = 4   # seed, top_k (0: none), temperature and top_p as float64 bit patterns
 
