@@ -169,3 +169,20 @@ def test_fuzz_sequence_frames(m, cut, flip):
         except WireError:
             continue
         assert g.encode() == bad
+
+
+def test_init_of_a_sequence_run():
+    """/init with sequences: the groups are lanes of slots, the finisher needs no
+    sampling settings, and the run's limits take sequence frames."""
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import InitError, validate_init
+
+    config = GPTConfig(vocab_size=100, block_size=BS, n_layer=2, n_head=2, n_embd=C)
+    body = {"run_id": 5, "role": "finisher", "start": 1, "stop": 2, "model": config.to_dict(),
+            "groups": [[0, 3], [3, 5]], "next": {"addr": "127.0.0.1", "port": 9},
+            "prev_addr": "127.0.0.1", "sampling": None}
+    with pytest.raises(InitError, match="sampling"):
+        validate_init(InitRequest(**body))
+    _, lim = validate_init(InitRequest(**body, sequences=True))
+    assert lim.sequences and (lim.n_samples, lim.max_batch) == (5, 3)
+    assert decode_frame(to_frame(Retire(4), 5, STAGE).encode(), lim).kind == Kind.RETIRE

@@ -15,6 +15,7 @@ from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
+from .stream import StreamPrinter
 
 log = logging.getLogger("mdi")
 DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
@@ -52,11 +53,14 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
+    # text streams to stdout as it comes (but with --resend-context); --json prints at the end
+    printer = None if args.json or args.resend_context else StreamPrinter(prompts)
+    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
+               desc="generating", leave=False)
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context),
-                      on_step=lambda i: bar.update(1))
+                      on_step=lambda i: bar.update(1), on_event=printer)
     try:
         result = starter.run(ids, args.n_tokens, sampling)
         error = None
@@ -64,6 +68,8 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
         if e.partial is None:
             raise
         result, error = e.partial, e
+        if printer is not None:
+            printer.finish()  # what the other samples produced before the failure
     finally:
         bar.close()
     result.prompts = prompts
@@ -74,7 +80,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
             n = error.node
             result.extra["failed_node"] = {"role": n.role, "index": n.index, "addr": n.addr,
                                            "port": n.port, "port_in": n.port_in}
-    emit(args, result)
+    emit(args, result, printed=printer is not None)
     if not args.json and error is None:
         _print_hops(result)
     if error is not None:

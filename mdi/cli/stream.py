@@ -30,6 +30,11 @@ class StreamPrinter:
             self.done[i] = True
         self._flush()
 
+    def finish(self) -> None:
+        """The run ended early: print every sample's text so far, in order."""
+        self.done = [True] * len(self.prompts)
+        self._flush()
+
     def _flush(self) -> None:
         while self.current < len(self.prompts):
             i = self.current

@@ -252,6 +252,7 @@ class PipelineEngine:
             what = "the pipeline failed" if isinstance(e, (LinkClosed, SlotError)) else \
                 f"the engine failed ({type(e).__name__})"
             failure = EngineFailure(f"{what}: {e}", node=node)
+            failure.__cause__ = e  # drivers that know the backend read the details there
             if not isinstance(e, (LinkClosed, SlotError)):
                 log.error("engine failure", exc_info=e)
         self.failure = failure
