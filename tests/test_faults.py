@@ -167,6 +167,7 @@ def test_node_that_never_comes_up_is_named(tmp_path, ckpt):
     assert out == "" and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_node_refusing_init_fails_the_starter_in_one_line(tmp_path, ring):
     def bad_device(d: dict) -> None:
         d["nodes"]["finisher"]["device"] = "no-such-device:0"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import read_info
 from ..ring.auth import ENV_VAR
-from ..ring.local_cluster import LocalCluster, _child_setup
+from ..ring.local_cluster import LocalCluster, child_setup
 from .models import random_checkpoint
 from .netns import NetnsHosts
 
@@ -171,7 +171,7 @@ class Bench:
         node_pids = [p.pid for p in cluster.procs] if cluster else []
         cpu_before = [_cpu_s(p) for p in node_pids]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                preexec_fn=_child_setup(cpus[0] if cpus else None))
+                                preexec_fn=child_setup(cpus[0] if cpus else None))
         try:
             out, err = proc.communicate(timeout=cfg.run_timeout)
         except subprocess.TimeoutExpired:

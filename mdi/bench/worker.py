@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, _ = load_model(args.ckpt)
         result = generate_timed(model, prompts, args.n_tokens, sampling)
-        result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
+        result.hops = []  # the same keys as a ring run's
     out = result.to_json()
     out.pop("samples", None)
     out["step_times"] = [round(t, 6) for t in result.step_times]

@@ -12,7 +12,7 @@ from ..checkpoint import read_info
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
-from ..results import GenerationResult
+from ..results import GenerationResult, Texts
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
 from .stream import StreamPrinter
@@ -62,24 +62,16 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                                  n_groups=args.micro_batches, resend_context=args.resend_context),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
-        result = starter.run(ids, args.n_tokens, sampling)
+        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))
         error = None
     except NodeFailure as e:
         if e.partial is None:
             raise
-        result, error = e.partial, e
+        result, error = e.partial, e  # the partial result names the failure itself
         if printer is not None:
             printer.finish()  # what the other samples produced before the failure
     finally:
         bar.close()
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
-    if error is not None:
-        result.extra["error"] = str(error)
-        if error.node is not None:
-            n = error.node
-            result.extra["failed_node"] = {"role": n.role, "index": n.index, "addr": n.addr,
-                                           "port": n.port, "port_in": n.port_in}
     emit(args, result, printed=printer is not None)
     if not args.json and error is None:
         _print_hops(result)
@@ -90,11 +82,11 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
 
 
 def _print_hops(result: GenerationResult) -> None:
-    for h in result.extra.get("hops", []):
-        print(f"  {h['from']} -> {h['to']}: {h['bytes_per_token']:.1f} bytes/token after prefill, "
-              f"{h['prefill_bytes']} bytes of prefill", file=sys.stderr)
+    for h in result.hops or []:
+        print(f"  {h.src} -> {h.dst}: {round(h.bytes_per_token, 3):.1f} bytes/token after prefill, "
+              f"{h.prefill_bytes} bytes of prefill", file=sys.stderr)
     if result.n_nodes > 1:
-        print(f"  bytes per hop per token (activations): {result.extra['bytes_per_hop_per_token']:.1f}",
+        print(f"  bytes per hop per token (activations): {result.bytes_per_hop_per_token:.1f}",
               file=sys.stderr)
 
 

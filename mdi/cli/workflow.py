@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, load_model, read_info
 from ..model import GPTConfig
+from ..results import Texts
 from .common import (DTYPES, UsageError, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
 
@@ -75,9 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with bar:
         result = generate_local(
             lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
-            ids, args.n_tokens, sampling, on_event)
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
+            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts))
     emit(args, result, printed=printer is not None)
     return 0
 

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from ..generate.sampling import SamplingConfig, sample_seed
-from ..results import GenerationResult
+from ..results import GenerationResult, Texts
 from .api import Event, SeqParams
 from .scheduler import PipelineEngine, Sequence
 
@@ -47,24 +47,24 @@ async def run_sequences(engine: PipelineEngine, prompts: list[list[int]], params
 
 
 def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
-                 n_layers: int, block_size: int) -> GenerationResult:
+                 n_layers: int, block_size: int, texts: Texts | None = None) -> GenerationResult:
     """GenerationResult of a fixed batch: step i ends when every sample has token i."""
     steps = min(len(s.stats.token_times) for s in seqs)
     times = [max(s.stats.token_times[i] for s in seqs) - t0 for i in range(steps)]
-    return GenerationResult(samples=[], prompts=[], tokens=[list(s.generated) for s in seqs],
-                            n_tokens=n_tokens, gen_time_s=elapsed, step_times=times,
-                            n_layers=n_layers, block_size=block_size)
+    return GenerationResult.build([list(s.generated) for s in seqs], texts, n_tokens=n_tokens,
+                                  gen_time_s=elapsed, step_times=times, n_layers=n_layers,
+                                  block_size=block_size)
 
 
 def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[list[int]],
-                   n_tokens: int, sampling: SamplingConfig, on_event: OnEvent | None = None
-                   ) -> GenerationResult:
+                   n_tokens: int, sampling: SamplingConfig, on_event: OnEvent | None = None,
+                   texts: Texts | None = None) -> GenerationResult:
     """Run a fixed batch on an engine made inside the event loop (sync entry point)."""
     async def main() -> GenerationResult:
         engine = engine_factory()
         seqs, t0, elapsed = await run_sequences(
             engine, prompts, batch_params(len(prompts), n_tokens, sampling), on_event)
         c = engine.config
-        return batch_result(seqs, t0, elapsed, n_tokens, c.n_layer, c.block_size)
+        return batch_result(seqs, t0, elapsed, n_tokens, c.n_layer, c.block_size, texts)
 
     return asyncio.run(main())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generate import step
 from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
 from ..model import GPT, KVCache
 from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
@@ -106,8 +107,7 @@ class SlotStage:
         if not 1 <= t <= self.stage.config.block_size:
             raise SlotError(f"prefill of {t} tokens, block_size is {self.stage.config.block_size}")
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
-        pos = torch.arange(t, device=self.device)[None]
-        h = self.stage(x, pos, self.caches[s.lane].rows(s.row, s.row + 1), logits=False)
+        h = step.prefill(self.stage, self.caches[s.lane], s.row, x)
         s.position = t
         return None if self.stage.has_head else h
 
@@ -135,13 +135,12 @@ class SlotStage:
             j = i + 1
             while j < len(rows) and rows[j] == rows[j - 1] + 1:
                 j += 1
-            pos = torch.tensor([slots[k].position for k in range(i, j)], device=self.device)[:, None]
-            outs.append(self.stage(x[i:j], pos, cache.rows(rows[i], rows[j - 1] + 1)))
+            outs.append(step.decode(self.stage, cache.rows(rows[i], rows[j - 1] + 1), x[i:j],
+                                    [slots[k].position for k in range(i, j)]))
             i = j
         for s in slots:
             s.position += 1
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return out[:, -1] if self.stage.has_head else out
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def sample(self, slots: tuple[int, ...], logits: torch.Tensor) -> tuple[int, ...]:
         """One token per slot from logits (B, V), each with its own parameters and stream."""

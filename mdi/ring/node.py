@@ -33,9 +33,11 @@ import torch
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
+from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
-from .auth import AuthError, answer, bounded, challenge
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
 from .seq_frames import to_frame, to_message
@@ -213,7 +215,7 @@ class NodeRuntime:
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is not None:
             raise InitError("weights: already loaded for this run")
         req = run.req
@@ -276,13 +278,14 @@ class NodeRuntime:
             raise InitError(f"{where}: {host!r} has no IP address")
         return ips
 
-    def _current(self, run_id: int) -> Run:
+    def current_run(self, run_id: int) -> Run:
+        """The configured run, if it is run_id (InitError otherwise)."""
         if self.run is None or self.run.req.run_id != run_id:
             raise InitError(f"run_id: {run_id} is not the configured run")
         return self.run
 
     async def connect(self, run_id: int) -> dict:
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is None:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next
@@ -413,21 +416,19 @@ class NodeRuntime:
             return self._compute_seq(run, run.slots, frame)
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
-        p = next(stage.parameters())
-        x = frame.tensor.to(p.device, copy=True)  # aligned memory, as in single-device runs
+        device = next(stage.parameters()).device
+        x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
         if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
-            out = stage(x)
+            out = forward_context(stage, x)
             if not run.is_finisher:
                 return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
             assert run.sampling is not None
-            tok = sample_rows(out[:, -1], run.sampling, run.generators[frame.sample:frame.sample + 1])
+            tok = sample_rows(out, run.sampling, run.generators[frame.sample:frame.sample + 1])
             return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
         if frame.kind == Kind.PREFILL:
             gi, row = run.group_of[frame.sample]
-            t = x.shape[1]
-            pos = torch.arange(t, device=p.device)[None]
-            h = stage(x, pos, run.caches[gi].rows(row, row + 1), logits=False)
-            run.positions[frame.sample] = t
+            h = prefill(stage, run.caches[gi], row, x)
+            run.positions[frame.sample] = x.shape[1]
             if run.is_finisher:
                 return None
             return Frame(Kind.PREFILL, run.req.run_id, frame.sample, 0, h)
@@ -442,14 +443,13 @@ class NodeRuntime:
             raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
         if max(positions) >= run.config.block_size:
             raise WireError("DECODE past block_size without a prefill")
-        pos = torch.tensor(positions, device=p.device)[:, None]
-        out = stage(x, pos, run.caches[gi])
+        out = decode(stage, run.caches[gi], x, positions)
         for s in range(a, b):
             run.positions[s] += 1
         if not run.is_finisher:
             return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
         assert run.sampling is not None
-        tokens = sample_rows(out[:, -1], run.sampling, run.generators[a:b])
+        tokens = sample_rows(out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
 
     def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:

@@ -28,10 +28,11 @@ from ..engine.scheduler import PipelineEngine
 from ..engine.slots import SlotError, SlotStage
 from ..model.dtypes import DTYPES
 from ..tokenizer import Tokenizer
-from .auth import bounded
+from .aio import bounded
 from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
-from .starter import HopStats, NodeFailure, RunOptions, Starter, plan_shards
+from ..results import HopStats
+from .starter import NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
