@@ -48,7 +48,7 @@ def ring_engine(model: GPT, max_seqs: int, n_stages: int = 3, delay: float = 0.0
     stages = stages_of(model, cuts)
     sizes = lane_sizes(max_seqs, n_stages)
     link = MemoryLink([SlotStage(s, sizes) for s in stages[1:]], delay=delay,
-                      fail_at=kw.pop("fail_at", None))
+                      fail_at=kw.pop("fail_at", None), hop=kw.pop("hop", None))
     return PipelineEngine(stages[0], TOK.decode, max_seqs, n_stages, link, **kw), link
 
 
@@ -196,7 +196,7 @@ def test_cancel_waiting_and_running_frees_the_slot(model):
 def test_full_queue_raises_engine_busy(model):
     async def main():
         engine = LocalEngine(model, TOK, max_seqs=1, max_queue=2, retry_after=3.0)
-        seqs = [engine.submit(PROMPTS[0], greedy(3)) for _ in range(2)]
+        seqs = [engine.submit(PROMPTS[0], greedy(3)) for _ in range(3)]  # 1 slot + 2 waiting
         with pytest.raises(EngineBusy, match="queue holds 2") as e:
             engine.submit(PROMPTS[0], greedy(3))
         assert e.value.retry_after == 3.0
@@ -206,7 +206,17 @@ def test_full_queue_raises_engine_busy(model):
         finally:
             await engine.close()
 
-    assert [r[2] for r in asyncio.run(main())] == ["length", "length"]
+    assert [r[2] for r in asyncio.run(main())] == ["length"] * 3
+
+    async def no_queue():  # max_queue 0: as many as there are free slots, no more
+        engine = LocalEngine(model, TOK, max_seqs=2, max_queue=0)
+        engine.submit(PROMPTS[0], greedy(3))
+        engine.submit(PROMPTS[1], greedy(3))
+        with pytest.raises(EngineBusy):
+            engine.submit(PROMPTS[2], greedy(3))
+        await engine.close()
+
+    asyncio.run(no_queue())
 
 
 def test_bad_prompt_and_seed_are_refused(model):
@@ -250,6 +260,31 @@ def test_ring_fixed_batch_sampled_equals_single_device(model):
         return [s.generated for s in seqs]
 
     assert asyncio.run(main()) == want
+
+
+def test_ring_through_the_wire_format(model):
+    """Every message crosses each hop as data-plane bytes (encoded, checked, decoded):
+    whole lanes as DECODE/TOKENS, partial ones as SEQ_DECODE/SEQ_TOKENS."""
+    from mdi.ring.seq_frames import to_frame, to_message
+    from mdi.ring.wire import DTYPE_CODES, Kind, Limits, decode_frame
+
+    sizes = lane_sizes(5, 2)
+    lim = Limits(3, model.config.n_embd, model.config.block_size, 5, DTYPE_CODES[torch.float32],
+                 max(sizes), sequences=True)
+    kinds = []
+
+    def hop(m, stage):
+        f = decode_frame(to_frame(m, 3, stage).encode(), lim)
+        kinds.append(f.kind)
+        return to_message(f, stage)
+
+    engine, _ = ring_engine(model, 5, n_stages=2, hop=hop)
+    lengths = [6, 20, 3, 11, 14]
+    results = asyncio.run(run_all(engine, PROMPTS[:5], [greedy(n) for n in lengths]))
+    for p, n, (toks, _, _) in zip(PROMPTS, lengths, results):
+        assert toks == alone(model, p, n)
+    assert {Kind.ADMIT, Kind.RETIRE, Kind.PREFILL, Kind.DECODE, Kind.TOKENS, Kind.SEQ_DECODE,
+            Kind.SEQ_TOKENS} <= set(kinds)
 
 
 def test_ring_decode_frames_carry_only_active_slots(model):

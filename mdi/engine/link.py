@@ -11,7 +11,7 @@ processes.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .messages import Message, Tokens
 from .slots import SlotStage
@@ -40,15 +40,20 @@ class MemoryLink:
 
     `delay` (seconds per message per stage) lets tests make stages slow, so
     several lanes are really in flight at once. `fail_at` makes stage i raise
-    after handling that many messages (a dead node)."""
+    after handling that many messages (a dead node). `hop` (message, the stage
+    whose lanes apply) is applied to every message that crosses a hop, e.g. a
+    round trip through the wire format."""
 
     def __init__(self, stages: list[SlotStage], delay: float = 0.0,
-                 fail_at: tuple[int, int] | None = None) -> None:
+                 fail_at: tuple[int, int] | None = None,
+                 hop: Callable[[Message | Tokens, SlotStage], Message | Tokens] | None = None
+                 ) -> None:
         if not stages or not stages[-1].stage.has_head:
             raise ValueError("a MemoryLink needs the stages after the first, the last with the head")
         self.stages = stages
         self.delay = delay
         self.fail_at = fail_at
+        self.hop = hop
         self.queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(stages) + 1)]
         self.tasks: list[asyncio.Task] = []
         self.handled = [0] * len(stages)
@@ -71,6 +76,8 @@ class MemoryLink:
                     await asyncio.sleep(self.delay)
                 if self.fail_at is not None and self.fail_at == (i, self.handled[i]):
                     raise LinkClosed(f"node {i + 1} stopped answering", node=f"node {i + 1}")
+                if self.hop is not None:
+                    m = self.hop(m, self.stages[i])
                 out = self.stages[i].handle(m)
                 self.handled[i] += 1
             except Exception as e:  # noqa: BLE001 - the fake node dies, the engine hears of it
@@ -92,7 +99,7 @@ class MemoryLink:
             e = self.error
             raise LinkClosed(f"the ring closed: {e}" if e else "the ring closed",
                              node=getattr(e, "node", None))
-        return m
+        return self.hop(m, self.stages[-1]) if self.hop is not None else m
 
     async def close(self) -> None:
         """Let every stage handle what was sent (as STOP does on the ring), then stop."""

@@ -107,7 +107,8 @@ class PipelineEngine:
     first: the first stage (the whole model when link is None).
     decode: token ids -> text (Tokenizer.decode), for stop strings and Event.text.
     max_seqs: sequences running at once (KV slots). max_queue: sequences waiting
-    for a slot before submit raises EngineBusy (default 4 * max_seqs).
+    for a slot (beyond the free ones) before submit raises EngineBusy (default
+    4 * max_seqs; 0: only as many as there are free slots).
     """
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
@@ -177,9 +178,11 @@ class PipelineEngine:
                              f"{self.config.vocab_size}")
         if params.seed is not None and not 0 <= params.seed < 2**63:
             raise ValueError(f"seed must be in 0..2**63-1, got {params.seed}")
-        if len(self.waiting) >= self.max_queue:
-            raise EngineBusy(f"{len(self.waiting)} sequences are waiting (the queue holds "
-                             f"{self.max_queue}); try again later", self.retry_after)
+        free = self.first.n_slots - self.running  # taken at the next step boundary
+        if len(self.waiting) >= free + self.max_queue:
+            raise EngineBusy(f"{self.max_seqs} sequences are running and {self.queued - free} "
+                             f"waiting (the queue holds {self.max_queue}); try again later",
+                             self.retry_after)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(self, self._next_id, list(prompt), params, seed, self.decode)
         self._next_id += 1

@@ -182,11 +182,9 @@ class RingEngine(PipelineEngine):
             try:
                 await self.form()
             except NodeFailure as e:
-                await self._close_transport()
-                raise EngineFailure(str(e), node=e.node.describe() if e.node else None) from None
-            except BaseException:
-                await self._close_transport()
-                raise
+                raise EngineFailure(str(e), node=e.node.describe() if e.node else None) from e
+            except (RuntimeError, OSError, ValueError) as e:  # refused /init, token, port
+                raise EngineFailure(str(e)) from e
         await super().start()
 
     async def close(self) -> None:
@@ -210,7 +208,15 @@ class RingEngine(PipelineEngine):
 
     async def form(self) -> None:
         """Configure the nodes and open the data links; raises the starter's errors
-        (NodeFailure naming the node, AuthError, ...) as they are. Before start()."""
+        (NodeFailure naming the node, AuthError, ...) as they are, leaving nothing
+        open (the nodes that took part are told to drop the run). Before start()."""
+        try:
+            await self._form()
+        except BaseException:
+            await self._close_transport()
+            raise
+
+    async def _form(self) -> None:
         st, ring = self.starter, self.nodes.ring
         config = self.config
         run_id = random.randrange(1, 2**32)
