@@ -32,7 +32,7 @@ from mdi.ring import local_cluster
 from mdi.ring.local_cluster import child_setup, free_ports
 from mdi.ring.nodes_config import NodesConfig, NodeSpec, load_nodes_config, local_nodes_config
 from mdi.ring.partition import Shard
-from mdi.ring.weights_stream import shard_bytes
+from mdi.checkpoint.stream import shard_bytes
 from mdi.ring.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer

@@ -273,7 +273,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     from mdi.ring.messages import InitRequest
     from mdi.ring.node import NodeRuntime
     from mdi.ring.partition import Shard
-    from mdi.ring.weights_stream import shard_bytes
+    from mdi.checkpoint.stream import shard_bytes
     from mdi.ring.auth import challenge
     from mdi.ring.wire import Frame, Kind, read_frame
 
@@ -340,7 +340,7 @@ def test_next_node_closing_its_link_drops_the_run(ckpt, caplog):
     from mdi.ring.messages import InitRequest
     from mdi.ring.node import NodeRuntime
     from mdi.ring.partition import Shard
-    from mdi.ring.weights_stream import shard_bytes
+    from mdi.checkpoint.stream import shard_bytes
 
     cfg = local_nodes_config(2, free_ports(4))
     config = read_info(ckpt).config

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import ENV_VAR
 from ..ring.local_cluster import LocalCluster, child_setup
 from .models import random_checkpoint
@@ -126,7 +126,7 @@ class Bench:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
-        self.info = read_info(self.ckpt)
+        self.info = open_checkpoint(self.ckpt)
         self.variants = variants(cfg)
         self.max_nodes = max(v.n_nodes for v in self.variants)
 
@@ -155,7 +155,7 @@ class Bench:
     def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
              hosts: NetnsHosts | None) -> dict:
         cfg = self.cfg
-        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()),
+        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()) if Path(self.ckpt).exists() else self.ckpt,
                "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
                "--threads", str(threads_for(v.n_nodes, cfg.isolate, self.max_nodes)),
                "--seed", str(cfg.seed + run)]

@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-from ..checkpoint import load_stage, read_info
+from ..checkpoint import load_stage, open_checkpoint
 from ..engine.api import EngineFailure
 from ..engine.link import LinkClosed
 from ..engine.messages import Decode, Message, Prefill, Tokens
@@ -160,11 +160,11 @@ class RingEngine(PipelineEngine):
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
                  retry_after: float = 1.0, lanes: int | None = None) -> None:
         self.opts = opts or RunOptions()
-        info = read_info(ckpt)
-        self.shards = plan_shards(nodes, info.config.n_layer)
-        stage, _ = load_stage(ckpt, 0, self.shards[0].stop, device=self.opts.device,
+        ck = open_checkpoint(ckpt)
+        self.shards = plan_shards(nodes, ck.config.n_layer)
+        stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
-        tokenizer = tokenizer or info.tokenizer()
+        tokenizer = tokenizer or ck.tokenizer()
         super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),
                          link=None, max_queue=max_queue, retry_after=retry_after)
         self.tokenizer = tokenizer

@@ -25,20 +25,20 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import torch
 
-from ..checkpoint import load_stage, read_info
+from ..checkpoint import load_stage, open_checkpoint
 from ..engine.api import EngineFailure, Event
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT
+from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
 from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
-from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Starter:
         if not self.opts.resend_context:
             return await self._run_engine(prompts, n_tokens, sampling, texts)
         ring = self.nodes.ring
-        config = read_info(self.ckpt).config
+        config = open_checkpoint(self.ckpt).config
         shards = plan_shards(self.nodes, config.n_layer)
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])

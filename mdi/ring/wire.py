@@ -19,7 +19,7 @@ Header (big-endian, 44 bytes), see docs/wire.md:
     position I   position of the first token (PREFILL) / of the first sample (DECODE)
     shape    3I  dims, unused ones 0
     length   Q   payload bytes that follow
-    reserved 4x
+    reserved 4x  zero; a frame with any other value is refused
 
 A run is either a fixed batch (PREFILL/DECODE/TOKENS/CONTEXT over samples) or a
 sequence run of the engine (ADMIT/RETIRE/PREFILL/SEQ_DECODE/SEQ_TOKENS over
@@ -43,6 +43,7 @@ MAGIC = b"MDI\x00"
 VERSION = 1
 HEADER = struct.Struct("!4sBBBBIII3IQ4x")
 HEADER_SIZE = HEADER.size
+RESERVED = slice(HEADER_SIZE - 4, HEADER_SIZE)  # the 4 pad bytes: zero (struct ignores them)
 MAX_CONTROL_PAYLOAD = 256  # handshake frames
 
 
@@ -169,6 +170,8 @@ def parse_header(data: bytes) -> Header:
     dims = (d0, d1, d2)
     if any(dims[ndim:]):
         raise WireError(f"unused shape dims must be 0, got {dims} for ndim {ndim}")
+    if data[RESERVED] != bytes(4):
+        raise WireError(f"reserved header bytes must be 0, got {data[RESERVED]!r}")
     return Header(kind, dtype, run_id, sample, position, dims[:ndim], length)
 
 
