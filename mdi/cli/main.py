@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, convert, ring, workflow
+from . import bench, convert, ring, serve, workflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.register(sub)
     ring.register(sub)
     bench.register(sub)
+    serve.register(sub)
     return p
 
 

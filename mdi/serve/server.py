@@ -1,0 +1,53 @@
+"""Running the app with uvicorn: in the foreground (`mdi serve`) or in a background thread
+on a free loopback port (tests, `mdi serve-bench`)."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("mdi.serve")
+
+
+def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan)."""
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """`with BackgroundServer(app) as srv: srv.url ...`: uvicorn in a thread of its own,
+    bound before it starts (no port race), stopped and joined on exit."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name=f"uvicorn:{self.port}", daemon=True)
+        self.start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the API server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
