@@ -353,4 +353,4 @@ def test_page_is_self_contained(server):
     assert js.status_code == 200
     for body in (r.text, js.text):
         assert "http://" not in body and "https://" not in body   # no CDN, no external fonts
-    assert "/v1/chat/completions" in js.text
+    assert "v1/chat/completions" in js.text
