@@ -163,6 +163,18 @@ def test_chat_without_template_is_400(char_tokenizer):
         assert client(srv).completions.create(model=MODEL, prompt="a", max_tokens=2).choices
 
 
+def test_chat_template_override_and_its_refusals(char_tokenizer):
+    tpl = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be from "
+           "the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with make_server(char_tokenizer, chat_template=tpl) as srv:
+        with pytest.raises(openai.BadRequestError) as e:
+            client(srv).chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert "first message must be from the user" in e.value.message and e.value.param == "messages"
+        r = client(srv).chat.completions.create(model=MODEL, messages=MESSAGES[1:], max_tokens=4,
+                                                temperature=0)
+        assert r.choices[0].message.content == greedy_text(char_tokenizer.encode("Hi there\n"), 4)
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, param", [
@@ -307,6 +319,16 @@ def test_disconnect_cancels_the_sequence(tok):
         # the connection is closed: the server must cancel the sequence and free its slot
         wait_for(lambda: engine.running == 0 and engine.handles[-1].cancelled)
         assert engine.handles[-1].stats.n_generated < 100000
+
+
+def test_disconnect_cancels_a_non_streaming_request(tok):
+    with make_server(tok, lambda: FakeEngine(tok, step_s=0.01)) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+                       json={"model": MODEL, "prompt": "a", "max_tokens": 100000})
+        engine = engine_of(srv)
+        wait_for(lambda: engine.running == 0 and engine.handles[-1].cancelled)
+        assert engine.handles[-1].stats.n_generated < 1000
 
 
 def test_metrics(tok):

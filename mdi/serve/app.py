@@ -200,13 +200,28 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         except ValueError as e:  # SeqParams / the engine refusing a prompt (e.g. too long)
             raise oa.ApiError(400, str(e), param="prompt") from None
 
-    async def finish(run: Run, engine: Engine) -> None:
+    async def finish(run: Run, engine: Engine, request: Request) -> bool:
+        """Generate to the end; False when the client went away first (the sequences are
+        then cancelled: a non-streaming request holds its slots only while someone waits)."""
+        collect = asyncio.ensure_future(run.collect())
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await run.collect()
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+        try:
+            await collect
+        except asyncio.CancelledError:
+            log.info("client went away before its completion was done; cancelled it")
+            return False
         except EngineFailure as e:
             metrics.failures.inc()
             holder.failed(engine, e)
             raise failure_error(e) from None
+        return True
 
     async def stream(run: Run, engine: Engine, first: Callable[[int], list[dict]],
                      chunk: Callable[[int, str, str | None], dict],
@@ -227,6 +242,9 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
             metrics.failures.inc()
             holder.failed(engine, e)
             yield event(failure_error(e).body())
+        except Exception:  # noqa: BLE001 - the status is sent already: report in the stream
+            log.exception("streaming a response failed")
+            yield event(oa.ApiError(500, "internal error while streaming", type="server_error").body())
         yield DONE
 
     @app.get("/health")
@@ -281,7 +299,8 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
             return EventStreamResponse(stream(
                 run, engine, lambda i: [],
                 lambda i, text, fin: oa.completion_chunk(rid, at, name, i, text, fin), usage))
-        await finish(run, engine)
+        if not await finish(run, engine, request):
+            return Response(status_code=499)   # nobody reads it; nginx's "client closed request"
         return JSONResponse(oa.completion(rid, at, name,
                                           [c.text for c in run.choices],
                                           [c.finish_reason or "stop" for c in run.choices],
@@ -313,13 +332,21 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
                 lambda i: [oa.chat_chunk(rid, at, name, i, {"role": "assistant", "content": ""}, None)],
                 lambda i, text, fin: oa.chat_chunk(rid, at, name, i,
                                                    {"content": text} if text else {}, fin), usage))
-        await finish(run, engine)
+        if not await finish(run, engine, request):
+            return Response(status_code=499)
         return JSONResponse(oa.chat_completion(rid, at, name,
                                                [c.text for c in run.choices],
                                                [c.finish_reason or "stop" for c in run.choices],
                                                len(prompt), run.completion_tokens))
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read already, so the next ASGI
+    message can only be the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _MetricsMiddleware:
