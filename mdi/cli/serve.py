@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ..model.dtypes import DTYPES
@@ -45,6 +46,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from ..bench.serve_load import LoadConfig, run_load, write_csv, write_plot
+
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated counts, got {args.concurrency!r}") from None
+    out = Path(args.out)
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            if not args.model_name:
+                raise ValueError("--url needs --model-name (the id the server serves)")
+            url, name, label = args.url.rstrip("/"), args.model_name, args.url
+        else:  # our own server, in this process, on a free loopback port
+            from ..serve import BackgroundServer, ServeConfig, create_app
+            from ..serve.backend import BackendOptions, engine_factory
+
+            opts = BackendOptions(ckpt=args.ckpt, nodes=args.nodes, max_seqs=args.max_seqs,
+                                  batch_invariant=args.batch_invariant)
+            factory, tok = engine_factory(opts)
+            name = args.model_name or Path(args.ckpt.rstrip("/")).name
+            srv = stack.enter_context(BackgroundServer(create_app(factory, tok, ServeConfig(name))))
+            url, label = srv.url, f"{name}, {args.nodes} node(s), max-seqs {args.max_seqs}"
+        cfg = LoadConfig(url=url, model=name, api_key=args.api_key or os.environ.get("MDI_API_KEY"),
+                         concurrency=levels, requests_per_client=args.requests,
+                         max_tokens=args.max_tokens, prompt=args.prompt)
+        rows = run_load(cfg)
+    files = [write_csv(rows, out / "serve_load.csv"),
+             write_plot(rows, out / "serve_load.png", f"mdi serve: {label}")]
+    (out / "serve_load.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}")
+    for r in rows:
+        print(f"{r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['itl_p50_s']:>8.4f} "
+              f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}")
+    for f in files:
+        print(f, file=sys.stderr)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API (completions, chat, streaming) and a chat page")
     p.add_argument("--ckpt", required=True, help="checkpoint directory")
@@ -69,3 +114,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("serve-bench", help="load benchmark of the API: req/s, TTFT, ITL, tokens/s "
+                                           "at several concurrencies (CSV + plot)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (with --model-name)")
+    src.add_argument("--ckpt", help="start a server on this checkpoint in-process")
+    b.add_argument("--model-name", default=None)
+    b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
+    b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
+    b.add_argument("--batch-invariant", action="store_true")
+    b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
+    b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")
+    b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--prompt", default="\n")
+    b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
+    b.set_defaults(func=cmd_serve_bench)
