@@ -376,3 +376,28 @@ def test_page_is_self_contained(server):
     for body in (r.text, js.text):
         assert "http://" not in body and "https://" not in body   # no CDN, no external fonts
     assert "v1/chat/completions" in js.text
+
+
+def test_event_stream_closes_on_disconnect_even_before_the_first_chunk():
+    import asyncio
+
+    from mdi.serve.sse import EventStreamResponse
+
+    closed = []
+
+    async def body():
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(3600)      # a client that reads nothing
+
+    async def main():
+        resp = EventStreamResponse(body(), on_close=lambda: closed.append(1))
+        await asyncio.wait_for(resp({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send), 5)
+
+    asyncio.run(main())
+    assert closed == [1]

@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import inspect
 import logging
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
@@ -232,10 +232,11 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
             for i in range(len(run.handles)):
                 for c in first(i):
                     yield event(c)
-            async for i, ev in run.events():
-                finish = ev.finish_reason if ev.finish_reason in ("stop", "length") else None
-                if ev.text or finish is not None:
-                    yield event(chunk(i, ev.text, finish))
+            async with aclosing(run.events()) as events:  # closed (sequences cancelled) on any exit
+                async for i, ev in events:
+                    finish = ev.finish_reason if ev.finish_reason in ("stop", "length") else None
+                    if ev.text or finish is not None:
+                        yield event(chunk(i, ev.text, finish))
             if usage is not None:
                 yield event(usage(run.completion_tokens))
         except EngineFailure as e:
@@ -298,7 +299,8 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
                 usage = lambda k: oa.usage_chunk(rid, at, name, "text_completion", n_prompt, k)  # noqa: E731
             return EventStreamResponse(stream(
                 run, engine, lambda i: [],
-                lambda i, text, fin: oa.completion_chunk(rid, at, name, i, text, fin), usage))
+                lambda i, text, fin: oa.completion_chunk(rid, at, name, i, text, fin), usage),
+                on_close=run.cancel)
         if not await finish(run, engine, request):
             return Response(status_code=499)   # nobody reads it; nginx's "client closed request"
         return JSONResponse(oa.completion(rid, at, name,
@@ -331,7 +333,8 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
                 run, engine,
                 lambda i: [oa.chat_chunk(rid, at, name, i, {"role": "assistant", "content": ""}, None)],
                 lambda i, text, fin: oa.chat_chunk(rid, at, name, i,
-                                                   {"content": text} if text else {}, fin), usage))
+                                                   {"content": text} if text else {}, fin), usage),
+                on_close=run.cancel)
         if not await finish(run, engine, request):
             return Response(status_code=499)
         return JSONResponse(oa.chat_completion(rid, at, name,

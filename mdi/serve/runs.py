@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -78,8 +79,9 @@ class Run:
                     if ev.finish_reason is not None:
                         break
                 return
-            async for item in self._merged():
-                yield item
+            async with aclosing(self._merged()) as merged:
+                async for item in merged:
+                    yield item
         finally:
             self.cancel()
 
@@ -116,5 +118,6 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def collect(self) -> None:
-        async for _ in self.events():
-            pass
+        async with aclosing(self.events()) as events:
+            async for _ in events:
+                pass
