@@ -185,7 +185,7 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         return SeqParams(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k,
                          top_p=req.top_p, seed=seed, stop=req.stop_list(), stop_ids=stop_ids)
 
-    def start_run(prompts: list[list[int]], params: list[SeqParams]) -> tuple[Run, Engine]:
+    def start_run(prompts: list[list[int]], params: list[SeqParams], param: str) -> tuple[Run, Engine]:
         engine = holder.get()
         try:
             return Run(engine, prompts, params, metrics), engine
@@ -198,7 +198,7 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
             holder.failed(engine, e)
             raise failure_error(e) from None
         except ValueError as e:  # SeqParams / the engine refusing a prompt (e.g. too long)
-            raise oa.ApiError(400, str(e), param="prompt") from None
+            raise oa.ApiError(400, str(e), param=param) from None
 
     async def finish(run: Run, engine: Engine, request: Request) -> bool:
         """Generate to the end; False when the client went away first (the sequences are
@@ -290,7 +290,7 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         max_tokens = req.max_tokens or 16
         prompts = [p for p in encoded for _ in range(req.n)]    # choice index = prompt * n + i
         params = [seq_params(req, max_tokens, i % req.n) for i in range(len(prompts))]
-        run, engine = start_run(prompts, params)
+        run, engine = start_run(prompts, params, "prompt")
         rid, at, name = oa.new_id("cmpl"), oa.now(), config.model_name
         n_prompt = sum(len(p) for p in encoded)
         if req.stream:
@@ -322,7 +322,8 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
                     for i, m in enumerate(req.messages)]
         prompt = encode(template.render(messages), "messages")
         max_tokens = req.token_budget() or config.default_max_tokens
-        run, engine = start_run([prompt] * req.n, [seq_params(req, max_tokens, i) for i in range(req.n)])
+        run, engine = start_run([prompt] * req.n, [seq_params(req, max_tokens, i) for i in range(req.n)],
+                                "messages")
         rid, at, name = oa.new_id("chatcmpl"), oa.now(), config.model_name
         if req.stream:
             usage = None
