@@ -1,11 +1,16 @@
-"""Chat messages to a prompt with the model's Jinja chat template (as Hugging Face renders
-them: a sandboxed environment, `raise_exception`, `add_generation_prompt=True`)."""
+"""Chat messages to a prompt with the model's Jinja chat template, rendered as Hugging Face
+`apply_chat_template` renders it (templates are untrusted code: an immutable sandbox; the
+same globals `raise_exception`, `strftime_now`, a `namespace` refusing underscore names,
+the `tojson` filter that does not escape HTML, the `{% generation %}` tag), with
+`add_generation_prompt=True`."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .openai_schema import ApiError
@@ -25,11 +30,45 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
                       sort_keys=sort_keys)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's namespace() without underscore attributes (no way to CPython internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja's own signature trick
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` (HF's assistant-token mask): rendered as is."""
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=[_Generation, "jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.globals["namespace"] = _Namespace
         env.filters["tojson"] = _tojson
         try:
             self.template = env.from_string(source)
