@@ -230,6 +230,14 @@ def test_error_shape_unknown_model_and_bad_json(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_body_size_limit(tok):
+    with make_server(tok, max_body_bytes=1000) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "a" * 2000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200
+
+
 def test_api_key(tok):
     with make_server(tok, api_key="s3cret") as srv:
         with pytest.raises(openai.AuthenticationError) as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import json
 import logging
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class ServeConfig:
     default_max_tokens: int = 256       # chat requests without max_tokens (completions: 16, as OpenAI)
     chat_template: str | None = None    # overrides the tokenizer's
     rebuild_retry_s: float = 2.0        # wait between failed attempts to rebuild the engine
+    max_body_bytes: int = 8 << 20       # larger request bodies get 413 (read no further)
 
 
 class EngineHolder:
@@ -158,8 +160,14 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
                                    f"{config.model_name!r}", param="model", code="model_not_found")
 
     async def json_body(request: Request) -> Any:
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it comes: chunked bodies too
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise oa.ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes",
+                                  code="request_too_large")
         try:
-            return await request.json()
+            return json.loads(body)
         except ValueError:
             raise oa.ApiError(400, "the request body is not valid JSON") from None
 
