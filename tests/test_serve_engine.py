@@ -21,7 +21,7 @@ from mdi.model import GPTConfig
 from mdi.serve import BackgroundServer, ServeConfig, create_app
 
 pytest.importorskip("mdi.engine.local", reason="the local engine is not in this tree yet")
-from mdi.serve.backend import BackendOptions, engine_factory  # noqa: E402
+from mdi.serve.backend import BackendOptions, open_backend  # noqa: E402
 
 MODEL = "tiny-random"
 BUNDLED = REPO / "models" / "shakespeare-char"
@@ -36,9 +36,9 @@ def ckpt(tmp_path_factory, char_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    factory, tok = engine_factory(BackendOptions(ckpt=str(ckpt), max_seqs=8, queue=64))
-    with BackgroundServer(create_app(factory, tok, ServeConfig(model_name=MODEL))) as srv:
-        yield srv
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, queue=64)) as backend:
+        with BackgroundServer(create_app(backend.factory, backend.tokenizer, ServeConfig(MODEL))) as srv:
+            yield srv
 
 
 def client(srv) -> openai.OpenAI:

@@ -15,7 +15,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import ServeConfig, create_app, serve
-    from ..serve.backend import BackendOptions, engine_factory
+    from ..serve.backend import open_backend
     from .common import set_threads
 
     if not 0 < args.port < 65536:
@@ -33,17 +33,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
                     "(set --api-key or MDI_API_KEY)", args.host)
     set_threads(args.threads)
-    opts = BackendOptions(ckpt=args.ckpt, nodes=args.nodes, nodes_config=args.nodes_config,
-                          max_seqs=args.max_seqs, queue=args.queue,
-                          batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype)
-    factory, tokenizer = engine_factory(opts)
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
                          chat_template=template)
-    app = create_app(factory, tokenizer, config)
-    log.info("model %r: http://%s:%d/ (chat page), /v1 (OpenAI API)", name, args.host, args.port)
-    serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+    with open_backend(backend_options(args)) as backend:
+        app = create_app(backend.factory, backend.tokenizer, config)
+        log.info("%s; model %r at http://%s:%d/ (chat page) and /v1 (OpenAI API)", backend.description,
+                 name, args.host, args.port)
+        serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
     return 0
+
+
+def backend_options(args: argparse.Namespace):  # -> BackendOptions
+    from ..serve.backend import BackendOptions
+
+    return BackendOptions(ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
+                          max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
+                          batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+                          token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
+                          timeout=args.timeout, threads=args.threads)
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -64,13 +72,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
             url, name, label = args.url.rstrip("/"), args.model_name, args.url
         else:  # our own server, in this process, on a free loopback port
             from ..serve import BackgroundServer, ServeConfig, create_app
-            from ..serve.backend import BackendOptions, engine_factory
+            from ..serve.backend import open_backend
 
-            opts = BackendOptions(ckpt=args.ckpt, nodes=args.nodes, max_seqs=args.max_seqs,
-                                  batch_invariant=args.batch_invariant)
-            factory, tok = engine_factory(opts)
+            backend = stack.enter_context(open_backend(backend_options(args)))
             name = args.model_name or Path(args.ckpt.rstrip("/")).name
-            srv = stack.enter_context(BackgroundServer(create_app(factory, tok, ServeConfig(name))))
+            app = create_app(backend.factory, backend.tokenizer, ServeConfig(name))
+            srv = stack.enter_context(BackgroundServer(app))
             url, label = srv.url, f"{name}, {args.nodes} node(s), max-seqs {args.max_seqs}"
         cfg = LoadConfig(url=url, model=name, api_key=args.api_key or os.environ.get("MDI_API_KEY"),
                          concurrency=levels, requests_per_client=args.requests,
@@ -88,6 +95,15 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     for f in files:
         print(f, file=sys.stderr)
     return 1 if any(r["errors"] for r in rows) else 0
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; with --nodes N, per node)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="ring: seconds of silence before a node counts as gone (default 10)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,9 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Jinja chat template, for models whose tokenizer has none")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="chat completions without max_tokens stop after this many (default 256)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    _engine_options(p)
+    p.add_argument("--token", help="--nodes-config: the cluster's shared secret (prefer MDI_TOKEN "
+                                   "or --token-file)")
+    p.add_argument("--token-file", help="--nodes-config: file holding the cluster's shared secret")
     p.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("serve-bench", help="load benchmark of the API: req/s, TTFT, ITL, tokens/s "
@@ -124,6 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
     b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
     b.add_argument("--batch-invariant", action="store_true")
+    _engine_options(b)
     b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
     b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")
     b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")

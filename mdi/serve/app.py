@@ -55,7 +55,8 @@ class EngineHolder:
         self.engine: Engine | None = None
         self.state = "starting"               # starting | ready | rebuilding | closed
         self.builds = 0
-        self.last_failure: str | None = None
+        self.last_failure: str | None = None   # the failure that caused the latest rebuild
+        self.rebuild_error: str | None = None  # why the rebuild under way failed so far
         self._task: asyncio.Task | None = None
 
     async def _build(self) -> Engine:
@@ -91,14 +92,17 @@ class EngineHolder:
             await old.close()
         except Exception:  # noqa: BLE001 - a failed engine may fail to close; we replace it anyway
             log.exception("closing the failed engine")
+        delay = self.retry_s
         while self.state == "rebuilding":
             try:
                 self.engine = await self._build()
-                self.state = "ready"
+                self.state, self.rebuild_error = "ready", None
                 log.info("engine rebuilt (build %d)", self.builds)
-            except Exception:  # noqa: BLE001 - keep trying: the server stays up, health says why
-                log.exception("rebuilding the engine failed; retrying in %.1fs", self.retry_s)
-                await asyncio.sleep(self.retry_s)
+            except Exception as e:  # noqa: BLE001 - keep trying: the server stays up, health says why
+                self.rebuild_error = str(e)
+                log.error("rebuilding the engine failed (%s); retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     async def close(self) -> None:
         self.state = "closed"
@@ -262,7 +266,7 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         body = {"status": "ok" if holder.state == "ready" else holder.state,
                 "model": config.model_name, "running": e.running if e else 0,
                 "queued": e.queued if e else 0, "engine_builds": holder.builds,
-                "last_failure": holder.last_failure}
+                "last_failure": holder.last_failure, "rebuild_error": holder.rebuild_error}
         return JSONResponse(body, status_code=200 if holder.state == "ready" else 503)
 
     @app.get("/metrics")
