@@ -54,8 +54,10 @@ def test_serve_cli_refuses_bad_options(capsys):
 
     assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", "70000"]) == 1
     assert "--port" in capsys.readouterr().err
-    assert main(["serve", "--ckpt", "models/shakespeare-char", "--nodes", "2"]) == 1
-    assert "ring engine" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--nodes", "0"]) == 1
+    assert "--nodes must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--timeout", "0"]) == 1
+    assert "--timeout" in capsys.readouterr().err
     assert main(["serve", "--ckpt", "models/shakespeare-char", "--max-seqs", "0"]) == 1
     assert "--max-seqs" in capsys.readouterr().err
     assert main(["serve-bench", "--url", "http://127.0.0.1:1", "--out", "/tmp/x"]) == 1
