@@ -82,12 +82,12 @@ def open_backend(opts: BackendOptions) -> Backend:
 
 
 def _engine_kwargs(cls: type, opts: BackendOptions) -> dict:
+    """Without --batch-invariant the engine's own default holds (it may be invariant anyway)."""
     kwargs: dict = {"max_seqs": opts.max_seqs, "max_queue": opts.queue}
-    params = inspect.signature(cls).parameters
-    if "batch_invariant" in params:
-        kwargs["batch_invariant"] = opts.batch_invariant
-    elif opts.batch_invariant:
-        raise ValueError(f"--batch-invariant: this build's {cls.__name__} does not offer it yet")
+    if opts.batch_invariant:
+        if "batch_invariant" not in inspect.signature(cls).parameters:
+            raise ValueError(f"--batch-invariant: this build's {cls.__name__} does not offer it yet")
+        kwargs["batch_invariant"] = True
     return kwargs
 
 
