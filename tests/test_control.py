@@ -79,6 +79,7 @@ def bad_inits(ring) -> list[tuple[str, dict | bytes, int, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_init_is_refused_by_field_and_changes_nothing(ring):
     fin = ring.fin.spec
 
@@ -124,6 +125,7 @@ def bad_weights(ring) -> list[tuple[str, bytes, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_bad_weights_and_connect_are_refused_and_change_nothing(ring):
     inter = ring.inter.spec
     body = init_body(ring, 63, role="intermediate", start=1, stop=2, sampling=None,
@@ -178,6 +180,7 @@ def test_bad_weights_and_connect_are_refused_and_change_nothing(ring):
                                              "reason": "stopped by the starter"}
 
 
+@pytest.mark.slow
 def test_node_serves_a_run_after_bad_requests(ring):
     r = Starter(ring.config, TOKEN, str(ring.ckpt), RunOptions(timeout=3)).run(
         [[1, 2, 3], [4]], 6, SamplingConfig(temperature=0.0, top_k=None, seed=1))

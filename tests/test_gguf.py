@@ -393,28 +393,36 @@ def test_smollm2_tokenizer_and_chat_prompt_equal_transformers(smollm2):
     assert src.generation_config["eos_token_id"] == ref.convert_tokens_to_ids("<|im_end|>") == 2
 
 
-def test_convert_cli_writes_an_hf_directory(tiny, tmp_path, capsys):
+def test_convert_cli_writes_our_checkpoint(tiny, tmp_path, capsys):
+    from mdi.checkpoint.sources import load_model
+    from mdi.cli.main import main
+    out = tmp_path / "ours"
+    assert main(["convert", str(tiny), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ids = torch.tensor([[5, 17, 200, 3, 99, 1, 42]])
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out))[0](ids), load_model(str(tiny))[0](ids))
+    assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
+    assert "--force" in capsys.readouterr().err
+
+
+def test_hf_source_to_dir_writes_an_hf_directory(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    from mdi.cli.main import main
     out = tmp_path / "hf"
-    assert main(["convert", str(tiny), "--out", str(out)]) == 0
-    assert "Hugging Face directory" in capsys.readouterr().out
     src = gguf_source(tiny)
+    hf_source_to_dir(src, out)
     written = load_file(out / "model.safetensors")
     assert set(written) == set(src.shapes)
     assert all(torch.equal(bits(written[n]), bits(src.read(n))) for n in written)
     assert json.loads((out / "config.json").read_text()) == src.config
-    assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
-    assert "--force" in capsys.readouterr().err
 
 
 # --- our decoder on GGUF weights vs transformers (needs mdi.checkpoint.sources, the HF mapping) ---
 
 def our_model(spec: str):
-    sources = pytest.importorskip("mdi.checkpoint.sources",
-                                  reason="the Hugging Face mapping onto our decoder is not merged yet")
-    model, ck = sources.load_model(spec)
+    from mdi.checkpoint.sources import load_model
+    model, ck = load_model(spec)
     return model.eval(), ck
 
 

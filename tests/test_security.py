@@ -61,6 +61,7 @@ BAD_HEADERS = [{}, auth(WRONG), auth(TOKEN + "x"), auth(TOKEN[:-1]),
                {"Authorization": "Bearer"}, {"Authorization": "bearer " + TOKEN}]
 
 
+@pytest.mark.slow
 def test_every_route_but_health_needs_the_token(ring):
     fin = ring.fin.spec
 
@@ -90,6 +91,7 @@ def test_every_route_but_health_needs_the_token(ring):
     wait_state(fin, "idle", 5.0)
 
 
+@pytest.mark.slow
 def test_a_stranger_cannot_make_a_node_buffer_a_body(ring):
     """The token and the size are checked before any body is read."""
     spec = ring.inter.spec
@@ -104,6 +106,7 @@ def test_a_stranger_cannot_make_a_node_buffer_a_body(ring):
     assert status(spec)["state"] == "idle"
 
 
+@pytest.mark.slow
 def test_token_sources_and_a_wrong_token(ring, tmp_path):
     # A whole run: the starter takes --token; the nodes took --token-file and MDI_TOKEN.
     rc, out, err = run_cli("starter", "--ckpt", ring.ckpt, "--nodes-config", ring.nodes_path,
@@ -155,6 +158,7 @@ def test_bearer_tokens_are_compared_in_constant_time(monkeypatch):
 
 
 # ---- data plane -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_data_plane_handshake_needs_the_token(ring):
     fin = ring.fin
 
@@ -178,6 +182,7 @@ def test_data_plane_handshake_needs_the_token(ring):
     assert after["runs_completed"] == runs + 1 and after["last_run"]["reason"] == "run complete"
 
 
+@pytest.mark.slow
 def test_connection_from_another_address_is_refused(ring):
     """The previous node is configured as 192.0.2.1 (no traffic goes there); we connect
     from 127.0.0.1 with the right token and are refused before the handshake."""
@@ -223,6 +228,7 @@ async def send_and_wait_log(node, run_id: int, data: bytes, reason: str, name: s
     return node.wait_log(reason, since=mark)
 
 
+@pytest.mark.slow
 def test_garbage_instead_of_a_handshake_is_refused(ring):
     fin = ring.fin
 
@@ -404,6 +410,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
 
 
 # ---- where nodes listen --------------------------------------------------------------------
+@pytest.mark.slow
 def test_nodes_bind_the_configured_address_not_all_interfaces(ring):
     import psutil
 

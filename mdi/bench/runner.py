@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import ENV_VAR
-from ..ring.local_cluster import LocalCluster, _child_setup
+from ..ring.local_cluster import LocalCluster, child_setup
 from .models import random_checkpoint
 from .netns import NetnsHosts
 
@@ -126,7 +126,7 @@ class Bench:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
-        self.info = read_info(self.ckpt)
+        self.info = open_checkpoint(self.ckpt)
         self.variants = variants(cfg)
         self.max_nodes = max(v.n_nodes for v in self.variants)
 
@@ -155,7 +155,7 @@ class Bench:
     def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
              hosts: NetnsHosts | None) -> dict:
         cfg = self.cfg
-        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()),
+        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()) if Path(self.ckpt).exists() else self.ckpt,
                "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
                "--threads", str(threads_for(v.n_nodes, cfg.isolate, self.max_nodes)),
                "--seed", str(cfg.seed + run)]
@@ -171,7 +171,7 @@ class Bench:
         node_pids = [p.pid for p in cluster.procs] if cluster else []
         cpu_before = [_cpu_s(p) for p in node_pids]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                preexec_fn=_child_setup(cpus[0] if cpus else None))
+                                preexec_fn=child_setup(cpus[0] if cpus else None))
         try:
             out, err = proc.communicate(timeout=cfg.run_timeout)
         except subprocess.TimeoutExpired:

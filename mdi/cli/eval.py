@@ -8,16 +8,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..checkpoint.sources import load_model
 from ..eval import perplexity
 from .common import DTYPES, UsageError, set_threads
 
 
 def _load(ckpt: str, device: str, dtype):
     """(model, tokenizer, context length) for any --ckpt this build can open."""
-    try:  # every kind of --ckpt (ours, Hugging Face, GGUF, shipped names), where present
-        from ..checkpoint.sources import load_model
-    except ImportError:  # our format only
-        from ..checkpoint import load_model
     model, ck = load_model(ckpt, device=device, dtype=dtype)
     return model, ck.tokenizer(), model.config.block_size
 

@@ -8,11 +8,11 @@ import sys
 
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
-from ..results import GenerationResult
+from ..results import GenerationResult, Texts
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
 
@@ -48,7 +48,7 @@ def _check_timeout(timeout: float) -> None:
 
 def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     sampling = sampling_config(args)
-    info = read_info(args.ckpt)
+    info = open_checkpoint(args.ckpt)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
@@ -58,22 +58,14 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                                  n_groups=args.micro_batches, resend_context=args.resend_context),
                       on_step=lambda i: bar.update(1))
     try:
-        result = starter.run(ids, args.n_tokens, sampling)
+        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))
         error = None
     except NodeFailure as e:
         if e.partial is None:
             raise
-        result, error = e.partial, e
+        result, error = e.partial, e  # the partial result names the failure itself
     finally:
         bar.close()
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
-    if error is not None:
-        result.extra["error"] = str(error)
-        if error.node is not None:
-            n = error.node
-            result.extra["failed_node"] = {"role": n.role, "index": n.index, "addr": n.addr,
-                                           "port": n.port, "port_in": n.port_in}
     emit(args, result)
     if not args.json and error is None:
         _print_hops(result)
@@ -84,11 +76,11 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
 
 
 def _print_hops(result: GenerationResult) -> None:
-    for h in result.extra.get("hops", []):
-        print(f"  {h['from']} -> {h['to']}: {h['bytes_per_token']:.1f} bytes/token after prefill, "
-              f"{h['prefill_bytes']} bytes of prefill", file=sys.stderr)
+    for h in result.hops or []:
+        print(f"  {h.src} -> {h.dst}: {round(h.bytes_per_token, 3):.1f} bytes/token after prefill, "
+              f"{h.prefill_bytes} bytes of prefill", file=sys.stderr)
     if result.n_nodes > 1:
-        print(f"  bytes per hop per token (activations): {result.extra['bytes_per_hop_per_token']:.1f}",
+        print(f"  bytes per hop per token (activations): {result.bytes_per_hop_per_token:.1f}",
               file=sys.stderr)
 
 
@@ -112,7 +104,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.local_cluster import LocalCluster, default_threads
 
-    read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
@@ -158,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     add_generation_options(p)
     _dist_options(p)
@@ -172,7 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
     add_generation_options(p)
     _dist_options(p)

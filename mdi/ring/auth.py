@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .aio import bounded
 from .wire import Frame, Kind, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -59,19 +60,6 @@ def _checked(token: str, where: str) -> str:
                     "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
                     where, len(token), MIN_TOKEN_CHARS)
     return token
-
-
-async def bounded(aw, timeout: float):
-    """`await aw`, raising asyncio.TimeoutError after `timeout` seconds.
-
-    asyncio.wait_for before Python 3.12 can swallow a cancellation that arrives
-    just as `aw` completes (then Ctrl-C, or a node dropping a run, is lost and
-    the loop goes on); asyncio.timeout cannot.
-    """
-    if hasattr(asyncio, "timeout"):  # Python >= 3.11
-        async with asyncio.timeout(timeout):
-            return await aw
-    return await asyncio.wait_for(aw, timeout)
 
 
 def new_token() -> str:

@@ -128,7 +128,7 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
 
     @app.put("/weights/{run_id}", dependencies=[Depends(authorized)])
     async def weights(run_id: int, request: Request) -> dict:
-        run = rt._current(run_id)
+        run = rt.current_run(run_id)
         limit = weights_limit(run.config, run.req.start, run.req.stop)
         declared = request.headers.get("content-length")
         if declared is None or not declared.isdigit():

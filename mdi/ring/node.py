@@ -31,13 +31,15 @@ from typing import AsyncIterator
 import torch
 
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
+from ..checkpoint.stream import WeightsStreamError, read_stream
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
+from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
-from .auth import AuthError, answer, bounded, challenge
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
-from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -209,7 +211,7 @@ class NodeRuntime:
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is not None:
             raise InitError("weights: already loaded for this run")
         req = run.req
@@ -265,13 +267,14 @@ class NodeRuntime:
             raise InitError(f"{where}: {host!r} has no IP address")
         return ips
 
-    def _current(self, run_id: int) -> Run:
+    def current_run(self, run_id: int) -> Run:
+        """The configured run, if it is run_id (InitError otherwise)."""
         if self.run is None or self.run.req.run_id != run_id:
             raise InitError(f"run_id: {run_id} is not the configured run")
         return self.run
 
     async def connect(self, run_id: int) -> dict:
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is None:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next
@@ -399,21 +402,19 @@ class NodeRuntime:
         stage = run.stage
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
-        p = next(stage.parameters())
-        x = frame.tensor.to(p.device, copy=True)  # aligned memory, as in single-device runs
+        device = next(stage.parameters()).device
+        x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
         if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
-            out = stage(x)
+            out = forward_context(stage, x)
             if not run.is_finisher:
                 return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
             assert run.sampling is not None
-            tok = sample_rows(out[:, -1], run.sampling, run.generators[frame.sample:frame.sample + 1])
+            tok = sample_rows(out, run.sampling, run.generators[frame.sample:frame.sample + 1])
             return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
         if frame.kind == Kind.PREFILL:
             gi, row = run.group_of[frame.sample]
-            t = x.shape[1]
-            pos = torch.arange(t, device=p.device)[None]
-            h = stage(x, pos, run.caches[gi].rows(row, row + 1), logits=False)
-            run.positions[frame.sample] = t
+            h = prefill(stage, run.caches[gi], row, x)
+            run.positions[frame.sample] = x.shape[1]
             if run.is_finisher:
                 return None
             return Frame(Kind.PREFILL, run.req.run_id, frame.sample, 0, h)
@@ -428,14 +429,13 @@ class NodeRuntime:
             raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
         if max(positions) >= run.config.block_size:
             raise WireError("DECODE past block_size without a prefill")
-        pos = torch.tensor(positions, device=p.device)[:, None]
-        out = stage(x, pos, run.caches[gi])
+        out = decode(stage, run.caches[gi], x, positions)
         for s in range(a, b):
             run.positions[s] += 1
         if not run.is_finisher:
             return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
         assert run.sampling is not None
-        tokens = sample_rows(out[:, -1], run.sampling, run.generators[a:b])
+        tokens = sample_rows(out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
 
     async def close(self) -> None:
@@ -506,13 +506,13 @@ def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, star
 
 
 def load_chunk_info(chunk_dir: str | Path) -> dict:
-    from .split import read_chunk_info
+    from ..checkpoint.chunks import read_chunk_info
 
     return read_chunk_info(chunk_dir)
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
                      dtype: torch.dtype) -> GPT:
-    from .split import load_chunk
+    from ..checkpoint.chunks import load_chunk
 
     return load_chunk(chunk_dir, config, start, stop, device, dtype)
