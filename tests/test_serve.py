@@ -155,6 +155,26 @@ def test_chat_content_parts(server, tok):
     assert r.choices[0].message.content == greedy_text(tok.encode("user: Hi there\nassistant:"), 3)
 
 
+def test_chat_bos_written_by_the_template_is_not_doubled(char_tokenizer):
+    class BosTok(ChatCharTokenizer):
+        chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        bos_token = "!"
+
+        def __init__(self, vocab):
+            super().__init__(vocab)
+            self.bos_id = self.stoi["!"]
+
+        def encode(self, text):  # adds BOS, as HF tokenizers with add_bos_token do
+            return [self.bos_id] + super().encode(text)
+
+    tok = BosTok(char_tokenizer.itos)
+    with make_server(tok) as srv:
+        r = client(srv).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens == 3                       # "!Hi", one BOS
+        assert r.choices[0].message.content == greedy_text(tok.encode("Hi"), 3)
+
+
 def test_chat_without_template_is_400(char_tokenizer):
     with make_server(char_tokenizer) as srv:
         with pytest.raises(openai.BadRequestError) as e:

@@ -135,3 +135,28 @@ def test_mdi_serve_process(tmp_path):
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answers_and_stops_at_end_of_turn():
+    """The real model through its own chat template (from the GGUF) and its EOS ids."""
+    from mdi.checkpoint import CheckpointError
+    from mdi.checkpoint.shipped import shipped_path
+
+    try:
+        shipped_path("smollm2-135m-instruct")
+    except CheckpointError as e:
+        pytest.skip(str(e))
+    with open_backend(BackendOptions(ckpt="smollm2-135m-instruct", max_seqs=2)) as backend:
+        assert backend.tokenizer.chat_template and backend.tokenizer.eos_ids
+        app = create_app(backend.factory, backend.tokenizer, ServeConfig("smollm2"))
+        with BackgroundServer(app) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+            ask = [{"role": "user", "content": "What is the capital of France?"}]
+            r = c.chat.completions.create(model="smollm2", messages=ask, max_tokens=40, temperature=0)
+            assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens < 40
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model="smollm2", messages=ask, max_tokens=40, temperature=0, stream=True) if ch.choices)
+            assert streamed == r.choices[0].message.content
+

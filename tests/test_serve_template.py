@@ -54,6 +54,14 @@ def test_sandbox_and_refusals():
         ChatTemplate("{% for %}")
 
 
+def test_special_tokens_from_the_tokenizer_config():
+    class Tok:
+        chat_template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+        tokenizer_config = {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>"}
+
+    assert template_for(Tok()).render([{"role": "user", "content": "hi"}]) == "<s>hi</s>"
+
+
 def test_template_for_prefers_the_override():
     class Tok:
         chat_template = "tok"

@@ -333,6 +333,9 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         messages = [{**m.model_dump(exclude_none=True), "content": m.text(i)}
                     for i, m in enumerate(req.messages)]
         prompt = encode(template.render(messages), "messages")
+        bos = getattr(tokenizer, "bos_id", None)
+        if bos is not None and prompt[:2] == [bos, bos]:
+            prompt = prompt[1:]  # the template wrote BOS and the tokenizer added one (HF does not)
         max_tokens = req.token_budget() or config.default_max_tokens
         run, engine = start_run([prompt] * req.n, [seq_params(req, max_tokens, i) for i in range(req.n)],
                                 "messages")

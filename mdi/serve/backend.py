@@ -99,8 +99,8 @@ def local_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
-    model, info = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])
-    tok = info.tokenizer()
+    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
+    tok = ck.tokenizer()
     kwargs = _engine_kwargs(LocalEngine, opts)
 
     def build() -> Engine:
@@ -119,11 +119,10 @@ def ring_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the ring engine is not in this build ({e}); serve one device with "
                          "--nodes 1") from None
-    from ..checkpoint import read_info
+    from ..checkpoint import open_checkpoint
     from ..ring.starter import RunOptions
 
-    info = read_info(opts.ckpt)
-    tok = info.tokenizer()
+    tok = open_checkpoint(opts.ckpt).tokenizer()
     backend = Backend(lambda: None, tok, "")  # type: ignore[arg-type, return-value]
     try:
         _form_ring(backend, opts, RingEngine, RunOptions)

@@ -92,5 +92,15 @@ def template_for(tokenizer: Any, override: str | None = None) -> ChatTemplate | 
     source = override or getattr(tokenizer, "chat_template", None)
     if not source:
         return None
-    return ChatTemplate(source, getattr(tokenizer, "bos_token", None) or "",
-                        getattr(tokenizer, "eos_token", None) or "")
+    return ChatTemplate(source, special_token(tokenizer, "bos_token"), special_token(tokenizer, "eos_token"))
+
+
+def special_token(tokenizer: Any, name: str) -> str:
+    """`bos_token` / `eos_token` as text: the tokenizer's attribute, else its
+    tokenizer_config.json entry (a string or an AddedToken dict), else ""."""
+    value = getattr(tokenizer, name, None)
+    if value is None:
+        value = (getattr(tokenizer, "tokenizer_config", None) or {}).get(name)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
