@@ -27,6 +27,7 @@ def _token_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from ..ring.limits import parse_size
     from ..ring.node import NodeRuntime
     from ..ring.serve import run_node
 
@@ -36,7 +37,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     spec = load_nodes_config(args.nodes_config).find(args.role, args.index)
     if spec.role == "starter":
         raise UsageError("the starter runs `mdi starter`, not `mdi node`")
-    rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any)
+    try:
+        max_memory = parse_size(args.max_memory) if args.max_memory else None
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
+    rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any,
+                     max_memory=max_memory)
     run_node(rt)
     return 0
 
@@ -135,15 +141,22 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", help="serve as an intermediate or finisher node")
+    p = sub.add_parser("node", help="serve as an intermediate or finisher node",
+                       epilog="exit status: 0 after /shutdown, SIGTERM or SIGINT; 1 a bad option value, "
+                              "nodes file or token; 2 command-line syntax; 4 a port cannot be bound (taken, or not an "
+                              "address of this host). 3 is the starter's, for a failed node.")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     p.add_argument("--role", required=True, choices=["intermediate", "finisher"])
     p.add_argument("--index", type=int, default=0, help="which intermediate (default 0)")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
     p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
     p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds for a handshake, a connect, or the next node to take a frame "
-                        "(default 10)")
+                   help="seconds for a handshake, a connect, the next node to take a frame, "
+                        "or a control client to send its request headers (default 10)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="the most a run may take on this node, weights plus KV caches, e.g. "
+                        "512MB, 2GB, 2GiB (default: the free memory at /init); larger runs "
+                        "are refused at /init")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")
     _token_options(p)

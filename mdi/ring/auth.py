@@ -39,6 +39,7 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
         return _checked(token.strip(), "--token")
     if token_file:
         try:
+            _warn_if_shared(Path(token_file))
             value = Path(token_file).read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
             raise AuthError(f"cannot read --token-file {token_file}: {e}") from None
@@ -49,6 +50,14 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
     if value:
         return _checked(value, ENV_VAR)
     raise AuthError(f"no cluster token: pass --token or --token-file, or set {ENV_VAR}")
+
+
+def _warn_if_shared(path: Path) -> None:
+    """Warn when other users may read (or write) the token file, as ssh does for keys."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("--token-file %s has mode %s: other users can read or change the cluster token; "
+                    "chmod 600 %s", path, oct(mode & 0o777), path)
 
 
 def _checked(token: str, where: str) -> str:

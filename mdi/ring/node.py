@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
+from . import limits as mem
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .messages import InitRequest
@@ -44,6 +46,8 @@ from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
+MAX_MODEL_INT = 2**31 - 1  # any integer of a model config (the wire carries uint32 fields)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 class InitError(ValueError):
@@ -83,6 +87,8 @@ class Run:
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
+    device: str = "cpu"                          # checked at /init
+    mem_bytes: int = 0                           # weights + KV caches, checked at /init
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
 
@@ -92,6 +98,12 @@ class Run:
 
 
 def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
+    """Every field of an /init body that needs no node state; InitError names the field."""
+    for key, value in req.model.items():  # before GPTConfig: no huge or non-finite numbers
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MODEL_INT:
+            raise InitError(f"model.{_clip(key)}: {_clip(str(value))} is larger than {MAX_MODEL_INT}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InitError(f"model.{_clip(key)}: {value} is not a finite number")
     try:
         config = GPTConfig.from_dict(req.model)
     except (ValueError, TypeError) as e:
@@ -104,6 +116,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
                         f"of {config.n_layer}")
     if req.role == "finisher" and req.sampling is None:
         raise InitError("sampling: the finisher needs sampling settings")
+    if req.sampling is not None:  # now, not after the weights' upload
+        sampling_of(req)
     expect = 0
     for i, g in enumerate(req.groups):
         if len(g) != 2 or g[0] != expect or g[1] <= g[0]:
@@ -117,10 +131,54 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     return config, limits
 
 
+def sampling_of(req: InitRequest) -> SamplingConfig | None:
+    if req.sampling is None:
+        return None
+    try:
+        return SamplingConfig(req.sampling.temperature, req.sampling.top_k, req.sampling.seed)
+    except ValueError as e:
+        raise InitError(f"sampling: {e}") from None
+
+
+def validate_device(device: str) -> str:
+    """A device this process can use (cpu, cuda[:N], mps); InitError naming it otherwise.
+
+    torch answers an unusable device with many kinds of error (AssertionError on a
+    build without CUDA, ModuleNotFoundError for backends without their module), so
+    the type is checked against a short list first, then the device is tried.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InitError(f"device: {_clip(device)!r} is not a device: {_clip(str(e))}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise InitError(f"device: {_clip(device)!r}: this node runs on {', '.join(DEVICE_TYPES)}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InitError(f"device: {device!r}: this node has no CUDA device")
+        if dev.index is not None and dev.index >= n:
+            raise InitError(f"device: {device!r}: this node has {n} CUDA device(s), 0..{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InitError(f"device: {device!r}: MPS is not available on this node")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not usable", a 400
+        raise InitError(f"device: {device!r} is not usable here: {type(e).__name__}: "
+                        f"{_clip(str(e))}") from None
+    return device
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
 class NodeRuntime:
     def __init__(self, spec: NodeSpec, token: str, chunk_dir: str | Path | None = None,
-                 timeout: float = 10.0, bind_any: bool = False) -> None:
+                 timeout: float = 10.0, bind_any: bool = False,
+                 max_memory: int | None = None) -> None:
         self.spec = spec
+        self.max_memory = max_memory  # bytes a run may take (weights + KV caches); None: free memory
         self.token = token
         self.timeout = timeout
         self.bind_host = ("::" if ":" in spec.addr else "0.0.0.0") if bind_any else spec.addr
@@ -182,12 +240,10 @@ class NodeRuntime:
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
         config, limits = validate_init(req)
-        device = req.device or self.spec.device
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, ValueError) as e:
-            raise InitError(f"device: {device!r} is not usable here: {e}") from None
-        run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"))
+        device = validate_device(req.device or self.spec.device)
+        need = self.check_memory(req, config, limits, device)
+        run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"),
+                  device=device, mem_bytes=need)
         if req.weights == "local":
             if self.chunk is None or self.chunk_dir is None:
                 raise InitError("weights: 'local' asked, but this node was started without --chunk")
@@ -209,6 +265,23 @@ class NodeRuntime:
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
         return {"state": self.state}
 
+    def check_memory(self, req: InitRequest, config: GPTConfig, limits: Limits,
+                     device: str) -> int:
+        """Bytes the run needs (weights + KV caches); InitError when the node has less."""
+        dtype = DTYPES[req.dtype]
+        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype)
+        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype)
+        held = self.run.mem_bytes if self.run is not None else 0
+        have, where = mem.available(device, self.max_memory, held)
+        if weights + kv > have:
+            raise InitError(
+                f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
+                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in {req.dtype}, "
+                f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
+                f"{config.block_size} positions), this node has {mem.format_size(have)} "
+                f"({where}); ask for fewer samples, a smaller block_size or fewer layers")
+        return weights + kv
+
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
         run = self.current_run(run_id)
@@ -223,8 +296,7 @@ class NodeRuntime:
             raise InitError(f"weights: {e}") from None
         loop = asyncio.get_running_loop()
         stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors, run.config,
-                                           req.start, req.stop, req.device or self.spec.device,
-                                           DTYPES[req.dtype])
+                                           req.start, req.stop, run.device, DTYPES[req.dtype])
         if self.run is not run:
             raise InitError("run_id: the run changed while the weights loaded")
         self._arm(run, stage)
@@ -238,13 +310,8 @@ class NodeRuntime:
             caches = [stage.new_cache(b - a) for a, b in req.groups]
         except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
             raise InitError(f"groups: cannot allocate the KV caches of {n} samples: {e}") from None
-        sampling, generators = None, []
+        sampling, generators = sampling_of(req), []  # checked at /init already
         if req.sampling is not None:
-            try:
-                sampling = SamplingConfig(req.sampling.temperature, req.sampling.top_k,
-                                          req.sampling.seed)
-            except ValueError as e:
-                raise InitError(f"sampling: {e}") from None
             generators = [sample_generator(req.sampling.seed, s) for s in range(n)]
         run.group_of = {s: (gi, row) for gi, (a, b) in enumerate(req.groups)
                         for row, s in enumerate(range(a, b))}
@@ -261,7 +328,9 @@ class NodeRuntime:
             infos = await bounded(asyncio.get_running_loop().getaddrinfo(
                 host, None, type=socket.SOCK_STREAM), self.timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            raise InitError(f"{where}: cannot resolve {host!r}: {e or type(e).__name__}") from None
+            why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
+                else (str(e) or type(e).__name__)
+            raise InitError(f"{where}: cannot resolve {host!r}: {why}") from None
         ips = frozenset(ip for ip in (_ip(info[4][0]) for info in infos) if ip is not None)
         if not ips:
             raise InitError(f"{where}: {host!r} has no IP address")
@@ -283,8 +352,9 @@ class NodeRuntime:
                 asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
             await answer(reader, writer, self.token, run_id, self.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
-            raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: "
-                                  f"{e or type(e).__name__}") from None
+            why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
+                else (str(e) or type(e).__name__)
+            raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: {why}") from None
         if self.run is not run:  # dropped or replaced while we connected
             writer.close()
             raise InitError(f"run_id: run {run_id} ended while connecting to the next node")
