@@ -60,5 +60,12 @@ def test_serve_cli_refuses_bad_options(capsys):
     assert "--timeout" in capsys.readouterr().err
     assert main(["serve", "--ckpt", "models/shakespeare-char", "--max-seqs", "0"]) == 1
     assert "--max-seqs" in capsys.readouterr().err
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", port]) == 4
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve-bench", "--url", "http://127.0.0.1:1", "--out", "/tmp/x"]) == 1
     assert "--model-name" in capsys.readouterr().err

@@ -15,6 +15,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import ServeConfig, create_app, serve
+    from ..serve.server import bind
     from ..serve.backend import open_backend
     from .common import set_threads
 
@@ -36,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
                          chat_template=template)
+    bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
     with open_backend(backend_options(args)) as backend:
         app = create_app(backend.factory, backend.tokenizer, config)
         log.info("%s; model %r at http://%s:%d/ (chat page) and /v1 (OpenAI API)", backend.description,

@@ -13,9 +13,35 @@ import uvicorn
 log = logging.getLogger("mdi.serve")
 
 
+EXIT_LISTEN_FAILURE = 4  # as `mdi node`: the port could not be bound
+
+
+class ListenError(OSError):
+    """The address to serve on cannot be bound (taken, or not an address here)."""
+    exit_code = EXIT_LISTEN_FAILURE
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan)."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan).
+    The socket is bound first, so a taken port is a ListenError (exit status 4)."""
+    sock = bind(host, port)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
+            sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
@@ -23,9 +49,7 @@ class BackgroundServer:
     bound before it starts (no port race), stopped and joined on exit."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock = bind(host, 0)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
