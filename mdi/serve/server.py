@@ -40,6 +40,8 @@ def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
             sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: a normal stop
+        pass
     finally:
         sock.close()
 
