@@ -88,7 +88,7 @@ def test_disconnect_frees_the_slot(server):
 @pytest.mark.slow
 def test_mdi_serve_process(tmp_path):
     """`mdi serve` as users start it: the bundled model, an API key from the environment,
-    a chat template from a file; then SIGINT stops it cleanly."""
+    a chat template from a file; then SIGTERM stops it cleanly (status 0)."""
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -128,7 +128,7 @@ def test_mdi_serve_process(tmp_path):
         assert "mdi_generated_tokens_total 32.0" in metrics
         assert json.loads(httpx.get(url + "/health").text)["status"] == "ok"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             out, _ = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:

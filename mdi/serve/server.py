@@ -3,6 +3,7 @@ on a free loopback port (tests, `mdi serve-bench`)."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -37,13 +38,24 @@ def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan).
     The socket is bound first, so a taken port is a ListenError (exit status 4)."""
     sock = bind(host, port)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler that was there before: make SIGTERM unwind like Ctrl-C, so the caller's
+    # cleanup (e.g. the node processes of `--nodes N`) runs and the exit status is 0.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
             sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: a normal stop
+    except KeyboardInterrupt:
         pass
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class BackgroundServer:
