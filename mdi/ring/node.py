@@ -34,6 +34,7 @@ import torch
 
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..checkpoint.stream import WeightsStreamError, read_stream
+from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
@@ -44,6 +45,7 @@ from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .messages import InitRequest
 from .nodes_config import NodeSpec
+from .seq_frames import to_frame, to_message
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 # Decode steps whose running mean compute time is below this run on the event
 # loop itself (no executor hand-off, measured at 30-65 us per frame here).
 INLINE_BELOW_S = 0.005
+DECODES = (Kind.DECODE, Kind.SEQ_DECODE)
 
 
 class InitError(ValueError):
@@ -103,6 +106,7 @@ class Run:
     positions: list[int] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     sampling: SamplingConfig | None = None
+    slots: SlotStage | None = None               # a sequence run: a KV slot per sequence
     downstream: asyncio.StreamWriter | None = None
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
@@ -136,7 +140,7 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     if (req.stop == config.n_layer) != (req.role == "finisher"):
         raise InitError(f"role: a {req.role} cannot hold layers [{req.start}, {req.stop}) "
                         f"of {config.n_layer}")
-    if req.role == "finisher" and req.sampling is None:
+    if req.role == "finisher" and req.sampling is None and not req.sequences:
         raise InitError("sampling: the finisher needs sampling settings")
     if req.sampling is not None:  # now, not after the weights' upload
         sampling_of(req)
@@ -149,7 +153,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     if n_samples > MAX_SAMPLES:
         raise InitError(f"groups: {n_samples} samples, at most {MAX_SAMPLES} per run")
     limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
-                    DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups))
+                    DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
+                    sequences=req.sequences)
     return config, limits
 
 
@@ -257,7 +262,7 @@ class NodeRuntime:
                 task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
         # compute still running on the worker thread holds its own references.
-        run.stage, run.caches, run.generators = None, [], []
+        run.stage, run.caches, run.generators, run.slots = None, [], [], None
 
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
@@ -332,6 +337,13 @@ class NodeRuntime:
         """Give the run its stage and caches, all or nothing (InitError leaves it as it was)."""
         req = run.req
         n = run.limits.n_samples
+        if req.sequences:  # slots, reset per ADMIT; sampling parameters come with each ADMIT
+            try:
+                run.slots = SlotStage(stage, [b - a for a, b in req.groups])
+            except RuntimeError as e:
+                raise InitError(f"groups: cannot allocate the KV caches of {n} slots: {e}") from None
+            run.stage = stage
+            return
         try:
             caches = [stage.new_cache(b - a) for a, b in req.groups]
         except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
@@ -457,14 +469,15 @@ class NodeRuntime:
                 if self.run is run:
                     await self.drop_run("run complete")
                 return
-            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
+            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
+                                  Kind.SEQ_DECODE):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
             # A short decode runs right here: handing it to the worker thread and
             # back costs more than it computes, and blocks the loop for less than
             # INLINE_BELOW_S. Prefills and long steps keep the loop free for
             # health checks and /stop.
             ema = run.decode_ema_s
-            if frame.kind == Kind.DECODE and ema is not None and ema < INLINE_BELOW_S:
+            if frame.kind in DECODES and ema is not None and ema < INLINE_BELOW_S:
                 out = self._compute(run, frame)
                 run.stats.frames_inline += 1
             else:
@@ -485,7 +498,7 @@ class NodeRuntime:
             raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} {what}") from None
         run.stats.frames_out += 1
         run.stats.bytes_out += n
-        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT):
+        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE, Kind.SEQ_TOKENS):
             run.stats.decode_bytes_out += n
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
@@ -508,7 +521,7 @@ class NodeRuntime:
         """Run this node's stage on one frame (worker thread or loop)."""
         run.compute_s = 0.0
         out = self._compute_frame(run, frame)
-        if frame.kind == Kind.DECODE:
+        if frame.kind in DECODES:
             ema = run.decode_ema_s
             run.decode_ema_s = run.compute_s if ema is None else 0.8 * ema + 0.2 * run.compute_s
         return out
@@ -516,6 +529,8 @@ class NodeRuntime:
     @torch.inference_mode()
     def _compute_frame(self, run: Run, frame: Frame) -> Frame | None:
         stage = run.stage
+        if run.slots is not None:
+            return self._compute_seq(run, run.slots, frame)
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
         device = next(stage.parameters()).device
@@ -554,6 +569,14 @@ class NodeRuntime:
         assert run.sampling is not None
         tokens = _timed(run, sample_rows, out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
+
+    def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:
+        """A sequence run: the frame as a message for this stage's slots (worker thread)."""
+        try:
+            out = _timed(run, slots.handle, to_message(frame, slots))
+        except SlotError as e:
+            raise WireError(str(e)) from None
+        return None if out is None else to_frame(out, run.req.run_id, slots)
 
     async def close(self) -> None:
         await self.drop_run("node shutting down")
