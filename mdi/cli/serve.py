@@ -53,7 +53,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
                           max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
                           batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
                           token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
-                          timeout=args.timeout, threads=args.threads)
+                          timeout=args.timeout, threads=args.threads,
+                          quantize=getattr(args, "quantize", None))
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -102,6 +103,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights with per-channel scales, quantized at load on every node")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; with --nodes N, per node)")
     p.add_argument("--timeout", type=float, default=10.0,

@@ -13,16 +13,18 @@ class LocalEngine(PipelineEngine):
     stop strings. max_seqs: sequences decoded together (KV slots). max_queue:
     waiting sequences before submit raises EngineBusy (default 4 * max_seqs).
     lanes: micro-batches (1 by default; tokens do not depend on it).
-    batch_invariant: accepted for the drivers' --batch-invariant; the model's cached
-    forward is always batch-invariant (one GEMM per row), so a sequence's tokens
-    never depend on its step-mates.
+    batch_invariant: True/False sets the model's `batch_invariant` (per-row
+    compute: a sequence's tokens never depend on its step-mates); None (default)
+    keeps what the loader configured (`configure_stage`).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_seqs: int = 8,
                  max_queue: int | None = None, lanes: int = 1, retry_after: float = 1.0,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool | None = None) -> None:
         if not (model.has_embeddings and model.has_head):
             raise ValueError("single-device generation needs the whole model")
+        if batch_invariant is not None:
+            model.batch_invariant = batch_invariant
         super().__init__(model, tokenizer.decode, max_seqs, n_stages=lanes, link=None,
                          max_queue=max_queue, retry_after=retry_after)
         self.tokenizer = tokenizer

@@ -14,6 +14,7 @@ told to drop the run, so a new RingEngine can form the ring again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -155,16 +156,18 @@ class RingEngine(PipelineEngine):
     ranges of; max_seqs: sequences in flight (KV slots on every node), grouped
     into min(max_seqs, ring size) lanes; max_queue: waiting sequences before
     submit raises EngineBusy; opts: device, dtype and timeout of the run; lanes:
-    micro-batches (default the ring's size). batch_invariant: accepted for
-    --batch-invariant; every stage's cached forward is batch-invariant (one GEMM
-    per row), so a sequence's tokens never depend on its step-mates.
+    micro-batches (default the ring's size). batch_invariant: True/False overrides
+    opts.batch_invariant (per-row compute on every stage, carried in /init: a
+    sequence's tokens never depend on its step-mates); None keeps opts'.
     """
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
                  retry_after: float = 1.0, lanes: int | None = None,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool | None = None) -> None:
         self.opts = opts or RunOptions()
+        if batch_invariant is not None:
+            self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
         ck = open_checkpoint(ckpt)
         self.shards = plan_shards(nodes, ck.config.n_layer)
         stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,

@@ -36,6 +36,7 @@ class BackendOptions:
     token_file: str | None = None
     timeout: float = 10.0             # ring: seconds of silence before a node counts as gone
     threads: int | None = None        # ring with --nodes N: torch threads per node process
+    quantize: str | None = None       # "int8": every stage quantized at load
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -99,7 +100,10 @@ def local_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
+    from ..model.quant import configure_stage
+
     model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
+    configure_stage(model, opts.quantize, opts.batch_invariant)
     tok = ck.tokenizer()
     kwargs = _engine_kwargs(LocalEngine, opts)
 
@@ -149,7 +153,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
         nodes, token = cluster.nodes, cluster.token
         backend.cluster = cluster
         where = f"{opts.nodes} local nodes"
-    run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout)
+    run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
+                          quantize=opts.quantize, batch_invariant=opts.batch_invariant)
     kwargs = _engine_kwargs(RingEngine, opts)
 
     def build() -> Engine:
