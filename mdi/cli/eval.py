@@ -10,12 +10,14 @@ from tqdm import tqdm
 
 from ..checkpoint.sources import load_model
 from ..eval import perplexity
+from ..model.quant import QUANT_MODES, configure_stage
 from .common import DTYPES, UsageError, set_threads
 
 
-def _load(ckpt: str, device: str, dtype):
+def _load(ckpt: str, device: str, dtype, quantize: str | None = None):
     """(model, tokenizer, context length) for any --ckpt this build can open."""
     model, ck = load_model(ckpt, device=device, dtype=dtype)
+    configure_stage(model, quantize)
     return model, ck.tokenizer(), model.config.block_size
 
 
@@ -25,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = Path(args.data).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --data {args.data}: {e}") from None
-    model, tok, context = _load(args.ckpt, args.device, DTYPES[args.dtype])
+    model, tok, context = _load(args.ckpt, args.device, DTYPES[args.dtype], args.quantize)
     ids = tok.encode(text)
     if args.max_tokens is not None:
         if args.max_tokens < 2:
@@ -66,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: window // 2; window = non-overlapping)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="int8 weights (per-channel scales), as `mdi sample --quantize`")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
