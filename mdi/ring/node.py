@@ -35,7 +35,8 @@ from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
 from .auth import AuthError, answer, bounded, challenge
-from .messages import InitRequest
+from .capability import ProbeCache, node_capabilities
+from .messages import InitRequest, ProbeRequest
 from .nodes_config import NodeSpec
 from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
@@ -129,6 +130,7 @@ class NodeRuntime:
         self.runs_completed = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-compute")
         self.data_server: asyncio.base_events.Server | None = None
+        self.probes = ProbeCache()
 
     # ---- state -------------------------------------------------------------
     @property
@@ -144,6 +146,27 @@ class NodeRuntime:
     def health(self) -> dict:
         return {"status": "ok", "role": self.spec.role, "index": self.spec.index,
                 "state": self.state, "chunk": self.chunk, "pid": os.getpid()}
+
+    def capabilities(self) -> dict:
+        """Device, memory (budget capped by --max-memory) and CPUs; no compute."""
+        return node_capabilities(self.spec.device, getattr(self, "max_memory", None))
+
+    async def probe(self, req: ProbeRequest) -> dict:
+        """Time this node on a run's shape, on the compute thread (cached per shape)."""
+        try:
+            config = GPTConfig.from_dict(req.model)
+        except (ValueError, TypeError) as e:
+            raise InitError(f"model: {e}") from None
+        device = req.device or self.spec.device
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, ValueError) as e:
+            raise InitError(f"device: {device!r} is not usable here: {e}") from None
+        loop = asyncio.get_running_loop()
+        speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
+                                                   req.batch, req.dtype, device)
+        return {**speed.to_dict(), "cached": cached, "device": device, "batch": req.batch,
+                "dtype": req.dtype}
 
     def status(self) -> dict:
         import psutil
