@@ -55,7 +55,8 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
-                                 n_groups=args.micro_batches, resend_context=args.resend_context),
+                                 n_groups=args.micro_batches, resend_context=args.resend_context,
+                                 partition=args.partition),
                       on_step=lambda i: bar.update(1))
     try:
         result = starter.run(ids, args.n_tokens, sampling)
@@ -140,6 +141,11 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resend-context", action="store_true",
                    help="no KV cache: send the whole context every step, as the original system "
                         "did (for comparisons)")
+    p.add_argument("--partition", choices=["auto", "even"], default=None,
+                   help="how layers are split: auto times every node on the model's shape and "
+                        "minimises the slowest stage under each node's memory; even gives equal "
+                        "shares (default: auto when the nodes report different devices, CPUs or "
+                        "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

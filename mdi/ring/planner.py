@@ -77,13 +77,17 @@ class Plan:
 
     @property
     def bottleneck_ms(self) -> float:
-        return max(self.stage_ms)
+        times = self.stage_ms
+        return math.nan if any(math.isnan(t) for t in times) else max(times)
 
     def to_dicts(self) -> list[dict]:
         out = []
         for c, s, ms in zip(self.costs, self.shards, self.stage_ms):
-            out.append({"node": c.name, "layers": [s.start, s.stop], "ms_per_step": round(ms, 3),
-                        "block_ms": round(c.block_ms, 4), "memory_bytes": c.bytes_for(s.n_blocks),
+            timed = not math.isnan(ms)  # even and manual splits are not timed
+            out.append({"node": c.name, "layers": [s.start, s.stop],
+                        "ms_per_step": round(ms, 3) if timed else None,
+                        "block_ms": round(c.block_ms, 4) if timed else None,
+                        "memory_bytes": c.bytes_for(s.n_blocks),
                         "budget_bytes": c.budget_bytes})
         return out
 
@@ -92,10 +96,11 @@ class Plan:
         lines = []
         for d in self.to_dicts():
             budget = "no limit" if d["budget_bytes"] is None else _mb(d["budget_bytes"])
+            ms = "not timed" if d["ms_per_step"] is None else f"~{d['ms_per_step']:.2f} ms/step"
             lines.append(f"  {d['node']:<16} layers [{d['layers'][0]:>3}, {d['layers'][1]:>3})  "
-                         f"~{d['ms_per_step']:.2f} ms/step  memory {_mb(d['memory_bytes'])} "
-                         f"of {budget}")
-        lines.append(f"  slowest stage ~{self.bottleneck_ms:.2f} ms/step")
+                         f"{ms}  memory {_mb(d['memory_bytes'])} of {budget}")
+        if not math.isnan(self.bottleneck_ms):
+            lines.append(f"  slowest stage ~{self.bottleneck_ms:.2f} ms/step")
         return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from ..results import GenerationResult
 from .auth import AuthError, answer, bounded, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
+from .placement import Placement, place_layers
 from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
@@ -63,6 +64,7 @@ class RunOptions:
     connect_retries: int = 5          # health checks at configure time, with backoff
     n_groups: int | None = None       # micro-batches; default min(n_samples, n_nodes)
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
+    partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
 
 
 @dataclass
@@ -101,22 +103,47 @@ class Starter:
     opts: RunOptions = field(default_factory=RunOptions)
     on_step: Callable[[int], None] | None = None     # progress callback (step index)
 
+    placement: Placement | None = field(default=None, init=False)  # the last run's split
+
     def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig
             ) -> GenerationResult:
         """Generate; the result's `tokens` hold each sample's new token ids."""
-        return asyncio.run(self._run(prompts, n_tokens, sampling))
+        try:
+            result = asyncio.run(self._run(prompts, n_tokens, sampling))
+        except NodeFailure as e:
+            if e.partial is not None and self.placement is not None:
+                e.partial.extra["plan"] = self.placement.to_json()
+            raise
+        if self.placement is not None:
+            result.extra["plan"] = self.placement.to_json()
+        return result
+
+    async def _place(self, config, n_samples: int, batch: int) -> list[Shard]:
+        """The run's split (placement.py): printed, and refused if it cannot fit,
+        before any weights move."""
+        self.placement = None
+        if len(self.nodes.ring) == 1:
+            return plan_shards(self.nodes, config.n_layer)
+        async with httpx.AsyncClient(timeout=self.opts.timeout) as http:
+            for spec in self.nodes.secondaries:  # a node that is not up is named here
+                await self._await_health(http, spec)
+        self.placement = await place_layers(
+            self.nodes, config, self.token, self.opts.partition, n_samples, batch,
+            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries)
+        log.info("%s", self.placement.describe())
+        return self.placement.shards
 
     # ------------------------------------------------------------------------
     async def _run(self, prompts, n_tokens, sampling) -> GenerationResult:
         ring = self.nodes.ring
         config = read_info(self.ckpt).config
-        shards = plan_shards(self.nodes, config.n_layer)
-        stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
         if self.opts.resend_context:
             n_groups = len(prompts)  # one sample per frame, as the original system
         groups = make_groups(len(prompts), n_groups)
+        shards = await self._place(config, len(prompts), max(len(g) for g in groups))
+        stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
+                              dtype=DTYPES[self.opts.dtype])
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups)
         run_id = random.randrange(1, 2**32)
