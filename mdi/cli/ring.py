@@ -18,6 +18,7 @@ from .common import (UsageError, add_generation_options, emit, encode_prompts, r
 
 log = logging.getLogger("mdi")
 DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
+DEFAULT_IDLE_TIMEOUT = 60.0  # node.DEFAULT_IDLE_TIMEOUT, without importing the node runtime here
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     spec = load_nodes_config(args.nodes_config).find(args.role, args.index)
     if spec.role == "starter":
         raise UsageError("the starter runs `mdi starter`, not `mdi node`")
-    rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any)
+    if args.idle_timeout < 0:
+        raise UsageError(f"--idle-timeout must be 0 (never) or a positive number of seconds, "
+                         f"got {args.idle_timeout:g}")
+    rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any,
+                     idle_timeout=args.idle_timeout)
     run_node(rt)
     return 0
 
@@ -158,6 +163,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds for a handshake, a connect, or the next node to take a frame "
                         "(default 10)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="drop a run that has sent no frame for this many seconds (a starter "
+                        "frozen without closing its link) and wait for the next one; 0: never "
+                        f"(default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")
     _token_options(p)

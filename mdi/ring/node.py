@@ -13,8 +13,9 @@ next starter; it never needs a restart.
 What ends a run early, and is logged with its reason: the previous node closing
 its link, a bad frame (any header field off, an unknown sample, a frame that
 does not fit the run's state), a compute error, the next node closing its link
-or not taking a frame within the timeout, /stop, or a new /init. The node keeps
-serving either way.
+or not taking a frame within the timeout, /stop, a new /init, or silence: no
+frame for --idle-timeout seconds once the previous node is connected (a starter
+frozen without closing its link). The node keeps serving either way.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame or a control call before a run is dropped
 
 
 class InitError(ValueError):
@@ -81,6 +84,9 @@ class Run:
     downstream: asyncio.StreamWriter | None = None
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
+    idle_task: asyncio.Task | None = None        # drops the run after idle_timeout of silence
+    last_active: float = field(default_factory=time.monotonic)
+    busy: bool = False                           # computing or loading: not silent
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
@@ -118,10 +124,12 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
 
 class NodeRuntime:
     def __init__(self, spec: NodeSpec, token: str, chunk_dir: str | Path | None = None,
-                 timeout: float = 10.0, bind_any: bool = False) -> None:
+                 timeout: float = 10.0, bind_any: bool = False,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.spec = spec
         self.token = token
         self.timeout = timeout
+        self.idle_timeout = idle_timeout  # 0: never drop a silent run
         self.bind_host = ("::" if ":" in spec.addr else "0.0.0.0") if bind_any else spec.addr
         self.chunk = load_chunk_info(chunk_dir) if chunk_dir else None
         self.chunk_dir = Path(chunk_dir) if chunk_dir else None
@@ -193,7 +201,7 @@ class NodeRuntime:
         self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
         if run.downstream is not None:
             run.downstream.close()
-        for task in (run.upstream_task, run.watch_task):
+        for task in (run.upstream_task, run.watch_task, run.idle_task):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
@@ -226,6 +234,8 @@ class NodeRuntime:
             self._arm(run, stage)
         await self.drop_run("a new run was configured")
         self.run = run
+        if self.idle_timeout > 0:
+            run.idle_task = asyncio.create_task(self._watchdog(run))
         log.info("configured run %d: %s, layers [%d, %d), %d samples in %d group(s)", req.run_id,
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
         return {"state": self.state}
@@ -237,15 +247,19 @@ class NodeRuntime:
             raise InitError("weights: already loaded for this run")
         req = run.req
         chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
+        run.busy = True  # a long upload is not silence
         try:
             tensors = await read_stream(chunks, expected_shapes(run.config, req.start, req.stop),
                                         f"layers [{req.start}, {req.stop})")
+            loop = asyncio.get_running_loop()
+            stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors,
+                                               run.config, req.start, req.stop,
+                                               req.device or self.spec.device, DTYPES[req.dtype])
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
-        loop = asyncio.get_running_loop()
-        stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors, run.config,
-                                           req.start, req.stop, req.device or self.spec.device,
-                                           DTYPES[req.dtype])
+        finally:
+            run.busy = False
+            run.last_active = time.monotonic()
         if self.run is not run:
             raise InitError("run_id: the run changed while the weights loaded")
         self._arm(run, stage)
@@ -314,6 +328,7 @@ class NodeRuntime:
             run.watch_task.cancel()
         run.downstream = writer
         run.watch_task = asyncio.create_task(self._watch_downstream(run, reader))
+        run.last_active = time.monotonic()
         return {"state": self.state}
 
     async def stop(self, run_id: int | None = None) -> dict:
@@ -350,6 +365,7 @@ class NodeRuntime:
             writer.close()
             return
         run.upstream_task = asyncio.current_task()
+        run.last_active = time.monotonic()
         log.info("run %d: previous node connected from %s", run.req.run_id, _fmt_peer(peer))
         try:
             await self._serve_frames(run, reader)
@@ -369,6 +385,7 @@ class NodeRuntime:
         while True:
             frame = await read_frame(reader, run.limits)
             run.stats.frames_in += 1
+            run.last_active = time.monotonic()
             if frame.kind == Kind.STOP:
                 run.stopping = True  # the next node may close its end once it has the STOP
                 # statistics first: once STOP is out, the starter may ask for them
@@ -381,9 +398,14 @@ class NodeRuntime:
                 return
             if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
-            out = await loop.run_in_executor(self.executor, self._compute, run, frame)
-            if out is not None:
-                await self._send(run, out)
+            run.busy = True
+            try:
+                out = await loop.run_in_executor(self.executor, self._compute, run, frame)
+                if out is not None:
+                    await self._send(run, out)
+            finally:
+                run.busy = False
+                run.last_active = time.monotonic()
 
     async def _send(self, run: Run, frame: Frame) -> None:
         nxt = run.req.next
@@ -402,6 +424,24 @@ class NodeRuntime:
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
             run.stats.prefill_bytes_out += n
+
+    async def _watchdog(self, run: Run) -> None:
+        """Drop the run after idle_timeout seconds without a frame, an upload or a
+        control call: a starter frozen without closing its link (SIGSTOP, a hung
+        host) would otherwise hold this node's memory and ports for good. The clock
+        runs from the previous node's connection: before it, uploads to the other
+        nodes may take long, and a new /init replaces the run anyway."""
+        while self.run is run:
+            if run.upstream_task is None:
+                run.last_active = time.monotonic()
+            left = run.last_active + self.idle_timeout - time.monotonic()
+            if left <= 0 and not run.busy:
+                reason = (f"no frame for {self.idle_timeout:g} s (--idle-timeout): the starter "
+                          "or the previous node went silent")
+                log.warning("run %d: %s", run.req.run_id, reason)
+                await self.drop_run(reason)
+                return
+            await asyncio.sleep(max(left, 0.05))
 
     async def _watch_downstream(self, run: Run, reader: asyncio.StreamReader) -> None:
         """The next node never sends on our outgoing link: data or EOF there means it is gone."""
