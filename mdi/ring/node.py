@@ -316,7 +316,7 @@ class NodeRuntime:
             reader, writer = await bounded(
                 asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
             await answer(reader, writer, self.token, run_id, self.timeout)
-        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+        except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: "
                                   f"{e or type(e).__name__}") from None
         if self.run is not run:  # dropped or replaced while we connected

@@ -250,7 +250,7 @@ class Starter:
             reader, writer = await bounded(
                 asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
             await answer(reader, writer, self.token, run_id, self.opts.timeout)
-        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+        except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             raise NodeFailure(f"cannot open the data link to {spec.name} at "
                               f"{spec.addr}:{spec.port_in}: {e or type(e).__name__}",
                               node=spec) from None
