@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--resend-context", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--partition", choices=["auto", "even"], default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tok.encode("\n")] * args.n_samples
     if args.nodes_config:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
-                          RunOptions(timeout=args.timeout, resend_context=args.resend_context))
+                          RunOptions(timeout=args.timeout, resend_context=args.resend_context,
+                                     partition=args.partition))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         model, _ = load_model(args.ckpt)
