@@ -9,7 +9,8 @@ from ..generate.schedule import SampleState, accept, plan_step
 from ..plots import plt, _finish, plot_tokens_time
 from ..ring.wire import HEADER_SIZE
 
-CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "node_cpu", "n_nodes",
+CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
+              "n_nodes",
               "n_samples", "n_layer", "n_embd",
               "block_size", "params", "n_tokens", "isolate", "hosts", "link_rate", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",

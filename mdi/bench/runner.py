@@ -222,6 +222,8 @@ class Bench:
                "partition": (res.get("plan") or {}).get("partition", ""),
                "layers": "+".join(str(n["layers"][1] - n["layers"][0])
                                   for n in (res.get("plan") or {}).get("nodes", [])),
+               "stage_ms": "/".join("-" if n["ms_per_step"] is None else f"{n['ms_per_step']:.2f}"
+                                    for n in (res.get("plan") or {}).get("nodes", [])),
                "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
                if cfg.node_cpu else "",
                "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
