@@ -33,6 +33,8 @@ def test_differences_name_what_differs():
     why = _differences(ring, [_caps(), _caps(), _caps(cpus=0.3)])
     assert why == "the nodes differ in CPUs (starter: 2.0, intermediate[0]: 2.0, finisher: 0.3)"
     assert "memory caps" in _differences(ring, [_caps(), _caps(max_memory_bytes=2**31), _caps()])
+    # a node from before /capabilities reports nothing: not a difference
+    assert _differences(ring, [_caps(), {}, _caps()]) == ""
 
 
 def test_costs_put_the_extras_on_the_end_nodes():

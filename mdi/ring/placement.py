@@ -124,10 +124,10 @@ def _differences(ring: list[NodeSpec], caps: list[dict]) -> str:
     for what, key in (("devices", lambda c: c.get("device_name")),
                       ("CPUs", lambda c: min(c.get("cpus") or 0, c.get("torch_threads") or 0)),
                       ("memory caps", lambda c: c.get("max_memory_bytes"))):
-        values = [key(c) for c in caps]
-        if len(set(values)) > 1:
+        known = [(s, key(c)) for s, c in zip(ring, caps) if c]  # {}: a node that reports nothing
+        if len({v for _, v in known}) > 1:
             return f"the nodes differ in {what} (" + ", ".join(
-                f"{s.name}: {v}" for s, v in zip(ring, values)) + ")"
+                f"{s.name}: {v}" for s, v in known) + ")"
     return ""
 
 
