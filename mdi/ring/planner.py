@@ -15,9 +15,11 @@ slow node out is a change of the nodes file, not of the plan.
 
 Exactness: a dynamic programme over (node, blocks placed so far) finds the
 least bottleneck T*; a second one, over plans whose every stage takes at most
-T*, picks the least total time (the latency of one token around the ring), and
-among those the lexicographically smallest list of block counts, so ties are
-broken the same way every time.
+T*, picks the most balanced (least sum of squared stage times), and among
+those the lexicographically smallest list of block counts, so ties are broken
+the same way every time. Balance matters because the times are estimates: a
+plan that fills the other nodes up to T* (as "least total time" would) turns
+any timing error into a new bottleneck.
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def plan_layers(n_layer: int, costs: Sequence[NodeCost]) -> Plan:
     caps = [c.max_blocks(n_layer) for c in costs]
     _check_fits(n_layer, costs, caps)
     best = _min_bottleneck(n_layer, costs, caps)
-    sizes = _min_total_under(n_layer, costs, caps, best)
+    sizes = _most_balanced_under(n_layer, costs, caps, best)
     return Plan(shards_from_sizes(sizes), list(costs))
 
 
@@ -166,10 +168,10 @@ def _min_bottleneck(n_layer: int, costs: Sequence[NodeCost], caps: list[int]) ->
     return dp[n_layer]
 
 
-def _min_total_under(n_layer: int, costs: Sequence[NodeCost], caps: list[int], limit: float
-                     ) -> list[int]:
-    """Among splits whose every stage takes <= limit: least total time, then the
-    lexicographically smallest block counts."""
+def _most_balanced_under(n_layer: int, costs: Sequence[NodeCost], caps: list[int], limit: float
+                         ) -> list[int]:
+    """Among splits whose every stage takes <= limit: least sum of squared stage
+    times, then the lexicographically smallest block counts."""
     n = len(costs)
     # best[j] = (total, sizes) for the first j blocks on the nodes so far
     best: list[tuple[float, tuple[int, ...]] | None] = [None] * (n_layer + 1)
@@ -183,7 +185,7 @@ def _min_total_under(n_layer: int, costs: Sequence[NodeCost], caps: list[int], l
                 t = c.time_ms(k)
                 if prev is None or t > limit:
                     continue
-                cand = (prev[0] + t, prev[1] + (k,))
+                cand = (prev[0] + t * t, prev[1] + (k,))
                 if new[j] is None or _better(cand, new[j]):
                     new[j] = cand
         best = new
