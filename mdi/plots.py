@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _finish(fig, ax, path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
+def finish_figure(fig, ax, path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -29,7 +29,7 @@ def plot_tokens_time(series: dict[str, tuple[list[float], list[float]]], path: s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, (tokens, seconds) in series.items():
         ax.plot(tokens, seconds, label=label)
-    return _finish(fig, ax, path, title or "generation time", "tokens generated", "time (s)")
+    return finish_figure(fig, ax, path, title or "generation time", "tokens generated", "time (s)")
 
 
 def plot_loss(csv_path: str | Path, path: str | Path) -> Path:
@@ -38,4 +38,4 @@ def plot_loss(csv_path: str | Path, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(it, [float(r["train_loss"]) for r in rows], label="train")
     ax.plot(it, [float(r["val_loss"]) for r in rows], label="val")
-    return _finish(fig, ax, path, "loss", "iteration", "cross-entropy loss")
+    return finish_figure(fig, ax, path, "loss", "iteration", "cross-entropy loss")

@@ -8,25 +8,90 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 TIME_RUN_FIELDS = ["timestamp", "mode", "n_nodes", "n_samples", "n_layers", "block_size",
                    "n_tokens", "gen_time_s", "tokens_per_s"]
 
 
 @dataclass
-class GenerationResult:
-    samples: list[str]                 # generated text per sample, prompt excluded
+class HopStats:
+    """What one hop of the ring carried in a run (activations, or token ids back to the starter)."""
+    src: str
+    dst: str
+    decode_bytes: int = 0
+    decode_tokens: int = 0
+    prefill_bytes: int = 0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.decode_bytes / self.decode_tokens if self.decode_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {"from": self.src, "to": self.dst, "decode_bytes": self.decode_bytes,
+                "decode_tokens": self.decode_tokens, "prefill_bytes": self.prefill_bytes,
+                "bytes_per_token": round(self.bytes_per_token, 3)}
+
+
+@dataclass(frozen=True)
+class FailedNode:
+    """The node a failed run blames, as the nodes file names it."""
+    role: str
+    index: int
+    addr: str
+    port: int
+    port_in: int
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "index": self.index, "addr": self.addr, "port": self.port,
+                "port_in": self.port_in}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a run stopped early; the result then holds the tokens produced so far."""
+    message: str
+    node: FailedNode | None = None
+
+
+@dataclass(frozen=True)
+class Texts:
+    """How a run turns token ids into text: the tokenizer, and the prompts as the user
+    wrote them (a decoded prompt need not equal its text)."""
+    tokenizer: Tokenizer
     prompts: list[str]
+
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(t) for t in tokens]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]            # new token ids per sample
     n_tokens: int                      # new tokens per sample
     gen_time_s: float
     step_times: list[float]            # seconds since start when step i's tokens were known
     n_layers: int
     block_size: int
-    tokens: list[list[int]] = field(default_factory=list)  # new token ids per sample
+    samples: list[str] = field(default_factory=list)   # text per sample, prompt excluded
+    prompts: list[str] = field(default_factory=list)   # (both empty when built without Texts)
     mode: str = "single"
     n_nodes: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    hops: list[HopStats] | None = None  # ring runs only ([] on a one-node ring), around the ring
+    failure: Failure | None = None      # set on the partial result of a failed run
+    plan: dict | None = None            # the ring's split (ring/placement.py), ring runs only
+
+    @classmethod
+    def build(cls, tokens: list[list[int]], texts: Texts | None, **fields: Any
+              ) -> "GenerationResult":
+        """A complete result: texts decoded here, where generation ends."""
+        if texts is None:
+            return cls(tokens=tokens, **fields)
+        return cls(tokens=tokens, samples=texts.decode(tokens), prompts=list(texts.prompts),
+                   **fields)
 
     @property
     def n_samples(self) -> int:
@@ -40,11 +105,27 @@ class GenerationResult:
     def first_token_s(self) -> float:
         return self.step_times[0] if self.step_times else 0.0
 
+    @property
+    def bytes_per_hop_per_token(self) -> float:
+        """Mean bytes per token over the hops that carry activations (not the way back)."""
+        act = [h for h in self.hops or [] if h.dst != "starter"]
+        return round(sum(h.bytes_per_token for h in act) / len(act), 3) if act else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "n_samples": self.n_samples, "n_tokens": self.n_tokens,
-                "gen_time_s": round(self.gen_time_s, 6), "tokens_per_s": round(self.tokens_per_s, 3),
-                "first_token_s": round(self.first_token_s, 6), "mode": self.mode,
-                "n_nodes": self.n_nodes, **self.extra}
+        out = {"samples": self.samples, "n_samples": self.n_samples, "n_tokens": self.n_tokens,
+               "gen_time_s": round(self.gen_time_s, 6), "tokens_per_s": round(self.tokens_per_s, 3),
+               "first_token_s": round(self.first_token_s, 6), "mode": self.mode,
+               "n_nodes": self.n_nodes}
+        if self.hops is not None:
+            out["bytes_per_hop_per_token"] = self.bytes_per_hop_per_token
+            out["hops"] = [h.to_dict() for h in self.hops]
+        if self.plan is not None:
+            out["plan"] = self.plan
+        if self.failure is not None:
+            out["error"] = self.failure.message
+            if self.failure.node is not None:
+                out["failed_node"] = self.failure.node.to_dict()
+        return out
 
     def summary(self) -> str:
         return (f"{self.n_samples} sample(s) x {self.n_tokens} tokens in {self.gen_time_s:.2f} s: "

@@ -37,6 +37,9 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
+    # The cosine reaches min_lr here (default: max_iters). Set it to extend a
+    # finished run with more iterations without changing its schedule.
+    lr_decay_iters: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -48,16 +51,18 @@ class TrainConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
+            raise ValueError(f"--lr-decay-iters must be positive, got {self.lr_decay_iters}")
         for name in ("batch_size", "grad_acc_steps", "max_iters", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr at max_iters."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (or max_iters), then min_lr."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    span = max(1, (cfg.lr_decay_iters or cfg.max_iters) - cfg.warmup_iters)
     ratio = min(1.0, (it - cfg.warmup_iters) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 

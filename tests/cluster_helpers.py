@@ -28,10 +28,11 @@ import torch
 
 from mdi.checkpoint.format import save_checkpoint
 from mdi.ring.auth import answer, challenge
-from mdi.ring.local_cluster import free_ports
-from mdi.ring.nodes_config import NodesConfig, NodeSpec, local_nodes_config
+from mdi.ring import local_cluster
+from mdi.ring.local_cluster import child_setup, free_ports
+from mdi.ring.nodes_config import NodesConfig, NodeSpec, load_nodes_config, local_nodes_config
 from mdi.ring.partition import Shard
-from mdi.ring.weights_stream import shard_bytes
+from mdi.checkpoint.stream import shard_bytes
 from mdi.ring.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
@@ -103,38 +104,38 @@ class NodeProc:
 
 
 def start_node(nodes_path: Path, spec: NodeSpec, log_dir: Path, token_args: list[str] | None = None,
-               env: dict[str, str] | None = None, timeout: float = 3.0) -> NodeProc:
+               env: dict[str, str] | None = None, timeout: float = 3.0,
+               chunk: Path | None = None) -> NodeProc:
+    """`mdi node` for spec, as LocalCluster starts its children (own process group,
+    SIGTERM if the test process dies), with its log in log_dir."""
     log_path = log_dir / f"{spec.name}.log"
     args = ["node", "--nodes-config", nodes_path, "--role", spec.role, "--index", spec.index,
             "--threads", "1", "--timeout", timeout]
+    if chunk is not None:
+        args += ["--chunk", chunk]
     env = env if env is not None else child_env(MDI_TOKEN=TOKEN)
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(mdi_cmd(*args, *(token_args or [])), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, env=env)
+                                stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=child_setup(None))
     return NodeProc(spec, proc, log_path)
 
 
 def wait_healthy(nodes: list[NodeProc], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    for n in nodes:
-        while True:
-            if n.proc.poll() is not None:
-                raise AssertionError(f"{n.spec.name} exited with {n.proc.returncode}:\n{n.log()}")
-            try:
-                if httpx.get(n.spec.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{n.spec.name} did not come up:\n{n.log()}")
-            time.sleep(0.05)
+    """LocalCluster's health wait, failing the test (AssertionError) with the node's log."""
+    try:
+        local_cluster.wait_healthy([(n.spec, n.proc) for n in nodes], timeout,
+                                   lambda i: nodes[i].log(), interval=0.05)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 @dataclass
 class Ring:
-    """Long-lived secondary nodes of a 3-node ring whose starter is the test."""
+    """Long-lived secondary nodes of a ring whose starter is the test (3 nodes unless
+    started from another nodes file)."""
     dir: Path
-    ckpt: Path
+    ckpt: Path | None
     nodes_path: Path
     config: NodesConfig
     procs: list[NodeProc] = field(default_factory=list)
@@ -146,6 +147,10 @@ class Ring:
     @property
     def fin(self) -> NodeProc:
         return self.procs[1]
+
+    def assert_alive(self) -> None:
+        for n in self.procs:
+            assert n.proc.poll() is None, f"{n.spec.name} died:\n{n.log()}"
 
     def stop(self) -> None:
         for n in self.procs:
@@ -173,25 +178,45 @@ def start_ring(root: Path, ckpt: Path, token_args: list[list[str]] | None = None
     free can be taken before a node binds it, so a node that exits at startup gets a
     second try on new ports."""
     for attempt in (1, 2):
-        config = local_nodes_config(3, free_ports(6))
-        nodes_path = write_nodes_file(root / "nodes.json", config)
-        ring = Ring(root, ckpt, nodes_path, config)
+        nodes_path = write_nodes_file(root / "nodes.json", local_nodes_config(3, free_ports(6)))
         try:
-            for i, spec in enumerate(config.secondaries):
-                ring.procs.append(start_node(nodes_path, spec, root,
-                                             token_args[i] if token_args else None,
-                                             envs[i] if envs else None, timeout))
-            wait_healthy(ring.procs)
-            return ring
-        except AssertionError as e:
-            ring.stop()
-            if attempt == 2 or not any(n.proc.poll() is not None for n in ring.procs):
+            return start_nodes(nodes_path, root, ckpt, token_args, envs, timeout)
+        except NodesStartError as e:
+            if attempt == 2 or not e.exited:
                 raise
             print(f"ring start failed, retrying on new ports: {e}", file=sys.stderr)
-        except BaseException:
-            ring.stop()
-            raise
     raise AssertionError("unreachable")
+
+
+class NodesStartError(AssertionError):
+    """A node of a ring did not come up; `exited` when one of them exited."""
+
+    def __init__(self, message: str, exited: bool) -> None:
+        super().__init__(message)
+        self.exited = exited
+
+
+def start_nodes(nodes_path: Path, root: Path, ckpt: Path | None = None,
+                token_args: list[list[str]] | None = None, envs: list[dict[str, str]] | None = None,
+                timeout: float = 3.0, chunks: list[Path] | None = None) -> Ring:
+    """Start every secondary node of a nodes file (logs in root) and wait until they
+    answer; on failure all of them are stopped."""
+    config = load_nodes_config(nodes_path)
+    ring = Ring(root, ckpt, nodes_path, config)
+    try:
+        for i, spec in enumerate(config.secondaries):
+            ring.procs.append(start_node(nodes_path, spec, root,
+                                         token_args[i] if token_args else None,
+                                         envs[i] if envs else None, timeout,
+                                         chunks[i] if chunks else None))
+        wait_healthy(ring.procs)
+        return ring
+    except AssertionError as e:
+        ring.stop()
+        raise NodesStartError(str(e), any(n.proc.poll() is not None for n in ring.procs)) from None
+    except BaseException:
+        ring.stop()
+        raise
 
 
 # ---- control plane ------------------------------------------------------------

@@ -6,6 +6,7 @@ a few KB of text): the tests run on one shared CPU core.
 from __future__ import annotations
 
 import os
+import subprocess
 
 # One core: keep the Hugging Face tokenizers (Rust) from starting a thread pool.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,3 +87,24 @@ def tiny_ckpt(tmp_path_factory, char_tokenizer) -> Path:
     model = scaled_random_model(config, seed=1, std=0.1)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt"), model, char_tokenizer,
                            {"note": "random weights for tests"})
+
+
+# ---- the fast tier starts no process ---------------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test not marked slow (setup, fixtures and teardown included) may not start a
+    process: `make test-fast` must stay fast and in-process."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    original = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **k):
+        raise RuntimeError(f"{item.nodeid} starts a process ({args!r}): mark it "
+                           "@pytest.mark.slow")
+
+    subprocess.Popen.__init__ = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = original

@@ -6,21 +6,17 @@ cost seconds on a shared core); two run the real console script."""
 from __future__ import annotations
 
 import csv
-import io
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 
-from mdi.cli.main import main
+from cluster_helpers import run_cli
 from mdi.model import GPT, GPTConfig
 
 TRAIN_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -28,24 +24,6 @@ TRAIN_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size
               "--batch-size", "8", "--warmup-iters", "5"]
 TIME_RUN_HEADER = ["timestamp", "mode", "n_nodes", "n_samples", "n_layers", "block_size",
                    "n_tokens", "gen_time_s", "tokens_per_s"]
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """main(argv) with stdout/stderr captured; returns (exit code, stdout, stderr)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.handlers.clear()  # main's logging.basicConfig then binds the captured stderr
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                rc = main([str(a) for a in argv])
-            except SystemExit as e:  # argparse usage errors
-                rc = e.code
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def assert_clean_error(result: tuple[int, str, str], command: str, *needles: str) -> str:
@@ -281,6 +259,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_console_script_error(workflow):
     exe = Path(sys.executable).with_name("mdi")
     assert exe.is_file()
@@ -292,6 +271,7 @@ def test_console_script_error(workflow):
     assert p.stderr.startswith("mdi sample: error: prompt 0: character(s) '€' not in")
 
 
+@pytest.mark.slow
 def test_module_entry_point_sample(workflow):
     p = subprocess.run([sys.executable, "-m", "mdi.cli.main", "sample", "--ckpt", str(workflow["ckpt"]),
                         "--n-samples", "2", "--n-tokens", "10", "--seed", "3", "--json",

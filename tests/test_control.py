@@ -4,6 +4,7 @@ run stays configured); afterwards the node still serves a legitimate run."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -76,9 +77,25 @@ def bad_inits(ring) -> list[tuple[str, dict | bytes, int, str]]:
         ("unusable device", {**good, "device": "no-such-device"}, 400, "device: 'no-such-device'"),
         ("local weights, no chunk", {**good, "weights": "local"}, 400, "weights: 'local' asked"),
         ("body too large", b"{" + b" " * (2 << 20) + b"}", 413, "body:"),
+        # the adversarial pass (issue 13): refused at /init, before any upload, field named
+        ("temperature Infinity", json.dumps(_without(good, "sampling"))[:-1].encode()
+         + b', "sampling": {"temperature": Infinity, "top_k": null, "seed": 1}}', 422,
+         "sampling.temperature:"),
+        ("top_k 0", {**good, "sampling": {"temperature": 1.0, "top_k": 0, "seed": 1}}, 422,
+         "sampling.top_k:"),
+        ("cuda:99", {**good, "device": "cuda:99"}, 400, "device: 'cuda:99'"),
+        ("hpu", {**good, "device": "hpu"}, 400, "device: 'hpu'"),
+        ("privateuseone", {**good, "device": "privateuseone"}, 400, "device: 'privateuseone'"),
+        ("block_size 10^9", {**good, "model": _model(ring, block_size=10**9)}, 400,
+         "memory: the run needs "),
+        ("65,536 samples", {**good, "groups": [[0, 1 << 16]], "model": _model(ring, block_size=1 << 16)},
+         400, "memory: the run needs "),
+        ("a 5,000-digit integer", json.dumps(good)[:-1].encode() + b', "x": ' + b"9" * 5000
+         + b"}", 422, "body: not valid JSON (Exceeds the limit (4300 digits)"),
     ]
 
 
+@pytest.mark.slow
 def test_bad_init_is_refused_by_field_and_changes_nothing(ring):
     fin = ring.fin.spec
 
@@ -121,9 +138,19 @@ def bad_weights(ring) -> list[tuple[str, bytes, str]]:
          "expected floating point"),
         ("a config for another model", st_save({k: torch.zeros(*v.shape[:-1], v.shape[-1] * 2)
                                                 for k, v in good.items()}), "has shape"),
+        ("a header nested 200k deep", _st_header(b"[" * 200_000 + b"]" * 200_000),
+         "weights: not a valid safetensors stream: header is not JSON"),
+        ("a 5,000-digit integer in the header",
+         _st_header(b'{"x": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}'),
+         "weights: not a valid safetensors stream: header is not JSON"),
     ]
 
 
+def _st_header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.slow
 def test_bad_weights_and_connect_are_refused_and_change_nothing(ring):
     inter = ring.inter.spec
     body = init_body(ring, 63, role="intermediate", start=1, stop=2, sampling=None,
@@ -178,6 +205,7 @@ def test_bad_weights_and_connect_are_refused_and_change_nothing(ring):
                                              "reason": "stopped by the starter"}
 
 
+@pytest.mark.slow
 def test_node_serves_a_run_after_bad_requests(ring):
     r = Starter(ring.config, TOKEN, str(ring.ckpt), RunOptions(timeout=3)).run(
         [[1, 2, 3], [4]], 6, SamplingConfig(temperature=0.0, top_k=None, seed=1))

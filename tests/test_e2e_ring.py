@@ -14,21 +14,17 @@ runs under a timeout so a hang fails a test instead of blocking CI.
 """
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
+from cluster_helpers import TOKEN, Ring, child_env, health, mdi_cmd, start_nodes, status
 from mdi.checkpoint import save_checkpoint
+from mdi.ring.local_cluster import free_ports
+from mdi.ring.nodes_config import NodeSpec
 from mdi.ring.partition import even_split
 from mdi.ring.wire import HEADER_SIZE
 from mdi.generate.schedule import make_groups
@@ -40,34 +36,19 @@ SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 N_EMBD = 32
 BLOCK_SIZE = 32
 TIMEOUT = 120          # seconds for any one command
-NODE_START = 60        # seconds for a node to answer /health
+NODE_TIMEOUT = 10.0    # the nodes' --timeout (mdi node's default)
 FLOAT32 = 4
 
 # The usual generation: 3 samples of 30 tokens, sampled (the default settings).
 STD = dict(n_samples=3, n_tokens=30, prompts=("ROMEO:",), temperature=0.8, top_k=200, seed=7)
 
 
-# ---- processes -----------------------------------------------------------------
-def _env(token: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MDI_TOKEN"}
-    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    if token is not None:
-        env["MDI_TOKEN"] = token
-    return env
-
-
-def _die_with_parent() -> None:  # child, between fork and exec: no orphans if pytest dies
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
+# ---- processes (the shared harness: tests/cluster_helpers.py) -------------------
 def mdi(*args, token: str | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mdi.cli.main", *map(str, args)]
+    env = child_env(MDI_TOKEN=token) if token is not None else child_env()
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(token),
-                              stdin=subprocess.DEVNULL, cwd=REPO)
+        return subprocess.run(mdi_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                              env=env, stdin=subprocess.DEVNULL, cwd=REPO)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"`mdi {' '.join(map(str, args))}` hung for {timeout} s; stderr:\n{e.stderr}")
 
@@ -101,19 +82,6 @@ def sample(ckpt: Path, **gen) -> dict:
     return _baselines[key]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):  # all bound at once, so the ports are distinct
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def node_entry(ports: tuple[int, int, int], secondary: bool = True) -> dict:
     """One node of the original layout from (control, data in, data out) ports."""
     ctrl, port_in, port_out = ports
@@ -122,7 +90,7 @@ def node_entry(ports: tuple[int, int, int], secondary: bool = True) -> dict:
             "inference": {"port_in": port_in, "port_out": port_out}}
 
 
-def write_nodes_file(path: Path, starter, intermediates=(), finisher=None) -> Path:
+def original_nodes_file(path: Path, starter, intermediates=(), finisher=None) -> Path:
     nodes: dict = {"starter": node_entry(starter, secondary=False),
                    "intermediate": [node_entry(p) for p in intermediates]}
     if finisher is not None:
@@ -135,70 +103,12 @@ def three_ports() -> tuple[int, int, int]:
     return tuple(free_ports(3))  # type: ignore[return-value]
 
 
-class Nodes:
-    """`mdi node` processes of one nodes file; stop() always ends them."""
+def ports_of(spec: NodeSpec) -> tuple[int, int, int]:
+    return spec.port, spec.port_in, spec.port_out
 
-    def __init__(self, nodes_file: Path, token: str, log_dir: Path) -> None:
-        self.nodes_file = nodes_file
-        self.token = token
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen, Path, str]] = []   # name, proc, log, url
-        self.ports: dict[str, tuple[int, int, int]] = {}                  # role -> ports
 
-    def start(self, role: str, ctrl_port: int, index: int = 0, chunk: Path | None = None) -> str:
-        name = f"{role}{index}"
-        log = self.log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "mdi.cli.main", "node", "--nodes-config", str(self.nodes_file),
-               "--role", role, "--index", str(index), "--threads", "1"]
-        if chunk is not None:
-            cmd += ["--chunk", str(chunk)]
-        with log.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    env=_env(self.token), cwd=REPO, preexec_fn=_die_with_parent)
-        url = f"http://127.0.0.1:{ctrl_port}"
-        self.procs.append((name, proc, log, url))
-        return url
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + NODE_START
-        for name, proc, log, url in self.procs:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"node {name} exited with {proc.returncode}:\n{log.read_text()}")
-                try:
-                    if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"node {name} did not answer /health in {NODE_START} s:\n"
-                                f"{log.read_text()}")
-                time.sleep(0.1)
-
-    def health(self, url: str) -> dict:
-        r = httpx.get(url + "/health", timeout=5.0)
-        assert r.status_code == 200
-        return r.json()
-
-    def status(self, url: str) -> dict:
-        r = httpx.get(url + "/status", timeout=5.0, headers={"Authorization": f"Bearer {self.token}"})
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def assert_alive(self) -> None:
-        for name, proc, log, _ in self.procs:
-            assert proc.poll() is None, f"node {name} died:\n{log.read_text()}"
-
-    def stop(self) -> None:
-        for _, proc, _, _ in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc, _, _ in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+def specs(ring: Ring) -> dict[str, NodeSpec]:
+    return {n.spec.name: n.spec for n in ring.procs}
 
 
 # ---- fixtures ------------------------------------------------------------------
@@ -237,22 +147,12 @@ def ckpt3(tmp_path_factory, tokenizer) -> Path:
 def ring3(tmp_path_factory):
     """Long-lived intermediate + finisher processes, nodes file in the original layout."""
     d = tmp_path_factory.mktemp("ring3")
-    ports = {"starter": three_ports(), "intermediate": three_ports(), "finisher": three_ports()}
-    path = write_nodes_file(d / "nodes.json", ports["starter"], [ports["intermediate"]],
-                            ports["finisher"])
-    nodes = Nodes(path, token="e2e-secret-ring3", log_dir=d)
+    path = original_nodes_file(d / "nodes.json", three_ports(), [three_ports()], three_ports())
+    ring = start_nodes(path, d, timeout=NODE_TIMEOUT)
     try:
-        nodes.start("intermediate", ports["intermediate"][0])
-        nodes.start("finisher", ports["finisher"][0])
-        nodes.wait_healthy()
-        nodes.ports.update(ports)
-        yield nodes
+        yield ring
     finally:
-        nodes.stop()
-
-
-def urls(nodes: Nodes) -> dict[str, str]:
-    return {name: url for name, _, _, url in nodes.procs}
+        ring.stop()
 
 
 def assert_same_samples(dist: dict, base: dict) -> None:
@@ -298,20 +198,20 @@ def test_run_equals_sample_past_block_size(ckpt, n_nodes, temperature):
 @pytest.mark.slow
 def test_starter_twice_on_the_same_nodes(ckpt, ring3):
     base = sample(ckpt, **STD)
-    first, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
-                          *gen_args(**STD), token=ring3.token)
+    first, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
+                          *gen_args(**STD), token=TOKEN)
     assert_same_samples(first, base)
     assert "weights uploaded" in log
     # 3 samples on 3 nodes: three groups of one sample
     assert_hops(first, ["starter", "intermediate[0]", "finisher"], {1})
     assert first["bytes_per_hop_per_token"] == HEADER_SIZE + N_EMBD * FLOAT32
 
-    done = {name: ring3.status(u)["runs_completed"] for name, u in urls(ring3).items()}
-    second, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
-                         *gen_args(**STD), token=ring3.token)
+    done = {name: status(u)["runs_completed"] for name, u in specs(ring3).items()}
+    second, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
+                         *gen_args(**STD), token=TOKEN)
     assert second["samples"] == first["samples"]
-    for name, u in urls(ring3).items():
-        st = ring3.status(u)
+    for name, u in specs(ring3).items():
+        st = status(u)
         assert st["runs_completed"] == done[name] + 1, st
         assert st["state"] == "idle" and st["run_id"] is None, st
     ring3.assert_alive()
@@ -321,28 +221,29 @@ def test_starter_twice_on_the_same_nodes(ckpt, ring3):
 def test_same_nodes_other_ring_and_model(ckpt, ckpt3, ring3, tmp_path):
     # A 2-node ring whose finisher is the running finisher process; the intermediate
     # process sits this run out. Another model (3 layers): the finisher re-inits.
-    two = write_nodes_file(tmp_path / "two.json", three_ports(), [], ring3.ports["finisher"])
+    two = original_nodes_file(tmp_path / "two.json", three_ports(), [],
+                              ports_of(ring3.config.finisher))
     base3 = sample(ckpt3, **STD)
     out, log = mdi_json("starter", "--ckpt", ckpt3, "--nodes-config", two, *DIST, *gen_args(**STD),
-                        token=ring3.token)
+                        token=TOKEN)
     assert_same_samples(out, base3)
     assert out["n_nodes"] == 2
     fin = even_split(3, 2)[1]
-    assert f"finisher at 127.0.0.1:{ring3.ports['finisher'][0]}: layers [{fin.start}, {fin.stop})" in log
+    assert f"finisher at 127.0.0.1:{ring3.config.finisher.port}: layers [{fin.start}, {fin.stop})" in log
     assert_hops(out, ["starter", "finisher"], {2, 1})
     assert out["samples"] != sample(ckpt, **STD)["samples"]  # another model, other text
 
     # The role comes from /init: the process started as `--role intermediate` serves
     # as this ring's finisher (layers, head and sampling).
-    swapped = write_nodes_file(tmp_path / "swapped.json", three_ports(), [],
-                               ring3.ports["intermediate"])
+    swapped = original_nodes_file(tmp_path / "swapped.json", three_ports(), [],
+                                  ports_of(ring3.config.intermediate[0]))
     out, _ = mdi_json("starter", "--ckpt", ckpt3, "--nodes-config", swapped, *DIST,
-                      *gen_args(**STD), token=ring3.token)
+                      *gen_args(**STD), token=TOKEN)
     assert_same_samples(out, base3)
 
     # ... and back to the 3-node ring and the first model.
-    again, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
-                        *gen_args(**STD), token=ring3.token)
+    again, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
+                        *gen_args(**STD), token=TOKEN)
     assert_same_samples(again, sample(ckpt, **STD))
     ring3.assert_alive()
 
@@ -380,8 +281,8 @@ def test_prompt_file_with_starter(ckpt, ring3, tmp_path):
     base = sample(ckpt, **gen)
     # the file is one prompt per sample: same as giving them one by one
     assert base["samples"] == sample(ckpt, **dict(gen, prompts=tuple(lines)))["samples"]
-    out, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST,
-                      *gen_args(**gen), token=ring3.token)
+    out, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
+                      *gen_args(**gen), token=TOKEN)
     assert_same_samples(out, base)
 
 
@@ -393,25 +294,23 @@ def test_split_chunks_are_not_uploaded(ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     assert [Path(line).name for line in p.stdout.split()] == ["node0", "node1", "node2"]
 
-    ports = {"starter": three_ports(), "intermediate": three_ports(), "finisher": three_ports()}
-    path = write_nodes_file(tmp_path / "nodes.json", ports["starter"], [ports["intermediate"]],
-                            ports["finisher"])
-    nodes = Nodes(path, token="e2e-secret-chunks", log_dir=tmp_path)
+    path = original_nodes_file(tmp_path / "nodes.json", three_ports(), [three_ports()],
+                               three_ports())
+    nodes = start_nodes(path, tmp_path, timeout=NODE_TIMEOUT,
+                        chunks=[chunks / "node1", chunks / "node2"])
     try:
-        inter = nodes.start("intermediate", ports["intermediate"][0], chunk=chunks / "node1")
-        fin = nodes.start("finisher", ports["finisher"][0], chunk=chunks / "node2")
-        nodes.wait_healthy()
+        inter, fin = nodes.config.secondaries
         # each node announces the chunk it holds: the even split of 4 layers over 3 nodes
         for u, shard in zip((inter, fin), even_split(4, 3)[1:]):
-            chunk = nodes.health(u)["chunk"]
+            chunk = health(u)["chunk"]
             assert (chunk["start"], chunk["stop"]) == (shard.start, shard.stop), chunk
         out, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", path, *DIST,
-                            *gen_args(**STD), token=nodes.token)
+                            *gen_args(**STD), token=TOKEN)
         assert_same_samples(out, sample(ckpt, **STD))
         assert log.count("weights from its local chunk") == 2, log
         assert "uploaded" not in log
         for u in (inter, fin):
-            assert nodes.status(u)["runs_completed"] == 1
+            assert status(u)["runs_completed"] == 1
     finally:
         nodes.stop()
 
@@ -420,7 +319,7 @@ def test_split_chunks_are_not_uploaded(ckpt, tmp_path):
 @pytest.mark.slow
 def test_single_node_starter_and_run(ckpt, tmp_path):
     base = sample(ckpt, **STD)
-    path = write_nodes_file(tmp_path / "one.json", three_ports())
+    path = original_nodes_file(tmp_path / "one.json", three_ports())
     out, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", path, *DIST, *gen_args(**STD),
                       token="unused-by-one-node")
     assert_same_samples(out, base)
@@ -433,7 +332,7 @@ def test_single_node_starter_and_run(ckpt, tmp_path):
 # ---- 7. wrong token --------------------------------------------------------------
 @pytest.mark.slow
 def test_wrong_token_is_one_clear_line(ckpt, ring3):
-    p = mdi("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_file, *DIST, "--json",
+    p = mdi("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST, "--json",
             *gen_args(**STD), token="not-the-cluster-token")
     assert p.returncode != 0
     assert p.stdout == ""
@@ -442,6 +341,6 @@ def test_wrong_token_is_one_clear_line(ckpt, ring3):
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("mdi starter: error: ") and "token" in lines[0], lines[0]
     # nothing changed on the nodes, and they still serve the right token
-    for u in urls(ring3).values():
-        assert ring3.status(u)["state"] == "idle"
+    for u in specs(ring3).values():
+        assert status(u)["state"] == "idle"
     ring3.assert_alive()

@@ -167,6 +167,7 @@ def test_node_that_never_comes_up_is_named(tmp_path, ckpt):
     assert out == "" and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_node_refusing_init_fails_the_starter_in_one_line(tmp_path, ring):
     def bad_device(d: dict) -> None:
         d["nodes"]["finisher"]["device"] = "no-such-device:0"
@@ -272,7 +273,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     from mdi.ring.messages import InitRequest
     from mdi.ring.node import NodeRuntime
     from mdi.ring.partition import Shard
-    from mdi.ring.weights_stream import shard_bytes
+    from mdi.checkpoint.stream import shard_bytes
     from mdi.ring.auth import challenge
     from mdi.ring.wire import Frame, Kind, read_frame
 
@@ -339,7 +340,7 @@ def test_next_node_closing_its_link_drops_the_run(ckpt, caplog):
     from mdi.ring.messages import InitRequest
     from mdi.ring.node import NodeRuntime
     from mdi.ring.partition import Shard
-    from mdi.ring.weights_stream import shard_bytes
+    from mdi.checkpoint.stream import shard_bytes
 
     cfg = local_nodes_config(2, free_ports(4))
     config = read_info(ckpt).config

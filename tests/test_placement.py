@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import torch
 
-from cluster_helpers import TOKEN, TEXT, run_cli, start_ring, status
+from cluster_helpers import TOKEN, TEXT, auth, run_cli, start_ring, status
 from mdi.checkpoint.format import save_checkpoint
 from mdi.model import GPT, GPTConfig
 from mdi.ring.capability import Speed, node_capabilities
@@ -124,3 +125,36 @@ def test_model_that_does_not_fit_is_refused_before_upload(ring6, monkeypatch):
     # even refuses too, naming the node and its share
     rc, out, err = _starter(ring6, "--partition", "even")
     assert rc == 1 and "starter would hold layers [0, 2) needing" in err
+
+
+@pytest.mark.slow
+def test_small_max_memory_gets_fewer_layers(tmp_path_factory):
+    """mdi node --max-memory: the capped node reports its budget, the default partition
+    turns to auto and gives it what fits; even is refused before any upload."""
+    root = tmp_path_factory.mktemp("maxmem")
+    tok = CharTokenizer.train(TEXT)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=6, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "ckpt6", GPT(config).eval(), tok, {"note": "random, 6 layers"})
+    from mdi.ring.capability import stage_memory
+
+    per_layer = stage_memory(config, 3).block_bytes  # 3 samples' KV cache included
+    cap = int(1.5 * per_layer)  # room for one layer, not two
+    ring = start_ring(root, ckpt, token_args=[["--max-memory", str(cap)], []])
+    try:
+        caps = httpx.get(ring.inter.spec.url + "/capabilities", headers=auth(), timeout=10).json()
+        assert caps["max_memory_bytes"] == cap and caps["budget_bytes"] == cap
+        rc, out, err = _starter(ring)
+        assert rc == 0, err[-3000:]
+        plan = json.loads(out)["plan"]
+        assert plan["partition"] == "auto" and "memory caps" in plan["reason"]
+        inter = plan["nodes"][1]
+        assert inter["layers"][1] - inter["layers"][0] == 1
+        assert inter["memory_bytes"] == per_layer <= inter["budget_bytes"] == cap
+        rc, out, err = _starter(ring, "--partition", "even")
+        assert rc == 1
+        assert (f"intermediate[0] would hold layers [2, 4) needing {2 * per_layer / 2**20:.1f} MiB, "
+                f"its budget is {cap / 2**20:.1f} MiB") in err
+        assert status(ring.inter.spec)["state"] == "idle"
+    finally:
+        ring.stop()

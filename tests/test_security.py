@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from cluster_helpers import (TOKEN, auth, build_tiny_ckpt, child_env, closed_by_peer,
-                             error_lines, fake_upstream, open_data, raw_frame, raw_http,
-                             read_raw_frame, run_cli, start_ring, status, wait_state)
+                             error_lines, fake_upstream, health, init_body, open_data, raw_frame,
+                             raw_http, read_raw_frame, run_cli, start_ring, status, wait_state)
 from mdi.ring.auth import AuthError, check_bearer, resolve_token
 from mdi.ring.starter import RunOptions, Starter
 from mdi.ring.wire import HEADER, HEADER_SIZE, Frame, Kind
@@ -61,6 +61,7 @@ BAD_HEADERS = [{}, auth(WRONG), auth(TOKEN + "x"), auth(TOKEN[:-1]),
                {"Authorization": "Bearer"}, {"Authorization": "bearer " + TOKEN}]
 
 
+@pytest.mark.slow
 def test_every_route_but_health_needs_the_token(ring):
     fin = ring.fin.spec
 
@@ -90,6 +91,7 @@ def test_every_route_but_health_needs_the_token(ring):
     wait_state(fin, "idle", 5.0)
 
 
+@pytest.mark.slow
 def test_a_stranger_cannot_make_a_node_buffer_a_body(ring):
     """The token and the size are checked before any body is read."""
     spec = ring.inter.spec
@@ -104,6 +106,7 @@ def test_a_stranger_cannot_make_a_node_buffer_a_body(ring):
     assert status(spec)["state"] == "idle"
 
 
+@pytest.mark.slow
 def test_token_sources_and_a_wrong_token(ring, tmp_path):
     # A whole run: the starter takes --token; the nodes took --token-file and MDI_TOKEN.
     rc, out, err = run_cli("starter", "--ckpt", ring.ckpt, "--nodes-config", ring.nodes_path,
@@ -156,6 +159,7 @@ def test_bearer_tokens_are_compared_in_constant_time(monkeypatch):
 
 
 # ---- data plane -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_data_plane_handshake_needs_the_token(ring):
     fin = ring.fin
 
@@ -179,6 +183,7 @@ def test_data_plane_handshake_needs_the_token(ring):
     assert after["runs_completed"] == runs + 1 and after["last_run"]["reason"] == "run complete"
 
 
+@pytest.mark.slow
 def test_connection_from_another_address_is_refused(ring):
     """The previous node is configured as 192.0.2.1 (no traffic goes there); we connect
     from 127.0.0.1 with the right token and are refused before the handshake."""
@@ -224,6 +229,7 @@ async def send_and_wait_log(node, run_id: int, data: bytes, reason: str, name: s
     return node.wait_log(reason, since=mark)
 
 
+@pytest.mark.slow
 def test_garbage_instead_of_a_handshake_is_refused(ring):
     fin = ring.fin
 
@@ -405,6 +411,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
 
 
 # ---- where nodes listen --------------------------------------------------------------------
+@pytest.mark.slow
 def test_nodes_bind_the_configured_address_not_all_interfaces(ring):
     import psutil
 
@@ -419,3 +426,119 @@ def test_nodes_bind_the_configured_address_not_all_interfaces(ring):
     assert NodeRuntime(spec, TOKEN, bind_any=True).bind_host == "0.0.0.0"
     rc, out, _ = run_cli("node", "--help")
     assert rc == 0 and "--bind-any" in out
+
+
+# ---- the adversarial pass (issue 13): lock-out, body caps, logs ------------------------------
+def _idle_sockets(spec, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((spec.addr, spec.port), timeout=5)
+        socks.append(s)
+    return socks
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(0.01)
+    try:
+        return s.recv(1) == b""
+    except (socket.timeout, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_idle_connections_cannot_lock_out_the_control_plane(ring):
+    """Issue 13.1: 63 idle connections made every request 503, /health included, for as
+    long as they were held. Now 150 of them (more than MAX_CONNECTIONS) do not: /health
+    and a real /init are answered while they are open, the oldest are evicted past the
+    cap, and every one is closed after --timeout (3 s here) without complete headers."""
+    from mdi.ring.serve import MAX_CONNECTIONS
+
+    fin = ring.fin.spec
+    mark = ring.fin.log_mark()
+    socks = _idle_sockets(fin, 150)
+    half_sent = socks[-1]
+    half_sent.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # slow-loris: never finished
+    try:
+        t0 = time.monotonic()
+        with httpx.Client(timeout=2.0) as http:
+            for _ in range(5):
+                r = http.get(fin.url + "/health")
+                assert r.status_code == 200 and r.json()["state"] == "idle", r.text
+            r = http.post(fin.url + "/init", json=init_body(ring, 91), headers=auth())
+            assert r.status_code == 200 and r.json()["state"] == "awaiting_weights", r.text
+            r = http.post(fin.url + "/stop", json={"run_id": 91}, headers=auth())
+            assert r.status_code == 200 and r.json()["state"] == "idle"
+        assert time.monotonic() - t0 < 2.0, ring.fin.log()[mark:]
+        evicted = sum(_closed(s) for s in socks[:40])
+        assert evicted >= 150 - MAX_CONNECTIONS, evicted
+        ring.fin.wait_log(f"more than {MAX_CONNECTIONS} connections open", since=mark)
+        deadline = time.monotonic() + 6.0  # --timeout 3 s from connecting, plus slack
+        while not all(_closed(s) for s in socks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_closed(s) for s in socks)
+        ring.fin.wait_log("no complete request headers within 3 s", since=mark)
+    except BaseException:
+        print(ring.fin.log()[mark:][-5000:])
+        raise
+    finally:
+        for s in socks:
+            s.close()
+    assert health(fin)["state"] == "idle"
+
+
+@pytest.mark.slow
+def test_chunked_bodies_cannot_pass_the_json_cap(ring):
+    """Issue 13.3: Transfer-Encoding: chunked with a small Content-Length read 100 MiB."""
+    spec = ring.inter.spec
+    rss = status(spec)["rss_bytes"]
+    with socket.create_connection((spec.addr, spec.port), timeout=5) as s:
+        s.sendall(f"POST /init HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 10\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode())
+        s.settimeout(5)
+        answer = b""  # it comes before a byte of the body was sent
+        while b'"}' not in answer:
+            piece = s.recv(4096)
+            if not piece:
+                break
+            answer += piece
+        answer = answer.decode("latin-1")
+        deadline = time.monotonic() + 5
+        while not _closed(s) and time.monotonic() < deadline:  # and no more is read
+            time.sleep(0.05)
+        assert _closed(s)
+    assert answer.startswith("HTTP/1.1 400 "), answer
+    assert "body: Content-Length and Transfer-Encoding together" in answer
+    assert status(spec)["rss_bytes"] - rss < 20 * 2**20
+    assert status(spec)["state"] == "idle"
+
+
+@pytest.mark.slow
+def test_peer_strings_cannot_forge_or_flood_the_log(ring):
+    """Issue 13.4: %0a in a path forged log lines; refused requests were logged without limit."""
+    fin = ring.fin
+    time.sleep(1.1)  # a fresh second for the log limiter (20 warnings a second)
+    mark = fin.log_mark()
+    code, _ = raw_http(fin.spec.addr, fin.spec.port,
+                       "GET /a%0a2026-01-01%2000:00:00%20INFO%20forged HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert code == 401
+    line = fin.wait_log("refused GET /a", since=mark)
+    assert "/a\\n2026-01-01 00:00:00 INFO forged from 127.0.0.1" in line
+    assert not any(x.startswith("2026-01-01") for x in fin.log()[mark:].splitlines())
+
+    time.sleep(1.1)  # a fresh second for the limiter
+    mark = fin.log_mark()
+    with httpx.Client(timeout=5.0) as http:
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 0.5:
+            assert http.get(fin.spec.url + f"/status?{n}").status_code == 401
+            n += 1
+    time.sleep(1.1)
+    httpx.get(fin.spec.url + "/after-the-flood", timeout=5.0)
+    last = fin.wait_log("refused GET /after-the-flood", since=mark)
+    lines = [x for x in fin.log()[mark:].splitlines() if "refused GET" in x]
+    assert n > 40 and len(lines) <= 21, (n, len(lines))
+    assert f"[{n - 20} warnings not logged: more than 20 a second]" in last, (n, last)

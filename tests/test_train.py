@@ -158,3 +158,12 @@ def test_lr_schedule():
     no_warmup = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_iters=0, max_iters=50)
     assert lr_at(0, no_warmup) == pytest.approx(2e-3)
     assert lr_at(50, no_warmup) == pytest.approx(2e-4)
+
+
+def test_lr_decay_iters_keeps_the_schedule_when_max_iters_grows():
+    base = TrainConfig(max_iters=110, warmup_iters=10, lr=1e-3, min_lr=1e-4)
+    extended = TrainConfig(max_iters=300, warmup_iters=10, lr=1e-3, min_lr=1e-4, lr_decay_iters=110)
+    assert [lr_at(i, extended) for i in range(300)] == [lr_at(i, base) for i in range(300)]
+    assert lr_at(60, TrainConfig(max_iters=110, warmup_iters=10, lr_decay_iters=210)) > lr_at(60, base)
+    with pytest.raises(ValueError, match="--lr-decay-iters must be positive"):
+        TrainConfig(lr_decay_iters=0)

@@ -12,8 +12,8 @@ from safetensors.torch import load as st_load
 from mdi.checkpoint import save_checkpoint
 from mdi.checkpoint.format import expected_shapes
 from mdi.ring.partition import Shard, even_split
-from mdi.ring.split import shard_tensors
-from mdi.ring.weights_stream import WeightsStreamError, read_stream, shard_stream
+from mdi.checkpoint.chunks import shard_tensors
+from mdi.checkpoint.stream import WeightsStreamError, read_stream, shard_stream
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 
@@ -84,7 +84,7 @@ def test_rejections_name_the_problem(ckpt):
 
 
 def test_stream_in_small_pieces_is_the_same(ckpt, monkeypatch):
-    import mdi.ring.weights_stream as ws
+    import mdi.checkpoint.stream as ws
 
     shard = Shard(2, 4, 4)
     whole = b"".join(shard_stream(ckpt, shard)[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import struct
 
 import pytest
@@ -383,7 +384,7 @@ def decode_or_wire_error(data: bytes, lim: Limits | None) -> Frame | None:
         return None
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.one_of(
     st.binary(max_size=300),
     st.binary(max_size=300 - len(MAGIC)).map(lambda b: MAGIC + b),
@@ -419,6 +420,10 @@ def _field_values(name: str):
     return _u32(*range(NS + 1), C, C + 1, BS - 1, BS, BS + 1, RUN)
 
 
+FIELD_VALUES = [_field_values(name) for name in FIELDS]  # built once: drawing is the cost
+RESERVED_VALUES = st.binary(min_size=4, max_size=4)
+
+
 @st.composite
 def mutated_frames(draw):
     """A valid frame's header with some fields replaced by HEADER.pack-able random
@@ -426,13 +431,15 @@ def mutated_frames(draw):
     f, _ = draw(valid_frames())
     fields = list(HEADER.unpack(f.encode()[:HEADER_SIZE]))
     for i in draw(st.sets(st.integers(0, len(FIELDS) - 1), min_size=1, max_size=3)):
-        fields[i] = draw(_field_values(FIELDS[i]))
+        fields[i] = draw(FIELD_VALUES[i])
     if draw(st.booleans()):  # keep the length consistent with the (mutated) shape
         ndim, dtype = fields[4], fields[3]
         need = math.prod(fields[8:8 + ndim]) * itemsize(dtype) if 0 < ndim <= 3 else 0
         fields[11] = min(need, 2**64 - 1)
     length = fields[11]
     h = HEADER.pack(*fields)
+    if draw(st.integers(0, 7)) == 0:  # the reserved bytes, which must stay zero
+        h = h[:-4] + draw(RESERVED_VALUES)
     n_payload = length if length <= 4096 else draw(st.integers(0, 64))
     n_payload = max(0, n_payload + draw(st.sampled_from([0, 0, 0, -1, 1])))
     return h + draw(st.binary(min_size=n_payload, max_size=n_payload))
@@ -487,11 +494,91 @@ def test_fuzz_round_trip(case):
     assert_same_frame(got, f)
 
 
+def _templates() -> list[tuple[bytes, Limits | None]]:
+    """Valid frames of every kind, for the seeded mutation fuzzer."""
+    out = []
+    for lim in FUZZ_LIMITS[:3]:
+        act = TORCH_DTYPES[lim.act_dtype]
+        out += [(Frame(Kind.DECODE, RUN, 0, 3, torch.ones(lim.max_batch, 1, C, dtype=act)).encode(), lim),
+                (Frame(Kind.PREFILL, RUN, 0, 0, torch.ones(1, 5, C, dtype=act)).encode(), lim),
+                (Frame(Kind.CONTEXT, RUN, 0, 0, torch.ones(1, BS, C, dtype=act)).encode(), lim),
+                (Frame(Kind.TOKENS, RUN, 0, 0, torch.arange(lim.max_batch)).encode(), lim),
+                (Frame(Kind.STOP, RUN).encode(), lim)]
+    for kind in (Kind.CHALLENGE, Kind.AUTH):
+        out.append((Frame(kind, RUN, tensor=torch.arange(32, dtype=torch.uint8)).encode(), None))
+    return out
+
+
+BOUNDARY_U32 = [0, 1, 2, 3, NS - 1, NS, C, BS - 1, BS, RUN, 2**31, 2**32 - 1]
+U32_FIELDS = [8, 12, 16, 20, 24, 28]  # run_id, sample, position, shape
+SEEDED_CASES = 20_000
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    """1 to 4 edits: a random byte of the header, a uint32 field set to a boundary value,
+    the length field, the reserved bytes, or the payload cut or extended."""
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        if op == 0 and b:
+            b[rng.randrange(min(HEADER_SIZE, len(b)))] = rng.randrange(256)
+        elif op == 1:
+            at = rng.choice(U32_FIELDS)
+            b[at:at + 4] = rng.choice(BOUNDARY_U32).to_bytes(4, "big")
+        elif op == 2:
+            n = rng.choice([0, len(b) - HEADER_SIZE + rng.choice([-1, 1]), 2**63, 2**64 - 1,
+                            rng.randrange(2**64)])
+            b[32:40] = max(0, n).to_bytes(8, "big")
+        elif op == 3:
+            b[40:44] = rng.randbytes(4) if rng.random() < 0.5 else bytes(3) + b"\x01"
+        elif op == 4:
+            del b[rng.randrange(HEADER_SIZE - 1, len(b) + 1):]
+        else:
+            b += rng.randbytes(rng.randint(1, 9))
+    return bytes(b)
+
+
+def test_fuzz_seeded_mutations():
+    """20,000 mutated frames from a fixed seed (cheap next to hypothesis's 5,800 above):
+    only WireError escapes, and whatever is accepted is canonical and in the run's limits."""
+    rng = random.Random(13)
+    templates = _templates()
+    accepted = 0
+    for _ in range(SEEDED_CASES):
+        data, lim = rng.choice(templates)
+        lim = rng.choice([lim, lim, None, LIM])
+        bad = _mutate(rng, data)
+        f = decode_or_wire_error(bad, lim)
+        if f is not None:
+            accepted += 1
+            assert f.encode() == bad
+            assert bad[40:44] == bytes(4)
+            assert f.kind in (Kind.CHALLENGE, Kind.AUTH) or (lim is not None and f.run_id == lim.run_id)
+    assert 0 < accepted < SEEDED_CASES // 2  # the edits mostly break frames, not always
+
+
 async def _read_with(data: bytes, lim: Limits) -> Frame:
     reader = asyncio.StreamReader()
     reader.feed_data(data)
     reader.feed_eof()
     return await read_frame(reader, lim)
+
+
+@pytest.mark.parametrize("reserved", [b"\0\0\0\1", b"\xff\0\0\0", b"\xff" * 4])
+def test_reserved_header_bytes_must_be_zero(reserved):
+    """docs/wire.md: the 4 reserved bytes are zero; struct's pad bytes are not checked."""
+    data = frame_bytes()
+    bad = data[:HEADER_SIZE - 4] + reserved + data[HEADER_SIZE:]
+    assert decode_frame(data, LIM).tensor.shape == (2, 1, C)
+    with pytest.raises(WireError, match="reserved header bytes must be 0"):
+        decode_frame(bad, LIM)
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(bad[:HEADER_SIZE])  # refused before the payload is awaited
+        with pytest.raises(WireError, match="reserved"):
+            await asyncio.wait_for(read_frame(reader, LIM), timeout=5)
+    asyncio.run(main())
 
 
 def test_header_layout_matches_the_docstring():

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from ..generate.schedule import SampleState, accept, plan_step
-from ..plots import plt, _finish, plot_tokens_time
+from ..plots import finish_figure, plot_tokens_time, plt
 from ..ring.wire import HEADER_SIZE
 
 CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
@@ -103,7 +103,7 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
         err = [[m - min(p[1]) for m, p in zip(med, pts)], [max(p[1]) - m for m, p in zip(med, pts)]]
         ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label=mode)
     ax.set_xticks(sorted({r["n_nodes"] for r in rows}))
-    paths.append(_finish(fig, ax, out / "tokens_per_s_vs_nodes.png", "throughput", "nodes",
+    paths.append(finish_figure(fig, ax, out / "tokens_per_s_vs_nodes.png", "throughput", "nodes",
                          "tokens/s (median, min-max)"))
     # 3. bytes per hop per token against context length: from the frame format,
     #    with each configuration's measured mean drawn at its mean context length
@@ -121,7 +121,7 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
             ax.scatter([x], [statistics.median(r["bytes_per_hop_per_token"] for r in rs)],
                        zorder=3, label=f"measured mean, {name}")
     ax.set_yscale("log")
-    paths.append(_finish(fig, ax, out / "bytes_vs_context.png", "bytes one hop carries per token",
+    paths.append(finish_figure(fig, ax, out / "bytes_vs_context.png", "bytes one hop carries per token",
                          "context length (tokens)", "bytes (float32)"))
     # 4. peak memory per node
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -138,6 +138,6 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
                 hs.append(statistics.median(r[f"peak_rss_mb_node{i}"] for r in rs))
         ax.bar(xs, hs, width=width, label="starter" if i == 0 else f"node {i}")
     ax.set_xticks(range(len(names)), names)
-    paths.append(_finish(fig, ax, out / "memory_per_node.png", "peak RSS per node", "configuration",
+    paths.append(finish_figure(fig, ax, out / "memory_per_node.png", "peak RSS per node", "configuration",
                          "MB"))
     return paths

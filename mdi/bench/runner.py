@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import ENV_VAR
-from ..ring.local_cluster import LocalCluster, _child_setup
+from ..ring.local_cluster import LocalCluster, child_setup
 from .cgroup import CpuCaps
 from .models import random_checkpoint
 from .netns import NetnsHosts
@@ -140,7 +140,7 @@ class Bench:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
-        self.info = read_info(self.ckpt)
+        self.info = open_checkpoint(self.ckpt)
         self.variants = variants(cfg)
         self.max_nodes = max(v.n_nodes for v in self.variants)
         self.caps: CpuCaps | None = None
@@ -176,7 +176,7 @@ class Bench:
     def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
              hosts: NetnsHosts | None) -> dict:
         cfg = self.cfg
-        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()),
+        cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()) if Path(self.ckpt).exists() else self.ckpt,
                "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
                "--threads", str(threads_for(v.n_nodes, cfg.isolate, self.max_nodes)),
                "--seed", str(cfg.seed + run)]
@@ -193,7 +193,7 @@ class Bench:
         cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
         node_pids = [p.pid for p in cluster.procs] if cluster else []
         cpu_before = [_cpu_s(p) for p in node_pids]
-        setup = _child_setup(cpus[0] if cpus else None)
+        setup = child_setup(cpus[0] if cpus else None)
         if self.caps is not None:  # the starter (or single device) gets share 0
             base, caps = setup, self.caps
 

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..checkpoint import load_model, read_info
+from ..checkpoint import load_model, open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import RunOptions, Starter
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
-    tok = read_info(args.ckpt).tokenizer()
+    tok = open_checkpoint(args.ckpt).tokenizer()
     prompts = [tok.encode("\n")] * args.n_samples
     if args.nodes_config:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                                      partition=args.partition))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
-        model, _ = load_model(args.ckpt)
+        model, _ = load_model(args.ckpt, dtype=torch.float32)  # as the starter's default
         result = generate_timed(model, prompts, args.n_tokens, sampling)
-        result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
+        result.hops = []  # the same keys as a ring run's
     out = result.to_json()
     out.pop("samples", None)
     out["step_times"] = [round(t, 6) for t in result.step_times]

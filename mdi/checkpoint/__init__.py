@@ -1,6 +1,7 @@
-"""Checkpoints: our directory format, imports from other systems, per-node chunks."""
-from .format import (CheckpointError, CheckpointInfo, build_stage, load_model, load_stage,
-                     read_info, save_checkpoint)
+"""Checkpoints: our directory format, Hugging Face directories and hub names,
+imports from other systems, per-node chunks and stage streams, inspection."""
+from .format import CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
+from .sources import Checkpoint, load_model, load_stage, open_checkpoint
 
-__all__ = ["CheckpointError", "CheckpointInfo", "build_stage", "load_model", "load_stage",
-           "read_info", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "build_stage", "load_model",
+           "load_stage", "open_checkpoint", "read_info", "save_checkpoint"]

@@ -42,6 +42,7 @@ class CheckpointInfo:
     path: Path
     config: GPTConfig
     training: dict = field(default_factory=dict)
+    kind: str = "mdi"
 
     @property
     def weights_path(self) -> Path:
@@ -57,7 +58,7 @@ class CheckpointInfo:
 def storable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict to write: contiguous tensors, the tied head left out."""
     sd = model.state_dict()
-    if model.has_embeddings and model.has_head:
+    if model.has_embeddings and model.has_head and model.config.tie_embeddings:
         sd.pop(TIED_HEAD, None)
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
@@ -74,6 +75,11 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER)
+        # A pretrained model's tokenizer keeps its special-token settings beside it.
+        for name in ("tokenizer_config", "generation_config"):
+            extra = getattr(tokenizer, name, None)
+            if extra is not None:
+                (path / f"{name}.json").write_text(json.dumps(extra, indent=2) + "\n")
     return path
 
 
@@ -121,13 +127,14 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
     belongs to its layer range is an error (wrong config).
     """
     want = expected_shapes(config, start, stop)
+    tied = config.tie_embeddings
     sd: dict[str, torch.Tensor] = {}
     for name, shape in want.items():
-        if name == TIED_HEAD and EMBEDDING in sd:
+        if name == TIED_HEAD and tied and EMBEDDING in sd:
             sd[name] = sd[EMBEDDING]  # tied: one tensor, read once (re-tied below)
             continue
         t = get(name)
-        if t is None and name == TIED_HEAD:
+        if t is None and name == TIED_HEAD and tied:
             t = get(EMBEDDING)  # tied to the token embedding
         if t is None:
             raise CheckpointError(f"{where}: missing tensor {name!r}")
@@ -150,7 +157,7 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
     with torch.device("meta"):
         stage = GPT(config, start, stop)
     stage.load_state_dict(sd, assign=True, strict=True)
-    if stage.has_embeddings and stage.has_head:
+    if stage.has_embeddings and stage.has_head and tied:
         stage.lm_head.weight = stage.transformer.wte.weight
     return stage.eval()
 

@@ -43,9 +43,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark single-device and distributed generation")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint directory")
+    src.add_argument("--ckpt", help="checkpoint: our directory, a Hugging Face directory or hf:ORG/NAME")
     src.add_argument("--model-size", help="random weights at a named size: tiny, bundled, gpt2, "
-                                          "gpt2-medium")
+                                          "gpt2-medium, smollm2-135m, tinyllama-1.1b (the last two "
+                                          "written as Hugging Face directories in bfloat16)")
     p.add_argument("--nodes", default="1,2,3", help="comma-separated node counts; 1 is single-device")
     p.add_argument("--n-samples", type=int, default=3)
     p.add_argument("--n-tokens", type=int, default=500)

@@ -1,14 +1,24 @@
-"""`mdi convert`: import a nanoGPT or original-MDI checkpoint into our format."""
+"""`mdi convert`: import a nanoGPT, original-MDI, Hugging Face or GGUF checkpoint into our format."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..checkpoint import read_info
+from ..checkpoint import CheckpointError, read_info
 from ..checkpoint.imports import convert
+from ..checkpoint.shipped import is_shipped_name
+from ..checkpoint.sources import convert_to_ours
+from ..model.dtypes import DTYPES
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.out, meta=args.meta, overwrite=args.force)
+    src = str(args.src)
+    if Path(src).is_dir() or src.startswith("hf:") or src.endswith(".gguf") \
+            or is_shipped_name(src):
+        out = convert_to_ours(src, args.out, overwrite=args.force,
+                              dtype=DTYPES[args.dtype] if args.dtype else None)
+    else:
+        out = convert(args.src, args.out, meta=args.meta, overwrite=args.force)
     info = read_info(out)
     print(f"wrote {out}: {info.training.get('imported_from')} checkpoint, {info.config.n_layer} "
           f"layers, n_embd {info.config.n_embd}, vocabulary {info.config.vocab_size}")
@@ -16,10 +26,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="import a nanoGPT or original-MDI ckpt.pt")
-    p.add_argument("src", metavar="SRC.pt", help="checkpoint written by nanoGPT or the original MDI")
+    p = sub.add_parser("convert", help="import a nanoGPT / original-MDI ckpt.pt, a Hugging Face "
+                       "model or a GGUF file into our format")
+    p.add_argument("src", metavar="SRC",
+                   help="ckpt.pt written by nanoGPT or the original MDI, a Hugging Face model "
+                        "directory, hf:ORG/NAME[@REV], a .gguf file or smollm2-135m-instruct")
     p.add_argument("--meta", metavar="META.pkl", default=None,
                    help="char vocabulary (default: look for meta.pkl where those systems keep it)")
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="cast Hugging Face weights (default: keep their stored dtype)")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint at --out")
     p.set_defaults(func=cmd_convert)

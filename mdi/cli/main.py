@@ -6,6 +6,7 @@ import logging
 import sys
 
 from . import bench, convert, ring, workflow
+from . import eval as eval_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.register(sub)
     ring.register(sub)
     bench.register(sub)
+    eval_cmd.register(sub)
     return p
 
 

@@ -8,11 +8,11 @@ import sys
 
 from tqdm import tqdm
 
-from ..checkpoint import read_info
+from ..checkpoint import open_checkpoint
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
-from ..results import GenerationResult
+from ..results import GenerationResult, Texts
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
 
@@ -28,6 +28,7 @@ def _token_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from ..ring.limits import parse_size
     from ..ring.node import NodeRuntime
     from ..ring.serve import run_node
 
@@ -40,8 +41,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.idle_timeout < 0:
         raise UsageError(f"--idle-timeout must be 0 (never) or a positive number of seconds, "
                          f"got {args.idle_timeout:g}")
+    try:
+        max_memory = parse_size(args.max_memory) if args.max_memory else None
+    except ValueError as e:
+        raise UsageError(f"--max-memory: {e}") from None
     rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any,
-                     idle_timeout=args.idle_timeout)
+                     max_memory=max_memory, idle_timeout=args.idle_timeout)
     run_node(rt)
     return 0
 
@@ -53,7 +58,7 @@ def _check_timeout(timeout: float) -> None:
 
 def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     sampling = sampling_config(args)
-    info = read_info(args.ckpt)
+    info = open_checkpoint(args.ckpt)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
@@ -64,22 +69,14 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                                  partition=args.partition),
                       on_step=lambda i: bar.update(1))
     try:
-        result = starter.run(ids, args.n_tokens, sampling)
+        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))
         error = None
     except NodeFailure as e:
         if e.partial is None:
             raise
-        result, error = e.partial, e
+        result, error = e.partial, e  # the partial result names the failure itself
     finally:
         bar.close()
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
-    if error is not None:
-        result.extra["error"] = str(error)
-        if error.node is not None:
-            n = error.node
-            result.extra["failed_node"] = {"role": n.role, "index": n.index, "addr": n.addr,
-                                           "port": n.port, "port_in": n.port_in}
     emit(args, result)
     if not args.json and error is None:
         _print_hops(result)
@@ -90,11 +87,11 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
 
 
 def _print_hops(result: GenerationResult) -> None:
-    for h in result.extra.get("hops", []):
-        print(f"  {h['from']} -> {h['to']}: {h['bytes_per_token']:.1f} bytes/token after prefill, "
-              f"{h['prefill_bytes']} bytes of prefill", file=sys.stderr)
+    for h in result.hops or []:
+        print(f"  {h.src} -> {h.dst}: {round(h.bytes_per_token, 3):.1f} bytes/token after prefill, "
+              f"{h.prefill_bytes} bytes of prefill", file=sys.stderr)
     if result.n_nodes > 1:
-        print(f"  bytes per hop per token (activations): {result.extra['bytes_per_hop_per_token']:.1f}",
+        print(f"  bytes per hop per token (activations): {result.bytes_per_hop_per_token:.1f}",
               file=sys.stderr)
 
 
@@ -118,7 +115,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.local_cluster import LocalCluster, default_threads
 
-    read_info(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
@@ -154,15 +151,22 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("node", help="serve as an intermediate or finisher node")
+    p = sub.add_parser("node", help="serve as an intermediate or finisher node",
+                       epilog="exit status: 0 after /shutdown, SIGTERM or SIGINT; 1 a bad option value, "
+                              "nodes file or token; 2 command-line syntax; 4 a port cannot be bound (taken, or not an "
+                              "address of this host). 3 is the starter's, for a failed node.")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     p.add_argument("--role", required=True, choices=["intermediate", "finisher"])
     p.add_argument("--index", type=int, default=0, help="which intermediate (default 0)")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
     p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
     p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds for a handshake, a connect, or the next node to take a frame "
-                        "(default 10)")
+                   help="seconds for a handshake, a connect, the next node to take a frame, "
+                        "or a control client to send its request headers (default 10)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="the most a run may take on this node, weights plus KV caches, e.g. "
+                        "512MB, 2GB, 2GiB (default: the free memory at /init); larger runs "
+                        "are refused at /init")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help="drop a run that has sent no frame for this many seconds (a starter "
                         "frozen without closing its link) and wait for the next one; 0: never "
@@ -173,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     add_generation_options(p)
     _dist_options(p)
@@ -187,7 +192,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
     add_generation_options(p)
     _dist_options(p)

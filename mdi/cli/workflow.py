@@ -7,13 +7,15 @@ import logging
 
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, load_model, read_info
+from ..checkpoint import load_model
 from ..generate.local import generate_timed
 from ..model import GPTConfig
+from ..results import Texts
 from .common import (DTYPES, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
 
 log = logging.getLogger("mdi")
+CKPT_HELP = "checkpoint: our directory, a Hugging Face model directory, or hf:ORG/NAME[@REV]"
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -31,7 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     cfg = TrainConfig(batch_size=args.batch_size, grad_acc_steps=args.grad_acc_steps,
                       max_iters=args.max_iters, lr=args.lr, min_lr=args.min_lr,
-                      warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
+                      warmup_iters=args.warmup_iters, lr_decay_iters=args.lr_decay_iters,
+                      weight_decay=args.weight_decay,
                       eval_interval=args.eval_interval, eval_iters=args.eval_iters,
                       seed=args.seed, device=args.device, dtype=args.dtype)
     model_config = None
@@ -55,48 +58,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
     with bar:
         result = generate_timed(model, ids, args.n_tokens, sampling, args.micro_batches or 1,
-                                on_step=lambda i: bar.update(1))
-    result.prompts = prompts
-    result.samples = [tok.decode(t) for t in result.tokens]
+                                on_step=lambda i: bar.update(1), texts=Texts(tok, prompts))
     emit(args, result)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError, safe_open
+    from ..checkpoint.inspect import inspect_checkpoint
 
-    info = read_info(args.ckpt)
-    if not info.weights_path.is_file():
-        raise CheckpointError(f"{info.path} has no {info.weights_path.name}")
-    tensors = []  # (name, shape, dtype), read before printing so a bad file prints nothing
-    try:
-        with safe_open(str(info.weights_path), framework="pt") as f:
-            for name in sorted(f.keys()):
-                sl = f.get_slice(name)
-                tensors.append((name, tuple(sl.get_shape()), sl.get_dtype()))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
-    print(f"checkpoint: {info.path}")
+    ins = inspect_checkpoint(args.ckpt)  # read completely before printing: a bad file prints nothing
+    print(f"checkpoint: {ins.path}" + ("" if ins.kind == "mdi" else f" ({ins.kind})"))
     print("model config:")
-    for k, v in info.config.to_dict().items():
+    for k, v in ins.config.items():
         print(f"  {k}: {v}")
-    total = 0
     print("tensors:")
-    for name, shape, dtype in tensors:
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-        print(f"  {name:48s} {str(shape):20s} {dtype}")
-    print(f"parameters: {total:,} ({total / 1e6:.2f}M)")
-    try:
-        tok = info.tokenizer()
-        print(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}")
-    except ValueError as e:
-        print(f"tokenizer: unavailable ({e})")
-    if info.training:
+    for t in ins.tensors:
+        print(f"  {t.name:48s} {str(t.shape):20s} {t.dtype}")
+    print(f"parameters: {ins.n_params:,} ({ins.n_params / 1e6:.2f}M)")
+    print(f"tokenizer: {ins.tokenizer}")
+    if ins.training:
         print("training:")
-        for k, v in info.training.items():
+        for k, v in ins.training.items():
             print(f"  {k}: {v}")
     return 0
 
@@ -125,6 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iteration where the cosine reaches --min-lr (default --max-iters); keep it "
+                        "fixed to extend a finished run with a larger --max-iters")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-interval", type=int, default=250)
     p.add_argument("--eval-iters", type=int, default=50)
@@ -137,12 +122,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate on one device (the baseline)")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     add_generation_options(p)
     p.add_argument("--micro-batches", type=int, default=None,
                    help="split the samples into this many batches (default 1; tokens do not depend on it)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("inspect", help="print a checkpoint's structure")
-    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("ckpt", help=CKPT_HELP)
     p.set_defaults(func=cmd_inspect)

@@ -15,10 +15,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..model import GPT, KVCache
-from ..results import GenerationResult
+from ..model import GPT
+from ..results import GenerationResult, Texts
 from .sampling import SamplingConfig, sample_generator, sample_rows
 from .schedule import SampleState, accept, make_groups, plan_step
+from .step import decode, prefill  # module globals: tests record the calls
 
 
 @dataclass
@@ -26,22 +27,6 @@ class Step:
     """The tokens produced in one step, one per sample (index = sample id)."""
     index: int
     tokens: list[int]
-
-
-def prefill(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
-    """Write one sample's tokens at positions 0..len-1 into cache row `row`."""
-    dev = cache.k[0].device
-    idx = torch.tensor([tokens], dtype=torch.long, device=dev)
-    pos = torch.arange(len(tokens), device=dev)[None]
-    model(idx, pos, cache.rows(row, row + 1), logits=False)
-
-
-def decode(model: GPT, cache: KVCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
-    """One token per row of the group; returns logits (B, vocab)."""
-    dev = cache.k[0].device
-    idx = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
-    pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]
-    return model(idx, pos, cache)[:, -1]
 
 
 class LocalGenerator:
@@ -86,16 +71,17 @@ def generate(model: GPT, prompts: list[list[int]], n_tokens: int, sampling: Samp
 
 
 def generate_timed(model: GPT, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
-                   n_groups: int = 1, on_step: Callable[[int], None] | None = None
-                   ) -> GenerationResult:
-    """Generate and time every step: what `mdi sample` and the benchmarks report."""
+                   n_groups: int = 1, on_step: Callable[[int], None] | None = None,
+                   texts: Texts | None = None) -> GenerationResult:
+    """Generate and time every step: what `mdi sample` and the benchmarks report.
+    With texts, the result also holds the prompts and the generated text."""
     gen = LocalGenerator(model, prompts, sampling, n_groups)
     t0, times = time.perf_counter(), []
     for step in gen.generate(n_tokens):
         times.append(time.perf_counter() - t0)
         if on_step is not None:
             on_step(step.index)
-    return GenerationResult(samples=[], prompts=[], tokens=[s.generated for s in gen.states],
-                            n_tokens=n_tokens, gen_time_s=time.perf_counter() - t0,
-                            step_times=times, n_layers=model.config.n_layer,
-                            block_size=model.config.block_size)
+    return GenerationResult.build([s.generated for s in gen.states], texts, n_tokens=n_tokens,
+                                  gen_time_s=time.perf_counter() - t0, step_times=times,
+                                  n_layers=model.config.n_layer,
+                                  block_size=model.config.block_size)

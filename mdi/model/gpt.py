@@ -1,8 +1,11 @@
-"""nanoGPT's GPT-2-style decoder, as a stage over a half-open range of blocks.
+"""The config-driven decoder (nanoGPT / GPT-2 / Llama family), as a stage over a
+half-open range of blocks; its pieces live in layers.py.
 
 Pure PyTorch: no I/O, no printing, no globals. Parameter names follow nanoGPT
 (`transformer.wte`, `transformer.h.N.attn.c_attn`, ...) with N the block's index
 in the *whole* model, so a stage's state dict is a subset of the full one.
+`transformer.wpe` exists only with learned positions; `lm_head.weight` is the
+token embedding when the config ties them (and the stage holds both).
 
 Two forward modes:
 - uncached (`cache=None`): training and reference logits, causal attention.
@@ -17,80 +20,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import GPTConfig
+from .layers import Block, linear, make_norm, rope_cos_sin, rope_inv_freq
 
-
-def linear(layer: nn.Linear, x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """`layer(x)`; with per_row, one GEMM per batch row so results are batch-invariant."""
-    if not per_row:
-        return layer(x)
-    w = layer.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
-    y = torch.bmm(x, w)
-    return y if layer.bias is None else y + layer.bias
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        per_row = cache is not None
-        q, k, v = linear(self.c_attn, x, per_row).split(self.n_embd, dim=2)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        if cache is None:
-            dropout = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            k, v = cache.update(layer, input_pos, k, v)  # (B, nh, T_max, hs)
-            # Query t of row b sees keys at positions <= input_pos[b, t]. Stale
-            # entries past a sample's position (after a reset) stay masked.
-            key_pos = torch.arange(cache.max_len, device=x.device)
-            mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, T_max)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(linear(self.c_proj, y, per_row))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        x = self.act(linear(self.c_fc, x, per_row))
-        return self.dropout(linear(self.c_proj, x, per_row))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        eps = config.layer_norm_eps
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, cache, layer)
-        return x + self.mlp(self.ln_2(x), per_row=cache is not None)
+__all__ = ["GPT", "linear"]
 
 
 class GPT(nn.Module):
@@ -113,16 +48,18 @@ class GPT(nn.Module):
         parts: dict[str, nn.Module] = {}
         if self.has_embeddings:
             parts["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
-            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            if config.positions == "learned":
+                parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
             parts["drop"] = nn.Dropout(config.dropout)
         parts["h"] = nn.ModuleDict({str(i): Block(config) for i in range(start, stop)})
         if self.has_head:
-            parts["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+            parts["ln_f"] = make_norm(config)
         self.transformer = nn.ModuleDict(parts)
         if self.has_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
-            if self.has_embeddings:
+            if self.has_embeddings and config.tie_embeddings:
                 self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self._rope_freq: torch.Tensor | None = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
@@ -135,13 +72,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        # A plain attribute, not a buffer: stages are built on the meta device and
+        # given their weights by name, and this is derived from the config alone.
+        if self._rope_freq is None or self._rope_freq.device != device:
+            self._rope_freq = rope_inv_freq(self.config).to(device)
+        return self._rope_freq
+
     @property
     def n_blocks(self) -> int:
         return self.stop - self.start
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.has_embeddings:
+        if non_embedding and self.has_embeddings and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -149,7 +93,7 @@ class GPT(nn.Module):
                   device: torch.device | str | None = None) -> KVCache:
         p = next(self.parameters())
         c = self.config
-        return KVCache(self.n_blocks, batch, c.n_head, c.block_size, c.head_size,
+        return KVCache(self.n_blocks, batch, c.kv_heads, c.block_size, c.head_size,
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
@@ -171,9 +115,15 @@ class GPT(nn.Module):
         if self.has_embeddings:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(input_pos))
+            x = self.transformer.wte(x)
+            if "wpe" in self.transformer:
+                x = x + self.transformer.wpe(input_pos)
+            x = self.transformer.drop(x)
+        rope = None
+        if self.config.positions == "rope":
+            rope = rope_cos_sin(self._inv_freq(x.device), input_pos, x.dtype)  # (B, 1, T, hs) each
         for i, block in enumerate(self.transformer.h.values()):
-            x = block(x, input_pos, cache, i)
+            x = block(x, input_pos, cache, i, rope)
         if not self.has_head or not logits:
             return x
         x = self.transformer.ln_f(x)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .aio import bounded
 from .wire import Frame, Kind, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
         return _checked(token.strip(), "--token")
     if token_file:
         try:
+            _warn_if_shared(Path(token_file))
             value = Path(token_file).read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
             raise AuthError(f"cannot read --token-file {token_file}: {e}") from None
@@ -56,6 +58,14 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
     raise AuthError(f"no cluster token: pass --token or --token-file, or set {ENV_VAR}")
 
 
+def _warn_if_shared(path: Path) -> None:
+    """Warn when other users may read (or write) the token file, as ssh does for keys."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("--token-file %s has mode %s: other users can read or change the cluster token; "
+                    "chmod 600 %s", path, oct(mode & 0o777), path)
+
+
 def _checked(token: str, where: str) -> str:
     """A token must fit in an HTTP header: printable ASCII, no spaces."""
     if not token or not all(33 <= ord(c) <= 126 for c in token):
@@ -65,19 +75,6 @@ def _checked(token: str, where: str) -> str:
                     "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
                     where, len(token), MIN_TOKEN_CHARS)
     return token
-
-
-async def bounded(aw, timeout: float):
-    """`await aw`, raising asyncio.TimeoutError after `timeout` seconds.
-
-    asyncio.wait_for before Python 3.12 can swallow a cancellation that arrives
-    just as `aw` completes (then Ctrl-C, or a node dropping a run, is lost and
-    the loop goes on); asyncio.timeout cannot.
-    """
-    if hasattr(asyncio, "timeout"):  # Python >= 3.11
-        async with asyncio.timeout(timeout):
-            return await aw
-    return await asyncio.wait_for(aw, timeout)
 
 
 def new_token() -> str:

@@ -3,14 +3,24 @@
 Every route but /health needs `Authorization: Bearer TOKEN`; without it the
 answer is 401 and nothing changes. The token and the body size are checked by
 an ASGI guard *before* any route reads a body, so a stranger cannot make the
-node buffer a large request. Bad requests get 4xx with a message that names
-the field; the node's state does not change. Bodies are JSON (parsed by
-pydantic into strict types) or a safetensors stream: nothing is unpickled.
+node buffer a large request. The size cap counts the bytes actually received
+(a JSON body is read by the guard, at most MAX_JSON_BYTES; /weights at most
+its Content-Length), and Transfer-Encoding is refused, so no header can lift
+it. Bad requests get 4xx with a message that names the field; the node's
+state does not change. Bodies are JSON (parsed by pydantic into strict types)
+or a safetensors stream: nothing is unpickled.
+
+Logs: whatever a peer sent (paths, field names, values) is logged escaped
+(control characters as \\n, \\x1b, ...) and clipped, so it cannot forge log
+lines; warnings are rate-limited (LogLimiter), so refused requests cannot
+flood the log.
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +33,64 @@ from .node import InitError, NodeRuntime
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
 PUBLIC_PATHS = ("/health",)
+# After a refusal whose body has no declared length (or more bytes than declared):
+# close rather than read on. A declared length h11 reads and discards itself.
+CLOSE = (b"connection", b"close")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """A peer-controlled string as one safe log token: control and non-ASCII characters
+    escaped (a newline becomes \\n), at most `limit` characters."""
+    out = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+class LogLimiter(logging.Filter):
+    """At most `per_second` warnings a second from the node's network-facing loggers.
+
+    Dropped lines are counted; the next line let through says how many. Errors
+    and info lines always pass.
+    """
+    LOGGERS = ("mdi.ring.control", "mdi.ring.serve", "mdi.ring.node", "uvicorn.error")
+    _installed: "LogLimiter | None" = None
+
+    def __init__(self, per_second: int = 20) -> None:
+        super().__init__()
+        self.per_second = per_second
+        self.window = 0.0
+        self.count = 0
+        self.dropped = 0
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        with self.lock:
+            now = time.monotonic()
+            if now - self.window >= 1.0:
+                self.window, self.count = now, 0
+            if self.count >= self.per_second:
+                self.dropped += 1
+                return False
+            self.count += 1
+            if self.dropped:
+                record.msg = f"{record.msg} [{self.dropped} warnings not logged: more than " \
+                             f"{self.per_second} a second]"
+                self.dropped = 0
+        return True
+
+    @classmethod
+    def install(cls, per_second: int = 20) -> "LogLimiter":
+        """Attach one limiter to LOGGERS (once per process)."""
+        if cls._installed is None:
+            cls._installed = cls(per_second)
+            for name in cls.LOGGERS:
+                logging.getLogger(name).addFilter(cls._installed)
+        return cls._installed
+
+
+class BodyTooLarge(Exception):
+    """More body bytes arrived than the request may carry."""
 
 
 class Guard:
@@ -49,20 +117,99 @@ class Guard:
         if not check_bearer(auth, self.token):
             client = scope.get("client") or ("?", 0)
             log.warning("refused %s %s from %s: missing or wrong token", scope["method"],
-                        scope["path"], client[0])
+                        printable(scope["path"]), client[0])
             await _respond(send, 401, "missing or wrong cluster token",
                            [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
-        if length is None and b"transfer-encoding" in headers:
-            await _respond(send, 411, "body: a Content-Length header is required")
+        if b"transfer-encoding" in headers:  # the size must be known, and be the real one
+            if length is None:
+                await _respond(send, 411, "body: a Content-Length header is required", [CLOSE])
+            else:
+                await _respond(send, 400, "body: Content-Length and Transfer-Encoding together",
+                               [CLOSE])
             return
-        if length is not None and not scope["path"].startswith("/weights/"):
-            if not length.isdigit() or int(length) > self.json_limit:
-                await _respond(send, 413, f"body: {length.decode('latin-1')} bytes, "
-                                          f"at most {self.json_limit}")
-                return
-        await self.app(scope, receive, send)
+        if length is not None and not length.isdigit():
+            await _respond(send, 400, "body: Content-Length is not a number", [CLOSE])
+            return
+        if scope["path"].startswith("/weights/"):
+            # the route checks the declared size against the stage; count what arrives
+            await self.app(scope, _counted(receive, int(length or 0)), send)
+            return
+        if length is not None and int(length) > self.json_limit:
+            await _respond(send, 413, f"body: {length.decode('latin-1')} bytes, "
+                                      f"at most {self.json_limit}")
+            return
+        body = await _read_body(receive, self.json_limit)
+        if body is None:
+            await _respond(send, 413, f"body: more than {self.json_limit} bytes", [CLOSE])
+            return
+        why = _unparsable(body)
+        if why:
+            await _respond(send, 422, f"body: not valid JSON ({why})")
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as more than `limit` bytes have arrived."""
+    parts, n = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the app sees it too
+            return b"".join(parts)
+        chunk = message.get("body", b"")
+        n += len(chunk)
+        if n > limit:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _unparsable(body: bytes) -> str | None:
+    """Why a body that is JSON by its syntax cannot be read (an integer of 5,000 digits,
+    arrays nested 200k deep), or None. Syntax errors are left to the app, which names
+    them; these would reach it as a bare "error parsing the body"."""
+    if not body.strip():
+        return None
+    try:
+        json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    except UnicodeDecodeError:
+        return None
+    except (ValueError, RecursionError) as e:
+        return str(e)[:120]
+    return None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _counted(receive, limit: int):
+    n = 0
+
+    async def counted():
+        nonlocal n
+        message = await receive()
+        if message["type"] == "http.request":
+            n += len(message.get("body", b""))
+            if n > limit:
+                raise BodyTooLarge(f"body: more than the {limit} bytes of its Content-Length")
+        return message
+
+    return counted
 
 
 async def _respond(send, status: int, detail: str, extra: list | None = None) -> None:
@@ -94,23 +241,28 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg')}")
         detail = "; ".join(parts)
-        log.warning("refused %s: %s", request.url.path, detail)
+        log.warning("refused %s: %s", printable(request.url.path), printable(detail))
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(InitError)
     async def _init_error(request: Request, exc: InitError) -> JSONResponse:
-        log.warning("refused %s: %s", request.url.path, exc)
+        log.warning("refused %s: %s", printable(request.url.path), printable(str(exc), 500))
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        log.warning("refused %s: %s", printable(request.url.path), exc)
+        return JSONResponse({"detail": str(exc)}, status_code=413, headers={"connection": "close"})
 
     @app.exception_handler(ConnectionError)
     async def _conn_error(request: Request, exc: ConnectionError) -> JSONResponse:
-        log.warning("%s failed: %s", request.url.path, exc)
+        log.warning("%s failed: %s", printable(request.url.path), printable(str(exc), 500))
         return JSONResponse({"detail": str(exc)}, status_code=502)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The starter shows this with the node's name; the traceback stays in this log.
-        log.error("%s failed", request.url.path, exc_info=exc)
+        log.error("%s failed", printable(request.url.path), exc_info=exc)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
                             status_code=500)
 
@@ -137,7 +289,7 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
 
     @app.put("/weights/{run_id}", dependencies=[Depends(authorized)])
     async def weights(run_id: int, request: Request) -> dict:
-        run = rt._current(run_id)
+        run = rt.current_run(run_id)
         limit = weights_limit(run.config, run.req.start, run.req.stop)
         declared = request.headers.get("content-length")
         if declared is None or not declared.isdigit():

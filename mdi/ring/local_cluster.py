@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
 from .auth import ENV_VAR, new_token
-from .nodes_config import NodesConfig, local_nodes_config
+from .nodes_config import NodesConfig, NodeSpec, local_nodes_config
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -79,7 +79,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
+def child_setup(cpus: list[int] | None) -> Callable[[], None]:
+    """A preexec_fn for a child of this process: its own process group (so it can be
+    signalled as a whole), SIGTERM when this thread dies, pinned to cpus if given."""
     parent = os.getpid()
 
     def setup() -> None:  # runs in the child between fork and exec
@@ -93,6 +95,27 @@ def _child_setup(cpus: list[int] | None) -> Callable[[], None]:
         if cpus:
             os.sched_setaffinity(0, cpus)
     return setup
+
+
+def wait_healthy(nodes: Sequence[tuple[NodeSpec, subprocess.Popen]], timeout: float,
+                 log_tail: Callable[[int], str], interval: float = 0.1) -> None:
+    """Wait until every node process answers /health. RuntimeError, with the tail of its
+    log (log_tail(i) for nodes[i]), when one exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    for i, (spec, proc) in enumerate(nodes):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"local {spec.name} exited with status {proc.returncode}:\n"
+                                   + log_tail(i))
+            try:
+                if httpx.get(spec.url + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"local {spec.describe()} did not start within "
+                                   f"{timeout:g} s:\n" + log_tail(i))
+            time.sleep(interval)
 
 
 def default_threads(n_nodes: int) -> int:
@@ -158,28 +181,15 @@ class LocalCluster:
             logf = (self.dir / f"node{i}.log").open("wb")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                                stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=_child_setup(
+                                               preexec_fn=child_setup(
                                                    self.affinity[i] if self.affinity else None)))
             logf.close()
         self._wait_ready()
 
     def _wait_ready(self) -> None:
         assert self.nodes is not None
-        deadline = time.monotonic() + self.startup_timeout
-        for i, (spec, proc) in enumerate(zip(self.nodes.secondaries, self.procs), start=1):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"local {spec.name} exited with status {proc.returncode}:\n"
-                                       + self.log_tail(i))
-                try:
-                    if httpx.get(spec.url + "/health", timeout=1.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"local {spec.describe()} did not start within "
-                                       f"{self.startup_timeout:g} s:\n" + self.log_tail(i))
-                time.sleep(0.1)
+        wait_healthy(list(zip(self.nodes.secondaries, self.procs)), self.startup_timeout,
+                     lambda i: self.log_tail(i + 1))
 
     def log_tail(self, i: int, lines: int = 20) -> str:
         p = self.dir / f"node{i}.log"
@@ -238,7 +248,7 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signal a live (not yet reaped) child's process group, whose id is the child's pid."""
     try:
-        os.killpg(proc.pid, sig)  # the child leads its own group (see _child_setup)
+        os.killpg(proc.pid, sig)  # the child leads its own group (see child_setup)
     except (ProcessLookupError, PermissionError):
         if proc.poll() is None:
             try:

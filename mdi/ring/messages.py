@@ -1,13 +1,19 @@
-"""Control-plane request bodies: validated on receipt, errors name the field."""
+"""Control-plane request bodies: validated on receipt, errors name the field.
+
+Numbers are bounded here (no NaN or infinity, no integer past what the node
+can use), so a hostile value is a 422 naming its field, never a 500 later.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SampleId = Annotated[int, Field(ge=0, lt=2**32)]  # node.py refuses more than MAX_SAMPLES
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Peer(Strict):
@@ -17,19 +23,19 @@ class Peer(Strict):
 
 class SamplingSpec(Strict):
     temperature: float = Field(ge=0.0)
-    top_k: int | None = Field(default=None, ge=1)
-    seed: int
+    top_k: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    seed: int = Field(ge=-(2**63), lt=2**64)
 
 
 class InitRequest(Strict):
     run_id: int = Field(ge=0, lt=2**32)
     role: Literal["intermediate", "finisher"]
-    start: int = Field(ge=0)
-    stop: int = Field(ge=1)
-    model: dict
+    start: int = Field(ge=0, le=2**31 - 1)
+    stop: int = Field(ge=1, le=2**31 - 1)
+    model: dict = Field(max_length=64)  # keys of a GPTConfig; checked by validate_init
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str | None = None
-    groups: list[list[int]] = Field(min_length=1, max_length=4096)  # [start, stop) pairs
+    device: str | None = Field(default=None, min_length=1, max_length=64)
+    groups: list[list[SampleId]] = Field(min_length=1, max_length=4096)  # [start, stop) pairs
     next: Peer
     prev_addr: str = Field(min_length=1, max_length=255)
     sampling: SamplingSpec | None = None

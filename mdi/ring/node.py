@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 import time
@@ -33,19 +34,24 @@ from typing import AsyncIterator
 import torch
 
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
+from ..checkpoint.stream import WeightsStreamError, read_stream
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
+from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
 from ..model.dtypes import DTYPES
-from .auth import AuthError, answer, bounded, challenge
+from . import limits as mem
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .capability import ProbeCache, node_capabilities
 from .messages import InitRequest, ProbeRequest
 from .nodes_config import NodeSpec
-from .weights_stream import WeightsStreamError, read_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
-DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame or a control call before a run is dropped
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame before a running run is dropped
+MAX_MODEL_INT = 2**31 - 1  # any integer of a model config (the wire carries uint32 fields)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 class InitError(ValueError):
@@ -88,6 +94,8 @@ class Run:
     last_active: float = field(default_factory=time.monotonic)
     busy: bool = False                           # computing or loading: not silent
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
+    device: str = "cpu"                          # checked at /init
+    mem_bytes: int = 0                           # weights + KV caches, checked at /init
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
 
@@ -97,10 +105,8 @@ class Run:
 
 
 def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
-    try:
-        config = GPTConfig.from_dict(req.model)
-    except (ValueError, TypeError) as e:
-        raise InitError(f"model: {e}") from None
+    """Every field of an /init body that needs no node state; InitError names the field."""
+    config = validate_model(req.model)
     if not req.start < req.stop <= config.n_layer or req.start == 0:
         raise InitError(f"start/stop: layer range [{req.start}, {req.stop}) is not a secondary "
                         f"node's part of a {config.n_layer}-layer model")
@@ -109,6 +115,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
                         f"of {config.n_layer}")
     if req.role == "finisher" and req.sampling is None:
         raise InitError("sampling: the finisher needs sampling settings")
+    if req.sampling is not None:  # now, not after the weights' upload
+        sampling_of(req)
     expect = 0
     for i, g in enumerate(req.groups):
         if len(g) != 2 or g[0] != expect or g[1] <= g[0]:
@@ -122,11 +130,68 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     return config, limits
 
 
+def validate_model(model: dict) -> GPTConfig:
+    """A model config from a request (/init, /probe); InitError names the field."""
+    for key, value in model.items():  # before GPTConfig: no huge or non-finite numbers
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MODEL_INT:
+            raise InitError(f"model.{_clip(key)}: {_clip(str(value))} is larger than {MAX_MODEL_INT}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InitError(f"model.{_clip(key)}: {value} is not a finite number")
+    try:
+        return GPTConfig.from_dict(model)
+    except (ValueError, TypeError) as e:
+        raise InitError(f"model: {e}") from None
+
+
+def sampling_of(req: InitRequest) -> SamplingConfig | None:
+    if req.sampling is None:
+        return None
+    try:
+        return SamplingConfig(req.sampling.temperature, req.sampling.top_k, req.sampling.seed)
+    except ValueError as e:
+        raise InitError(f"sampling: {e}") from None
+
+
+def validate_device(device: str) -> str:
+    """A device this process can use (cpu, cuda[:N], mps); InitError naming it otherwise.
+
+    torch answers an unusable device with many kinds of error (AssertionError on a
+    build without CUDA, ModuleNotFoundError for backends without their module), so
+    the type is checked against a short list first, then the device is tried.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InitError(f"device: {_clip(device)!r} is not a device: {_clip(str(e))}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise InitError(f"device: {_clip(device)!r}: this node runs on {', '.join(DEVICE_TYPES)}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InitError(f"device: {device!r}: this node has no CUDA device")
+        if dev.index is not None and dev.index >= n:
+            raise InitError(f"device: {device!r}: this node has {n} CUDA device(s), 0..{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InitError(f"device: {device!r}: MPS is not available on this node")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not usable", a 400
+        raise InitError(f"device: {device!r} is not usable here: {type(e).__name__}: "
+                        f"{_clip(str(e))}") from None
+    return device
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
 class NodeRuntime:
     def __init__(self, spec: NodeSpec, token: str, chunk_dir: str | Path | None = None,
                  timeout: float = 10.0, bind_any: bool = False,
+                 max_memory: int | None = None,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.spec = spec
+        self.max_memory = max_memory  # bytes a run may take (weights + KV caches); None: free memory
         self.token = token
         self.timeout = timeout
         self.idle_timeout = idle_timeout  # 0: never drop a silent run
@@ -156,20 +221,29 @@ class NodeRuntime:
                 "state": self.state, "chunk": self.chunk, "pid": os.getpid()}
 
     def capabilities(self) -> dict:
-        """Device, memory (budget capped by --max-memory) and CPUs; no compute."""
-        return node_capabilities(self.spec.device, getattr(self, "max_memory", None))
+        """Device, memory and CPUs; no compute. budget_bytes is what /init checks a
+        run against: free memory plus the current run's (dropped by a new /init),
+        at most --max-memory."""
+        caps = node_capabilities(self.spec.device, self.max_memory)
+        held = self.run.mem_bytes if self.run is not None else 0
+        caps["budget_bytes"], caps["budget_from"] = mem.available(self.spec.device,
+                                                                  self.max_memory, held)
+        return caps
 
     async def probe(self, req: ProbeRequest) -> dict:
         """Time this node on a run's shape, on the compute thread (cached per shape)."""
-        try:
-            config = GPTConfig.from_dict(req.model)
-        except (ValueError, TypeError) as e:
-            raise InitError(f"model: {e}") from None
-        device = req.device or self.spec.device
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, ValueError) as e:
-            raise InitError(f"device: {device!r} is not usable here: {e}") from None
+        config = validate_model(req.model)
+        device = validate_device(req.device or self.spec.device)
+        # the probe builds one one-block stage at a time (the first, a middle, the last)
+        c3 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 3})
+        dtype = DTYPES[req.dtype]
+        need = max(mem.stage_weight_bytes(c3, i, i + 1, dtype) for i in range(3)) \
+            + mem.kv_cache_bytes(c3, 1, req.batch, dtype)
+        have, where = mem.available(device, None)  # --max-memory caps runs; a probe is brief
+        if need > have:
+            raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "
+                            f"(its largest one-block stage), this node has "
+                            f"{mem.format_size(have)} ({where})")
         loop = asyncio.get_running_loop()
         speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
                                                    req.batch, req.dtype, device)
@@ -211,12 +285,10 @@ class NodeRuntime:
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
         config, limits = validate_init(req)
-        device = req.device or self.spec.device
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, ValueError) as e:
-            raise InitError(f"device: {device!r} is not usable here: {e}") from None
-        run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"))
+        device = validate_device(req.device or self.spec.device)
+        need = self.check_memory(req, config, limits, device)
+        run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"),
+                  device=device, mem_bytes=need)
         if req.weights == "local":
             if self.chunk is None or self.chunk_dir is None:
                 raise InitError("weights: 'local' asked, but this node was started without --chunk")
@@ -240,9 +312,26 @@ class NodeRuntime:
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
         return {"state": self.state}
 
+    def check_memory(self, req: InitRequest, config: GPTConfig, limits: Limits,
+                     device: str) -> int:
+        """Bytes the run needs (weights + KV caches); InitError when the node has less."""
+        dtype = DTYPES[req.dtype]
+        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype)
+        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype)
+        held = self.run.mem_bytes if self.run is not None else 0
+        have, where = mem.available(device, self.max_memory, held)
+        if weights + kv > have:
+            raise InitError(
+                f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
+                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in {req.dtype}, "
+                f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
+                f"{config.block_size} positions), this node has {mem.format_size(have)} "
+                f"({where}); ask for fewer samples, a smaller block_size or fewer layers")
+        return weights + kv
+
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is not None:
             raise InitError("weights: already loaded for this run")
         req = run.req
@@ -253,8 +342,8 @@ class NodeRuntime:
                                         f"layers [{req.start}, {req.stop})")
             loop = asyncio.get_running_loop()
             stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors,
-                                               run.config, req.start, req.stop,
-                                               req.device or self.spec.device, DTYPES[req.dtype])
+                                               run.config, req.start, req.stop, run.device,
+                                               DTYPES[req.dtype])
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
         finally:
@@ -273,13 +362,8 @@ class NodeRuntime:
             caches = [stage.new_cache(b - a) for a, b in req.groups]
         except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
             raise InitError(f"groups: cannot allocate the KV caches of {n} samples: {e}") from None
-        sampling, generators = None, []
+        sampling, generators = sampling_of(req), []  # checked at /init already
         if req.sampling is not None:
-            try:
-                sampling = SamplingConfig(req.sampling.temperature, req.sampling.top_k,
-                                          req.sampling.seed)
-            except ValueError as e:
-                raise InitError(f"sampling: {e}") from None
             generators = [sample_generator(req.sampling.seed, s) for s in range(n)]
         run.group_of = {s: (gi, row) for gi, (a, b) in enumerate(req.groups)
                         for row, s in enumerate(range(a, b))}
@@ -296,19 +380,22 @@ class NodeRuntime:
             infos = await bounded(asyncio.get_running_loop().getaddrinfo(
                 host, None, type=socket.SOCK_STREAM), self.timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            raise InitError(f"{where}: cannot resolve {host!r}: {e or type(e).__name__}") from None
+            why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
+                else (str(e) or type(e).__name__)
+            raise InitError(f"{where}: cannot resolve {host!r}: {why}") from None
         ips = frozenset(ip for ip in (_ip(info[4][0]) for info in infos) if ip is not None)
         if not ips:
             raise InitError(f"{where}: {host!r} has no IP address")
         return ips
 
-    def _current(self, run_id: int) -> Run:
+    def current_run(self, run_id: int) -> Run:
+        """The configured run, if it is run_id (InitError otherwise)."""
         if self.run is None or self.run.req.run_id != run_id:
             raise InitError(f"run_id: {run_id} is not the configured run")
         return self.run
 
     async def connect(self, run_id: int) -> dict:
-        run = self._current(run_id)
+        run = self.current_run(run_id)
         if run.stage is None:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next
@@ -317,8 +404,9 @@ class NodeRuntime:
                 asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
             await answer(reader, writer, self.token, run_id, self.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
-            raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: "
-                                  f"{e or type(e).__name__}") from None
+            why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
+                else (str(e) or type(e).__name__)
+            raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: {why}") from None
         if self.run is not run:  # dropped or replaced while we connected
             writer.close()
             raise InitError(f"run_id: run {run_id} ended while connecting to the next node")
@@ -462,21 +550,19 @@ class NodeRuntime:
         stage = run.stage
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
-        p = next(stage.parameters())
-        x = frame.tensor.to(p.device, copy=True)  # aligned memory, as in single-device runs
+        device = next(stage.parameters()).device
+        x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
         if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
-            out = stage(x)
+            out = forward_context(stage, x)
             if not run.is_finisher:
                 return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
             assert run.sampling is not None
-            tok = sample_rows(out[:, -1], run.sampling, run.generators[frame.sample:frame.sample + 1])
+            tok = sample_rows(out, run.sampling, run.generators[frame.sample:frame.sample + 1])
             return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
         if frame.kind == Kind.PREFILL:
             gi, row = run.group_of[frame.sample]
-            t = x.shape[1]
-            pos = torch.arange(t, device=p.device)[None]
-            h = stage(x, pos, run.caches[gi].rows(row, row + 1), logits=False)
-            run.positions[frame.sample] = t
+            h = prefill(stage, run.caches[gi], row, x)
+            run.positions[frame.sample] = x.shape[1]
             if run.is_finisher:
                 return None
             return Frame(Kind.PREFILL, run.req.run_id, frame.sample, 0, h)
@@ -491,14 +577,13 @@ class NodeRuntime:
             raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
         if max(positions) >= run.config.block_size:
             raise WireError("DECODE past block_size without a prefill")
-        pos = torch.tensor(positions, device=p.device)[:, None]
-        out = stage(x, pos, run.caches[gi])
+        out = decode(stage, run.caches[gi], x, positions)
         for s in range(a, b):
             run.positions[s] += 1
         if not run.is_finisher:
             return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
         assert run.sampling is not None
-        tokens = sample_rows(out[:, -1], run.sampling, run.generators[a:b])
+        tokens = sample_rows(out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
 
     async def close(self) -> None:
@@ -569,13 +654,13 @@ def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, star
 
 
 def load_chunk_info(chunk_dir: str | Path) -> dict:
-    from .split import read_chunk_info
+    from ..checkpoint.chunks import read_chunk_info
 
     return read_chunk_info(chunk_dir)
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
                      dtype: torch.dtype) -> GPT:
-    from .split import load_chunk
+    from ..checkpoint.chunks import load_chunk
 
     return load_chunk(chunk_dir, config, start, stop, device, dtype)

@@ -25,18 +25,20 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import torch
 
-from ..checkpoint import load_stage, read_info
+from ..checkpoint import load_stage, open_checkpoint
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
+from ..generate.step import decode, forward_context, prefill
 from ..model import GPT
+from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
-from ..results import GenerationResult
-from .auth import AuthError, answer, bounded, challenge
+from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
+from .aio import bounded
+from .auth import AuthError, answer, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .placement import Placement, place_layers
-from .weights_stream import shard_stream
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -67,24 +69,6 @@ class RunOptions:
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
 
 
-@dataclass
-class HopStats:
-    src: str
-    dst: str
-    decode_bytes: int = 0
-    decode_tokens: int = 0
-    prefill_bytes: int = 0
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.decode_bytes / self.decode_tokens if self.decode_tokens else 0.0
-
-    def to_dict(self) -> dict:
-        return {"from": self.src, "to": self.dst, "decode_bytes": self.decode_bytes,
-                "decode_tokens": self.decode_tokens, "prefill_bytes": self.prefill_bytes,
-                "bytes_per_token": round(self.bytes_per_token, 3)}
-
-
 def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
     ring = nodes.ring
     manual = [n.layers for n in ring]
@@ -105,17 +89,19 @@ class Starter:
 
     placement: Placement | None = field(default=None, init=False)  # the last run's split
 
-    def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig
-            ) -> GenerationResult:
-        """Generate; the result's `tokens` hold each sample's new token ids."""
+    def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
+            texts: Texts | None = None) -> GenerationResult:
+        """Generate; the result's `tokens` hold each sample's new token ids, and with
+        texts its `samples` the text. NodeFailure carries the partial result; both
+        carry the run's split as `plan`."""
         try:
-            result = asyncio.run(self._run(prompts, n_tokens, sampling))
+            result = asyncio.run(self._run(prompts, n_tokens, sampling, texts))
         except NodeFailure as e:
             if e.partial is not None and self.placement is not None:
-                e.partial.extra["plan"] = self.placement.to_json()
+                e.partial.plan = self.placement.to_json()
             raise
         if self.placement is not None:
-            result.extra["plan"] = self.placement.to_json()
+            result.plan = self.placement.to_json()
         return result
 
     async def _place(self, config, n_samples: int, batch: int) -> list[Shard]:
@@ -134,9 +120,9 @@ class Starter:
         return self.placement.shards
 
     # ------------------------------------------------------------------------
-    async def _run(self, prompts, n_tokens, sampling) -> GenerationResult:
+    async def _run(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
         ring = self.nodes.ring
-        config = read_info(self.ckpt).config
+        config = open_checkpoint(self.ckpt).config
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
         if self.opts.resend_context:
             n_groups = len(prompts)  # one sample per frame, as the original system
@@ -145,7 +131,7 @@ class Starter:
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
         if len(ring) == 1:
-            return self._run_single(stage, prompts, n_tokens, sampling, groups)
+            return self._run_single(stage, prompts, n_tokens, sampling, groups, texts)
         run_id = random.randrange(1, 2**32)
         limits = Limits(run_id, config.n_embd, config.block_size, len(prompts),
                         DTYPE_CODES[DTYPES[self.opts.dtype]], max(len(g) for g in groups))
@@ -170,7 +156,7 @@ class Starter:
                 reader, back = await self._wait(inbound.get(), ring[-1], "connecting back to the starter")
                 links.append(back)
                 return await self._pipeline(stage, prompts, n_tokens, sampling, groups, limits,
-                                            writer, reader, http)
+                                            writer, reader, http, texts)
             except Exception as e:
                 for w in links:
                     w.close()
@@ -181,10 +167,11 @@ class Starter:
                     w.close()
                 server.close()
 
-    def _run_single(self, stage, prompts, n_tokens, sampling, groups) -> GenerationResult:
+    def _run_single(self, stage, prompts, n_tokens, sampling, groups, texts) -> GenerationResult:
         """One node: the ring is the starter alone, which is `mdi sample`."""
-        result = generate_timed(stage, prompts, n_tokens, sampling, len(groups), self.on_step)
-        result.extra = {"bytes_per_hop_per_token": 0.0, "hops": []}
+        result = generate_timed(stage, prompts, n_tokens, sampling, len(groups), self.on_step,
+                                texts)
+        result.hops = []  # a ring of one: no hop
         return result
 
     # ---- configuration ----------------------------------------------------
@@ -273,7 +260,7 @@ class Starter:
 
     # ---- generation --------------------------------------------------------
     async def _pipeline(self, stage: GPT, prompts, n_tokens, sampling, groups, limits,
-                        writer, reader, http) -> GenerationResult:
+                        writer, reader, http, texts: Texts | None) -> GenerationResult:
         config = stage.config
         run_id = limits.run_id
         first = self.nodes.ring[1]
@@ -298,13 +285,9 @@ class Starter:
                 plans = [plan_step(states[s], config.block_size) for s in g]
                 for row, (s, p) in enumerate(zip(g, plans)):
                     if p.prefill:
-                        idx = torch.tensor([p.prefill], device=self.opts.device)
-                        pos = torch.arange(len(p.prefill), device=self.opts.device)[None]
-                        h = stage(idx, pos, caches[gi].rows(row, row + 1))
+                        h = prefill(stage, caches[gi], row, p.prefill)
                         hop.prefill_bytes += await send(Frame(Kind.PREFILL, run_id, s, 0, h))
-                idx = torch.tensor([[p.token] for p in plans], device=self.opts.device)
-                pos = torch.tensor([[p.position] for p in plans], device=self.opts.device)
-                h = stage(idx, pos, caches[gi])
+                h = decode(stage, caches[gi], [p.token for p in plans], [p.position for p in plans])
             hop.decode_bytes += await send(Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
             hop.decode_tokens += len(g)
             in_flight.append(gi)
@@ -314,7 +297,7 @@ class Starter:
             plan_step(states[s], config.block_size)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
             with torch.inference_mode():
-                h = stage(torch.tensor([context], device=self.opts.device))
+                h = forward_context(stage, context)
             hop.decode_bytes += await send(Frame(Kind.CONTEXT, run_id, s, 0, h))
             hop.decode_tokens += 1
             in_flight.append(gi)
@@ -350,14 +333,17 @@ class Starter:
                 raise WireError(f"expected STOP back from the finisher, got {stop.kind.name}")
         except (NodeFailure, WireError, EOFError, OSError) as e:
             elapsed = time.perf_counter() - t0
-            partial = self._result(config, states, min(steps) if steps else 0, elapsed, times, [hop])
             node, culprit, silent = await self._diagnose(http, run_id)
             if node is None and isinstance(e, NodeFailure):
                 node = e.node
-            raise NodeFailure(f"{culprit}: {e}" if culprit else str(e), partial, node,
-                              silent) from None
+            message = f"{culprit}: {e}" if culprit else str(e)
+            failed = None if node is None else FailedNode(node.role, node.index, node.addr,
+                                                          node.port, node.port_in)
+            partial = self._result(config, states, min(steps) if steps else 0, elapsed, times,
+                                   [hop], texts, Failure(message, failed))
+            raise NodeFailure(message, partial, node, silent) from None
         hops = [hop] + await self._collect_hops(http, run_id)
-        return self._result(config, states, n_tokens, elapsed, times, hops)
+        return self._result(config, states, n_tokens, elapsed, times, hops, texts)
 
     async def _next_frame(self, reader, limits) -> Frame:
         try:
@@ -445,16 +431,14 @@ class Starter:
                                  last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0)))
         return hops
 
-    def _result(self, config, states, n_tokens, elapsed, times, hops) -> GenerationResult:
+    def _result(self, config, states, n_tokens, elapsed, times, hops, texts,
+                failure: Failure | None = None) -> GenerationResult:
         n_nodes = len(self.nodes.ring)
-        act = [h for h in hops if h.dst != "starter"]
-        bpt = sum(h.bytes_per_token for h in act) / len(act) if act else 0.0
-        return GenerationResult(
-            samples=[], prompts=[], tokens=[s.generated for s in states], n_tokens=n_tokens,
-            gen_time_s=elapsed, step_times=times,
-            n_layers=config.n_layer, block_size=config.block_size,
-            mode="distributed" if n_nodes > 1 else "single", n_nodes=n_nodes,
-            extra={"bytes_per_hop_per_token": round(bpt, 3), "hops": [h.to_dict() for h in hops]})
+        return GenerationResult.build(
+            [s.generated for s in states], texts, n_tokens=n_tokens, gen_time_s=elapsed,
+            step_times=times, n_layers=config.n_layer, block_size=config.block_size,
+            mode="distributed" if n_nodes > 1 else "single", n_nodes=n_nodes, hops=hops,
+            failure=failure)
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -19,7 +19,7 @@ Header (big-endian, 44 bytes), see docs/wire.md:
     position I   position of the first token (PREFILL) / of the first sample (DECODE)
     shape    3I  dims, unused ones 0
     length   Q   payload bytes that follow
-    reserved 4x
+    reserved 4x  zero; a frame with any other value is refused
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ MAGIC = b"MDI\x00"
 VERSION = 1
 HEADER = struct.Struct("!4sBBBBIII3IQ4x")
 HEADER_SIZE = HEADER.size
+RESERVED = slice(HEADER_SIZE - 4, HEADER_SIZE)  # the 4 pad bytes: zero (struct ignores them)
 MAX_CONTROL_PAYLOAD = 256  # handshake frames
 
 
@@ -145,6 +146,8 @@ def parse_header(data: bytes) -> Header:
     dims = (d0, d1, d2)
     if any(dims[ndim:]):
         raise WireError(f"unused shape dims must be 0, got {dims} for ndim {ndim}")
+    if data[RESERVED] != bytes(4):
+        raise WireError(f"reserved header bytes must be 0, got {data[RESERVED]!r}")
     return Header(kind, dtype, run_id, sample, position, dims[:ndim], length)
 
 

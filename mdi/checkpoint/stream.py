@@ -6,7 +6,9 @@ memory. The node parses the stream as it arrives: the JSON header is checked
 against the stage it was told to expect (names, shapes, dtypes, offsets)
 before a byte of tensor data is read, then each tensor is read straight into
 its own freshly allocated (aligned) buffer. Peak memory on both sides is about
-one copy of the stage.
+one copy of the stage. A Hugging Face (or GGUF) source is streamed in our
+names and layout too: each tensor is made (read, transposed or concatenated)
+when its turn comes, so still only one is in memory at a time.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
-from ..checkpoint import st_io
-from ..checkpoint.format import CheckpointError, read_info
-from .partition import Shard
-from .split import stage_sources
+from . import st_io
+from .chunks import Span, hf_tensor, stage_sources
+from .format import CheckpointError, expected_shapes
+from .hf import HFCheckpoint
+from .sources import Checkpoint, open_checkpoint
 
 
 CHUNK = 4 << 20  # bytes per piece of an upload
@@ -30,9 +33,48 @@ class WeightsStreamError(ValueError):
     """A weights stream that does not match the announced stage."""
 
 
-def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
+def _header(items: list[tuple[str, str, tuple[int, ...], int]]) -> tuple[bytes, int]:
+    """(8-byte length + padded JSON header, data length) for (name, dtype, shape, nbytes)."""
+    header, offset = {}, 0
+    for name, dtype_name, shape, n in items:
+        header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    return struct.pack("<Q", len(head)) + head, offset
+
+
+def _hf_stream(info: HFCheckpoint, shard: Span) -> tuple[int, Iterator[bytes]]:
+    names = {v: k for k, v in st_io.ST_DTYPES.items()}
+    shapes = expected_shapes(info.config, shard.start, shard.stop)
+    items = []
+    for name, shape in shapes.items():
+        dtype = info.dtype_of(name)
+        if dtype not in names:
+            raise CheckpointError(f"{info.source.origin}: tensor {name!r} has dtype {dtype}; "
+                                  "streams carry float32, float16 or bfloat16")
+        items.append((name, names[dtype], shape, st_io.nbytes(shape, dtype)))
+    head, length = _header(items)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for name, _, shape, n in items:
+            t = hf_tensor(info, name)
+            if tuple(t.shape) != tuple(shape) or st_io.nbytes(tuple(t.shape), t.dtype) != n:
+                raise CheckpointError(f"{info.source.origin}: tensor {name!r} has shape "
+                                      f"{tuple(t.shape)} ({t.dtype}), the config needs {shape}")
+            raw = memoryview(t.view(torch.uint8).numpy()).cast("B") if n else memoryview(b"")
+            for i in range(0, n, CHUNK):
+                yield bytes(raw[i:i + CHUNK])
+
+    return len(head) + length, chunks()
+
+
+def shard_stream(ckpt: str | Path | Checkpoint, shard: Span) -> tuple[int, Iterator[bytes]]:
     """(total length, byte chunks) of a stage's tensors in safetensors layout."""
-    info = read_info(ckpt)
+    info = open_checkpoint(ckpt)
+    if isinstance(info, HFCheckpoint):
+        return _hf_stream(info, shard)
     path = info.weights_path
     try:
         with st_io.open_file(path) as f:
@@ -40,18 +82,12 @@ def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
     except (st_io.SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
     order = stage_sources(entries, info.config, shard, path)
-    header, offset = {}, 0
-    for name, src in order:
-        e = entries[src]
-        header[name] = {"dtype": e.dtype_name, "shape": list(e.shape),
-                        "data_offsets": [offset, offset + e.end - e.begin]}
-        offset += e.end - e.begin
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
-    total = 8 + len(head) + offset
+    head, length = _header([(name, entries[src].dtype_name, entries[src].shape,
+                             entries[src].end - entries[src].begin) for name, src in order])
+    total = len(head) + length
 
     def chunks() -> Iterator[bytes]:
-        yield struct.pack("<Q", len(head)) + head
+        yield head
         with st_io.open_file(path) as f:
             _, data_start = st_io.read_header(f)
             for _, src in order:  # a few MB in memory at a time, even for the embedding
@@ -68,7 +104,7 @@ def shard_stream(ckpt: str | Path, shard: Shard) -> tuple[int, Iterator[bytes]]:
     return total, chunks()
 
 
-def shard_bytes(ckpt: str | Path, shard: Shard) -> bytes:
+def shard_bytes(ckpt: str | Path | Checkpoint, shard: Span) -> bytes:
     """A stage's whole stream at once (for tests and small models)."""
     return b"".join(shard_stream(ckpt, shard)[1])
 

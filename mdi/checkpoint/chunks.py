@@ -1,0 +1,138 @@
+"""Per-node chunks of a checkpoint: what a node needs of the weights, and no more.
+
+`mdi split` writes DIR/node0 (the starter's), DIR/node1, ... ahead of time; a
+node started with `--chunk DIR/nodeK` loads its part from its own disk, so no
+weights cross the network when a run starts. A chunk directory holds
+config.json ({"format": "mdi-chunk", "model", "start", "stop", ...}) and
+model.safetensors with exactly the stage's tensors (the finisher's includes
+lm_head.weight, a copy of the tied embedding). Chunks are always in our names
+and layout, whatever the checkpoint's kind (ours, Hugging Face, GGUF).
+
+Layer ranges are anything with `.start` and `.stop` (ring.partition.Shard).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from ..model import GPT, GPTConfig
+from . import st_io
+from .format import EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes, read_stage_file
+from .hf import HFCheckpoint
+from .sources import Checkpoint, open_checkpoint
+
+CHUNK_FORMAT = "mdi-chunk"
+
+
+class Span(Protocol):
+    """Blocks [start, stop) of a model (ring.partition.Shard is one)."""
+    start: int
+    stop: int
+
+
+def shard_tensors(ckpt: str | Path | Checkpoint, shard: Span) -> dict[str, torch.Tensor]:
+    """The tensors of one stage, in our names, read without loading the rest."""
+    info = open_checkpoint(ckpt)
+    if isinstance(info, HFCheckpoint):
+        return {name: hf_tensor(info, name)
+                for name in expected_shapes(info.config, shard.start, shard.stop)}
+    out = {}
+    try:
+        with st_io.open_file(info.weights_path) as f:
+            entries, data_start = st_io.read_header(f)
+            for name, src in stage_sources(entries, info.config, shard, info.weights_path):
+                # a fresh read per name: the tied head must not share the embedding's memory
+                out[name] = st_io.read_tensor(f, entries[src], data_start)
+    except (st_io.SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{info.weights_path} is corrupt or unreadable: {e}") from None
+    return out
+
+
+def hf_tensor(info: HFCheckpoint, name: str) -> torch.Tensor:
+    """Our tensor `name` from a Hugging Face source, freshly read (never shared)."""
+    t = info.get(name)
+    if t is None:
+        info.dtype_of(name)  # raises, naming the missing Hugging Face tensor
+        raise CheckpointError(f"{info.source.origin}: missing tensor {name!r}")
+    return t.contiguous()
+
+
+def stage_sources(entries, config: GPTConfig, shard: Span, where) -> list[tuple[str, str]]:
+    """(stage tensor name, name stored in the file) for each tensor of a stage."""
+    out = []
+    for name in expected_shapes(config, shard.start, shard.stop):
+        tied = name == TIED_HEAD and config.tie_embeddings
+        src = name if name in entries else (EMBEDDING if tied else None)
+        if src is None or src not in entries:
+            raise CheckpointError(f"{where}: missing tensor {name!r}")
+        out.append((name, src))
+    return out
+
+
+def write_chunks(ckpt: str | Path | Checkpoint, shards: Sequence[Span], out_dir: str | Path
+                 ) -> list[Path]:
+    """Write out_dir/node0, node1, ...: one chunk per layer range (see ring.split
+    for the even split by node count)."""
+    info = open_checkpoint(ckpt)
+    out = Path(out_dir)
+    paths = []
+    for i, shard in enumerate(shards):
+        d = out / f"node{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(shard_tensors(info, shard), str(d / WEIGHTS), metadata={"format": CHUNK_FORMAT})
+        meta = {"format": CHUNK_FORMAT, "version": 1, "model": info.config.to_dict(),
+                "start": shard.start, "stop": shard.stop, "node": i, "n_nodes": len(shards),
+                "source": str(info.path.resolve())}
+        (d / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if i == 0:
+            _copy_tokenizer(info, d)
+        paths.append(d)
+    return paths
+
+
+def _copy_tokenizer(info: Checkpoint, d: Path) -> None:
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    if isinstance(info, HFCheckpoint):
+        src = info.source
+        texts = [src.tokenizer_json, src.tokenizer_json and json.dumps(src.tokenizer_config),
+                 src.tokenizer_json and json.dumps(src.generation_config)]
+    else:
+        texts = [(info.path / n).read_text() if (info.path / n).is_file() else None for n in names]
+    for name, text in zip(names, texts):
+        if text:
+            (d / name).write_text(text)
+
+
+def read_chunk_info(chunk_dir: str | Path) -> dict:
+    d = Path(chunk_dir)
+    try:
+        meta = json.loads((d / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{d} is not a chunk directory: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHUNK_FORMAT:
+        raise CheckpointError(f"{d} is not an mdi chunk (format field)")
+    try:
+        config = GPTConfig.from_dict(meta["model"])
+        start, stop = meta["start"], meta["stop"]
+        for v in (start, stop):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"start and stop must be integers, got {type(v).__name__} {v!r}")
+        if not 0 <= start < stop <= config.n_layer:
+            raise ValueError(f"layer range [{start}, {stop}) is not a non-empty part of "
+                             f"0..{config.n_layer}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: {e}") from None
+    if not (d / WEIGHTS).is_file():
+        raise CheckpointError(f"{d} has no {WEIGHTS}")
+    return {"start": meta["start"], "stop": meta["stop"], "model": config.to_dict()}
+
+
+def load_chunk(chunk_dir: str | Path, config: GPTConfig, start: int, stop: int,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype)

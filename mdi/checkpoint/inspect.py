@@ -1,0 +1,65 @@
+"""A checkpoint's structure as data: what `mdi inspect` prints, reachable from Python.
+
+Reads headers only (shapes and dtypes), never the weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..tokenizer import TokenizerError
+from . import st_io
+from .format import CheckpointError, CheckpointInfo
+from .sources import Checkpoint, open_checkpoint
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Inspection:
+    path: Path
+    kind: str                        # "mdi" | "hf"
+    config: dict                     # our GPTConfig, as a dict
+    tensors: list[TensorInfo]        # as stored (our names, or the source's names)
+    n_params: int
+    tokenizer: str                   # "bpe, vocabulary 1000" or "unavailable (why)"
+    training: dict = field(default_factory=dict)
+    source_config: dict = field(default_factory=dict)  # an HF config.json, as given
+
+
+def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
+    """Structure of any checkpoint `open_checkpoint` accepts; a bad file raises CheckpointError."""
+    ck = open_checkpoint(spec)
+    if isinstance(ck, CheckpointInfo):
+        if not ck.weights_path.is_file():
+            raise CheckpointError(f"{ck.path} has no {ck.weights_path.name}")
+        try:
+            with st_io.open_file(ck.weights_path) as f:
+                entries, data_start = st_io.read_header(f)
+            ordered = st_io.in_order(entries)
+            end = data_start + (ordered[-1].end if ordered else 0)
+            if ck.weights_path.stat().st_size < end:
+                raise st_io.SafetensorsFormatError(f"file is shorter than its header says ({end} bytes)")
+        except (st_io.SafetensorsFormatError, OSError) as e:
+            raise CheckpointError(f"{ck.weights_path} is corrupt or unreadable: {e}") from None
+        shapes = {n: (e.shape, str(e.dtype).removeprefix("torch.")) for n, e in entries.items()}
+        source_config: dict = {}
+    else:
+        shapes = {n: (s, str(ck.source.dtypes[n]).removeprefix("torch."))
+                  for n, s in ck.source.shapes.items()}
+        source_config = dict(ck.source.config)
+    tensors = [TensorInfo(n, tuple(s), d) for n, (s, d) in sorted(shapes.items())]
+    try:
+        tok = ck.tokenizer()
+        tok_text = f"{tok.kind}, vocabulary {tok.vocab_size}"
+    except (CheckpointError, TokenizerError) as e:
+        tok_text = f"unavailable ({e})"
+    return Inspection(ck.path, getattr(ck, "kind", "mdi"), ck.config.to_dict(), tensors,
+                      sum(math.prod(t.shape) for t in tensors), tok_text, dict(ck.training),
+                      source_config)

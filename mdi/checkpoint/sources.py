@@ -1,0 +1,89 @@
+"""One entry point for every `--ckpt`: `open_checkpoint(spec)`.
+
+A spec is
+  - our checkpoint directory (config.json with "format": "mdi-checkpoint"),
+  - a Hugging Face model directory (config.json with "architectures"),
+  - `hf:ORG/NAME[@REV]`, resolved through huggingface_hub's cache,
+  - a `.gguf` file or a shipped model's name (checkpoint/shipped.py), read by
+    checkpoint/gguf.py.
+The result has the same face whatever the kind: `.path`, `.config`,
+`.training`, `.kind` ("mdi" | "hf"), `.tokenizer()`; load_stage reads only a
+stage's tensors from it, and checkpoint.stream / checkpoint.chunks serve it to
+nodes in our names.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..model import GPT
+from .format import CONFIG, CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
+from .format import load_stage as load_our_stage
+from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
+from .shipped import is_shipped_name, shipped_path
+
+log = logging.getLogger(__name__)
+
+Checkpoint = Union[CheckpointInfo, HFCheckpoint]
+
+
+def _gguf(spec: str) -> HFCheckpoint:
+    from .gguf import gguf_source  # imports the gguf package only when a GGUF is asked for
+
+    path = shipped_path(spec) if is_shipped_name(spec) else Path(spec)
+    return HFCheckpoint.from_source(gguf_source(path), path)
+
+
+def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
+    """The checkpoint `spec` names (see the module docstring); errors name the spec."""
+    if isinstance(spec, (CheckpointInfo, HFCheckpoint)):
+        return spec
+    text = str(spec)
+    if is_shipped_name(text) or text.endswith(".gguf"):
+        return _gguf(text)
+    if text.startswith("hf:"):
+        return HFCheckpoint.from_source(hf_dir_source(hub_snapshot(text)))
+    path = Path(spec)
+    if path.is_dir() and is_hf_dir(path):
+        return HFCheckpoint.from_source(hf_dir_source(path), path)
+    return read_info(path)
+
+
+def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[GPT, Checkpoint]:
+    """Blocks [start, stop) of any checkpoint (the whole model by default), reading
+    only that stage's tensors. Weights keep their stored dtype unless `dtype`."""
+    ck = open_checkpoint(spec)
+    if isinstance(ck, CheckpointInfo):
+        return load_our_stage(ck.path, start, stop, device=device, dtype=dtype)
+    stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
+                        where=ck.source.origin)
+    return stage, ck
+
+
+def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
+    return load_stage(spec, 0, None, device=device, dtype=dtype)
+
+
+def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write any checkpoint (Hugging Face directory, hub name, GGUF) in our format,
+    with its tokenizer files; weights keep their stored dtype unless `dtype`."""
+    ck = open_checkpoint(spec)
+    out = Path(out_dir)
+    if (out / CONFIG).exists() and not overwrite:
+        raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
+                              "or pass --force")
+    model, _ = load_model(ck, dtype=dtype)
+    try:
+        tok = ck.tokenizer()
+    except CheckpointError as e:
+        log.warning("no tokenizer written: %s", e)
+        tok = None
+    save_checkpoint(out, model, tok, dict(ck.training))
+    return out

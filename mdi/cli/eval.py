@@ -1,0 +1,71 @@
+"""`mdi eval`: sliding-window perplexity of a checkpoint on a text file."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..checkpoint.sources import load_model
+from ..eval import perplexity
+from .common import DTYPES, UsageError, set_threads
+
+
+def _load(ckpt: str, device: str, dtype):
+    """(model, tokenizer, context length) for any --ckpt this build can open."""
+    model, ck = load_model(ckpt, device=device, dtype=dtype)
+    return model, ck.tokenizer(), model.config.block_size
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    try:
+        text = Path(args.data).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --data {args.data}: {e}") from None
+    model, tok, context = _load(args.ckpt, args.device, DTYPES[args.dtype])
+    ids = tok.encode(text)
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+        ids = ids[:args.max_tokens]
+    window = args.window or context
+    if window > context:
+        raise UsageError(f"--window {window} exceeds the model's context of {context} tokens")
+    stride = args.stride or max(1, window // 2)
+    t0 = time.perf_counter()
+    with tqdm(unit="window", disable=None, desc="perplexity", leave=False) as bar:
+        def progress(i: int, n: int) -> None:
+            bar.total = n
+            bar.update(1)
+        try:
+            result = perplexity(model, ids, window, stride, device=args.device, on_window=progress)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({**result.to_dict(), "seconds": seconds, "ckpt": args.ckpt,
+                          "data": args.data, "dtype": args.dtype}))
+    else:
+        print(f"perplexity {result.ppl:.4f} (nll {result.nll:.4f} nats/token) over "
+              f"{result.n_scored} tokens of {args.data}; window {window}, stride {stride}, "
+              f"{result.n_windows} forwards, {seconds:.1f} s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window)")
+    p.add_argument("--ckpt", required=True, help="checkpoint (directory, .gguf, or a shipped name)")
+    p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to score")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per forward (default: the model's context length)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts "
+                   "(default: window // 2; window = non-overlapping)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,66 @@
+"""One step of a stage for a set of sequences: the only place that feeds a stage.
+
+Single-device generation (generate/local.py), the starter (ring/starter.py) and
+every secondary node (ring/node.py) call these, so all of them give the model
+the same tensors (ids or activations, positions, cache rows) and produce the
+same numbers.
+
+A stage is a `GPT` over blocks [start, stop). The first stage takes token ids,
+later stages take the previous stage's activations (B, T, n_embd). A stage with
+the head returns logits of the last position only (B, vocab): that is all a
+sampler needs; any other stage returns its activations for the next one.
+
+Callers choose the autograd mode (all of them run under torch.inference_mode).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..model import GPT, KVCache
+
+Inputs = Sequence[int] | torch.Tensor  # token ids (first stage) or activations (later stages)
+
+
+def _device(stage: GPT) -> torch.device:
+    return next(stage.parameters()).device
+
+
+def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs) -> torch.Tensor:
+    """Write one sequence at positions 0..T-1 into row `row` of cache.
+
+    x: T token ids, or activations (1, T, n_embd). Returns the stage's
+    activations (1, T, n_embd), also on the last stage: a prefill needs no logits.
+    """
+    dev = _device(stage)
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor([list(x)], dtype=torch.long, device=dev)  # (1, T)
+    pos = torch.arange(x.shape[1], device=dev)[None]               # (1, T)
+    return stage(x, pos, cache.rows(row, row + 1), logits=False)
+
+
+def decode(stage: GPT, cache: KVCache, x: Inputs, positions: Sequence[int]) -> torch.Tensor:
+    """One new token for every row of cache, row b at position positions[b].
+
+    x: B token ids, or activations (B, 1, n_embd). Returns activations
+    (B, 1, n_embd), or on the last stage the logits (B, vocab).
+    """
+    dev = _device(stage)
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor(list(x), dtype=torch.long, device=dev)[:, None]  # (B, 1)
+    pos = torch.tensor(list(positions), dtype=torch.long, device=dev)[:, None]  # (B, 1)
+    out = stage(x, pos, cache)
+    return out[:, -1] if stage.has_head else out
+
+
+def forward_context(stage: GPT, x: Inputs) -> torch.Tensor:
+    """No cache (--resend-context): the whole context of one sequence, every step.
+
+    x: T token ids, or activations (1, T, n_embd). Returns activations
+    (1, T, n_embd), or on the last stage the logits of the last position (1, vocab).
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.tensor([list(x)], dtype=torch.long, device=_device(stage))
+    out = stage(x)
+    return out[:, -1] if stage.has_head else out

@@ -1,0 +1,96 @@
+"""What a run costs a node in memory, and whether the node can take it.
+
+A node accepts a run at /init only if the run's weights and KV caches fit what
+the node has: its free memory (system RAM for CPU and MPS, the device's free
+memory for CUDA), capped by `mdi node --max-memory` when given. The check runs
+before anything is allocated, and the refusal names both numbers.
+
+The sizes are pure functions of the model config: grouped-query attention
+(`kv_heads`) shrinks the cache.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..checkpoint.format import expected_shapes
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+          "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "512MB", "2GB", "2GiB", "1.5G" or "1000000" (SI or binary units)."""
+    m = _SIZE.fullmatch(text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (write e.g. 512MB, 2GB or 2GiB)")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return n
+
+
+def format_size(n: int) -> str:
+    """A byte count for people: 3.27 GB (SI), with the exact count for small values."""
+    for unit, k in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV caches of n_samples over n_layers blocks.
+
+    Each block keeps k and v of shape (samples, n_kv_head, block_size, head_size),
+    as KVCache preallocates them.
+    """
+    n_kv_head, head_size = config.kv_heads, config.head_size
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * n_layers * n_samples * n_kv_head * config.block_size * head_size * itemsize
+
+
+def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int:
+    """Bytes of a stage's parameters [start, stop) in the run's dtype.
+
+    Built on the meta device from at most three one-block stages, never from the
+    whole range (a hostile /init may ask for millions of layers): the first block
+    (with the embeddings when start is 0), the last (with the final norm and
+    head when it ends the model), and the blocks between, all alike.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+
+    def params(a: int) -> int:
+        return sum(math.prod(s) for s in expected_shapes(config, a, a + 1).values())
+
+    n = params(start)
+    if stop - start >= 2:
+        n += params(stop - 1)
+    if stop - start >= 3:
+        n += (stop - start - 2) * params(start + 1)
+    return itemsize * n
+
+
+def free_memory(device: str) -> tuple[int, str]:
+    """(bytes free for a new run on device, where the number comes from)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), f"free memory of {device}"
+    import psutil
+
+    return int(psutil.virtual_memory().available), "free system memory"
+
+
+def available(device: str, max_memory: int | None, held: int = 0) -> tuple[int, str]:
+    """What a run may take: free memory plus what the current run holds (dropped when the
+    new run is configured), at most max_memory."""
+    free, where = free_memory(device)
+    free += held
+    if max_memory is not None and max_memory < free:
+        return max_memory, "--max-memory"
+    return free, where
