@@ -321,7 +321,10 @@ def test_warnings_are_rate_limited_with_a_count():
             logger.warning("refused GET /%d from 127.0.0.1: missing or wrong token", i)
         logger.error("errors always pass")
         assert len(records) == 21 and records[-1].levelno == logging.ERROR
-        limiter.window -= 1.0  # the next second
+        other = logging.LogRecord("test_limits.other", logging.WARNING, __file__, 0,
+                                  "another logger has its own budget", None, None)
+        assert limiter.filter(other)
+        limiter.window[logger.name] -= 1.0  # the next second
         logger.warning("refused once more")
         assert records[-1].getMessage() == \
             "refused once more [2480 warnings not logged: more than 20 a second]"

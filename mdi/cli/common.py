@@ -92,7 +92,8 @@ def encode_prompts(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-def emit(args: argparse.Namespace, result: GenerationResult) -> None:
+def emit(args: argparse.Namespace, result: GenerationResult, printed: bool = False) -> None:
+    """Write the run's files and print it; printed: the text was streamed already."""
     if args.time_run:
         append_time_run(args.time_run, result)
     if args.plots:
@@ -100,6 +101,7 @@ def emit(args: argparse.Namespace, result: GenerationResult) -> None:
     if args.json:
         print(dump_json(result))
         return
-    for prompt, text in zip(result.prompts, result.samples):
-        sys.stdout.write(prompt + text + "\n---------------\n")
+    if not printed:
+        for prompt, text in zip(result.prompts, result.samples):
+            sys.stdout.write(prompt + text + "\n---------------\n")
     print(result.summary(), file=sys.stderr)

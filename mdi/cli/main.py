@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, convert, ring, workflow
+from . import bench, convert, ring, serve, workflow
 from . import eval as eval_cmd
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     ring.register(sub)
     bench.register(sub)
     eval_cmd.register(sub)
+    serve.register(sub)
     return p
 
 

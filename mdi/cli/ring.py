@@ -15,6 +15,7 @@ from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult, Texts
 from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
                      sampling_config, set_threads)
+from .stream import StreamPrinter
 
 log = logging.getLogger("mdi")
 DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
@@ -62,12 +63,15 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
+    # text streams to stdout as it comes (but with --resend-context); --json prints at the end
+    printer = None if args.json or args.resend_context else StreamPrinter(prompts)
+    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
+               desc="generating", leave=False)
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
                                  partition=args.partition),
-                      on_step=lambda i: bar.update(1))
+                      on_step=lambda i: bar.update(1), on_event=printer)
     try:
         result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))
         error = None
@@ -75,9 +79,11 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
         if e.partial is None:
             raise
         result, error = e.partial, e  # the partial result names the failure itself
+        if printer is not None:
+            printer.finish()  # what the other samples produced before the failure
     finally:
         bar.close()
-    emit(args, result)
+    emit(args, result, printed=printer is not None)
     if not args.json and error is None:
         _print_hops(result)
     if error is not None:
@@ -168,8 +174,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "512MB, 2GB, 2GiB (default: the free memory at /init); larger runs "
                         "are refused at /init")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
-                   help="drop a run that has sent no frame for this many seconds (a starter "
-                        "frozen without closing its link) and wait for the next one; 0: never "
+                   help="drop a batch run (mdi starter, mdi run) whose previous node has sent "
+                        "no frame for this many seconds (a starter frozen without closing its "
+                        "link) and wait for the next one; mdi serve's runs idle between "
+                        "requests and are not timed; 0: never "
                         f"(default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")

@@ -8,10 +8,9 @@ import logging
 from tqdm import tqdm
 
 from ..checkpoint import load_model
-from ..generate.local import generate_timed
 from ..model import GPTConfig
 from ..results import Texts
-from .common import (DTYPES, add_generation_options, emit, encode_prompts,
+from .common import (DTYPES, UsageError, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads)
 
 log = logging.getLogger("mdi")
@@ -49,17 +48,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from ..engine.batch import generate_local
+    from ..engine.local import LocalEngine
+    from .stream import StreamPrinter
+
     sampling = sampling_config(args)
+    lanes = 1 if args.micro_batches is None else args.micro_batches
+    if lanes <= 0:
+        raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
     model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None, desc="generating", leave=False)
+    # text streams to stdout as it comes; --json prints one object at the end (with a progress bar)
+    printer = None if args.json else StreamPrinter(prompts)
+    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if args.json else True,
+               desc="generating", leave=False)
+    counts = [0] * len(ids)
+
+    def on_event(i: int, ev) -> None:
+        if printer is not None:
+            printer(i, ev)
+        if ev.token is not None:
+            counts[i] += 1
+            if min(counts) > bar.n:
+                bar.update(min(counts) - bar.n)
+
     with bar:
-        result = generate_timed(model, ids, args.n_tokens, sampling, args.micro_batches or 1,
-                                on_step=lambda i: bar.update(1), texts=Texts(tok, prompts))
-    emit(args, result)
+        result = generate_local(
+            lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
+            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts))
+    emit(args, result, printed=printer is not None)
     return 0
 
 

@@ -46,10 +46,11 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 class LogLimiter(logging.Filter):
-    """At most `per_second` warnings a second from the node's network-facing loggers.
+    """At most `per_second` warnings a second from each of the node's network-facing loggers.
 
-    Dropped lines are counted; the next line let through says how many. Errors
-    and info lines always pass.
+    Each logger has its own budget, so a flood of refused HTTP requests cannot hide
+    the data plane's warnings. Dropped lines are counted; the next line let through
+    says how many. Errors and info lines always pass.
     """
     LOGGERS = ("mdi.ring.control", "mdi.ring.serve", "mdi.ring.node", "uvicorn.error")
     _installed: "LogLimiter | None" = None
@@ -57,26 +58,27 @@ class LogLimiter(logging.Filter):
     def __init__(self, per_second: int = 20) -> None:
         super().__init__()
         self.per_second = per_second
-        self.window = 0.0
-        self.count = 0
-        self.dropped = 0
+        self.window: dict[str, float] = {}    # logger name -> start of its current second
+        self.count: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True
+        name = record.name
         with self.lock:
             now = time.monotonic()
-            if now - self.window >= 1.0:
-                self.window, self.count = now, 0
-            if self.count >= self.per_second:
-                self.dropped += 1
+            if now - self.window.get(name, 0.0) >= 1.0:
+                self.window[name], self.count[name] = now, 0
+            if self.count[name] >= self.per_second:
+                self.dropped[name] = self.dropped.get(name, 0) + 1
                 return False
-            self.count += 1
-            if self.dropped:
-                record.msg = f"{record.msg} [{self.dropped} warnings not logged: more than " \
+            self.count[name] += 1
+            dropped = self.dropped.pop(name, 0)
+            if dropped:
+                record.msg = f"{record.msg} [{dropped} warnings not logged: more than " \
                              f"{self.per_second} a second]"
-                self.dropped = 0
         return True
 
     @classmethod

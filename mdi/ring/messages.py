@@ -40,6 +40,7 @@ class InitRequest(Strict):
     prev_addr: str = Field(min_length=1, max_length=255)
     sampling: SamplingSpec | None = None
     weights: Literal["upload", "local"] = "upload"
+    sequences: bool = False  # an engine run: groups are lanes of slots, sampling comes per ADMIT
 
 
 class RunRef(Strict):

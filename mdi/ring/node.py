@@ -15,7 +15,8 @@ its link, a bad frame (any header field off, an unknown sample, a frame that
 does not fit the run's state), a compute error, the next node closing its link
 or not taking a frame within the timeout, /stop, a new /init, or silence: no
 frame for --idle-timeout seconds once the previous node is connected (a starter
-frozen without closing its link). The node keeps serving either way.
+frozen without closing its link; batch runs only: an engine run idles between
+requests). The node keeps serving either way.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 
 from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..checkpoint.stream import WeightsStreamError, read_stream
+from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
@@ -45,6 +47,7 @@ from .auth import AuthError, answer, challenge
 from .capability import ProbeCache, node_capabilities
 from .messages import InitRequest, ProbeRequest
 from .nodes_config import NodeSpec
+from .seq_frames import to_frame, to_message
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class Run:
     positions: list[int] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     sampling: SamplingConfig | None = None
+    slots: SlotStage | None = None               # a sequence run: a KV slot per sequence
     downstream: asyncio.StreamWriter | None = None
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
@@ -113,7 +117,7 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     if (req.stop == config.n_layer) != (req.role == "finisher"):
         raise InitError(f"role: a {req.role} cannot hold layers [{req.start}, {req.stop}) "
                         f"of {config.n_layer}")
-    if req.role == "finisher" and req.sampling is None:
+    if req.role == "finisher" and req.sampling is None and not req.sequences:
         raise InitError("sampling: the finisher needs sampling settings")
     if req.sampling is not None:  # now, not after the weights' upload
         sampling_of(req)
@@ -126,7 +130,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     if n_samples > MAX_SAMPLES:
         raise InitError(f"groups: {n_samples} samples, at most {MAX_SAMPLES} per run")
     limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
-                    DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups))
+                    DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
+                    sequences=req.sequences)
     return config, limits
 
 
@@ -280,7 +285,7 @@ class NodeRuntime:
                 task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
         # compute still running on the worker thread holds its own references.
-        run.stage, run.caches, run.generators = None, [], []
+        run.stage, run.caches, run.generators, run.slots = None, [], [], None
 
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
@@ -306,7 +311,9 @@ class NodeRuntime:
             self._arm(run, stage)
         await self.drop_run("a new run was configured")
         self.run = run
-        if self.idle_timeout > 0:
+        if self.idle_timeout > 0 and not req.sequences:
+            # a batch run's starter sends the next step as soon as tokens come back, so
+            # silence means it is gone; an engine run (mdi serve) idles between requests
             run.idle_task = asyncio.create_task(self._watchdog(run))
         log.info("configured run %d: %s, layers [%d, %d), %d samples in %d group(s)", req.run_id,
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
@@ -358,6 +365,13 @@ class NodeRuntime:
         """Give the run its stage and caches, all or nothing (InitError leaves it as it was)."""
         req = run.req
         n = run.limits.n_samples
+        if req.sequences:  # slots, reset per ADMIT; sampling parameters come with each ADMIT
+            try:
+                run.slots = SlotStage(stage, [b - a for a, b in req.groups])
+            except RuntimeError as e:
+                raise InitError(f"groups: cannot allocate the KV caches of {n} slots: {e}") from None
+            run.stage = stage
+            return
         try:
             caches = [stage.new_cache(b - a) for a, b in req.groups]
         except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
@@ -484,7 +498,8 @@ class NodeRuntime:
                 if self.run is run:
                     await self.drop_run("run complete")
                 return
-            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT):
+            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
+                                  Kind.SEQ_DECODE):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
             run.busy = True
             try:
@@ -507,7 +522,7 @@ class NodeRuntime:
             raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} {what}") from None
         run.stats.frames_out += 1
         run.stats.bytes_out += n
-        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT):
+        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE, Kind.SEQ_TOKENS):
             run.stats.decode_bytes_out += n
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
@@ -548,6 +563,8 @@ class NodeRuntime:
     def _compute(self, run: Run, frame: Frame) -> Frame | None:
         """Run this node's stage on one frame (worker thread)."""
         stage = run.stage
+        if run.slots is not None:
+            return self._compute_seq(run, run.slots, frame)
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
         device = next(stage.parameters()).device
@@ -585,6 +602,14 @@ class NodeRuntime:
         assert run.sampling is not None
         tokens = sample_rows(out, run.sampling, run.generators[a:b])
         return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
+
+    def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:
+        """A sequence run: the frame as a message for this stage's slots (worker thread)."""
+        try:
+            out = slots.handle(to_message(frame, slots))
+        except SlotError as e:
+            raise WireError(str(e)) from None
+        return None if out is None else to_frame(out, run.req.run_id, slots)
 
     async def close(self) -> None:
         await self.drop_run("node shutting down")

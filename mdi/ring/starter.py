@@ -26,6 +26,7 @@ import httpx
 import torch
 
 from ..checkpoint import load_stage, open_checkpoint
+from ..engine.api import EngineFailure, Event
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
@@ -86,6 +87,7 @@ class Starter:
     ckpt: str
     opts: RunOptions = field(default_factory=RunOptions)
     on_step: Callable[[int], None] | None = None     # progress callback (step index)
+    on_event: Callable[[int, Event], None] | None = None  # (sample, event) as tokens come
 
     placement: Placement | None = field(default=None, init=False)  # the last run's split
 
@@ -121,6 +123,8 @@ class Starter:
 
     # ------------------------------------------------------------------------
     async def _run(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
+        if not self.opts.resend_context:
+            return await self._run_engine(prompts, n_tokens, sampling, texts)
         ring = self.nodes.ring
         config = open_checkpoint(self.ckpt).config
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
@@ -167,6 +171,57 @@ class Starter:
                     w.close()
                 server.close()
 
+    async def _run_engine(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
+        """The fixed batch as sequences of the engine (ring_engine.py): every prompt
+        admitted at the first step with the run's token budget; sample i draws from
+        the stream sample_seed(seed, i), as the fixed-batch nodes did."""
+        from ..engine.batch import batch_params
+        from .ring_engine import RingEngine
+
+        n_lanes = len(make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring)))
+        engine = RingEngine(self.nodes, self.token, self.ckpt, max_seqs=len(prompts),
+                            max_queue=len(prompts), opts=self.opts, lanes=n_lanes)
+        config = engine.config
+        if len(self.nodes.ring) > 1:
+            await engine.form()  # the starter's own errors (NodeFailure naming the node, ...)
+        counts, times = [0] * len(prompts), []
+        seqs: list = []
+
+        def on_event(i: int, ev: Event) -> None:
+            if self.on_event is not None:
+                self.on_event(i, ev)
+            if ev.token is None:
+                return
+            counts[i] += 1
+            if min(counts) > len(times):  # step len(times) is complete for every sample
+                times.append(time.perf_counter() - t0)
+                if self.on_step:
+                    self.on_step(len(times) - 1)
+
+        async def drain(i: int, seq) -> None:
+            async for ev in seq.events():
+                on_event(i, ev)
+
+        t0 = time.perf_counter()
+        try:
+            await engine.start()
+            seqs = [engine.submit(p, q) for p, q in
+                    zip(prompts, batch_params(len(prompts), n_tokens, sampling))]
+            await asyncio.gather(*(drain(i, s) for i, s in enumerate(seqs)))
+            elapsed = time.perf_counter() - t0
+        except EngineFailure as e:
+            elapsed = time.perf_counter() - t0
+            cause = e.__cause__
+            message, node = str(cause or e), getattr(cause, "spec", None)
+            failed = None if node is None else FailedNode(node.role, node.index, node.addr,
+                                                          node.port, node.port_in)
+            partial = self._result(config, seqs, min(counts), elapsed, times, [], texts,
+                                   Failure(message, failed))
+            raise NodeFailure(message, partial, node) from None
+        finally:
+            await engine.close()
+        return self._result(config, seqs, n_tokens, elapsed, times, engine.hops, texts)
+
     def _run_single(self, stage, prompts, n_tokens, sampling, groups, texts) -> GenerationResult:
         """One node: the ring is the starter alone, which is `mdi sample`."""
         result = generate_timed(stage, prompts, n_tokens, sampling, len(groups), self.on_step,
@@ -203,7 +258,10 @@ class Starter:
                               node=spec) from None
         return _check(r, spec, path)
 
-    async def _configure(self, http, run_id, config, shards, groups, sampling, healths) -> None:
+    async def _configure(self, http, run_id, config, shards, groups, sampling, healths,
+                         sequences: bool = False) -> None:
+        """Configure every secondary; sequences: an engine run (groups are lanes of
+        slots, sampling travels per sequence in ADMIT frames)."""
         ring = self.nodes.ring
         for i, (spec, shard, health) in enumerate(zip(ring[1:], shards[1:], healths), start=1):
             nxt = ring[(i + 1) % len(ring)]
@@ -215,8 +273,10 @@ class Starter:
                     "dtype": self.opts.dtype, "device": spec.device,
                     "groups": [[g.start, g.stop] for g in groups],
                     "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
-                    "sampling": sampling.to_dict() if shard.is_last else None,
+                    "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload"}
+            if sequences:
+                body["sequences"] = True
             await self._post(http, spec, "/init", body)
             if not local:
                 total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time

@@ -15,11 +15,19 @@ Header (big-endian, 44 bytes), see docs/wire.md:
     dtype    B   DType code (0 for frames without a tensor)
     ndim     B   0..3
     run_id   I   the run this frame belongs to
-    sample   I   first sample id the frame carries
+    sample   I   first sample id (a slot in a sequence run) the frame carries
     position I   position of the first token (PREFILL) / of the first sample (DECODE)
     shape    3I  dims, unused ones 0
     length   Q   payload bytes that follow
     reserved 4x  zero; a frame with any other value is refused
+
+A run is either a fixed batch (PREFILL/DECODE/TOKENS/CONTEXT over samples) or a
+sequence run of the engine (ADMIT/RETIRE/PREFILL/SEQ_DECODE/SEQ_TOKENS over
+slots, Limits.sequences); each refuses the other's own kinds. SEQ_DECODE and
+SEQ_TOKENS carry some slots of a lane: their payload starts with a slot
+table, B uint32 slot ids (network order, strictly ascending, the first equal to
+`sample`), then the tensor bytes. A step of a whole lane needs no table: it
+travels as DECODE/TOKENS, exactly as a fixed batch's group.
 """
 from __future__ import annotations
 
@@ -52,6 +60,16 @@ class Kind(enum.IntEnum):
     AUTH = 6         # handshake: HMAC over the nonce (uint8 bytes)
     CONTEXT = 7      # activations (1, T, C) of a sample's whole context, no cache
                      # (--resend-context: the original system's behaviour)
+    ADMIT = 8        # a sequence takes slot `sample`: int64 (4,) sampling parameters
+    RETIRE = 9       # the sequence in slot `sample` ended; no payload
+    SEQ_DECODE = 10  # slot table + activations (B, 1, C), one token per listed slot
+    SEQ_TOKENS = 11  # slot table + sampled ids (B,) int64, finisher -> starter
+
+
+FIXED_KINDS = frozenset({Kind.CONTEXT})  # refused in sequence runs
+SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS})  # refused in fixed runs
+SLOT_TABLE_KINDS = frozenset({Kind.SEQ_DECODE, Kind.SEQ_TOKENS})
+ADMIT_FIELDS = 4   # seed, top_k (0: none), temperature and top_p as float64 bit patterns
 
 
 class DType(enum.IntEnum):
@@ -86,6 +104,7 @@ class Frame:
     sample: int = 0
     position: int = 0
     tensor: torch.Tensor | None = None
+    slots: tuple[int, ...] = ()      # SEQ_DECODE / SEQ_TOKENS: the slot of each row
 
     def encode(self) -> bytes:
         return encode_frame(self)
@@ -100,6 +119,7 @@ class Limits:
     n_samples: int
     act_dtype: DType
     max_batch: int
+    sequences: bool = False   # an engine run: slots, ADMIT/RETIRE, SEQ_DECODE/SEQ_TOKENS
 
     def __post_init__(self) -> None:
         if self.act_dtype not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16):
@@ -119,6 +139,10 @@ def encode_frame(f: Frame) -> bytes:
         dtype, shape, payload = DTYPE_CODES[f.tensor.dtype], tuple(f.tensor.shape), tensor_bytes(f.tensor)
     if len(shape) > 3:
         raise WireError(f"at most 3 dimensions on the wire, got {shape}")
+    if f.kind in SLOT_TABLE_KINDS:
+        if not shape or len(f.slots) != shape[0]:
+            raise WireError(f"{f.kind.name} needs one slot per row, got {len(f.slots)} for {shape}")
+        payload = struct.pack(f"!{len(f.slots)}I", *f.slots) + payload
     dims = list(shape) + [0] * (3 - len(shape))
     return HEADER.pack(MAGIC, VERSION, int(f.kind), int(dtype), len(shape), f.run_id, f.sample,
                        f.position, *dims, len(payload)) + payload
@@ -172,7 +196,22 @@ def check_header(h: Header, lim: Limits | None) -> None:
     if h.kind == Kind.STOP:
         _expect(h.dtype == DType.NONE and not h.shape and h.length == 0, "STOP frames carry no payload")
         return
-    if h.kind == Kind.TOKENS:
+    if lim.sequences:
+        _expect(h.kind not in FIXED_KINDS, f"{h.kind.name} frame in a sequence run")
+    else:
+        _expect(h.kind not in SEQUENCE_KINDS, f"{h.kind.name} frame in a fixed-batch run")
+    if h.kind in (Kind.ADMIT, Kind.RETIRE):
+        _expect(h.position == 0, f"{h.kind.name} must have position 0, got {h.position}")
+        _expect(h.sample < lim.n_samples, f"slot {h.sample} outside the run's {lim.n_samples}")
+        if h.kind == Kind.RETIRE:
+            _expect(h.dtype == DType.NONE and not h.shape and h.length == 0,
+                    "RETIRE frames carry no payload")
+        else:
+            _expect(h.dtype == DType.INT64 and h.shape == (ADMIT_FIELDS,),
+                    f"ADMIT must carry int64 ({ADMIT_FIELDS},)")
+            _expect(h.length == 8 * ADMIT_FIELDS, f"ADMIT payload length {h.length}")
+        return
+    if h.kind in (Kind.TOKENS, Kind.SEQ_TOKENS):
         _expect(h.dtype == DType.INT64 and len(h.shape) == 1, "TOKENS must be an int64 vector")
         batch = h.shape[0]
     else:
@@ -186,27 +225,48 @@ def check_header(h: Header, lim: Limits | None) -> None:
             _expect(batch == 1, f"{name} carries one sample, got batch {batch}")
             _expect(1 <= t <= lim.block_size, f"{name} of {t} tokens, block_size is {lim.block_size}")
             _expect(h.position == 0, f"{name} must start at position 0, got {h.position}")
+        elif h.kind == Kind.SEQ_DECODE:
+            _expect(t == 1, f"SEQ_DECODE carries one token per slot, got {t}")
+            _expect(h.position == 0, f"SEQ_DECODE must have position 0, got {h.position}")
         else:
             _expect(t == 1, f"DECODE carries one token per sample, got {t}")
             _expect(h.position < lim.block_size, f"position {h.position} >= block_size {lim.block_size}")
     _expect(1 <= batch <= lim.max_batch, f"batch {batch} outside 1..{lim.max_batch}")
-    _expect(h.sample + batch <= lim.n_samples,
-            f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
+    if h.kind in SLOT_TABLE_KINDS:  # the slots are checked when the table is read
+        _expect(h.sample < lim.n_samples, f"slot {h.sample} outside the run's {lim.n_samples}")
+    else:
+        _expect(h.sample + batch <= lim.n_samples,
+                f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
     itemsize = torch.tensor([], dtype=TORCH_DTYPES[h.dtype]).element_size()
-    want = math.prod(h.shape) * itemsize
+    want = math.prod(h.shape) * itemsize + (4 * batch if h.kind in SLOT_TABLE_KINDS else 0)
     _expect(h.length == want, f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
 
 
-def build_frame(h: Header, payload: bytes) -> Frame:
+def read_slot_table(h: Header, payload: bytes, n_slots: int | None) -> tuple[tuple[int, ...], bytes]:
+    """Split a SEQ_DECODE/SEQ_TOKENS payload into its slot table and tensor bytes."""
+    b = h.shape[0]
+    slots = struct.unpack(f"!{b}I", payload[:4 * b])
+    _expect(slots[0] == h.sample, f"{h.kind.name}: first slot {slots[0]} != header sample {h.sample}")
+    _expect(all(x < y for x, y in zip(slots, slots[1:])),
+            f"{h.kind.name}: slots must be strictly ascending, got {list(slots)}")
+    if n_slots is not None:
+        _expect(slots[-1] < n_slots, f"{h.kind.name}: slot {slots[-1]} outside the run's {n_slots}")
+    return slots, payload[4 * b:]
+
+
+def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
     if len(payload) != h.length:
         raise WireError(f"truncated payload: {len(payload)} of {h.length} bytes")
+    slots: tuple[int, ...] = ()
+    if h.kind in SLOT_TABLE_KINDS:
+        slots, payload = read_slot_table(h, payload, lim.n_samples if lim else None)
     tensor = None
     if h.dtype != DType.NONE:
         buf = bytearray(payload)  # writable copy owned by the tensor
         tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[h.dtype]) if buf else torch.empty(
             0, dtype=TORCH_DTYPES[h.dtype])
         tensor = tensor.reshape(h.shape)
-    return Frame(h.kind, h.run_id, h.sample, h.position, tensor)
+    return Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots)
 
 
 def decode_frame(data: bytes, lim: Limits | None) -> Frame:
@@ -215,7 +275,7 @@ def decode_frame(data: bytes, lim: Limits | None) -> Frame:
     check_header(h, lim)
     if len(data) != HEADER_SIZE + h.length:
         raise WireError(f"frame of {len(data)} bytes, header announces {HEADER_SIZE + h.length}")
-    return build_frame(h, data[HEADER_SIZE:])
+    return build_frame(h, data[HEADER_SIZE:], lim)
 
 
 async def read_frame(reader: asyncio.StreamReader, lim: Limits | None) -> Frame:
@@ -232,7 +292,29 @@ async def read_frame(reader: asyncio.StreamReader, lim: Limits | None) -> Frame:
         payload = await reader.readexactly(h.length) if h.length else b""
     except asyncio.IncompleteReadError as e:
         raise WireError(f"truncated payload: {len(e.partial)} of {h.length} bytes") from None
-    return build_frame(h, payload)
+    return build_frame(h, payload, lim)
+
+
+def admit_frame(run_id: int, slot: int, temperature: float, top_k: int | None,
+                top_p: float | None, seed: int) -> Frame:
+    """ADMIT: seed, top_k (0 for none), and temperature, top_p (1.0 for none) as the
+    bit patterns of float64 values, all in one int64 (4,) tensor."""
+    floats = torch.tensor([temperature, 1.0 if top_p is None else top_p], dtype=torch.float64)
+    bits = floats.view(torch.int64).tolist()
+    return Frame(Kind.ADMIT, run_id, slot, 0,
+                 torch.tensor([seed, top_k or 0, *bits], dtype=torch.int64))
+
+
+def admit_params(f: Frame) -> tuple[float, int | None, float | None, int]:
+    """(temperature, top_k, top_p, seed) of an ADMIT frame, checked."""
+    assert f.tensor is not None
+    seed, top_k, t_bits, p_bits = f.tensor.tolist()
+    temperature, top_p = torch.tensor([t_bits, p_bits], dtype=torch.int64).view(torch.float64).tolist()
+    _expect(seed >= 0, f"ADMIT: seed {seed} is negative")
+    _expect(top_k >= 0, f"ADMIT: top_k {top_k} is negative")
+    _expect(math.isfinite(temperature) and temperature >= 0, f"ADMIT: temperature {temperature}")
+    _expect(0 < top_p <= 1, f"ADMIT: top_p {top_p} outside (0, 1]")
+    return temperature, top_k or None, None if top_p == 1.0 else top_p, seed
 
 
 async def write_frame(writer: asyncio.StreamWriter, f: Frame) -> int:

@@ -1,0 +1,166 @@
+"""Load benchmark of an OpenAI-compatible server (`mdi serve-bench`).
+
+At each concurrency level C, C clients each send `requests_per_client` streaming
+completions one after the other; we time every request from the client side:
+time to first token (TTFT: first chunk with text), inter-token latency (ITL:
+between text chunks) and the whole request, and count completion tokens from
+the usage the server reports. One CSV row per level, plus a figure.
+"""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+log = logging.getLogger("mdi.bench")
+COLUMNS = ["concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
+           "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s"]
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str                                  # server root, e.g. http://127.0.0.1:8000
+    model: str
+    api_key: str | None = None
+    concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    requests_per_client: int = 4
+    max_tokens: int = 64
+    prompt: str = "\n"
+    temperature: float = 0.0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency levels must be positive, got {self.concurrency}")
+        if self.requests_per_client < 1 or self.max_tokens < 1:
+            raise ValueError("requests per client and max tokens must be positive")
+
+
+@dataclass
+class Timing:
+    ok: bool
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    latency_s: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+
+async def one_request(http: httpx.AsyncClient, cfg: LoadConfig) -> Timing:
+    body = {"model": cfg.model, "prompt": cfg.prompt, "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last: float | None = None
+    out = Timing(ok=False)
+    async with http.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            out.error = f"{resp.status_code}: {resp.text[:200]}"
+            return out
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                out.error = obj["error"].get("message")
+                return out
+            now = time.perf_counter()
+            if any(c.get("text") for c in obj.get("choices", [])):
+                if last is None:
+                    out.ttft_s = now - t0
+                else:
+                    out.itl_s.append(now - last)
+                last = now
+            if obj.get("usage"):
+                out.tokens = obj["usage"]["completion_tokens"]
+    out.latency_s = time.perf_counter() - t0
+    out.ok = True
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+async def run_level(cfg: LoadConfig, concurrency: int) -> dict:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 1)
+    timings: list[Timing] = []
+    async with httpx.AsyncClient(base_url=cfg.url, headers=headers, limits=limits,
+                                 timeout=cfg.timeout_s) as http:
+        async def client() -> None:
+            for _ in range(cfg.requests_per_client):
+                timings.append(await one_request(http, cfg))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [t for t in timings if t.ok]
+    for t in timings:
+        if not t.ok:
+            log.warning("request failed: %s", t.error)
+    tokens = sum(t.tokens for t in ok)
+    itl = [x for t in ok for x in t.itl_s]
+    ttft = [t.ttft_s for t in ok if t.ttft_s is not None]
+    lat = [t.latency_s for t in ok]
+    return {"concurrency": concurrency, "requests": len(ok), "errors": len(timings) - len(ok),
+            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+            "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+            "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99)}
+
+
+def run_load(cfg: LoadConfig) -> list[dict]:
+    rows = []
+    for c in cfg.concurrency:
+        row = asyncio.run(run_level(cfg, c))
+        log.info("concurrency %d: %.2f req/s, %.1f tok/s, TTFT p50 %.3fs, ITL p50 %.4fs",
+                 c, row["requests_per_s"], row["tokens_per_s"], row["ttft_p50_s"], row["itl_p50_s"])
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def write_plot(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r["concurrency"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(c, [r["tokens_per_s"] for r in rows], "o-")
+    axes[0].set_ylabel("aggregate tokens/s")
+    for key, style in (("ttft_p50_s", "o-"), ("ttft_p99_s", "s--")):
+        axes[1].plot(c, [r[key] * 1e3 for r in rows], style, label=key[:-2].replace("_", " "))
+    axes[1].set_ylabel("time to first token (ms)")
+    for key, style in (("itl_p50_s", "o-"), ("itl_p99_s", "s--")):
+        axes[2].plot(c, [r[key] * 1e3 for r in rows], style, label=key[:-2].replace("_", " "))
+    axes[2].set_ylabel("inter-token latency (ms)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(c, [str(x) for x in c])
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""`mdi serve`: the OpenAI-compatible API and the chat page over the engine."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..model.dtypes import DTYPES
+
+log = logging.getLogger("mdi")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve import ServeConfig, create_app, serve
+    from ..serve.server import bind
+    from ..serve.backend import open_backend
+    from .common import set_threads
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.default_max_tokens <= 0:
+        raise ValueError(f"--default-max-tokens must be positive, got {args.default_max_tokens}")
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e}") from None
+    api_key = args.api_key or os.environ.get("MDI_API_KEY") or None
+    if api_key is None and args.host not in LOOPBACK:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it "
+                    "(set --api-key or MDI_API_KEY)", args.host)
+    set_threads(args.threads)
+    name = args.model_name or Path(args.ckpt.rstrip("/")).name
+    config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
+                         chat_template=template)
+    bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
+    with open_backend(backend_options(args)) as backend:
+        app = create_app(backend.factory, backend.tokenizer, config)
+        log.info("%s; model %r at http://%s:%d/ (chat page) and /v1 (OpenAI API)", backend.description,
+                 name, args.host, args.port)
+        serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def backend_options(args: argparse.Namespace):  # -> BackendOptions
+    from ..serve.backend import BackendOptions
+
+    return BackendOptions(ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
+                          max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
+                          batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+                          token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
+                          timeout=args.timeout, threads=args.threads)
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from ..bench.serve_load import LoadConfig, run_load, write_csv, write_plot
+
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated counts, got {args.concurrency!r}") from None
+    out = Path(args.out)
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            if not args.model_name:
+                raise ValueError("--url needs --model-name (the id the server serves)")
+            url, name, label = args.url.rstrip("/"), args.model_name, args.url
+        else:  # our own server, in this process, on a free loopback port
+            from ..serve import BackgroundServer, ServeConfig, create_app
+            from ..serve.backend import open_backend
+
+            backend = stack.enter_context(open_backend(backend_options(args)))
+            name = args.model_name or Path(args.ckpt.rstrip("/")).name
+            app = create_app(backend.factory, backend.tokenizer, ServeConfig(name))
+            srv = stack.enter_context(BackgroundServer(app))
+            url, label = srv.url, f"{name}, {args.nodes} node(s), max-seqs {args.max_seqs}"
+        cfg = LoadConfig(url=url, model=name, api_key=args.api_key or os.environ.get("MDI_API_KEY"),
+                         concurrency=levels, requests_per_client=args.requests,
+                         max_tokens=args.max_tokens, prompt=args.prompt)
+        rows = run_load(cfg)
+    files = [write_csv(rows, out / "serve_load.csv"),
+             write_plot(rows, out / "serve_load.png", f"mdi serve: {label}")]
+    (out / "serve_load.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}")
+    for r in rows:
+        print(f"{r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['itl_p50_s']:>8.4f} "
+              f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}")
+    for f in files:
+        print(f, file=sys.stderr)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; with --nodes N, per node)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="ring: seconds of silence before a node counts as gone (default 10)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API (completions, chat, streaming) and a chat page")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nodes", type=int, default=1, help="local nodes of the ring (default 1: one device)")
+    where.add_argument("--nodes-config", metavar="FILE", help="nodes file of an existing cluster")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-seqs", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--queue", type=int, default=None,
+                   help="sequences waiting for a slot before requests get 429 (default: the engine's)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env MDI_API_KEY, else none)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a sequence's tokens do not depend on the others decoded with it")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="Jinja chat template, for models whose tokenizer has none")
+    p.add_argument("--default-max-tokens", type=int, default=256,
+                   help="chat completions without max_tokens stop after this many (default 256)")
+    _engine_options(p)
+    p.add_argument("--token", help="--nodes-config: the cluster's shared secret (prefer MDI_TOKEN "
+                                   "or --token-file)")
+    p.add_argument("--token-file", help="--nodes-config: file holding the cluster's shared secret")
+    p.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("serve-bench", help="load benchmark of the API: req/s, TTFT, ITL, tokens/s "
+                                           "at several concurrencies (CSV + plot)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (with --model-name)")
+    src.add_argument("--ckpt", help="start a server on this checkpoint in-process")
+    b.add_argument("--model-name", default=None)
+    b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
+    b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
+    b.add_argument("--batch-invariant", action="store_true")
+    _engine_options(b)
+    b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
+    b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")
+    b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--prompt", default="\n")
+    b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
+    b.set_defaults(func=cmd_serve_bench)

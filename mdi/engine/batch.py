@@ -1,0 +1,70 @@
+"""A fixed batch through the engine: what `mdi sample`, `run` and `starter` do.
+
+Every prompt is submitted at once with the run's token budget, so all samples
+are admitted at the first step and move in lockstep, exactly as the
+fixed-batch loops did; sample i draws from the stream sample_seed(seed, i), so
+the tokens equal the fixed-batch ones for the same seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from ..generate.sampling import SamplingConfig, sample_seed
+from ..results import GenerationResult, Texts
+from .api import Event, SeqParams
+from .scheduler import PipelineEngine, Sequence
+
+OnEvent = Callable[[int, Event], None]  # (sample index, event)
+
+
+def batch_params(n_samples: int, n_tokens: int, sampling: SamplingConfig) -> list[SeqParams]:
+    return [SeqParams(max_tokens=n_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, seed=sample_seed(sampling.seed, i))
+            for i in range(n_samples)]
+
+
+async def run_sequences(engine: PipelineEngine, prompts: list[list[int]], params: list[SeqParams],
+                        on_event: OnEvent | None = None) -> tuple[list[Sequence], float, float]:
+    """Start the engine, run every prompt to its end, close it.
+    Returns the sequences, the start time (perf_counter) and the elapsed seconds."""
+    await engine.start()
+    try:
+        t0 = time.perf_counter()
+        seqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+
+        async def drain(i: int, seq: Sequence) -> None:
+            async for ev in seq.events():
+                if on_event is not None:
+                    on_event(i, ev)
+
+        await asyncio.gather(*(drain(i, s) for i, s in enumerate(seqs)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await engine.close()
+    return seqs, t0, elapsed
+
+
+def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
+                 n_layers: int, block_size: int, texts: Texts | None = None) -> GenerationResult:
+    """GenerationResult of a fixed batch: step i ends when every sample has token i."""
+    steps = min(len(s.stats.token_times) for s in seqs)
+    times = [max(s.stats.token_times[i] for s in seqs) - t0 for i in range(steps)]
+    return GenerationResult.build([list(s.generated) for s in seqs], texts, n_tokens=n_tokens,
+                                  gen_time_s=elapsed, step_times=times, n_layers=n_layers,
+                                  block_size=block_size)
+
+
+def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[list[int]],
+                   n_tokens: int, sampling: SamplingConfig, on_event: OnEvent | None = None,
+                   texts: Texts | None = None) -> GenerationResult:
+    """Run a fixed batch on an engine made inside the event loop (sync entry point)."""
+    async def main() -> GenerationResult:
+        engine = engine_factory()
+        seqs, t0, elapsed = await run_sequences(
+            engine, prompts, batch_params(len(prompts), n_tokens, sampling), on_event)
+        c = engine.config
+        return batch_result(seqs, t0, elapsed, n_tokens, c.n_layer, c.block_size, texts)
+
+    return asyncio.run(main())

@@ -1,0 +1,63 @@
+"""What a lane step sends down the pipeline, and what comes back.
+
+The engine (the first stage) sends, for each step of a lane, in this order:
+Retire for the lane's sequences that finished, Admit + Prefill for the ones that
+join (or re-prefill after a context overflow: Prefill alone), then one Decode
+with the lane's active slots. The last stage answers each Decode with Tokens.
+Every stage handles the messages in the order sent (a FIFO link), so a slot's
+state is the same on every node when its Decode arrives.
+
+These are plain values: the in-memory link passes them as they are, the TCP
+link encodes them as data-plane frames (docs/wire.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Admit:
+    """A sequence takes `slot`: every stage resets the slot; the last stage
+    also takes its sampling parameters (a torch.Generator seeded with `seed`)."""
+    slot: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Retire:
+    """The sequence in `slot` ended: every stage frees the slot."""
+    slot: int
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Fill `slot`'s cache at positions 0..T-1: x is ids (1, T) on the first
+    stage, activations (1, T, C) after it."""
+    slot: int
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One token for each of `slots` (ascending, all of lane `lane`), each at
+    its slot's own next position: x is ids (B, 1) or activations (B, 1, C)."""
+    lane: int
+    slots: tuple[int, ...]
+    x: torch.Tensor
+    position: int | None = None   # slots[0]'s position, when the sender checks it
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The last stage's answer to a Decode: one sampled id per slot."""
+    lane: int
+    slots: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+
+Message = Admit | Retire | Prefill | Decode

@@ -1,0 +1,392 @@
+"""The engine: sequences scheduled over the pipeline's lanes.
+
+Lanes are the pipeline's micro-batches: `lanes = min(max_seqs, n_stages)`
+groups of slots (KV-cache rows). A lane is either *in flight* (its step is
+somewhere in the pipeline) or at a *step boundary*. At a boundary the engine
+retires the lane's finished sequences (freeing their slots on every stage),
+admits waiting sequences into free slots (Admit + Prefill), prefills again the
+ones whose context overflowed (the shared policy of generate/schedule.py), and
+sends one Decode for all the lane's active sequences. Recurrent pipelining:
+every lane with work is in flight at once, so with as many lanes as stages no
+stage waits for its own previous output.
+
+The first stage runs here (on one worker thread, so the event loop keeps
+serving); the rest of the pipeline is behind a Link (the TCP ring, or the
+in-memory fake of the tests). Without a link the first stage is the whole
+model and a step ends here: that is single-device generation.
+
+Tokens come back per lane in the order the lanes were sent; each becomes an
+Event on its sequence's queue (text released as it becomes final, see
+text.py). A sequence ends at a stop id, a stop string, its token budget or a
+cancel. Call submit/cancel from the engine's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from ..generate.schedule import SampleState, accept, plan_step
+from ..model import GPT
+from .api import EngineBusy, EngineFailure, Event, SeqParams, SeqStats
+from .link import Link, LinkClosed
+from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from .slots import SlotError, SlotStage, lane_sizes
+from .text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class Sequence:
+    """A submitted sequence: the SeqHandle a driver reads events from."""
+
+    def __init__(self, engine: "PipelineEngine", seq_id: int, prompt: list[int], params: SeqParams,
+                 seed: int, decode: Callable[[list[int]], str]) -> None:
+        self.id = seq_id
+        self.params = params
+        self.seed = seed
+        self.stats = SeqStats(n_prompt=len(prompt), submitted_s=time.perf_counter())
+        self.state = SampleState.from_prompt(prompt)
+        self.text = TextStream(decode, params.stop)
+        self.slot: int | None = None
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    @property
+    def generated(self) -> list[int]:
+        return self.state.generated
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until the final one (finish_reason set); raises EngineFailure if the
+        backend fails first."""
+        while True:
+            ev = await self._queue.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._engine._cancel(self)
+
+    def _emit(self, ev: Event | BaseException) -> None:
+        self._queue.put_nowait(ev)
+
+
+@dataclass
+class _Lane:
+    index: int
+    slots: range                                     # global slot ids of the lane
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence
+    in_flight: tuple[int, ...] | None = None          # slots of the Decode in the pipeline
+
+    def free_slots(self) -> list[int]:
+        return [s for s in self.slots if s not in self.seqs]
+
+
+_WAKE = object()
+
+
+class PipelineEngine:
+    """Continuous batching over a pipeline of `n_stages` stages.
+
+    first: the first stage (the whole model when link is None).
+    decode: token ids -> text (Tokenizer.decode), for stop strings and Event.text.
+    max_seqs: sequences running at once (KV slots). max_queue: sequences waiting
+    for a slot (beyond the free ones) before submit raises EngineBusy (default
+    4 * max_seqs; 0: only as many as there are free slots).
+    """
+
+    def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
+                 n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
+                 retry_after: float = 1.0) -> None:
+        if not first.has_embeddings:
+            raise ValueError("the engine runs the first stage: it needs the embeddings")
+        if link is not None and first.has_head:
+            raise ValueError("with a link the first stage must not hold the head")
+        if max_seqs <= 0:
+            raise ValueError(f"max_seqs must be positive, got {max_seqs}")
+        self.sizes = lane_sizes(max_seqs, max(1, n_stages))
+        self.first = SlotStage(first, self.sizes)
+        self.config = first.config
+        self.decode = decode
+        self.link = link
+        self.max_seqs = max_seqs
+        self.max_queue = 4 * max_seqs if max_queue is None else max_queue
+        self.retry_after = retry_after
+        self.lanes = [_Lane(i, range(self.first.first[i], self.first.first[i] + n))
+                      for i, n in enumerate(self.sizes)]
+        self.waiting: deque[Sequence] = deque()
+        self.failure: EngineFailure | None = None
+        self.steps = 0                   # lane steps sent
+        self.max_in_flight = 0           # most lanes in the pipeline at once
+        self.on_token: Callable[[Sequence, int], None] | None = None  # observer (metrics)
+        self._order: deque[int] = deque()  # lanes in flight, in the order sent
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._next_id = 0
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
+
+    # ---- the Engine protocol -------------------------------------------------
+    async def start(self) -> None:
+        if self.link is None and not self.first.stage.has_head:
+            raise ValueError("without a link the first stage must be the whole model")
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+            if self.link is not None:
+                self._reader = asyncio.create_task(self._read())
+
+    async def close(self) -> None:
+        """Cancel every sequence, let the lanes in flight come back, stop."""
+        self._closing = True
+        self._wake()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self.link is not None:
+            await self.link.close()
+        self._executor.shutdown(wait=True)
+
+    def submit(self, prompt: list[int], params: SeqParams) -> Sequence:
+        if self.failure is not None:
+            raise self.failure
+        if self._closing:
+            raise EngineFailure("the engine is shutting down")
+        if not prompt:
+            raise ValueError("prompt: a prompt must have at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} outside the vocabulary of "
+                             f"{self.config.vocab_size}")
+        if params.seed is not None and not 0 <= params.seed < 2**63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {params.seed}")
+        free = self.first.n_slots - self.running  # taken at the next step boundary
+        if len(self.waiting) >= free + self.max_queue:
+            raise EngineBusy(f"{self.max_seqs} sequences are running and {self.queued - free} "
+                             f"waiting (the queue holds {self.max_queue}); try again later",
+                             self.retry_after)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(self, self._next_id, list(prompt), params, seed, self.decode)
+        self._next_id += 1
+        self.waiting.append(seq)
+        self._wake()
+        return seq
+
+    @property
+    def running(self) -> int:
+        return sum(len(lane.seqs) for lane in self.lanes)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # ---- scheduling ------------------------------------------------------------
+    def _wake(self) -> None:
+        self._inbox.put_nowait(_WAKE)
+
+    def _cancel(self, seq: Sequence) -> None:
+        if seq.done or seq.cancelled:
+            return
+        seq.cancelled = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        # an active sequence ends when its lane's step comes back
+        self._wake()
+
+    async def _read(self) -> None:
+        assert self.link is not None
+        try:
+            while True:
+                self._inbox.put_nowait(await self.link.recv())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the scheduler, which fails the run
+            self._inbox.put_nowait(e)
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                if self._closing:
+                    for seq in list(self.waiting):
+                        self._cancel(seq)
+                    for lane in self.lanes:
+                        for seq in lane.seqs.values():
+                            seq.cancelled = True
+                for lane in self.lanes:
+                    if lane.in_flight is None:
+                        await self._boundary(lane)
+                if self._closing and not self._order:
+                    return
+                item = await self._inbox.get()
+                if item is _WAKE:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                self._arrive(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every sequence must hear of it
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        node = getattr(e, "node", None)
+        if isinstance(e, EngineFailure):
+            failure = e
+        else:
+            what = "the pipeline failed" if isinstance(e, (LinkClosed, SlotError)) else \
+                f"the engine failed ({type(e).__name__})"
+            failure = EngineFailure(f"{what}: {e}", node=node)
+            failure.__cause__ = e  # drivers that know the backend read the details there
+            if not isinstance(e, (LinkClosed, SlotError)):
+                log.error("engine failure", exc_info=e)
+        self.failure = failure
+        seqs = list(self.waiting) + [s for lane in self.lanes for s in lane.seqs.values()]
+        self.waiting.clear()
+        for lane in self.lanes:
+            lane.seqs.clear()
+            lane.in_flight = None
+        self._order.clear()
+        for seq in seqs:
+            if not seq.done:
+                seq.finish_reason = "error"
+                seq._emit(failure)
+
+    async def _boundary(self, lane: _Lane) -> None:
+        """A lane between steps: retire, admit, and send its next step if it has work."""
+        for seq in lane.seqs.values():
+            if seq.cancelled and not seq.done:  # cancelled between steps: ends here
+                self._finish(seq, "cancelled")
+        retire = [slot for slot, seq in lane.seqs.items() if seq.done]
+        for slot in retire:
+            del lane.seqs[slot]
+        admit = []
+        if not self._closing:
+            for slot in lane.free_slots():
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+                seq.slot = slot
+                lane.seqs[slot] = seq
+                admit.append(seq)
+        msgs: list[Message] = [Retire(s) for s in retire]
+        msgs += [Admit(s.slot, s.params.temperature, s.params.top_k, s.params.top_p, s.seed)
+                 for s in admit]
+        slots = tuple(sorted(lane.seqs))
+        if not slots:
+            if msgs:  # free the slots downstream now; nothing to decode
+                await self._send(await self._compute(lane.index, msgs, ()))
+            return
+        lane.in_flight = slots
+        self._order.append(lane.index)
+        self.max_in_flight = max(self.max_in_flight, len(self._order))
+        self.steps += 1
+        out = await self._compute(lane.index, msgs, slots)
+        if self.link is None:
+            tokens = out.pop()
+            assert isinstance(tokens, Tokens)
+            self._inbox.put_nowait(tokens)
+        await self._send(out)
+
+    async def _compute(self, lane: int, msgs: list[Message], slots: tuple[int, ...]
+                       ) -> list[Message | Tokens]:
+        seqs = {slot: self.lanes[lane].seqs[slot] for slot in slots}
+        plans = {slot: plan_step(seqs[slot].state, self.config.block_size) for slot in slots}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
+
+    @torch.inference_mode()
+    def _first_stage(self, lane: int, msgs: list[Message], plans: dict) -> list[Message | Tokens]:
+        """Worker thread: the first stage's share of a lane step; returns what to send
+        (with the sampled Tokens last when the first stage is the whole model)."""
+        first = self.first
+        out: list[Message | Tokens] = []
+        for m in msgs:
+            nxt = first.handle(m)
+            if nxt is not None:
+                out.append(nxt)
+        if not plans:
+            return out
+        for slot, plan in plans.items():
+            if plan.prefill:
+                h = first.prefill(Prefill(slot, torch.tensor([plan.prefill], dtype=torch.long)))
+                if h is not None:
+                    out.append(Prefill(slot, h))
+        slots = tuple(plans)
+        positions = [first.slots[s].position for s in slots]
+        if positions != [plans[s].position for s in slots]:
+            raise SlotError(f"slot positions {positions} differ from the schedule's")
+        ids = torch.tensor([[plans[s].token] for s in slots], dtype=torch.long)
+        nxt = first.handle(Decode(lane, slots, ids, positions[0]))
+        assert nxt is not None
+        out.append(nxt)
+        return out
+
+    async def _send(self, msgs: list[Message | Tokens]) -> None:
+        if self.link is None:
+            return
+        for m in msgs:
+            await self.link.send(m)  # type: ignore[arg-type]
+
+    def _arrive(self, tokens: Tokens) -> None:
+        """A lane's step came back: one token per slot it decoded."""
+        if not self._order:
+            raise EngineFailure("tokens arrived with no lane in flight")
+        lane = self.lanes[self._order.popleft()]
+        if tokens.lane != lane.index or tokens.slots != lane.in_flight:
+            raise EngineFailure(f"expected tokens for lane {lane.index} slots {lane.in_flight}, "
+                                f"got lane {tokens.lane} slots {tokens.slots}")
+        lane.in_flight = None
+        now = time.perf_counter()
+        for slot, tok in zip(tokens.slots, tokens.tokens):
+            if not 0 <= tok < self.config.vocab_size:
+                raise EngineFailure(f"token id {tok} outside the vocabulary")
+            seq = lane.seqs[slot]
+            if seq.done:
+                continue
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            self._token(seq, tok, now)
+
+    def _token(self, seq: Sequence, tok: int, now: float) -> None:
+        p = seq.params
+        if tok in p.stop_ids:
+            self._finish(seq, "stop", seq.text.flush())
+            return
+        accept(seq.state, tok)
+        st = seq.stats
+        st.n_generated += 1
+        st.token_times.append(now)
+        if st.first_token_s is None:
+            st.first_token_s = now
+        text, matched = seq.text.push(tok)
+        seq._emit(Event(tok, text))
+        if self.on_token is not None:
+            self.on_token(seq, tok)
+        if matched:
+            self._finish(seq, "stop")
+        elif st.n_generated >= p.max_tokens:
+            self._finish(seq, "length", seq.text.flush())
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "") -> None:
+        seq.finish_reason = reason
+        seq._emit(Event(None, text, reason))

@@ -1,0 +1,170 @@
+"""One stage's per-sequence state: a KV-cache row (a *slot*) per sequence.
+
+Slots are numbered globally and grouped into lanes (the pipeline's
+micro-batches): lane l owns slots [first_l, first_l + size_l), and each lane has
+its own KVCache whose rows are its slots. A Decode names a subset of one lane's
+slots; each contiguous run of them is one cached forward over `cache.rows(a, b)`
+(the cached forward is batch-invariant per row, so how slots are grouped into
+runs does not change any number).
+
+The same class serves single-device generation (the whole model: ids in,
+sampled tokens out), the starter's first stage, every node of the ring and the
+in-memory fake ring of the tests. Messages that break the slot rules (an
+unknown or free slot, slots of two lanes, a position past block_size) raise
+SlotError: on a node that is a bad frame, the run is dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..generate import step
+from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
+from ..model import GPT, KVCache
+from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
+
+
+class SlotError(ValueError):
+    """A message that does not fit the stage's slots."""
+
+
+@dataclass
+class _Slot:
+    lane: int
+    row: int
+    active: bool = False
+    position: int = 0                       # next position to decode (= tokens in the cache)
+    sampling: SamplingConfig | None = None  # last stage only
+    generator: torch.Generator | None = None
+
+
+def lane_sizes(max_seqs: int, n_lanes: int) -> list[int]:
+    """Near-equal lane sizes, the larger first (as make_groups splits samples)."""
+    if max_seqs <= 0 or n_lanes <= 0:
+        raise ValueError(f"max_seqs and lanes must be positive, got {max_seqs} and {n_lanes}")
+    n_lanes = min(n_lanes, max_seqs)
+    base, extra = divmod(max_seqs, n_lanes)
+    return [base + (1 if i < extra else 0) for i in range(n_lanes)]
+
+
+class SlotStage:
+    def __init__(self, stage: GPT, sizes: list[int]) -> None:
+        self.stage = stage
+        self.sizes = list(sizes)
+        self.caches: list[KVCache] = [stage.new_cache(n) for n in sizes]
+        self.slots = [_Slot(lane, row) for lane, n in enumerate(sizes) for row in range(n)]
+        self.first = [sum(sizes[:i]) for i in range(len(sizes))]  # first slot of each lane
+        p = next(stage.parameters())
+        self.device = p.device
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def lane_of(self, slot: int) -> int:
+        if not 0 <= slot < len(self.slots):
+            raise SlotError(f"slot {slot} outside 0..{len(self.slots) - 1}")
+        return self.slots[slot].lane
+
+    def is_whole_lane(self, slots: tuple[int, ...]) -> bool:
+        """Do `slots` make up one whole lane, in order?"""
+        lane = self.lane_of(slots[0])
+        first, n = self.first[lane], self.sizes[lane]
+        return slots == tuple(range(first, first + n))
+
+    def _slot(self, slot: int, active: bool | None = True) -> _Slot:
+        if not 0 <= slot < len(self.slots):
+            raise SlotError(f"slot {slot} outside 0..{len(self.slots) - 1}")
+        s = self.slots[slot]
+        if active is not None and s.active != active:
+            raise SlotError(f"slot {slot} is {'free' if active else 'in use'}")
+        return s
+
+    # ---- messages -----------------------------------------------------------
+    def admit(self, m: Admit) -> None:
+        s = self._slot(m.slot, active=None)  # re-admitting a slot resets it
+        s.active, s.position = True, 0
+        if self.stage.has_head:
+            try:
+                s.sampling = SamplingConfig(m.temperature, m.top_k, 0, m.top_p)
+            except ValueError as e:
+                raise SlotError(f"slot {m.slot}: {e}") from None
+            if not 0 <= m.seed < 2**63:
+                raise SlotError(f"slot {m.slot}: seed {m.seed} outside 0..2**63-1")
+            s.generator = seeded_generator(m.seed)
+
+    def retire(self, m: Retire) -> None:
+        s = self._slot(m.slot)
+        s.active, s.sampling, s.generator = False, None, None
+
+    @torch.inference_mode()
+    def prefill(self, m: Prefill) -> torch.Tensor | None:
+        """Fill the slot from position 0; returns the activations (1, T, C) for
+        the next stage, None on the last stage (prefill needs no logits)."""
+        s = self._slot(m.slot)
+        t = m.x.shape[1]
+        if not 1 <= t <= self.stage.config.block_size:
+            raise SlotError(f"prefill of {t} tokens, block_size is {self.stage.config.block_size}")
+        x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
+        h = step.prefill(self.stage, self.caches[s.lane], s.row, x)
+        s.position = t
+        return None if self.stage.has_head else h
+
+    @torch.inference_mode()
+    def decode(self, m: Decode) -> torch.Tensor:
+        """One token per slot at each slot's position; returns activations (B, 1, C),
+        or logits (B, V) on the last stage."""
+        slots = [self._slot(i) for i in m.slots]
+        if not slots or m.x.shape[0] != len(slots):
+            raise SlotError(f"decode of {m.x.shape[0]} rows for {len(slots)} slots")
+        if any(s.lane != m.lane for s in slots):
+            raise SlotError(f"decode for lane {m.lane} names slots of another lane: {list(m.slots)}")
+        rows = [s.row for s in slots]
+        if any(b <= a for a, b in zip(rows, rows[1:])):
+            raise SlotError(f"decode slots must be ascending and distinct: {list(m.slots)}")
+        if m.position is not None and slots[0].position != m.position:
+            raise SlotError(f"decode at position {m.position}, slot {m.slots[0]} is at "
+                            f"{slots[0].position}")
+        if max(s.position for s in slots) >= self.stage.config.block_size:
+            raise SlotError("decode past block_size without a prefill")
+        x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
+        cache = self.caches[m.lane]
+        outs, i = [], 0
+        while i < len(rows):  # contiguous runs of rows: one forward each
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            outs.append(step.decode(self.stage, cache.rows(rows[i], rows[j - 1] + 1), x[i:j],
+                                    [slots[k].position for k in range(i, j)]))
+            i = j
+        for s in slots:
+            s.position += 1
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def sample(self, slots: tuple[int, ...], logits: torch.Tensor) -> tuple[int, ...]:
+        """One token per slot from logits (B, V), each with its own parameters and stream."""
+        out = []
+        for i, slot in enumerate(slots):
+            s = self.slots[slot]
+            assert s.sampling is not None and s.generator is not None
+            out.append(sample_token(logits[i], s.sampling, s.generator))
+        return tuple(out)
+
+    def handle(self, m: Message) -> Message | Tokens | None:
+        """What a node does with a message: apply it, return what goes on (None: nothing)."""
+        if isinstance(m, Admit):
+            self.admit(m)
+            return None if self.stage.has_head else m
+        if isinstance(m, Retire):
+            self.retire(m)
+            return None if self.stage.has_head else m
+        if isinstance(m, Prefill):
+            h = self.prefill(m)
+            return None if h is None else Prefill(m.slot, h)
+        if isinstance(m, Decode):
+            out = self.decode(m)
+            if self.stage.has_head:
+                return Tokens(m.lane, m.slots, self.sample(m.slots, out))
+            return Decode(m.lane, m.slots, out, m.position)
+        raise SlotError(f"unexpected message {type(m).__name__}")

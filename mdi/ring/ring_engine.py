@@ -1,0 +1,253 @@
+"""The engine over the ring: the starter runs the first stage and schedules
+sequences; the nodes hold a KV slot per sequence (a *sequence run*, see
+docs/wire.md).
+
+RingEngine forms the ring at start() with the starter's configuration steps
+(health, /init with `sequences: true` and the lanes as groups, weights,
+/connect, the data links with their handshakes), then runs the scheduler of
+engine/scheduler.py over a TcpLink. close() sends STOP around the ring; the
+nodes end the run and wait for the next one. A node that fails is named (the
+starter's diagnosis: health checks, then the nodes' own reasons) in the
+EngineFailure every live sequence receives; the nodes that still answer are
+told to drop the run, so a new RingEngine can form the ring again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import httpx
+
+from ..checkpoint import load_stage, open_checkpoint
+from ..engine.api import EngineFailure
+from ..engine.link import LinkClosed
+from ..engine.messages import Decode, Message, Prefill, Tokens
+from ..engine.scheduler import PipelineEngine
+from ..engine.slots import SlotError, SlotStage
+from ..model.dtypes import DTYPES
+from ..tokenizer import Tokenizer
+from .aio import bounded
+from .nodes_config import NodeSpec, NodesConfig
+from .seq_frames import to_frame, to_message
+from ..results import HopStats
+from .starter import NodeFailure, RunOptions, Starter, plan_shards
+from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+
+class TcpLink:
+    """The engine's Link over the ring's data plane: frames to the first secondary,
+    TOKENS / SEQ_TOKENS back from the finisher.
+
+    Silence only counts while a Decode is unanswered: an idle server may wait
+    for requests as long as it likes; a ring that does not answer a Decode
+    within `timeout` seconds (from the Decode, or from the previous answer)
+    has failed."""
+
+    def __init__(self, starter: Starter, http: httpx.AsyncClient, limits: Limits,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 back: asyncio.StreamWriter, slots: SlotStage, timeout: float) -> None:
+        self.starter = starter
+        self.http = http
+        self.limits = limits
+        self.reader, self.writer, self.back = reader, writer, back
+        self.slots = slots                   # the engine's first stage: the lanes
+        self.timeout = timeout
+        self.outstanding = 0                 # Decodes sent and not answered
+        self.progress = time.monotonic()     # last Decode out while idle, or answer in
+        self.failed: LinkClosed | None = None
+        self.hop = HopStats("starter", starter.nodes.ring[1].name)
+
+    @property
+    def first(self) -> NodeSpec:
+        return self.starter.nodes.ring[1]
+
+    async def send(self, msg: Message) -> None:
+        if self.failed is not None:
+            raise self.failed
+        frame = to_frame(msg, self.limits.run_id, self.slots)
+        try:
+            n = await bounded(write_frame(self.writer, frame), self.timeout)
+        except asyncio.TimeoutError:
+            raise await self._failure(f"{self.first.name} at {self.first.addr}:{self.first.port_in} "
+                                      f"took no data for {self.timeout:g} s", self.first) from None
+        except OSError as e:
+            raise await self._failure(f"the data link to {self.first.name} at {self.first.addr}:"
+                                      f"{self.first.port_in} failed: {e or type(e).__name__}",
+                                      self.first) from None
+        if isinstance(msg, Decode):
+            self.hop.decode_bytes += n
+            self.hop.decode_tokens += len(msg.slots)
+            if self.outstanding == 0:
+                self.progress = time.monotonic()
+            self.outstanding += 1
+        elif isinstance(msg, Prefill):
+            self.hop.prefill_bytes += n
+
+    async def recv(self) -> Tokens:
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            wait = self.timeout
+            if self.outstanding:
+                wait = max(0.0, self.progress + self.timeout - time.monotonic())
+            try:
+                frame = await asyncio.wait_for(read_frame(self.reader, self.limits), wait)
+            except asyncio.TimeoutError:
+                if self.outstanding and time.monotonic() - self.progress >= self.timeout:
+                    raise await self._failure(f"no answer from the ring for {self.timeout:g} s") \
+                        from None
+                continue
+            except EOFError:
+                raise await self._failure("the finisher closed its link to the starter") from None
+            except (WireError, OSError) as e:
+                raise await self._failure(f"bad data from the finisher: {e}") from None
+            if frame.kind not in (Kind.TOKENS, Kind.SEQ_TOKENS) or not self.outstanding:
+                raise await self._failure(f"unexpected {frame.kind.name} frame from the finisher")
+            self.outstanding -= 1
+            self.progress = time.monotonic()
+            try:
+                msg = to_message(frame, self.slots)
+            except (WireError, SlotError) as e:
+                raise await self._failure(f"bad data from the finisher: {e}") from None
+            assert isinstance(msg, Tokens)
+            return msg
+
+    async def _failure(self, what: str, node: NodeSpec | None = None) -> LinkClosed:
+        """Name the node behind a failure and release the run on the nodes that answer."""
+        if self.failed is not None:
+            return self.failed
+        spec, culprit, silent = await self.starter._diagnose(self.http, self.limits.run_id)
+        spec = spec or node
+        await self.starter._release(self.http, self.limits.run_id, silent)
+        self.failed = LinkClosed(f"{culprit}: {what}" if culprit else what,
+                                 node=spec.describe() if spec else None)
+        self.failed.spec = spec  # type: ignore[attr-defined]
+        return self.failed
+
+    async def close(self) -> None:
+        """STOP once around the ring; the nodes end the run and stay up."""
+        try:
+            if self.failed is None:
+                await bounded(write_frame(self.writer, Frame(Kind.STOP, self.limits.run_id)),
+                              self.timeout)
+                while True:
+                    f = await bounded(read_frame(self.reader, self.limits), self.timeout)
+                    if f.kind == Kind.STOP:
+                        break
+        except (asyncio.TimeoutError, OSError, EOFError, WireError) as e:
+            log.warning("the ring did not return STOP: %s", e or type(e).__name__)
+            await self.starter._release(self.http, self.limits.run_id)
+        finally:
+            self.writer.close()
+            self.back.close()
+
+
+class RingEngine(PipelineEngine):
+    """Continuous batching over a ring of nodes.
+
+    nodes/token: the ring and the cluster token (as for `mdi starter`); ckpt: the
+    checkpoint the starter loads its first stage from and streams the nodes'
+    ranges of; max_seqs: sequences in flight (KV slots on every node), grouped
+    into min(max_seqs, ring size) lanes; max_queue: waiting sequences before
+    submit raises EngineBusy; opts: device, dtype and timeout of the run.
+    """
+
+    def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
+                 max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
+                 retry_after: float = 1.0, lanes: int | None = None) -> None:
+        self.opts = opts or RunOptions()
+        ck = open_checkpoint(ckpt)
+        self.shards = plan_shards(nodes, ck.config.n_layer)
+        stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
+                              dtype=DTYPES[self.opts.dtype])
+        tokenizer = tokenizer or ck.tokenizer()
+        super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),
+                         link=None, max_queue=max_queue, retry_after=retry_after)
+        self.tokenizer = tokenizer
+        self.nodes = nodes
+        self.starter = Starter(nodes, token, ckpt, self.opts)
+        self.run_id: int | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self.hops: list[HopStats] = []   # per hop, after close()
+
+    async def start(self) -> None:
+        """Form the ring (unless form() did) and start scheduling; a node that fails
+        to join raises EngineFailure naming it."""
+        if len(self.nodes.ring) > 1 and self.link is None:
+            try:
+                await self.form()
+            except NodeFailure as e:
+                raise EngineFailure(str(e), node=e.node.describe() if e.node else None) from e
+            except (RuntimeError, OSError, ValueError) as e:  # refused /init, token, port
+                raise EngineFailure(str(e)) from e
+        await super().start()
+
+    async def close(self) -> None:
+        """Cancel what still runs, STOP around the ring, collect the hops' statistics."""
+        try:
+            await super().close()
+            link = self.link
+            if isinstance(link, TcpLink) and link.failed is None and self._http is not None:
+                assert self.run_id is not None
+                self.hops = [link.hop] + await self.starter._collect_hops(self._http, self.run_id)
+        finally:
+            await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def form(self) -> None:
+        """Configure the nodes and open the data links; raises the starter's errors
+        (NodeFailure naming the node, AuthError, ...) as they are, leaving nothing
+        open (the nodes that took part are told to drop the run). Before start()."""
+        try:
+            await self._form()
+        except BaseException:
+            await self._close_transport()
+            raise
+
+    async def _form(self) -> None:
+        st, ring = self.starter, self.nodes.ring
+        config = self.config
+        run_id = random.randrange(1, 2**32)
+        self.run_id = run_id
+        lanes = [range(lane.slots.start, lane.slots.stop) for lane in self.lanes]
+        limits = Limits(run_id, config.n_embd, config.block_size, self.first.n_slots,
+                        DTYPE_CODES[DTYPES[self.opts.dtype]], max(self.sizes), sequences=True)
+        self._http = http = httpx.AsyncClient(timeout=self.opts.timeout,
+                                              headers={"Authorization": f"Bearer {st.token}"})
+        healths = [await st._await_health(http, n) for n in ring[1:]]
+        inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
+        try:
+            self._server = await asyncio.start_server(
+                lambda r, w: st._accept_finisher(r, w, run_id, inbound), ring[0].addr,
+                ring[0].port_in)
+        except OSError as e:
+            raise OSError(f"the starter cannot listen for the finisher on {ring[0].addr}:"
+                          f"{ring[0].port_in}: {e.strerror or e}") from None
+        writer = None
+        try:
+            await st._configure(http, run_id, config, self.shards, lanes, None, healths,
+                                sequences=True)
+            for spec in reversed(ring[1:]):
+                await st._post(http, spec, "/connect", {"run_id": run_id})
+            _, writer = await st._open_first(ring[1], run_id)
+            reader, back = await st._wait(inbound.get(), ring[-1], "connecting back to the starter")
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            await st._release(http, run_id)
+            raise
+        self.link = TcpLink(st, http, limits, reader, writer, back, self.first, self.opts.timeout)
+        log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d", len(ring),
+                 len(self.sizes), "/".join(map(str, self.sizes)), run_id)

@@ -1,0 +1,62 @@
+"""The engine's messages (engine/messages.py) as data-plane frames (docs/wire.md).
+
+Admit -> ADMIT, Retire -> RETIRE, Prefill -> PREFILL (sample = slot),
+Decode -> SEQ_DECODE, Tokens <- SEQ_TOKENS; a Decode / Tokens of a whole lane
+travels as DECODE / TOKENS (no slot table: a fixed batch through the engine
+costs the same bytes as before). The lane of a decode is not on the wire:
+each side knows which lane a slot belongs to (the lanes were fixed at /init).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from ..engine.slots import SlotStage
+from .wire import Frame, Kind, WireError, admit_frame, admit_params
+
+
+def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
+    """slots: the sender's slots (for the lanes, which all stages share)."""
+    if isinstance(m, Admit):
+        return admit_frame(run_id, m.slot, m.temperature, m.top_k, m.top_p, m.seed)
+    if isinstance(m, Retire):
+        return Frame(Kind.RETIRE, run_id, m.slot)
+    if isinstance(m, Prefill):
+        return Frame(Kind.PREFILL, run_id, m.slot, 0, m.x)
+    whole = slots.is_whole_lane(m.slots)
+    if isinstance(m, Decode):
+        if whole and m.position is not None:
+            return Frame(Kind.DECODE, run_id, m.slots[0], m.position, m.x)
+        return Frame(Kind.SEQ_DECODE, run_id, m.slots[0], 0, m.x, m.slots)
+    if isinstance(m, Tokens):
+        ids = torch.tensor(m.tokens, dtype=torch.int64)
+        if whole:
+            return Frame(Kind.TOKENS, run_id, m.slots[0], 0, ids)
+        return Frame(Kind.SEQ_TOKENS, run_id, m.slots[0], 0, ids, m.slots)
+    raise TypeError(f"no frame for {type(m).__name__}")
+
+
+def to_message(f: Frame, slots: SlotStage) -> Message | Tokens:
+    """A received frame (header and slot table already checked) as a message; raises
+    WireError for a DECODE / TOKENS that is not a whole lane."""
+    if f.kind == Kind.ADMIT:
+        temperature, top_k, top_p, seed = admit_params(f)
+        return Admit(f.sample, temperature, top_k, top_p, seed)
+    if f.kind == Kind.RETIRE:
+        return Retire(f.sample)
+    assert f.tensor is not None
+    if f.kind == Kind.PREFILL:
+        return Prefill(f.sample, f.tensor)
+    table = f.slots
+    if f.kind in (Kind.DECODE, Kind.TOKENS):
+        table = tuple(range(f.sample, f.sample + f.tensor.shape[0]))
+        if not slots.is_whole_lane(table):
+            raise WireError(f"{f.kind.name} for slots {f.sample}..{table[-1]} is not a whole lane")
+    lane = slots.lane_of(table[0])
+    if f.kind == Kind.DECODE:
+        return Decode(lane, table, f.tensor, f.position)
+    if f.kind == Kind.SEQ_DECODE:
+        return Decode(lane, table, f.tensor)
+    if f.kind in (Kind.TOKENS, Kind.SEQ_TOKENS):
+        return Tokens(lane, table, tuple(f.tensor.tolist()))
+    raise WireError(f"{f.kind.name} is not a message of a sequence run")

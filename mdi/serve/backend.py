@@ -1,0 +1,158 @@
+"""Which engine `mdi serve` drives: the local single-device engine, or the ring.
+
+`open_backend` returns a factory, not an engine: the server calls it at start
+and again after an EngineFailure, so for the ring that call is where the ring is
+formed again. The Backend also owns what must outlive every engine it builds
+(the node processes of `--nodes N`); close it (or use it as a context manager)
+when the server stops.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.api import Engine
+from ..tokenizer import Tokenizer
+from .app import EngineFactory
+
+log = logging.getLogger("mdi.serve")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    ckpt: str
+    nodes: int = 1
+    nodes_config: str | None = None
+    max_seqs: int = 8
+    queue: int | None = None          # None: the engine's default
+    batch_invariant: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    token: str | None = None          # the ring's cluster token (--nodes-config); else --token-file / MDI_TOKEN
+    token_file: str | None = None
+    timeout: float = 10.0             # ring: seconds of silence before a node counts as gone
+    threads: int | None = None        # ring with --nodes N: torch threads per node process
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes must be at least 1, got {self.nodes}")
+        if self.max_seqs < 1:
+            raise ValueError(f"--max-seqs must be at least 1, got {self.max_seqs}")
+        if self.queue is not None and self.queue < 0:
+            raise ValueError(f"--queue must be >= 0, got {self.queue}")
+        if self.timeout <= 0:
+            raise ValueError(f"--timeout must be positive, got {self.timeout}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes > 1 or self.nodes_config is not None
+
+
+@dataclass
+class Backend:
+    factory: EngineFactory
+    tokenizer: Tokenizer
+    description: str
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    cluster: Any = None               # the LocalCluster of `--nodes N` (its node processes)
+
+    def close(self) -> None:
+        self.resources.close()
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_backend(opts: BackendOptions) -> Backend:
+    """The backend for the options; the model (or the starter's stage) is loaded here, once."""
+    from ..model.dtypes import DTYPES
+
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {opts.dtype!r}")
+    if opts.distributed:
+        return ring_backend(opts)
+    return local_backend(opts)
+
+
+def _engine_kwargs(cls: type, opts: BackendOptions) -> dict:
+    """Without --batch-invariant the engine's own default holds (it may be invariant anyway)."""
+    kwargs: dict = {"max_seqs": opts.max_seqs, "max_queue": opts.queue}
+    if opts.batch_invariant:
+        if "batch_invariant" not in inspect.signature(cls).parameters:
+            raise ValueError(f"--batch-invariant: this build's {cls.__name__} does not offer it yet")
+        kwargs["batch_invariant"] = True
+    return kwargs
+
+
+def local_backend(opts: BackendOptions) -> Backend:
+    from ..checkpoint import load_model
+    from ..model.dtypes import DTYPES
+    try:
+        from ..engine.local import LocalEngine
+    except ImportError as e:
+        raise ValueError(f"the local engine is not in this build ({e})") from None
+
+    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
+    tok = ck.tokenizer()
+    kwargs = _engine_kwargs(LocalEngine, opts)
+
+    def build() -> Engine:
+        return LocalEngine(model, tok, **kwargs)
+    return Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, {opts.max_seqs} sequence slot(s)")
+
+
+def ring_backend(opts: BackendOptions) -> Backend:
+    """The ring: `--nodes N` starts N-1 local node processes (kept until close()),
+    `--nodes-config F` uses the nodes of a running cluster. Every factory() call
+    forms the ring anew (RingEngine.start configures the nodes), which is how the
+    server re-forms it after a failure. Re-planning over the nodes still alive and
+    the spares is the ring engine's to do."""
+    try:
+        from ..ring.ring_engine import RingEngine
+    except ImportError as e:
+        raise ValueError(f"the ring engine is not in this build ({e}); serve one device with "
+                         "--nodes 1") from None
+    from ..checkpoint import open_checkpoint
+    from ..ring.starter import RunOptions
+
+    tok = open_checkpoint(opts.ckpt).tokenizer()
+    backend = Backend(lambda: None, tok, "")  # type: ignore[arg-type, return-value]
+    try:
+        _form_ring(backend, opts, RingEngine, RunOptions)
+    except BaseException:
+        backend.close()  # the node processes started so far
+        raise
+    return backend
+
+
+def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOptions: type) -> None:  # noqa: N803
+    tok = backend.tokenizer
+    if opts.nodes_config:
+        from ..ring.auth import resolve_token
+        from ..ring.nodes_config import load_nodes_config
+
+        nodes = load_nodes_config(opts.nodes_config)
+        token = resolve_token(opts.token, opts.token_file) if nodes.secondaries else ""
+        where = f"the nodes of {opts.nodes_config}"
+    else:
+        from ..ring.local_cluster import LocalCluster
+
+        cluster = backend.resources.enter_context(
+            LocalCluster(opts.nodes, threads=opts.threads, node_timeout=opts.timeout))
+        nodes, token = cluster.nodes, cluster.token
+        backend.cluster = cluster
+        where = f"{opts.nodes} local nodes"
+    run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout)
+    kwargs = _engine_kwargs(RingEngine, opts)
+
+    def build() -> Engine:
+        return RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
+    backend.factory = build
+    backend.description = f"{Path(opts.ckpt).name} over a ring of {where}, {opts.max_seqs} sequence slot(s)"

@@ -1,0 +1,71 @@
+"""The API load benchmark against the in-process server over the fake engine."""
+from __future__ import annotations
+
+import csv
+
+from mdi.bench.serve_load import COLUMNS, LoadConfig, run_load, write_csv, write_plot
+from mdi.serve import BackgroundServer, ServeConfig, create_app
+from serve_fakes import FakeEngine
+
+
+def test_serve_load_rows_csv_and_plot(char_tokenizer, tmp_path):
+    app = create_app(lambda: FakeEngine(char_tokenizer, max_seqs=4, step_s=0.002), char_tokenizer,
+                     ServeConfig(model_name="m", api_key="k"))
+    with BackgroundServer(app) as srv:
+        rows = run_load(LoadConfig(url=srv.url, model="m", api_key="k", concurrency=(1, 4),
+                                   requests_per_client=2, max_tokens=8, prompt="a"))
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    assert [r["requests"] for r in rows] == [2, 8] and all(r["errors"] == 0 for r in rows)
+    assert [r["tokens"] for r in rows] == [16, 64]
+    for r in rows:
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"]
+        assert 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+        assert r["tokens_per_s"] > 0 and r["requests_per_s"] > 0
+    path = write_csv(rows, tmp_path / "serve_load.csv")
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == COLUMNS and got[1]["requests"] == "8"
+    assert write_plot(rows, tmp_path / "serve_load.png", "test").stat().st_size > 10000
+
+
+def test_serve_load_counts_errors(char_tokenizer):
+    app = create_app(lambda: FakeEngine(char_tokenizer), char_tokenizer, ServeConfig(model_name="m", api_key="k"))
+    with BackgroundServer(app) as srv:
+        rows = run_load(LoadConfig(url=srv.url, model="m", api_key="wrong", concurrency=(2,),
+                                   requests_per_client=1, max_tokens=4))
+    assert rows[0]["requests"] == 0 and rows[0]["errors"] == 2
+
+
+def test_serve_bench_cli_against_a_url(char_tokenizer, tmp_path, capsys):
+    from mdi.cli.main import main
+
+    app = create_app(lambda: FakeEngine(char_tokenizer), char_tokenizer, ServeConfig(model_name="m"))
+    with BackgroundServer(app) as srv:
+        rc = main(["serve-bench", "--url", srv.url, "--model-name", "m", "--concurrency", "1,2",
+                   "--requests", "1", "--max-tokens", "5", "--prompt", "a", "--out", str(tmp_path)])
+    assert rc == 0
+    assert (tmp_path / "serve_load.csv").is_file() and (tmp_path / "serve_load.png").is_file()
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["clients", "req/s", "tok/s"] and len(table) == 3
+
+
+def test_serve_cli_refuses_bad_options(capsys):
+    from mdi.cli.main import main
+
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", "70000"]) == 1
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--nodes", "0"]) == 1
+    assert "--nodes must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--timeout", "0"]) == 1
+    assert "--timeout" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--max-seqs", "0"]) == 1
+    assert "--max-seqs" in capsys.readouterr().err
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", port]) == 4
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve-bench", "--url", "http://127.0.0.1:1", "--out", "/tmp/x"]) == 1
+    assert "--model-name" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""The API server over a 2-node ring (real node processes): 32 concurrent greedy streams
+equal the single-device engine's texts; a node that dies is a 500 naming it."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import scaled_random_model
+from mdi.checkpoint.format import save_checkpoint
+from mdi.model import GPTConfig
+from mdi.serve import BackgroundServer, ServeConfig, create_app
+
+pytest.importorskip("mdi.ring.ring_engine", reason="the ring engine is not in this tree yet")
+pytest.importorskip("mdi.engine.local", reason="the local engine is not in this tree yet")
+from mdi.serve.backend import BackendOptions, open_backend  # noqa: E402
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-random"
+PROMPTS = [f"Prompt {'abcdefgh'[i % 8]}{'ijklmnop'[i // 8]}:" for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, char_tokenizer):
+    config = GPTConfig(vocab_size=char_tokenizer.vocab_size, block_size=64, n_layer=4, n_head=2, n_embd=32)
+    return save_checkpoint(tmp_path_factory.mktemp("ring_ckpt"), scaled_random_model(config, seed=5),
+                           char_tokenizer, {"note": "random weights for the serve ring tests"})
+
+
+def greedy(srv, prompts: list[str], concurrent: bool) -> list[str]:
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+    def one(p: str) -> str:
+        return "".join(ch.choices[0].text for ch in c.completions.create(
+            model=MODEL, prompt=p, max_tokens=16, temperature=0, stream=True) if ch.choices)
+
+    if not concurrent:
+        return [one(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_ring_streams_equal_single_device_and_node_failure_is_named(ckpt):
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8)) as local:
+        with BackgroundServer(create_app(local.factory, local.tokenizer, ServeConfig(MODEL))) as srv:
+            alone = greedy(srv, PROMPTS, concurrent=False)
+    with open_backend(BackendOptions(ckpt=str(ckpt), nodes=2, max_seqs=8, queue=64, timeout=5,
+                                     threads=1)) as ring:
+        app = create_app(ring.factory, ring.tokenizer, ServeConfig(MODEL, rebuild_retry_s=0.5))
+        with BackgroundServer(app, start_timeout_s=120) as srv:
+            assert greedy(srv, PROMPTS, concurrent=True) == alone
+            # a node dies: the request fails with a 500 that names it; the server stays up
+            ring.cluster.procs[0].kill()
+            ring.cluster.procs[0].wait()
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            with pytest.raises(openai.InternalServerError) as e:
+                c.completions.create(model=MODEL, prompt="a", max_tokens=8)
+            assert e.value.status_code == 500 and "at node finisher" in e.value.message, e.value.message
+            deadline = time.monotonic() + 10
+            while httpx.get(srv.url + "/health").json()["last_failure"] is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            health = httpx.get(srv.url + "/health").json()
+            assert health["status"] in ("rebuilding", "ok") and "finisher" in health["last_failure"]
