@@ -174,10 +174,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "512MB, 2GB, 2GiB (default: the free memory at /init); larger runs "
                         "are refused at /init")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
-                   help="drop a batch run (mdi starter, mdi run) whose previous node has sent "
-                        "no frame for this many seconds (a starter frozen without closing its "
-                        "link) and wait for the next one; mdi serve's runs idle between "
-                        "requests and are not timed; 0: never "
+                   help="drop a run whose previous node has sent no frame for this many "
+                        "seconds while sequences are in flight (a starter frozen without "
+                        "closing its link) and wait for the next one; an idle mdi serve ring "
+                        "is not timed; 0: never "
                         f"(default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")

@@ -14,9 +14,10 @@ What ends a run early, and is logged with its reason: the previous node closing
 its link, a bad frame (any header field off, an unknown sample, a frame that
 does not fit the run's state), a compute error, the next node closing its link
 or not taking a frame within the timeout, /stop, a new /init, or silence: no
-frame for --idle-timeout seconds once the previous node is connected (a starter
-frozen without closing its link; batch runs only: an engine run idles between
-requests). The node keeps serving either way.
+frame for --idle-timeout seconds while the previous node is connected and
+(in an engine run) a sequence is in flight: a starter frozen without closing
+its link. An engine run with no sequence in flight (mdi serve between
+requests) is not timed. The node keeps serving either way.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class Run:
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
     idle_task: asyncio.Task | None = None        # drops the run after idle_timeout of silence
     last_active: float = field(default_factory=time.monotonic)
+    live: set[int] = field(default_factory=set)  # sequence runs: slots admitted, not retired
     busy: bool = False                           # computing or loading: not silent
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
     device: str = "cpu"                          # checked at /init
@@ -311,9 +313,7 @@ class NodeRuntime:
             self._arm(run, stage)
         await self.drop_run("a new run was configured")
         self.run = run
-        if self.idle_timeout > 0 and not req.sequences:
-            # a batch run's starter sends the next step as soon as tokens come back, so
-            # silence means it is gone; an engine run (mdi serve) idles between requests
+        if self.idle_timeout > 0:
             run.idle_task = asyncio.create_task(self._watchdog(run))
         log.info("configured run %d: %s, layers [%d, %d), %d samples in %d group(s)", req.run_id,
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
@@ -501,6 +501,10 @@ class NodeRuntime:
             if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
                                   Kind.SEQ_DECODE):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
+            if frame.kind == Kind.ADMIT:
+                run.live.add(frame.sample)
+            elif frame.kind == Kind.RETIRE:
+                run.live.discard(frame.sample)
             run.busy = True
             try:
                 out = await loop.run_in_executor(self.executor, self._compute, run, frame)
@@ -535,7 +539,9 @@ class NodeRuntime:
         runs from the previous node's connection: before it, uploads to the other
         nodes may take long, and a new /init replaces the run anyway."""
         while self.run is run:
-            if run.upstream_task is None:
+            if run.upstream_task is None or (run.slots is not None and not run.live):
+                # not connected yet, or an engine run with no sequence in flight: an
+                # idle server (mdi serve) waits for requests as long as it likes
                 run.last_active = time.monotonic()
             left = run.last_active + self.idle_timeout - time.monotonic()
             if left <= 0 and not run.busy:

@@ -32,6 +32,7 @@ from .aio import bounded
 from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
 from ..results import HopStats
+from .partition import Shard
 from .starter import NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
@@ -158,10 +159,12 @@ class RingEngine(PipelineEngine):
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
-                 retry_after: float = 1.0, lanes: int | None = None) -> None:
+                 retry_after: float = 1.0, lanes: int | None = None,
+                 shards: list[Shard] | None = None) -> None:
         self.opts = opts or RunOptions()
         ck = open_checkpoint(ckpt)
-        self.shards = plan_shards(nodes, ck.config.n_layer)
+        # shards: a split already planned (Starter._place: --partition), else even/manual
+        self.shards = shards or plan_shards(nodes, ck.config.n_layer)
         stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
         tokenizer = tokenizer or ck.tokenizer()

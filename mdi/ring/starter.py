@@ -178,9 +178,12 @@ class Starter:
         from ..engine.batch import batch_params
         from .ring_engine import RingEngine
 
-        n_lanes = len(make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring)))
+        lanes = make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring))
+        shards = await self._place(open_checkpoint(self.ckpt).config, len(prompts),
+                                   max(len(g) for g in lanes))
         engine = RingEngine(self.nodes, self.token, self.ckpt, max_seqs=len(prompts),
-                            max_queue=len(prompts), opts=self.opts, lanes=n_lanes)
+                            max_queue=len(prompts), opts=self.opts, lanes=len(lanes),
+                            shards=shards)
         config = engine.config
         if len(self.nodes.ring) > 1:
             await engine.form()  # the starter's own errors (NodeFailure naming the node, ...)
