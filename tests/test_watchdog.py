@@ -76,3 +76,34 @@ def test_negative_idle_timeout_is_refused(tmp_path):
     rc, out, err = run_cli("node", "--nodes-config", tmp_path / "none.json", "--role", "finisher",
                            "--idle-timeout", "-1", "--token", TOKEN)
     assert rc != 0
+
+
+@pytest.mark.slow
+def test_sigstopped_starter_is_dropped_by_every_node(ring):
+    """A real starter (an engine run, sequences in flight) frozen with SIGSTOP mid-run:
+    every node drops the run after the idle timeout, without the starter closing a link."""
+    import os
+    import signal
+    import subprocess
+
+    from cluster_helpers import child_env, mdi_cmd
+
+    marks = [n.log_mark() for n in ring.procs]
+    proc = subprocess.Popen(mdi_cmd("starter", "--ckpt", ring.ckpt, "--nodes-config", ring.nodes_path,
+                                    "--n-tokens", "100000", "--n-samples", "2", "--timeout", "60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=child_env(MDI_TOKEN=TOKEN))
+    try:
+        for n in ring.procs:
+            wait_state(n.spec, "running", timeout=60)
+        proc.stdout.read(20)  # text is coming: sequences are in flight
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        for n in ring.procs:
+            wait_state(n.spec, "idle", timeout=IDLE + 10)
+        assert time.monotonic() - t0 < IDLE + 10
+        # one node times out first and closes its links; the others may see that first
+        assert any("(--idle-timeout)" in n.log()[m:] for n, m in zip(ring.procs, marks))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
