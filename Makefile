@@ -25,6 +25,12 @@ demo: $(STAMP)
 	$(BIN)/mdi run --ckpt models/shakespeare-char --nodes $(NODES) --n-samples 3 \
 		--n-tokens $(TOKENS) --prompt "ROMEO:"
 
+# A real pretrained model: SmolLM2-135M-Instruct (from the wheel above) answers on $(NODES) nodes.
+demo-chat: $(STAMP)
+	$(BIN)/mdi run --ckpt smollm2-135m-instruct --nodes $(NODES) --chat --temperature 0 \
+		--n-tokens 60 --n-samples 3 --prompt "What is the capital of France?" \
+		--prompt "Name three colours of the rainbow." --prompt "Write a haiku about the sea."
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

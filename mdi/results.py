@@ -99,7 +99,9 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.n_samples * self.n_tokens / self.gen_time_s if self.gen_time_s > 0 else 0.0
+        """New tokens per second over all samples (those that stopped early count what they made)."""
+        made = sum(len(t) for t in self.tokens) if self.tokens else self.n_samples * self.n_tokens
+        return made / self.gen_time_s if self.gen_time_s > 0 else 0.0
 
     @property
     def first_token_s(self) -> float:
@@ -128,7 +130,11 @@ class GenerationResult:
         return out
 
     def summary(self) -> str:
-        return (f"{self.n_samples} sample(s) x {self.n_tokens} tokens in {self.gen_time_s:.2f} s: "
+        made = sum(len(t) for t in self.tokens) if self.tokens else self.n_samples * self.n_tokens
+        size = (f"{self.n_samples} sample(s) x {self.n_tokens} tokens"
+                if made == self.n_samples * self.n_tokens else
+                f"{self.n_samples} sample(s), {made} new tokens (at most {self.n_tokens} each)")
+        return (f"{size} in {self.gen_time_s:.2f} s: "
                 f"{self.tokens_per_s:.1f} tokens/s ({self.mode}, {self.n_nodes} node(s))")
 
 

@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory, char_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, queue=64)) as backend:
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, queue=64, batch_invariant=True)) as backend:
         with BackgroundServer(create_app(backend.factory, backend.tokenizer, ServeConfig(MODEL))) as srv:
             yield srv
 

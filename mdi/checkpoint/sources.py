@@ -13,6 +13,7 @@ nodes in our names.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Union
@@ -31,9 +32,21 @@ Checkpoint = Union[CheckpointInfo, HFCheckpoint]
 
 
 def _gguf(spec: str) -> HFCheckpoint:
+    path = (shipped_path(spec) if is_shipped_name(spec) else Path(spec)).resolve()
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"{spec}: cannot read the GGUF file: {e.strerror or e}") from None
+    return _gguf_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_cached(path: Path, mtime_ns: int, size: int) -> HFCheckpoint:
+    """Parsing a GGUF's metadata takes seconds (SmolLM2: ~100k tokenizer strings), and one
+    command opens its checkpoint several times (tokenizer, config, stage): parse once per
+    file version. Tensors stay memory-mapped and are dequantized when read."""
     from .gguf import gguf_source  # imports the gguf package only when a GGUF is asked for
 
-    path = shipped_path(spec) if is_shipped_name(spec) else Path(spec)
     return HFCheckpoint.from_source(gguf_source(path), path)
 
 

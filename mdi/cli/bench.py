@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .common import CKPT_HELP
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.cgroup import CpuCapsUnavailable, parse_shares
@@ -43,7 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark single-device and distributed generation")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint: our directory, a Hugging Face directory or hf:ORG/NAME")
+    src.add_argument("--ckpt", help=CKPT_HELP)
     src.add_argument("--model-size", help="random weights at a named size: tiny, bundled, gpt2, "
                                           "gpt2-medium, smollm2-135m, tinyllama-1.1b (the last two "
                                           "written as Hugging Face directories in bfloat16)")

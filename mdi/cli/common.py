@@ -8,10 +8,15 @@ from pathlib import Path
 import torch
 
 from ..generate.sampling import SamplingConfig
+from ..generate.stops import Stops
 from ..model.dtypes import DTYPES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
 from ..tokenizer import Tokenizer
 
+
+
+CKPT_HELP = ("checkpoint: our directory, a Hugging Face model directory, hf:ORG/NAME[@REV], "
+             "a .gguf file or smollm2-135m-instruct")
 
 
 class UsageError(ValueError):
@@ -27,7 +32,16 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "prompt per sample (default: a newline)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=200, help="keep the k likeliest tokens (default 200)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: keep the likeliest tokens up to this probability mass")
     g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a sample at this text (repeatable; the text before it is kept)")
+    g.add_argument("--chat", action="store_true",
+                   help="each prompt is one user message in the model's chat template; samples "
+                        "end at the template's end-of-turn token")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate --n-tokens even past the model's end-of-sequence token")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -43,7 +57,8 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     if args.n_tokens <= 0:
         raise UsageError(f"--n-tokens must be positive, got {args.n_tokens}")
     try:
-        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                              top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -79,17 +94,37 @@ def read_prompts(values: list[str] | None, n_samples: int) -> list[str]:
     return prompts
 
 
-def encode_prompts(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
+def encode_prompts(tok: Tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt; with chat, each prompt is one user message rendered
+    by the model's chat template (with the assistant's generation prompt)."""
+    template = None
+    if chat:
+        from ..serve.chat_template import template_for
+
+        template = template_for(tok)
+        if template is None:
+            raise UsageError("--chat: this model has no chat template")
     out = []
     for i, p in enumerate(prompts):
         try:
-            ids = tok.encode(p)
+            ids = tok.encode(p if template is None
+                             else template.render([{"role": "user", "content": p}]))
         except ValueError as e:
             raise UsageError(f"prompt {i}: {e}") from None
         if not ids:
             raise UsageError(f"prompt {i} encodes to no tokens")
         out.append(ids)
     return out
+
+
+def stops_of(args: argparse.Namespace, tok: Tokenizer) -> Stops:
+    """Where samples end early: the model's EOS / end-of-turn ids (unless --ignore-eos)
+    and the --stop strings."""
+    ids = () if args.ignore_eos else tuple(getattr(tok, "eos_ids", ()) or ())
+    try:
+        return Stops(ids=ids, strings=tuple(args.stop or ()))
+    except ValueError as e:
+        raise UsageError(f"--stop: {e}") from None
 
 
 def emit(args: argparse.Namespace, result: GenerationResult, printed: bool = False) -> None:

@@ -9,12 +9,13 @@ import sys
 from tqdm import tqdm
 
 from ..checkpoint import open_checkpoint
+from ..generate.stops import Stops
 from ..ring.auth import resolve_token
 from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult, Texts
-from .common import (UsageError, add_generation_options, emit, encode_prompts, read_prompts,
-                     sampling_config, set_threads)
+from .common import (CKPT_HELP, UsageError, add_generation_options, emit, encode_prompts,
+                     read_prompts, sampling_config, set_threads, stops_of)
 from .stream import StreamPrinter
 
 log = logging.getLogger("mdi")
@@ -62,7 +63,15 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     info = open_checkpoint(args.ckpt)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
-    ids = encode_prompts(tok, prompts)
+    ids = encode_prompts(tok, prompts, chat=args.chat)
+    if args.chat:  # the answer starts on a line of its own
+        prompts = [p + "\n" for p in prompts]
+    if args.resend_context:  # the original system's no-cache mode runs the full budget
+        if args.stop:
+            raise UsageError("--stop needs the KV-cache ring; it does not work with --resend-context")
+        stops = Stops()
+    else:
+        stops = stops_of(args, tok)
     # text streams to stdout as it comes (but with --resend-context); --json prints at the end
     printer = None if args.json or args.resend_context else StreamPrinter(prompts)
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
@@ -73,7 +82,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                                  partition=args.partition),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
-        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts))
+        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts), stops)
         error = None
     except NodeFailure as e:
         if e.partial is None:
@@ -186,7 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
+                   help=CKPT_HELP)
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
     add_generation_options(p)
     _dist_options(p)
@@ -201,7 +210,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint: our directory, a Hugging Face directory, or hf:ORG/NAME[@REV]")
+                   help=CKPT_HELP)
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
     add_generation_options(p)
     _dist_options(p)

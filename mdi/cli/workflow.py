@@ -10,11 +10,10 @@ from tqdm import tqdm
 from ..checkpoint import load_model
 from ..model import GPTConfig
 from ..results import Texts
-from .common import (DTYPES, UsageError, add_generation_options, emit, encode_prompts,
-                     read_prompts, sampling_config, set_threads)
+from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, emit, encode_prompts,
+                     read_prompts, sampling_config, set_threads, stops_of)
 
 log = logging.getLogger("mdi")
-CKPT_HELP = "checkpoint: our directory, a Hugging Face model directory, or hf:ORG/NAME[@REV]"
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -60,7 +59,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
-    ids = encode_prompts(tok, prompts)
+    ids = encode_prompts(tok, prompts, chat=args.chat)
+    if args.chat:  # the answer starts on a line of its own
+        prompts = [p + "\n" for p in prompts]
+    stops = stops_of(args, tok)
     # text streams to stdout as it comes; --json prints one object at the end (with a progress bar)
     printer = None if args.json else StreamPrinter(prompts)
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None if args.json else True,
@@ -78,7 +80,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with bar:
         result = generate_local(
             lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
-            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts))
+            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts), stops)
     emit(args, result, printed=printer is not None)
     return 0
 

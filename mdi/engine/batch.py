@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from ..generate.sampling import SamplingConfig, sample_seed
+from ..generate.stops import Stops
 from ..results import GenerationResult, Texts
 from .api import Event, SeqParams
 from .scheduler import PipelineEngine, Sequence
@@ -19,9 +20,11 @@ from .scheduler import PipelineEngine, Sequence
 OnEvent = Callable[[int, Event], None]  # (sample index, event)
 
 
-def batch_params(n_samples: int, n_tokens: int, sampling: SamplingConfig) -> list[SeqParams]:
+def batch_params(n_samples: int, n_tokens: int, sampling: SamplingConfig,
+                 stops: Stops = Stops()) -> list[SeqParams]:
     return [SeqParams(max_tokens=n_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                      top_p=sampling.top_p, seed=sample_seed(sampling.seed, i))
+                      top_p=sampling.top_p, seed=sample_seed(sampling.seed, i),
+                      stop=stops.strings, stop_ids=stops.ids)
             for i in range(n_samples)]
 
 
@@ -48,9 +51,11 @@ async def run_sequences(engine: PipelineEngine, prompts: list[list[int]], params
 
 def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
                  n_layers: int, block_size: int, texts: Texts | None = None) -> GenerationResult:
-    """GenerationResult of a fixed batch: step i ends when every sample has token i."""
-    steps = min(len(s.stats.token_times) for s in seqs)
-    times = [max(s.stats.token_times[i] for s in seqs) - t0 for i in range(steps)]
+    """GenerationResult of a fixed batch: step i ends when every sample that reaches
+    token i has it (samples that stopped early count no more)."""
+    steps = max(len(s.stats.token_times) for s in seqs)
+    times = [max(s.stats.token_times[i] for s in seqs if len(s.stats.token_times) > i) - t0
+             for i in range(steps)]
     return GenerationResult.build([list(s.generated) for s in seqs], texts, n_tokens=n_tokens,
                                   gen_time_s=elapsed, step_times=times, n_layers=n_layers,
                                   block_size=block_size)
@@ -58,12 +63,12 @@ def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
 
 def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[list[int]],
                    n_tokens: int, sampling: SamplingConfig, on_event: OnEvent | None = None,
-                   texts: Texts | None = None) -> GenerationResult:
+                   texts: Texts | None = None, stops: Stops = Stops()) -> GenerationResult:
     """Run a fixed batch on an engine made inside the event loop (sync entry point)."""
     async def main() -> GenerationResult:
         engine = engine_factory()
         seqs, t0, elapsed = await run_sequences(
-            engine, prompts, batch_params(len(prompts), n_tokens, sampling), on_event)
+            engine, prompts, batch_params(len(prompts), n_tokens, sampling, stops), on_event)
         c = engine.config
         return batch_result(seqs, t0, elapsed, n_tokens, c.n_layer, c.block_size, texts)
 

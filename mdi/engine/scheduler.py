@@ -219,7 +219,7 @@ class PipelineEngine:
                 self._inbox.put_nowait(await self.link.recv())
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # noqa: BLE001 - handed to the scheduler, which fails the run
+        except Exception as e:  # noqa: BLE001 - handed to the scheduler, which fails the run
             self._inbox.put_nowait(e)
 
     async def _loop(self) -> None:
@@ -244,7 +244,7 @@ class PipelineEngine:
                 self._arrive(item)
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # noqa: BLE001 - every sequence must hear of it
+        except Exception as e:  # noqa: BLE001 - every sequence must hear of it (Ctrl-C goes up)
             self._fail(e)
 
     def _fail(self, e: BaseException) -> None:

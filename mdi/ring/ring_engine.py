@@ -154,13 +154,16 @@ class RingEngine(PipelineEngine):
     checkpoint the starter loads its first stage from and streams the nodes'
     ranges of; max_seqs: sequences in flight (KV slots on every node), grouped
     into min(max_seqs, ring size) lanes; max_queue: waiting sequences before
-    submit raises EngineBusy; opts: device, dtype and timeout of the run.
+    submit raises EngineBusy; opts: device, dtype and timeout of the run; lanes:
+    micro-batches (default the ring's size). batch_invariant: accepted for
+    --batch-invariant; every stage's cached forward is batch-invariant (one GEMM
+    per row), so a sequence's tokens never depend on its step-mates.
     """
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
                  retry_after: float = 1.0, lanes: int | None = None,
-                 shards: list[Shard] | None = None) -> None:
+                 batch_invariant: bool = True, shards: list[Shard] | None = None) -> None:
         self.opts = opts or RunOptions()
         ck = open_checkpoint(ckpt)
         # shards: a split already planned (Starter._place: --partition), else even/manual

@@ -31,6 +31,7 @@ from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
 from ..generate.step import decode, forward_context, prefill
+from ..generate.stops import Stops
 from ..model import GPT
 from ..checkpoint.stream import shard_stream
 from ..model.dtypes import DTYPES
@@ -92,12 +93,14 @@ class Starter:
     placement: Placement | None = field(default=None, init=False)  # the last run's split
 
     def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
-            texts: Texts | None = None) -> GenerationResult:
+            texts: Texts | None = None, stops: Stops = Stops()) -> GenerationResult:
         """Generate; the result's `tokens` hold each sample's new token ids, and with
-        texts its `samples` the text. NodeFailure carries the partial result; both
-        carry the run's split as `plan`."""
+        texts its `samples` the text. A sample ends early at one of `stops`.
+        NodeFailure carries the partial result; both carry the run's split as `plan`."""
+        if self.opts.resend_context and (stops.ids or stops.strings):
+            raise ValueError("stop ids and strings need the KV-cache ring, not --resend-context")
         try:
-            result = asyncio.run(self._run(prompts, n_tokens, sampling, texts))
+            result = asyncio.run(self._run(prompts, n_tokens, sampling, texts, stops))
         except NodeFailure as e:
             if e.partial is not None and self.placement is not None:
                 e.partial.plan = self.placement.to_json()
@@ -122,9 +125,9 @@ class Starter:
         return self.placement.shards
 
     # ------------------------------------------------------------------------
-    async def _run(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
+    async def _run(self, prompts, n_tokens, sampling, texts, stops) -> GenerationResult:
         if not self.opts.resend_context:
-            return await self._run_engine(prompts, n_tokens, sampling, texts)
+            return await self._run_engine(prompts, n_tokens, sampling, texts, stops)
         ring = self.nodes.ring
         config = open_checkpoint(self.ckpt).config
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
@@ -171,7 +174,7 @@ class Starter:
                     w.close()
                 server.close()
 
-    async def _run_engine(self, prompts, n_tokens, sampling, texts) -> GenerationResult:
+    async def _run_engine(self, prompts, n_tokens, sampling, texts, stops) -> GenerationResult:
         """The fixed batch as sequences of the engine (ring_engine.py): every prompt
         admitted at the first step with the run's token budget; sample i draws from
         the stream sample_seed(seed, i), as the fixed-batch nodes did."""
@@ -193,10 +196,11 @@ class Starter:
         def on_event(i: int, ev: Event) -> None:
             if self.on_event is not None:
                 self.on_event(i, ev)
-            if ev.token is None:
-                return
-            counts[i] += 1
-            if min(counts) > len(times):  # step len(times) is complete for every sample
+            if ev.token is None:  # a sample that ended early holds back no step
+                counts[i] = max(counts[i], n_tokens)
+            else:
+                counts[i] += 1
+            while min(counts) > len(times):  # step len(times) is complete for every sample
                 times.append(time.perf_counter() - t0)
                 if self.on_step:
                     self.on_step(len(times) - 1)
@@ -209,7 +213,7 @@ class Starter:
         try:
             await engine.start()
             seqs = [engine.submit(p, q) for p, q in
-                    zip(prompts, batch_params(len(prompts), n_tokens, sampling))]
+                    zip(prompts, batch_params(len(prompts), n_tokens, sampling, stops))]
             await asyncio.gather(*(drain(i, s) for i, s in enumerate(seqs)))
             elapsed = time.perf_counter() - t0
         except EngineFailure as e:
