@@ -98,6 +98,7 @@ class GenerationResult:
     n_nodes: int = 1
     hops: list[HopStats] | None = None  # ring runs only ([] on a one-node ring), around the ring
     failure: Failure | None = None      # set on the partial result of a failed run
+    plan: dict | None = None            # the ring's split (ring/placement.py), ring runs only
 
     @classmethod
     def build(cls, tokens: list[list[int]], texts: Texts | None, **fields: Any
@@ -143,6 +144,8 @@ class GenerationResult:
             out["bytes_per_hop_per_token"] = self.bytes_per_hop_per_token
             out["hop_overhead_us"] = self.hop_overhead_us
             out["hops"] = [h.to_dict() for h in self.hops]
+        if self.plan is not None:
+            out["plan"] = self.plan
         if self.failure is not None:
             out["error"] = self.failure.message
             if self.failure.node is not None:

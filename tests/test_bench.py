@@ -111,3 +111,66 @@ def test_bench_config_errors():
 def test_mean_context_follows_overflow_policy():
     # block 8: contexts 1..8, then the window keeps the newest 4 tokens and grows again
     assert mean_context(1, 12, 8) == [1, 2, 3, 4, 5, 6, 7, 8, 4, 5, 6, 7]
+
+
+# ---- slow devices: CPU quotas and partitions side by side -------------------------
+def test_partitions_are_variants_of_distributed_configs():
+    cfg = BenchConfig(model_size="tiny", nodes=[1, 3], partitions=["auto", "even"])
+    assert [v.name for v in variants(cfg)] == ["single", "mdi-3-auto", "mdi-3-even"]
+    with pytest.raises(ValueError, match="--partition must list auto and/or even"):
+        BenchConfig(model_size="tiny", nodes=[3], partitions=["fast"])
+    with pytest.raises(ValueError, match="--node-cpu gives 2 share"):
+        BenchConfig(model_size="tiny", nodes=[3], node_cpu=[1.0, 0.5])
+
+
+def test_parse_shares():
+    from mdi.bench.cgroup import parse_shares
+
+    assert parse_shares("1,1,0.3") == [1.0, 1.0, 0.3]
+    for bad in ("1,x", "0.01", "", "1,999"):
+        with pytest.raises(ValueError, match="--node-cpu"):
+            parse_shares(bad)
+
+
+def test_cpu_caps_write_quota_and_clean_up(tmp_path, monkeypatch):
+    from mdi.bench.cgroup import PERIOD_US, CpuCaps
+
+    (tmp_path / "cpu.cfs_quota_us").write_text("-1")
+    (tmp_path / "cgroup.procs").write_text("")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with CpuCaps([1.0, 0.3], root=tmp_path) as caps:
+        assert len(caps.dirs) == 2
+        d = caps.dirs[1]
+        assert (d / "cpu.cfs_period_us").read_text() == str(PERIOD_US)
+        assert (d / "cpu.cfs_quota_us").read_text() == str(int(0.3 * PERIOD_US))
+        caps.join(1, 12345)
+        assert (d / "cgroup.procs").read_text() == "12345"
+        for x in caps.dirs:  # a real cgroup directory's files vanish with it
+            for f in x.iterdir():
+                f.unlink()
+    assert not any(p.name.startswith("mdi-bench-") for p in tmp_path.iterdir())
+
+
+def _cgroup_v1_or_skip() -> None:
+    from mdi.bench.cgroup import CpuCaps, CpuCapsUnavailable
+
+    try:
+        CpuCaps([1.0]).check()
+    except CpuCapsUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_bench_node_cpu_auto_and_even_side_by_side(tmp_path):
+    _cgroup_v1_or_skip()
+    rows, err = run_bench(tmp_path, "--nodes", "3", "--node-cpu", "1,1,0.3",
+                          "--partition", "auto,even")
+    check_outputs(tmp_path / "bench", rows)
+    by = {r["config"]: r for r in rows}
+    assert set(by) == {"mdi-3-auto", "mdi-3-even"}
+    assert by["mdi-3-auto"]["partition"] == "auto" and by["mdi-3-even"]["partition"] == "even"
+    assert by["mdi-3-even"]["layers"] == "1+2+1"  # the tiny model's 4 layers
+    assert sum(int(x) for x in by["mdi-3-auto"]["layers"].split("+")) == 4
+    assert {r["node_cpu"] for r in rows} == {"1,1,0.3"}
+    assert "mdi-3-auto" in (tmp_path / "bench" / "summary.md").read_text()
+    assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))

@@ -119,7 +119,8 @@ def test_token_sources_and_a_wrong_token(ring, tmp_path):
     assert rc not in (0, None)
     (line,) = error_lines(err)
     inter = ring.inter.spec
-    assert line == f"mdi starter: error: {inter.describe()} refused the cluster token (/init)"
+    # the first request that needs the token is the capabilities query, before any /init
+    assert line == f"mdi starter: error: {inter.describe()} refused the cluster token (/capabilities)"
     assert [snapshot(n.spec) for n in ring.procs] == before
 
     # Where a token comes from: --token, else --token-file, else MDI_TOKEN.
@@ -164,9 +165,9 @@ def test_data_plane_handshake_needs_the_token(ring):
 
     async def scenario():
         async with fake_upstream(ring, run_id=81):
-            reader, writer = await open_data(fin.spec, 81, token=WRONG)
-            assert await closed_by_peer(reader)
-            writer.close()
+            # the node closes the link, which our side of the mutual handshake reports
+            with pytest.raises(AuthError, match="listener closed the link during the handshake"):
+                await open_data(fin.spec, 81, token=WRONG)
             fin.wait_log("data-plane handshake failed: wrong token")
             assert status(fin.spec)["state"] == "ready"  # the run is untouched
             # The real previous node still gets in, and the run completes.

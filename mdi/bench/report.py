@@ -9,9 +9,9 @@ from ..generate.schedule import SampleState, accept, plan_step
 from ..plots import finish_figure, plot_tokens_time, plt
 from ..ring.wire import HEADER_SIZE
 
-CSV_FIELDS = ["timestamp", "config", "mode", "n_nodes", "n_samples", "n_layer", "n_embd",
-              "block_size", "params", "n_tokens", "quantize",
-              "batch_invariant", "isolate", "hosts", "link_rate", "run",
+CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
+              "n_nodes", "n_samples", "n_layer", "n_embd", "block_size", "params", "n_tokens",
+              "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
               "hop_overhead_us", "tokens_total"]
 
@@ -44,9 +44,9 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
     single = groups.get("single")
     base = statistics.median(r["tokens_per_s"] for r in single) if single else None
     lines = [f"# {title}", "", "Medians over runs, (min–max) in brackets.", "",
-             "| config | nodes | tokens/s | gen time (s) | first token (s) | bytes/hop/token "
+             "| config | nodes | layers | tokens/s | gen time (s) | first token (s) | bytes/hop/token "
              "| hop overhead (µs/frame) | peak RSS per node (MB) | vs single |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         tps = [r["tokens_per_s"] for r in rs]
         rss = []
@@ -54,7 +54,8 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
             vals = [r[f"peak_rss_mb_node{i}"] for r in rs]
             rss.append(f"{statistics.median(vals):.0f}")
         ratio = f"{statistics.median(tps) / base:.2f}x" if base else "n/a"
-        lines.append(f"| {name} | {rs[0]['n_nodes']} | {_stat(tps)} | "
+        layers = statistics.mode([r.get("layers") or "-" for r in rs])  # the usual plan
+        lines.append(f"| {name} | {rs[0]['n_nodes']} | {layers} | {_stat(tps)} | "
                      f"{_stat([r['gen_time_s'] for r in rs])} | "
                      f"{_stat([r['first_token_s'] for r in rs])} | "
                      f"{statistics.median(r['bytes_per_hop_per_token'] for r in rs):.1f} | "
@@ -64,7 +65,9 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
     lines += ["", f"Model: {r0['n_layer']} layers, n_embd {r0['n_embd']}, block_size "
               f"{r0['block_size']}, {r0['params'] / 1e6:.2f}M parameters. {r0['n_samples']} samples x "
               f"{r0['n_tokens']} tokens; isolate={r0['isolate']}, hosts={r0['hosts']}, "
-              f"link rate={r0['link_rate'] or 'unlimited'}.", ""]
+              f"link rate={r0['link_rate'] or 'unlimited'}"
+              + (f", CPU share per node {r0['node_cpu']} (starter first)" if r0.get("node_cpu")
+                 else "") + ".", ""]
     path.write_text("\n".join(lines))
     return path
 

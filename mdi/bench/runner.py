@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..checkpoint import open_checkpoint
 from ..ring.auth import ENV_VAR
 from ..ring.local_cluster import LocalCluster, child_setup
+from .cgroup import CpuCaps
 from .models import random_checkpoint
 from .netns import NetnsHosts
 
@@ -48,6 +49,8 @@ class BenchConfig:
     batch_invariant: bool = False
     seed: int = 1337
     run_timeout: float = 1800.0
+    node_cpu: list[float] | None = None       # CPU share per node, starter first (cgroup v1)
+    partitions: list[str] = field(default_factory=list)  # "auto", "even"; [] = the starter's default
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model_size is None):
@@ -61,18 +64,27 @@ class BenchConfig:
             raise ValueError(f"--hosts must be local or netns, got {self.hosts!r}")
         if self.link_rate and self.hosts != "netns":
             raise ValueError("--link-rate needs --hosts netns")
+        bad = [p for p in self.partitions if p not in ("auto", "even")]
+        if bad or len(set(self.partitions)) != len(self.partitions):
+            raise ValueError(f"--partition must list auto and/or even once each, got "
+                             f"{','.join(self.partitions)}")
+        if self.node_cpu is not None and len(self.node_cpu) < max(self.nodes):
+            raise ValueError(f"--node-cpu gives {len(self.node_cpu)} share(s); --nodes "
+                             f"{max(self.nodes)} needs one per node, starter first")
 
 
 @dataclass(frozen=True)
 class Variant:
     n_nodes: int
     resend: bool
+    partition: str = ""   # "", "auto" or "even" (distributed variants only)
 
     @property
     def name(self) -> str:
         if self.n_nodes == 1:
             return "single"
-        return f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
+        return (f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
+                + (f"-{self.partition}" if self.partition else ""))
 
     @property
     def mode(self) -> str:
@@ -80,9 +92,11 @@ class Variant:
 
 
 def variants(cfg: BenchConfig) -> list[Variant]:
-    out = [Variant(n, False) for n in sorted(set(cfg.nodes))]
+    parts = cfg.partitions or [""]
+    ns = sorted(set(cfg.nodes))
+    out = [Variant(n, False, p) for n in ns for p in (parts if n > 1 else [""])]
     if cfg.resend_context:
-        out += [Variant(n, True) for n in sorted(set(cfg.nodes)) if n > 1]
+        out += [Variant(n, True, p) for n in ns if n > 1 for p in parts]
     return out
 
 
@@ -131,6 +145,7 @@ class Bench:
         self.info = open_checkpoint(self.ckpt)
         self.variants = variants(cfg)
         self.max_nodes = max(v.n_nodes for v in self.variants)
+        self.caps: CpuCaps | None = None
 
     def run(self) -> list[dict]:
         rows: list[dict] = []
@@ -138,6 +153,9 @@ class Bench:
             hosts = None
             if self.cfg.hosts == "netns":
                 hosts = stack.enter_context(NetnsHosts(self.max_nodes, self.cfg.link_rate))
+            self.caps = None
+            if self.cfg.node_cpu is not None:
+                self.caps = stack.enter_context(CpuCaps(self.cfg.node_cpu[:self.max_nodes]))
             clusters: dict[int, LocalCluster] = {}
             for n in sorted({v.n_nodes for v in self.variants if v.n_nodes > 1}):
                 clusters[n] = stack.enter_context(LocalCluster(
@@ -145,6 +163,9 @@ class Bench:
                     node_timeout=60.0, affinity=core_plan(n, self.cfg.isolate, self.max_nodes),
                     addrs=hosts.addrs[:n] if hosts else None,
                     prefixes=[hosts.prefix(i) for i in range(n)] if hosts else None))
+                if self.caps is not None:  # node i of this cluster gets share i
+                    for i, proc in enumerate(clusters[n].procs, start=1):
+                        self.caps.join(i, proc.pid)
             total = self.cfg.runs * len(self.variants)
             with tqdm(total=total, unit="run", desc="bench", disable=None) as bar:
                 for r in range(self.cfg.runs):
@@ -171,13 +192,22 @@ class Bench:
             env[ENV_VAR] = cluster.token
             if v.resend:
                 cmd.append("--resend-context")
+            if v.partition:
+                cmd += ["--partition", v.partition]
         if hosts is not None:
             cmd = hosts.prefix(0) + cmd
         cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
         node_pids = [p.pid for p in cluster.procs] if cluster else []
         cpu_before = [_cpu_s(p) for p in node_pids]
+        setup = child_setup(cpus[0] if cpus else None)
+        if self.caps is not None:  # the starter (or single device) gets share 0
+            base, caps = setup, self.caps
+
+            def setup() -> None:
+                base()
+                caps.join_self(0)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                preexec_fn=child_setup(cpus[0] if cpus else None))
+                                preexec_fn=setup)
         try:
             out, err = proc.communicate(timeout=cfg.run_timeout)
         except subprocess.TimeoutExpired:
@@ -196,6 +226,13 @@ class Bench:
                "params": self.params(), "n_tokens": cfg.n_tokens, "isolate": cfg.isolate,
                "quantize": cfg.quantize or "", "batch_invariant": cfg.batch_invariant,
                "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
+               "partition": (res.get("plan") or {}).get("partition", ""),
+               "layers": "+".join(str(n["layers"][1] - n["layers"][0])
+                                  for n in (res.get("plan") or {}).get("nodes", [])),
+               "stage_ms": "/".join("-" if n["ms_per_step"] is None else f"{n['ms_per_step']:.2f}"
+                                    for n in (res.get("plan") or {}).get("nodes", [])),
+               "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
+               if cfg.node_cpu else "",
                "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
                "first_token_s": res["first_token_s"],
                "bytes_per_hop_per_token": res.get("bytes_per_hop_per_token", 0.0),

@@ -11,6 +11,7 @@ from .common import CKPT_HELP
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench.cgroup import CpuCapsUnavailable, parse_shares
     from ..bench.netns import NetnsUnavailable
     from ..bench.report import write_csv, write_plots, write_summary
     from ..bench.runner import Bench, BenchConfig
@@ -25,11 +26,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
                       isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,
                       resend_context=args.resend_context, seed=args.seed,
-                      quantize=args.quantize, batch_invariant=args.batch_invariant)
+                      quantize=args.quantize, batch_invariant=args.batch_invariant,
+                      node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
+                      partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()])
     try:
         bench = Bench(cfg)
         rows = bench.run()
-    except NetnsUnavailable as e:
+    except (NetnsUnavailable, CpuCapsUnavailable) as e:
         print(f"mdi bench: skipped: {e}", file=sys.stderr)
         return 0
     out = Path(args.out)
@@ -86,6 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-rate", help="cap every link with tc tbf, e.g. 100mbit (with --hosts netns)")
     p.add_argument("--resend-context", action="store_true",
                    help="also run the original system's no-cache mode for comparison")
+    p.add_argument("--node-cpu", metavar="SHARES",
+                   help="CPU share of one core per node, starter first, e.g. 1,1,0.3: emulates "
+                        "slow devices with cgroup v1 CPU quotas (needs root)")
+    p.add_argument("--partition", metavar="LIST",
+                   help="run each distributed configuration with these partitions side by side, "
+                        "e.g. auto,even (default: the starter's own choice)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8 weights on every node of every configuration")

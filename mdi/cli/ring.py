@@ -20,6 +20,7 @@ from .stream import StreamPrinter
 
 log = logging.getLogger("mdi")
 DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
+DEFAULT_IDLE_TIMEOUT = 60.0  # node.DEFAULT_IDLE_TIMEOUT, without importing the node runtime here
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
@@ -39,12 +40,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     spec = load_nodes_config(args.nodes_config).find(args.role, args.index)
     if spec.role == "starter":
         raise UsageError("the starter runs `mdi starter`, not `mdi node`")
+    if args.idle_timeout < 0:
+        raise UsageError(f"--idle-timeout must be 0 (never) or a positive number of seconds, "
+                         f"got {args.idle_timeout:g}")
     try:
         max_memory = parse_size(args.max_memory) if args.max_memory else None
     except ValueError as e:
         raise UsageError(f"--max-memory: {e}") from None
     rt = NodeRuntime(spec, token, chunk_dir=args.chunk, timeout=args.timeout, bind_any=args.bind_any,
-                     max_memory=max_memory)
+                     max_memory=max_memory, idle_timeout=args.idle_timeout)
     run_node(rt)
     return 0
 
@@ -75,7 +79,8 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     starter = Starter(nodes, token, args.ckpt,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
-                                 quantize=args.quantize, batch_invariant=args.batch_invariant),
+                                 quantize=args.quantize, batch_invariant=args.batch_invariant,
+                                 partition=args.partition),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
         result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts), stops)
@@ -156,6 +161,11 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resend-context", action="store_true",
                    help="no KV cache: send the whole context every step, as the original system "
                         "did (for comparisons)")
+    p.add_argument("--partition", choices=["auto", "even"], default=None,
+                   help="how layers are split: auto times every node on the model's shape and "
+                        "minimises the slowest stage under each node's memory; even gives equal "
+                        "shares (default: auto when the nodes report different devices, CPUs or "
+                        "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -175,6 +185,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the most a run may take on this node, weights plus KV caches, e.g. "
                         "512MB, 2GB, 2GiB (default: the free memory at /init); larger runs "
                         "are refused at /init")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="drop a run whose previous node has sent no frame for this many "
+                        "seconds while sequences are in flight (a starter frozen without "
+                        "closing its link) and wait for the next one; an idle mdi serve ring "
+                        "is not timed; 0: never "
+                        f"(default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--bind-any", action="store_true",
                    help="listen on all interfaces instead of the address in the nodes file")
     _token_options(p)

@@ -1,12 +1,18 @@
 """The cluster's shared secret: where it comes from and how peers prove it.
 
 Control plane: every request but /health carries `Authorization: Bearer TOKEN`,
-compared in constant time. Data plane: the listening side sends a random nonce
-(CHALLENGE); the connecting side answers HMAC-SHA256(token, context || nonce)
-(AUTH), where the context binds the run id. A stranger who reaches a data port
-without the token cannot get a frame accepted. Traffic is not encrypted, and
-the handshake is one-way: the listener checks the connecting node, not the
-other way round (see docs/security.md).
+compared in constant time. Data plane, in both directions:
+
+    listener  -> CHALLENGE  nonce_L (32 random bytes)
+    connector -> AUTH       HMAC(token, "connector"|run|nonce_L|nonce_C) || nonce_C
+    listener  -> AUTH       HMAC(token, "listener"|run|nonce_C|nonce_L)
+
+Each side checks the other's MAC over a nonce it chose itself, so a stranger
+who reaches a data port cannot get a frame accepted, and a stranger who takes
+over a listening address cannot take a node's activations: the connecting
+side drops the link before sending any. The role labels keep one side's
+answer from being replayed as the other's. Traffic is not encrypted (see
+docs/security.md).
 """
 from __future__ import annotations
 
@@ -83,8 +89,8 @@ def check_bearer(header: str | None, token: str) -> bool:
                                token.encode())
 
 
-def _mac(token: str, run_id: int, nonce: bytes) -> bytes:
-    msg = b"mdi-data-plane|" + str(run_id).encode() + b"|" + nonce
+def _mac(token: str, role: bytes, run_id: int, first: bytes, second: bytes) -> bytes:
+    msg = b"mdi-data-plane|" + role + b"|" + str(run_id).encode() + b"|" + first + b"|" + second
     return hmac.new(token.encode(), msg, hashlib.sha256).digest()
 
 
@@ -94,7 +100,8 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
 
 async def challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str,
                     run_id: int, timeout: float) -> None:
-    """Listening side: raise AuthError unless the peer proves the token for run_id."""
+    """Listening side: raise AuthError unless the peer proves the token for run_id;
+    then prove it back on the peer's nonce."""
     nonce = secrets.token_bytes(NONCE_BYTES)
     await write_frame(writer, Frame(Kind.CHALLENGE, run_id, tensor=_bytes_tensor(nonce)))
     reply = await bounded(read_frame(reader, None), timeout)
@@ -102,15 +109,35 @@ async def challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         raise AuthError(f"expected AUTH, got {reply.kind.name}")
     if reply.run_id != run_id:
         raise AuthError(f"handshake for run {reply.run_id}, the current run is {run_id}")
-    if not hmac.compare_digest(bytes(reply.tensor.numpy()), _mac(token, run_id, nonce)):
+    body = bytes(reply.tensor.numpy())
+    mac, peer_nonce = body[:32], body[32:]
+    if len(peer_nonce) != NONCE_BYTES or not hmac.compare_digest(
+            mac, _mac(token, b"connector", run_id, nonce, peer_nonce)):
         raise AuthError("data-plane handshake failed: wrong token")
+    proof = _mac(token, b"listener", run_id, peer_nonce, nonce)
+    await write_frame(writer, Frame(Kind.AUTH, run_id, tensor=_bytes_tensor(proof)))
 
 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: str,
                  run_id: int, timeout: float) -> None:
-    """Connecting side: answer the listener's challenge."""
+    """Connecting side: answer the listener's challenge with a nonce of our own, and
+    raise AuthError unless the listener proves the token on it (before any data
+    goes out on the link)."""
     ch = await bounded(read_frame(reader, None), timeout)
     if ch.kind != Kind.CHALLENGE or ch.tensor is None:
         raise WireError(f"expected CHALLENGE, got {ch.kind.name}")
-    mac = _mac(token, run_id, bytes(ch.tensor.numpy()))
-    await write_frame(writer, Frame(Kind.AUTH, run_id, tensor=_bytes_tensor(mac)))
+    theirs, ours = bytes(ch.tensor.numpy()), secrets.token_bytes(NONCE_BYTES)
+    mac = _mac(token, b"connector", run_id, theirs, ours)
+    await write_frame(writer, Frame(Kind.AUTH, run_id, tensor=_bytes_tensor(mac + ours)))
+    try:
+        proof = await bounded(read_frame(reader, None), timeout)
+    except EOFError:
+        raise AuthError("the listener closed the link during the handshake (it refused our "
+                        "token, or it is not a node of this cluster)") from None
+    if proof.kind != Kind.AUTH or proof.tensor is None or proof.run_id != run_id:
+        raise AuthError(f"the listener did not prove the cluster token (sent {proof.kind.name} "
+                        f"for run {proof.run_id})")
+    if not hmac.compare_digest(bytes(proof.tensor.numpy()),
+                               _mac(token, b"listener", run_id, ours, theirs)):
+        raise AuthError("the listener did not prove the cluster token: it is not a node of "
+                        "this cluster (wrong token), refusing to send it data")

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .auth import check_bearer
-from .messages import InitRequest, RunRef
+from .messages import InitRequest, ProbeRequest, RunRef
 from .node import InitError, NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,15 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
     @app.get("/status", dependencies=[Depends(authorized)])
     async def status() -> dict:
         return rt.status()
+
+    @app.get("/capabilities", dependencies=[Depends(authorized)])
+    async def capabilities() -> dict:
+        return rt.capabilities()
+
+    @app.post("/probe", dependencies=[Depends(authorized)])
+    async def probe(req: ProbeRequest) -> dict:
+        """ms per block per decode step for a run's shape (timed once, then cached)."""
+        return await rt.probe(req)
 
     @app.post("/init", dependencies=[Depends(authorized)])
     async def init(req: InitRequest) -> dict:

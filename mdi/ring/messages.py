@@ -47,3 +47,11 @@ class InitRequest(Strict):
 
 class RunRef(Strict):
     run_id: int = Field(ge=0, lt=2**32)
+
+
+class ProbeRequest(Strict):
+    """Time this node on a run's shape (see capability.probe_speed)."""
+    model: dict
+    batch: int = Field(ge=1, le=4096)   # rows of one group (micro-batch)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str | None = None

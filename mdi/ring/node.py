@@ -13,8 +13,11 @@ next starter; it never needs a restart.
 What ends a run early, and is logged with its reason: the previous node closing
 its link, a bad frame (any header field off, an unknown sample, a frame that
 does not fit the run's state), a compute error, the next node closing its link
-or not taking a frame within the timeout, /stop, or a new /init. The node keeps
-serving either way.
+or not taking a frame within the timeout, /stop, a new /init, or silence: no
+frame for --idle-timeout seconds while the previous node is connected and
+(in an engine run) a sequence is in flight: a starter frozen without closing
+its link. An engine run with no sequence in flight (mdi serve between
+requests) is not timed. The node keeps serving either way.
 """
 from __future__ import annotations
 
@@ -43,13 +46,15 @@ from ..model.quant import configure_stage
 from . import limits as mem
 from .aio import bounded
 from .auth import AuthError, answer, challenge
-from .messages import InitRequest
+from .capability import ProbeCache, node_capabilities
+from .messages import InitRequest, ProbeRequest
 from .nodes_config import NodeSpec
 from .seq_frames import to_frame, to_message
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame before a running run is dropped
 MAX_MODEL_INT = 2**31 - 1  # any integer of a model config (the wire carries uint32 fields)
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 # Decode steps whose running mean compute time is below this run on the event
@@ -110,6 +115,10 @@ class Run:
     downstream: asyncio.StreamWriter | None = None
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
     watch_task: asyncio.Task | None = None       # notices the next node closing its link
+    idle_task: asyncio.Task | None = None        # drops the run after idle_timeout of silence
+    last_active: float = field(default_factory=time.monotonic)
+    live: set[int] = field(default_factory=set)  # sequence runs: slots admitted, not retired
+    busy: bool = False                           # computing or loading: not silent
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
     device: str = "cpu"                          # checked at /init
     mem_bytes: int = 0                           # weights + KV caches, checked at /init
@@ -125,15 +134,7 @@ class Run:
 
 def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     """Every field of an /init body that needs no node state; InitError names the field."""
-    for key, value in req.model.items():  # before GPTConfig: no huge or non-finite numbers
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MODEL_INT:
-            raise InitError(f"model.{_clip(key)}: {_clip(str(value))} is larger than {MAX_MODEL_INT}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InitError(f"model.{_clip(key)}: {value} is not a finite number")
-    try:
-        config = GPTConfig.from_dict(req.model)
-    except (ValueError, TypeError) as e:
-        raise InitError(f"model: {e}") from None
+    config = validate_model(req.model)
     if not req.start < req.stop <= config.n_layer or req.start == 0:
         raise InitError(f"start/stop: layer range [{req.start}, {req.stop}) is not a secondary "
                         f"node's part of a {config.n_layer}-layer model")
@@ -156,6 +157,19 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
                     DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
                     sequences=req.sequences)
     return config, limits
+
+
+def validate_model(model: dict) -> GPTConfig:
+    """A model config from a request (/init, /probe); InitError names the field."""
+    for key, value in model.items():  # before GPTConfig: no huge or non-finite numbers
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_MODEL_INT:
+            raise InitError(f"model.{_clip(key)}: {_clip(str(value))} is larger than {MAX_MODEL_INT}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InitError(f"model.{_clip(key)}: {value} is not a finite number")
+    try:
+        return GPTConfig.from_dict(model)
+    except (ValueError, TypeError) as e:
+        raise InitError(f"model: {e}") from None
 
 
 def sampling_of(req: InitRequest) -> SamplingConfig | None:
@@ -203,11 +217,13 @@ def _clip(text: str, n: int = 80) -> str:
 class NodeRuntime:
     def __init__(self, spec: NodeSpec, token: str, chunk_dir: str | Path | None = None,
                  timeout: float = 10.0, bind_any: bool = False,
-                 max_memory: int | None = None) -> None:
+                 max_memory: int | None = None,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.spec = spec
         self.max_memory = max_memory  # bytes a run may take (weights + KV caches); None: free memory
         self.token = token
         self.timeout = timeout
+        self.idle_timeout = idle_timeout  # 0: never drop a silent run
         self.bind_host = ("::" if ":" in spec.addr else "0.0.0.0") if bind_any else spec.addr
         self.chunk = load_chunk_info(chunk_dir) if chunk_dir else None
         self.chunk_dir = Path(chunk_dir) if chunk_dir else None
@@ -216,6 +232,7 @@ class NodeRuntime:
         self.runs_completed = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-compute")
         self.data_server: asyncio.base_events.Server | None = None
+        self.probes = ProbeCache()
 
     # ---- state -------------------------------------------------------------
     @property
@@ -231,6 +248,36 @@ class NodeRuntime:
     def health(self) -> dict:
         return {"status": "ok", "role": self.spec.role, "index": self.spec.index,
                 "state": self.state, "chunk": self.chunk, "pid": os.getpid()}
+
+    def capabilities(self) -> dict:
+        """Device, memory and CPUs; no compute. budget_bytes is what /init checks a
+        run against: free memory plus the current run's (dropped by a new /init),
+        at most --max-memory."""
+        caps = node_capabilities(self.spec.device, self.max_memory)
+        held = self.run.mem_bytes if self.run is not None else 0
+        caps["budget_bytes"], caps["budget_from"] = mem.available(self.spec.device,
+                                                                  self.max_memory, held)
+        return caps
+
+    async def probe(self, req: ProbeRequest) -> dict:
+        """Time this node on a run's shape, on the compute thread (cached per shape)."""
+        config = validate_model(req.model)
+        device = validate_device(req.device or self.spec.device)
+        # the probe builds one one-block stage at a time (the first, a middle, the last)
+        c3 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 3})
+        dtype = DTYPES[req.dtype]
+        need = max(mem.stage_weight_bytes(c3, i, i + 1, dtype) for i in range(3)) \
+            + mem.kv_cache_bytes(c3, 1, req.batch, dtype)
+        have, where = mem.available(device, None)  # --max-memory caps runs; a probe is brief
+        if need > have:
+            raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "
+                            f"(its largest one-block stage), this node has "
+                            f"{mem.format_size(have)} ({where})")
+        loop = asyncio.get_running_loop()
+        speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
+                                                   req.batch, req.dtype, device)
+        return {**speed.to_dict(), "cached": cached, "device": device, "batch": req.batch,
+                "dtype": req.dtype}
 
     def status(self) -> dict:
         import psutil
@@ -257,7 +304,7 @@ class NodeRuntime:
         self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
         if run.downstream is not None:
             run.downstream.close()
-        for task in (run.upstream_task, run.watch_task):
+        for task in (run.upstream_task, run.watch_task, run.idle_task):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
@@ -290,6 +337,8 @@ class NodeRuntime:
             self._arm(run, stage)
         await self.drop_run("a new run was configured")
         self.run = run
+        if self.idle_timeout > 0:
+            run.idle_task = asyncio.create_task(self._watchdog(run))
         log.info("configured run %d: %s, layers [%d, %d), %d samples in %d group(s)", req.run_id,
                  req.role, req.start, req.stop, limits.n_samples, len(req.groups))
         return {"state": self.state}
@@ -318,16 +367,21 @@ class NodeRuntime:
             raise InitError("weights: already loaded for this run")
         req = run.req
         chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
+        run.busy = True  # a long upload is not silence
         try:
             tensors = await read_stream(chunks, expected_shapes(run.config, req.start, req.stop),
                                         f"layers [{req.start}, {req.stop})")
+            loop = asyncio.get_running_loop()
+            stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors,
+                                               run.config, req.start, req.stop, run.device,
+                                               DTYPES[req.dtype])
+            stage = await loop.run_in_executor(self.executor, configure_stage, stage,
+                                               req.quantize, req.batch_invariant)
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
-        loop = asyncio.get_running_loop()
-        stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors, run.config,
-                                           req.start, req.stop, run.device, DTYPES[req.dtype])
-        stage = await loop.run_in_executor(self.executor, configure_stage, stage, req.quantize,
-                                           req.batch_invariant)
+        finally:
+            run.busy = False
+            run.last_active = time.monotonic()
         if self.run is not run:
             raise InitError("run_id: the run changed while the weights loaded")
         self._arm(run, stage)
@@ -389,7 +443,7 @@ class NodeRuntime:
             reader, writer = await bounded(
                 asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
             await answer(reader, writer, self.token, run_id, self.timeout)
-        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+        except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
                 else (str(e) or type(e).__name__)
             raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: {why}") from None
@@ -402,6 +456,7 @@ class NodeRuntime:
             run.watch_task.cancel()
         run.downstream = writer
         run.watch_task = asyncio.create_task(self._watch_downstream(run, reader))
+        run.last_active = time.monotonic()
         return {"state": self.state}
 
     async def stop(self, run_id: int | None = None) -> dict:
@@ -438,6 +493,7 @@ class NodeRuntime:
             writer.close()
             return
         run.upstream_task = asyncio.current_task()
+        run.last_active = time.monotonic()
         log.info("run %d: previous node connected from %s", run.req.run_id, _fmt_peer(peer))
         try:
             await self._serve_frames(run, reader)
@@ -459,6 +515,7 @@ class NodeRuntime:
             frame = await read_frame(reader, run.limits)
             t1 = time.perf_counter()
             run.stats.frames_in += 1
+            run.last_active = time.monotonic()
             if frame.kind == Kind.STOP:
                 run.stopping = True  # the next node may close its end once it has the STOP
                 # statistics first: once STOP is out, the starter may ask for them
@@ -472,18 +529,27 @@ class NodeRuntime:
             if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
                                   Kind.SEQ_DECODE):
                 raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
-            # A short decode runs right here: handing it to the worker thread and
-            # back costs more than it computes, and blocks the loop for less than
-            # INLINE_BELOW_S. Prefills and long steps keep the loop free for
-            # health checks and /stop.
-            ema = run.decode_ema_s
-            if frame.kind in DECODES and ema is not None and ema < INLINE_BELOW_S:
-                out = self._compute(run, frame)
-                run.stats.frames_inline += 1
-            else:
-                out = await loop.run_in_executor(self.executor, self._compute, run, frame)
-            if out is not None:
-                await self._send(run, out)
+            if frame.kind == Kind.ADMIT:
+                run.live.add(frame.sample)
+            elif frame.kind == Kind.RETIRE:
+                run.live.discard(frame.sample)
+            run.busy = True
+            try:
+                # A short decode runs right here: handing it to the worker thread and
+                # back costs more than it computes, and blocks the loop for less than
+                # INLINE_BELOW_S. Prefills and long steps keep the loop free for
+                # health checks and /stop.
+                ema = run.decode_ema_s
+                if frame.kind in DECODES and ema is not None and ema < INLINE_BELOW_S:
+                    out = self._compute(run, frame)
+                    run.stats.frames_inline += 1
+                else:
+                    out = await loop.run_in_executor(self.executor, self._compute, run, frame)
+                if out is not None:
+                    await self._send(run, out)
+            finally:
+                run.busy = False
+                run.last_active = time.monotonic()
             run.stats.time_frame(t1 - t0, run.compute_s, time.perf_counter() - t1)
 
     async def _send(self, run: Run, frame: Frame) -> None:
@@ -503,6 +569,26 @@ class NodeRuntime:
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
             run.stats.prefill_bytes_out += n
+
+    async def _watchdog(self, run: Run) -> None:
+        """Drop the run after idle_timeout seconds without a frame, an upload or a
+        control call: a starter frozen without closing its link (SIGSTOP, a hung
+        host) would otherwise hold this node's memory and ports for good. The clock
+        runs from the previous node's connection: before it, uploads to the other
+        nodes may take long, and a new /init replaces the run anyway."""
+        while self.run is run:
+            if run.upstream_task is None or (run.slots is not None and not run.live):
+                # not connected yet, or an engine run with no sequence in flight: an
+                # idle server (mdi serve) waits for requests as long as it likes
+                run.last_active = time.monotonic()
+            left = run.last_active + self.idle_timeout - time.monotonic()
+            if left <= 0 and not run.busy:
+                reason = (f"no frame for {self.idle_timeout:g} s (--idle-timeout): the starter "
+                          "or the previous node went silent")
+                log.warning("run %d: %s", run.req.run_id, reason)
+                await self.drop_run(reason)
+                return
+            await asyncio.sleep(max(left, 0.05))
 
     async def _watch_downstream(self, run: Run, reader: asyncio.StreamReader) -> None:
         """The next node never sends on our outgoing link: data or EOF there means it is gone."""

@@ -34,6 +34,7 @@ from .aio import bounded
 from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
 from ..results import HopStats
+from .partition import Shard
 from .starter import NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
@@ -164,12 +165,13 @@ class RingEngine(PipelineEngine):
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
                  retry_after: float = 1.0, lanes: int | None = None,
-                 batch_invariant: bool | None = None) -> None:
+                 batch_invariant: bool | None = None, shards: list[Shard] | None = None) -> None:
         self.opts = opts or RunOptions()
         if batch_invariant is not None:
             self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
         ck = open_checkpoint(ckpt)
-        self.shards = plan_shards(nodes, ck.config.n_layer)
+        # shards: a split already planned (Starter._place: --partition), else even/manual
+        self.shards = shards or plan_shards(nodes, ck.config.n_layer)
         stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
         configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)

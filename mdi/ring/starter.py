@@ -42,6 +42,7 @@ from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
+from .placement import Placement, place_layers
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class RunOptions:
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
     quantize: str | None = None       # "int8": every node quantizes its own stage at load
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
+    partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
 
 
 def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
@@ -92,14 +94,39 @@ class Starter:
     on_step: Callable[[int], None] | None = None     # progress callback (step index)
     on_event: Callable[[int, Event], None] | None = None  # (sample, event) as tokens come
 
+    placement: Placement | None = field(default=None, init=False)  # the last run's split
+
     def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
             texts: Texts | None = None, stops: Stops = Stops()) -> GenerationResult:
         """Generate; the result's `tokens` hold each sample's new token ids, and with
         texts its `samples` the text. A sample ends early at one of `stops`.
-        NodeFailure carries the partial result."""
+        NodeFailure carries the partial result; both carry the run's split as `plan`."""
         if self.opts.resend_context and (stops.ids or stops.strings):
             raise ValueError("stop ids and strings need the KV-cache ring, not --resend-context")
-        return aio.run(self._run(prompts, n_tokens, sampling, texts, stops))
+        try:
+            result = aio.run(self._run(prompts, n_tokens, sampling, texts, stops))
+        except NodeFailure as e:
+            if e.partial is not None and self.placement is not None:
+                e.partial.plan = self.placement.to_json()
+            raise
+        if self.placement is not None:
+            result.plan = self.placement.to_json()
+        return result
+
+    async def _place(self, config, n_samples: int, batch: int) -> list[Shard]:
+        """The run's split (placement.py): printed, and refused if it cannot fit,
+        before any weights move."""
+        self.placement = None
+        if len(self.nodes.ring) == 1:
+            return plan_shards(self.nodes, config.n_layer)
+        async with httpx.AsyncClient(timeout=self.opts.timeout) as http:
+            for spec in self.nodes.secondaries:  # a node that is not up is named here
+                await self._await_health(http, spec)
+        self.placement = await place_layers(
+            self.nodes, config, self.token, self.opts.partition, n_samples, batch,
+            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries)
+        log.info("%s", self.placement.describe())
+        return self.placement.shards
 
     # ------------------------------------------------------------------------
     async def _run(self, prompts, n_tokens, sampling, texts, stops) -> GenerationResult:
@@ -107,14 +134,14 @@ class Starter:
             return await self._run_engine(prompts, n_tokens, sampling, texts, stops)
         ring = self.nodes.ring
         config = open_checkpoint(self.ckpt).config
-        shards = plan_shards(self.nodes, config.n_layer)
-        stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
-        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         n_groups = self.opts.n_groups or min(len(prompts), len(ring))
         if self.opts.resend_context:
             n_groups = len(prompts)  # one sample per frame, as the original system
         groups = make_groups(len(prompts), n_groups)
+        shards = await self._place(config, len(prompts), max(len(g) for g in groups))
+        stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
+                              dtype=DTYPES[self.opts.dtype])
+        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups, texts)
         run_id = random.randrange(1, 2**32)
@@ -159,9 +186,12 @@ class Starter:
         from ..engine.batch import batch_params
         from .ring_engine import RingEngine
 
-        n_lanes = len(make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring)))
+        lanes = make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring))
+        shards = await self._place(open_checkpoint(self.ckpt).config, len(prompts),
+                                   max(len(g) for g in lanes))
         engine = RingEngine(self.nodes, self.token, self.ckpt, max_seqs=len(prompts),
-                            max_queue=len(prompts), opts=self.opts, lanes=n_lanes)
+                            max_queue=len(prompts), opts=self.opts, lanes=len(lanes),
+                            shards=shards)
         config = engine.config
         if len(self.nodes.ring) > 1:
             await engine.form()  # the starter's own errors (NodeFailure naming the node, ...)
@@ -280,7 +310,7 @@ class Starter:
             reader, writer = await bounded(
                 asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
             await answer(reader, writer, self.token, run_id, self.opts.timeout)
-        except (OSError, asyncio.TimeoutError, WireError, EOFError) as e:
+        except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             raise NodeFailure(f"cannot open the data link to {spec.name} at "
                               f"{spec.addr}:{spec.port_in}: {e or type(e).__name__}",
                               node=spec) from None

@@ -1,0 +1,94 @@
+"""Slow devices, emulated for real: a CPU quota per node with cgroup v1's CFS bandwidth.
+
+`mdi bench --node-cpu 1,1,0.3` puts each node (starter first) in its own cgroup
+under /sys/fs/cgroup/cpu with `cpu.cfs_quota_us / cpu.cfs_period_us` equal to
+its share of one core: 0.3 runs 3 ms in every 10 ms. The period is 10 ms, not
+the kernel's 100 ms, so a node's work is throttled in small slices (a decode
+step of a small model takes milliseconds; a 100 ms period would let it run
+at full speed for 30 ms and then stall for 70). Needs root and a cgroup v1
+cpu hierarchy; without them `CpuCapsUnavailable` says why, and the bench
+skips. The groups are removed on exit (their processes have ended by then,
+or are moved back to the root group first).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CPU_ROOT = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 10_000
+MIN_SHARE = 0.1   # the kernel's least quota is 1 ms
+
+
+class CpuCapsUnavailable(RuntimeError):
+    """This machine or user cannot cap CPUs with cgroup v1."""
+
+
+def parse_shares(text: str) -> list[float]:
+    """'1,1,0.3' -> [1.0, 1.0, 0.3]; each share in [0.1, number of cores]."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--node-cpu must be comma-separated CPU shares, e.g. 1,1,0.3; "
+                         f"got {text!r}") from None
+    cores = len(os.sched_getaffinity(0))
+    bad = [s for s in shares if not MIN_SHARE <= s <= cores]
+    if not shares or bad:
+        raise ValueError(f"--node-cpu: every share must be between {MIN_SHARE} and {cores} "
+                         f"(this machine's cores), got {text!r}")
+    return shares
+
+
+class CpuCaps:
+    """One cgroup per node; `with CpuCaps([1, 1, 0.3]) as caps: caps.join(i, pid)`."""
+
+    def __init__(self, shares: list[float], root: Path = CPU_ROOT) -> None:
+        self.shares = shares
+        self.root = root
+        self.dirs: list[Path] = []
+
+    def check(self) -> None:
+        if os.geteuid() != 0:
+            raise CpuCapsUnavailable("--node-cpu needs root (it writes cgroup v1 files under "
+                                     f"{self.root})")
+        if not (self.root / "cpu.cfs_quota_us").exists():
+            raise CpuCapsUnavailable(f"--node-cpu needs a cgroup v1 cpu hierarchy at {self.root} "
+                                     "(cpu.cfs_quota_us not found; cgroup v2-only systems are "
+                                     "not supported)")
+
+    def __enter__(self) -> "CpuCaps":
+        self.check()
+        try:
+            for i, share in enumerate(self.shares):
+                d = self.root / f"mdi-bench-{os.getpid()}-node{i}"
+                d.mkdir(exist_ok=True)
+                self.dirs.append(d)
+                (d / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (d / "cpu.cfs_quota_us").write_text(str(int(round(share * PERIOD_US))))
+        except OSError as e:
+            self.__exit__()
+            raise CpuCapsUnavailable(f"--node-cpu: cannot set up a cgroup under {self.root}: "
+                                     f"{e}") from None
+        log.info("CPU shares per node (starter first): %s", self.shares)
+        return self
+
+    def join(self, i: int, pid: int) -> None:
+        """Move process pid (all its threads) into node i's group."""
+        (self.dirs[i] / "cgroup.procs").write_text(str(pid))
+
+    def join_self(self, i: int) -> None:
+        """For a child between fork and exec: put itself in node i's group."""
+        self.join(i, os.getpid())
+
+    def __exit__(self, *exc) -> None:
+        for d in self.dirs:
+            try:
+                procs = d / "cgroup.procs"
+                for pid in procs.read_text().split() if procs.exists() else []:
+                    (self.root / "cgroup.procs").write_text(pid)  # still running: back to root
+                d.rmdir()
+            except OSError as e:
+                log.warning("cannot remove cgroup %s: %s", d, e)
+        self.dirs = []

@@ -1,0 +1,207 @@
+"""What a node can do: its device and memory, and a measured speed for a run's shape.
+
+`node_capabilities` is cheap (no compute) and answers GET /capabilities.
+`probe_speed` times one block (and the embeddings and the head, as the first
+and last stages' extra cost) with random weights of the run's configuration,
+at the run's group size and dtype, over decode steps with a KV cache: the
+same forward the ring runs. `ProbeCache` keeps one answer per
+(shape, batch, dtype, device), so a node is timed once per model.
+
+Timings run for at least `min_time` seconds of wall time each, not a fixed
+number of steps: a CPU capped by a CFS quota (cgroups) runs at full speed
+until its quota for the period is spent, so a burst shorter than a period
+would not see the cap.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..model import GPT, GPTConfig
+from ..model.dtypes import DTYPES
+
+log = logging.getLogger(__name__)
+MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
+WARMUP_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Milliseconds per decode step of one group (batch rows) on this node."""
+    block_ms: float   # one transformer block
+    embed_ms: float   # the first stage's extra: token and position embeddings
+    head_ms: float    # the last stage's extra: final norm and head
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 5) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes at a dtype: one block's weights + KV cache, and the end stages' extras."""
+    block_bytes: int   # weights and KV cache of one block for `batch` samples
+    embed_bytes: int   # embeddings (the starter)
+    head_bytes: int    # final norm and head (the finisher; untied from the embeddings)
+
+
+def _three_layer(config: GPTConfig) -> GPTConfig:
+    """The same shape with 3 blocks, so first/middle/last stages exist separately."""
+    return GPTConfig.from_dict({**config.to_dict(), "n_layer": 3})
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    seen, n = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:  # tied weights count once
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
+
+
+def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32") -> StageMemory:
+    """What blocks and end stages need, computed on the meta device (no memory used).
+
+    n_samples: KV cache rows for the whole run (every group's cache lives on
+    every node)."""
+    c3 = _three_layer(config)
+    with torch.device("meta"):
+        stages = [GPT(c3, i, i + 1).to(DTYPES[dtype]) for i in range(3)]
+        cache = stages[1].new_cache(n_samples)
+    kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+        t.numel() * t.element_size() for t in list(cache.k) + list(cache.v))
+    block = _nbytes(stages[1])
+    return StageMemory(block + kv, max(0, _nbytes(stages[0]) - block),
+                       max(0, _nbytes(stages[2]) - block))
+
+
+def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
+    """ms per decode step of `stage` for `batch` rows (random inputs, cached forward)."""
+    config = stage.config
+    p = next(stage.parameters())
+    cache = stage.new_cache(batch)
+    if stage.start == 0:
+        x = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    else:
+        x = torch.randn(batch, 1, config.n_embd, device=device, dtype=p.dtype)
+    pos0 = config.block_size // 4  # a typical context length, mid-generation
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def step(i: int) -> None:
+        pos = torch.full((batch, 1), (pos0 + i) % config.block_size, device=device)
+        stage(x, pos, cache)
+
+    with torch.inference_mode():
+        for i in range(WARMUP_STEPS):
+            step(i)
+        sync()
+        steps, t0 = 0, time.perf_counter()
+        while True:
+            step(steps)
+            steps += 1
+            if steps >= 3:
+                sync()
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_time:
+                    return 1000.0 * elapsed / steps
+
+
+def probe_speed(config: GPTConfig, batch: int, dtype: str = "float32", device: str = "cpu",
+                min_time: float = MIN_TIME_S, seed: int = 0) -> Speed:
+    """Time one block and the end stages' extras for this shape (random weights)."""
+    c3 = _three_layer(config)
+    torch.manual_seed(seed)
+    times = []
+    for i in range(3):
+        stage = GPT(c3, i, i + 1).to(device=device, dtype=DTYPES[dtype]).eval()
+        times.append(_time_stage(stage, batch, device, min_time))
+        del stage
+    first, block, last = times
+    return Speed(block, max(0.0, first - block), max(0.0, last - block))
+
+
+class ProbeCache:
+    """One measured Speed per (shape, batch, dtype, device); thread-safe."""
+
+    def __init__(self, min_time: float = MIN_TIME_S) -> None:
+        self.min_time = min_time
+        self._lock = threading.Lock()
+        self._speeds: dict[tuple, Speed] = {}
+
+    def get(self, config: GPTConfig, batch: int, dtype: str, device: str) -> tuple[Speed, bool]:
+        """(speed, whether it came from the cache)."""
+        key = (tuple(sorted(config.to_dict().items())), batch, dtype, device)
+        with self._lock:
+            if key in self._speeds:
+                return self._speeds[key], True
+        speed = probe_speed(config, batch, dtype, device, self.min_time)
+        with self._lock:
+            self._speeds[key] = speed
+        log.info("probed %d-dim blocks at batch %d, %s on %s: %.3f ms per block per step",
+                 config.n_embd, batch, dtype, device, speed.block_ms)
+        return speed, False
+
+
+# ---- device and memory --------------------------------------------------------
+def cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by this process's cgroup CPU quota (v1 or v2), None when unlimited."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        try:
+            if controllers == "":  # cgroup v2
+                quota, period = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().split()
+                if quota != "max":
+                    return int(quota) / int(period)
+            elif "cpu" in controllers.split(","):
+                base = Path("/sys/fs/cgroup") / controllers
+                if not base.exists():
+                    base = Path("/sys/fs/cgroup/cpu")
+                d = base / path.lstrip("/")
+                quota = int((d / "cpu.cfs_quota_us").read_text())
+                if quota > 0:
+                    return quota / int((d / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def effective_cpus() -> float:
+    """Cores this process may use: its affinity, capped by a cgroup quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return round(min(float(cores), quota), 3) if quota is not None else float(cores)
+
+
+def free_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes on device: CUDA's mem_get_info, else the host's available RAM."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free), int(total)
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total)
+
+
+def node_capabilities(device: str = "cpu", max_memory: int | None = None) -> dict:
+    """Device, memory and CPUs, as GET /capabilities reports them.
+
+    budget_bytes: what the node accepts for a run's weights and caches, the
+    free memory capped by max_memory (`mdi node --max-memory`)."""
+    free, total = free_memory(device)
+    budget = free if max_memory is None else min(free, max_memory)
+    name = torch.cuda.get_device_name(torch.device(device)) \
+        if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
+    return {"device": device, "device_name": name, "memory_total_bytes": total,
+            "memory_free_bytes": free, "max_memory_bytes": max_memory, "budget_bytes": budget,
+            "cpu_count": os.cpu_count(), "cpus": effective_cpus(),
+            "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,177 @@
+"""Where a run's layers go: the nodes' capabilities, their measured speeds, the planner.
+
+`place_layers` is the starter's one call before any weights move:
+
+- per-node `layers` in the nodes file win (mode "manual");
+- `--partition even`: near-equal shares (mode "even");
+- `--partition auto`: every node (the starter too) is timed on the run's shape
+  (POST /probe, one node at a time so that nodes sharing a machine do not slow
+  each other's timing) and `planner.plan_layers` picks the split with the
+  least slowest stage under every node's memory budget (mode "auto");
+- no `--partition`: auto when the nodes report different devices, CPUs
+  (affinity, cgroup quota, threads) or memory caps, or when the even split
+  does not fit their memory; even otherwise. Timing identical nodes would
+  only add noise (and a second or two) to every run.
+
+Every mode checks the split against the nodes' memory budgets (GET
+/capabilities: free memory, capped by `mdi node --max-memory`) and refuses one
+that does not fit with a PlanError naming the numbers, before any upload.
+Communication time is not modelled: a token's activation is a few KB.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+import httpx
+
+from ..model import GPTConfig
+from .auth import AuthError
+from .capability import ProbeCache, Speed, node_capabilities, stage_memory
+from .nodes_config import NodesConfig, NodeSpec
+from .partition import Shard, even_split, manual_split
+from .planner import NodeCost, Plan, PlanError, plan_layers, plan_memory
+
+log = logging.getLogger(__name__)
+PARTITIONS = ("auto", "even")
+PROBE_TIMEOUT_S = 120.0          # a node timing GPT-2-sized stages under a CPU cap
+_LOCAL_PROBES = ProbeCache()     # the starter's own timings, kept for later runs of this process
+
+
+@dataclass
+class Placement:
+    mode: str                    # "auto" | "even" | "manual"
+    reason: str
+    shards: list[Shard]
+    plan: Plan
+
+    def to_json(self) -> dict:
+        d = {"partition": self.mode, "reason": self.reason, "nodes": self.plan.to_dicts()}
+        if not math.isnan(self.plan.bottleneck_ms):
+            d["bottleneck_ms"] = round(self.plan.bottleneck_ms, 3)
+        return d
+
+    def describe(self) -> str:
+        return f"partition {self.mode} ({self.reason}):\n{self.plan.describe()}"
+
+
+async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partition: str | None,
+                       n_samples: int, batch: int, dtype: str = "float32",
+                       device: str = "cpu", timeout: float = 10.0, retries: int = 5) -> Placement:
+    """Decide the run's split (see the module doc); PlanError when it cannot fit.
+
+    n_samples: KV cache rows per node (the whole run); batch: rows of one group."""
+    if partition not in (None, *PARTITIONS):
+        raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
+    ring = nodes.ring
+    n_layer = config.n_layer
+    manual = [n.layers for n in ring]
+    shards = None
+    if any(m is not None for m in manual):  # checked before any node is asked
+        if any(m is None for m in manual):
+            raise ValueError("give 'layers' for every node or for none")
+        shards = manual_split(n_layer, manual)  # type: ignore[arg-type]
+    even = even_split(n_layer, len(ring))
+    async with httpx.AsyncClient(timeout=timeout,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
+                                              for s in ring[1:]]
+        mem = stage_memory(config, n_samples, dtype)
+        if shards is not None:
+            return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
+        if partition == "even":
+            return _fixed("even", "--partition even", even, ring, caps, mem)
+        if partition is None:
+            differ = _differences(ring, caps)
+            if not differ:
+                try:
+                    return _fixed("even", "the nodes report the same device, CPUs and memory cap",
+                                  even, ring, caps, mem)
+                except PlanError as e:
+                    differ = f"the even split does not fit: {e}"
+            reason = f"default: {differ}"
+        else:
+            reason = "--partition auto"
+        speeds = await _speeds(http, ring, config, batch, dtype, device)
+    costs = _costs(ring, caps, mem, speeds)
+    plan = plan_layers(n_layer, costs)
+    return Placement("auto", reason, plan.shards, plan)
+
+
+def _fixed(mode: str, reason: str, shards: list[Shard], ring: list[NodeSpec], caps: list[dict],
+           mem) -> Placement:
+    costs = _costs(ring, caps, mem, None)
+    return Placement(mode, reason, shards, plan_memory(shards[-1].n_layer, shards, costs))
+
+
+def _costs(ring: list[NodeSpec], caps: list[dict], mem, speeds: list[Speed] | None
+           ) -> list[NodeCost]:
+    out = []
+    last = len(ring) - 1
+    for i, (spec, cap) in enumerate(zip(ring, caps)):
+        speed = speeds[i] if speeds else Speed(math.nan, math.nan, math.nan)
+        extra = (speed.embed_ms if i == 0 else 0.0) + (speed.head_ms if i == last else 0.0)
+        fixed = (mem.embed_bytes if i == 0 else 0) + (mem.head_bytes if i == last else 0)
+        out.append(NodeCost(spec.name, speed.block_ms, extra, mem.block_bytes, fixed,
+                            cap.get("budget_bytes")))
+    return out
+
+
+def _differences(ring: list[NodeSpec], caps: list[dict]) -> str:
+    """Why the nodes are not alike ('' when they are)."""
+    for what, key in (("devices", lambda c: c.get("device_name")),
+                      ("CPUs", lambda c: min(c.get("cpus") or 0, c.get("torch_threads") or 0)),
+                      ("memory caps", lambda c: c.get("max_memory_bytes"))):
+        known = [(s, key(c)) for s, c in zip(ring, caps) if c]  # {}: a node that reports nothing
+        if len({v for _, v in known}) > 1:
+            return f"the nodes differ in {what} (" + ", ".join(
+                f"{s.name}: {v}" for s, v in known) + ")"
+    return ""
+
+
+async def _capabilities(http: httpx.AsyncClient, spec: NodeSpec, timeout: float, retries: int
+                        ) -> dict:
+    delay, last = 0.2, ""
+    for attempt in range(1, max(1, retries) + 1):
+        try:
+            r = await http.get(spec.url + "/capabilities", timeout=min(timeout, 5.0))
+            if r.status_code == 200:
+                return r.json()
+            if r.status_code == 404:  # a node from before /capabilities: nothing known
+                log.warning("%s reports no capabilities; its memory is not checked", spec.describe())
+                return {}
+            if r.status_code == 401:
+                raise AuthError(f"{spec.describe()} refused the cluster token (/capabilities)")
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = str(e) or type(e).__name__
+        if attempt < retries:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+    raise ConnectionError(f"{spec.describe()} did not report its capabilities: {last}")
+
+
+async def _speeds(http: httpx.AsyncClient, ring: list[NodeSpec], config: GPTConfig, batch: int,
+                  dtype: str, device: str) -> list[Speed]:
+    """Time every node on the run's shape, one after the other (the starter locally)."""
+    local, _ = await asyncio.to_thread(_LOCAL_PROBES.get, config, batch, dtype, device)
+    out = [local]
+    body = {"model": config.to_dict(), "batch": batch, "dtype": dtype}
+    for spec in ring[1:]:
+        try:
+            r = await http.post(spec.url + "/probe", json={**body, "device": spec.device},
+                                timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise ConnectionError(f"{spec.describe()} did not answer /probe: "
+                                  f"{e or type(e).__name__}") from None
+        if r.status_code != 200:
+            raise RuntimeError(f"{spec.describe()} refused /probe (HTTP {r.status_code}): "
+                               f"{r.text[:300]}")
+        d = r.json()
+        out.append(Speed(float(d["block_ms"]), float(d["embed_ms"]), float(d["head_ms"])))
+    for spec, s in zip(ring, out):
+        log.info("%s: %.3f ms per block per step (+%.3f embeddings, +%.3f head)", spec.name,
+                 s.block_ms, s.embed_ms, s.head_ms)
+    return out

@@ -1,0 +1,87 @@
+"""Node capabilities: memory from the model's shape, a timed probe, and the endpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from mdi.model import GPT, GPTConfig
+from mdi.ring.capability import (ProbeCache, Speed, effective_cpus, node_capabilities,
+                                 probe_speed, stage_memory)
+from mdi.ring.control import create_app
+from mdi.ring.node import NodeRuntime
+from mdi.ring.nodes_config import NodeSpec
+
+TOKEN = "capability-test-token-0123456789"
+TINY = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
+
+
+def _bytes(m: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2)])
+def test_stage_memory_matches_real_stages(dtype, size):
+    mem = stage_memory(TINY, n_samples=3, dtype=dtype)
+    block = _bytes(GPT(TINY, 1, 2))  # float32 parameters
+    kv = 2 * 3 * TINY.block_size * TINY.n_embd * size  # k and v, 3 rows, block_size positions
+    assert mem.block_bytes == block // 4 * size + kv
+    assert mem.embed_bytes == (_bytes(GPT(TINY, 0, 1)) - block) // 4 * size
+    assert mem.head_bytes == (_bytes(GPT(TINY, 3, 4)) - block) // 4 * size
+    real_cache = GPT(TINY, 1, 2).new_cache(3)
+    assert kv * 4 // size == real_cache.nbytes()
+
+
+def test_probe_times_a_block():
+    speed = probe_speed(TINY, batch=2, min_time=0.02)
+    assert speed.block_ms > 0 and speed.embed_ms >= 0 and speed.head_ms >= 0
+    # a block 4x wider is slower (16x the weights)
+    wide = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=256)
+    assert probe_speed(wide, batch=2, min_time=0.05).block_ms > speed.block_ms
+
+
+def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
+    calls = []
+
+    def fake(config, batch, dtype, device, min_time):
+        calls.append((config.n_embd, batch, dtype))
+        return Speed(1.0, 0.1, 0.2)
+
+    monkeypatch.setattr("mdi.ring.capability.probe_speed", fake)
+    cache = ProbeCache()
+    assert cache.get(TINY, 2, "float32", "cpu") == (Speed(1.0, 0.1, 0.2), False)
+    assert cache.get(TINY, 2, "float32", "cpu")[1] is True
+    cache.get(TINY, 3, "float32", "cpu")
+    cache.get(TINY, 2, "bfloat16", "cpu")
+    assert calls == [(32, 2, "float32"), (32, 3, "float32"), (32, 2, "bfloat16")]
+
+
+def test_capabilities_report_memory_and_cap():
+    caps = node_capabilities("cpu")
+    assert caps["memory_total_bytes"] >= caps["memory_free_bytes"] > 0
+    assert caps["budget_bytes"] == caps["memory_free_bytes"] and caps["max_memory_bytes"] is None
+    assert node_capabilities("cpu", max_memory=2**20)["budget_bytes"] == 2**20
+    assert 0 < caps["cpus"] == effective_cpus() <= caps["cpu_count"]
+
+
+def test_endpoints_need_the_token_and_cache_the_probe():
+    spec = NodeSpec("finisher", 0, "127.0.0.1", 1, 2, 3)
+    rt = NodeRuntime(spec, TOKEN)
+    rt.probes.min_time = 0.02
+    with TestClient(create_app(rt)) as client:
+        assert client.get("/capabilities").status_code == 401
+        assert client.post("/probe", json={"model": TINY.to_dict(), "batch": 1}).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        caps = client.get("/capabilities", headers=auth).json()
+        assert caps["device"] == "cpu" and caps["budget_bytes"] > 0
+        body = {"model": TINY.to_dict(), "batch": 2, "dtype": "float32"}
+        first = client.post("/probe", json=body, headers=auth).json()
+        assert first["block_ms"] > 0 and first["cached"] is False
+        again = client.post("/probe", json=body, headers=auth).json()
+        assert again["cached"] is True and again["block_ms"] == first["block_ms"]
+        r = client.post("/probe", json={**body, "batch": 0}, headers=auth)
+        assert r.status_code == 422 and "batch" in r.json()["detail"]
+        r = client.post("/probe", json={**body, "model": {**TINY.to_dict(), "n_head": 3}},
+                        headers=auth)
+        assert r.status_code == 400 and r.json()["detail"].startswith("model:")
+    rt.executor.shutdown()
