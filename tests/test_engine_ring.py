@@ -13,6 +13,7 @@ from mdi.generate.sampling import sample_seed
 from mdi.ring.local_cluster import LocalCluster
 from mdi.ring.ring_engine import RingEngine
 from mdi.ring.starter import RunOptions
+from test_engine import collect
 
 from cluster_helpers import build_tiny_ckpt
 
@@ -29,16 +30,6 @@ def ckpt(tmp_path_factory):
 def cluster():
     with LocalCluster(2, threads=1, node_timeout=30.0) as c:
         yield c
-
-
-async def collect(seq):
-    toks, text, reason = [], "", None
-    async for ev in seq.events():
-        if ev.token is not None:
-            toks.append(ev.token)
-        text += ev.text
-        reason = ev.finish_reason
-    return toks, text, reason
 
 
 def test_ring_8_concurrent_sequences_equal_single_device(ckpt, cluster):
