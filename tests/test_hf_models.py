@@ -206,16 +206,6 @@ def test_hub_name_offline_and_missing_is_a_clear_error(monkeypatch, tmp_path):
         open_checkpoint("hf:no-slash")
 
 
-def test_gguf_without_reader_is_refused_clearly(tmp_path):
-    try:
-        import mdi.checkpoint.gguf  # noqa: F401
-    except ImportError:
-        with pytest.raises(CheckpointError, match="GGUF"):
-            open_checkpoint(tmp_path / "x.gguf")
-    else:
-        pytest.skip("the GGUF reader is present; its own tests cover it")
-
-
 # ---- bench shapes -------------------------------------------------------------------
 @pytest.mark.parametrize("name,layers,kv", [("smollm2-135m", 30, 3), ("tinyllama-1.1b", 22, 4)])
 def test_bench_shapes_map_onto_the_decoder(name, layers, kv):

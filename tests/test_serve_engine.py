@@ -19,9 +19,7 @@ from conftest import REPO, scaled_random_model
 from mdi.checkpoint.format import save_checkpoint
 from mdi.model import GPTConfig
 from mdi.serve import BackgroundServer, ServeConfig, create_app
-
-pytest.importorskip("mdi.engine.local", reason="the local engine is not in this tree yet")
-from mdi.serve.backend import BackendOptions, open_backend  # noqa: E402
+from mdi.serve.backend import BackendOptions, open_backend
 
 MODEL = "tiny-random"
 BUNDLED = REPO / "models" / "shakespeare-char"

@@ -13,10 +13,7 @@ from conftest import scaled_random_model
 from mdi.checkpoint.format import save_checkpoint
 from mdi.model import GPTConfig
 from mdi.serve import BackgroundServer, ServeConfig, create_app
-
-pytest.importorskip("mdi.ring.ring_engine", reason="the ring engine is not in this tree yet")
-pytest.importorskip("mdi.engine.local", reason="the local engine is not in this tree yet")
-from mdi.serve.backend import BackendOptions, open_backend  # noqa: E402
+from mdi.serve.backend import BackendOptions, open_backend
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-random"
