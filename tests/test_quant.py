@@ -149,31 +149,30 @@ def test_bundled_model_logits_and_perplexity_close_to_fp32():
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
 
 
-def test_gpt2_shaped_model_logits_close_to_fp32():
-    """GPT-2 small's widths and vocabulary (2 of its 12 blocks), GPT-2 initialization."""
-    config = GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=12, n_embd=768)
+def quantized_error(config: GPTConfig) -> tuple[GPT, float]:
+    """(the quantized model, relative logit error of int8 vs fp32) for a random init."""
     torch.manual_seed(0)
     model = GPT(config).eval()
     x = torch.randint(0, config.vocab_size, (2, 32))
     with torch.no_grad():
         ref = model(x)
         got = quantize_linears(model)(x)
-    rel = ((got - ref).norm() / ref.norm()).item()
+    return model, ((got - ref).norm() / ref.norm()).item()
+
+
+def test_gpt2_shaped_model_logits_close_to_fp32():
+    """GPT-2 small's widths and vocabulary (2 of its 12 blocks), GPT-2 initialization."""
+    _, rel = quantized_error(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=12,
+                                       n_embd=768))
     assert rel < 0.05, rel  # measured 0.029-0.030 (logits of a random init are small)
 
 
 def test_llama_shaped_model_logits_close_to_fp32():
     """SmolLM2-135M's widths (RMSNorm, RoPE, SwiGLU, 3 KV heads of 9, untied head), 2 blocks."""
-    config = GPTConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=9, n_kv_head=3,
-                       n_embd=576, intermediate_size=1536, norm="rmsnorm", positions="rope",
-                       activation="swiglu", bias=False, tie_embeddings=False)
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    x = torch.randint(0, config.vocab_size, (2, 32))
-    with torch.no_grad():
-        ref = model(x)
-        got = quantize_linears(model)(x)
+    model, rel = quantized_error(GPTConfig(
+        vocab_size=4096, block_size=64, n_layer=2, n_head=9, n_kv_head=3, n_embd=576,
+        intermediate_size=1536, norm="rmsnorm", positions="rope", activation="swiglu",
+        bias=False, tie_embeddings=False))
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight is not \
         model.transformer.wte.weight  # untied: two tables
-    rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.05, rel  # measured 0.029-0.030 (logits of a random init are small)
