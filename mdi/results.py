@@ -114,10 +114,14 @@ class GenerationResult:
         return len(self.tokens) if self.tokens else len(self.samples)
 
     @property
+    def n_made(self) -> int:
+        """New tokens over all samples (a sample that stopped early counts what it made)."""
+        return sum(len(t) for t in self.tokens) if self.tokens else self.n_samples * self.n_tokens
+
+    @property
     def tokens_per_s(self) -> float:
         """New tokens per second over all samples (those that stopped early count what they made)."""
-        made = sum(len(t) for t in self.tokens) if self.tokens else self.n_samples * self.n_tokens
-        return made / self.gen_time_s if self.gen_time_s > 0 else 0.0
+        return self.n_made / self.gen_time_s if self.gen_time_s > 0 else 0.0
 
     @property
     def first_token_s(self) -> float:
@@ -153,7 +157,7 @@ class GenerationResult:
         return out
 
     def summary(self) -> str:
-        made = sum(len(t) for t in self.tokens) if self.tokens else self.n_samples * self.n_tokens
+        made = self.n_made
         size = (f"{self.n_samples} sample(s) x {self.n_tokens} tokens"
                 if made == self.n_samples * self.n_tokens else
                 f"{self.n_samples} sample(s), {made} new tokens (at most {self.n_tokens} each)")

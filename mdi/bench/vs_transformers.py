@@ -26,6 +26,7 @@ from ..checkpoint import load_model
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..model import GPT
+from ..model.quant import configure_stage
 from .models import random_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,9 @@ class VsConfig:
 
 # Variant name -> how its model differs from plain mdi (fp32, batched decode).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "int8": {"quantize": "int8"},
+    "int8": {"quantize_mode": "int8"},
     "batch-invariant": {"batch_invariant": True},
 }
-
-
-def prepare_model(model: GPT, quantize: str | None = None, batch_invariant: bool = False) -> GPT:
-    from ..model.quant import quantize as apply_quantization
-
-    apply_quantization(model, quantize)
-    model.batch_invariant = batch_invariant
-    return model
 
 
 def to_transformers(model: GPT) -> Any:
@@ -144,7 +137,7 @@ class VsTransformers:
         engines: dict[str, Callable[[int], tuple[float, list[list[int]]]]] = {}
         engines["mdi"] = lambda n: mdi_generate_timed(base, prompt, n, cfg.n_tokens)
         for name in cfg.variants:
-            model = prepare_model(load_model(self.ckpt)[0].eval(), **VARIANTS[name])
+            model = configure_stage(load_model(self.ckpt)[0].eval(), **VARIANTS[name])
             engines[f"mdi-{name}"] = (lambda m: lambda n: mdi_generate_timed(
                 m, prompt, n, cfg.n_tokens))(model)
         hf = to_transformers(base)

@@ -18,10 +18,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.vs_transformers:
         return cmd_vs_transformers(args)
-    try:
-        nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--nodes must be a comma-separated list of counts, got {args.nodes!r}") from None
+    nodes = _counts(args.nodes, "--nodes")
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
                       isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..model.dtypes import DTYPES
+from ..model.quant import QUANT_MODES
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -103,7 +104,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8 weights with per-channel scales, quantized at load on every node")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; with --nodes N, per node)")

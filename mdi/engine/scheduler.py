@@ -132,9 +132,7 @@ class PipelineEngine:
                       for i, n in enumerate(self.sizes)]
         self.waiting: deque[Sequence] = deque()
         self.failure: EngineFailure | None = None
-        self.steps = 0                   # lane steps sent
         self.max_in_flight = 0           # most lanes in the pipeline at once
-        self.on_token: Callable[[Sequence, int], None] | None = None  # observer (metrics)
         self._order: deque[int] = deque()  # lanes in flight, in the order sent
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._next_id = 0
@@ -298,7 +296,6 @@ class PipelineEngine:
         lane.in_flight = slots
         self._order.append(lane.index)
         self.max_in_flight = max(self.max_in_flight, len(self._order))
-        self.steps += 1
         out = await self._compute(lane.index, msgs, slots)
         if self.link is None:
             tokens = out.pop()
@@ -380,8 +377,6 @@ class PipelineEngine:
             st.first_token_s = now
         text, matched = seq.text.push(tok)
         seq._emit(Event(tok, text))
-        if self.on_token is not None:
-            self.on_token(seq, tok)
         if matched:
             self._finish(seq, "stop")
         elif st.n_generated >= p.max_tokens:

@@ -21,6 +21,7 @@ import torch
 
 from ..generate import step
 from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
+from ..generate.schedule import make_groups
 from ..model import GPT, KVCache
 from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
 
@@ -40,12 +41,10 @@ class _Slot:
 
 
 def lane_sizes(max_seqs: int, n_lanes: int) -> list[int]:
-    """Near-equal lane sizes, the larger first (as make_groups splits samples)."""
+    """Near-equal lane sizes, the larger first: make_groups' split of the slots."""
     if max_seqs <= 0 or n_lanes <= 0:
         raise ValueError(f"max_seqs and lanes must be positive, got {max_seqs} and {n_lanes}")
-    n_lanes = min(n_lanes, max_seqs)
-    base, extra = divmod(max_seqs, n_lanes)
-    return [base + (1 if i < extra else 0) for i in range(n_lanes)]
+    return [len(g) for g in make_groups(max_seqs, n_lanes)]
 
 
 class SlotStage:
@@ -144,6 +143,7 @@ class SlotStage:
 
     def sample(self, slots: tuple[int, ...], logits: torch.Tensor) -> tuple[int, ...]:
         """One token per slot from logits (B, V), each with its own parameters and stream."""
+        logits = logits.detach().to("cpu", torch.float32)  # one copy for the step, not one per row
         out = []
         for i, slot in enumerate(slots):
             s = self.slots[slot]

@@ -83,4 +83,5 @@ def sample_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gen
 def sample_rows(logits: torch.Tensor, cfg: SamplingConfig,
                 generators: list[torch.Generator]) -> list[int]:
     """One token per row of logits (B, V), row b drawn with generators[b]."""
+    logits = logits.detach().to("cpu", torch.float32)  # one copy for the step, not one per row
     return [sample_token(logits[b], cfg, g) for b, g in enumerate(generators)]

@@ -8,12 +8,3 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-DTYPE_NAMES = tuple(DTYPES)
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called `name`; a clear error naming the choices otherwise."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
