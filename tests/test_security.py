@@ -453,7 +453,7 @@ def test_idle_connections_cannot_lock_out_the_control_plane(ring):
     long as they were held. Now 150 of them (more than MAX_CONNECTIONS) do not: /health
     and a real /init are answered while they are open, the oldest are evicted past the
     cap, and every one is closed after --timeout (3 s here) without complete headers."""
-    from mdi.ring.serve import MAX_CONNECTIONS
+    from mdi.ring.http_guard import MAX_CONNECTIONS
 
     fin = ring.fin.spec
     mark = ring.fin.log_mark()

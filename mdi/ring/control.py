@@ -52,7 +52,8 @@ class LogLimiter(logging.Filter):
     the data plane's warnings. Dropped lines are counted; the next line let through
     says how many. Errors and info lines always pass.
     """
-    LOGGERS = ("mdi.ring.control", "mdi.ring.serve", "mdi.ring.node", "uvicorn.error")
+    LOGGERS = ("mdi.ring.control", "mdi.ring.serve", "mdi.ring.http_guard", "mdi.ring.node",
+               "uvicorn.error")
     _installed: "LogLimiter | None" = None
 
     def __init__(self, per_second: int = 20) -> None:

@@ -8,13 +8,11 @@ status for a failed node. On /shutdown, SIGTERM or SIGINT, uvicorn stops
 taking requests, open requests get a few seconds, the current run is dropped
 and the data listener closed.
 
-Connections to the control port cannot lock it: a client has --timeout seconds
-from connecting (or from the first byte of its next request) to send complete
-request headers, else the connection is closed; and at most MAX_CONNECTIONS are
-open at once: one more evicts the longest-silent connection that has no
-request in flight (or whose peer does not read its answers). There is no
-limit on requests that would answer 503, so /health and the starter are
-answered however many idle connections a stranger opens.
+Connections to the control port cannot lock it (http_guard.py, as on the API
+port of `mdi serve`): a client has --timeout seconds to send complete request
+headers, and at most MAX_CONNECTIONS are open at once, one more evicting the
+idlest. There is no limit on requests that would answer 503, so /health and
+the starter are answered however many idle connections a stranger opens.
 """
 from __future__ import annotations
 
@@ -23,86 +21,20 @@ import logging
 import socket
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import aio
 from .control import LogLimiter, create_app
+from .http_guard import guarded
 from .node import NodeRuntime
 
 log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 3      # open control requests get this long on shutdown
-MAX_CONNECTIONS = 128        # open control connections; one more evicts an idle one
 EXIT_LISTEN_FAILURE = 4      # `mdi node` exit status: a port could not be bound
 
 
 class ListenError(OSError):
     """A port this node must listen on cannot be bound (taken, or not an address here)."""
     exit_code = EXIT_LISTEN_FAILURE
-
-
-class GuardedProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a cap with idle eviction.
-
-    `busy`: a request in flight whose answer the peer is reading. Idle (no
-    request, or headers still arriving) and stuck (answer not read, write side
-    paused) connections are the ones evicted, longest silent first.
-    """
-    header_timeout: float = 10.0  # set per server by serve_node
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.last_active = self.loop.time()
-        self._header_deadline: asyncio.TimerHandle | None = None
-        self._arm_header_deadline()
-        if sum(not c.transport.is_closing() for c in self.connections) > MAX_CONNECTIONS:
-            self._evict()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
-        between = self.cycle is None or self.cycle.response_complete
-        if between and self._header_deadline is None:
-            self._arm_header_deadline()  # the next request's headers start arriving now
-        cycle = self.cycle
-        super().data_received(data)
-        if self.cycle is not cycle:  # a request's headers are complete
-            self._cancel_header_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_deadline()
-        super().connection_lost(exc)
-
-    @property
-    def busy(self) -> bool:
-        in_flight = self.cycle is not None and not self.cycle.response_complete
-        return in_flight and not self.flow.write_paused
-
-    def _arm_header_deadline(self) -> None:
-        self._cancel_header_deadline()
-        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-
-    def _cancel_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            log.warning("closed control connection from %s: no complete request headers "
-                        "within %g s", _peer(self.client), self.header_timeout)
-            self.transport.close()
-
-    def _evict(self) -> None:
-        idle = [c for c in self.connections
-                if isinstance(c, GuardedProtocol) and not c.busy and not c.transport.is_closing()]
-        victim = min(idle, key=lambda c: c.last_active) if idle else self
-        log.warning("closed control connection from %s: more than %d connections open",
-                    _peer(victim.client), MAX_CONNECTIONS)
-        victim.transport.close()
-
-
-def _peer(client) -> str:
-    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 def bind_control(host: str, port: int) -> list[socket.socket]:
@@ -144,7 +76,7 @@ async def serve_node(rt: NodeRuntime) -> None:
     # kernels on the first normal_); /init sizes a run that way, so pay it before the
     # node answers: a starter's first /init then takes milliseconds, not seconds.
     await asyncio.get_running_loop().run_in_executor(rt.executor, _warm_up)
-    protocol = type("NodeProtocol", (GuardedProtocol,), {"header_timeout": rt.timeout})
+    protocol = guarded("control", header_timeout=rt.timeout)
     config = uvicorn.Config(None, host=rt.bind_host, port=rt.spec.port, log_level="warning",
                             lifespan="off", access_log=False, http=protocol,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

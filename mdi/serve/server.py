@@ -1,5 +1,10 @@
 """Running the app with uvicorn: in the foreground (`mdi serve`) or in a background thread
-on a free loopback port (tests, `mdi serve-bench`)."""
+on a free loopback port (tests, `mdi serve-bench`).
+
+Both speak the nodes' guarded HTTP protocol (ring/http_guard.py): a client has
+`header_timeout` seconds to send complete request headers, and at most
+MAX_CONNECTIONS are open at once, one more evicting the idlest, so idle or
+slow-header connections cannot lock out /health or a completion."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +15,8 @@ import time
 from typing import Any
 
 import uvicorn
+
+from ..ring.http_guard import HEADER_TIMEOUT_S, MAX_CONNECTIONS, guarded
 
 log = logging.getLogger("mdi.serve")
 
@@ -34,17 +41,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def api_config(app: Any, header_timeout: float = HEADER_TIMEOUT_S,
+               max_connections: int = MAX_CONNECTIONS, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the API port, with the guarded protocol."""
+    return uvicorn.Config(app, http=guarded("API", header_timeout, max_connections), **options)
+
+
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan).
     The socket is bound first, so a taken port is a ListenError (exit status 4)."""
+    from ..ring.control import LogLimiter
+
     sock = bind(host, port)
+    LogLimiter.install()  # a stranger's connections cannot flood the log either
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler that was there before: make SIGTERM unwind like Ctrl-C, so the caller's
     # cleanup (e.g. the node processes of `--nodes N`) runs and the exit status is 0.
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
+        uvicorn.Server(api_config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
             sockets=[sock])
     except KeyboardInterrupt:
         pass
@@ -62,12 +78,15 @@ class BackgroundServer:
     """`with BackgroundServer(app) as srv: srv.url ...`: uvicorn in a thread of its own,
     bound before it starts (no port race), stopped and joined on exit."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 30.0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 30.0,
+                 header_timeout: float = HEADER_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.sock = bind(host, 0)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(api_config(app, header_timeout, max_connections,
+                                                log_level="warning", lifespan="on",
+                                                timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"uvicorn:{self.port}", daemon=True)
         self.start_timeout_s = start_timeout_s
