@@ -15,7 +15,7 @@ from mdi.engine.slots import SlotStage
 from mdi.model import GPT, GPTConfig
 from mdi.ring.seq_frames import to_frame, to_message
 from mdi.ring.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, Frame, Kind, Limits, WireError,
-                           admit_frame, admit_params, decode_frame)
+                           admit_frame, decode_frame)
 
 RUN, C, BS, SLOTS, LANE = 9, 8, 16, 6, 3
 SEQ = Limits(RUN, C, BS, SLOTS, DTYPE_CODES[torch.float32], LANE, sequences=True)
@@ -107,18 +107,46 @@ def admit_bytes(temperature=1.0, top_k=0, top_p=1.0, seed=1, slot=0) -> bytes:
     return admit_frame(RUN, slot, temperature, top_k, top_p, seed).encode()
 
 
-@pytest.mark.parametrize("data,needle", [
-    (admit_bytes(temperature=-0.5), "temperature"),
-    (admit_bytes(temperature=float("nan")), "temperature"),
-    (admit_bytes(temperature=float("inf")), "temperature"),
-    (admit_bytes(top_p=0.0), "top_p"),
-    (admit_bytes(top_p=1.5), "top_p"),
-    (admit_bytes(top_k=-3), "top_k"),
-    (admit_bytes(seed=-1), "seed"),
-])
-def test_admit_parameters_are_checked(data, needle):
-    with pytest.raises(WireError, match=needle):
-        admit_params(decode_frame(data, SEQ))
+BAD_ADMITS = [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(top_k=2**31), "top_k"),   # was forwarded by every node (no upper bound on the wire)
+    (dict(top_k=2**62), "top_k"),
+    (dict(seed=-1), "seed"),
+]
+
+
+@pytest.mark.parametrize("fields,name", BAD_ADMITS)
+def test_admit_parameters_are_checked_on_receipt(fields, name):
+    """Review: an ADMIT's parameters were checked in part, after the frame was queued
+    for compute, and by other rules than the finisher's. decode_frame / read_frame
+    (what every node runs on receipt) now refuses them with the field named."""
+    with pytest.raises(WireError, match=rf"^ADMIT for slot 2: {name} must be"):
+        decode_frame(admit_bytes(slot=2, **fields), SEQ)
+
+
+@pytest.mark.parametrize("fields,name", BAD_ADMITS)
+def test_one_sampling_check_for_api_engine_and_nodes(fields, name):
+    """What a node refuses in ADMIT, the engine's SeqParams (the API's requests) and the
+    stages' own Admit refuse too, with the same words: a request cannot pass the API
+    and then fail on a node (which would fail the engine)."""
+    from mdi.engine.api import SeqParams
+    from mdi.engine.slots import SlotError
+
+    params = {"temperature": 1.0, "top_k": None, "top_p": None, "seed": 1, **fields}
+    with pytest.raises(WireError) as wire:
+        decode_frame(admit_bytes(**fields), SEQ)
+    with pytest.raises(ValueError) as api:
+        SeqParams(max_tokens=1, **params)
+    with pytest.raises(SlotError) as stage:  # a first stage, not the last: it checks too
+        STAGE.admit(Admit(0, params["temperature"], params["top_k"], params["top_p"],
+                          params["seed"]))
+    assert str(api.value) in str(wire.value) and str(api.value) in str(stage.value)
 
 
 def test_admit_and_retire_headers_are_checked():

@@ -209,6 +209,8 @@ def test_chat_template_override_and_its_refusals(char_tokenizer):
     (dict(logprobs=2), "logprobs"),
     (dict(echo=True), "echo"),
     (dict(extra_body={"top_k": 0}), "top_k"),
+    (dict(extra_body={"top_k": 2**31}), "top_k"),  # more than a node accepts in ADMIT
+    (dict(seed=-1), "seed"),
     (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
 ])
 def test_completion_400_names_the_field(server, kwargs, param):

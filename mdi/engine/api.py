@@ -8,9 +8,10 @@ string, token budget, cancel), freeing the sequence's KV slot on every node.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
+
+from ..generate.sampling import check_sampling
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -44,12 +45,8 @@ class SeqParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # the nodes apply the same check to the ADMIT frame: what passes here passes there
+        check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,32 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+MAX_TOP_K = 2**31 - 1     # as /init's sampling.top_k
+SEED_LIMIT = 2**63        # a sequence's stream seed is in 0..2**63-1 (an int64 on the wire)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   seed: int | None = None) -> None:
+    """The one check of sampling parameters: a run's (SamplingConfig), a submitted
+    sequence's (SeqParams) and every node's, on receipt of an ADMIT frame. Raises
+    ValueError whose message starts with the field's name. `seed` is a sequence's
+    stream seed (None: not checked; a run's seed is any integer)."""
+    t = temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+    k = top_k
+    if k is not None:
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {k!r}")
+        if k > MAX_TOP_K:
+            raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {k}")
+    p = top_p
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise ValueError(f"seed must be in 0..2**63-1, got {seed!r}")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.8
@@ -20,15 +46,7 @@ class SamplingConfig:
     top_p: float | None = None        # nucleus: keep the smallest set of tokens with mass >= top_p
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(
-                f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
-        k = self.top_k
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
-        p = self.top_p
-        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -5,7 +5,9 @@ torch.load-ed: a payload becomes a tensor only through torch.frombuffer with
 a dtype from a fixed table, after every header field has been checked against
 the run's limits (model width, block size, samples). A payload length that
 does not match the checked shape is refused before any byte of it is read or
-any buffer allocated.
+any buffer allocated. An ADMIT's sampling parameters are checked as the frame
+is built (generate/sampling.py:check_sampling, as the engine checks a submitted
+sequence), so no node forwards what the finisher would refuse.
 
 Header (big-endian, 44 bytes), see docs/wire.md:
 
@@ -38,6 +40,8 @@ import struct
 from dataclasses import dataclass
 
 import torch
+
+from ..generate.sampling import check_sampling
 
 MAGIC = b"MDI\x00"
 VERSION = 1
@@ -266,7 +270,13 @@ def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
         tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[h.dtype]) if buf else torch.empty(
             0, dtype=TORCH_DTYPES[h.dtype])
         tensor = tensor.reshape(h.shape)
-    return Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots)
+    frame = Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots)
+    if h.kind == Kind.ADMIT:  # on receipt, at every node: nothing forwards what the finisher refuses
+        try:
+            check_sampling(*admit_params(frame))
+        except ValueError as e:
+            raise WireError(f"ADMIT for slot {h.sample}: {e}") from None
+    return frame
 
 
 def decode_frame(data: bytes, lim: Limits | None) -> Frame:
@@ -306,14 +316,11 @@ def admit_frame(run_id: int, slot: int, temperature: float, top_k: int | None,
 
 
 def admit_params(f: Frame) -> tuple[float, int | None, float | None, int]:
-    """(temperature, top_k, top_p, seed) of an ADMIT frame, checked."""
+    """(temperature, top_k, top_p, seed) of an ADMIT frame (checked by build_frame,
+    with generate/sampling.py:check_sampling, when it was received)."""
     assert f.tensor is not None
     seed, top_k, t_bits, p_bits = f.tensor.tolist()
     temperature, top_p = torch.tensor([t_bits, p_bits], dtype=torch.int64).view(torch.float64).tolist()
-    _expect(seed >= 0, f"ADMIT: seed {seed} is negative")
-    _expect(top_k >= 0, f"ADMIT: top_k {top_k} is negative")
-    _expect(math.isfinite(temperature) and temperature >= 0, f"ADMIT: temperature {temperature}")
-    _expect(0 < top_p <= 1, f"ADMIT: top_p {top_p} outside (0, 1]")
     return temperature, top_k or None, None if top_p == 1.0 else top_p, seed
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..generate.sampling import MAX_TOP_K, SEED_LIMIT
+
 MAX_STOP = 4      # OpenAI's limit on stop sequences
 MAX_N = 16        # choices per request
 
@@ -50,8 +52,8 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)                # extension (llama.cpp, vLLM)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)  # extension (llama.cpp, vLLM)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # as the nodes check it (ADMIT)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
