@@ -83,6 +83,41 @@ def test_disconnect_frees_the_slot(server):
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_batch_invariant_is_applied_once_where_stages_load(ckpt, tmp_path, monkeypatch, flag):
+    """Review: --batch-invariant was applied twice, by configure_stage at load and again
+    as an engine argument (behind a signature check no engine fails). Now only the
+    loaders set it: the local model, and the ring's RunOptions (its stages' loaders)."""
+    import mdi.engine.local
+    import mdi.ring.ring_engine
+    from cluster_helpers import write_nodes_file
+    from mdi.ring.local_cluster import free_ports
+    from mdi.ring.nodes_config import local_nodes_config
+
+    made = []
+
+    class LocalRecorder(mdi.engine.local.LocalEngine):
+        def __init__(self, model, tok, **kwargs):
+            made.append(kwargs)
+            super().__init__(model, tok, **kwargs)
+            assert model.batch_invariant is flag   # set at load, before the engine
+
+    class RingRecorder:
+        def __init__(self, nodes, token, ckpt, tok, opts, **kwargs):
+            made.append(kwargs)
+            assert opts.batch_invariant is flag    # what every loader of the ring applies
+
+    monkeypatch.setattr(mdi.engine.local, "LocalEngine", LocalRecorder)
+    monkeypatch.setattr(mdi.ring.ring_engine, "RingEngine", RingRecorder)
+    nodes = write_nodes_file(tmp_path / "nodes.json", local_nodes_config(2, free_ports(4)))
+    for opts in (BackendOptions(ckpt=str(ckpt), batch_invariant=flag),
+                 BackendOptions(ckpt=str(ckpt), batch_invariant=flag, nodes_config=str(nodes),
+                                token="t" * 32)):
+        with open_backend(opts) as backend:
+            backend.factory()
+    assert len(made) == 2 and all("batch_invariant" not in kw for kw in made), made
+
+
 @pytest.mark.slow
 def test_mdi_serve_process(tmp_path):
     """`mdi serve` as users start it: the bundled model, an API key from the environment,

@@ -9,7 +9,6 @@ when the server stops.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,14 +81,10 @@ def open_backend(opts: BackendOptions) -> Backend:
     return local_backend(opts)
 
 
-def _engine_kwargs(cls: type, opts: BackendOptions) -> dict:
-    """Without --batch-invariant the engine's own default holds (it may be invariant anyway)."""
-    kwargs: dict = {"max_seqs": opts.max_seqs, "max_queue": opts.queue}
-    if opts.batch_invariant:
-        if "batch_invariant" not in inspect.signature(cls).parameters:
-            raise ValueError(f"--batch-invariant: this build's {cls.__name__} does not offer it yet")
-        kwargs["batch_invariant"] = True
-    return kwargs
+def _engine_kwargs(opts: BackendOptions) -> dict:
+    """--batch-invariant is not among them: it is the stages' setting, applied once where
+    they are loaded (configure_stage here, the ring's RunOptions for its loaders)."""
+    return {"max_seqs": opts.max_seqs, "max_queue": opts.queue}
 
 
 def local_backend(opts: BackendOptions) -> Backend:
@@ -105,7 +100,7 @@ def local_backend(opts: BackendOptions) -> Backend:
     model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
     configure_stage(model, opts.quantize, opts.batch_invariant)
     tok = ck.tokenizer()
-    kwargs = _engine_kwargs(LocalEngine, opts)
+    kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:
         return LocalEngine(model, tok, **kwargs)
@@ -155,7 +150,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
         where = f"{opts.nodes} local nodes"
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant)
-    kwargs = _engine_kwargs(RingEngine, opts)
+    kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:
         return RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
