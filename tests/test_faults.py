@@ -26,6 +26,7 @@ from mdi.ring.local_cluster import free_ports
 from mdi.ring.nodes_config import load_nodes_config, local_nodes_config
 from mdi.ring.starter import EXIT_NODE_FAILURE, RunOptions, Starter
 from mdi.generate.sampling import SamplingConfig
+from mdi.ring.wire import Kind
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
 PROMPTS = [[1, 2, 3], [4, 5], [6]]
@@ -311,8 +312,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
                     del rt._compute
                 reader, writer = await open_data(cfg.finisher, run_id)
                 h = torch.zeros(1, 2, config.n_embd)
-                writer.write(Frame(Kind.PREFILL, run_id, 0, 0, h).encode())
-                writer.write(Frame(Kind.DECODE, run_id, 0, 2, h[:, :1]).encode())
+                writer.write(Frame(Kind.CONTEXT, run_id, 0, 0, h).encode())
                 if fail:
                     assert await closed_by_peer(reader)  # link dropped
                     assert rt.run is None and rt.state == "idle"
@@ -330,6 +330,69 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert any("cannot process a frame" in r.getMessage() and type(exc).__name__ in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("kind", [Kind.PREFILL, Kind.DECODE])
+def test_a_fixed_batch_takes_context_frames_only(ckpt, kind):
+    """Review: a fixed-batch run (only --resend-context makes one now: CONTEXT frames, no
+    cache) still allocated a KV cache per group on every node and computed PREFILL and
+    DECODE frames that no starter sends. The node now keeps no cache for such a run and
+    refuses those frames as bad frames, naming them; the node takes the next run."""
+    from cluster_helpers import closed_by_peer, open_data
+    from mdi.checkpoint import read_info
+    from mdi.checkpoint.stream import shard_bytes
+    from mdi.model import KVCache
+    from mdi.ring.auth import challenge
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+    from mdi.ring.partition import Shard
+    from mdi.ring.wire import Frame, read_frame
+
+    cfg = local_nodes_config(2, free_ports(4))
+    config = read_info(ckpt).config
+    weights = shard_bytes(ckpt, Shard(1, 3, 3))
+
+    async def scenario() -> None:
+        rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
+        await rt.start_data_server()
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def next_node(reader, writer):  # the starter's listener
+            await challenge(reader, writer, TOKEN, run_id, 2.0)
+            await got.put((reader, writer))
+
+        server = await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in)
+        try:
+            for run_id, frame_kind in ((31, kind), (32, Kind.CONTEXT)):
+                await rt.init(InitRequest(run_id=run_id, role="finisher", start=1, stop=3,
+                                          model=config.to_dict(), groups=[[0, 1]],
+                                          next={"addr": "127.0.0.1", "port": cfg.starter.port_in},
+                                          prev_addr="127.0.0.1",
+                                          sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
+                await rt.load_weights(run_id, weights)
+                await rt.connect(run_id)
+                assert not any(isinstance(c, KVCache) for v in vars(rt.run).values()
+                               if isinstance(v, list) for c in v)  # no KV caches
+                back_r, back_w = await asyncio.wait_for(got.get(), 5)
+                reader, writer = await open_data(cfg.finisher, run_id)
+                h = torch.zeros(1, 2 if frame_kind != Kind.DECODE else 1, config.n_embd)
+                writer.write(Frame(frame_kind, run_id, 0, 0, h).encode())
+                if frame_kind == Kind.CONTEXT:
+                    tok = await asyncio.wait_for(read_frame(back_r, rt.run.limits), 5)
+                    assert tok.kind == Kind.TOKENS and tok.tensor.shape == (1,)
+                else:
+                    assert await closed_by_peer(reader)
+                    assert rt.state == "idle"
+                    assert rt.status()["last_run"]["reason"] == (
+                        f"bad frame from the previous node: {kind.name} frame in a fixed-batch "
+                        "run, which carries CONTEXT frames only (--resend-context)")
+                writer.close()
+                back_w.close()
+        finally:
+            server.close()
+            await rt.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 @pytest.mark.parametrize("field,bad", [("top_k", 2**31), ("temperature", float("nan")),

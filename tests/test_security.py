@@ -270,7 +270,7 @@ BAD_FRAMES = {  # sent after a good handshake, on a run of 3 samples, n_embd 32,
     "truncated payload": (raw_frame(run_id=RUN)[:HEADER_SIZE + 10], "truncated payload: 10 of 128"),
     "tokens on a node input": (raw_frame(Kind.TOKENS, RUN, dtype=4, shape=(1,), payload=b"\0" * 8),
                                "unexpected TOKENS frame"),
-    "decode out of step": (raw_frame(run_id=RUN, position=5), "DECODE at position 5, sample 0 is at 0"),
+    "decode in a fixed batch": (raw_frame(run_id=RUN), "DECODE frame in a fixed-batch run"),
     "decode of half a group": (raw_frame(run_id=RUN, shape=(2, 1, 32)), "batch 2 outside 1..1"),
 }
 

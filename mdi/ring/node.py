@@ -39,8 +39,8 @@ from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
 from ..checkpoint.stream import WeightsStreamError, read_stream
 from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
-from ..generate.step import decode, forward_context, prefill
-from ..model import GPT, GPTConfig, KVCache
+from ..generate.step import forward_context
+from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES
 from ..model.quant import configure_stage
 from . import limits as mem
@@ -106,11 +106,8 @@ class Run:
     config: GPTConfig
     limits: Limits
     stage: GPT | None = None
-    caches: list[KVCache] = field(default_factory=list)
-    group_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # sample -> (group, row)
-    positions: list[int] = field(default_factory=list)
-    generators: list[torch.Generator] = field(default_factory=list)
-    sampling: SamplingConfig | None = None
+    generators: list[torch.Generator] = field(default_factory=list)  # fixed batch, finisher
+    sampling: SamplingConfig | None = None                            # fixed batch, finisher
     slots: SlotStage | None = None               # a sequence run: a KV slot per sequence
     downstream: asyncio.StreamWriter | None = None
     upstream_task: asyncio.Task | None = None    # serves the previous node's frames
@@ -309,7 +306,7 @@ class NodeRuntime:
                 task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
         # compute still running on the worker thread holds its own references.
-        run.stage, run.caches, run.generators, run.slots = None, [], [], None
+        run.stage, run.generators, run.slots = None, [], None
 
     # ---- control plane actions --------------------------------------------
     async def init(self, req: InitRequest) -> dict:
@@ -388,7 +385,9 @@ class NodeRuntime:
         return {"state": self.state}
 
     def _arm(self, run: Run, stage: GPT) -> None:
-        """Give the run its stage and caches, all or nothing (InitError leaves it as it was)."""
+        """Give the run its stage and what it computes with, all or nothing (InitError
+        leaves it as it was). A sequence run gets its KV slots; a fixed batch
+        (--resend-context: CONTEXT frames, no cache) the finisher's sampling streams."""
         req = run.req
         n = run.limits.n_samples
         if req.sequences:  # slots, reset per ADMIT; sampling parameters come with each ADMIT
@@ -396,19 +395,9 @@ class NodeRuntime:
                 run.slots = SlotStage(stage, [b - a for a, b in req.groups])
             except RuntimeError as e:
                 raise InitError(f"groups: cannot allocate the KV caches of {n} slots: {e}") from None
-            run.stage = stage
-            return
-        try:
-            caches = [stage.new_cache(b - a) for a, b in req.groups]
-        except RuntimeError as e:  # allocation failure (CPU or CUDA out of memory)
-            raise InitError(f"groups: cannot allocate the KV caches of {n} samples: {e}") from None
-        sampling, generators = sampling_of(req), []  # checked at /init already
-        if req.sampling is not None:
-            generators = [sample_generator(req.sampling.seed, s) for s in range(n)]
-        run.group_of = {s: (gi, row) for gi, (a, b) in enumerate(req.groups)
-                        for row, s in enumerate(range(a, b))}
-        run.positions = [0] * n
-        run.caches, run.sampling, run.generators = caches, sampling, generators
+        elif req.sampling is not None:
+            run.sampling = sampling_of(req)  # checked at /init already
+            run.generators = [sample_generator(req.sampling.seed, s) for s in range(n)]
         run.stage = stage
 
     async def _resolve(self, host: str, where: str) -> frozenset:
@@ -617,44 +606,22 @@ class NodeRuntime:
         stage = run.stage
         if run.slots is not None:
             return self._compute_seq(run, run.slots, frame)
+        # A fixed batch: only --resend-context runs one (the engine serves the rest as
+        # sequences), and it sends CONTEXT frames: no cache, the whole context every step.
+        if frame.kind != Kind.CONTEXT:
+            raise WireError(f"{frame.kind.name} frame in a fixed-batch run, which carries "
+                            "CONTEXT frames only (--resend-context)")
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
         device = next(stage.parameters()).device
         x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
-        if frame.kind == Kind.CONTEXT:  # no cache: the whole context, every step
-            out = _timed(run, forward_context, stage, x)
-            if not run.is_finisher:
-                return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
-            assert run.sampling is not None
-            gens = run.generators[frame.sample:frame.sample + 1]
-            tok = _timed(run, sample_rows, out, run.sampling, gens)
-            return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
-        if frame.kind == Kind.PREFILL:
-            gi, row = run.group_of[frame.sample]
-            h = _timed(run, prefill, stage, run.caches[gi], row, x)
-            run.positions[frame.sample] = x.shape[1]
-            if run.is_finisher:
-                return None
-            return Frame(Kind.PREFILL, run.req.run_id, frame.sample, 0, h)
-        # DECODE: the frame must cover exactly one group
-        gi, row = run.group_of[frame.sample]
-        a, b = run.req.groups[gi]
-        if row != 0 or x.shape[0] != b - a:
-            raise WireError(f"DECODE for samples {frame.sample}..{frame.sample + x.shape[0] - 1} "
-                            f"does not match group {a}..{b - 1}")
-        positions = run.positions[a:b]
-        if positions[0] != frame.position:
-            raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
-        if max(positions) >= run.config.block_size:
-            raise WireError("DECODE past block_size without a prefill")
-        out = _timed(run, decode, stage, run.caches[gi], x, positions)
-        for s in range(a, b):
-            run.positions[s] += 1
+        out = _timed(run, forward_context, stage, x)
         if not run.is_finisher:
-            return Frame(Kind.DECODE, run.req.run_id, a, frame.position, out)
+            return Frame(Kind.CONTEXT, run.req.run_id, frame.sample, 0, out)
         assert run.sampling is not None
-        tokens = _timed(run, sample_rows, out, run.sampling, run.generators[a:b])
-        return Frame(Kind.TOKENS, run.req.run_id, a, frame.position, torch.tensor(tokens))
+        gens = run.generators[frame.sample:frame.sample + 1]
+        tok = _timed(run, sample_rows, out, run.sampling, gens)
+        return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
 
     def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:
         """A sequence run: the frame as a message for this stage's slots (worker thread)."""

@@ -23,13 +23,13 @@ Header (big-endian, 44 bytes), see docs/wire.md:
     length   Q   payload bytes that follow
     reserved 4x  zero; a frame with any other value is refused
 
-A run is either a fixed batch (PREFILL/DECODE/TOKENS/CONTEXT over samples) or a
+A run is either a fixed batch (CONTEXT/TOKENS over samples: --resend-context) or a
 sequence run of the engine (ADMIT/RETIRE/PREFILL/SEQ_DECODE/SEQ_TOKENS over
 slots, Limits.sequences); each refuses the other's own kinds. SEQ_DECODE and
 SEQ_TOKENS carry some slots of a lane: their payload starts with a slot
 table, B uint32 slot ids (network order, strictly ascending, the first equal to
 `sample`), then the tensor bytes. A step of a whole lane needs no table: it
-travels as DECODE/TOKENS, exactly as a fixed batch's group.
+travels as DECODE/TOKENS.
 """
 from __future__ import annotations
 
