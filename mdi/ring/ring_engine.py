@@ -47,6 +47,7 @@ from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
 from ..results import HopStats
 from .partition import Shard
+from .capability import node_capabilities, stage_memory
 from .planner import PlanError
 from .starter import NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
@@ -222,8 +223,10 @@ class RingEngine(PipelineEngine):
         the first stage is loaded again when its range moved."""
         shards = await self.starter._place(self.config, self.max_seqs, max(self.sizes))
         self.placement = self.starter.placement
-        if shards[0].stop != self.shards[0].stop:
-            self.first = SlotStage(self._load_first(shards[0].stop), self.sizes)
+        if shards[0].stop != self.shards[0].stop:  # off the loop: serve keeps answering /health
+            stage = await asyncio.get_running_loop().run_in_executor(
+                None, self._load_first, shards[0].stop)
+            self.first = SlotStage(stage, self.sizes)
         self.shards = shards
 
     async def start(self) -> None:
@@ -376,9 +379,22 @@ class RingEngine(PipelineEngine):
         self.nodes = nodes
         self.starter = Starter(nodes, self.starter.token, self.starter.ckpt, self.opts)
         self.placement = None
+        if len(nodes.ring) == 1:
+            self._check_fits_alone()
         await self._plan()
         if len(nodes.ring) > 1:
             await self.form()
+
+    def _check_fits_alone(self) -> None:
+        """The starter left alone must hold the whole model and every sequence's cache
+        (what it holds now counts as room): PlanError with the numbers if not."""
+        mem = stage_memory(self.config, self.max_seqs, self.opts.dtype)
+        need = mem.embed_bytes + mem.head_bytes + self.config.n_layer * mem.block_bytes
+        held = sum(t.numel() * t.element_size() for t in self.first.stage.state_dict().values())
+        budget = node_capabilities(self.opts.device)["budget_bytes"]
+        if budget is not None and need > budget + held:
+            raise PlanError(f"the starter alone would need {need / 2**20:.0f} MiB for the whole "
+                            f"model and its caches; it has {(budget + held) / 2**20:.0f} MiB")
 
     async def _answering(self, specs: list[NodeSpec]) -> list[NodeSpec]:
         """The nodes of `specs` that answer a health check now, in order."""
