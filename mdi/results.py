@@ -99,6 +99,7 @@ class GenerationResult:
     hops: list[HopStats] | None = None  # ring runs only ([] on a one-node ring), around the ring
     failure: Failure | None = None      # set on the partial result of a failed run
     plan: dict | None = None            # the ring's split (ring/placement.py), ring runs only
+    recoveries: list[dict] = field(default_factory=list)  # nodes lost and resumed from (ring_engine.py)
 
     @classmethod
     def build(cls, tokens: list[list[int]], texts: Texts | None, **fields: Any
@@ -150,6 +151,8 @@ class GenerationResult:
             out["hops"] = [h.to_dict() for h in self.hops]
         if self.plan is not None:
             out["plan"] = self.plan
+        if self.recoveries:
+            out["recoveries"] = self.recoveries
         if self.failure is not None:
             out["error"] = self.failure.message
             if self.failure.node is not None:

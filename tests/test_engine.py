@@ -341,3 +341,76 @@ def test_slot_rules(model):
 @pytest.mark.parametrize("max_seqs,lanes,want", [(8, 3, [3, 3, 2]), (2, 3, [1, 1]), (1, 1, [1])])
 def test_lane_sizes(max_seqs, lanes, want):
     assert lane_sizes(max_seqs, lanes) == want
+
+
+# -- recovery: the backend rebuilds the pipeline, the engine resumes every sequence -------------
+
+class RecoveringEngine(PipelineEngine):
+    """A 3-stage fake ring whose stage `fail_at` dies; _recover replaces it by `then`
+    (cuts of the new pipeline; None: the first stage alone holds the whole model)."""
+
+    def __init__(self, model: GPT, max_seqs: int, fail_at: tuple[int, int],
+                 then: list[int] | None) -> None:
+        stages = stages_of(model, [1, 2])
+        sizes = lane_sizes(max_seqs, 3)
+        link = MemoryLink([SlotStage(s, sizes) for s in stages[1:]], delay=0.001, fail_at=fail_at)
+        super().__init__(stages[0], TOK.decode, max_seqs, 3, link)
+        self.model, self.then, self.recovered = model, then, 0
+
+    async def _recover(self, e) -> bool:
+        assert "stopped answering" in str(e)
+        for t in self.link.tasks:
+            t.cancel()
+        self.recovered += 1
+        if self.then is None:
+            self.first = SlotStage(stages_of(self.model, [])[0], self.sizes)
+            self.link = None
+            return True
+        stages = stages_of(self.model, self.then)
+        self.first = SlotStage(stages[0], self.sizes)
+        self.link = MemoryLink([SlotStage(s, self.sizes) for s in stages[1:]])
+        return True
+
+
+@pytest.mark.parametrize("then", [[2], [1, 2], None], ids=["survivors", "spare", "starter-alone"])
+def test_recovered_pipeline_resumes_every_sequence_exactly(model, then):
+    engine = RecoveringEngine(model, 4, fail_at=(1, 20), then=then)
+    lengths = [12, 25, 7, 30, 18, 9]
+    out = asyncio.run(run_all(engine, PROMPTS[:6], [greedy(n) for n in lengths]))
+    assert engine.recovered == 1
+    for p, n, (toks, text, reason) in zip(PROMPTS, lengths, out):
+        assert toks == alone(model, p, n), f"prompt {p}"
+        assert text == TOK.decode(toks) and reason == "length"
+
+
+@pytest.mark.parametrize("how", ["refused", "raised"])
+def test_recovery_refused_fails_every_sequence_as_before(model, how):
+    class Refusing(RecoveringEngine):
+        async def _recover(self, e) -> bool:
+            self.recovered += 1
+            if how == "raised":
+                raise RuntimeError("no node answers")
+            return False
+
+    engine = Refusing(model, 4, fail_at=(1, 12), then=None)
+
+    async def main():
+        await engine.start()
+        try:
+            seqs = [engine.submit(p, greedy(30)) for p in PROMPTS[:4]]
+            for s in seqs:
+                with pytest.raises(EngineFailure, match="node 2 stopped answering"):
+                    await collect(s)
+        finally:
+            engine._reader.cancel()
+    asyncio.run(main())
+    assert engine.recovered == 1
+
+
+def test_recovered_sampled_sequence_draws_a_stream_derived_from_its_seed(model):
+    engine = RecoveringEngine(model, 2, fail_at=(1, 10), then=[2])
+    params = [SeqParams(max_tokens=20, temperature=1.0, seed=7), greedy(20)]
+    out = asyncio.run(run_all(engine, PROMPTS[:2], params))
+    assert engine.recovered == 1
+    assert [len(t) for t, _, _ in out] == [20, 20]
+    assert out[1][0] == alone(model, PROMPTS[1], 20)

@@ -93,7 +93,8 @@ def test_ring_8_concurrent_sequences_equal_single_device(ckpt, cluster):
 def test_ring_failure_reaches_the_sequences_and_names_the_node(ckpt):
     with LocalCluster(2, threads=1, node_timeout=5.0) as c:
         async def fail():
-            engine = RingEngine(c.nodes, c.token, str(ckpt), max_seqs=2, opts=RunOptions(timeout=5.0))
+            engine = RingEngine(c.nodes, c.token, str(ckpt), max_seqs=2,
+                                opts=RunOptions(timeout=5.0, recover=False))
             await engine.start()
             try:
                 seq = engine.submit([1, 2], SeqParams(max_tokens=10_000, temperature=0.0))

@@ -51,10 +51,12 @@ def starter_run(ring, n_tokens: int = 8, timeout: float = 3.0):
 
 
 # ---- `mdi run` with a node that dies or freezes ---------------------------------
-def start_mdi_run(tmp_path: Path, ckpt: Path, *extra: str) -> subprocess.Popen:
-    """`mdi run` on 3 nodes with its temp files under tmp_path (to find its nodes file)."""
+def start_mdi_run(tmp_path: Path, ckpt: Path, *extra: str, n_tokens: str = LONG_RUN
+                  ) -> subprocess.Popen:
+    """`mdi run` on 3 nodes with its temp files under tmp_path (to find its nodes file).
+    The failure tests pass --no-recover (test_recovery.py has the runs that go on)."""
     return subprocess.Popen(
-        mdi_cmd("run", "--ckpt", ckpt, "--nodes", "3", "--n-tokens", LONG_RUN, "--threads", "1",
+        mdi_cmd("run", "--ckpt", ckpt, "--nodes", "3", "--n-tokens", n_tokens, "--threads", "1",
                 "--temperature", "0", "--json", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=child_env(TMPDIR=str(tmp_path)))
@@ -96,7 +98,7 @@ def assert_all_released(nodes, pids: dict[str, int]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("role", ["intermediate[0]", "finisher"])
 def test_node_killed_mid_run_is_named_and_partial_text_kept(tmp_path, ckpt, role):
-    proc = start_mdi_run(tmp_path, ckpt, "--timeout", "3")
+    proc = start_mdi_run(tmp_path, ckpt, "--timeout", "3", "--no-recover")
     nodes, pids = running_cluster(tmp_path, proc)
     time.sleep(0.3)  # let some tokens come back
     os.kill(pids[role], signal.SIGKILL)
@@ -127,7 +129,7 @@ def test_frozen_node_is_named_within_the_default_timeout(tmp_path, ckpt):
         assert build_parser().parse_args(cmd).timeout <= 10
     assert RunOptions().timeout <= 10
 
-    proc = start_mdi_run(tmp_path, ckpt)  # no --timeout: the default
+    proc = start_mdi_run(tmp_path, ckpt, "--no-recover")  # no --timeout: the default
     nodes, pids = running_cluster(tmp_path, proc)
     time.sleep(0.3)
     os.kill(pids["finisher"], signal.SIGSTOP)

@@ -313,3 +313,61 @@ def test_node_spec_is_frozen():
     with pytest.raises(AttributeError):
         spec.port = 5  # type: ignore[misc]
     assert isinstance(NodesConfig(spec, (), None).ring[0], NodeSpec)
+
+
+# --- spares: nodes that join the ring when one of its nodes fails ---------------------------
+
+def with_spares(n: int) -> dict:
+    data = layout(1)
+    data["spares"] = [node(port=8200 + k, port_in=5200 + 2 * k) for k in range(n)]
+    return data
+
+
+def test_spares_are_parsed_found_and_round_trip():
+    cfg = parse_nodes_config(with_spares(2))
+    assert [s.name for s in cfg.spares] == ["spare[0]", "spare[1]"]
+    assert [s.port for s in cfg.spares] == [8200, 8201]
+    assert cfg.find("spare", 1) is cfg.spares[1]
+    assert all(s not in cfg.ring for s in cfg.spares)
+    assert parse_nodes_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(NodesConfigError, match="2 spare node.*index 2"):
+        cfg.find("spare", 2)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d.update(spares={"addr": "x"}), "spares must be a list"),
+    (lambda d: d["spares"][0].pop("addr"), r"spares\[0\]\.addr"),
+    (lambda d: d["spares"][1].update(layers=2), r"spares\[1\]\.layers: a spare's layers are planned"),
+    (lambda d: d["spares"][1]["communication"].update(port=8001),
+     r"spare\[1\]\.communication\.port 10\.0\.0\.1:8001 is already used by intermediate\[0\]"),
+    (lambda d: d["nodes"].pop("finisher") and d["nodes"].update(intermediate=[]),
+     "spares need a ring of two or more nodes"),
+])
+def test_bad_spares_name_the_field(mutate, match):
+    data = with_spares(2)
+    mutate(data)
+    with pytest.raises(NodesConfigError, match=match):
+        parse_nodes_config(data)
+
+
+def test_reformed_ring_keeps_names_and_drops_planned_layers():
+    data = with_spares(1)
+    data["nodes"]["starter"]["layers"] = 2
+    data["nodes"]["intermediate"][0]["layers"] = 1
+    data["nodes"]["finisher"]["layers"] = 1
+    cfg = parse_nodes_config(data)
+    new = cfg.reformed([cfg.intermediate[0], cfg.spares[0]])
+    assert [n.name for n in new.ring] == ["starter", "intermediate[0]", "spare[0]"]
+    assert new.finisher.name == "spare[0]" and new.spares == ()
+    assert all(n.layers is None for n in new.ring)
+    alone = cfg.reformed([], cfg.spares)
+    assert [n.name for n in alone.ring] == ["starter"] and alone.spares == cfg.spares
+
+
+def test_local_nodes_config_with_spares():
+    cfg = local_nodes_config(3, list(range(9000, 9010)), n_spares=2)
+    assert [s.name for s in cfg.spares] == ["spare[0]", "spare[1]"]
+    assert [(s.port, s.port_in) for s in cfg.spares] == [(9006, 9007), (9008, 9009)]
+    assert parse_nodes_config(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="two ports per node or spare"):
+        local_nodes_config(3, list(range(9000, 9007)), n_spares=1)

@@ -1,8 +1,8 @@
 """The API server over a 2-node ring (real node processes): 32 concurrent greedy streams
-equal the single-device engine's texts; a node that dies is a 500 naming it."""
+equal the single-device engine's texts; a node that dies is replaced (the starter alone
+here) and later requests are served the same."""
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -40,7 +40,7 @@ def greedy(srv, prompts: list[str], concurrent: bool) -> list[str]:
         return list(pool.map(one, prompts))
 
 
-def test_ring_streams_equal_single_device_and_node_failure_is_named(ckpt):
+def test_ring_streams_equal_single_device_and_survive_a_dead_node(ckpt):
     with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8)) as local:
         with BackgroundServer(create_app(local.factory, local.tokenizer, ServeConfig(MODEL))) as srv:
             alone = greedy(srv, PROMPTS, concurrent=False)
@@ -49,16 +49,12 @@ def test_ring_streams_equal_single_device_and_node_failure_is_named(ckpt):
         app = create_app(ring.factory, ring.tokenizer, ServeConfig(MODEL, rebuild_retry_s=0.5))
         with BackgroundServer(app, start_timeout_s=120) as srv:
             assert greedy(srv, PROMPTS, concurrent=True) == alone
-            # a node dies: the request fails with a 500 that names it; the server stays up
+            # a node dies between requests: the engine re-plans over the starter alone and
+            # the next requests are served as before; /health reports the recovery
             ring.cluster.procs[0].kill()
             ring.cluster.procs[0].wait()
-            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
-            with pytest.raises(openai.InternalServerError) as e:
-                c.completions.create(model=MODEL, prompt="a", max_tokens=8)
-            assert e.value.status_code == 500 and "at node finisher" in e.value.message, e.value.message
-            deadline = time.monotonic() + 10
-            while httpx.get(srv.url + "/health").json()["last_failure"] is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            assert greedy(srv, PROMPTS[:4], concurrent=True) == alone[:4]
             health = httpx.get(srv.url + "/health").json()
-            assert health["status"] in ("rebuilding", "ok") and "finisher" in health["last_failure"]
+            assert health["status"] == "ok" and health["engine_builds"] == 1, health
+            (rec,) = health["recoveries"]
+            assert rec["failed"].startswith("finisher at ") and rec["ring"] == ["starter"], rec

@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
                                  quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                 partition=args.partition),
+                                 partition=args.partition, recover=not args.no_recover),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
         result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts), stops)
@@ -135,12 +135,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
+    if args.spares < 0 or (args.spares and args.nodes < 2):
+        raise UsageError(f"--spares must be 0, or positive with --nodes 2 or more; got "
+                         f"{args.spares} with --nodes {args.nodes}")
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so the cluster's __exit__ ends every child.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout) as cluster:
+        with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout,
+                          spares=args.spares) as cluster:
             return _generate(args, cluster.nodes, cluster.token)
     finally:
         for sig, handler in previous.items():
@@ -153,9 +157,13 @@ def _raise_interrupt(signum, frame) -> None:
 
 def _dist_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds of silence before a node counts as gone; the run then stops "
-                        f"with exit status {EXIT_NODE_FAILURE} and the text so far "
-                        f"(default {DEFAULT_TIMEOUT:g})")
+                   help=f"seconds of silence before a node counts as gone; the run then "
+                        f"re-plans over the nodes still alive and the nodes file's spares and "
+                        f"goes on (or, when nothing fits, stops with exit status "
+                        f"{EXIT_NODE_FAILURE} and the text so far) (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--no-recover", action="store_true",
+                   help=f"when a node fails, stop with exit status {EXIT_NODE_FAILURE} and the "
+                        "text so far instead of re-planning and resuming")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="groups of samples in flight (default min(n_samples, n_nodes))")
     p.add_argument("--resend-context", action="store_true",
@@ -174,8 +182,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "nodes file or token; 2 command-line syntax; 4 a port cannot be bound (taken, or not an "
                               "address of this host). 3 is the starter's, for a failed node.")
     p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
-    p.add_argument("--role", required=True, choices=["intermediate", "finisher"])
-    p.add_argument("--index", type=int, default=0, help="which intermediate (default 0)")
+    p.add_argument("--role", required=True, choices=["intermediate", "finisher", "spare"],
+                   help="the node's entry in the nodes file; a spare joins the ring only when "
+                        "a node fails mid-generation")
+    p.add_argument("--index", type=int, default=0, help="which intermediate or spare (default 0)")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
     p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
     p.add_argument("--timeout", type=float, default=10.0,
@@ -215,6 +225,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", required=True,
                    help=CKPT_HELP)
     p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
+    p.add_argument("--spares", type=int, default=0,
+                   help="extra local nodes that join the ring when one of its nodes fails "
+                        "(default 0)")
     add_generation_options(p)
     _dist_options(p)
     p.set_defaults(func=cmd_run)

@@ -55,7 +55,10 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
                           batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
                           token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
                           timeout=args.timeout, threads=args.threads,
-                          quantize=getattr(args, "quantize", None))
+                          quantize=getattr(args, "quantize", None),
+                          partition=getattr(args, "partition", None),
+                          recover=not getattr(args, "no_recover", False),
+                          spares=getattr(args, "spares", 0))
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -110,6 +113,14 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default: torch's; with --nodes N, per node)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="ring: seconds of silence before a node counts as gone (default 10)")
+    p.add_argument("--partition", choices=["auto", "even"], default=None,
+                   help="ring: how layers are split (as for mdi run; default: auto when the "
+                        "nodes differ)")
+    p.add_argument("--no-recover", action="store_true",
+                   help="ring: when a node fails, fail the requests in flight (500) and form the "
+                        "ring again, instead of re-planning over the nodes left and resuming")
+    p.add_argument("--spares", type=int, default=0,
+                   help="ring with --nodes N: extra local nodes that join when a node fails")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

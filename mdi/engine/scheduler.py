@@ -33,6 +33,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from ..generate.sampling import sample_seed
 from ..generate.schedule import SampleState, accept, plan_step
 from ..model import GPT
 from .api import EngineBusy, EngineFailure, Event, SeqParams, SeqStats
@@ -221,29 +222,83 @@ class PipelineEngine:
             self._inbox.put_nowait(e)
 
     async def _loop(self) -> None:
-        try:
-            while True:
-                if self._closing:
-                    for seq in list(self.waiting):
-                        self._cancel(seq)
-                    for lane in self.lanes:
-                        for seq in lane.seqs.values():
-                            seq.cancelled = True
-                for lane in self.lanes:
-                    if lane.in_flight is None:
-                        await self._boundary(lane)
-                if self._closing and not self._order:
+        while True:
+            try:
+                await self._schedule()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every sequence must hear of it (Ctrl-C goes up)
+                if not (isinstance(e, LinkClosed) and not self._closing
+                        and await self._try_recover(e)):
+                    self._fail(e)
                     return
-                item = await self._inbox.get()
-                if item is _WAKE:
+                self._rewind()
+
+    async def _schedule(self) -> None:
+        while True:
+            if self._closing:
+                for seq in list(self.waiting):
+                    self._cancel(seq)
+                for lane in self.lanes:
+                    for seq in lane.seqs.values():
+                        seq.cancelled = True
+            for lane in self.lanes:
+                if lane.in_flight is None:
+                    await self._boundary(lane)
+            if self._closing and not self._order:
+                return
+            item = await self._inbox.get()
+            if item is _WAKE:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            self._arrive(item)
+
+    async def _try_recover(self, e: LinkClosed) -> bool:
+        try:
+            return await self._recover(e)
+        except Exception as err:  # noqa: BLE001 - a failed recovery fails the run with its cause
+            log.error("recovery failed: %s", err, exc_info=err)
+            return False
+
+    async def _recover(self, e: LinkClosed) -> bool:
+        """The pipeline behind the link failed: a backend that can rebuild it (a new
+        first stage and link, see ring_engine.py) does so and returns True; the
+        engine then resumes every sequence (_rewind). False fails them all."""
+        return False
+
+    def _rewind(self) -> None:
+        """After _recover: the steps in flight are lost and the new pipeline holds no
+        cache. Every live sequence goes back to the head of the queue, is admitted
+        again and prefilled from its tokens so far (plan_step from an empty cache),
+        so a greedy sequence goes on exactly as it would have. A sampled one draws
+        from a new stream, derived from its seed and length."""
+        if self._reader is not None:
+            self._reader.cancel()
+        resumed: list[Sequence] = []
+        for lane in self.lanes:
+            for slot in sorted(lane.seqs):
+                seq = lane.seqs[slot]
+                if seq.done:
                     continue
-                if isinstance(item, BaseException):
-                    raise item
-                self._arrive(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every sequence must hear of it (Ctrl-C goes up)
-            self._fail(e)
+                if seq.cancelled:
+                    self._finish(seq, "cancelled")
+                    continue
+                seq.slot, seq.state.cached = None, 0
+                if seq.params.temperature > 0:
+                    seq.seed = sample_seed(seq.seed, len(seq.generated))
+                resumed.append(seq)
+            lane.seqs.clear()
+            lane.in_flight = None
+        self._order.clear()
+        self.first.clear()
+        self.waiting.extendleft(reversed(resumed))
+        while not self._inbox.empty():  # answers of the old pipeline, and its failure
+            self._inbox.get_nowait()
+        if self.link is not None:
+            self._reader = asyncio.create_task(self._read())
+        log.info("resuming %d sequence(s) on the new pipeline", len(resumed))
 
     def _fail(self, e: BaseException) -> None:
         node = getattr(e, "node", None)

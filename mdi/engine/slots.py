@@ -57,6 +57,11 @@ class SlotStage:
         p = next(stage.parameters())
         self.device = p.device
 
+    def clear(self) -> None:
+        """Free every slot (the caches' stale rows are never read: a slot reads
+        only the positions written since its admission)."""
+        self.slots = [_Slot(s.lane, s.row) for s in self.slots]
+
     @property
     def n_slots(self) -> int:
         return len(self.slots)

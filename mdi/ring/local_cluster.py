@@ -129,13 +129,16 @@ class LocalCluster:
                  startup_timeout: float = 60.0, node_timeout: float = 10.0,
                  ports: list[int] | None = None, extra_env: dict[str, str] | None = None,
                  addrs: list[str] | None = None, prefixes: list[list[str]] | None = None,
-                 affinity: list[list[int]] | None = None) -> None:
+                 affinity: list[list[int]] | None = None, spares: int = 0) -> None:
         """addrs, prefixes and affinity are per node, index 0 being the starter (this
         process): node addresses, a command prefix that starts each secondary (e.g.
-        `ip netns exec NS`), and the CPUs each node is pinned to."""
+        `ip netns exec NS`), and the CPUs each node is pinned to. spares: extra
+        nodes on loopback, listed as the nodes file's spares (they join the ring
+        when a node fails)."""
         if n_nodes < 1:
             raise ValueError(f"--nodes must be at least 1, got {n_nodes}")
         self.n_nodes = n_nodes
+        self.n_spares = spares
         self.threads = threads or default_threads(n_nodes)
         self.chunks = chunks
         self.startup_timeout = startup_timeout
@@ -166,29 +169,36 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
-        ports = self.ports or free_ports(2 * self.n_nodes)  # loopback: free there, so free anywhere
-        self.nodes = local_nodes_config(self.n_nodes, ports, self.addrs)
+        # loopback: free there, so free anywhere
+        ports = self.ports or free_ports(2 * (self.n_nodes + self.n_spares))
+        self.nodes = local_nodes_config(self.n_nodes, ports, self.addrs, self.n_spares)
         path = self.dir / "nodes.json"
         path.write_text(json.dumps(self.nodes.to_dict(), indent=2))
         env = {**os.environ, ENV_VAR: self.token, "OMP_WAIT_POLICY": "PASSIVE", **self.extra_env}
-        for i, spec in enumerate(self.nodes.secondaries, start=1):
-            prefix = self.prefixes[i] if self.prefixes else []
+        for i, spec in enumerate(self.members, start=1):
+            prefix = self.prefixes[i] if self.prefixes and i < len(self.prefixes) else []
             cmd = [*prefix, sys.executable, "-m", "mdi.cli.main", "node", "--nodes-config", str(path),
                    "--role", spec.role, "--index", str(spec.index), "--threads", str(self.threads),
                    "--timeout", str(self.node_timeout)]
-            if self.chunks:
+            if self.chunks and i < len(self.chunks):
                 cmd += ["--chunk", self.chunks[i]]
             logf = (self.dir / f"node{i}.log").open("wb")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                                stderr=subprocess.STDOUT, env=env,
                                                preexec_fn=child_setup(
-                                                   self.affinity[i] if self.affinity else None)))
+                                                   self.affinity[i] if self.affinity and
+                                                   i < len(self.affinity) else None)))
             logf.close()
         self._wait_ready()
 
-    def _wait_ready(self) -> None:
+    @property
+    def members(self) -> list[NodeSpec]:
+        """The node processes' specs: the secondaries, then the spares."""
         assert self.nodes is not None
-        wait_healthy(list(zip(self.nodes.secondaries, self.procs)), self.startup_timeout,
+        return [*self.nodes.secondaries, *self.nodes.spares]
+
+    def _wait_ready(self) -> None:
+        wait_healthy(list(zip(self.members, self.procs)), self.startup_timeout,
                      lambda i: self.log_tail(i + 1))
 
     def log_tail(self, i: int, lines: int = 20) -> str:
@@ -212,7 +222,7 @@ class LocalCluster:
     def _stop(self, grace: float) -> None:
         polite = []  # children that took /shutdown: they get `grace` to exit on their own
         if self.nodes is not None:
-            for spec, proc in zip(self.nodes.secondaries, self.procs):
+            for spec, proc in zip(self.members, self.procs):
                 if proc.poll() is None:
                     try:
                         r = httpx.post(spec.url + "/shutdown", timeout=0.5,

@@ -1,6 +1,11 @@
 """The nodes file: the original MDI system's layout, read into frozen objects.
 
-    {"nodes": {"starter": {...}, "intermediate": [{...}, ...], "finisher": {...}}}
+    {"nodes": {"starter": {...}, "intermediate": [{...}, ...], "finisher": {...}},
+     "spares": [{...}, ...]}
+
+Spares (optional, entries shaped like intermediate ones) are nodes that take
+no part in the ring until one of its nodes fails: the starter then re-plans
+over the nodes still alive plus the spares that answer (ring_engine.py).
 
 Each node: "addr", "communication": {"port", "starter_addr"?},
 "inference": {"port_in", "port_out"}, and optionally "device" and "layers"
@@ -10,7 +15,7 @@ Each node: "addr", "communication": {"port", "starter_addr"?},
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,8 @@ class NodesConfigError(ValueError):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    role: str                     # "starter" | "intermediate" | "finisher"
-    index: int                    # position among intermediates (0 for the others)
+    role: str                     # "starter" | "intermediate" | "finisher" | "spare"
+    index: int                    # position among intermediates or spares (0 for the others)
     addr: str
     port: int                     # control plane (HTTP)
     port_in: int                  # data plane: where this node listens
@@ -32,7 +37,7 @@ class NodeSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.role}[{self.index}]" if self.role == "intermediate" else self.role
+        return f"{self.role}[{self.index}]" if self.role in ("intermediate", "spare") else self.role
 
     @property
     def url(self) -> str:
@@ -48,6 +53,7 @@ class NodesConfig:
     starter: NodeSpec
     intermediate: tuple[NodeSpec, ...]
     finisher: NodeSpec | None
+    spares: tuple[NodeSpec, ...] = ()
 
     @property
     def ring(self) -> list[NodeSpec]:
@@ -58,6 +64,16 @@ class NodesConfig:
     @property
     def secondaries(self) -> list[NodeSpec]:
         return self.ring[1:]
+
+    def reformed(self, secondaries: list[NodeSpec], spares: list[NodeSpec] = ()) -> "NodesConfig":
+        """The same starter with another ring behind it (after a failure): the last
+        of `secondaries` finishes. Specs keep their names (a spare stays `spare[K]`);
+        per-node layers are dropped: the new ring is planned anew."""
+        starter = replace(self.starter, layers=None)
+        ring = [replace(s, layers=None) for s in secondaries]
+        if not ring:
+            return NodesConfig(starter, (), None, tuple(spares))
+        return NodesConfig(starter, tuple(ring[:-1]), ring[-1], tuple(spares))
 
     def find(self, role: str, index: int = 0) -> NodeSpec:
         if role == "starter":
@@ -71,7 +87,12 @@ class NodesConfig:
                 raise NodesConfigError(f"the nodes file has {len(self.intermediate)} intermediate "
                                        f"node(s); index {index} does not exist")
             return self.intermediate[index]
-        raise NodesConfigError(f"unknown role {role!r} (starter, intermediate or finisher)")
+        if role == "spare":
+            if not 0 <= index < len(self.spares):
+                raise NodesConfigError(f"the nodes file lists {len(self.spares)} spare node(s); "
+                                       f"index {index} does not exist")
+            return self.spares[index]
+        raise NodesConfigError(f"unknown role {role!r} (starter, intermediate, finisher or spare)")
 
     def to_dict(self) -> dict[str, Any]:
         def node(n: NodeSpec) -> dict[str, Any]:
@@ -87,7 +108,10 @@ class NodesConfig:
                                  "intermediate": [node(n) for n in self.intermediate]}
         if self.finisher:
             nodes["finisher"] = node(self.finisher)
-        return {"nodes": nodes}
+        out: dict[str, Any] = {"nodes": nodes}
+        if self.spares:
+            out["spares"] = [node(n) for n in self.spares]
+        return out
 
 
 def _port(value: Any, where: str) -> int:
@@ -141,9 +165,19 @@ def parse_nodes_config(data: Any) -> NodesConfig:
     finisher = _node(nodes["finisher"], "finisher", 0, "nodes.finisher") if nodes.get("finisher") else None
     if intermediate and finisher is None:
         raise NodesConfigError("nodes.finisher is missing (intermediate nodes need a finisher)")
-    cfg = NodesConfig(starter, intermediate, finisher)
+    spares = data.get("spares", [])
+    if not isinstance(spares, list):
+        raise NodesConfigError("spares must be a list of nodes shaped like intermediate ones")
+    cfg = NodesConfig(starter, intermediate, finisher,
+                      tuple(_node(n, "spare", i, f"spares[{i}]") for i, n in enumerate(spares)))
+    for n in cfg.spares:
+        if n.layers is not None:
+            raise NodesConfigError(f"spares[{n.index}].layers: a spare's layers are planned when "
+                                   f"it joins the ring")
+    if cfg.spares and finisher is None:
+        raise NodesConfigError("spares need a ring of two or more nodes (nodes.finisher is missing)")
     seen: dict[tuple[str, int], str] = {}
-    for n in cfg.ring:
+    for n in (*cfg.ring, *cfg.spares):
         for kind, p in (("communication.port", n.port), ("inference.port_in", n.port_in)):
             key = (n.addr, p)
             if key in seen:
@@ -168,11 +202,15 @@ def load_nodes_config(path: str | Path) -> NodesConfig:
         raise NodesConfigError(f"{path}: {e}") from None
 
 
-def local_nodes_config(n_nodes: int, ports: list[int], addrs: list[str] | None = None
-                       ) -> NodesConfig:
-    """A config for n nodes from 2*n ports (control, data per node); loopback by default."""
-    if n_nodes < 1 or len(ports) < 2 * n_nodes:
-        raise ValueError(f"need at least one node and two ports per node, got {n_nodes} and {ports}")
+def local_nodes_config(n_nodes: int, ports: list[int], addrs: list[str] | None = None,
+                       n_spares: int = 0) -> NodesConfig:
+    """A config for n nodes and n_spares spares from two ports each (control, data;
+    the nodes' first, then the spares'); loopback by default (addrs: the nodes')."""
+    if n_nodes < 1 or n_spares < 0 or len(ports) < 2 * (n_nodes + n_spares):
+        raise ValueError(f"need at least one node and two ports per node or spare, got {n_nodes} "
+                         f"node(s), {n_spares} spare(s) and {ports}")
+    if n_spares and n_nodes < 2:
+        raise ValueError("spares need a ring of two or more nodes")
     addrs = addrs or ["127.0.0.1"] * n_nodes
     if len(addrs) != n_nodes:
         raise ValueError(f"need one address per node: {n_nodes} nodes, {len(addrs)} addresses")
@@ -181,5 +219,8 @@ def local_nodes_config(n_nodes: int, ports: list[int], addrs: list[str] | None =
         role = "starter" if i == 0 else ("finisher" if i == n_nodes - 1 else "intermediate")
         specs.append(NodeSpec(role, max(0, i - 1) if role == "intermediate" else 0, addrs[i],
                               ports[2 * i], ports[2 * i + 1], ports[2 * i + 1]))
+    spare_ports = ports[2 * n_nodes:]
+    spares = tuple(NodeSpec("spare", k, addrs[0], spare_ports[2 * k], spare_ports[2 * k + 1],
+                            spare_ports[2 * k + 1]) for k in range(n_spares))
     return NodesConfig(specs[0], tuple(specs[1:-1]) if n_nodes > 1 else (),
-                       specs[-1] if n_nodes > 1 else None)
+                       specs[-1] if n_nodes > 1 else None, spares)

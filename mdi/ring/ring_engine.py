@@ -10,6 +10,18 @@ nodes end the run and wait for the next one. A node that fails is named (the
 starter's diagnosis: health checks, then the nodes' own reasons) in the
 EngineFailure every live sequence receives; the nodes that still answer are
 told to drop the run, so a new RingEngine can form the ring again.
+
+Recovery (RunOptions.recover, on by default): when a node fails mid-generation
+the engine does not fail its sequences. It drops the node that failed and the
+ones that do not answer a health check, re-plans the layers over the nodes
+still alive plus the spares of the nodes file (as many as nodes were lost,
+all of them if that does not fit), loads the new ranges (the first stage here
+too, if its range moved), forms the ring again under a new run id, and the
+scheduler resumes every live sequence by prefilling its tokens so far
+(PipelineEngine._rewind): a greedy sequence's text is the uninterrupted one.
+With no node left the starter runs the whole model alone. Only when no plan
+fits does the engine fail as before, naming the node that failed first.
+`recoveries` records each one (what failed, the new ring and plan, seconds).
 """
 from __future__ import annotations
 
@@ -35,10 +47,14 @@ from .nodes_config import NodeSpec, NodesConfig
 from .seq_frames import to_frame, to_message
 from ..results import HopStats
 from .partition import Shard
+from .capability import node_capabilities, stage_memory
+from .planner import PlanError
 from .starter import NodeFailure, RunOptions, Starter, plan_shards
 from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
+MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
+RECOVERY_WINDOW_S = 60.0
 
 
 class TcpLink:
@@ -129,7 +145,13 @@ class TcpLink:
         self.failed = LinkClosed(f"{culprit}: {what}" if culprit else what,
                                  node=spec.describe() if spec else None)
         self.failed.spec = spec  # type: ignore[attr-defined]
+        self.failed.silent = silent  # type: ignore[attr-defined]
         return self.failed
+
+    def abandon(self) -> None:
+        """Close the data links without STOP: the ring behind them failed."""
+        self.writer.close()
+        self.back.close()
 
     async def close(self) -> None:
         """STOP once around the ring; the nodes end the run and stay up."""
@@ -159,7 +181,9 @@ class RingEngine(PipelineEngine):
     submit raises EngineBusy; opts: device, dtype and timeout of the run; lanes:
     micro-batches (default the ring's size). batch_invariant: True/False overrides
     opts.batch_invariant (per-row compute on every stage, carried in /init: a
-    sequence's tokens never depend on its step-mates); None keeps opts'.
+    sequence's tokens never depend on its step-mates); None keeps opts'. shards:
+    a split already planned (Starter._place); None plans it when the ring forms
+    (--partition, per-node layers, or auto when the nodes differ).
     """
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
@@ -170,11 +194,10 @@ class RingEngine(PipelineEngine):
         if batch_invariant is not None:
             self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
         ck = open_checkpoint(ckpt)
-        # shards: a split already planned (Starter._place: --partition), else even/manual
+        self._planned = shards is not None
         self.shards = shards or plan_shards(nodes, ck.config.n_layer)
-        stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
-        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
+        self.ck = ck
+        stage = self._load_first(self.shards[0].stop)
         tokenizer = tokenizer or ck.tokenizer()
         super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),
                          link=None, max_queue=max_queue, retry_after=retry_after)
@@ -185,6 +208,26 @@ class RingEngine(PipelineEngine):
         self._http: httpx.AsyncClient | None = None
         self._server: asyncio.base_events.Server | None = None
         self.hops: list[HopStats] = []   # per hop, after close()
+        self.placement = None            # the ring's split (placement.py), once planned here
+        self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
+        self._recovered_at: list[float] = []
+
+    def _load_first(self, stop: int):
+        stage, _ = load_stage(self.ck, 0, stop, device=self.opts.device,
+                              dtype=DTYPES[self.opts.dtype])
+        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
+        return stage
+
+    async def _plan(self) -> None:
+        """Plan the current ring (Starter._place: printed, refused if it cannot fit);
+        the first stage is loaded again when its range moved."""
+        shards = await self.starter._place(self.config, self.max_seqs, max(self.sizes))
+        self.placement = self.starter.placement
+        if shards[0].stop != self.shards[0].stop:  # off the loop: serve keeps answering /health
+            stage = await asyncio.get_running_loop().run_in_executor(
+                None, self._load_first, shards[0].stop)
+            self.first = SlotStage(stage, self.sizes)
+        self.shards = shards
 
     async def start(self) -> None:
         """Form the ring (unless form() did) and start scheduling; a node that fails
@@ -222,6 +265,9 @@ class RingEngine(PipelineEngine):
         (NodeFailure naming the node, AuthError, ...) as they are, leaving nothing
         open (the nodes that took part are told to drop the run). Before start()."""
         try:
+            if not self._planned:
+                await self._plan()
+                self._planned = True
             await self._form()
         except BaseException:
             await self._close_transport()
@@ -262,3 +308,107 @@ class RingEngine(PipelineEngine):
         self.link = TcpLink(st, http, limits, reader, writer, back, self.first, self.opts.timeout)
         log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d", len(ring),
                  len(self.sizes), "/".join(map(str, self.sizes)), run_id)
+
+    # ---- recovery ------------------------------------------------------------------
+    async def _recover(self, e: LinkClosed) -> bool:
+        if not self.opts.recover:
+            return False
+        t0 = time.perf_counter()
+        recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
+        if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
+            log.error("%d recoveries in %g s: the ring keeps failing; giving up",
+                      len(recent), RECOVERY_WINDOW_S)
+            return False
+        self._recovered_at = recent + [t0]
+        failed: NodeSpec | None = getattr(e, "spec", None)
+        lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
+        old = self.nodes
+        link = self.link
+        if isinstance(link, TcpLink):
+            link.abandon()
+        self.link = None
+        await self._close_transport()
+        pool = [s for s in old.secondaries if s.name not in lost]
+        spares = [s for s in old.spares if s.name not in lost]
+        n_lost = len(old.secondaries) - len(pool)
+        log.warning("recovering from: %s", e)
+        while True:
+            pool, spares = await self._answering(pool), await self._answering(spares)
+            try:
+                await self._reform_fitting(pool, spares, n_lost)
+                break
+            except PlanError as err:
+                log.error("no plan fits the %d node(s) left: %s", len(pool) + len(spares) + 1, err)
+                return False
+            except (NodeFailure, RuntimeError, OSError) as err:
+                bad = getattr(err, "node", None)
+                log.warning("the ring did not form again: %s", err)
+                if not isinstance(bad, NodeSpec):
+                    return False
+                pool = [s for s in pool if s.name != bad.name]  # once more, without it
+                spares = [s for s in spares if s.name != bad.name]
+                n_lost += 1
+        record = {"failed": failed.describe() if failed else None, "error": str(e),
+                  "ring": [n.name for n in self.nodes.ring],
+                  "plan": self.placement.to_json() if self.placement is not None and
+                  len(self.nodes.ring) > 1 else {"partition": "single", "reason": "no node left",
+                                                 "nodes": [{"node": "starter", "layers":
+                                                            [0, self.config.n_layer]}]},
+                  "resumed": self.running, "recovery_s": round(time.perf_counter() - t0, 3)}
+        self.recoveries.append(record)
+        log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
+                    " -> ".join(record["ring"]), record["resumed"])
+        return True
+
+    async def _reform_fitting(self, pool: list[NodeSpec], spares: list[NodeSpec], n_lost: int
+                              ) -> None:
+        """The survivors and as many spares as nodes were lost; all the spares when
+        that does not fit (PlanError when nothing fits)."""
+        take = min(n_lost, len(spares))
+        try:
+            await self._reform(pool + spares[:take], spares[take:])
+        except PlanError:
+            if take == len(spares):
+                raise
+            await self._reform(pool + spares, [])
+
+    async def _reform(self, secondaries: list[NodeSpec], spares: list[NodeSpec]) -> None:
+        """Plan and form a ring of the starter and `secondaries`; with none, the
+        starter alone runs the whole model."""
+        nodes = self.nodes.reformed(secondaries, spares)
+        self.nodes = nodes
+        self.starter = Starter(nodes, self.starter.token, self.starter.ckpt, self.opts)
+        self.placement = None
+        if len(nodes.ring) == 1:
+            self._check_fits_alone()
+        await self._plan()
+        if len(nodes.ring) > 1:
+            await self.form()
+
+    def _check_fits_alone(self) -> None:
+        """The starter left alone must hold the whole model and every sequence's cache
+        (what it holds now counts as room): PlanError with the numbers if not."""
+        mem = stage_memory(self.config, self.max_seqs, self.opts.dtype)
+        need = mem.embed_bytes + mem.head_bytes + self.config.n_layer * mem.block_bytes
+        held = sum(t.numel() * t.element_size() for t in self.first.stage.state_dict().values())
+        budget = node_capabilities(self.opts.device)["budget_bytes"]
+        if budget is not None and need > budget + held:
+            raise PlanError(f"the starter alone would need {need / 2**20:.0f} MiB for the whole "
+                            f"model and its caches; it has {(budget + held) / 2**20:.0f} MiB")
+
+    async def _answering(self, specs: list[NodeSpec]) -> list[NodeSpec]:
+        """The nodes of `specs` that answer a health check now, in order."""
+        if not specs:
+            return []
+        timeout = self.starter._probe_timeout()
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            async def ok(spec: NodeSpec) -> bool:
+                try:
+                    return (await http.get(spec.url + "/health")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            answers = await asyncio.gather(*(ok(s) for s in specs))
+        for spec, up in zip(specs, answers):
+            if not up:
+                log.warning("%s does not answer; left out of the new ring", spec.describe())
+        return [s for s, up in zip(specs, answers) if up]

@@ -73,6 +73,7 @@ class RunOptions:
     quantize: str | None = None       # "int8": every node quantizes its own stage at load
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
+    recover: bool = True              # on a node's failure: re-plan over the rest and resume
 
 
 def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
@@ -229,10 +230,15 @@ class Starter:
                                                           node.port, node.port_in)
             partial = self._result(config, seqs, min(counts), elapsed, times, [], texts,
                                    Failure(message, failed))
+            partial.recoveries = engine.recoveries
             raise NodeFailure(message, partial, node) from None
         finally:
             await engine.close()
-        return self._result(config, seqs, n_tokens, elapsed, times, engine.hops, texts)
+            if engine.recoveries:  # the run ended on another ring
+                self.placement = engine.placement
+        result = self._result(config, seqs, n_tokens, elapsed, times, engine.hops, texts)
+        result.recoveries = engine.recoveries
+        return result
 
     def _run_single(self, stage, prompts, n_tokens, sampling, groups, texts) -> GenerationResult:
         """One node: the ring is the starter alone, which is `mdi sample`."""
@@ -544,4 +550,6 @@ def _check(r: httpx.Response, spec: NodeSpec, path: str) -> dict:
         detail = r.text
     if r.status_code == 401:
         raise AuthError(f"{spec.describe()} refused the cluster token ({path})")
-    raise RuntimeError(f"{spec.describe()} refused {path} (HTTP {r.status_code}): {detail}")
+    err = RuntimeError(f"{spec.describe()} refused {path} (HTTP {r.status_code}): {detail}")
+    err.node = spec  # type: ignore[attr-defined]
+    raise err

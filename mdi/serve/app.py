@@ -266,7 +266,8 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
         body = {"status": "ok" if holder.state == "ready" else holder.state,
                 "model": config.model_name, "running": e.running if e else 0,
                 "queued": e.queued if e else 0, "engine_builds": holder.builds,
-                "last_failure": holder.last_failure, "rebuild_error": holder.rebuild_error}
+                "last_failure": holder.last_failure, "rebuild_error": holder.rebuild_error,
+                "recoveries": list(getattr(e, "recoveries", []))}
         return JSONResponse(body, status_code=200 if holder.state == "ready" else 503)
 
     @app.get("/metrics")

@@ -36,6 +36,9 @@ class BackendOptions:
     timeout: float = 10.0             # ring: seconds of silence before a node counts as gone
     threads: int | None = None        # ring with --nodes N: torch threads per node process
     quantize: str | None = None       # "int8": every stage quantized at load
+    partition: str | None = None      # ring: "auto" | "even"; None: auto when the nodes differ
+    recover: bool = True              # ring: a failed node is replaced (re-plan, resume)
+    spares: int = 0                   # ring with --nodes N: local spare nodes
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -46,6 +49,9 @@ class BackendOptions:
             raise ValueError(f"--queue must be >= 0, got {self.queue}")
         if self.timeout <= 0:
             raise ValueError(f"--timeout must be positive, got {self.timeout}")
+        if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):
+            raise ValueError(f"--spares must be 0, or positive with --nodes 2 or more (a nodes "
+                             f"file lists its own spares), got {self.spares}")
 
     @property
     def distributed(self) -> bool:
@@ -144,12 +150,14 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
         from ..ring.local_cluster import LocalCluster
 
         cluster = backend.resources.enter_context(
-            LocalCluster(opts.nodes, threads=opts.threads, node_timeout=opts.timeout))
+            LocalCluster(opts.nodes, threads=opts.threads, node_timeout=opts.timeout,
+                         spares=opts.spares))
         nodes, token = cluster.nodes, cluster.token
         backend.cluster = cluster
         where = f"{opts.nodes} local nodes"
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
-                          quantize=opts.quantize, batch_invariant=opts.batch_invariant)
+                          quantize=opts.quantize, batch_invariant=opts.batch_invariant,
+                          partition=opts.partition, recover=opts.recover)
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:

@@ -1,0 +1,144 @@
+"""Recovery mid-generation on real rings of processes on loopback: a node is
+SIGKILLed at a random token (with a spare listed, and with none) or frozen with
+SIGSTOP; the starter re-plans over the nodes left, re-prefills every unfinished
+sequence and goes on. Greedy output equals the uninterrupted run's, and the JSON
+reports the failure, the new ring and plan, and the time recovery took.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_helpers import TEXT, child_env, find_nodes_file, health, mdi_cmd, wait_state
+from conftest import scaled_random_model
+from mdi.checkpoint import load_model
+from mdi.checkpoint.format import save_checkpoint
+from mdi.generate import SamplingConfig, generate
+from mdi.model import GPTConfig
+from mdi.model.quant import configure_stage
+from mdi.ring.local_cluster import LocalCluster
+from mdi.ring.nodes_config import load_nodes_config
+from mdi.ring.starter import RunOptions, Starter
+from mdi.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
+PROMPTS = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+N_TOKENS = 60
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """Random weights large enough that greedy text varies (and overflows the context)."""
+    tok = CharTokenizer.train(TEXT)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=4, n_head=2, n_embd=32)
+    return save_checkpoint(tmp_path_factory.mktemp("recovery_ckpt"),
+                           scaled_random_model(config, seed=5), tok, {"note": "recovery tests"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ckpt) -> list[list[int]]:
+    """Each prompt alone on one device, per-row compute: what every run must give."""
+    model, _ = load_model(str(ckpt))
+    configure_stage(model, None, batch_invariant=True)
+    out = [generate(model, [p], N_TOKENS, GREEDY)[0] for p in PROMPTS]
+    assert all(len(set(t)) > 3 for t in out), "a degenerate model would hide a wrong resume"
+    return out
+
+
+def run_and_fail(cluster: LocalCluster, ckpt: Path, victim: str, sig: int, at: int,
+                 timeout: float = 3.0):
+    """Generate on the cluster; when `at` tokens have come back, send `sig` to `victim`."""
+    pids = {spec.name: pid for spec, pid in zip(cluster.members, cluster.pids)}
+    made = 0
+
+    def on_event(i, ev) -> None:
+        nonlocal made
+        made += 1
+        if made == at:
+            os.kill(pids[victim], sig)
+
+    starter = Starter(cluster.nodes, cluster.token, str(ckpt),
+                      RunOptions(timeout=timeout, batch_invariant=True), on_event=on_event)
+    t0 = time.monotonic()
+    try:
+        result = starter.run(PROMPTS, N_TOKENS, GREEDY)
+    finally:
+        for pid in pids.values():  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return result, time.monotonic() - t0
+
+
+def test_killed_intermediate_is_replaced_by_the_spare(ckpt, uninterrupted):
+    at = random.Random().randrange(5, N_TOKENS * len(PROMPTS) // 2)
+    with LocalCluster(3, threads=1, node_timeout=3.0, spares=1) as c:
+        result, _ = run_and_fail(c, ckpt, "intermediate[0]", signal.SIGKILL, at)
+    assert result.tokens == uninterrupted, f"killed at token {at}"
+    assert result.failure is None
+    (rec,) = result.recoveries
+    assert rec["failed"].startswith("intermediate[0] at 127.0.0.1:"), rec
+    assert rec["ring"] == ["starter", "finisher", "spare[0]"]  # survivors first, then the spare
+    assert [n["node"] for n in rec["plan"]["nodes"]] == rec["ring"]
+    assert 0 < rec["recovery_s"] < 15 and 0 < rec["resumed"] <= len(PROMPTS)
+    assert result.plan == rec["plan"]
+
+
+def test_killed_finisher_without_spare_is_replanned_over_the_survivors(ckpt, uninterrupted):
+    at = random.Random().randrange(5, N_TOKENS * len(PROMPTS) // 2)
+    with LocalCluster(3, threads=1, node_timeout=3.0) as c:
+        result, _ = run_and_fail(c, ckpt, "finisher", signal.SIGKILL, at)
+        survivor = c.nodes.intermediate[0]
+        assert health(survivor)["state"] == "idle"  # the run ended: STOP went round the new ring
+    assert result.tokens == uninterrupted, f"killed at token {at}"
+    (rec,) = result.recoveries
+    assert rec["failed"].startswith("finisher at ") and rec["ring"] == ["starter", "intermediate[0]"]
+    layers = [n["layers"] for n in rec["plan"]["nodes"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 4 and layers[0][1] == layers[1][0]
+
+
+def test_frozen_node_is_detected_within_the_timeout_and_left_out(ckpt, uninterrupted):
+    with LocalCluster(3, threads=1, node_timeout=3.0) as c:
+        result, elapsed = run_and_fail(c, ckpt, "intermediate[0]", signal.SIGSTOP, 20,
+                                       timeout=2.0)
+    assert result.tokens == uninterrupted
+    (rec,) = result.recoveries
+    assert rec["failed"].startswith("intermediate[0] at ") and "stopped answering" in rec["error"]
+    assert rec["ring"] == ["starter", "finisher"]
+    # 2 s of silence, a 2 s health check, then the new ring: well inside a few timeouts
+    assert rec["recovery_s"] < 10 and elapsed < 30
+
+
+def test_mdi_run_with_a_spare_reports_the_recovery_in_its_json(tmp_path, ckpt):
+    proc = subprocess.Popen(
+        mdi_cmd("run", "--ckpt", ckpt, "--nodes", "3", "--spares", "1", "--n-tokens", "400",
+                "--n-samples", "2", "--threads", "1", "--temperature", "0", "--timeout", "3",
+                "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=child_env(TMPDIR=str(tmp_path)))
+    try:
+        nodes = load_nodes_config(find_nodes_file(tmp_path, 60))
+        assert [s.name for s in nodes.spares] == ["spare[0]"]
+        wait_state(nodes.finisher, "running", 60)
+        os.kill(health(nodes.finisher)["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    assert "error" not in result and len(result["samples"]) == 2
+    (rec,) = result["recoveries"]
+    assert rec["failed"].startswith("finisher at ") and rec["ring"][-1] == "spare[0]"
+    assert result["plan"] == rec["plan"]
+    assert "recovered in" in err

@@ -1,0 +1,62 @@
+"""RingEngine._recover without processes: every node of the ring is gone and no
+spare is listed, so the starter is left alone. It takes the whole model when it
+fits (and then generates what one device does), and refuses with the numbers
+when it does not, which fails the run as before recovery existed."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster_helpers import build_tiny_ckpt
+from mdi.checkpoint import load_model
+from mdi.engine import SeqParams
+from mdi.engine.link import LinkClosed
+from mdi.generate import SamplingConfig, generate
+from mdi.ring import ring_engine
+from mdi.ring.nodes_config import local_nodes_config
+from mdi.ring.ring_engine import RingEngine
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_ckpt(tmp_path_factory.mktemp("recovery_plan"))
+
+
+def lost_everything(engine: RingEngine) -> LinkClosed:
+    e = LinkClosed("finisher stopped answering", node="finisher")
+    e.spec = engine.nodes.finisher
+    e.silent = tuple(s.name for s in engine.nodes.secondaries)
+    return e
+
+
+def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
+    nodes = local_nodes_config(3, list(range(41000, 41006)))  # nothing listens there
+    engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
+    assert engine.first.stage.stop == 1 and not engine.first.stage.has_head
+
+    async def main():
+        assert await engine._recover(lost_everything(engine))
+        await engine.start()
+        try:
+            seq = engine.submit([1, 2, 3], SeqParams(max_tokens=12, temperature=0.0))
+            return [ev.token async for ev in seq.events() if ev.token is not None]
+        finally:
+            await engine.close()
+
+    got = asyncio.run(main())
+    assert engine.link is None and engine.first.stage.has_head
+    (rec,) = engine.recoveries
+    assert rec["ring"] == ["starter"] and rec["failed"].startswith("finisher at 127.0.0.1:41004")
+    assert rec["plan"]["nodes"] == [{"node": "starter", "layers": [0, 3]}]
+    model, _ = load_model(str(ckpt))
+    assert got == generate(model, [[1, 2, 3]], 12, SamplingConfig(temperature=0.0, top_k=None))[0]
+
+
+def test_no_room_for_the_whole_model_fails_the_recovery_with_the_numbers(ckpt, monkeypatch, caplog):
+    monkeypatch.setattr(ring_engine, "node_capabilities", lambda device: {"budget_bytes": 0})
+    nodes = local_nodes_config(3, list(range(41010, 41016)))
+    engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
+    assert not asyncio.run(engine._recover(lost_everything(engine)))
+    assert engine.recoveries == []
+    assert "the starter alone would need" in caplog.text and "MiB" in caplog.text
