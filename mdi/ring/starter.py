@@ -30,7 +30,7 @@ from ..engine.api import EngineFailure, Event
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..generate.schedule import SampleState, accept, make_groups, plan_step
-from ..generate.step import decode, forward_context, prefill
+from ..generate.step import forward_context
 from ..generate.stops import Stops
 from ..model import GPT
 from ..checkpoint.stream import shard_stream
@@ -133,12 +133,10 @@ class Starter:
     async def _run(self, prompts, n_tokens, sampling, texts, stops) -> GenerationResult:
         if not self.opts.resend_context:
             return await self._run_engine(prompts, n_tokens, sampling, texts, stops)
+        # --resend-context: the original system's loop, one sample per frame, no cache
         ring = self.nodes.ring
         config = open_checkpoint(self.ckpt).config
-        n_groups = self.opts.n_groups or min(len(prompts), len(ring))
-        if self.opts.resend_context:
-            n_groups = len(prompts)  # one sample per frame, as the original system
-        groups = make_groups(len(prompts), n_groups)
+        groups = make_groups(len(prompts), len(prompts))
         shards = await self._place(config, len(prompts), max(len(g) for g in groups))
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
                               dtype=DTYPES[self.opts.dtype])
@@ -340,6 +338,8 @@ class Starter:
     # ---- generation --------------------------------------------------------
     async def _pipeline(self, stage: GPT, prompts, n_tokens, sampling, groups, limits,
                         writer, reader, http, texts: Texts | None) -> GenerationResult:
+        """--resend-context: every step sends one sample's whole context (CONTEXT
+        frames); the finisher samples and TOKENS come back."""
         config = stage.config
         run_id = limits.run_id
         first = self.nodes.ring[1]
@@ -348,43 +348,21 @@ class Starter:
             return await self._write(writer, frame, first)
 
         states = [SampleState.from_prompt(p) for p in prompts]
-        caches = [stage.new_cache(len(g)) for g in groups]
         hop = HopStats("starter", self.nodes.ring[1].name)
         steps = [0] * len(groups)
         step_done = [0] * n_tokens
         times: list[float] = []
         in_flight: list[int] = []
 
-        def timed(fn, *args):  # a stage call, its time counted as the hop's compute
-            t = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                hop.compute_s += time.perf_counter() - t
-
         async def send_step(gi: int) -> None:
-            g = groups[gi]
-            if self.opts.resend_context:
-                await send_context(gi)
-                return
-            with torch.inference_mode():
-                plans = [plan_step(states[s], config.block_size) for s in g]
-                for row, (s, p) in enumerate(zip(g, plans)):
-                    if p.prefill:
-                        h = timed(prefill, stage, caches[gi], row, p.prefill)
-                        hop.prefill_bytes += await send(Frame(Kind.PREFILL, run_id, s, 0, h))
-                h = timed(decode, stage, caches[gi], [p.token for p in plans],
-                          [p.position for p in plans])
-            hop.decode_bytes += await send(Frame(Kind.DECODE, run_id, g.start, plans[0].position, h))
-            hop.decode_tokens += len(g)
-            in_flight.append(gi)
-
-        async def send_context(gi: int) -> None:
+            """One sample's whole context through stage 0 (no cache: --resend-context)."""
             s = groups[gi].start
             plan_step(states[s], config.block_size)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
+            t = time.perf_counter()
             with torch.inference_mode():
-                h = timed(forward_context, stage, context)
+                h = forward_context(stage, context)
+            hop.compute_s += time.perf_counter() - t
             hop.decode_bytes += await send(Frame(Kind.CONTEXT, run_id, s, 0, h))
             hop.decode_tokens += 1
             in_flight.append(gi)
