@@ -224,6 +224,15 @@ def auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def resume_all(pids) -> None:
+    """SIGCONT every process of pids that still exists: never leave a stopped one behind."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def health(spec: NodeSpec, timeout: float = HTTP_TIMEOUT) -> dict:
     return httpx.get(spec.url + "/health", timeout=timeout).json()
 

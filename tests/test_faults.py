@@ -8,6 +8,7 @@ produced so far, and leave no process, port or run state behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,8 +21,8 @@ import pytest
 import torch
 
 from cluster_helpers import (TOKEN, build_tiny_ckpt, child_env, error_lines, find_nodes_file,
-                             health, mdi_cmd, port_released, run_cli, start_ring, status, wait_gone,
-                             wait_state, write_nodes_file)
+                             health, mdi_cmd, port_released, resume_all, run_cli, start_ring,
+                             status, wait_gone, wait_state, write_nodes_file)
 from mdi.ring.local_cluster import free_ports
 from mdi.ring.nodes_config import load_nodes_config, local_nodes_config
 from mdi.ring.starter import EXIT_NODE_FAILURE, RunOptions, Starter
@@ -137,11 +138,7 @@ def test_frozen_node_is_named_within_the_default_timeout(tmp_path, ckpt):
     try:
         rc, out, err, _ = finish(proc, 60)
     finally:
-        for pid in pids.values():  # never leave a stopped process behind
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume_all(pids.values())
     elapsed = time.monotonic() - t0
     assert rc == EXIT_NODE_FAILURE, err[-3000:]
     spec = nodes.finisher
@@ -267,45 +264,61 @@ def test_mdi_run_interrupted_leaves_no_process_or_port(tmp_path, ckpt, sig):
 
 
 # ---- in-process: no exception from a frame kills the node's task silently -------------
+@contextlib.asynccontextmanager
+async def finisher_and_fake_starter(ckpt):
+    """A finisher NodeRuntime in this process (layers 1..3 of the tiny model) and a
+    listener in the starter's place. Yields (runtime, nodes config, model config,
+    start_run); `await start_run(run_id)` configures a greedy fixed-batch run of one
+    group of two samples, connects it, and returns the starter's end of the link back."""
+    from mdi.checkpoint import read_info
+    from mdi.checkpoint.stream import shard_bytes
+    from mdi.ring.auth import challenge
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+    from mdi.ring.partition import Shard
+
+    cfg = local_nodes_config(2, free_ports(4))
+    config = read_info(ckpt).config
+    weights = shard_bytes(ckpt, Shard(1, 3, 3))
+    rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
+    await rt.start_data_server()
+    got: asyncio.Queue = asyncio.Queue()
+    current: dict[str, int] = {}
+
+    async def next_node(reader, writer):  # the starter's listener
+        await challenge(reader, writer, TOKEN, current["run_id"], 2.0)
+        await got.put((reader, writer))
+
+    async def start_run(run_id: int):
+        current["run_id"] = run_id
+        await rt.init(InitRequest(run_id=run_id, role="finisher", start=1, stop=3,
+                                  model=config.to_dict(), groups=[[0, 1]],
+                                  next={"addr": "127.0.0.1", "port": cfg.starter.port_in},
+                                  prev_addr="127.0.0.1",
+                                  sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
+        await rt.load_weights(run_id, weights)
+        await rt.connect(run_id)
+        return await asyncio.wait_for(got.get(), 5)
+
+    server = await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in)
+    try:
+        yield rt, cfg, config, start_run
+    finally:
+        server.close()
+        await rt.close()
+
+
 @pytest.mark.parametrize("exc", [KeyError(7), RuntimeError("shape mismatch"), IndexError("x")])
 def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     """A stand-in for errors the header checks cannot see: the node logs the reason,
     closes the link, drops the run, and takes the next one."""
     from cluster_helpers import closed_by_peer, open_data
-    from mdi.checkpoint import read_info
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.partition import Shard
-    from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.auth import challenge
     from mdi.ring.wire import Frame, Kind, read_frame
 
-    ports = free_ports(4)
-    cfg = local_nodes_config(2, ports)
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 3, 3))
-
     async def scenario() -> None:
-        rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
-        await rt.start_data_server()
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def next_node(reader, writer):  # the starter's listener
-            await challenge(reader, writer, TOKEN, run_id, 2.0)
-            await got.put((reader, writer))
-
-        server = await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in)
-        try:
+        async with finisher_and_fake_starter(ckpt) as (rt, cfg, config, start_run):
             for run_id, fail in ((11, True), (12, False)):
-                req = InitRequest(run_id=run_id, role="finisher", start=1, stop=3,
-                                  model=config.to_dict(), groups=[[0, 1]],
-                                  next={"addr": "127.0.0.1", "port": cfg.starter.port_in},
-                                  prev_addr="127.0.0.1",
-                                  sampling={"temperature": 0.0, "top_k": None, "seed": 1})
-                await rt.init(req)
-                await rt.load_weights(run_id, weights)
-                await rt.connect(run_id)
-                back_r, back_w = await asyncio.wait_for(got.get(), 5)
+                back_r, back_w = await start_run(run_id)
                 if fail:
                     def boom(run, frame):
                         raise exc
@@ -324,9 +337,6 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
                     assert tok.kind == Kind.TOKENS and tok.tensor.shape == (1,)
                 writer.close()
                 back_w.close()
-        finally:
-            server.close()
-            await rt.close()
 
     with caplog.at_level(logging.WARNING, logger="mdi.ring.node"):
         asyncio.run(asyncio.wait_for(scenario(), 30))
@@ -341,41 +351,15 @@ def test_a_fixed_batch_takes_context_frames_only(ckpt, kind):
     DECODE frames that no starter sends. The node now keeps no cache for such a run and
     refuses those frames as bad frames, naming them; the node takes the next run."""
     from cluster_helpers import closed_by_peer, open_data
-    from mdi.checkpoint import read_info
-    from mdi.checkpoint.stream import shard_bytes
     from mdi.model import KVCache
-    from mdi.ring.auth import challenge
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.partition import Shard
     from mdi.ring.wire import Frame, read_frame
 
-    cfg = local_nodes_config(2, free_ports(4))
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 3, 3))
-
     async def scenario() -> None:
-        rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
-        await rt.start_data_server()
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def next_node(reader, writer):  # the starter's listener
-            await challenge(reader, writer, TOKEN, run_id, 2.0)
-            await got.put((reader, writer))
-
-        server = await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in)
-        try:
+        async with finisher_and_fake_starter(ckpt) as (rt, cfg, config, start_run):
             for run_id, frame_kind in ((31, kind), (32, Kind.CONTEXT)):
-                await rt.init(InitRequest(run_id=run_id, role="finisher", start=1, stop=3,
-                                          model=config.to_dict(), groups=[[0, 1]],
-                                          next={"addr": "127.0.0.1", "port": cfg.starter.port_in},
-                                          prev_addr="127.0.0.1",
-                                          sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
-                await rt.load_weights(run_id, weights)
-                await rt.connect(run_id)
+                back_r, back_w = await start_run(run_id)
                 assert not any(isinstance(c, KVCache) for v in vars(rt.run).values()
                                if isinstance(v, list) for c in v)  # no KV caches
-                back_r, back_w = await asyncio.wait_for(got.get(), 5)
                 reader, writer = await open_data(cfg.finisher, run_id)
                 h = torch.zeros(1, 2 if frame_kind != Kind.DECODE else 1, config.n_embd)
                 writer.write(Frame(frame_kind, run_id, 0, 0, h).encode())
@@ -390,9 +374,6 @@ def test_a_fixed_batch_takes_context_frames_only(ckpt, kind):
                         "run, which carries CONTEXT frames only (--resend-context)")
                 writer.close()
                 back_w.close()
-        finally:
-            server.close()
-            await rt.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 

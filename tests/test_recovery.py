@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import TEXT, child_env, find_nodes_file, health, mdi_cmd, wait_state
+from cluster_helpers import (TEXT, child_env, find_nodes_file, health, mdi_cmd, resume_all,
+                             wait_state)
 from conftest import scaled_random_model
 from mdi.checkpoint import load_model
 from mdi.checkpoint.format import save_checkpoint
@@ -71,11 +72,7 @@ def run_and_fail(cluster: LocalCluster, ckpt: Path, victim: str, sig: int, at: i
     try:
         result = starter.run(PROMPTS, N_TOKENS, GREEDY)
     finally:
-        for pid in pids.values():  # never leave a stopped process behind
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume_all(pids.values())
     return result, time.monotonic() - t0
 
 
