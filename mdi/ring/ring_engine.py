@@ -343,7 +343,7 @@ class RingEngine(PipelineEngine):
             except (NodeFailure, RuntimeError, OSError) as err:
                 bad = getattr(err, "node", None)
                 log.warning("the ring did not form again: %s", err)
-                if not isinstance(bad, NodeSpec):
+                if not isinstance(bad, NodeSpec) or bad.name not in {s.name for s in pool + spares}:
                     return False
                 pool = [s for s in pool if s.name != bad.name]  # once more, without it
                 spares = [s for s in spares if s.name != bad.name]
