@@ -58,3 +58,4 @@ def test_ring_streams_equal_single_device_and_survive_a_dead_node(ckpt):
             assert health["status"] == "ok" and health["engine_builds"] == 1, health
             (rec,) = health["recoveries"]
             assert rec["failed"].startswith("finisher at ") and rec["ring"] == ["starter"], rec
+            assert "mdi_ring_recoveries 1.0" in httpx.get(srv.url + "/metrics").text

@@ -121,7 +121,8 @@ def failure_error(exc: EngineFailure) -> oa.ApiError:
 def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
     holder = EngineHolder(factory, config.rebuild_retry_s)
     metrics = ServeMetrics(running=lambda: holder.engine.running if holder.engine else 0,
-                           queued=lambda: holder.engine.queued if holder.engine else 0)
+                           queued=lambda: holder.engine.queued if holder.engine else 0,
+                           recoveries=lambda: len(getattr(holder.engine, "recoveries", ())))
     template = template_for(tokenizer, config.chat_template)
     stop_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
     created = oa.now()
