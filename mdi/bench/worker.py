@@ -15,7 +15,7 @@ from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import RunOptions, Starter
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
-from ..model.quant import QUANT_MODES, configure_stage
+from ..model.quant import QUANT_MODES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                                      partition=args.partition))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
-        model, _ = load_model(args.ckpt, dtype=torch.float32)  # as the starter's default
-        configure_stage(model, args.quantize, args.batch_invariant)
+        model, _ = load_model(args.ckpt, dtype=torch.float32,  # as the starter's default
+                              quantize=args.quantize, batch_invariant=args.batch_invariant)
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()

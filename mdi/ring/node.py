@@ -35,8 +35,8 @@ from typing import AsyncIterator
 
 import torch
 
-from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
-from ..checkpoint.stream import WeightsStreamError, read_stream
+from ..checkpoint.format import CheckpointError, StageBuilder
+from ..checkpoint.stream import WeightsStreamError, iter_stream
 from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
@@ -329,7 +329,7 @@ class NodeRuntime:
             try:
                 stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
                                                    config, req.start, req.stop, device,
-                                                   DTYPES[req.dtype])
+                                                   DTYPES[req.dtype], req.quantize)
                 stage = await loop.run_in_executor(self.executor, configure_stage, stage,
                                                    req.quantize, req.batch_invariant)
             except CheckpointError as e:
@@ -369,16 +369,20 @@ class NodeRuntime:
         chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
         run.busy = True  # a long upload is not silence
         try:
-            tensors = await read_stream(chunks, expected_shapes(run.config, req.start, req.stop),
-                                        f"layers [{req.start}, {req.stop})")
+            # Built in place as tensors arrive (int8: each quantized at once), so the
+            # node never holds the received tensors and the built stage both.
+            build = StageBuilder(run.config, req.start, req.stop, run.device, DTYPES[req.dtype],
+                                 req.quantize)
             loop = asyncio.get_running_loop()
-            stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors,
-                                               run.config, req.start, req.stop, run.device,
-                                               DTYPES[req.dtype])
-            stage = await loop.run_in_executor(self.executor, configure_stage, stage,
+            async for name, t in iter_stream(chunks, build.want, f"layers [{req.start}, {req.stop})"):
+                await loop.run_in_executor(self.executor, build.put, name, t)
+                del t
+            stage = await loop.run_in_executor(self.executor, configure_stage, build.finish(),
                                                req.quantize, req.batch_invariant)
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
+        except CheckpointError as e:
+            raise InitError(str(e)) from None
         finally:
             run.busy = False
             run.last_active = time.monotonic()
@@ -730,16 +734,6 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield bytes(body)
 
 
-def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, start: int, stop: int,
-                       device: str, dtype: torch.dtype) -> GPT:
-    """Build a stage from a checked stream's tensors (names and shapes already match)."""
-    try:
-        return build_stage(config, start, stop, tensors.get, device=device, dtype=dtype,
-                           where="weights")
-    except CheckpointError as e:
-        raise InitError(str(e)) from None
-
-
 def load_chunk_info(chunk_dir: str | Path) -> dict:
     from ..checkpoint.chunks import read_chunk_info
 
@@ -747,7 +741,7 @@ def load_chunk_info(chunk_dir: str | Path) -> dict:
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
-                     dtype: torch.dtype) -> GPT:
+                     dtype: torch.dtype, quantize: str | None = None) -> GPT:
     from ..checkpoint.chunks import load_chunk
 
-    return load_chunk(chunk_dir, config, start, stop, device, dtype)
+    return load_chunk(chunk_dir, config, start, stop, device, dtype, quantize)

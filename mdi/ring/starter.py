@@ -140,7 +140,7 @@ class Starter:
         groups = make_groups(len(prompts), n_groups)
         shards = await self._place(config, len(prompts), max(len(g) for g in groups))
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
+                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize)
         configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups, texts)

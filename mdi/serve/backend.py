@@ -100,10 +100,8 @@ def local_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
-    from ..model.quant import configure_stage
-
-    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
-    configure_stage(model, opts.quantize, opts.batch_invariant)
+    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype],  # any --ckpt spec
+                           quantize=opts.quantize, batch_invariant=opts.batch_invariant)
     tok = ck.tokenizer()
     kwargs = _engine_kwargs(LocalEngine, opts)
 
