@@ -161,3 +161,24 @@ def test_int8_checkpoint_config_is_checked(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="the quantize field must be"):
         read_info(out)
+
+
+def test_node_runtime_loads_an_int8_stage_equal_to_load_then_quantize(tmp_path):
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+    from mdi.ring.nodes_config import NodeSpec
+
+    ck = _ckpt(tmp_path, TIED)
+    spec = NodeSpec(role="finisher", index=0, addr="127.0.0.1", port=3, port_in=1, port_out=2)
+
+    async def main():
+        rt = NodeRuntime(spec, "t" * 32)
+        req = InitRequest(run_id=5, role="finisher", start=2, stop=4, model=TIED.to_dict(),
+                          groups=[[0, 2]], next={"addr": "127.0.0.1", "port": 9},
+                          prev_addr="127.0.0.1", quantize="int8",
+                          sampling={"temperature": 0.0, "top_k": None, "seed": 1})
+        await rt.init(req)
+        await rt.load_weights(5, _chunks(shard_bytes(ck, Shard(2, 4, 4)), 4096))
+        return rt.run.stage
+
+    assert_same_stage(asyncio.run(main()), old_way(ck, 2, 4))

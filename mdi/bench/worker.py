@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resend-context", action="store_true")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None)
     p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--partition", choices=["auto", "even"], default=None)
     args = p.parse_args(argv)
@@ -41,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context,
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                     partition=args.partition))
+                                     max_context=args.max_context, partition=args.partition))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         model, _ = load_model(args.ckpt, dtype=torch.float32,  # as the starter's default
-                              quantize=args.quantize, batch_invariant=args.batch_invariant)
+                              quantize=args.quantize, batch_invariant=args.batch_invariant,
+                              max_context=args.max_context)
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()

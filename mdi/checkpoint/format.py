@@ -24,6 +24,7 @@ from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, i
                            quantize_linears, quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
 from . import st_io
+from .malloc import mapped_allocations
 
 FORMAT = "mdi-checkpoint"
 VERSION = 1
@@ -270,14 +271,15 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
         unknown = sorted(names - set(whole) - {TIED_HEAD, TIED_SCALE})
         if unknown:
             raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unknown[:5])}")
-    for name in b.names():
-        t = get(name)
-        if t is None and name in (TIED_HEAD, TIED_SCALE) and config.tie_embeddings:
-            t = get(EMBEDDING if name == TIED_HEAD else EMBEDDING_SCALE)  # tied to the embedding
-        if t is None:
-            raise CheckpointError(f"{where}: missing tensor {name!r}")
-        b.put(name, t)
-        del t  # one float tensor at a time
+    with mapped_allocations():  # see malloc.py: freed float tensors go back to the OS
+        for name in b.names():
+            t = get(name)
+            if t is None and name in (TIED_HEAD, TIED_SCALE) and config.tie_embeddings:
+                t = get(EMBEDDING if name == TIED_HEAD else EMBEDDING_SCALE)  # tied to the embedding
+            if t is None:
+                raise CheckpointError(f"{where}: missing tensor {name!r}")
+            b.put(name, t)
+            del t  # one float tensor at a time
     return b.finish()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
+from .common import add_max_context
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -55,7 +56,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
                           batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
                           token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
                           timeout=args.timeout, threads=args.threads,
-                          quantize=getattr(args, "quantize", None))
+                          quantize=getattr(args, "quantize", None),
+                          max_context=getattr(args, "max_context", None))
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -106,6 +108,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8 weights with per-channel scales, quantized at load on every node")
+    add_max_context(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; with --nodes N, per node)")
     p.add_argument("--timeout", type=float, default=10.0,

@@ -57,7 +57,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
     model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                             quantize=args.quantize, batch_invariant=args.batch_invariant)
+                             quantize=args.quantize, batch_invariant=args.batch_invariant,
+                             max_context=args.max_context)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts, chat=args.chat)

@@ -37,17 +37,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import context_length
+
 QUANT_MODES = ("int8",)
 
 
+ROWS_AT_ONCE = 1024  # rows quantized per piece: the float temporaries stay a few MB
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,)."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
-    # In place on one temporary: a loader quantizing tensor by tensor holds the
-    # fp32 tensor, this temporary and the int8 result, never more.
-    t = w / scale[:, None]
-    q = t.round_().clamp_(-127, 127).to(torch.int8)
+    """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,).
+
+    Every row on its own, in pieces of ROWS_AT_ONCE rows: a loader quantizing
+    tensor by tensor holds the float tensor, the int8 result and a few MB more
+    (a 50k-row embedding's float temporaries would be as large as the tensor).
+    """
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for a in range(0, w.shape[0], ROWS_AT_ONCE):
+        part = w[a:a + ROWS_AT_ONCE].float()
+        s = (part.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (rows,)
+        q[a:a + ROWS_AT_ONCE] = torch.round(part / s[:, None]).clamp_(-127, 127)
+        scale[a:a + ROWS_AT_ONCE] = s
     return q, scale
 
 
@@ -214,5 +226,6 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
         check_mode(quantize_mode)
     stage.batch_invariant = batch_invariant
     if max_context is not None:
+        context_length(1, max_context)  # a ValueError naming a bad value, here
         stage.max_context = max_context
     return stage

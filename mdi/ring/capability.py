@@ -89,11 +89,11 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
         x = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     else:
         x = torch.randn(batch, 1, config.n_embd, device=device, dtype=p.dtype)
-    pos0 = config.block_size // 4  # a typical context length, mid-generation
+    pos0 = stage.context // 4  # a typical context length, mid-generation
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def step(i: int) -> None:
-        pos = torch.full((batch, 1), (pos0 + i) % config.block_size, device=device)
+        pos = torch.full((batch, 1), (pos0 + i) % stage.context, device=device)
         stage(x, pos, cache)
 
     with torch.inference_mode():

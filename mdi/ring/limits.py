@@ -16,6 +16,7 @@ import re
 import torch
 
 from ..checkpoint.format import expected_shapes
+from ..model.cache import context_length
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
@@ -43,15 +44,18 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
+                   max_context: int | None = None) -> int:
     """Bytes of the KV caches of n_samples over n_layers blocks.
 
-    Each block keeps k and v of shape (samples, n_kv_head, block_size, head_size),
-    as KVCache preallocates them.
+    Each block keeps k and v of shape (samples, n_kv_head, context, head_size),
+    as KVCache preallocates them; context is min(block_size, max_context), with
+    max_context's default cap (model/cache.py:context_length) when None.
     """
     n_kv_head, head_size = config.kv_heads, config.head_size
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * n_layers * n_samples * n_kv_head * config.block_size * head_size * itemsize
+    context = context_length(config.block_size, max_context)
+    return 2 * n_layers * n_samples * n_kv_head * context * head_size * itemsize
 
 
 def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int:

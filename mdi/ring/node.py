@@ -36,11 +36,13 @@ from typing import AsyncIterator
 import torch
 
 from ..checkpoint.format import CheckpointError, StageBuilder
+from ..checkpoint.malloc import mapped_allocations
 from ..checkpoint.stream import WeightsStreamError, iter_stream
 from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import decode, forward_context, prefill
 from ..model import GPT, GPTConfig, KVCache
+from ..model.cache import context_length
 from ..model.dtypes import DTYPES
 from ..model.quant import configure_stage
 from . import limits as mem
@@ -153,7 +155,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     n_samples = expect
     if n_samples > MAX_SAMPLES:
         raise InitError(f"groups: {n_samples} samples, at most {MAX_SAMPLES} per run")
-    limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
+    limits = Limits(req.run_id, config.n_embd, context_length(config.block_size, req.max_context),
+                    n_samples,
                     DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
                     sequences=req.sequences)
     return config, limits
@@ -331,7 +334,8 @@ class NodeRuntime:
                                                    config, req.start, req.stop, device,
                                                    DTYPES[req.dtype], req.quantize)
                 stage = await loop.run_in_executor(self.executor, configure_stage, stage,
-                                                   req.quantize, req.batch_invariant)
+                                                   req.quantize, req.batch_invariant,
+                                                   req.max_context)
             except CheckpointError as e:
                 raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
             self._arm(run, stage)
@@ -348,7 +352,8 @@ class NodeRuntime:
         """Bytes the run needs (weights + KV caches); InitError when the node has less."""
         dtype = DTYPES[req.dtype]
         weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype)
-        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype)
+        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
+                                limits.block_size)
         held = self.run.mem_bytes if self.run is not None else 0
         have, where = mem.available(device, self.max_memory, held)
         if weights + kv > have:
@@ -356,8 +361,8 @@ class NodeRuntime:
                 f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
                 f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in {req.dtype}, "
                 f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
-                f"{config.block_size} positions), this node has {mem.format_size(have)} "
-                f"({where}); ask for fewer samples, a smaller block_size or fewer layers")
+                f"{limits.block_size} positions), this node has {mem.format_size(have)} "
+                f"({where}); ask for fewer samples, a smaller --max-context or fewer layers")
         return weights + kv
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
@@ -374,11 +379,13 @@ class NodeRuntime:
             build = StageBuilder(run.config, req.start, req.stop, run.device, DTYPES[req.dtype],
                                  req.quantize)
             loop = asyncio.get_running_loop()
-            async for name, t in iter_stream(chunks, build.want, f"layers [{req.start}, {req.stop})"):
-                await loop.run_in_executor(self.executor, build.put, name, t)
-                del t
+            with mapped_allocations():
+                async for name, t in iter_stream(chunks, build.want,
+                                                 f"layers [{req.start}, {req.stop})"):
+                    await loop.run_in_executor(self.executor, build.put, name, t)
+                    del t
             stage = await loop.run_in_executor(self.executor, configure_stage, build.finish(),
-                                               req.quantize, req.batch_invariant)
+                                               req.quantize, req.batch_invariant, req.max_context)
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
         except CheckpointError as e:
@@ -649,8 +656,8 @@ class NodeRuntime:
         positions = run.positions[a:b]
         if positions[0] != frame.position:
             raise WireError(f"DECODE at position {frame.position}, sample {a} is at {positions[0]}")
-        if max(positions) >= run.config.block_size:
-            raise WireError("DECODE past block_size without a prefill")
+        if max(positions) >= run.limits.block_size:
+            raise WireError("DECODE past the run's context without a prefill")
         out = _timed(run, decode, stage, run.caches[gi], x, positions)
         for s in range(a, b):
             run.positions[s] += 1

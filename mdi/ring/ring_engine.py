@@ -173,7 +173,8 @@ class RingEngine(PipelineEngine):
         # shards: a split already planned (Starter._place: --partition), else even/manual
         self.shards = shards or plan_shards(nodes, ck.config.n_layer)
         stage, _ = load_stage(ck, 0, self.shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize)
+                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize,
+                              max_context=self.opts.max_context)
         configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         tokenizer = tokenizer or ck.tokenizer()
         super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),

@@ -72,6 +72,7 @@ class RunOptions:
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
     quantize: str | None = None       # "int8": every node quantizes its own stage at load
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
+    max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
 
 
@@ -140,7 +141,8 @@ class Starter:
         groups = make_groups(len(prompts), n_groups)
         shards = await self._place(config, len(prompts), max(len(g) for g in groups))
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize)
+                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize,
+                              max_context=self.opts.max_context)
         configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups, texts)
@@ -287,7 +289,8 @@ class Starter:
                     "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
                     "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload",
-                    "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
+                    "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant,
+                    "max_context": self.opts.max_context}
             if sequences:
                 body["sequences"] = True
             await self._post(http, spec, "/init", body)
@@ -362,7 +365,7 @@ class Starter:
                 await send_context(gi)
                 return
             with torch.inference_mode():
-                plans = [plan_step(states[s], config.block_size) for s in g]
+                plans = [plan_step(states[s], stage.context) for s in g]
                 for row, (s, p) in enumerate(zip(g, plans)):
                     if p.prefill:
                         h = timed(prefill, stage, caches[gi], row, p.prefill)
@@ -375,7 +378,7 @@ class Starter:
 
         async def send_context(gi: int) -> None:
             s = groups[gi].start
-            plan_step(states[s], config.block_size)  # moves the window on overflow
+            plan_step(states[s], stage.context)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
             with torch.inference_mode():
                 h = timed(forward_context, stage, context)

@@ -37,6 +37,7 @@ class BackendOptions:
     timeout: float = 10.0             # ring: seconds of silence before a node counts as gone
     threads: int | None = None        # ring with --nodes N: torch threads per node process
     quantize: str | None = None       # "int8": every stage quantized at load
+    max_context: int | None = None    # positions a sequence keeps (None: the default cap)
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -101,7 +102,8 @@ def local_backend(opts: BackendOptions) -> Backend:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
     model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype],  # any --ckpt spec
-                           quantize=opts.quantize, batch_invariant=opts.batch_invariant)
+                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
+                           max_context=opts.max_context)
     tok = ck.tokenizer()
     kwargs = _engine_kwargs(LocalEngine, opts)
 
@@ -152,7 +154,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
         backend.cluster = cluster
         where = f"{opts.nodes} local nodes"
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
-                          quantize=opts.quantize, batch_invariant=opts.batch_invariant)
+                          quantize=opts.quantize, batch_invariant=opts.batch_invariant,
+                          max_context=opts.max_context)
     kwargs = _engine_kwargs(RingEngine, opts)
 
     def build() -> Engine:
