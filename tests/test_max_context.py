@@ -145,3 +145,12 @@ def test_node_sizes_its_caches_from_init(tmp_path):
     assert run.limits.block_size == 7 and run.stage.context == 7
     assert [c.max_len for c in run.caches] == [7]
     assert asyncio.run(main(None)).caches[0].max_len == 64
+
+
+def test_planner_memory_follows_the_cap():
+    from mdi.ring import limits
+    from mdi.ring.capability import stage_memory
+
+    full, cut = stage_memory(LEARNED, 3), stage_memory(LEARNED, 3, max_context=16)
+    kv = lambda n: limits.kv_cache_bytes(LEARNED, 1, 3, torch.float32, n)  # noqa: E731
+    assert full.block_bytes - cut.block_bytes == kv(64) - kv(16) > 0

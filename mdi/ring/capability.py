@@ -64,7 +64,8 @@ def _nbytes(module: torch.nn.Module) -> int:
     return n
 
 
-def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32") -> StageMemory:
+def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
+                 max_context: int | None = None) -> StageMemory:
     """What blocks and end stages need, computed on the meta device (no memory used).
 
     n_samples: KV cache rows for the whole run (every group's cache lives on
@@ -72,6 +73,7 @@ def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32") -> S
     c3 = _three_layer(config)
     with torch.device("meta"):
         stages = [GPT(c3, i, i + 1).to(DTYPES[dtype]) for i in range(3)]
+        stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
         cache = stages[1].new_cache(n_samples)
     kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for t in list(cache.k) + list(cache.v))

@@ -125,7 +125,8 @@ class Starter:
                 await self._await_health(http, spec)
         self.placement = await place_layers(
             self.nodes, config, self.token, self.opts.partition, n_samples, batch,
-            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries)
+            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries,
+            max_context=self.opts.max_context)
         log.info("%s", self.placement.describe())
         return self.placement.shards
 
