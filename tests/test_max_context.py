@@ -154,3 +154,20 @@ def test_planner_memory_follows_the_cap():
     full, cut = stage_memory(LEARNED, 3), stage_memory(LEARNED, 3, max_context=16)
     kv = lambda n: limits.kv_cache_bytes(LEARNED, 1, 3, torch.float32, n)  # noqa: E731
     assert full.block_bytes - cut.block_bytes == kv(64) - kv(16) > 0
+
+
+def test_int8_runs_cost_their_int8_weights():
+    """/init's memory check and the planner count what an int8 node holds once loaded."""
+    from mdi.checkpoint.format import StageBuilder  # noqa: F401  (the loader that holds it)
+    from mdi.model.quant import quantize_linears, weight_bytes
+    from mdi.ring import limits
+    from mdi.ring.capability import stage_memory
+
+    for start, stop in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        stage = quantize_linears(GPT(ROPE, start, stop))
+        assert limits.stage_weight_bytes(ROPE, start, stop, torch.float32, "int8") == \
+            weight_bytes(stage)
+    fp, q = stage_memory(ROPE, 2), stage_memory(ROPE, 2, quantize="int8")
+    kv = limits.kv_cache_bytes(ROPE, 1, 2, torch.float32)
+    assert q.block_bytes - kv == weight_bytes(quantize_linears(GPT(ROPE, 1, 2)))
+    assert q.block_bytes < fp.block_bytes and q.head_bytes < fp.head_bytes

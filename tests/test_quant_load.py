@@ -154,6 +154,18 @@ def test_int8_checkpoint_is_refused_by_split_and_stream(tmp_path):
         shard_stream(out, Shard(2, 4, 4))
 
 
+def test_int8_checkpoint_is_inspected(tmp_path):
+    from mdi.checkpoint.inspect import inspect_checkpoint
+
+    ck = _ckpt(tmp_path, TIED)
+    out = convert_to_ours(ck, tmp_path / "int8", quantize="int8")
+    got, want = inspect_checkpoint(out), inspect_checkpoint(ck)
+    assert got.n_params == want.n_params  # the scales are not counted
+    dtypes = {t.name: t.dtype for t in got.tensors}
+    assert dtypes["transformer.h.0.attn.c_attn.weight"] == "int8"
+    assert dtypes["transformer.h.0.attn.c_attn.scale"] == "float32"
+
+
 def test_int8_checkpoint_config_is_checked(tmp_path):
     out = convert_to_ours(_ckpt(tmp_path, TIED), tmp_path / "int8", quantize="int8")
     cfg = json.loads((out / "config.json").read_text())

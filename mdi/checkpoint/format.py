@@ -222,7 +222,7 @@ class StageBuilder:
         else:
             t = t.to(device=self.device)
         if isinstance(module, Int8Embedding) and name.endswith(".weight"):
-            module.out_dtype = self.dtype or torch.float32 if self.stored_int8 else t.dtype
+            module.out_dtype = (self.dtype or torch.float32) if self.stored_int8 else t.dtype
         if int8_weight and not self.stored_int8:
             q, scale = quantize_rows(t)
             self._keep(name, q)

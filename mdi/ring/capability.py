@@ -25,6 +25,7 @@ import torch
 
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES
+from ..model.quant import quantize as quantize_stage
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
@@ -65,14 +66,14 @@ def _nbytes(module: torch.nn.Module) -> int:
 
 
 def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
-                 max_context: int | None = None) -> StageMemory:
+                 max_context: int | None = None, quantize: str | None = None) -> StageMemory:
     """What blocks and end stages need, computed on the meta device (no memory used).
 
     n_samples: KV cache rows for the whole run (every group's cache lives on
-    every node)."""
+    every node); max_context, quantize: the run's (--max-context, --quantize)."""
     c3 = _three_layer(config)
     with torch.device("meta"):
-        stages = [GPT(c3, i, i + 1).to(DTYPES[dtype]) for i in range(3)]
+        stages = [quantize_stage(GPT(c3, i, i + 1).to(DTYPES[dtype]), quantize) for i in range(3)]
         stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
         cache = stages[1].new_cache(n_samples)
     kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(

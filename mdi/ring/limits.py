@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..checkpoint.format import expected_shapes
+from ..checkpoint.format import expected_int8_shapes, expected_shapes
 from ..model.cache import context_length
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
@@ -58,8 +58,12 @@ def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
     return 2 * n_layers * n_samples * n_kv_head * context * head_size * itemsize
 
 
-def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int:
-    """Bytes of a stage's parameters [start, stop) in the run's dtype.
+def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
+                       quantize: str | None = None) -> int:
+    """Bytes of a stage's parameters [start, stop) in the run's dtype; with
+    quantize="int8" the Linear and Embedding weights take 1 byte each plus a
+    float32 scale per row (what the node holds once loaded: it quantizes as the
+    weights arrive, so the float weights are never all in memory).
 
     Built on the meta device from at most three one-block stages, never from the
     whole range (a hostile /init may ask for millions of layers): the first block
@@ -67,16 +71,26 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int
     head when it ends the model), and the blocks between, all alike.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    int8 = quantize == "int8"
 
-    def params(a: int) -> int:
-        return sum(math.prod(s) for s in expected_shapes(config, a, a + 1).values())
+    def nbytes(a: int) -> int:
+        shapes = (expected_int8_shapes if int8 else expected_shapes)(config, a, a + 1)
+        total = 0
+        for name, shape in shapes.items():
+            if name.endswith(".scale"):
+                total += 4 * math.prod(shape)  # float32
+            elif name.endswith(".weight") and name[:-len("weight")] + "scale" in shapes:
+                total += math.prod(shape)      # int8
+            else:
+                total += itemsize * math.prod(shape)
+        return total
 
-    n = params(start)
+    n = nbytes(start)
     if stop - start >= 2:
-        n += params(stop - 1)
+        n += nbytes(stop - 1)
     if stop - start >= 3:
-        n += (stop - start - 2) * params(start + 1)
-    return itemsize * n
+        n += (stop - start - 2) * nbytes(start + 1)
+    return n
 
 
 def free_memory(device: str) -> tuple[int, str]:

@@ -351,7 +351,7 @@ class NodeRuntime:
                      device: str) -> int:
         """Bytes the run needs (weights + KV caches); InitError when the node has less."""
         dtype = DTYPES[req.dtype]
-        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype)
+        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
         kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
                                 limits.block_size)
         held = self.run.mem_bytes if self.run is not None else 0
@@ -359,7 +359,8 @@ class NodeRuntime:
         if weights + kv > have:
             raise InitError(
                 f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
-                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in {req.dtype}, "
+                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in "
+                f"{req.quantize or req.dtype}, "
                 f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
                 f"{limits.block_size} positions), this node has {mem.format_size(have)} "
                 f"({where}); ask for fewer samples, a smaller --max-context or fewer layers")

@@ -126,7 +126,7 @@ class Starter:
         self.placement = await place_layers(
             self.nodes, config, self.token, self.opts.partition, n_samples, batch,
             self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries,
-            max_context=self.opts.max_context)
+            max_context=self.opts.max_context, quantize=self.opts.quantize)
         log.info("%s", self.placement.describe())
         return self.placement.shards
 
@@ -290,10 +290,11 @@ class Starter:
                     "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
                     "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload",
-                    "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant,
-                    "max_context": self.opts.max_context}
+                    "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
             if sequences:
                 body["sequences"] = True
+            if self.opts.max_context is not None:  # else the node's default cap: the same
+                body["max_context"] = self.opts.max_context
             await self._post(http, spec, "/init", body)
             if not local:
                 total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time
