@@ -111,18 +111,37 @@ def test_stage_weight_bytes_of_a_million_layers_is_computed_not_built():
 
 # ---- memory at /init -------------------------------------------------------------------------
 def test_a_run_larger_than_free_memory_is_refused_before_allocation():
-    """Issue 13.2: block_size 10^6 (or 2^31 - 1) with one sample took 3 GB at /weights."""
+    """Issue 13.2: block_size 10^6 (or 2^31 - 1) with one sample took 3 GB at /weights.
+    Now only a run that asks to keep that many positions (max_context) would."""
     rt = NodeRuntime(SPEC, TOKEN)
     rss = psutil.Process().memory_info().rss
     huge = {**CONFIG.to_dict(), "block_size": 2**31 - 1}
-    r = run(post(rt, "/init", json=body(model=huge, groups=[[0, 1]])))
+    r = run(post(rt, "/init", json=body(model=huge, groups=[[0, 1]], max_context=2**31 - 1)))
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
-    kv = limits.kv_cache_bytes(GPTConfig(**huge), 1, 1, torch.float32)
+    kv = limits.kv_cache_bytes(GPTConfig(**huge), 1, 1, torch.float32, 2**31 - 1)
     assert detail.startswith("memory: the run needs ")
     assert f"KV caches {limits.format_size(kv)} for 1 samples of 2147483647 positions" in detail
     assert "(free system memory)" in detail
     assert rt.run is None and psutil.Process().memory_info().rss - rss < 50 * 2**20
+
+
+def test_a_huge_block_size_costs_the_default_context_unless_asked():
+    """The KV cache follows min(block_size, max_context), max_context 2048 by default."""
+    huge = GPTConfig(**{**CONFIG.to_dict(), "block_size": 2**31 - 1})
+    assert limits.kv_cache_bytes(huge, 1, 1, torch.float32) == \
+        limits.kv_cache_bytes(GPTConfig(**{**CONFIG.to_dict(), "block_size": 2048}), 1, 1, torch.float32)
+    rt = NodeRuntime(SPEC, TOKEN)
+    r = run(post(rt, "/init", json=body(model=huge.to_dict(), groups=[[0, 1]])))
+    assert r.status_code == 200, r.text
+    assert rt.run.limits.block_size == 2048
+    r = run(post(rt, "/init", json=body(model=huge.to_dict(), groups=[[0, 1]], max_context=100,
+                                        run_id=9)))
+    assert r.status_code == 200 and rt.run.limits.block_size == 100
+    assert rt.run.mem_bytes == limits.stage_weight_bytes(huge, 2, 3, torch.float32) + \
+        limits.kv_cache_bytes(huge, 1, 1, torch.float32, 100)
+    r = run(post(rt, "/init", json=body(groups=[[0, 1]], max_context=0, run_id=10)))
+    assert r.status_code == 422 and "max_context" in r.text, r.text
 
 
 def test_max_memory_caps_a_run_and_names_both_numbers():
@@ -138,7 +157,7 @@ def test_max_memory_caps_a_run_and_names_both_numbers():
         f"memory: the run needs {limits.format_size(weights + kv)} on cpu (weights "
         f"{limits.format_size(weights)} for layers [20, 30) in float32, KV caches "
         f"{limits.format_size(kv)} for 8192 samples of 128 positions), this node has 2.00 GB "
-        "(--max-memory); ask for fewer samples, a smaller block_size or fewer layers")
+        "(--max-memory); ask for fewer samples, a smaller --max-context or fewer layers")
     # the same run with 4 samples fits, and the current run's memory counts as free again
     ok = run(post(rt, "/init", json={**req, "groups": [[0, 4]]}))
     assert ok.status_code == 200 and rt.run.mem_bytes == weights + limits.kv_cache_bytes(

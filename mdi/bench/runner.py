@@ -47,6 +47,7 @@ class BenchConfig:
     resend_context: bool = False
     quantize: str | None = None       # every configuration of the invocation, on every node
     batch_invariant: bool = False
+    max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     seed: int = 1337
     run_timeout: float = 1800.0
     node_cpu: list[float] | None = None       # CPU share per node, starter first (cgroup v1)
@@ -186,6 +187,8 @@ class Bench:
             cmd += ["--quantize", cfg.quantize]
         if cfg.batch_invariant:
             cmd.append("--batch-invariant")
+        if cfg.max_context is not None:
+            cmd += ["--max-context", str(cfg.max_context)]
         env = dict(os.environ)
         if cluster is not None:
             cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]

@@ -15,7 +15,20 @@ from ..ring.nodes_config import load_nodes_config
 from ..ring.starter import RunOptions, Starter
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
-from ..model.quant import QUANT_MODES, configure_stage
+from ..model.quant import QUANT_MODES
+
+
+def _peak_rss_mb(usage) -> float:
+    """This process's peak RSS: VmHWM where there is one (ru_maxrss carries over the
+    forking parent's peak across fork and exec, and the runner's can be larger)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resend-context", action="store_true")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None)
     p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--partition", choices=["auto", "even"], default=None)
     args = p.parse_args(argv)
@@ -41,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context,
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                     partition=args.partition))
+                                     max_context=args.max_context, partition=args.partition))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
-        model, _ = load_model(args.ckpt, dtype=torch.float32)  # as the starter's default
-        configure_stage(model, args.quantize, args.batch_invariant)
+        model, _ = load_model(args.ckpt, dtype=torch.float32,  # as the starter's default
+                              quantize=args.quantize, batch_invariant=args.batch_invariant,
+                              max_context=args.max_context)
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out["step_times"] = [round(t, 6) for t in result.step_times]
     out["tokens_total"] = sum(len(t) for t in result.tokens)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # this process is the starter node
-    out["peak_rss_mb"] = usage.ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb(usage)
     out["cpu_s"] = usage.ru_utime + usage.ru_stime
     json.dump(out, sys.stdout)
     return 0

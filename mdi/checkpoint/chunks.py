@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from ..model import GPT, GPTConfig
 from . import st_io
-from .format import EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes, read_stage_file
+from .format import (EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes,
+                     read_stage_file, refuse_int8)
 from .hf import HFCheckpoint
 from .sources import Checkpoint, open_checkpoint
 
@@ -40,6 +41,7 @@ def shard_tensors(ckpt: str | Path | Checkpoint, shard: Span) -> dict[str, torch
     if isinstance(info, HFCheckpoint):
         return {name: hf_tensor(info, name)
                 for name in expected_shapes(info.config, shard.start, shard.stop)}
+    refuse_int8(info, "splitting into per-node chunks")
     out = {}
     try:
         with st_io.open_file(info.weights_path) as f:
@@ -78,6 +80,8 @@ def write_chunks(ckpt: str | Path | Checkpoint, shards: Sequence[Span], out_dir:
     """Write out_dir/node0, node1, ...: one chunk per layer range (see ring.split
     for the even split by node count)."""
     info = open_checkpoint(ckpt)
+    if not isinstance(info, HFCheckpoint):
+        refuse_int8(info, "splitting into per-node chunks")
     out = Path(out_dir)
     paths = []
     for i, shard in enumerate(shards):
@@ -134,5 +138,7 @@ def read_chunk_info(chunk_dir: str | Path) -> dict:
 
 
 def load_chunk(chunk_dir: str | Path, config: GPTConfig, start: int, stop: int,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype)
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> GPT:
+    """A chunk's stage; quantize="int8": each weight quantized as it is read."""
+    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype, quantize)

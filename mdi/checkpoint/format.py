@@ -19,8 +19,12 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import GPT, GPTConfig
+from ..model.dtypes import DTYPES, dtype_name
+from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, is_quantized,
+                           quantize_linears, quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
 from . import st_io
+from .malloc import mapped_allocations
 
 FORMAT = "mdi-checkpoint"
 VERSION = 1
@@ -30,6 +34,8 @@ TOKENIZER = "tokenizer.json"
 TRAIN_STATE = "train_state.pt"
 TIED_HEAD = "lm_head.weight"
 EMBEDDING = "transformer.wte.weight"
+TIED_SCALE = "lm_head.scale"            # int8 checkpoints: the tied head's scale, not stored
+EMBEDDING_SCALE = "transformer.wte.scale"
 ALIGN = 64  # bytes; what torch's CPU allocator gives
 
 
@@ -43,6 +49,8 @@ class CheckpointInfo:
     config: GPTConfig
     training: dict = field(default_factory=dict)
     kind: str = "mdi"
+    quantized: str | None = None     # "int8": weights stored int8 with scales (mdi convert --quantize)
+    float_dtype: str = "float32"     # an int8 checkpoint's activation dtype (its float tensors')
 
     @property
     def weights_path(self) -> Path:
@@ -56,10 +64,11 @@ class CheckpointInfo:
 
 
 def storable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The state dict to write: contiguous tensors, the tied head left out."""
+    """The state dict to write: contiguous tensors, the tied head (and its int8 scale) left out."""
     sd = model.state_dict()
     if model.has_embeddings and model.has_head and model.config.tie_embeddings:
         sd.pop(TIED_HEAD, None)
+        sd.pop(TIED_SCALE, None)
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
@@ -72,6 +81,10 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
     tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
     cfg = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
            "training": training or {}}
+    if is_quantized(model):  # loaders build the int8 stage straight from the file
+        floats = [t.dtype for k, t in model.state_dict().items()
+                  if t.is_floating_point() and not k.endswith(".scale")]
+        cfg["quantize"] = {"mode": "int8", "dtype": dtype_name(floats[0] if floats else torch.float32)}
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER)
@@ -105,7 +118,24 @@ def read_info(path: str | Path) -> CheckpointInfo:
     training = data.get("training") or {}
     if not isinstance(training, dict):
         raise CheckpointError(f"{cfg_path}: the training field must be an object")
-    return CheckpointInfo(path, config, training)
+    quant = data.get("quantize")
+    if quant is None:
+        return CheckpointInfo(path, config, training)
+    if (not isinstance(quant, dict) or quant.get("mode") not in QUANT_MODES
+            or quant.get("dtype") not in DTYPES):
+        raise CheckpointError(f"{cfg_path}: the quantize field must be {{\"mode\": one of "
+                              f"{', '.join(QUANT_MODES)}, \"dtype\": one of {', '.join(DTYPES)}}}, "
+                              f"got {quant!r}")
+    return CheckpointInfo(path, config, training, quantized=quant["mode"], float_dtype=quant["dtype"])
+
+
+def refuse_int8(info: "CheckpointInfo", what: str) -> None:
+    """CheckpointError when info is an int8 checkpoint, which `what` does not take."""
+    if info.quantized:
+        raise CheckpointError(
+            f"{info.path} is an {info.quantized} checkpoint (mdi convert --quantize): {what} "
+            "takes float checkpoints only; convert the source without --quantize and run with "
+            f"--quantize {info.quantized} (each node then quantizes its own stage as it loads)")
 
 
 def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
@@ -116,78 +146,178 @@ def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
     return {k: tuple(v.shape) for k, v in stage.state_dict().items()}
 
 
+def _meta_stage(config: GPTConfig, start: int, stop: int | None, int8: bool) -> GPT:
+    """A stage without storage: the skeleton a loader fills by name (int8 layers
+    as placeholders when int8)."""
+    with torch.device("meta"):
+        stage = GPT(config, start, stop)
+        if int8:
+            quantize_linears(stage)  # tied embedding and head share one placeholder
+    return stage
+
+
+def expected_int8_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
+                         ) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of an int8 stage (`x.weight` int8, `x.scale` float32, ...)."""
+    return {k: tuple(v.shape) for k, v in _meta_stage(config, start, stop, True).state_dict().items()}
+
+
+class StageBuilder:
+    """A stage filled tensor by tensor, each checked (name, shape, dtype) as it comes.
+
+    quantize="int8": every Linear and Embedding weight is quantized the moment it
+    arrives and its float tensor dropped, so the peak is the int8 stage plus one
+    float tensor (quantizing a finished float stage held both whole). The result
+    equals building the float stage and quantizing it, bit for bit.
+    stored="int8": the tensors are already int8 with scales (an int8 checkpoint)
+    and are taken as they are. dtype: the float tensors' dtype (None: as stored).
+    """
+
+    def __init__(self, config: GPTConfig, start: int = 0, stop: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 quantize: str | None = None, stored: str | None = None,
+                 where: str = "weights") -> None:
+        self.int8 = check_mode(quantize) == "int8" or check_mode(stored) == "int8"
+        self.stored_int8 = stored == "int8"
+        self.config, self.device, self.dtype, self.where = config, device, dtype, where
+        self.stage = _meta_stage(config, start, stop, self.int8)
+        if self.stored_int8:
+            self.want = expected_int8_shapes(config, start, stop)
+        else:
+            self.want = expected_shapes(config, start, stop)
+        s = self.stage
+        self.tied = config.tie_embeddings and s.has_embeddings and s.has_head
+        self.sd: dict[str, torch.Tensor] = {}
+
+    def names(self) -> list[str]:
+        """What to put, in order; the tied head is the embedding, never read twice."""
+        skip = {TIED_HEAD, TIED_SCALE} if self.tied else set()
+        return [n for n in self.want if n not in skip]
+
+    def _module(self, name: str) -> torch.nn.Module:
+        return self.stage.get_submodule(name.rpartition(".")[0])
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        """Take tensor `name` (the caller drops its reference afterwards)."""
+        if name not in self.want:
+            raise CheckpointError(f"{self.where}: tensor {name!r} is not part of this stage")
+        if tuple(t.shape) != self.want[name]:
+            raise CheckpointError(f"{self.where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"the config needs {self.want[name]}")
+        module = self._module(name)
+        int8_weight = isinstance(module, (Int8Linear, Int8Embedding)) and name.endswith(".weight")
+        if self.stored_int8 and int8_weight:
+            expect = torch.int8
+        elif self.stored_int8 and name.endswith(".scale"):
+            expect = torch.float32
+        else:
+            expect = None
+        if expect is not None and t.dtype != expect:
+            raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, expected {expect}")
+        if expect is None and not t.is_floating_point():
+            raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, expected "
+                                  "floating point")
+        if expect is None:
+            t = t.to(device=self.device, dtype=self.dtype or t.dtype)
+        else:
+            t = t.to(device=self.device)
+        if isinstance(module, Int8Embedding) and name.endswith(".weight"):
+            module.out_dtype = (self.dtype or torch.float32) if self.stored_int8 else t.dtype
+        if int8_weight and not self.stored_int8:
+            q, scale = quantize_rows(t)
+            self._keep(name, q)
+            self._keep(name[:-len("weight")] + "scale", scale)
+            return
+        # On some CPUs the per-row GEMM's low bits depend on the operand's
+        # address; a tensor inside a file or a stream sits at whatever offset the
+        # format gave it. Copy those into allocator-aligned memory (only those:
+        # a second copy of every weight would double the peak memory).
+        self._keep(name, t.clone() if t.data_ptr() % ALIGN else t)
+
+    def _keep(self, name: str, t: torch.Tensor) -> None:
+        self.sd[name] = t
+        if self.tied and name in (EMBEDDING, EMBEDDING_SCALE):
+            self.sd[TIED_HEAD if name == EMBEDDING else TIED_SCALE] = t  # one tensor, shared
+
+    def finish(self) -> GPT:
+        missing = [n for n in self.want if n not in self.sd]
+        if missing:
+            raise CheckpointError(f"{self.where}: missing tensor {missing[0]!r}"
+                                  + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        stage = self.stage
+        stage.load_state_dict(self.sd, assign=True, strict=True)
+        self.sd = {}
+        if self.tied:  # re-tie: one tensor (int8: one table and one scale) for both
+            stage.lm_head.weight = stage.transformer.wte.weight
+            if self.int8:
+                stage.lm_head.scale = stage.transformer.wte.scale
+        return stage.eval()
+
+
 def build_stage(config: GPTConfig, start: int, stop: int | None,
                 get: Callable[[str], torch.Tensor | None], names: set[str] | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                where: str = "weights") -> GPT:
-    """Build a stage from tensors fetched by name, checking every name and shape.
+                where: str = "weights", quantize: str | None = None,
+                stored: str | None = None) -> GPT:
+    """Build a stage from tensors fetched by name, one at a time (see StageBuilder).
 
     `get(name)` returns a tensor or None when absent. `names`, when given, is
     the set of names the source holds: anything the stage does not use but
     belongs to its layer range is an error (wrong config).
     """
-    want = expected_shapes(config, start, stop)
-    tied = config.tie_embeddings
-    sd: dict[str, torch.Tensor] = {}
-    for name, shape in want.items():
-        if name == TIED_HEAD and tied and EMBEDDING in sd:
-            sd[name] = sd[EMBEDDING]  # tied: one tensor, read once (re-tied below)
-            continue
-        t = get(name)
-        if t is None and name == TIED_HEAD and tied:
-            t = get(EMBEDDING)  # tied to the token embedding
-        if t is None:
-            raise CheckpointError(f"{where}: missing tensor {name!r}")
-        if tuple(t.shape) != shape:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the config needs {shape}")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected floating point")
-        t = t.to(device=device, dtype=dtype or t.dtype)
-        # On some CPUs the per-row GEMM's low bits depend on the operand's
-        # address; a tensor inside a file or a stream sits at whatever offset the
-        # format gave it. Copy those into allocator-aligned memory (only those:
-        # a second copy of every weight would double the peak memory).
-        sd[name] = t.clone() if t.data_ptr() % ALIGN else t
+    b = StageBuilder(config, start, stop, device, dtype, quantize, stored, where)
     if names is not None:
-        whole = set(expected_shapes(config)) | {TIED_HEAD}
-        unknown = sorted(names - whole)
+        whole = (expected_int8_shapes(config) if b.stored_int8 else expected_shapes(config))
+        unknown = sorted(names - set(whole) - {TIED_HEAD, TIED_SCALE})
         if unknown:
             raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unknown[:5])}")
-    with torch.device("meta"):
-        stage = GPT(config, start, stop)
-    stage.load_state_dict(sd, assign=True, strict=True)
-    if stage.has_embeddings and stage.has_head and tied:
-        stage.lm_head.weight = stage.transformer.wte.weight
-    return stage.eval()
+    with mapped_allocations():  # see malloc.py: freed float tensors go back to the OS
+        for name in b.names():
+            t = get(name)
+            if t is None and name in (TIED_HEAD, TIED_SCALE) and config.tie_embeddings:
+                t = get(EMBEDDING if name == TIED_HEAD else EMBEDDING_SCALE)  # tied to the embedding
+            if t is None:
+                raise CheckpointError(f"{where}: missing tensor {name!r}")
+            b.put(name, t)
+            del t  # one float tensor at a time
+    return b.finish()
 
 
 def load_stage(path: str | Path, start: int = 0, stop: int | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-               ) -> tuple[GPT, CheckpointInfo]:
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> tuple[GPT, CheckpointInfo]:
     """Load blocks [start, stop) of the checkpoint at path (the whole model by default).
 
-    Only the stage's tensors are read, each once, into fresh buffers (see st_io).
+    Only the stage's tensors are read, each once, into fresh buffers (see st_io);
+    with quantize="int8" each weight is quantized as it is read. An int8
+    checkpoint gives its int8 stage whatever `quantize` says (no float step).
     """
     info = read_info(path)
     if not info.weights_path.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS}")
-    return read_stage_file(info.weights_path, info.config, start, stop, device, dtype), info
+    if info.quantized:
+        dtype = dtype or DTYPES[info.float_dtype]
+    return read_stage_file(info.weights_path, info.config, start, stop, device, dtype, quantize,
+                           info.quantized), info
 
 
 def read_stage_file(weights: str | Path, config: GPTConfig, start: int = 0, stop: int | None = None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """Build a stage from a safetensors file (a checkpoint's or a chunk's)."""
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    quantize: str | None = None, stored: str | None = None) -> GPT:
+    """Build a stage from a safetensors file (a checkpoint's or a chunk's);
+    stored="int8": the file holds int8 weights and scales."""
     try:
         with st_io.open_file(weights) as f:
-            entries, data_start = st_io.read_header(f)
+            entries, data_start = st_io.read_header(f, int8=stored == "int8")
             return build_stage(config, start, stop,
                                lambda n: st_io.read_tensor(f, entries[n], data_start) if n in entries else None,
-                               names=set(entries), device=device, dtype=dtype, where=str(weights))
+                               names=set(entries), device=device, dtype=dtype, where=str(weights),
+                               quantize=quantize, stored=stored)
     except (st_io.SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, CheckpointInfo]:
-    return load_stage(path, 0, None, device=device, dtype=dtype)
+               dtype: torch.dtype | None = None, quantize: str | None = None
+               ) -> tuple[GPT, CheckpointInfo]:
+    return load_stage(path, 0, None, device=device, dtype=dtype, quantize=quantize)

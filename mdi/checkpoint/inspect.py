@@ -41,7 +41,7 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
             raise CheckpointError(f"{ck.path} has no {ck.weights_path.name}")
         try:
             with st_io.open_file(ck.weights_path) as f:
-                entries, data_start = st_io.read_header(f)
+                entries, data_start = st_io.read_header(f, int8=ck.quantized == "int8")
             ordered = st_io.in_order(entries)
             end = data_start + (ordered[-1].end if ordered else 0)
             if ck.weights_path.stat().st_size < end:
@@ -60,6 +60,8 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
         tok_text = f"{tok.kind}, vocabulary {tok.vocab_size}"
     except (CheckpointError, TokenizerError) as e:
         tok_text = f"unavailable ({e})"
+    quantized = getattr(ck, "quantized", None)  # an int8 checkpoint's scales are no parameters
+    n_params = sum(math.prod(t.shape) for t in tensors
+                   if not (quantized and t.name.endswith(".scale")))
     return Inspection(ck.path, getattr(ck, "kind", "mdi"), ck.config.to_dict(), tensors,
-                      sum(math.prod(t.shape) for t in tensors), tok_text, dict(ck.training),
-                      source_config)
+                      n_params, tok_text, dict(ck.training), source_config)

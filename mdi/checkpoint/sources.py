@@ -21,6 +21,7 @@ from typing import Union
 import torch
 
 from ..model import GPT
+from ..model.quant import check_mode, configure_stage
 from .format import CONFIG, CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
 from .format import load_stage as load_our_stage
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
@@ -66,33 +67,49 @@ def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
 
 
 def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-               ) -> tuple[GPT, Checkpoint]:
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               quantize: str | None = None, batch_invariant: bool = False,
+               max_context: int | None = None) -> tuple[GPT, Checkpoint]:
     """Blocks [start, stop) of any checkpoint (the whole model by default), reading
-    only that stage's tensors. Weights keep their stored dtype unless `dtype`."""
+    only that stage's tensors, configured for the run (model/quant.py:configure_stage).
+
+    Weights keep their stored dtype unless `dtype`. quantize="int8": each weight
+    is quantized as it is read (peak: the int8 stage plus one float tensor); an
+    int8 checkpoint (`mdi convert --quantize int8`) is int8 whatever it says.
+    """
+    check_mode(quantize)
     ck = open_checkpoint(spec)
     if isinstance(ck, CheckpointInfo):
-        return load_our_stage(ck.path, start, stop, device=device, dtype=dtype)
-    stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
-                        where=ck.source.origin)
-    return stage, ck
+        stage, _ = load_our_stage(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
+    else:
+        stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
+                            where=ck.source.origin, quantize=quantize)
+    return configure_stage(stage, quantize, batch_invariant, max_context), ck
 
 
 def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
-    return load_stage(spec, 0, None, device=device, dtype=dtype)
+               dtype: torch.dtype | None = None, quantize: str | None = None,
+               batch_invariant: bool = False, max_context: int | None = None
+               ) -> tuple[GPT, Checkpoint]:
+    return load_stage(spec, 0, None, device=device, dtype=dtype, quantize=quantize,
+                      batch_invariant=batch_invariant, max_context=max_context)
 
 
 def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrite: bool = False,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write any checkpoint (Hugging Face directory, hub name, GGUF) in our format,
-    with its tokenizer files; weights keep their stored dtype unless `dtype`."""
+                    dtype: torch.dtype | None = None, quantize: str | None = None) -> Path:
+    """Write any checkpoint (Hugging Face directory, hub name, GGUF, ours) in our format,
+    with its tokenizer files; weights keep their stored dtype unless `dtype`.
+
+    quantize="int8": Linear and Embedding weights are stored int8 with a float32
+    scale per row (quantized as read, as at load time), so loading it gives the
+    int8 stage directly; out_dir may then be the source itself (read whole first).
+    """
     ck = open_checkpoint(spec)
     out = Path(out_dir)
     if (out / CONFIG).exists() and not overwrite:
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
                               "or pass --force")
-    model, _ = load_model(ck, dtype=dtype)
+    model, _ = load_model(ck, dtype=dtype, quantize=quantize)
     try:
         tok = ck.tokenizer()
     except CheckpointError as e:

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import torch
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+INT8_DTYPES = {**ST_DTYPES, "I8": torch.int8}  # our int8 checkpoints only (`mdi convert --quantize`)
 MAX_HEADER = 1 << 24
 
 
@@ -52,8 +53,10 @@ def header_length(first8: bytes) -> int:
     return n
 
 
-def parse_header(raw: bytes) -> dict[str, Entry]:
-    """Entries by name, each checked on its own (see in_order for the layout)."""
+def parse_header(raw: bytes, int8: bool = False) -> dict[str, Entry]:
+    """Entries by name, each checked on its own (see in_order for the layout).
+    int8: int8 tensors are allowed too (an int8 checkpoint of ours)."""
+    dtypes = INT8_DTYPES if int8 else ST_DTYPES
     try:  # ValueError: also a 5,000-digit integer; RecursionError: arrays nested 200k deep
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -66,7 +69,7 @@ def parse_header(raw: bytes) -> dict[str, Entry]:
         if not isinstance(meta, dict):
             raise SafetensorsFormatError(f"tensor {name!r}: entry is not an object")
         dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in ST_DTYPES:
+        if dtype not in dtypes:
             raise SafetensorsFormatError(f"tensor {name!r}: dtype {dtype!r}, expected floating point "
                                          "(F32, F16 or BF16)")
         if not isinstance(shape, list) or not all(
@@ -75,9 +78,9 @@ def parse_header(raw: bytes) -> dict[str, Entry]:
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise SafetensorsFormatError(f"tensor {name!r}: bad data_offsets {offs!r}")
-        if offs[1] - offs[0] != nbytes(tuple(shape), ST_DTYPES[dtype]):
+        if offs[1] - offs[0] != nbytes(tuple(shape), dtypes[dtype]):
             raise SafetensorsFormatError(f"tensor {name!r}: data_offsets {offs} do not fit shape {shape}")
-        entries[name] = Entry(name, ST_DTYPES[dtype], dtype, tuple(shape), offs[0], offs[1])
+        entries[name] = Entry(name, dtypes[dtype], dtype, tuple(shape), offs[0], offs[1])
     return entries
 
 
@@ -93,8 +96,8 @@ def in_order(entries: dict[str, Entry]) -> list[Entry]:
     return out
 
 
-def read_header(f: BinaryIO) -> tuple[dict[str, Entry], int]:
-    """(entries, offset of the data buffer) of an open file."""
+def read_header(f: BinaryIO, int8: bool = False) -> tuple[dict[str, Entry], int]:
+    """(entries, offset of the data buffer) of an open file (int8: see parse_header)."""
     first = f.read(8)
     if len(first) != 8:
         raise SafetensorsFormatError("file shorter than a safetensors header")
@@ -102,7 +105,7 @@ def read_header(f: BinaryIO) -> tuple[dict[str, Entry], int]:
     raw = f.read(n)
     if len(raw) != n:
         raise SafetensorsFormatError("file ends inside the header")
-    return parse_header(raw), 8 + n
+    return parse_header(raw, int8), 8 + n
 
 
 def read_tensor(f: BinaryIO, entry: Entry, data_start: int) -> torch.Tensor:

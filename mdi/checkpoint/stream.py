@@ -21,7 +21,7 @@ import torch
 
 from . import st_io
 from .chunks import Span, hf_tensor, stage_sources
-from .format import CheckpointError, expected_shapes
+from .format import CheckpointError, expected_shapes, refuse_int8
 from .hf import HFCheckpoint
 from .sources import Checkpoint, open_checkpoint
 
@@ -75,6 +75,7 @@ def shard_stream(ckpt: str | Path | Checkpoint, shard: Span) -> tuple[int, Itera
     info = open_checkpoint(ckpt)
     if isinstance(info, HFCheckpoint):
         return _hf_stream(info, shard)
+    refuse_int8(info, "streaming weights to nodes")
     path = info.weights_path
     try:
         with st_io.open_file(path) as f:
@@ -152,9 +153,13 @@ class _Reader:
         return False
 
 
-async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]],
-                      what: str = "this stage") -> dict[str, torch.Tensor]:
-    """Parse a safetensors stream holding exactly the tensors `want` (name -> shape)."""
+async def iter_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]],
+                      what: str = "this stage") -> AsyncIterator[tuple[str, torch.Tensor]]:
+    """Parse a safetensors stream holding exactly the tensors `want` (name -> shape),
+    yielding (name, tensor) as each arrives: a consumer that builds its stage from
+    them (quantizing as it goes) never holds the stream's tensors and the stage both.
+    The header is checked whole before the first tensor; trailing bytes after the
+    last one raise after it."""
     r = _Reader(chunks)
     try:
         entries = st_io.parse_header(await r.readexactly(st_io.header_length(await r.readexactly(8))))
@@ -175,12 +180,17 @@ async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, .
         ordered = st_io.in_order(entries)
     except st_io.SafetensorsFormatError as e:
         raise WeightsStreamError(f"not a valid safetensors stream: {e}") from None
-    out: dict[str, torch.Tensor] = {}
     for e in ordered:
         t = torch.empty(e.shape, dtype=e.dtype)
         if t.numel():
             await r.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
-        out[e.name] = t
+        yield e.name, t
+        del t
     if not await r.at_end():
         raise WeightsStreamError("trailing bytes after the last tensor")
-    return out
+
+
+async def read_stream(chunks: AsyncIterator[bytes], want: dict[str, tuple[int, ...]],
+                      what: str = "this stage") -> dict[str, torch.Tensor]:
+    """Parse a safetensors stream holding exactly the tensors `want`, all at once."""
+    return {name: t async for name, t in iter_stream(chunks, want, what)}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..model.quant import QUANT_MODES
-from .common import CKPT_HELP
+from .common import CKPT_HELP, add_max_context
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       isolate=args.isolate, hosts=args.hosts, link_rate=args.link_rate,
                       resend_context=args.resend_context, seed=args.seed,
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
-                      node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
+                      max_context=args.max_context, node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
                       partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()])
     try:
         bench = Bench(cfg)
@@ -97,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="int8 weights on every node of every configuration")
     p.add_argument("--batch-invariant", action="store_true",
                    help="per-row compute on every node of every configuration")
+    add_max_context(p)
     v = p.add_argument_group("comparison with Hugging Face transformers (same weights, one process)")
     v.add_argument("--vs-transformers", action="store_true",
                    help="compare single-device mdi with transformers' generate, greedy")

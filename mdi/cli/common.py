@@ -24,6 +24,15 @@ class UsageError(ValueError):
     """A bad command-line value."""
 
 
+def add_max_context(p) -> None:
+    """--max-context N (sample, run, starter, serve, bench)."""
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="positions a sequence keeps (the KV cache's length): min(block_size, N); "
+                        "past it the context window moves on. Default: min(block_size, 2048), so "
+                        "a model with a huge block_size (SmolLM2: 8192) does not allocate that "
+                        "much cache per sequence")
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--n-samples", type=int, default=3, help="samples to generate (default 3)")
@@ -49,6 +58,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8: weights as int8 with per-channel scales, quantized at load time on "
                         "every node (4x less weight memory than float32)")
+    add_max_context(g)
     g.add_argument("--batch-invariant", action="store_true",
                    help="compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")

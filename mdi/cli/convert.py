@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, read_info
+from ..checkpoint import read_info
 from ..checkpoint.imports import convert
 from ..checkpoint.shipped import is_shipped_name
 from ..checkpoint.sources import convert_to_ours
 from ..model.dtypes import DTYPES
+from ..model.quant import QUANT_MODES
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -16,12 +17,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if Path(src).is_dir() or src.startswith("hf:") or src.endswith(".gguf") \
             or is_shipped_name(src):
         out = convert_to_ours(src, args.out, overwrite=args.force,
-                              dtype=DTYPES[args.dtype] if args.dtype else None)
+                              dtype=DTYPES[args.dtype] if args.dtype else None,
+                              quantize=args.quantize)
     else:
         out = convert(args.src, args.out, meta=args.meta, overwrite=args.force)
+        if args.quantize:  # the float checkpoint just written, re-stored int8 in place
+            out = convert_to_ours(out, out, overwrite=True, quantize=args.quantize)
     info = read_info(out)
     print(f"wrote {out}: {info.training.get('imported_from')} checkpoint, {info.config.n_layer} "
-          f"layers, n_embd {info.config.n_embd}, vocabulary {info.config.vocab_size}")
+          f"layers, n_embd {info.config.n_embd}, vocabulary {info.config.vocab_size}"
+          + (f", weights {info.quantized}" if info.quantized else ""))
     return 0
 
 
@@ -36,5 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint directory to write")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="cast Hugging Face weights (default: keep their stored dtype)")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="int8: store Linear and Embedding weights as int8 with a float32 scale per "
+                        "row (a quarter of fp32); loading gives the int8 model directly. Such a "
+                        "checkpoint runs single-device (sample, serve, eval); to split it or "
+                        "stream it to nodes, convert without --quantize and run with --quantize int8")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint at --out")
     p.set_defaults(func=cmd_convert)

@@ -10,14 +10,13 @@ from tqdm import tqdm
 
 from ..checkpoint.sources import load_model
 from ..eval import perplexity
-from ..model.quant import QUANT_MODES, configure_stage
+from ..model.quant import QUANT_MODES
 from .common import DTYPES, UsageError, set_threads
 
 
 def _load(ckpt: str, device: str, dtype, quantize: str | None = None):
     """(model, tokenizer, context length) for any --ckpt this build can open."""
-    model, ck = load_model(ckpt, device=device, dtype=dtype)
-    configure_stage(model, quantize)
+    model, ck = load_model(ckpt, device=device, dtype=dtype, quantize=quantize)
     return model, ck.tokenizer(), model.config.block_size
 
 

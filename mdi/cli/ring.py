@@ -80,7 +80,8 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
                                  quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                 partition=args.partition, recover=not args.no_recover),
+                                 max_context=args.max_context, partition=args.partition,
+                                 recover=not args.no_recover),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
         result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts), stops)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
+from .common import add_max_context
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -58,7 +59,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
                           quantize=getattr(args, "quantize", None),
                           partition=getattr(args, "partition", None),
                           recover=not getattr(args, "no_recover", False),
-                          spares=getattr(args, "spares", 0))
+                          spares=getattr(args, "spares", 0),
+                          max_context=getattr(args, "max_context", None))
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -109,6 +111,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8 weights with per-channel scales, quantized at load on every node")
+    add_max_context(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; with --nodes N, per node)")
     p.add_argument("--timeout", type=float, default=10.0,

@@ -9,7 +9,6 @@ from tqdm import tqdm
 
 from ..checkpoint import load_model
 from ..model import GPTConfig
-from ..model.quant import configure_stage
 from ..results import Texts
 from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads, stops_of)
@@ -57,8 +56,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if lanes <= 0:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
-    model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype])
-    configure_stage(model, args.quantize, args.batch_invariant)
+    model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
+                             quantize=args.quantize, batch_invariant=args.batch_invariant,
+                             max_context=args.max_context)
     tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts, chat=args.chat)

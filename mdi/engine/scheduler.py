@@ -361,7 +361,7 @@ class PipelineEngine:
     async def _compute(self, lane: int, msgs: list[Message], slots: tuple[int, ...]
                        ) -> list[Message | Tokens]:
         seqs = {slot: self.lanes[lane].seqs[slot] for slot in slots}
-        plans = {slot: plan_step(seqs[slot].state, self.config.block_size) for slot in slots}
+        plans = {slot: plan_step(seqs[slot].state, self.first.context) for slot in slots}
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
 

@@ -10,7 +10,8 @@ runs does not change any number).
 The same class serves single-device generation (the whole model: ids in,
 sampled tokens out), the starter's first stage, every node of the ring and the
 in-memory fake ring of the tests. Messages that break the slot rules (an
-unknown or free slot, slots of two lanes, a position past block_size) raise
+unknown or free slot, slots of two lanes, a position past the stage's context,
+min(block_size, --max-context)) raise
 SlotError: on a node that is a bad frame, the run is dropped.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SlotStage:
     def __init__(self, stage: GPT, sizes: list[int]) -> None:
         self.stage = stage
         self.sizes = list(sizes)
+        self.context = stage.context  # the caches' length: positions 0..context-1
         self.caches: list[KVCache] = [stage.new_cache(n) for n in sizes]
         self.slots = [_Slot(lane, row) for lane, n in enumerate(sizes) for row in range(n)]
         self.first = [sum(sizes[:i]) for i in range(len(sizes))]  # first slot of each lane
@@ -107,8 +109,8 @@ class SlotStage:
         the next stage, None on the last stage (prefill needs no logits)."""
         s = self._slot(m.slot)
         t = m.x.shape[1]
-        if not 1 <= t <= self.stage.config.block_size:
-            raise SlotError(f"prefill of {t} tokens, block_size is {self.stage.config.block_size}")
+        if not 1 <= t <= self.context:
+            raise SlotError(f"prefill of {t} tokens, the context is {self.context} positions")
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         h = step.prefill(self.stage, self.caches[s.lane], s.row, x)
         s.position = t
@@ -129,8 +131,8 @@ class SlotStage:
         if m.position is not None and slots[0].position != m.position:
             raise SlotError(f"decode at position {m.position}, slot {m.slots[0]} is at "
                             f"{slots[0].position}")
-        if max(s.position for s in slots) >= self.stage.config.block_size:
-            raise SlotError("decode past block_size without a prefill")
+        if max(s.position for s in slots) >= self.context:
+            raise SlotError(f"decode past the context ({self.context} positions) without a prefill")
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         cache = self.caches[m.lane]
         outs, i = [], 0

@@ -45,7 +45,7 @@ class LocalGenerator:
     def step(self) -> list[int]:
         out = [0] * len(self.states)
         for group, cache in zip(self.groups, self.caches):
-            plans = [plan_step(self.states[s], self.model.config.block_size) for s in group]
+            plans = [plan_step(self.states[s], self.model.context) for s in group]
             for row, plan in enumerate(plans):
                 if plan.prefill:
                     prefill(self.model, cache, row, plan.prefill)

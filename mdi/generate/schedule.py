@@ -5,9 +5,10 @@ the model exactly the same (tokens, positions) and produce the same text.
 
 A sample's context is tokens[window:]. Its cache holds all of the context but
 the newest token; a step decodes the newest token at position
-len(context) - 1. When the context would exceed block_size, the window jumps
-so that only the newest block_size // 2 tokens remain, the cache row is
-dropped and re-filled (a prefill from position 0), then decoding goes on.
+len(context) - 1. When the context would exceed the positions a run keeps
+(`GPT.context`: min(block_size, --max-context)), the window jumps so that only
+the newest context // 2 tokens remain, the cache row is dropped and re-filled
+(a prefill from position 0), then decoding goes on.
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ class StepPlan:
     position: int                 # its position
 
 
-def plan_step(s: SampleState, block_size: int) -> StepPlan:
-    """Decide this step for one sample and update its cache bookkeeping."""
-    if len(s.tokens) - s.window > block_size:
-        s.window = len(s.tokens) - max(1, block_size // 2)
+def plan_step(s: SampleState, context: int) -> StepPlan:
+    """Decide this step for one sample and update its cache bookkeeping;
+    context: the positions the run keeps (GPT.context)."""
+    if len(s.tokens) - s.window > context:
+        s.window = len(s.tokens) - max(1, context // 2)
         s.cached = 0
     context = s.tokens[s.window:]
     prefill = context[s.cached:-1]

@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import torch
 
+# Positions a run keeps when --max-context is not given: a model's whole
+# block_size up to this (GPT-2's 1024 and TinyLlama's 2048 are kept whole),
+# never SmolLM2's 8192 (377 MB of fp32 cache per sequence) by default.
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def context_length(block_size: int, max_context: int | None = None) -> int:
+    """Positions a run keeps (its KV cache's length, its window's size):
+    min(block_size, max_context), max_context defaulting to DEFAULT_MAX_CONTEXT."""
+    cap = DEFAULT_MAX_CONTEXT if max_context is None else max_context
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
+    return min(block_size, cap)
+
 
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int,

@@ -8,3 +8,11 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a compute dtype in DTYPES (ValueError for any other)."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, context_length
 from .config import GPTConfig
 from .layers import Block, linear, make_norm, rope_cos_sin, rope_inv_freq
 
@@ -66,6 +66,9 @@ class GPT(nn.Module):
         # A runtime choice, not part of the config: with it, every matmul of a
         # cached forward runs per row (see layers.linear). Set by the caller.
         self.batch_invariant = False
+        # Another: the positions a run keeps (--max-context; None: the default
+        # cap, see cache.context_length). Caches and the window follow `context`.
+        self.max_context: int | None = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
@@ -95,11 +98,16 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    @property
+    def context(self) -> int:
+        """Positions a run keeps: min(block_size, max_context or its default)."""
+        return context_length(self.config.block_size, self.max_context)
+
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         p = next(self.parameters())
         c = self.config
-        return KVCache(self.n_blocks, batch, c.kv_heads, c.block_size, c.head_size,
+        return KVCache(self.n_blocks, batch, c.kv_heads, self.context, c.head_size,
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,

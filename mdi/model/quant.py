@@ -37,14 +37,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import context_length
+
 QUANT_MODES = ("int8",)
 
 
+ROWS_AT_ONCE = 1024  # rows quantized per piece: the float temporaries stay a few MB
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,)."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,).
+
+    Every row on its own, in pieces of ROWS_AT_ONCE rows: a loader quantizing
+    tensor by tensor holds the float tensor, the int8 result and a few MB more
+    (a 50k-row embedding's float temporaries would be as large as the tensor).
+    """
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for a in range(0, w.shape[0], ROWS_AT_ONCE):
+        part = w[a:a + ROWS_AT_ONCE].float()
+        s = (part.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (rows,)
+        q[a:a + ROWS_AT_ONCE] = torch.round(part / s[:, None]).clamp_(-127, 127)
+        scale[a:a + ROWS_AT_ONCE] = s
     return q, scale
 
 
@@ -167,13 +182,25 @@ def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bo
     return module
 
 
-def quantize(module: nn.Module, mode: str | None) -> nn.Module:
-    """Apply a `--quantize` mode by name (None: unchanged)."""
+def check_mode(mode: str | None) -> str | None:
+    """A `--quantize` mode by name: None (or "none") for float, else one of QUANT_MODES."""
     if mode is None or mode == "none":
-        return module
+        return None
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    return mode
+
+
+def quantize(module: nn.Module, mode: str | None) -> nn.Module:
+    """Apply a `--quantize` mode by name (None: unchanged)."""
+    if check_mode(mode) is None:
+        return module
     return quantize_linears(module)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Does module hold any int8 layer (quantized at load, or loaded from an int8 checkpoint)?"""
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in module.modules())
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -189,9 +216,16 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
-                    batch_invariant: bool = False) -> nn.Module:
+                    batch_invariant: bool = False, max_context: int | None = None) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
-    `--batch-invariant`): single-device, the starter and each node alike."""
-    quantize(stage, quantize_mode)
+    `--batch-invariant`, `--max-context`): single-device, the starter and each
+    node alike. A stage already int8 (quantized while loading) stays as it is."""
+    if not is_quantized(stage):
+        quantize(stage, quantize_mode)
+    else:
+        check_mode(quantize_mode)
     stage.batch_invariant = batch_invariant
+    if max_context is not None:
+        context_length(1, max_context)  # a ValueError naming a bad value, here
+        stage.max_context = max_context
     return stage

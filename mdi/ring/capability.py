@@ -25,6 +25,7 @@ import torch
 
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES
+from ..model.quant import quantize as quantize_stage
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
@@ -64,14 +65,16 @@ def _nbytes(module: torch.nn.Module) -> int:
     return n
 
 
-def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32") -> StageMemory:
+def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
+                 max_context: int | None = None, quantize: str | None = None) -> StageMemory:
     """What blocks and end stages need, computed on the meta device (no memory used).
 
     n_samples: KV cache rows for the whole run (every group's cache lives on
-    every node)."""
+    every node); max_context, quantize: the run's (--max-context, --quantize)."""
     c3 = _three_layer(config)
     with torch.device("meta"):
-        stages = [GPT(c3, i, i + 1).to(DTYPES[dtype]) for i in range(3)]
+        stages = [quantize_stage(GPT(c3, i, i + 1).to(DTYPES[dtype]), quantize) for i in range(3)]
+        stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
         cache = stages[1].new_cache(n_samples)
     kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for t in list(cache.k) + list(cache.v))
@@ -89,11 +92,11 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
         x = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     else:
         x = torch.randn(batch, 1, config.n_embd, device=device, dtype=p.dtype)
-    pos0 = config.block_size // 4  # a typical context length, mid-generation
+    pos0 = stage.context // 4  # a typical context length, mid-generation
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def step(i: int) -> None:
-        pos = torch.full((batch, 1), (pos0 + i) % config.block_size, device=device)
+        pos = torch.full((batch, 1), (pos0 + i) % stage.context, device=device)
         stage(x, pos, cache)
 
     with torch.inference_mode():

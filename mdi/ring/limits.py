@@ -15,7 +15,8 @@ import re
 
 import torch
 
-from ..checkpoint.format import expected_shapes
+from ..checkpoint.format import expected_int8_shapes, expected_shapes
+from ..model.cache import context_length
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
@@ -43,19 +44,26 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
+                   max_context: int | None = None) -> int:
     """Bytes of the KV caches of n_samples over n_layers blocks.
 
-    Each block keeps k and v of shape (samples, n_kv_head, block_size, head_size),
-    as KVCache preallocates them.
+    Each block keeps k and v of shape (samples, n_kv_head, context, head_size),
+    as KVCache preallocates them; context is min(block_size, max_context), with
+    max_context's default cap (model/cache.py:context_length) when None.
     """
     n_kv_head, head_size = config.kv_heads, config.head_size
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * n_layers * n_samples * n_kv_head * config.block_size * head_size * itemsize
+    context = context_length(config.block_size, max_context)
+    return 2 * n_layers * n_samples * n_kv_head * context * head_size * itemsize
 
 
-def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int:
-    """Bytes of a stage's parameters [start, stop) in the run's dtype.
+def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
+                       quantize: str | None = None) -> int:
+    """Bytes of a stage's parameters [start, stop) in the run's dtype; with
+    quantize="int8" the Linear and Embedding weights take 1 byte each plus a
+    float32 scale per row (what the node holds once loaded: it quantizes as the
+    weights arrive, so the float weights are never all in memory).
 
     Built on the meta device from at most three one-block stages, never from the
     whole range (a hostile /init may ask for millions of layers): the first block
@@ -63,16 +71,26 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype) -> int
     head when it ends the model), and the blocks between, all alike.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    int8 = quantize == "int8"
 
-    def params(a: int) -> int:
-        return sum(math.prod(s) for s in expected_shapes(config, a, a + 1).values())
+    def nbytes(a: int) -> int:
+        shapes = (expected_int8_shapes if int8 else expected_shapes)(config, a, a + 1)
+        total = 0
+        for name, shape in shapes.items():
+            if name.endswith(".scale"):
+                total += 4 * math.prod(shape)  # float32
+            elif name.endswith(".weight") and name[:-len("weight")] + "scale" in shapes:
+                total += math.prod(shape)      # int8
+            else:
+                total += itemsize * math.prod(shape)
+        return total
 
-    n = params(start)
+    n = nbytes(start)
     if stop - start >= 2:
-        n += params(stop - 1)
+        n += nbytes(stop - 1)
     if stop - start >= 3:
-        n += (stop - start - 2) * params(start + 1)
-    return itemsize * n
+        n += (stop - start - 2) * nbytes(start + 1)
+    return n
 
 
 def free_memory(device: str) -> tuple[int, str]:

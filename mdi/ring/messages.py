@@ -43,6 +43,7 @@ class InitRequest(Strict):
     sequences: bool = False  # an engine run: groups are lanes of slots, sampling comes per ADMIT
     quantize: Literal["int8"] | None = None  # applied by the node to its own stage at load
     batch_invariant: bool = False            # per-row compute (see GPT.batch_invariant)
+    max_context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # --max-context (None: default cap)
 
 
 class RunRef(Strict):

@@ -35,12 +35,14 @@ from typing import AsyncIterator
 
 import torch
 
-from ..checkpoint.format import CheckpointError, build_stage, expected_shapes
-from ..checkpoint.stream import WeightsStreamError, read_stream
+from ..checkpoint.format import CheckpointError, StageBuilder
+from ..checkpoint.malloc import mapped_allocations
+from ..checkpoint.stream import WeightsStreamError, iter_stream
 from ..engine.slots import SlotError, SlotStage
 from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
 from ..generate.step import forward_context
 from ..model import GPT, GPTConfig
+from ..model.cache import context_length
 from ..model.dtypes import DTYPES
 from ..model.quant import configure_stage
 from . import limits as mem
@@ -150,7 +152,8 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits]:
     n_samples = expect
     if n_samples > MAX_SAMPLES:
         raise InitError(f"groups: {n_samples} samples, at most {MAX_SAMPLES} per run")
-    limits = Limits(req.run_id, config.n_embd, config.block_size, n_samples,
+    limits = Limits(req.run_id, config.n_embd, context_length(config.block_size, req.max_context),
+                    n_samples,
                     DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
                     sequences=req.sequences)
     return config, limits
@@ -326,9 +329,10 @@ class NodeRuntime:
             try:
                 stage = await loop.run_in_executor(self.executor, load_chunk_stage, self.chunk_dir,
                                                    config, req.start, req.stop, device,
-                                                   DTYPES[req.dtype])
+                                                   DTYPES[req.dtype], req.quantize)
                 stage = await loop.run_in_executor(self.executor, configure_stage, stage,
-                                                   req.quantize, req.batch_invariant)
+                                                   req.quantize, req.batch_invariant,
+                                                   req.max_context)
             except CheckpointError as e:
                 raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
             self._arm(run, stage)
@@ -344,17 +348,19 @@ class NodeRuntime:
                      device: str) -> int:
         """Bytes the run needs (weights + KV caches); InitError when the node has less."""
         dtype = DTYPES[req.dtype]
-        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype)
-        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype)
+        weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
+        kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
+                                limits.block_size)
         held = self.run.mem_bytes if self.run is not None else 0
         have, where = mem.available(device, self.max_memory, held)
         if weights + kv > have:
             raise InitError(
                 f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
-                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in {req.dtype}, "
+                f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in "
+                f"{req.quantize or req.dtype}, "
                 f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
-                f"{config.block_size} positions), this node has {mem.format_size(have)} "
-                f"({where}); ask for fewer samples, a smaller block_size or fewer layers")
+                f"{limits.block_size} positions), this node has {mem.format_size(have)} "
+                f"({where}); ask for fewer samples, a smaller --max-context or fewer layers")
         return weights + kv
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
@@ -366,16 +372,22 @@ class NodeRuntime:
         chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
         run.busy = True  # a long upload is not silence
         try:
-            tensors = await read_stream(chunks, expected_shapes(run.config, req.start, req.stop),
-                                        f"layers [{req.start}, {req.stop})")
+            # Built in place as tensors arrive (int8: each quantized at once), so the
+            # node never holds the received tensors and the built stage both.
+            build = StageBuilder(run.config, req.start, req.stop, run.device, DTYPES[req.dtype],
+                                 req.quantize)
             loop = asyncio.get_running_loop()
-            stage = await loop.run_in_executor(self.executor, stage_from_tensors, tensors,
-                                               run.config, req.start, req.stop, run.device,
-                                               DTYPES[req.dtype])
-            stage = await loop.run_in_executor(self.executor, configure_stage, stage,
-                                               req.quantize, req.batch_invariant)
+            with mapped_allocations():
+                async for name, t in iter_stream(chunks, build.want,
+                                                 f"layers [{req.start}, {req.stop})"):
+                    await loop.run_in_executor(self.executor, build.put, name, t)
+                    del t
+            stage = await loop.run_in_executor(self.executor, configure_stage, build.finish(),
+                                               req.quantize, req.batch_invariant, req.max_context)
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
+        except CheckpointError as e:
+            raise InitError(str(e)) from None
         finally:
             run.busy = False
             run.last_active = time.monotonic()
@@ -697,16 +709,6 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield bytes(body)
 
 
-def stage_from_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig, start: int, stop: int,
-                       device: str, dtype: torch.dtype) -> GPT:
-    """Build a stage from a checked stream's tensors (names and shapes already match)."""
-    try:
-        return build_stage(config, start, stop, tensors.get, device=device, dtype=dtype,
-                           where="weights")
-    except CheckpointError as e:
-        raise InitError(str(e)) from None
-
-
 def load_chunk_info(chunk_dir: str | Path) -> dict:
     from ..checkpoint.chunks import read_chunk_info
 
@@ -714,7 +716,7 @@ def load_chunk_info(chunk_dir: str | Path) -> dict:
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
-                     dtype: torch.dtype) -> GPT:
+                     dtype: torch.dtype, quantize: str | None = None) -> GPT:
     from ..checkpoint.chunks import load_chunk
 
-    return load_chunk(chunk_dir, config, start, stop, device, dtype)
+    return load_chunk(chunk_dir, config, start, stop, device, dtype, quantize)

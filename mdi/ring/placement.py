@@ -59,10 +59,12 @@ class Placement:
 
 async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partition: str | None,
                        n_samples: int, batch: int, dtype: str = "float32",
-                       device: str = "cpu", timeout: float = 10.0, retries: int = 5) -> Placement:
+                       device: str = "cpu", timeout: float = 10.0, retries: int = 5,
+                       max_context: int | None = None, quantize: str | None = None) -> Placement:
     """Decide the run's split (see the module doc); PlanError when it cannot fit.
 
-    n_samples: KV cache rows per node (the whole run); batch: rows of one group."""
+    n_samples: KV cache rows per node (the whole run); batch: rows of one group;
+    max_context, quantize: the run's --max-context and --quantize (memory follows them)."""
     if partition not in (None, *PARTITIONS):
         raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
     ring = nodes.ring
@@ -78,7 +80,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
                                  headers={"Authorization": f"Bearer {token}"}) as http:
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
-        mem = stage_memory(config, n_samples, dtype)
+        mem = stage_memory(config, n_samples, dtype, max_context, quantize)
         if shards is not None:
             return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
         if partition == "even":

@@ -34,7 +34,6 @@ import time
 import httpx
 
 from ..checkpoint import load_stage, open_checkpoint
-from ..model.quant import configure_stage
 from ..engine.api import EngineFailure
 from ..engine.link import LinkClosed
 from ..engine.messages import Decode, Message, Prefill, Tokens
@@ -214,8 +213,9 @@ class RingEngine(PipelineEngine):
 
     def _load_first(self, stop: int):
         stage, _ = load_stage(self.ck, 0, stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
-        configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
+                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize,
+                              batch_invariant=self.opts.batch_invariant,
+                              max_context=self.opts.max_context)
         return stage
 
     async def _plan(self) -> None:

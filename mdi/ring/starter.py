@@ -72,6 +72,7 @@ class RunOptions:
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
     quantize: str | None = None       # "int8": every node quantizes its own stage at load
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
+    max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
     recover: bool = True              # on a node's failure: re-plan over the rest and resume
 
@@ -125,7 +126,8 @@ class Starter:
                 await self._await_health(http, spec)
         self.placement = await place_layers(
             self.nodes, config, self.token, self.opts.partition, n_samples, batch,
-            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries)
+            self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries,
+            max_context=self.opts.max_context, quantize=self.opts.quantize)
         log.info("%s", self.placement.describe())
         return self.placement.shards
 
@@ -139,7 +141,8 @@ class Starter:
         groups = make_groups(len(prompts), len(prompts))
         shards = await self._place(config, len(prompts), max(len(g) for g in groups))
         stage, _ = load_stage(self.ckpt, 0, shards[0].stop, device=self.opts.device,
-                              dtype=DTYPES[self.opts.dtype])
+                              dtype=DTYPES[self.opts.dtype], quantize=self.opts.quantize,
+                              max_context=self.opts.max_context)
         configure_stage(stage, self.opts.quantize, self.opts.batch_invariant)
         if len(ring) == 1:
             return self._run_single(stage, prompts, n_tokens, sampling, groups, texts)
@@ -294,6 +297,8 @@ class Starter:
                     "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
             if sequences:
                 body["sequences"] = True
+            if self.opts.max_context is not None:  # else the node's default cap: the same
+                body["max_context"] = self.opts.max_context
             await self._post(http, spec, "/init", body)
             if not local:
                 total, chunks = shard_stream(self.ckpt, shard)  # one tensor in memory at a time
@@ -357,7 +362,7 @@ class Starter:
         async def send_step(gi: int) -> None:
             """One sample's whole context through stage 0 (no cache: --resend-context)."""
             s = groups[gi].start
-            plan_step(states[s], config.block_size)  # moves the window on overflow
+            plan_step(states[s], stage.context)  # moves the window on overflow
             context = states[s].tokens[states[s].window:]
             t = time.perf_counter()
             with torch.inference_mode():

@@ -39,6 +39,7 @@ class BackendOptions:
     partition: str | None = None      # ring: "auto" | "even"; None: auto when the nodes differ
     recover: bool = True              # ring: a failed node is replaced (re-plan, resume)
     spares: int = 0                   # ring with --nodes N: local spare nodes
+    max_context: int | None = None    # positions a sequence keeps (None: the default cap)
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -101,10 +102,9 @@ def local_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
-    from ..model.quant import configure_stage
-
-    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype])  # any --ckpt spec
-    configure_stage(model, opts.quantize, opts.batch_invariant)
+    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype],  # any --ckpt spec
+                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
+                           max_context=opts.max_context)
     tok = ck.tokenizer()
     kwargs = _engine_kwargs(opts)
 
@@ -157,7 +157,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
         where = f"{opts.nodes} local nodes"
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
-                          partition=opts.partition, recover=opts.recover)
+                          partition=opts.partition, recover=opts.recover,
+                          max_context=opts.max_context)
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:
