@@ -135,16 +135,15 @@ def test_node_sizes_its_caches_from_init(tmp_path):
         rt = NodeRuntime(spec, "t" * 32)
         req = InitRequest(run_id=5, role="finisher", start=1, stop=3, model=LEARNED.to_dict(),
                           groups=[[0, 2]], next={"addr": "127.0.0.1", "port": 9},
-                          prev_addr="127.0.0.1", max_context=cap,
-                          sampling={"temperature": 0.0, "top_k": None, "seed": 1})
+                          prev_addr="127.0.0.1", max_context=cap, sequences=True)
         await rt.init(req)
         await rt.load_weights(5, shard_bytes(ck, Shard(1, 3, 3)))
         return rt.run
 
-    run = asyncio.run(main(7))
+    run = asyncio.run(main(7))  # a sequence run: a KV slot per sequence, lanes of caches
     assert run.limits.block_size == 7 and run.stage.context == 7
-    assert [c.max_len for c in run.caches] == [7]
-    assert asyncio.run(main(None)).caches[0].max_len == 64
+    assert [c.max_len for c in run.slots.caches] == [7]
+    assert asyncio.run(main(None)).slots.caches[0].max_len == 64
 
 
 def test_planner_memory_follows_the_cap():
