@@ -388,7 +388,8 @@ class RingEngine(PipelineEngine):
     def _check_fits_alone(self) -> None:
         """The starter left alone must hold the whole model and every sequence's cache
         (what it holds now counts as room): PlanError with the numbers if not."""
-        mem = stage_memory(self.config, self.max_seqs, self.opts.dtype)
+        mem = stage_memory(self.config, self.max_seqs, self.opts.dtype, self.opts.max_context,
+                           self.opts.quantize)
         need = mem.embed_bytes + mem.head_bytes + self.config.n_layer * mem.block_bytes
         held = sum(t.numel() * t.element_size() for t in self.first.stage.state_dict().values())
         budget = node_capabilities(self.opts.device)["budget_bytes"]
