@@ -156,13 +156,14 @@ def test_cached_step_is_built_once_per_forward(tiny_config, make_model, monkeypa
     assert mixed.mask.tolist() == [[[[True] * 5]], [[[True, True, False, False, False]]]]
 
 
-def test_packed_linears_match_the_plain_layers(tiny_config, make_model):
+def test_packed_linears_match_the_plain_layers(tiny_config, make_model, monkeypatch):
     """The prepacked oneDNN weights give the plain nn.Linear's logits (to float
     rounding), follow in-place weight changes, and survive a deepcopy."""
     import copy
 
     if not layers._HAS_PACKED:
         pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)  # tiny layers stay dense otherwise
     model = make_model(tiny_config, seed=4)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
@@ -171,6 +172,11 @@ def test_packed_linears_match_the_plain_layers(tiny_config, make_model):
         model.packed_linears = True
         packed = model(ids)
         assert "_mdi_packed" in model.lm_head.__dict__  # used under no_grad
+        monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", model.lm_head.weight.numel() + 1)
+        del model.lm_head.__dict__["_mdi_packed"]
+        torch.testing.assert_close(model(ids), plain, atol=1e-5, rtol=0)
+        assert "_mdi_packed" not in model.lm_head.__dict__  # below the size: dense
+        monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)
         torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
         model.transformer.h["0"].mlp.c_fc.weight.mul_(2)  # in place: repacked
         model.packed_linears = False
