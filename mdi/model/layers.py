@@ -28,9 +28,10 @@ from .config import GPTConfig
 LinearMode = Literal["dense", "packed", "per_row"]
 
 # oneDNN's prepacked float32 linear. On this project's CPUs (AMD, AVX-512) MKL's
-# sgemm repacks the weight on every call and its GEMV runs at a third of the
-# memory bandwidth; the prepacked weight measured 1.9x faster for a GPT-2-small
-# decode step at 1 sequence and 1.7-3x at 4-16 (docs/benchmarks.md, section 6).
+# sgemm (PyTorch's default) repacks the weight on every call and its GEMV read
+# weights at ~11 GB/s of ~30; with the weights prepacked, GPT-2 small decodes
+# 1.5x (1 sequence) to 2.6x (4) the tokens/s of the plain layers, 2 threads
+# (docs/benchmarks.md, section 6).
 _HAS_PACKED = (torch.backends.mkldnn.is_available()
                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
