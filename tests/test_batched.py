@@ -129,6 +129,67 @@ def test_int8_stage_is_batch_invariant_with_the_option(tiny_config, make_model):
         assert torch.equal(a, b)
 
 
+
+def test_cached_step_is_built_once_per_forward(tiny_config, make_model, monkeypatch):
+    """Mask, length and write positions come from one cached_step per forward:
+    no mask when every key is visible (a decode at one position), plain causal
+    attention for a prefill, a mask only where rows differ."""
+    model = make_model(tiny_config, seed=3)
+    steps: list[layers.CachedStep] = []
+    real = layers.cached_step
+
+    def recording(input_pos, per_row=False):
+        steps.append(real(input_pos, per_row))
+        return steps[-1]
+
+    monkeypatch.setattr("mdi.model.gpt.cached_step", recording)
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        prefill(model, cache, 0, [1, 2, 3])
+        prefill(model, cache, 1, [4, 5, 6])
+        decode(model, cache, [7, 8], [3, 3])
+        decode(model, cache, [9, 10], [4, 1])
+    prefill_step, _, same, mixed = steps
+    assert (prefill_step.causal, prefill_step.mask, prefill_step.start) == (True, None, 0)
+    assert (same.mask, same.start, same.length) == (None, 3, 4)
+    assert mixed.start is None and mixed.length == 5
+    assert mixed.mask.tolist() == [[[[True] * 5]], [[[True, True, False, False, False]]]]
+
+
+def test_packed_linears_match_the_plain_layers(tiny_config, make_model, monkeypatch):
+    """The prepacked oneDNN weights give the plain nn.Linear's logits (to float
+    rounding), follow in-place weight changes, and survive a deepcopy."""
+    import copy
+
+    if not layers._HAS_PACKED:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)  # tiny layers stay dense otherwise
+    model = make_model(tiny_config, seed=4)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        model.packed_linears = False
+        plain = model(ids)
+        model.packed_linears = True
+        packed = model(ids)
+        assert "_mdi_packed" in model.lm_head.__dict__  # used under no_grad
+        monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", model.lm_head.weight.numel() + 1)
+        del model.lm_head.__dict__["_mdi_packed"]
+        torch.testing.assert_close(model(ids), plain, atol=1e-5, rtol=0)
+        assert "_mdi_packed" not in model.lm_head.__dict__  # below the size: dense
+        monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+        model.transformer.h["0"].mlp.c_fc.weight.mul_(2)  # in place: repacked
+        model.packed_linears = False
+        plain2 = model(ids)
+        model.packed_linears = True
+        torch.testing.assert_close(model(ids), plain2, atol=1e-5, rtol=0)
+        assert not torch.allclose(plain2, plain)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(ids), plain2, atol=1e-5, rtol=0)
+    out = model(ids)  # autograd on: the plain layers, so training still works
+    out.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
 def test_init_request_carries_the_runtime_options():
     from pydantic import ValidationError
 

@@ -62,11 +62,22 @@ class VsConfig:
                              f"{', '.join(VARIANTS)}")
 
 
-# Variant name -> how its model differs from plain mdi (fp32, batched decode).
+# Variant name -> how its model differs from plain mdi (fp32, batched decode,
+# prepacked linears): configure_stage's arguments, and "packed_linears".
 VARIANTS: dict[str, dict[str, Any]] = {
     "int8": {"quantize_mode": "int8"},
     "batch-invariant": {"batch_invariant": True},
+    "dense": {"packed_linears": False},  # the plain nn.Linear (MKL) instead of oneDNN's packed
 }
+
+
+def variant_model(ckpt: str, name: str) -> GPT:
+    """The checkpoint's model configured as variant `name`."""
+    options = dict(VARIANTS[name])
+    packed = options.pop("packed_linears", True)
+    model = configure_stage(load_model(ckpt)[0].eval(), **options)
+    model.packed_linears = packed
+    return model
 
 
 def to_transformers(model: GPT) -> Any:
@@ -137,7 +148,7 @@ class VsTransformers:
         engines: dict[str, Callable[[int], tuple[float, list[list[int]]]]] = {}
         engines["mdi"] = lambda n: mdi_generate_timed(base, prompt, n, cfg.n_tokens)
         for name in cfg.variants:
-            model = configure_stage(load_model(self.ckpt)[0].eval(), **VARIANTS[name])
+            model = variant_model(self.ckpt, name)
             engines[f"mdi-{name}"] = (lambda m: lambda n: mdi_generate_timed(
                 m, prompt, n, cfg.n_tokens))(model)
         hf = to_transformers(base)

@@ -104,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seqs", default="1,4,16,64", help="concurrent sequences (default 1,4,16,64)")
     v.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     v.add_argument("--mdi-variants", default="int8,batch-invariant",
-                   help="mdi variants run beside plain mdi: int8, batch-invariant (comma-separated, "
+                   help="mdi variants run beside plain mdi: int8, batch-invariant, dense (the plain "
+                        "nn.Linear instead of prepacked weights; comma-separated, "
                         "may be empty)")
     p.set_defaults(func=cmd_bench)

@@ -62,5 +62,7 @@ def forward_context(stage: GPT, x: Inputs) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         x = torch.tensor([list(x)], dtype=torch.long, device=_device(stage))
-    out = stage(x)
-    return out[:, -1] if stage.has_head else out
+    if not stage.has_head:
+        return stage(x)
+    h = stage(x, logits=False)  # the head on the last position only, not on all T
+    return stage.head(h[:, -1:], "packed" if stage.packed_linears else "dense")[:, -1]

@@ -44,12 +44,21 @@ class KVCache:
         return KVCache(0, 0, 0, self.max_len, 0,
                        _buffers=([k[start:stop] for k in self.k], [v[start:stop] for v in self.v]))
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at input_pos (B, T); return the full buffers."""
-        idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at input_pos (B, T); return the full buffers.
+
+        start: every row's positions are start..start+T-1 (the caller knows it
+        once per forward), so a slice copy does instead of a scatter.
+        """
+        if start is not None:
+            T = k.shape[2]
+            self.k[layer][:, :, start:start + T] = k
+            self.v[layer][:, :, start:start + T] = v
+        else:
+            idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k[layer].scatter_(2, idx, k)
+            self.v[layer].scatter_(2, idx, v)
         return self.k[layer], self.v[layer]
 
     def nbytes(self) -> int:

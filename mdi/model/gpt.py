@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .cache import KVCache, context_length
 from .config import GPTConfig
-from .layers import Block, linear, make_norm, rope_cos_sin, rope_inv_freq
+from .layers import Block, LinearMode, cached_step, linear, make_norm, rope_cos_sin, rope_inv_freq
 
 __all__ = ["GPT", "linear"]
 
@@ -69,6 +69,10 @@ class GPT(nn.Module):
         # Another: the positions a run keeps (--max-context; None: the default
         # cap, see cache.context_length). Caches and the window follow `context`.
         self.max_context: int | None = None
+        # Also a runtime choice: CPU float32 inference runs every nn.Linear on a
+        # oneDNN-prepacked copy of its weight (layers.packed_weight; faster, but
+        # a second copy of the float32 weights). False: the plain nn.Linear.
+        self.packed_linears = True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
@@ -137,9 +141,14 @@ class GPT(nn.Module):
         if self.config.positions == "rope":
             rope = rope_cos_sin(self._inv_freq(x.device), input_pos, x.dtype)  # (B, 1, T, hs) each
         per_row = cache is not None and self.batch_invariant
+        mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
+        step = cached_step(input_pos, per_row) if cache is not None else None
         for i, block in enumerate(self.transformer.h.values()):
-            x = block(x, input_pos, cache, i, rope, per_row)
+            x = block(x, step, cache, i, rope, mode)
         if not self.has_head or not logits:
             return x
-        x = self.transformer.ln_f(x)
-        return linear(self.lm_head, x, per_row)
+        return self.head(x, mode)
+
+    def head(self, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
+        """Final norm and lm_head: activations (B, T, C) -> logits (B, T, vocab)."""
+        return linear(self.lm_head, self.transformer.ln_f(x), mode)

@@ -10,6 +10,9 @@ GEMM does the work of two or three and the stage layout is one for all.
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -19,18 +22,88 @@ from .cache import KVCache
 from .config import GPTConfig
 
 
-def linear(layer: nn.Module, x: torch.Tensor, per_row: bool) -> torch.Tensor:
+# How a linear runs (GPT.forward picks one per forward and passes it down):
+# "dense": nn.Linear as is; "packed": the same weights in oneDNN's blocked layout
+# (CPU float32 inference); "per_row": one GEMM per batch row (--batch-invariant).
+LinearMode = Literal["dense", "packed", "per_row"]
+
+# oneDNN's prepacked float32 linear. On this project's CPUs (AMD, AVX-512) MKL's
+# sgemm (PyTorch's default) repacks the weight on every call and its GEMV read
+# weights at ~11 GB/s of ~30; with the weights prepacked, GPT-2 small decodes
+# 1.5x (1 sequence) to 2.6x (4) the tokens/s of the plain layers, 2 threads
+# (docs/benchmarks.md, section 6).
+_HAS_PACKED = (torch.backends.mkldnn.is_available()
+               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# The batch size oneDNN tunes the blocked layout for; any batch runs with it.
+PACK_BATCH = 16
+# A oneDNN call costs ~15 us more than MKL's: smaller weights (the bundled
+# model's, 192 wide) stay dense, where that overhead is the larger part.
+PACK_MIN_WEIGHTS = 1 << 19
+
+
+def can_pack(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Does a linear on x use a packed weight? CPU float32 without autograd, and
+    a weight large enough to gain."""
+    return (_HAS_PACKED and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and layer.weight.numel() >= PACK_MIN_WEIGHTS)
+
+
+class _Packed:
+    """A layer's packed weight and what it was packed from. Copies and pickles of
+    the layer start empty (an opaque oneDNN tensor has no storage to copy) and
+    pack again on first use."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None  # (weakref to the weight, data_ptr, version)
+        self.weight: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> "_Packed":
+        return _Packed()
+
+    def __reduce__(self) -> tuple:
+        return (_Packed, ())
+
+
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """layer.weight in oneDNN's layout, packed on first use and kept on the layer
+    (a plain attribute: not a parameter, not in the state dict) until the weight
+    changes: another tensor, storage or in-place version repacks it. Costs a
+    second copy of the weight while the float32 layer is used for inference."""
+    w = layer.weight
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot change
+        version = -1
+    held = layer.__dict__.get("_mdi_packed")
+    if held is None:
+        held = layer.__dict__["_mdi_packed"] = _Packed()
+    key = held.key
+    if key is None or key[0]() is not w or key[1:] != (w.data_ptr(), version):
+        held.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH)
+        held.key = (weakref.ref(w), w.data_ptr(), version)
+    return held.weight
+
+
+def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
     """`layer(x)`: one GEMM for all rows (the weights are read once per step).
 
-    With per_row, one GEMM per batch row, so a row's numbers do not depend on
+    "per_row": one GEMM per batch row, so a row's numbers do not depend on
     its step-mates (`--batch-invariant`; every row re-reads the weights). An
     int8 layer (quant.Int8Linear) is row-independent by construction: no loop.
+    "packed": the prepacked weight (falls back to dense where it cannot run).
     """
-    if not per_row or not isinstance(layer, nn.Linear):
+    if not isinstance(layer, nn.Linear):
         return layer(x)
-    w = layer.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
-    y = torch.bmm(x, w)
-    return y if layer.bias is None else y + layer.bias
+    if mode == "per_row":
+        w = layer.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
+        y = torch.bmm(x, w)
+        return y if layer.bias is None else y + layer.bias
+    if mode == "packed" and can_pack(layer, x):
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(layer), layer.bias,
+                                                  "none", [], "")
+    return layer(x)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +160,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class CachedStep:
+    """What every block of one cached forward shares, built once per forward
+    (`cached_step`, in GPT.forward) rather than in each layer.
+
+    input_pos (B, T): the positions written. start: when every row writes the
+    same positions start..start+T-1, the cache write is a slice copy instead of a
+    scatter. length: keys read, the largest position + 1 (only the filled part).
+    mask (B, 1, T, length): key j is visible to query t of row b iff j <=
+    input_pos[b, t]; None when every key below `length` is visible to every
+    query (a decode whose rows are all at one position), `causal` when the mask
+    is the plain causal one (a prefill from position 0). rows: with
+    --batch-invariant, one step per row, each with its own length.
+    """
+    input_pos: torch.Tensor
+    start: int | None
+    length: int
+    mask: torch.Tensor | None
+    causal: bool = False
+    rows: tuple["CachedStep", ...] = ()
+
+
+def cached_step(input_pos: torch.Tensor, per_row: bool = False) -> CachedStep:
+    """The CachedStep of a cached forward at input_pos (B, T)."""
+    B, T = input_pos.shape
+    rows = tuple(cached_step(input_pos[b:b + 1]) for b in range(B)) if per_row and B > 1 else ()
+    pos = input_pos.tolist()  # one read of a small tensor, instead of syncs in every layer
+    lo = pos[0][0]
+    length = max(max(r) for r in pos) + 1
+    same = all(r == pos[0] for r in pos) and pos[0] == list(range(lo, lo + T))
+    if same and T == 1:   # a decode with every row at one position: every key is visible
+        return CachedStep(input_pos, lo, length, None, rows=rows)
+    if same and lo == 0:  # a prefill from position 0: plain causal attention
+        return CachedStep(input_pos, lo, length, None, causal=True, rows=rows)
+    key_pos = torch.arange(length, device=input_pos.device)
+    mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, L)
+    return CachedStep(input_pos, lo if same else None, length, mask, rows=rows)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -99,12 +211,12 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, step: CachedStep | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                per_row: bool = False) -> torch.Tensor:
+                mode: LinearMode = "dense") -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = linear(self.c_attn, x, per_row).split(self.sizes, dim=2)
+        q, k, v = linear(self.c_attn, x, mode).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)
@@ -116,30 +228,29 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                enable_gqa=gqa)
         else:
-            k, v = cache.update(layer, input_pos, k, v)  # (B, nkv, T_max, hs)
-            y = cached_attention(q, k, v, input_pos, gqa, per_row)
+            assert step is not None
+            k, v = cache.update(layer, step.input_pos, k, v, step.start)  # (B, nkv, T_max, hs)
+            y = cached_attention(q, k, v, step, gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)
-        return self.resid_dropout(linear(self.c_proj, y, per_row))
+        return self.resid_dropout(linear(self.c_proj, y, mode))
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
-                     gqa: bool, per_row: bool) -> torch.Tensor:
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: CachedStep,
+                     gqa: bool) -> torch.Tensor:
     """q (B, nh, T, hs) against the cache k, v (B, nkv, T_max, hs) -> (B, nh, T, hs).
 
     Reads only the filled part: keys [0, L) with L = the largest position of the
     step + 1, not all T_max. Query t of row b sees keys at positions <=
     input_pos[b, t]; stale entries past a row's position (after a reset) and the
-    rows shorter than L stay masked. With per_row, each row uses its own L, so
-    its numbers do not depend on its step-mates.
+    rows shorter than L stay masked. With per-row steps (--batch-invariant), each
+    row uses its own L, so its numbers do not depend on its step-mates.
     """
-    if per_row and q.shape[0] > 1:
-        return torch.cat([cached_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b:b + 1],
-                                           gqa, False) for b in range(q.shape[0])])
-    L = int(input_pos.max()) + 1
-    key_pos = torch.arange(L, device=q.device)
-    mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, L)
-    return F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask,
-                                          enable_gqa=gqa)
+    if step.rows:
+        return torch.cat([cached_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], row, gqa)
+                          for b, row in enumerate(step.rows)])
+    L = step.length
+    return F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=step.mask,
+                                          is_causal=step.causal, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -154,14 +265,14 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias_of("mlp"))
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        h = linear(self.c_fc, x, per_row)
+    def forward(self, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
+        h = linear(self.c_fc, x, mode)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.dropout(linear(self.c_proj, h, per_row))
+        return self.dropout(linear(self.c_proj, h, mode))
 
 
 class Block(nn.Module):
@@ -172,9 +283,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, step: CachedStep | None = None,
                 cache: KVCache | None = None, layer: int = 0,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                per_row: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, cache, layer, rope, per_row)
-        return x + self.mlp(self.ln_2(x), per_row=per_row)
+                mode: LinearMode = "dense") -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step, cache, layer, rope, mode)
+        return x + self.mlp(self.ln_2(x), mode)
