@@ -160,7 +160,8 @@ def test_max_memory_caps_a_run_and_names_both_numbers():
         "(--max-memory); ask for fewer samples, a smaller --max-context or fewer layers")
     # the same run with 4 samples fits, and the current run's memory counts as free again
     ok = run(post(rt, "/init", json={**req, "groups": [[0, 4]]}))
-    assert ok.status_code == 200 and rt.run.mem_bytes == weights + limits.kv_cache_bytes(
+    packed = limits.packed_copy_bytes(GPTConfig(**model), 20, 30, torch.float32)  # it has room
+    assert ok.status_code == 200 and rt.run.mem_bytes == weights + packed + limits.kv_cache_bytes(
         GPTConfig(**model), 10, 4, torch.float32)
     rt.max_memory = rt.run.mem_bytes + 1
     assert run(post(rt, "/init", json={**req, "groups": [[0, 4]], "run_id": 6})).status_code == 200
@@ -418,3 +419,39 @@ def test_a_taken_port_exits_4_and_names_it(which, tmp_path, capsys, caplog, monk
     assert f"cannot listen for {which} on 127.0.0.1:{taken}: " in err
     assert "in use" in err.lower()
     assert not any("serving control" in r.getMessage() for r in caplog.records)
+
+
+# ---- the packed copy of large float32 weights (model/layers.py:packed_weight) -------------------
+WIDE = GPTConfig(vocab_size=1024, block_size=32, n_layer=4, n_head=4, n_embd=512)  # 2^19-weight MLPs
+
+
+@pytest.mark.skipif(not limits.packed_copy_bytes(WIDE, 0, 4, torch.float32),
+                    reason="this torch build has no oneDNN prepacked linear")
+def test_packed_copy_is_counted_when_it_fits_and_dropped_when_it_does_not(caplog):
+    """Review: CPU float32 inference keeps a second, packed copy of every large Linear
+    weight, which /init did not count. A node now counts it when it has the room and
+    runs on the plain layers (same numbers, slower) when only the plain weights fit."""
+    extra = limits.packed_copy_bytes(WIDE, 2, 4, torch.float32)
+    blocks = 2 * 4 * (512 * 1536 + 2 * 512 * 2048)  # fused qkv and both MLP layers, 4 bytes each
+    head = 4 * 1024 * 512  # the finisher's head (tied: a Linear over wte's weight)
+    assert extra == blocks + head  # attention's 512x512 output layer is too small to pack
+    assert limits.packed_copy_bytes(WIDE, 2, 4, torch.float32, "int8") == 0
+    assert limits.packed_copy_bytes(WIDE, 2, 4, torch.bfloat16) == 0
+    assert limits.packed_copy_bytes(WIDE, 2, 4, torch.float32, device="cuda:0") == 0
+    weights = limits.stage_weight_bytes(WIDE, 2, 4, torch.float32)
+    kv = limits.kv_cache_bytes(WIDE, 2, 2, torch.float32)
+    req = body(model=WIDE.to_dict(), start=2, stop=4, sequences=True, sampling=None)
+
+    rt = NodeRuntime(SPEC, TOKEN, max_memory=weights + kv + extra)
+    assert run(post(rt, "/init", json=req)).status_code == 200
+    assert rt.run.pack and rt.run.mem_bytes == weights + kv + extra
+    run(rt.load_weights(5, stage_bytes(WIDE, 2, 4)))
+    assert rt.run.stage.packed_linears
+
+    rt = NodeRuntime(SPEC, TOKEN, max_memory=weights + kv + extra - 1)
+    with caplog.at_level(logging.INFO, logger="mdi.ring.node"):
+        assert run(post(rt, "/init", json=req)).status_code == 200
+    assert not rt.run.pack and rt.run.mem_bytes == weights + kv
+    assert "no room for the" in caplog.text and "plain layers" in caplog.text
+    run(rt.load_weights(5, stage_bytes(WIDE, 2, 4)))
+    assert rt.run.stage.packed_linears is False

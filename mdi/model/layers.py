@@ -35,6 +35,13 @@ LinearMode = Literal["dense", "packed", "per_row"]
 _HAS_PACKED = (torch.backends.mkldnn.is_available()
                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packing_available() -> bool:
+    """Does this torch build have oneDNN's prepacked float32 linear?"""
+    return _HAS_PACKED
+
+
 # The batch size oneDNN tunes the blocked layout for; any batch runs with it.
 PACK_BATCH = 16
 # A oneDNN call costs ~15 us more than MKL's: smaller weights (the bundled

@@ -93,6 +93,35 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
     return n
 
 
+def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
+                      quantize: str | None = None, device: str = "cpu") -> int:
+    """The second copy of a stage's large float32 Linear weights that CPU
+    inference keeps in oneDNN's layout (model/layers.py:packed_weight; tied
+    heads included); 0 where nothing is packed (int8, other dtypes, GPUs).
+    Same three one-block stages as stage_weight_bytes, on the meta device."""
+    from torch import nn
+
+    from ..model import GPT
+    from ..model.layers import PACK_MIN_WEIGHTS, packing_available
+
+    if quantize or dtype != torch.float32 or not device.startswith("cpu") or \
+            not packing_available():
+        return 0
+
+    def nbytes(a: int) -> int:
+        with torch.device("meta"):
+            stage = GPT(config, a, a + 1)
+        return sum(4 * m.weight.numel() for m in stage.modules()
+                   if isinstance(m, nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS)
+
+    n = nbytes(start)
+    if stop - start >= 2:
+        n += nbytes(stop - 1)
+    if stop - start >= 3:
+        n += (stop - start - 2) * nbytes(start + 1)
+    return n
+
+
 def free_memory(device: str) -> tuple[int, str]:
     """(bytes free for a new run on device, where the number comes from)."""
     dev = torch.device(device)

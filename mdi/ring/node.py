@@ -121,6 +121,7 @@ class Run:
     prev_ips: frozenset = frozenset()            # addresses the previous node may connect from
     device: str = "cpu"                          # checked at /init
     mem_bytes: int = 0                           # weights + KV caches, checked at /init
+    pack: bool = True                            # room for the packed copy of fp32 weights
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     stats: Stats = field(default_factory=Stats)
     compute_s: float = 0.0               # the last frame's stage + sampling time
@@ -315,9 +316,9 @@ class NodeRuntime:
     async def init(self, req: InitRequest) -> dict:
         config, limits = validate_init(req)
         device = validate_device(req.device or self.spec.device)
-        need = self.check_memory(req, config, limits, device)
+        need, pack = self.check_memory(req, config, limits, device)
         run = Run(req, config, limits, prev_ips=await self._resolve(req.prev_addr, "prev_addr"),
-                  device=device, mem_bytes=need)
+                  device=device, mem_bytes=need, pack=pack)
         if req.weights == "local":
             if self.chunk is None or self.chunk_dir is None:
                 raise InitError("weights: 'local' asked, but this node was started without --chunk")
@@ -345,8 +346,10 @@ class NodeRuntime:
         return {"state": self.state}
 
     def check_memory(self, req: InitRequest, config: GPTConfig, limits: Limits,
-                     device: str) -> int:
-        """Bytes the run needs (weights + KV caches); InitError when the node has less."""
+                     device: str) -> tuple[int, bool]:
+        """Bytes the run takes (weights + KV caches, and the packed copy of large
+        float32 weights when it fits too: model/layers.py) and whether to pack;
+        InitError when the node has less than weights + KV caches."""
         dtype = DTYPES[req.dtype]
         weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
         kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
@@ -361,7 +364,13 @@ class NodeRuntime:
                 f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
                 f"{limits.block_size} positions), this node has {mem.format_size(have)} "
                 f"({where}); ask for fewer samples, a smaller --max-context or fewer layers")
-        return weights + kv
+        extra = mem.packed_copy_bytes(config, req.start, req.stop, dtype, req.quantize, device)
+        if weights + kv + extra <= have:
+            return weights + kv + extra, True
+        log.info("memory: no room for the %s packed copy of the weights (%s free): this run "
+                 "computes on the plain layers, slower", mem.format_size(extra),
+                 mem.format_size(have - weights - kv))
+        return weights + kv, False
 
     async def load_weights(self, run_id: int, body: bytes | AsyncIterator[bytes]) -> dict:
         """Take the run's weights: a safetensors stream, parsed as it arrives."""
@@ -402,6 +411,7 @@ class NodeRuntime:
         (--resend-context: CONTEXT frames, no cache) the finisher's sampling streams."""
         req = run.req
         n = run.limits.n_samples
+        stage.packed_linears = run.pack
         if req.sequences:  # slots, reset per ADMIT; sampling parameters come with each ADMIT
             try:
                 run.slots = SlotStage(stage, [b - a for a, b in req.groups])
