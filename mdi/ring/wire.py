@@ -37,6 +37,7 @@ import asyncio
 import enum
 import math
 import struct
+from typing import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class DType(enum.IntEnum):
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16,
                 DType.BFLOAT16: torch.bfloat16, DType.INT64: torch.int64, DType.UINT8: torch.uint8}
 DTYPE_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,10 @@ def parse_header(data: bytes) -> Header:
     return Header(kind, dtype, run_id, sample, position, dims[:ndim], length)
 
 
-def _expect(cond: bool, msg: str) -> None:
+def _expect(cond: bool, msg: str | Callable[[], str]) -> None:
+    """The message is formatted only when the check fails (every frame passes here)."""
     if not cond:
-        raise WireError(msg)
+        raise WireError(msg() if callable(msg) else msg)
 
 
 def check_header(h: Header, lim: Limits | None) -> None:
@@ -190,30 +193,30 @@ def check_header(h: Header, lim: Limits | None) -> None:
     Handshake frames are checked without a run (lim None is allowed only for them).
     """
     if h.kind in (Kind.CHALLENGE, Kind.AUTH):
-        _expect(h.dtype == DType.UINT8 and len(h.shape) == 1, f"{h.kind.name} must carry a uint8 vector")
-        _expect(0 < h.shape[0] <= MAX_CONTROL_PAYLOAD, f"{h.kind.name} payload of {h.shape[0]} bytes")
-        _expect(h.length == h.shape[0], f"{h.kind.name} length {h.length} != shape {h.shape}")
+        _expect(h.dtype == DType.UINT8 and len(h.shape) == 1, lambda: f"{h.kind.name} must carry a uint8 vector")
+        _expect(0 < h.shape[0] <= MAX_CONTROL_PAYLOAD, lambda: f"{h.kind.name} payload of {h.shape[0]} bytes")
+        _expect(h.length == h.shape[0], lambda: f"{h.kind.name} length {h.length} != shape {h.shape}")
         return
-    _expect(lim is not None, f"{h.kind.name} frame before the handshake")
+    _expect(lim is not None, lambda: f"{h.kind.name} frame before the handshake")
     assert lim is not None
-    _expect(h.run_id == lim.run_id, f"frame for run {h.run_id}, this run is {lim.run_id}")
+    _expect(h.run_id == lim.run_id, lambda: f"frame for run {h.run_id}, this run is {lim.run_id}")
     if h.kind == Kind.STOP:
         _expect(h.dtype == DType.NONE and not h.shape and h.length == 0, "STOP frames carry no payload")
         return
     if lim.sequences:
-        _expect(h.kind not in FIXED_KINDS, f"{h.kind.name} frame in a sequence run")
+        _expect(h.kind not in FIXED_KINDS, lambda: f"{h.kind.name} frame in a sequence run")
     else:
-        _expect(h.kind not in SEQUENCE_KINDS, f"{h.kind.name} frame in a fixed-batch run")
+        _expect(h.kind not in SEQUENCE_KINDS, lambda: f"{h.kind.name} frame in a fixed-batch run")
     if h.kind in (Kind.ADMIT, Kind.RETIRE):
-        _expect(h.position == 0, f"{h.kind.name} must have position 0, got {h.position}")
-        _expect(h.sample < lim.n_samples, f"slot {h.sample} outside the run's {lim.n_samples}")
+        _expect(h.position == 0, lambda: f"{h.kind.name} must have position 0, got {h.position}")
+        _expect(h.sample < lim.n_samples, lambda: f"slot {h.sample} outside the run's {lim.n_samples}")
         if h.kind == Kind.RETIRE:
             _expect(h.dtype == DType.NONE and not h.shape and h.length == 0,
                     "RETIRE frames carry no payload")
         else:
             _expect(h.dtype == DType.INT64 and h.shape == (ADMIT_FIELDS,),
                     f"ADMIT must carry int64 ({ADMIT_FIELDS},)")
-            _expect(h.length == 8 * ADMIT_FIELDS, f"ADMIT payload length {h.length}")
+            _expect(h.length == 8 * ADMIT_FIELDS, lambda: f"ADMIT payload length {h.length}")
         return
     if h.kind in (Kind.TOKENS, Kind.SEQ_TOKENS):
         _expect(h.dtype == DType.INT64 and len(h.shape) == 1, "TOKENS must be an int64 vector")
@@ -221,29 +224,29 @@ def check_header(h: Header, lim: Limits | None) -> None:
     else:
         _expect(h.dtype == lim.act_dtype,
                 f"activation dtype {h.dtype.name}, the run uses {lim.act_dtype.name}")
-        _expect(len(h.shape) == 3, f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
+        _expect(len(h.shape) == 3, lambda: f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
         batch, t, c = h.shape
-        _expect(c == lim.n_embd, f"activation width {c}, the model's n_embd is {lim.n_embd}")
+        _expect(c == lim.n_embd, lambda: f"activation width {c}, the model's n_embd is {lim.n_embd}")
         if h.kind in (Kind.PREFILL, Kind.CONTEXT):
             name = h.kind.name
-            _expect(batch == 1, f"{name} carries one sample, got batch {batch}")
-            _expect(1 <= t <= lim.block_size, f"{name} of {t} tokens, block_size is {lim.block_size}")
-            _expect(h.position == 0, f"{name} must start at position 0, got {h.position}")
+            _expect(batch == 1, lambda: f"{name} carries one sample, got batch {batch}")
+            _expect(1 <= t <= lim.block_size, lambda: f"{name} of {t} tokens, block_size is {lim.block_size}")
+            _expect(h.position == 0, lambda: f"{name} must start at position 0, got {h.position}")
         elif h.kind == Kind.SEQ_DECODE:
-            _expect(t == 1, f"SEQ_DECODE carries one token per slot, got {t}")
-            _expect(h.position == 0, f"SEQ_DECODE must have position 0, got {h.position}")
+            _expect(t == 1, lambda: f"SEQ_DECODE carries one token per slot, got {t}")
+            _expect(h.position == 0, lambda: f"SEQ_DECODE must have position 0, got {h.position}")
         else:
-            _expect(t == 1, f"DECODE carries one token per sample, got {t}")
-            _expect(h.position < lim.block_size, f"position {h.position} >= block_size {lim.block_size}")
-    _expect(1 <= batch <= lim.max_batch, f"batch {batch} outside 1..{lim.max_batch}")
+            _expect(t == 1, lambda: f"DECODE carries one token per sample, got {t}")
+            _expect(h.position < lim.block_size, lambda: f"position {h.position} >= block_size {lim.block_size}")
+    _expect(1 <= batch <= lim.max_batch, lambda: f"batch {batch} outside 1..{lim.max_batch}")
     if h.kind in SLOT_TABLE_KINDS:  # the slots are checked when the table is read
-        _expect(h.sample < lim.n_samples, f"slot {h.sample} outside the run's {lim.n_samples}")
+        _expect(h.sample < lim.n_samples, lambda: f"slot {h.sample} outside the run's {lim.n_samples}")
     else:
         _expect(h.sample + batch <= lim.n_samples,
                 f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
-    itemsize = torch.tensor([], dtype=TORCH_DTYPES[h.dtype]).element_size()
+    itemsize = ITEMSIZE[h.dtype]
     want = math.prod(h.shape) * itemsize + (4 * batch if h.kind in SLOT_TABLE_KINDS else 0)
-    _expect(h.length == want, f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
+    _expect(h.length == want, lambda: f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
 
 
 def read_slot_table(h: Header, payload: bytes, n_slots: int | None) -> tuple[tuple[int, ...], bytes]:
