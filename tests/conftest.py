@@ -44,6 +44,18 @@ def scaled_random_model(config: GPTConfig, seed: int = 0, std: float = 0.15) -> 
     return model.eval()
 
 
+def split_model(model: GPT, cuts: list[int]) -> list[GPT]:
+    """The model split at `cuts` (layer indices), each stage with its own copy of the weights."""
+    bounds = [0, *cuts, model.config.n_layer]
+    whole = model.state_dict()
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        s = GPT(model.config, a, b)
+        s.load_state_dict({k: whole[k].clone() for k in s.state_dict()})
+        out.append(s.eval())
+    return out
+
+
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     return GPTConfig(vocab_size=48, block_size=16, n_layer=3, n_head=2, n_embd=32)

@@ -19,6 +19,8 @@ from mdi.generate.sampling import sample_seed
 from mdi.model import GPT
 from mdi.tokenizer import CharTokenizer
 
+from conftest import split_model
+
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=0)
 VOCAB = [chr(ord("a") + i) for i in range(26)] + [chr(ord("A") + i) for i in range(22)]  # 48
 TOK = CharTokenizer(VOCAB)
@@ -30,16 +32,7 @@ def model(tiny_config, make_model) -> GPT:
     return make_model(tiny_config, seed=21)
 
 
-def stages_of(model: GPT, cuts: list[int]) -> list[GPT]:
-    """The model split at `cuts` (layer indices), each stage with its own copy of the weights."""
-    bounds = [0, *cuts, model.config.n_layer]
-    whole = model.state_dict()
-    out = []
-    for a, b in zip(bounds, bounds[1:]):
-        s = GPT(model.config, a, b)
-        s.load_state_dict({k: whole[k].clone() for k in s.state_dict()})
-        out.append(s.eval())
-    return out
+stages_of = split_model
 
 
 def ring_engine(model: GPT, max_seqs: int, n_stages: int = 3, delay: float = 0.0, **kw

@@ -26,7 +26,7 @@ from mdi.ring.nodes_config import NodeSpec
 from mdi.ring.partition import Shard
 from mdi.tokenizer import CharTokenizer
 
-from conftest import scaled_random_model
+from conftest import scaled_random_model, split_model
 
 LEARNED = GPTConfig(vocab_size=48, block_size=64, n_layer=3, n_head=2, n_embd=32)
 ROPE = GPTConfig(vocab_size=48, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
@@ -88,14 +88,7 @@ def test_a_cap_behaves_as_that_block_size(config):
 
 
 def _stages(model: GPT, cuts: list[int], cap: int) -> list[GPT]:
-    bounds = [0, *cuts, model.config.n_layer]
-    whole = model.state_dict()
-    out = []
-    for a, b in zip(bounds, bounds[1:]):
-        s = GPT(model.config, a, b)
-        s.load_state_dict({k: whole[k].clone() for k in s.state_dict()})
-        out.append(capped(s.eval(), cap))
-    return out
+    return [capped(s, cap) for s in split_model(model, cuts)]
 
 
 @pytest.mark.parametrize("config", [LEARNED, ROPE], ids=["learned", "rope"])
@@ -157,7 +150,6 @@ def test_planner_memory_follows_the_cap():
 
 def test_int8_runs_cost_their_int8_weights():
     """/init's memory check and the planner count what an int8 node holds once loaded."""
-    from mdi.checkpoint.format import StageBuilder  # noqa: F401  (the loader that holds it)
     from mdi.model.quant import quantize_linears, weight_bytes
     from mdi.ring import limits
     from mdi.ring.capability import stage_memory

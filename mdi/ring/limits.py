@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 
@@ -85,12 +86,7 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
                 total += itemsize * math.prod(shape)
         return total
 
-    n = nbytes(start)
-    if stop - start >= 2:
-        n += nbytes(stop - 1)
-    if stop - start >= 3:
-        n += (stop - start - 2) * nbytes(start + 1)
-    return n
+    return _over_blocks(start, stop, nbytes)
 
 
 def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
@@ -114,6 +110,13 @@ def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
         return sum(4 * m.weight.numel() for m in stage.modules()
                    if isinstance(m, nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS)
 
+    return _over_blocks(start, stop, nbytes)
+
+
+def _over_blocks(start: int, stop: int, nbytes: Callable[[int], int]) -> int:
+    """A stage's [start, stop) total from at most three one-block stages: the
+    first (with the embeddings when start is 0), the last (with the head when it
+    ends the model) and one between, which stands for all the middle ones."""
     n = nbytes(start)
     if stop - start >= 2:
         n += nbytes(stop - 1)
