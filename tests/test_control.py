@@ -86,8 +86,8 @@ def bad_inits(ring) -> list[tuple[str, dict | bytes, int, str]]:
         ("cuda:99", {**good, "device": "cuda:99"}, 400, "device: 'cuda:99'"),
         ("hpu", {**good, "device": "hpu"}, 400, "device: 'hpu'"),
         ("privateuseone", {**good, "device": "privateuseone"}, 400, "device: 'privateuseone'"),
-        ("block_size 10^9", {**good, "model": _model(ring, block_size=10**9)}, 400,
-         "memory: the run needs "),
+        ("block_size 10^9", {**good, "model": _model(ring, block_size=10**9),
+                             "max_context": 10**9}, 400, "memory: the run needs "),
         ("65,536 samples", {**good, "groups": [[0, 1 << 16]], "model": _model(ring, block_size=1 << 16)},
          400, "memory: the run needs "),
         ("a 5,000-digit integer", json.dumps(good)[:-1].encode() + b', "x": ' + b"9" * 5000
