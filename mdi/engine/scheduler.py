@@ -280,10 +280,7 @@ class PipelineEngine:
         for lane in self.lanes:
             for slot in sorted(lane.seqs):
                 seq = lane.seqs[slot]
-                if seq.done:
-                    continue
-                if seq.cancelled:
-                    self._finish(seq, "cancelled")
+                if not self._live(seq):
                     continue
                 seq.slot, seq.state.cached = None, 0
                 if seq.params.temperature > 0:
@@ -411,13 +408,14 @@ class PipelineEngine:
         for slot, tok in zip(tokens.slots, tokens.tokens):
             if not 0 <= tok < self.config.vocab_size:
                 raise EngineFailure(f"token id {tok} outside the vocabulary")
-            seq = lane.seqs[slot]
-            if seq.done:
-                continue
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            self._token(seq, tok, now)
+            if self._live(lane.seqs[slot]):
+                self._token(lane.seqs[slot], tok, now)
+
+    def _live(self, seq: Sequence) -> bool:
+        """Does seq go on? A cancelled one ends here (its step's token is dropped)."""
+        if seq.cancelled and not seq.done:
+            self._finish(seq, "cancelled")
+        return not seq.done
 
     def _token(self, seq: Sequence, tok: int, now: float) -> None:
         p = seq.params
