@@ -27,11 +27,15 @@ class HopStats:
     prefill_bytes: int = 0
     # Time per frame at the hop's source node, summed over `frames` frames (s):
     # waiting for input, the stage's compute, and the rest (the hop's overhead:
-    # copies, hand-offs, encoding, socket writes).
+    # message conversion, copies, socket writes); other_cpu_s is the overhead's
+    # CPU time (the rest of other_s: the node was ready but other processes held
+    # the cores), send_s the socket writes alone.
     frames: int = 0
     wait_s: float = 0.0
     compute_s: float = 0.0
     other_s: float = 0.0
+    other_cpu_s: float = 0.0
+    send_s: float = 0.0
 
     @property
     def bytes_per_token(self) -> float:
@@ -49,7 +53,9 @@ class HopStats:
                 "decode_tokens": self.decode_tokens, "prefill_bytes": self.prefill_bytes,
                 "bytes_per_token": round(self.bytes_per_token, 3), "frames": self.frames,
                 "wait_us": self.per_frame_us(self.wait_s),
-                "compute_us": self.per_frame_us(self.compute_s), "overhead_us": self.overhead_us}
+                "compute_us": self.per_frame_us(self.compute_s), "overhead_us": self.overhead_us,
+                "overhead_cpu_us": self.per_frame_us(self.other_cpu_s),
+                "send_us": self.per_frame_us(self.send_s)}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--partition", choices=["auto", "even"], default=None)
+    p.add_argument("--micro-batches", type=int, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context,
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                     max_context=args.max_context, partition=args.partition))
+                                     max_context=args.max_context, partition=args.partition,
+                                     n_groups=args.micro_batches))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         model, _ = load_model(args.ckpt, dtype=torch.float32,  # as the starter's default

@@ -11,7 +11,7 @@ every lane with work is in flight at once, so with as many lanes as stages no
 stage waits for its own previous output.
 
 The first stage runs here (on one worker thread, so the event loop keeps
-serving); the rest of the pipeline is behind a Link (the TCP ring, or the
+serving; a decode step shorter than INLINE_BELOW_S on the loop itself); the rest of the pipeline is behind a Link (the TCP ring, or the
 in-memory fake of the tests). Without a link the first stage is the whole
 model and a step ends here: that is single-device generation.
 
@@ -43,6 +43,10 @@ from .slots import SlotError, SlotStage, lane_sizes
 from .text import TextStream
 
 log = logging.getLogger(__name__)
+# Decode steps of the first stage whose running mean time is below this run on the
+# event loop itself: handing a step to the worker thread and back costs 30-65 us
+# and a thread switch, more than a small model's step is worth.
+INLINE_BELOW_S = 0.005
 
 
 class Sequence:
@@ -141,6 +145,7 @@ class PipelineEngine:
         self._task: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
+        self._step_ema: float | None = None  # running mean of a decode step's time (s)
 
     # ---- the Engine protocol -------------------------------------------------
     async def start(self) -> None:
@@ -359,8 +364,23 @@ class PipelineEngine:
                        ) -> list[Message | Tokens]:
         seqs = {slot: self.lanes[lane].seqs[slot] for slot in slots}
         plans = {slot: plan_step(seqs[slot].state, self.first.context) for slot in slots}
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
+        decode_only = not any(p.prefill for p in plans.values())
+        ema = self._step_ema
+        if decode_only and ema is not None and ema < INLINE_BELOW_S:
+            # A short step runs right here: the hand-off to the worker thread and back
+            # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
+            t0 = time.perf_counter()
+            out = self._first_stage(lane, msgs, plans)
+            took = time.perf_counter() - t0
+            await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
+        else:
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
+            took = time.perf_counter() - t0
+        if decode_only and plans:
+            self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
+        return out
 
     @torch.inference_mode()
     def _first_stage(self, lane: int, msgs: list[Message], plans: dict) -> list[Message | Tokens]:

@@ -1,8 +1,11 @@
 """A secondary node (intermediate or finisher): the runtime behind `mdi node`.
 
-One asyncio loop serves both planes: the FastAPI control app (see control.py)
-and the data-plane listener. Model compute runs on one worker thread, so the
-loop keeps answering health checks and stop requests while a stage computes.
+One asyncio loop serves the FastAPI control app (see control.py), accepts
+data connections and runs their handshakes. A run's frames are read, computed
+and forwarded on the run's own data thread (node_link.py) with blocking
+sockets, so the loop keeps answering health checks and stop requests while a
+stage computes, and a frame costs no event-loop round trip. Loading weights
+and timing probes run on one worker thread.
 
 Life of a run: /init (config) -> /weights (unless the node has the chunk on
 disk) -> /connect (open the downstream link) -> the upstream peer connects and
@@ -27,6 +30,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,27 +54,25 @@ from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .capability import ProbeCache, node_capabilities
 from .messages import InitRequest, ProbeRequest
+from .node_link import DataLink, DownstreamError
 from .nodes_config import NodeSpec
 from .seq_frames import to_frame, to_message
-from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+from .sock_io import SockStream, listen_sockets, no_delay, open_socket, recv_frame, send_frame
+from .wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits, WireError
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame before a running run is dropped
 MAX_MODEL_INT = 2**31 - 1  # any integer of a model config (the wire carries uint32 fields)
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-# Decode steps whose running mean compute time is below this run on the event
-# loop itself (no executor hand-off, measured at 30-65 us per frame here).
-INLINE_BELOW_S = 0.005
-DECODES = (Kind.DECODE, Kind.SEQ_DECODE)
+INPUT_KINDS = frozenset({Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
+                         Kind.SEQ_DECODE})
+OUTPUT_DECODE_KINDS = frozenset({Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE,
+                                 Kind.SEQ_TOKENS})
 
 
 class InitError(ValueError):
     """A configuration the node refuses; its state does not change."""
-
-
-class DownstreamError(ConnectionError):
-    """The link to the next node failed (closed, reset, or not draining in time)."""
 
 
 @dataclass
@@ -84,18 +86,24 @@ class Stats:
     # Per-frame time split (seconds, summed over timed frames): waiting for the
     # frame (read_frame: idle until the previous node sends, then header and
     # payload), compute (the stage and sampling), and the rest: the hop's own
-    # overhead (payload copy, executor hand-off, encoding, the socket write).
+    # overhead (message conversion, payload copy, the socket write).
+    # other_cpu_s: the overhead's CPU time on the data thread (the rest of other_s is
+    # time the thread was ready but not running: other processes on the same cores).
+    # send_s: the socket writes alone.
     frames_timed: int = 0
     wait_s: float = 0.0
     compute_s: float = 0.0
     other_s: float = 0.0
-    frames_inline: int = 0  # computed on the event loop, without an executor hand-off
+    other_cpu_s: float = 0.0
+    send_s: float = 0.0
 
-    def time_frame(self, wait: float, compute: float, busy: float) -> None:
+    def time_frame(self, wait: float, compute: float, busy: float, compute_cpu: float,
+                   busy_cpu: float) -> None:
         self.frames_timed += 1
         self.wait_s += wait
         self.compute_s += compute
         self.other_s += max(0.0, busy - compute)
+        self.other_cpu_s += max(0.0, busy_cpu - compute_cpu)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,9 +119,8 @@ class Run:
     generators: list[torch.Generator] = field(default_factory=list)  # fixed batch, finisher
     sampling: SamplingConfig | None = None                            # fixed batch, finisher
     slots: SlotStage | None = None               # a sequence run: a KV slot per sequence
-    downstream: asyncio.StreamWriter | None = None
-    upstream_task: asyncio.Task | None = None    # serves the previous node's frames
-    watch_task: asyncio.Task | None = None       # notices the next node closing its link
+    link: DataLink | None = None                 # the data thread, from /connect
+    upstream: bool = False                       # the previous node's link is attached
     idle_task: asyncio.Task | None = None        # drops the run after idle_timeout of silence
     last_active: float = field(default_factory=time.monotonic)
     live: set[int] = field(default_factory=set)  # sequence runs: slots admitted, not retired
@@ -123,9 +130,11 @@ class Run:
     mem_bytes: int = 0                           # weights + KV caches, checked at /init
     pack: bool = True                            # room for the packed copy of fp32 weights
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
+    completed: bool = False                      # STOP went through (last_stats written)
     stats: Stats = field(default_factory=Stats)
     compute_s: float = 0.0               # the last frame's stage + sampling time
-    decode_ema_s: float | None = None    # running mean of decode compute (None: none yet)
+    compute_cpu_s: float = 0.0           # its CPU time on the data thread
+    header: bytearray = field(default_factory=lambda: bytearray(HEADER_SIZE))  # data thread's
 
     @property
     def is_finisher(self) -> bool:
@@ -232,7 +241,10 @@ class NodeRuntime:
         self.last_stats: dict = {}
         self.runs_completed = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-compute")
-        self.data_server: asyncio.base_events.Server | None = None
+        self.listeners: list[socket.socket] = []
+        self.accepting: list[asyncio.Task] = []
+        self.handshakes: set[asyncio.Task] = set()
+        self.claim = threading.Lock()      # one upstream link per run
         self.probes = ProbeCache()
 
     # ---- state -------------------------------------------------------------
@@ -242,7 +254,7 @@ class NodeRuntime:
             return "idle"
         if self.run.stage is None:
             return "awaiting_weights"
-        if self.run.upstream_task is not None:
+        if self.run.upstream:
             return "running"
         return "ready"
 
@@ -302,14 +314,14 @@ class NodeRuntime:
             return
         run.stopping = True
         log.info("dropping run %d: %s", run.req.run_id, reason)
-        self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
-        if run.downstream is not None:
-            run.downstream.close()
-        for task in (run.upstream_task, run.watch_task, run.idle_task):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
+        if not run.completed:  # a completed run's statistics were written with its STOP
+            self.last_stats = {"run_id": run.req.run_id, "reason": reason, **run.stats.to_dict()}
+        if run.link is not None:
+            run.link.close()
+        if run.idle_task is not None and run.idle_task is not asyncio.current_task():
+            run.idle_task.cancel()
         # Free the weights and caches now, not when the last reference goes: a
-        # compute still running on the worker thread holds its own references.
+        # compute still running on the data thread holds its own references.
         run.stage, run.generators, run.slots = None, [], None
 
     # ---- control plane actions --------------------------------------------
@@ -450,23 +462,32 @@ class NodeRuntime:
         if run.stage is None:
             raise InitError("weights: not loaded yet")
         nxt = run.req.next
+        sock: socket.socket | None = None
         try:
-            reader, writer = await bounded(
-                asyncio.open_connection(nxt.addr, nxt.port), self.timeout)
-            await answer(reader, writer, self.token, run_id, self.timeout)
-        except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
+            sock = await bounded(open_socket(nxt.addr, nxt.port), self.timeout)
+            stream = SockStream(sock)
+            await answer(stream, stream, self.token, run_id, self.timeout)
+        except BaseException as e:
+            if sock is not None:
+                sock.close()
+            if not isinstance(e, (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError)):
+                raise
             why = f"no answer within {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
                 else (str(e) or type(e).__name__)
             raise ConnectionError(f"cannot reach the next node at {nxt.addr}:{nxt.port}: {why}") from None
         if self.run is not run:  # dropped or replaced while we connected
-            writer.close()
+            sock.close()
             raise InitError(f"run_id: run {run_id} ended while connecting to the next node")
-        if run.downstream is not None:
-            run.downstream.close()
-        if run.watch_task is not None:
-            run.watch_task.cancel()
-        run.downstream = writer
-        run.watch_task = asyncio.create_task(self._watch_downstream(run, reader))
+        if run.upstream:
+            sock.close()
+            raise InitError(f"run_id: run {run_id} is already running")
+        if run.link is not None:  # connected again: the new link replaces the old one
+            run.link.close()
+        loop = asyncio.get_running_loop()
+        run.link = DataLink(sock, self.timeout, f"{nxt.addr}:{nxt.port}",
+                            on_frame=lambda up, since: self._on_frame(run, up, since),
+                            on_end=lambda error: self._link_ended(run, error, loop),
+                            name=f"mdi-data-{run_id}")
         run.last_active = time.monotonic()
         return {"state": self.state}
 
@@ -478,108 +499,131 @@ class NodeRuntime:
 
     # ---- data plane --------------------------------------------------------
     async def start_data_server(self) -> None:
-        self.data_server = await asyncio.start_server(self._on_upstream, self.bind_host,
-                                                      self.spec.port_in)
+        """Listen on the data port; each connection's handshake runs on this loop."""
+        self.listeners = listen_sockets(self.bind_host, self.spec.port_in)
+        self.accepting = [asyncio.create_task(self._accept(sock)) for sock in self.listeners]
 
-    async def _on_upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as e:  # e.g. out of file descriptors: refuse this one, go on
+                log.warning("data port: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._on_upstream(conn, peer))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    async def _on_upstream(self, conn: socket.socket, peer) -> None:
+        """A connection to the data port: the previous node of the current run, once it
+        proves the token; then its frames go to the run's data thread."""
         host = peer[0] if peer else "?"
         run = self.run
         try:
-            if run is None or run.stage is None or run.downstream is None:
+            conn.setblocking(False)
+            no_delay(conn)
+            if run is None or run.stage is None or run.link is None:
                 raise AuthError("no run is ready on this node")
             if not _peer_allowed(host, run.prev_ips):
                 raise AuthError(f"connection from {host}, the previous node is {run.req.prev_addr}")
-            if run.upstream_task is not None:
+            if run.upstream:
                 raise AuthError("this run already has an upstream connection")
-            await bounded(challenge(reader, writer, self.token, run.req.run_id, self.timeout),
+            stream = SockStream(conn)
+            await bounded(challenge(stream, stream, self.token, run.req.run_id, self.timeout),
                           self.timeout)
-            if self.run is not run or run.upstream_task is not None:
-                raise AuthError("the run changed during the handshake")
+            with self.claim:
+                if self.run is not run or run.upstream or run.link is None:
+                    raise AuthError("the run changed during the handshake")
+                run.upstream = True
         except asyncio.CancelledError:
-            writer.close()
+            conn.close()
             raise
         except Exception as e:  # noqa: BLE001 - whatever a stranger sends, refuse and go on
             log.warning("refused data connection from %s: %s", _fmt_peer(peer), _reason(e))
-            writer.close()
+            conn.close()
             return
-        run.upstream_task = asyncio.current_task()
         run.last_active = time.monotonic()
         log.info("run %d: previous node connected from %s", run.req.run_id, _fmt_peer(peer))
+        run.link.attach(conn)
+
+    def _on_frame(self, run: Run, up: socket.socket, t0: float) -> bool:
+        """Data thread: one frame from the previous node (waited for since t0), computed
+        and forwarded; False after STOP (forwarded, statistics written)."""
+        frame = recv_frame(up, run.limits, run.header)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        run.stats.frames_in += 1
+        run.last_active = time.monotonic()
+        if frame.kind == Kind.STOP:
+            run.stopping = True  # the next node may close its end once it has the STOP
+            # statistics first: once STOP is out, the starter may ask for them
+            self.last_stats = {"run_id": run.req.run_id, "reason": "run complete",
+                               **run.stats.to_dict()}
+            self.runs_completed += 1
+            run.completed = True
+            self._send(run, Frame(Kind.STOP, run.req.run_id))
+            return False
+        if frame.kind not in INPUT_KINDS:
+            raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
+        if frame.kind == Kind.ADMIT:
+            run.live.add(frame.sample)
+        elif frame.kind == Kind.RETIRE:
+            run.live.discard(frame.sample)
+        run.busy = True
         try:
-            await self._serve_frames(run, reader)
-        except asyncio.CancelledError:
-            pass  # drop_run cancelled us: the run is already gone
-        except Exception as e:  # noqa: BLE001 - no frame may kill the task silently
-            reason = _link_failure(e)
-            log.warning("run %d: %s", run.req.run_id, reason,
-                        exc_info=not isinstance(e, (WireError, EOFError, OSError)))
-            if self.run is run:
-                await self.drop_run(reason)
+            out = self._compute(run, frame)
+            if out is not None:
+                self._send(run, out)
         finally:
-            writer.close()
-
-    async def _serve_frames(self, run: Run, reader: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            t0 = time.perf_counter()
-            frame = await read_frame(reader, run.limits)
-            t1 = time.perf_counter()
-            run.stats.frames_in += 1
+            run.busy = False
             run.last_active = time.monotonic()
-            if frame.kind == Kind.STOP:
-                run.stopping = True  # the next node may close its end once it has the STOP
-                # statistics first: once STOP is out, the starter may ask for them
-                self.last_stats = {"run_id": run.req.run_id, "reason": "run complete",
-                                   **run.stats.to_dict()}
-                await self._send(run, Frame(Kind.STOP, run.req.run_id))
-                self.runs_completed += 1
-                if self.run is run:
-                    await self.drop_run("run complete")
-                return
-            if frame.kind not in (Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
-                                  Kind.SEQ_DECODE):
-                raise WireError(f"unexpected {frame.kind.name} frame on a node's input")
-            if frame.kind == Kind.ADMIT:
-                run.live.add(frame.sample)
-            elif frame.kind == Kind.RETIRE:
-                run.live.discard(frame.sample)
-            run.busy = True
-            try:
-                # A short decode runs right here: handing it to the worker thread and
-                # back costs more than it computes, and blocks the loop for less than
-                # INLINE_BELOW_S. Prefills and long steps keep the loop free for
-                # health checks and /stop.
-                ema = run.decode_ema_s
-                if frame.kind in DECODES and ema is not None and ema < INLINE_BELOW_S:
-                    out = self._compute(run, frame)
-                    run.stats.frames_inline += 1
-                else:
-                    out = await loop.run_in_executor(self.executor, self._compute, run, frame)
-                if out is not None:
-                    await self._send(run, out)
-            finally:
-                run.busy = False
-                run.last_active = time.monotonic()
-            run.stats.time_frame(t1 - t0, run.compute_s, time.perf_counter() - t1)
+        run.stats.time_frame(t1 - t0, run.compute_s, time.perf_counter() - t1, run.compute_cpu_s,
+                             time.thread_time() - c1)
+        return True
 
-    async def _send(self, run: Run, frame: Frame) -> None:
+    def _send(self, run: Run, frame: Frame) -> None:
+        """Data thread: a frame to the next node (DownstreamError when it fails)."""
         nxt = run.req.next
-        if run.downstream is None:
-            raise DownstreamError(f"no link to the next node at {nxt.addr}:{nxt.port}")
+        assert run.link is not None
+        t0 = time.perf_counter()
         try:
-            n = await bounded(write_frame(run.downstream, frame), self.timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            what = f"took no frame for {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) \
-                else f"failed: {e or type(e).__name__}"
-            raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} {what}") from None
+            n = send_frame(run.link.down, frame)
+        except TimeoutError:
+            raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} took no "
+                                  f"frame for {self.timeout:g} s") from None
+        except OSError as e:
+            raise DownstreamError(f"the link to the next node at {nxt.addr}:{nxt.port} failed: "
+                                  f"{e or type(e).__name__}") from None
+        run.stats.send_s += time.perf_counter() - t0
         run.stats.frames_out += 1
         run.stats.bytes_out += n
-        if frame.kind in (Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE, Kind.SEQ_TOKENS):
+        if frame.kind in OUTPUT_DECODE_KINDS:
             run.stats.decode_bytes_out += n
             run.stats.decode_tokens_out += frame.tensor.shape[0]
         elif frame.kind == Kind.PREFILL:
             run.stats.prefill_bytes_out += n
+
+    def _link_ended(self, run: Run, error: BaseException | None,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        """Data thread, at its end (not after a drop): the run completed or failed."""
+        if error is None:
+            reason = "run complete"
+        else:
+            reason = _link_failure(error)
+            log.warning("run %d: %s", run.req.run_id, reason,
+                        exc_info=error if not isinstance(error, (WireError, EOFError, OSError))
+                        else None)
+        if loop.is_closed():
+            return
+        try:  # dropped before the links close: whoever sees them close finds the node idle
+            asyncio.run_coroutine_threadsafe(self._drop_if(run, reason), loop).result(self.timeout)
+        except (RuntimeError, TimeoutError):  # the loop is shutting down: the run goes with it
+            pass
+
+    async def _drop_if(self, run: Run, reason: str) -> None:
+        if self.run is run:
+            await self.drop_run(reason)
 
     async def _watchdog(self, run: Run) -> None:
         """Drop the run after idle_timeout seconds without a frame, an upload or a
@@ -588,7 +632,7 @@ class NodeRuntime:
         runs from the previous node's connection: before it, uploads to the other
         nodes may take long, and a new /init replaces the run anyway."""
         while self.run is run:
-            if run.upstream_task is None or (run.slots is not None and not run.live):
+            if not run.upstream or (run.slots is not None and not run.live):
                 # not connected yet, or an engine run with no sequence in flight: an
                 # idle server (mdi serve) waits for requests as long as it likes
                 run.last_active = time.monotonic()
@@ -601,27 +645,10 @@ class NodeRuntime:
                 return
             await asyncio.sleep(max(left, 0.05))
 
-    async def _watch_downstream(self, run: Run, reader: asyncio.StreamReader) -> None:
-        """The next node never sends on our outgoing link: data or EOF there means it is gone."""
-        nxt = run.req.next
-        try:
-            data = await reader.read(1)
-            reason = (f"the next node at {nxt.addr}:{nxt.port} sent unexpected data" if data
-                      else f"the next node at {nxt.addr}:{nxt.port} closed the link")
-        except OSError as e:
-            reason = f"the link to the next node at {nxt.addr}:{nxt.port} failed: {e}"
-        if self.run is run and not run.stopping:
-            log.warning("run %d: %s", run.req.run_id, reason)
-            await self.drop_run(reason)
-
     def _compute(self, run: Run, frame: Frame) -> Frame | None:
-        """Run this node's stage on one frame (worker thread or loop)."""
-        run.compute_s = 0.0
-        out = self._compute_frame(run, frame)
-        if frame.kind in DECODES:
-            ema = run.decode_ema_s
-            run.decode_ema_s = run.compute_s if ema is None else 0.8 * ema + 0.2 * run.compute_s
-        return out
+        """Run this node's stage on one frame (data thread)."""
+        run.compute_s = run.compute_cpu_s = 0.0
+        return self._compute_frame(run, frame)
 
     @torch.inference_mode()
     def _compute_frame(self, run: Run, frame: Frame) -> Frame | None:
@@ -646,7 +673,7 @@ class NodeRuntime:
         return Frame(Kind.TOKENS, run.req.run_id, frame.sample, 0, torch.tensor(tok))
 
     def _compute_seq(self, run: Run, slots: SlotStage, frame: Frame) -> Frame | None:
-        """A sequence run: the frame as a message for this stage's slots (worker thread)."""
+        """A sequence run: the frame as a message for this stage's slots (data thread)."""
         try:
             out = _timed(run, slots.handle, to_message(frame, slots))
         except SlotError as e:
@@ -654,23 +681,27 @@ class NodeRuntime:
         return None if out is None else to_frame(out, run.req.run_id, slots)
 
     async def close(self) -> None:
+        run = self.run
         await self.drop_run("node shutting down")
-        if self.data_server is not None:
-            self.data_server.close()
-            try:  # Python >= 3.12 waits for open connections here; bound it
-                await bounded(self.data_server.wait_closed(), self.timeout)
-            except asyncio.TimeoutError:
-                log.warning("data connections still open at shutdown")
+        for task in self.accepting + list(self.handshakes):
+            task.cancel()
+        await asyncio.gather(*self.accepting, *self.handshakes, return_exceptions=True)
+        for sock in self.listeners:
+            sock.close()
+        self.accepting, self.listeners = [], []
+        if run is not None and run.link is not None:  # a compute in progress ends first
+            await asyncio.get_running_loop().run_in_executor(None, run.link.join, self.timeout)
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _timed(run: Run, fn, *args):
-    """fn(*args), its time added to the frame's compute time."""
-    t0 = time.perf_counter()
+    """fn(*args), its time (and CPU time) added to the frame's compute time."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     try:
         return fn(*args)
     finally:
         run.compute_s += time.perf_counter() - t0
+        run.compute_cpu_s += time.thread_time() - c0
 
 
 def _ip(addr: str):

@@ -49,7 +49,8 @@ from .partition import Shard
 from .capability import node_capabilities, stage_memory
 from .planner import PlanError
 from .starter import NodeFailure, RunOptions, Starter, plan_shards
-from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
+                   write_frame)
 
 log = logging.getLogger(__name__)
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
@@ -88,7 +89,13 @@ class TcpLink:
             raise self.failed
         frame = to_frame(msg, self.limits.run_id, self.slots)
         try:
-            n = await bounded(write_frame(self.writer, frame), self.timeout)
+            data = encode_frame(frame)
+            n = len(data)
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size():  # the socket did not take it all
+                await bounded(self.writer.drain(), self.timeout)
+            else:  # no wait; raises if the link is gone
+                await self.writer.drain()
         except asyncio.TimeoutError:
             raise await self._failure(f"{self.first.name} at {self.first.addr}:{self.first.port_in} "
                                       f"took no data for {self.timeout:g} s", self.first) from None
@@ -113,7 +120,7 @@ class TcpLink:
             if self.outstanding:
                 wait = max(0.0, self.progress + self.timeout - time.monotonic())
             try:
-                frame = await asyncio.wait_for(read_frame(self.reader, self.limits), wait)
+                frame = await bounded(read_frame(self.reader, self.limits), wait)
             except asyncio.TimeoutError:
                 if self.outstanding and time.monotonic() - self.progress >= self.timeout:
                     raise await self._failure(f"no answer from the ring for {self.timeout:g} s") \

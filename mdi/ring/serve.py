@@ -26,6 +26,7 @@ from . import aio
 from .control import LogLimiter, create_app
 from .http_guard import guarded
 from .node import NodeRuntime
+from .sock_io import listen_sockets
 
 log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 3      # open control requests get this long on shutdown
@@ -43,24 +44,9 @@ def bind_control(host: str, port: int) -> list[socket.socket]:
     Bound here rather than by uvicorn, which logs and calls sys.exit(3) on failure.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return listen_sockets(host, port)
     except OSError as e:
         raise ListenError(f"cannot listen for control on {host}:{port}: {e.strerror or e}") from None
-    socks: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.setblocking(False)
-    except OSError as e:
-        for s in socks:
-            s.close()
-        raise ListenError(f"cannot listen for control on {host}:{port}: {e.strerror or e}") from None
-    return socks
 
 
 async def serve_node(rt: NodeRuntime) -> None:

@@ -506,7 +506,8 @@ class Starter:
             hops.append(HopStats(spec.name, nxt.name, last.get("decode_bytes_out", 0),
                                  last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0),
                                  last.get("frames_timed", 0), last.get("wait_s", 0.0),
-                                 last.get("compute_s", 0.0), last.get("other_s", 0.0)))
+                                 last.get("compute_s", 0.0), last.get("other_s", 0.0),
+                                 last.get("other_cpu_s", 0.0), last.get("send_s", 0.0)))
         return hops
 
     def _result(self, config, states, n_tokens, elapsed, times, hops, texts,

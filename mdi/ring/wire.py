@@ -133,25 +133,41 @@ class Limits:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return bytes(tensor_view(t))
 
 
-def encode_frame(f: Frame) -> bytes:
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy where it is a contiguous CPU tensor."""
+    return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def frame_parts(f: Frame) -> list:
+    """A frame as the buffers that make it up: header, slot table, tensor bytes
+    (a view of the tensor's memory), to write with one sendmsg or join."""
     if f.tensor is None:
-        dtype, shape, payload = DType.NONE, (), b""
+        dtype, shape, payload = DType.NONE, (), None
     else:
         if f.tensor.dtype not in DTYPE_CODES:
             raise WireError(f"cannot send dtype {f.tensor.dtype}")
-        dtype, shape, payload = DTYPE_CODES[f.tensor.dtype], tuple(f.tensor.shape), tensor_bytes(f.tensor)
+        dtype, shape, payload = DTYPE_CODES[f.tensor.dtype], tuple(f.tensor.shape), tensor_view(f.tensor)
     if len(shape) > 3:
         raise WireError(f"at most 3 dimensions on the wire, got {shape}")
+    parts: list = []
     if f.kind in SLOT_TABLE_KINDS:
         if not shape or len(f.slots) != shape[0]:
             raise WireError(f"{f.kind.name} needs one slot per row, got {len(f.slots)} for {shape}")
-        payload = struct.pack(f"!{len(f.slots)}I", *f.slots) + payload
+        parts.append(struct.pack(f"!{len(f.slots)}I", *f.slots))
+    if payload is not None:
+        parts.append(payload)
     dims = list(shape) + [0] * (3 - len(shape))
-    return HEADER.pack(MAGIC, VERSION, int(f.kind), int(dtype), len(shape), f.run_id, f.sample,
-                       f.position, *dims, len(payload)) + payload
+    length = sum(len(p) for p in parts)
+    header = HEADER.pack(MAGIC, VERSION, int(f.kind), int(dtype), len(shape), f.run_id, f.sample,
+                         f.position, *dims, length)
+    return [header, *parts]
+
+
+def encode_frame(f: Frame) -> bytes:
+    return b"".join(frame_parts(f))
 
 
 def parse_header(data: bytes) -> Header:
@@ -249,16 +265,16 @@ def check_header(h: Header, lim: Limits | None) -> None:
     _expect(h.length == want, lambda: f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
 
 
-def read_slot_table(h: Header, payload: bytes, n_slots: int | None) -> tuple[tuple[int, ...], bytes]:
-    """Split a SEQ_DECODE/SEQ_TOKENS payload into its slot table and tensor bytes."""
+def read_slot_table(h: Header, table: bytes | bytearray, n_slots: int | None) -> tuple[int, ...]:
+    """The slot ids of a SEQ_DECODE/SEQ_TOKENS payload's table (its first 4 * B bytes)."""
     b = h.shape[0]
-    slots = struct.unpack(f"!{b}I", payload[:4 * b])
-    _expect(slots[0] == h.sample, f"{h.kind.name}: first slot {slots[0]} != header sample {h.sample}")
+    slots = struct.unpack_from(f"!{b}I", table)
+    _expect(slots[0] == h.sample, lambda: f"{h.kind.name}: first slot {slots[0]} != header sample {h.sample}")
     _expect(all(x < y for x, y in zip(slots, slots[1:])),
-            f"{h.kind.name}: slots must be strictly ascending, got {list(slots)}")
+            lambda: f"{h.kind.name}: slots must be strictly ascending, got {list(slots)}")
     if n_slots is not None:
-        _expect(slots[-1] < n_slots, f"{h.kind.name}: slot {slots[-1]} outside the run's {n_slots}")
-    return slots, payload[4 * b:]
+        _expect(slots[-1] < n_slots, lambda: f"{h.kind.name}: slot {slots[-1]} outside the run's {n_slots}")
+    return slots
 
 
 def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
@@ -266,15 +282,23 @@ def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
         raise WireError(f"truncated payload: {len(payload)} of {h.length} bytes")
     slots: tuple[int, ...] = ()
     if h.kind in SLOT_TABLE_KINDS:
-        slots, payload = read_slot_table(h, payload, lim.n_samples if lim else None)
+        slots = read_slot_table(h, payload, lim.n_samples if lim else None)
+        payload = payload[4 * len(slots):]
     tensor = None
     if h.dtype != DType.NONE:
         buf = bytearray(payload)  # writable copy owned by the tensor
         tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[h.dtype]) if buf else torch.empty(
             0, dtype=TORCH_DTYPES[h.dtype])
         tensor = tensor.reshape(h.shape)
+    return finish_frame(h, slots, tensor)
+
+
+def finish_frame(h: Header, slots: tuple[int, ...], tensor: torch.Tensor | None) -> Frame:
+    """The frame of a checked header, its slot table and its tensor; an ADMIT's
+    sampling parameters are checked here, on receipt, at every node: nothing
+    forwards what the finisher refuses."""
     frame = Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots)
-    if h.kind == Kind.ADMIT:  # on receipt, at every node: nothing forwards what the finisher refuses
+    if h.kind == Kind.ADMIT:
         try:
             check_sampling(*admit_params(frame))
         except ValueError as e:

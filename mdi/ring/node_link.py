@@ -1,0 +1,135 @@
+"""A run's data plane on a node: one thread, two blocking sockets.
+
+The thread starts at /connect with the link to the next node, and takes the
+previous node's link once its handshake has passed on the event loop
+(`attach`). It then waits on both links (and a wake-up socket) with poll:
+
+- a frame from the previous node is read (sock_io.recv_frame: header checked
+  before any payload byte), handed to `on_frame`, which computes it on this
+  very thread and sends what goes on (sock_io.send_frame, one sendmsg);
+  `on_frame` returns False after STOP;
+- anything from the next node (which never sends on this link), or its EOF,
+  means it is gone;
+- `close()` (the event loop dropping the run) wakes the thread and shuts both
+  sockets down, so a thread blocked in a send or a read returns at once.
+
+The thread alone closes the sockets it was given, once it ends, after it
+reported why through `on_end(error)` (unless it was closed). Nothing here
+blocks the event loop, which keeps serving the control plane; no frame costs
+an event-loop round trip or a hand-off between threads.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Callable
+
+from .sock_io import set_send_timeout
+
+log = logging.getLogger(__name__)
+_READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+class DownstreamError(ConnectionError):
+    """The link to the next node failed (closed, reset, or not draining in time)."""
+
+
+class DataLink:
+    """down: the next node's link, authenticated. on_frame(up_socket, waiting_since)
+    reads, computes and forwards one frame (False after STOP; waiting_since: the
+    perf_counter time the thread began to wait for it); on_end(error) hears why the thread
+    ended (None: STOP went through) unless close() came first. `where` names the
+    next node in errors."""
+
+    def __init__(self, down: socket.socket, send_timeout: float, where: str,
+                 on_frame: Callable[[socket.socket, float], bool],
+                 on_end: Callable[[BaseException | None], None], name: str) -> None:
+        set_send_timeout(down, send_timeout)
+        self.down = down
+        self.up: socket.socket | None = None
+        self.where = where
+        self.on_frame = on_frame
+        self.on_end = on_end
+        self.closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def attach(self, up: socket.socket) -> None:
+        """The previous node's link, authenticated (event loop): served from now on."""
+        up.setblocking(True)
+        self.up = up
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the thread (from the event loop): wakes it, and unblocks a read or send."""
+        self.closed = True
+        self._wake()
+        for sock in (self.up, self.down):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # not connected any more, or already closed by the thread
+                    pass
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # the thread ended and closed it
+            pass
+
+    def _main(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - reported to the runtime, which logs it
+            error = e
+        try:
+            if not self.closed:  # the run is dropped before its links close
+                self.on_end(error)
+        finally:
+            for sock in (self.up, self.down, self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.down, _READ)
+        poller.register(self._wake_r, select.POLLIN)
+        down, wake = self.down.fileno(), self._wake_r.fileno()
+        up = -1
+        while not self.closed:
+            waiting = time.perf_counter()
+            ready = {fd for fd, _ in poller.poll()}
+            if self.closed:
+                return
+            if wake in ready:
+                self._wake_r.recv(64)
+                if up < 0 and self.up is not None:
+                    up = self.up.fileno()
+                    poller.register(up, _READ)
+            if up in ready:  # before the next node's news: a closed ring is seen upstream first
+                assert self.up is not None
+                if not self.on_frame(self.up, waiting):
+                    return
+            elif down in ready:
+                gone = self._downstream_gone()
+                if gone is not None:
+                    raise DownstreamError(gone)
+
+    def _downstream_gone(self) -> str | None:
+        """Why the next node's link is readable: it is gone (None: nothing there)."""
+        try:
+            data = self.down.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return f"the link to the next node at {self.where} failed: {e}"
+        return (f"the next node at {self.where} sent unexpected data" if data
+                else f"the next node at {self.where} closed the link")
