@@ -13,7 +13,8 @@ from mdi.checkpoint.format import save_checkpoint
 from mdi.model import GPT, GPTConfig
 from mdi.ring.capability import Speed, node_capabilities
 from mdi.ring.nodes_config import local_nodes_config
-from mdi.ring.placement import Placement, _costs, _differences
+from mdi.ring.placement import Placement, _costs, _differences, compute_units
+from mdi.ring.starter import lane_count
 from mdi.ring.capability import StageMemory
 from mdi.ring.partition import even_split
 from mdi.ring.planner import plan_memory
@@ -36,6 +37,34 @@ def test_differences_name_what_differs():
     assert "memory caps" in _differences(ring, [_caps(), _caps(max_memory_bytes=2**31), _caps()])
     # a node from before /capabilities reports nothing: not a difference
     assert _differences(ring, [_caps(), {}, _caps()]) == ""
+
+
+def test_compute_units_count_shared_cores_once():
+    def cpu(host, cores, device="cpu"):
+        return {"host_id": host, "cpu_set": cores, "device": device}
+    # three processes on one 2-core machine: two can compute at once
+    assert compute_units([cpu("a", [0, 1]), cpu("a", [0, 1]), cpu("a", [0, 1])]) == 2
+    # pinned to one core each (bench --isolate): one each
+    assert compute_units([cpu("a", [0]), cpu("a", [1]), cpu("a", [1])]) == 2
+    # separate machines, GPUs, and nodes that do not say where they run count alone
+    assert compute_units([cpu("a", [0]), cpu("b", [0]), cpu("c", [0])]) == 3
+    assert compute_units([cpu("a", [0]), cpu("a", [0], "cuda:0"), cpu("a", [0], "cuda:1")]) == 3
+    assert compute_units([cpu("a", [0, 1]), {}, {}]) == 3
+    assert compute_units([cpu("a", [0, 1, 2, 3])] * 3) == 3
+
+
+def test_lanes_follow_the_cores_unless_asked():
+    assert lane_count(3, None, 2) == 2      # 3 nodes sharing 2 cores
+    assert lane_count(3, None, 3) == 3
+    assert lane_count(3, None, 0) == 3      # unknown: one lane per node
+    assert lane_count(3, 3, 2) == 3         # --micro-batches wins
+    assert lane_count(2, 1, 2) == 1
+
+
+def test_node_reports_its_machine_and_cores():
+    caps = node_capabilities("cpu")
+    assert caps["cpu_set"] and all(isinstance(c, int) for c in caps["cpu_set"])
+    assert caps["host_id"] == node_capabilities("cpu")["host_id"]
 
 
 def test_costs_put_the_extras_on_the_end_nodes():

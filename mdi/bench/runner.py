@@ -52,6 +52,7 @@ class BenchConfig:
     run_timeout: float = 1800.0
     node_cpu: list[float] | None = None       # CPU share per node, starter first (cgroup v1)
     partitions: list[str] = field(default_factory=list)  # "auto", "even"; [] = the starter's default
+    micro_batches: int | None = None  # lanes on the ring (None: the starter's default)
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model_size is None):
@@ -189,6 +190,8 @@ class Bench:
             cmd.append("--batch-invariant")
         if cfg.max_context is not None:
             cmd += ["--max-context", str(cfg.max_context)]
+        if cfg.micro_batches is not None and cluster is not None:
+            cmd += ["--micro-batches", str(cfg.micro_batches)]
         env = dict(os.environ)
         if cluster is not None:
             cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]

@@ -25,7 +25,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       resend_context=args.resend_context, seed=args.seed,
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
                       max_context=args.max_context, node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
-                      partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()])
+                      partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()],
+                      micro_batches=args.micro_batches)
     try:
         bench = Bench(cfg)
         rows = bench.run()
@@ -92,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partition", metavar="LIST",
                    help="run each distributed configuration with these partitions side by side, "
                         "e.g. auto,even (default: the starter's own choice)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="lanes in flight on the ring (default: as many as the nodes can compute "
+                        "at once, at most one per node)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8 weights on every node of every configuration")

@@ -166,7 +166,8 @@ def _dist_options(p: argparse.ArgumentParser) -> None:
                    help=f"when a node fails, stop with exit status {EXIT_NODE_FAILURE} and the "
                         "text so far instead of re-planning and resuming")
     p.add_argument("--micro-batches", type=int, default=None,
-                   help="groups of samples in flight (default min(n_samples, n_nodes))")
+                   help="groups of samples in flight (default min(n_samples, n_nodes), fewer "
+                        "when nodes share a machine's cores: as many as can compute at once)")
     p.add_argument("--resend-context", action="store_true",
                    help="no KV cache: send the whole context every step, as the original system "
                         "did (for comparisons)")

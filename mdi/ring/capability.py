@@ -207,4 +207,16 @@ def node_capabilities(device: str = "cpu", max_memory: int | None = None) -> dic
     return {"device": device, "device_name": name, "memory_total_bytes": total,
             "memory_free_bytes": free, "max_memory_bytes": max_memory, "budget_bytes": budget,
             "cpu_count": os.cpu_count(), "cpus": effective_cpus(),
-            "torch_threads": torch.get_num_threads()}
+            "cpu_set": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "host_id": host_id(), "torch_threads": torch.get_num_threads()}
+
+
+def host_id() -> str | None:
+    """This machine's identity for this boot (Linux: the kernel's boot_id), the same for
+    every process, container and network namespace on it: nodes that report the
+    same one share its cores."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None

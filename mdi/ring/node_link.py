@@ -54,21 +54,29 @@ class DataLink:
         self.on_frame = on_frame
         self.on_end = on_end
         self.closed = False
+        self._ended = False
+        self._lock = threading.Lock()   # attach/close against the thread's end
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
     def attach(self, up: socket.socket) -> None:
         """The previous node's link, authenticated (event loop): served from now on."""
-        up.setblocking(True)
-        self.up = up
+        with self._lock:
+            if self.closed or self._ended:  # too late: the run is gone
+                up.close()
+                return
+            up.setblocking(True)
+            self.up = up
         self._wake()
 
     def close(self) -> None:
         """Stop the thread (from the event loop): wakes it, and unblocks a read or send."""
-        self.closed = True
+        with self._lock:
+            self.closed = True
+            socks = (self.up, self.down)
         self._wake()
-        for sock in (self.up, self.down):
+        for sock in socks:
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -94,7 +102,10 @@ class DataLink:
             if not self.closed:  # the run is dropped before its links close
                 self.on_end(error)
         finally:
-            for sock in (self.up, self.down, self._wake_r, self._wake_w):
+            with self._lock:
+                self._ended = True
+                socks = (self.up, self.down, self._wake_r, self._wake_w)
+            for sock in socks:
                 if sock is not None:
                     sock.close()
 

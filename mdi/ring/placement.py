@@ -46,9 +46,12 @@ class Placement:
     reason: str
     shards: list[Shard]
     plan: Plan
+    parallel: int = 0            # stages that can compute at once (compute_units); 0: unknown
 
     def to_json(self) -> dict:
         d = {"partition": self.mode, "reason": self.reason, "nodes": self.plan.to_dicts()}
+        if self.parallel:
+            d["parallel_stages"] = self.parallel
         if not math.isnan(self.plan.bottleneck_ms):
             d["bottleneck_ms"] = round(self.plan.bottleneck_ms, 3)
         return d
@@ -80,26 +83,53 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
                                  headers={"Authorization": f"Bearer {token}"}) as http:
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
-        mem = stage_memory(config, n_samples, dtype, max_context, quantize)
-        if shards is not None:
-            return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
-        if partition == "even":
-            return _fixed("even", "--partition even", even, ring, caps, mem)
-        if partition is None:
-            differ = _differences(ring, caps)
-            if not differ:
-                try:
-                    return _fixed("even", "the nodes report the same device, CPUs and memory cap",
-                                  even, ring, caps, mem)
-                except PlanError as e:
-                    differ = f"the even split does not fit: {e}"
-            reason = f"default: {differ}"
-        else:
-            reason = "--partition auto"
-        speeds = await _speeds(http, ring, config, batch, dtype, device)
-    costs = _costs(ring, caps, mem, speeds)
-    plan = plan_layers(n_layer, costs)
+        placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
+                                 batch, dtype, device, max_context, quantize)
+    placement.parallel = compute_units(caps)
+    return placement
+
+
+async def _place(http, ring, caps, config, partition, shards, even, n_samples, batch, dtype,
+                 device, max_context, quantize) -> Placement:
+    mem = stage_memory(config, n_samples, dtype, max_context, quantize)
+    if shards is not None:
+        return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
+    if partition == "even":
+        return _fixed("even", "--partition even", even, ring, caps, mem)
+    if partition is None:
+        differ = _differences(ring, caps)
+        if not differ:
+            try:
+                return _fixed("even", "the nodes report the same device, CPUs and memory cap",
+                              even, ring, caps, mem)
+            except PlanError as e:
+                differ = f"the even split does not fit: {e}"
+        reason = f"default: {differ}"
+    else:
+        reason = "--partition auto"
+    speeds = await _speeds(http, ring, config, batch, dtype, device)
+    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds))
     return Placement("auto", reason, plan.shards, plan)
+
+
+def compute_units(caps: list[dict]) -> int:
+    """How many stages of the ring can compute at the same time: the nodes of one
+    machine (the same host_id) share its cores, as many at once as their CPU sets
+    hold together; a node on a GPU, or one that does not say where it runs, counts
+    alone. More lanes than this only take turns on the same cores."""
+    units = 0
+    hosts: dict[str, tuple[set, list]] = {}
+    for cap in caps:
+        host = cap.get("host_id")
+        if not host or not str(cap.get("device", "cpu")).startswith("cpu"):
+            units += 1
+            continue
+        cores, members = hosts.setdefault(host, (set(), []))
+        cores.update(cap.get("cpu_set") or ())
+        members.append(cap)
+    for cores, members in hosts.values():
+        units += min(len(members), len(cores)) if cores else len(members)
+    return units
 
 
 def _fixed(mode: str, reason: str, shards: list[Shard], ring: list[NodeSpec], caps: list[dict],
