@@ -190,6 +190,28 @@ def test_packed_linears_match_the_plain_layers(tiny_config, make_model, monkeypa
     out.sum().backward()
     assert model.lm_head.weight.grad is not None
 
+def test_configure_stage_packs_at_load_unless_told_not_to(tiny_config, make_model, monkeypatch):
+    """The weights a CPU float32 forward packs on first use are packed by
+    configure_stage, so the first token does not wait; not with pack=False (a node
+    without room for the copy) nor with --batch-invariant (per-row on the plain
+    weights); the logits are the same either way."""
+    from mdi.model.quant import configure_stage
+
+    if not layers._HAS_PACKED:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    linears = lambda m: [x for x in m.modules() if isinstance(x, torch.nn.Linear)]  # noqa: E731
+    model = configure_stage(make_model(tiny_config, seed=4).eval())
+    assert model.packed_linears and all("_mdi_packed" in x.__dict__ for x in linears(model))
+    plain = configure_stage(make_model(tiny_config, seed=4).eval(), pack=False)
+    assert not plain.packed_linears and not any("_mdi_packed" in x.__dict__ for x in linears(plain))
+    inv = configure_stage(make_model(tiny_config, seed=4).eval(), batch_invariant=True)
+    assert not any("_mdi_packed" in x.__dict__ for x in linears(inv))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), plain(ids), atol=1e-5, rtol=0)
+
+
 def test_init_request_carries_the_runtime_options():
     from pydantic import ValidationError
 

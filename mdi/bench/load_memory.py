@@ -67,13 +67,15 @@ def _child(ckpt: str, way: str, quantize: str | None) -> dict:
     async def node_old():
         tensors = await read_stream(chunks(), StageBuilder(ck.config, shard.start, shard.stop).want)
         stage = build_stage(ck.config, shard.start, shard.stop, tensors.get, dtype=torch.float32)
-        return configure_stage(stage, quantize)
+        return configure_stage(stage, quantize, pack=False)
 
+    # pack=False: the loader's own peak (the packed copy of float32 weights comes on
+    # top, at load or first use, and is counted by the node's /init)
     if way == "single":
-        stage, _ = load_model(ck, dtype=torch.float32, quantize=quantize)
+        stage, _ = load_model(ck, dtype=torch.float32, quantize=quantize, pack=False)
     elif way == "single-old":
-        stage, _ = load_model(ck, dtype=torch.float32)
-        configure_stage(stage, quantize)
+        stage, _ = load_model(ck, dtype=torch.float32, pack=False)
+        configure_stage(stage, quantize, pack=False)
     elif way == "node":
         stage = asyncio.run(node_new())
     else:

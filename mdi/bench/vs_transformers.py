@@ -75,9 +75,7 @@ def variant_model(ckpt: str, name: str) -> GPT:
     """The checkpoint's model configured as variant `name`."""
     options = dict(VARIANTS[name])
     packed = options.pop("packed_linears", True)
-    model = configure_stage(load_model(ckpt)[0].eval(), **options)
-    model.packed_linears = packed
-    return model
+    return configure_stage(load_model(ckpt, pack=packed)[0].eval(), pack=packed, **options)
 
 
 def to_transformers(model: GPT) -> Any:

@@ -69,9 +69,10 @@ def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
 def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None, batch_invariant: bool = False,
-               max_context: int | None = None) -> tuple[GPT, Checkpoint]:
+               max_context: int | None = None, pack: bool = True) -> tuple[GPT, Checkpoint]:
     """Blocks [start, stop) of any checkpoint (the whole model by default), reading
-    only that stage's tensors, configured for the run (model/quant.py:configure_stage).
+    only that stage's tensors, configured for the run (model/quant.py:configure_stage;
+    pack: CPU float32 weights prepacked now, not on the first forward).
 
     Weights keep their stored dtype unless `dtype`. quantize="int8": each weight
     is quantized as it is read (peak: the int8 stage plus one float tensor); an
@@ -84,15 +85,15 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
     else:
         stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
                             where=ck.source.origin, quantize=quantize)
-    return configure_stage(stage, quantize, batch_invariant, max_context), ck
+    return configure_stage(stage, quantize, batch_invariant, max_context, pack), ck
 
 
 def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, quantize: str | None = None,
-               batch_invariant: bool = False, max_context: int | None = None
-               ) -> tuple[GPT, Checkpoint]:
+               batch_invariant: bool = False, max_context: int | None = None,
+               pack: bool = True) -> tuple[GPT, Checkpoint]:
     return load_stage(spec, 0, None, device=device, dtype=dtype, quantize=quantize,
-                      batch_invariant=batch_invariant, max_context=max_context)
+                      batch_invariant=batch_invariant, max_context=max_context, pack=pack)
 
 
 def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrite: bool = False,

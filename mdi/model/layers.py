@@ -93,6 +93,21 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     return held.weight
 
 
+def pack_linears(model: nn.Module) -> int:
+    """Pack now, at load, every weight a CPU float32 forward would pack on its first
+    use (packed_weight), so the first token does not wait for it; returns how many."""
+    if not _HAS_PACKED:
+        return 0
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, nn.Linear) and w.device.type == "cpu" and w.dtype == torch.float32
+                and w.numel() >= PACK_MIN_WEIGHTS):
+            packed_weight(m)
+            n += 1
+    return n
+
+
 def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
     """`layer(x)`: one GEMM for all rows (the weights are read once per step).
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import context_length
+from .layers import pack_linears
 
 QUANT_MODES = ("int8",)
 
@@ -216,10 +217,14 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
-                    batch_invariant: bool = False, max_context: int | None = None) -> nn.Module:
+                    batch_invariant: bool = False, max_context: int | None = None,
+                    pack: bool = True) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
-    node alike. A stage already int8 (quantized while loading) stays as it is."""
+    node alike. A stage already int8 (quantized while loading) stays as it is.
+    pack: prepack the CPU float32 weights now (layers.pack_linears) rather than on
+    the first forward; False for a stage that computes on the plain weights
+    (a node without room for the packed copy)."""
     if not is_quantized(stage):
         quantize(stage, quantize_mode)
     else:
@@ -228,4 +233,7 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if max_context is not None:
         context_length(1, max_context)  # a ValueError naming a bad value, here
         stage.max_context = max_context
+    stage.packed_linears = pack
+    if pack and not batch_invariant:
+        pack_linears(stage)
     return stage

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -103,15 +104,16 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
         for i in range(WARMUP_STEPS):
             step(i)
         sync()
-        steps, t0 = 0, time.perf_counter()
-        while True:
-            step(steps)
-            steps += 1
-            if steps >= 3:
-                sync()
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_time:
-                    return 1000.0 * elapsed / steps
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < min_time:
+            t0 = time.perf_counter()
+            step(len(times))
+            sync()
+            times.append(time.perf_counter() - t0)
+        # the median step: a step that waited for another process's turn on the
+        # core does not move it (a mean did, by up to 2x on a shared machine)
+        return 1000.0 * statistics.median(times)
 
 
 def probe_speed(config: GPTConfig, batch: int, dtype: str = "float32", device: str = "cpu",

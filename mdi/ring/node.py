@@ -345,7 +345,7 @@ class NodeRuntime:
                                                    DTYPES[req.dtype], req.quantize)
                 stage = await loop.run_in_executor(self.executor, configure_stage, stage,
                                                    req.quantize, req.batch_invariant,
-                                                   req.max_context)
+                                                   req.max_context, run.pack)
             except CheckpointError as e:
                 raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
             self._arm(run, stage)
@@ -404,7 +404,8 @@ class NodeRuntime:
                     await loop.run_in_executor(self.executor, build.put, name, t)
                     del t
             stage = await loop.run_in_executor(self.executor, configure_stage, build.finish(),
-                                               req.quantize, req.batch_invariant, req.max_context)
+                                               req.quantize, req.batch_invariant, req.max_context,
+                                               run.pack)
         except WeightsStreamError as e:
             raise InitError(f"weights: {e}") from None
         except CheckpointError as e:
