@@ -15,6 +15,7 @@ runs under a timeout so a hang fails a test instead of blocking CI.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mdi.ring.nodes_config import NodeSpec
 from mdi.ring.partition import even_split
 from mdi.ring.wire import HEADER_SIZE
 from mdi.generate.schedule import make_groups
+from mdi.ring.starter import lane_count
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 
@@ -196,15 +198,19 @@ def test_run_equals_sample_past_block_size(ckpt, n_nodes, temperature):
     assert all(len(s) == 80 for s in out["samples"])
     assert out["mode"] == "distributed" and out["n_nodes"] == n_nodes
     names = ["starter"] + [f"intermediate[{i}]" for i in range(n_nodes - 2)] + ["finisher"]
-    assert_hops(out, names, {len(g) for g in make_groups(6, n_nodes)})
+    # local nodes share this machine's cores: as many lanes as can compute at once
+    parallel = out["plan"]["parallel_stages"]
+    assert parallel == min(n_nodes, len(os.sched_getaffinity(0)))
+    assert_hops(out, names, {len(g) for g in make_groups(6, lane_count(n_nodes, None, parallel))})
 
 
 # ---- 2. mdi starter against long-lived nodes -----------------------------------
 @pytest.mark.slow
 def test_starter_twice_on_the_same_nodes(ckpt, ring3):
     base = sample(ckpt, **STD)
+    lanes = ["--micro-batches", "3"]  # whatever the cores: one sample per lane
     first, log = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
-                          *gen_args(**STD), token=TOKEN)
+                          *lanes, *gen_args(**STD), token=TOKEN)
     assert_same_samples(first, base)
     assert "weights uploaded" in log
     # 3 samples on 3 nodes: three groups of one sample
@@ -213,7 +219,7 @@ def test_starter_twice_on_the_same_nodes(ckpt, ring3):
 
     done = {name: status(u)["runs_completed"] for name, u in specs(ring3).items()}
     second, _ = mdi_json("starter", "--ckpt", ckpt, "--nodes-config", ring3.nodes_path, *DIST,
-                         *gen_args(**STD), token=TOKEN)
+                         *lanes, *gen_args(**STD), token=TOKEN)
     assert second["samples"] == first["samples"]
     for name, u in specs(ring3).items():
         st = status(u)

@@ -11,8 +11,9 @@ every lane with work is in flight at once, so with as many lanes as stages no
 stage waits for its own previous output.
 
 The first stage runs here (on one worker thread, so the event loop keeps
-serving; a decode step shorter than INLINE_BELOW_S on the loop itself); the rest of the pipeline is behind a Link (the TCP ring, or the
-in-memory fake of the tests). Without a link the first stage is the whole
+serving; a decode step shorter than INLINE_BELOW_S on the loop itself); the
+rest of the pipeline is behind a Link (the TCP ring, or the in-memory fake of
+the tests). Without a link the first stage is the whole
 model and a step ends here: that is single-device generation.
 
 Tokens come back per lane in the order the lanes were sent; each becomes an

@@ -20,7 +20,6 @@ an event-loop round trip or a hand-off between threads.
 """
 from __future__ import annotations
 
-import logging
 import select
 import socket
 import threading
@@ -29,7 +28,6 @@ from typing import Callable
 
 from .sock_io import set_send_timeout
 
-log = logging.getLogger(__name__)
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
@@ -40,9 +38,9 @@ class DownstreamError(ConnectionError):
 class DataLink:
     """down: the next node's link, authenticated. on_frame(up_socket, waiting_since)
     reads, computes and forwards one frame (False after STOP; waiting_since: the
-    perf_counter time the thread began to wait for it); on_end(error) hears why the thread
-    ended (None: STOP went through) unless close() came first. `where` names the
-    next node in errors."""
+    perf_counter time the thread began to wait for it); on_end(error) hears why
+    the thread ended (None: STOP went through) unless close() came first.
+    `where` names the next node in errors."""
 
     def __init__(self, down: socket.socket, send_timeout: float, where: str,
                  on_frame: Callable[[socket.socket, float], bool],
