@@ -16,6 +16,7 @@ from mdi.engine.messages import Admit, Decode, Retire
 from mdi.engine.slots import SlotError, SlotStage, lane_sizes
 from mdi.generate import SamplingConfig, generate
 from mdi.generate.sampling import sample_seed
+from mdi.generate.schedule import make_groups
 from mdi.model import GPT
 from mdi.tokenizer import CharTokenizer
 
@@ -84,6 +85,37 @@ def test_local_fixed_batch_equals_generate(model):
                              PROMPTS, 40, sampling)
         assert got.tokens == want
         assert len(got.step_times) == 40 and got.step_times == sorted(got.step_times)
+
+
+def test_relane_before_admission_keeps_the_tokens(model):
+    """Lanes regrouped before any sequence holds a slot (RingEngine does it once the
+    nodes say how many stages compute at once): same tokens, the new lane sizes;
+    refused once a lane holds a sequence."""
+    sampling = SamplingConfig(temperature=0.8, top_k=20, seed=99)
+    want = generate(model, PROMPTS, 12, sampling)
+
+    def make():
+        engine = LocalEngine(model, TOK, max_seqs=len(PROMPTS), lanes=3)
+        engine._relane(2)
+        assert engine.sizes == [len(g) for g in make_groups(len(PROMPTS), 2)]
+        assert [len(lane.slots) for lane in engine.lanes] == engine.sizes
+        return engine
+
+    assert generate_local(make, PROMPTS, 12, sampling).tokens == want
+
+    async def busy():
+        engine = LocalEngine(model, TOK, max_seqs=2, lanes=2)
+        await engine.start()
+        try:
+            seq = engine.submit(PROMPTS[0], greedy(50))
+            async for _ in seq.events():
+                break  # admitted: its lane holds it
+            with pytest.raises(RuntimeError, match="no sequence holds a slot"):
+                engine._relane(1)
+        finally:
+            await engine.close()
+
+    asyncio.run(busy())
 
 
 def test_greedy_alone_equals_among_15_others(model):

@@ -151,6 +151,16 @@ class PipelineEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
         self._step_ema: float | None = None  # running mean of a decode step's time (s)
 
+    def _relane(self, n_lanes: int) -> None:
+        """Regroup the slots into n_lanes lanes; only while no lane holds a sequence
+        (before the first admission: waiting sequences are not in a lane yet)."""
+        if any(lane.seqs or lane.in_flight for lane in self.lanes):
+            raise RuntimeError("lanes can change only while no sequence holds a slot")
+        self.sizes = lane_sizes(self.max_seqs, n_lanes)
+        self.first = SlotStage(self.first.stage, self.sizes)
+        self.lanes = [_Lane(i, range(self.first.first[i], self.first.first[i] + n))
+                      for i, n in enumerate(self.sizes)]
+
     # ---- the Engine protocol -------------------------------------------------
     async def start(self) -> None:
         if self.link is None and not self.first.stage.has_head:

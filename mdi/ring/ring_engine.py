@@ -48,7 +48,7 @@ from ..results import HopStats
 from .partition import Shard
 from .capability import node_capabilities, stage_memory
 from .planner import PlanError
-from .starter import NodeFailure, RunOptions, Starter, plan_shards
+from .starter import NodeFailure, RunOptions, Starter, lane_count, plan_shards
 from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
                    write_frame)
 
@@ -185,7 +185,9 @@ class RingEngine(PipelineEngine):
     ranges of; max_seqs: sequences in flight (KV slots on every node), grouped
     into min(max_seqs, ring size) lanes; max_queue: waiting sequences before
     submit raises EngineBusy; opts: device, dtype and timeout of the run; lanes:
-    micro-batches (default the ring's size). batch_invariant: True/False overrides
+    micro-batches (default one per node, but no more than the nodes can compute
+    at once, placement.compute_units, decided when the ring is planned here).
+    batch_invariant: True/False overrides
     opts.batch_invariant (per-row compute on every stage, carried in /init: a
     sequence's tokens never depend on its step-mates); None keeps opts'. shards:
     a split already planned (Starter._place); None plans it when the ring forms
@@ -201,6 +203,7 @@ class RingEngine(PipelineEngine):
             self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
         ck = open_checkpoint(ckpt)
         self._planned = shards is not None
+        self._lanes_given = lanes is not None
         self.shards = shards or plan_shards(nodes, ck.config.n_layer)
         self.ck = ck
         stage = self._load_first(self.shards[0].stop)
@@ -230,6 +233,12 @@ class RingEngine(PipelineEngine):
         the first stage is loaded again when its range moved."""
         shards = await self.starter._place(self.config, self.max_seqs, max(self.sizes))
         self.placement = self.starter.placement
+        parallel = self.placement.parallel if self.placement is not None else 0
+        lanes = lane_count(len(self.nodes.ring), None, parallel)
+        if not self._lanes_given and lanes != len(self.sizes) and not self.running:
+            self._relane(lanes)  # nodes that share cores: as many lanes as compute at once
+            log.info("%d nodes share the cores of %d: %d lanes", len(self.nodes.ring), parallel,
+                     lanes)
         if shards[0].stop != self.shards[0].stop:  # off the loop: serve keeps answering /health
             stage = await asyncio.get_running_loop().run_in_executor(
                 None, self._load_first, shards[0].stop)
