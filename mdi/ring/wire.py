@@ -132,10 +132,6 @@ class Limits:
             raise WireError(f"activation dtype must be floating point, got {self.act_dtype!r}")
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return bytes(tensor_view(t))
-
-
 def tensor_view(t: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy where it is a contiguous CPU tensor."""
     return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
