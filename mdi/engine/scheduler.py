@@ -380,18 +380,18 @@ class PipelineEngine:
         plans = {slot: plan_step(seqs[slot].state, self.first.context) for slot in slots}
         decode_only = not any(p.prefill for p in plans.values())
         ema = self._step_ema
-        if decode_only and ema is not None and ema < INLINE_BELOW_S:
-            # A short step runs right here: the hand-off to the worker thread and back
-            # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
-            t0 = time.perf_counter()
+        # A short step runs right here: the hand-off to the worker thread and back
+        # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
+        inline = decode_only and ema is not None and ema < INLINE_BELOW_S
+        t0 = time.perf_counter()
+        if inline:
             out = self._first_stage(lane, msgs, plans)
-            took = time.perf_counter() - t0
-            await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         else:
-            t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
             out = await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
-            took = time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        if inline:
+            await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:
             self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
         return out

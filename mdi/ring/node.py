@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -244,7 +243,6 @@ class NodeRuntime:
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
         self.handshakes: set[asyncio.Task] = set()
-        self.claim = threading.Lock()      # one upstream link per run
         self.probes = ProbeCache()
 
     # ---- state -------------------------------------------------------------
@@ -534,10 +532,10 @@ class NodeRuntime:
             stream = SockStream(conn)
             await bounded(challenge(stream, stream, self.token, run.req.run_id, self.timeout),
                           self.timeout)
-            with self.claim:
-                if self.run is not run or run.upstream or run.link is None:
-                    raise AuthError("the run changed during the handshake")
-                run.upstream = True
+            # checked and claimed with no await between: the loop is the only writer
+            if self.run is not run or run.upstream or run.link is None:
+                raise AuthError("the run changed during the handshake")
+            run.upstream = True
         except asyncio.CancelledError:
             conn.close()
             raise

@@ -47,6 +47,7 @@ from .seq_frames import to_frame, to_message
 from ..results import HopStats
 from .partition import Shard
 from .capability import node_capabilities, stage_memory
+from .placement import Placement
 from .planner import PlanError
 from .starter import NodeFailure, RunOptions, Starter, lane_count, plan_shards
 from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
@@ -55,6 +56,16 @@ from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, re
 log = logging.getLogger(__name__)
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
 RECOVERY_WINDOW_S = 60.0
+
+
+def default_lanes(n_nodes: int, placement: Placement | None) -> int:
+    """One lane per node, but no more than the nodes can compute at once
+    (starter.lane_count; unknown before the ring is planned)."""
+    parallel = placement.parallel if placement is not None else 0
+    lanes = lane_count(n_nodes, None, parallel)
+    if lanes < n_nodes:
+        log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, lanes)
+    return lanes
 
 
 class TcpLink:
@@ -197,7 +208,8 @@ class RingEngine(PipelineEngine):
     def __init__(self, nodes: NodesConfig, token: str, ckpt: str, tokenizer: Tokenizer | None = None,
                  max_seqs: int = 8, max_queue: int | None = None, opts: RunOptions | None = None,
                  retry_after: float = 1.0, lanes: int | None = None,
-                 batch_invariant: bool | None = None, shards: list[Shard] | None = None) -> None:
+                 batch_invariant: bool | None = None, shards: list[Shard] | None = None,
+                 placement: Placement | None = None) -> None:
         self.opts = opts or RunOptions()
         if batch_invariant is not None:
             self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
@@ -208,7 +220,8 @@ class RingEngine(PipelineEngine):
         self.ck = ck
         stage = self._load_first(self.shards[0].stop)
         tokenizer = tokenizer or ck.tokenizer()
-        super().__init__(stage, tokenizer.decode, max_seqs, n_stages=lanes or len(nodes.ring),
+        super().__init__(stage, tokenizer.decode, max_seqs,
+                         n_stages=lanes or default_lanes(len(nodes.ring), placement),
                          link=None, max_queue=max_queue, retry_after=retry_after)
         self.tokenizer = tokenizer
         self.nodes = nodes
@@ -217,7 +230,7 @@ class RingEngine(PipelineEngine):
         self._http: httpx.AsyncClient | None = None
         self._server: asyncio.base_events.Server | None = None
         self.hops: list[HopStats] = []   # per hop, after close()
-        self.placement = None            # the ring's split (placement.py), once planned here
+        self.placement = placement       # the ring's split (placement.py), once planned
         self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
         self._recovered_at: list[float] = []
 
@@ -233,12 +246,9 @@ class RingEngine(PipelineEngine):
         the first stage is loaded again when its range moved."""
         shards = await self.starter._place(self.config, self.max_seqs, max(self.sizes))
         self.placement = self.starter.placement
-        parallel = self.placement.parallel if self.placement is not None else 0
-        lanes = lane_count(len(self.nodes.ring), None, parallel)
+        lanes = default_lanes(len(self.nodes.ring), self.placement)
         if not self._lanes_given and lanes != len(self.sizes) and not self.running:
-            self._relane(lanes)  # nodes that share cores: as many lanes as compute at once
-            log.info("%d nodes share the cores of %d: %d lanes", len(self.nodes.ring), parallel,
-                     lanes)
+            self._relane(lanes)
         if shards[0].stop != self.shards[0].stop:  # off the loop: serve keeps answering /health
             stage = await asyncio.get_running_loop().run_in_executor(
                 None, self._load_first, shards[0].stop)

@@ -199,17 +199,12 @@ class Starter:
         from ..engine.batch import batch_params
         from .ring_engine import RingEngine
 
-        n_nodes = len(self.nodes.ring)
-        lanes = make_groups(len(prompts), self.opts.n_groups or n_nodes)
+        lanes = make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring))
         shards = await self._place(open_checkpoint(self.ckpt).config, len(prompts),
-                                   max(len(g) for g in lanes))
-        parallel = self.placement.parallel if self.placement is not None else 0
-        lanes = make_groups(len(prompts), lane_count(n_nodes, self.opts.n_groups, parallel))
-        if self.opts.n_groups is None and len(lanes) < min(n_nodes, len(prompts)):
-            log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, len(lanes))
+                                   max(len(g) for g in lanes))  # probes time one lane's batch
         engine = RingEngine(self.nodes, self.token, self.ckpt, max_seqs=len(prompts),
-                            max_queue=len(prompts), opts=self.opts, lanes=len(lanes),
-                            shards=shards)
+                            max_queue=len(prompts), opts=self.opts, lanes=self.opts.n_groups,
+                            shards=shards, placement=self.placement)
         config = engine.config
         if len(self.nodes.ring) > 1:
             await engine.form()  # the starter's own errors (NodeFailure naming the node, ...)
