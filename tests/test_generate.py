@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mdi.checkpoint import load_model
 from mdi.generate import (LocalGenerator, SamplingConfig, generate, make_groups, sample_generator,
                           sample_token)
+from mdi.generate.sampling import nucleus, top_p_filter
 from mdi.model import GPT
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=0)
@@ -165,6 +166,46 @@ def test_sampling_follows_the_softmax():
     logits = torch.tensor([0.0, math.log(3.0)])  # p = 0.25, 0.75
     draws = [sample_token(logits, cfg, g) for _ in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.75) < 0.03
+
+
+def test_top_k_sampling_follows_the_kept_softmax():
+    cfg = SamplingConfig(temperature=1.0, top_k=2)
+    g = sample_generator(5, 0)
+    logits = torch.tensor([math.log(3.0), -2.0, 0.0])  # kept: 0 and 2, p = 0.75, 0.25
+    draws = [sample_token(logits, cfg, g) for _ in range(4000)]
+    assert set(draws) == {0, 2}
+    assert abs(draws.count(0) / len(draws) - 0.75) < 0.03
+
+
+def test_a_draw_takes_one_uniform_number():
+    g, twin = sample_generator(7, 0), sample_generator(7, 0)
+    for cfg in (SamplingConfig(temperature=0.9, top_k=None), SamplingConfig(top_k=3),
+                SamplingConfig(top_k=None, top_p=0.5)):
+        sample_token(LOGITS, cfg, g)
+        torch.rand((), generator=twin, dtype=torch.float64)
+        assert torch.equal(g.get_state(), twin.get_state())
+
+
+def test_a_draw_rounded_up_to_the_total_takes_the_last_drawable_token(monkeypatch):
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    cfg = SamplingConfig(temperature=1.0, top_k=None, top_p=0.7)  # the nucleus is {0, 1}
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))
+    assert sample_token(logits, cfg, sample_generator(0, 0)) == 1
+
+
+def test_sampling_refuses_nan_logits():
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        sample_token(torch.tensor([0.0, float("nan")]), SamplingConfig(top_k=None),
+                     sample_generator(0, 0))
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.999])
+def test_nucleus_keeps_what_top_p_filter_keeps(top_p):
+    logits = 3 * torch.randn(5000, generator=torch.Generator().manual_seed(2))  # flat: > 256 kept
+    kept, ids = nucleus(logits, top_p)
+    expected = torch.isfinite(top_p_filter(logits, top_p)).nonzero().flatten()
+    assert sorted(ids.tolist()) == expected.tolist()
+    assert torch.equal(kept, logits[ids]) and kept.tolist() == sorted(kept.tolist(), reverse=True)
 
 
 def test_sample_generator_streams():

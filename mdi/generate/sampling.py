@@ -73,8 +73,9 @@ def sample_generator(seed: int, sample_index: int) -> torch.Generator:
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Mask (to -inf) all but the smallest set of likeliest tokens whose probability
-    mass reaches top_p; logits (V,). The likeliest token always stays."""
-    probs = torch.softmax(logits, dim=-1)
+    mass reaches top_p; logits (V,). The likeliest token always stays. The masses
+    add up in float64, as in nucleus()."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
     sorted_probs, order = torch.sort(probs, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of likelier tokens
     drop_sorted = before >= top_p
@@ -83,19 +84,57 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+NUCLEUS_FIRST_K = 256  # nucleus() looks among this many likeliest tokens first
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, ids) of the top_p nucleus of logits (V,), likeliest first: the tokens
+    top_p_filter keeps. Found with a top-k of growing k, not a sort of the whole
+    vocabulary (4 ms for 50257 tokens): the nucleus lies within the k likeliest
+    tokens once they hold a mass of top_p."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
+    n = probs.numel()
+    k = min(n, NUCLEUS_FIRST_K)
+    while True:
+        top, ids = torch.topk(probs, k)
+        if k == n or float(top.sum()) >= top_p:
+            break
+        k = min(n, 8 * k)
+    before = torch.cumsum(top, dim=0) - top  # the mass of the likelier tokens
+    keep = int((before < top_p).sum().clamp(min=1))
+    return logits[ids[:keep]], ids[:keep]
+
+
 def sample_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
-    """Draw one token id from logits (V,). temperature 0 is greedy (argmax)."""
+    """Draw one token id from logits (V,). temperature 0 is greedy (argmax).
+
+    top_k keeps the k likeliest tokens (torch.topk breaks a tie at the k-th), then
+    top_p the nucleus of those. The draw takes one uniform number from `generator`
+    and inverts the kept tokens' cumulative distribution (in float64):
+    torch.multinomial draws one exponential per entry of the vocabulary instead,
+    about 1 ms per row for GPT-2's 50257 tokens on a CPU core."""
     logits = logits.detach().to("cpu", torch.float32)
     if cfg.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / cfg.temperature
+    ids = None
     if cfg.top_k is not None and cfg.top_k < logits.numel():
-        kth = torch.topk(logits, cfg.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, cfg.top_k)  # the candidates, likeliest first
     if cfg.top_p is not None and cfg.top_p < 1:
-        logits = top_p_filter(logits, cfg.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        if ids is None:
+            logits, ids = nucleus(logits, cfg.top_p)
+        else:  # the nucleus of the top-k tokens' own distribution
+            logits = top_p_filter(logits, cfg.top_p)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
+    cdf = torch.cumsum(probs, dim=0)
+    total = float(cdf[-1])
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError("cannot sample: the logits hold NaN or infinity")
+    u = torch.rand((), generator=generator, dtype=torch.float64) * total
+    i = int(torch.searchsorted(cdf, u, right=True))  # the first entry whose cdf passes u
+    if i >= cdf.numel():  # u rounded up to the total: the last token that can be drawn
+        i = int(torch.nonzero(probs)[-1])
+    return i if ids is None else int(ids[i])
 
 
 def sample_rows(logits: torch.Tensor, cfg: SamplingConfig,
