@@ -6,6 +6,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from mdi.model import GPT, GPTConfig
+from mdi.ring import capability
 from mdi.ring.capability import (ProbeCache, Speed, effective_cpus, node_capabilities,
                                  probe_speed, stage_memory)
 from mdi.ring.control import create_app
@@ -43,8 +44,8 @@ def test_probe_times_a_block():
 def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
     calls = []
 
-    def fake(config, batch, dtype, device, min_time):
-        calls.append((config.n_embd, batch, dtype))
+    def fake(config, batch, dtype, device, min_time, context=None):
+        calls.append((config.n_embd, batch, dtype, context))
         return Speed(1.0, 0.1, 0.2)
 
     monkeypatch.setattr("mdi.ring.capability.probe_speed", fake)
@@ -53,7 +54,26 @@ def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
     assert cache.get(TINY, 2, "float32", "cpu")[1] is True
     cache.get(TINY, 3, "float32", "cpu")
     cache.get(TINY, 2, "bfloat16", "cpu")
-    assert calls == [(32, 2, "float32"), (32, 3, "float32"), (32, 2, "bfloat16")]
+    cache.get(TINY, 2, "float32", "cpu", 10)
+    assert cache.get(TINY, 2, "float32", "cpu", 10)[1] is True
+    assert calls == [(32, 2, "float32", None), (32, 3, "float32", None),
+                     (32, 2, "bfloat16", None), (32, 2, "float32", 10)]
+
+
+def test_a_probe_times_blocks_at_the_context_it_is_given(monkeypatch):
+    seen = []
+    real = capability.GPT.forward
+
+    def forward(self, idx, pos, cache=None, **kw):
+        seen.append(int(pos.max()))
+        return real(self, idx, pos, cache, **kw)
+
+    monkeypatch.setattr(capability.GPT, "forward", forward)
+    probe_speed(TINY, batch=2, min_time=0.0, context=5)
+    assert 5 <= min(seen) and max(seen) < TINY.block_size  # from 5 on, wrapped within the cache
+    seen.clear()
+    probe_speed(TINY, batch=2, min_time=0.0)
+    assert min(seen) == TINY.block_size // 4
 
 
 def test_capabilities_report_memory_and_cap():
@@ -79,6 +99,10 @@ def test_endpoints_need_the_token_and_cache_the_probe():
         assert first["block_ms"] > 0 and first["cached"] is False
         again = client.post("/probe", json=body, headers=auth).json()
         assert again["cached"] is True and again["block_ms"] == first["block_ms"]
+        short = client.post("/probe", json={**body, "context": 3}, headers=auth).json()
+        assert short["cached"] is False and short["context"] == 3
+        r = client.post("/probe", json={**body, "context": 0}, headers=auth)
+        assert r.status_code == 422 and "context" in r.json()["detail"]
         r = client.post("/probe", json={**body, "batch": 0}, headers=auth)
         assert r.status_code == 422 and "batch" in r.json()["detail"]
         r = client.post("/probe", json={**body, "model": {**TINY.to_dict(), "n_head": 3}},

@@ -14,7 +14,7 @@ from mdi.model import GPT, GPTConfig
 from mdi.ring.capability import Speed, node_capabilities
 from mdi.ring.nodes_config import local_nodes_config
 from mdi.ring.placement import Placement, _costs, _differences, compute_units
-from mdi.ring.starter import lane_count
+from mdi.ring.starter import lane_count, typical_context
 from mdi.ring.capability import StageMemory
 from mdi.ring.partition import even_split
 from mdi.ring.planner import plan_memory
@@ -59,6 +59,11 @@ def test_lanes_follow_the_cores_unless_asked():
     assert lane_count(3, None, 0) == 3      # unknown: one lane per node
     assert lane_count(3, 3, 2) == 3         # --micro-batches wins
     assert lane_count(2, 1, 2) == 1
+
+
+def test_blocks_are_timed_halfway_through_the_longest_sequence():
+    assert typical_context([[1, 2, 3], [4]], 100) == 53
+    assert typical_context([[1]], 1) == 1
 
 
 def test_node_reports_its_machine_and_cores():

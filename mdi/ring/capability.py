@@ -3,9 +3,12 @@
 `node_capabilities` is cheap (no compute) and answers GET /capabilities.
 `probe_speed` times one block (and the embeddings and the head, as the first
 and last stages' extra cost) with random weights of the run's configuration,
-at the run's group size and dtype, over decode steps with a KV cache: the
-same forward the ring runs. `ProbeCache` keeps one answer per
-(shape, batch, dtype, device), so a node is timed once per model.
+at the run's group size, dtype and typical context, over decode steps with a
+KV cache: the same forward the ring runs. Attention reads the filled part of
+the cache only, so a block's cost grows with the context while the head's does
+not; a run of short sequences needs blocks timed at its own context to balance
+its stages. `ProbeCache` keeps one answer per (shape, batch, dtype, device,
+context), so a node is timed once per model and context.
 
 Timings run for at least `min_time` seconds of wall time each, not a fixed
 number of steps: a CPU capped by a CFS quota (cgroups) runs at full speed
@@ -84,8 +87,10 @@ def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
                        max(0, _nbytes(stages[2]) - block))
 
 
-def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
-    """ms per decode step of `stage` for `batch` rows (random inputs, cached forward)."""
+def _time_stage(stage: GPT, batch: int, device: str, min_time: float,
+                context: int | None = None) -> float:
+    """ms per decode step of `stage` for `batch` rows (random inputs, cached forward)
+    at `context` positions (None: a quarter of the stage's cache)."""
     config = stage.config
     p = next(stage.parameters())
     cache = stage.new_cache(batch)
@@ -93,7 +98,8 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
         x = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     else:
         x = torch.randn(batch, 1, config.n_embd, device=device, dtype=p.dtype)
-    pos0 = stage.context // 4  # a typical context length, mid-generation
+    # the positions a sequence holds mid-generation
+    pos0 = stage.context // 4 if context is None else min(context, stage.context - 1)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def step(i: int) -> None:
@@ -117,38 +123,41 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float) -> float:
 
 
 def probe_speed(config: GPTConfig, batch: int, dtype: str = "float32", device: str = "cpu",
-                min_time: float = MIN_TIME_S, seed: int = 0) -> Speed:
-    """Time one block and the end stages' extras for this shape (random weights)."""
+                min_time: float = MIN_TIME_S, seed: int = 0, context: int | None = None) -> Speed:
+    """Time one block and the end stages' extras for this shape (random weights), at
+    `context` positions (None: a quarter of the model's cache)."""
     c3 = _three_layer(config)
     torch.manual_seed(seed)
     times = []
     for i in range(3):
         stage = GPT(c3, i, i + 1).to(device=device, dtype=DTYPES[dtype]).eval()
-        times.append(_time_stage(stage, batch, device, min_time))
+        times.append(_time_stage(stage, batch, device, min_time, context))
         del stage
     first, block, last = times
     return Speed(block, max(0.0, first - block), max(0.0, last - block))
 
 
 class ProbeCache:
-    """One measured Speed per (shape, batch, dtype, device); thread-safe."""
+    """One measured Speed per (shape, batch, dtype, device, context); thread-safe."""
 
     def __init__(self, min_time: float = MIN_TIME_S) -> None:
         self.min_time = min_time
         self._lock = threading.Lock()
         self._speeds: dict[tuple, Speed] = {}
 
-    def get(self, config: GPTConfig, batch: int, dtype: str, device: str) -> tuple[Speed, bool]:
+    def get(self, config: GPTConfig, batch: int, dtype: str, device: str,
+            context: int | None = None) -> tuple[Speed, bool]:
         """(speed, whether it came from the cache)."""
-        key = (tuple(sorted(config.to_dict().items())), batch, dtype, device)
+        key = (tuple(sorted(config.to_dict().items())), batch, dtype, device, context)
         with self._lock:
             if key in self._speeds:
                 return self._speeds[key], True
-        speed = probe_speed(config, batch, dtype, device, self.min_time)
+        speed = probe_speed(config, batch, dtype, device, self.min_time, context=context)
         with self._lock:
             self._speeds[key] = speed
-        log.info("probed %d-dim blocks at batch %d, %s on %s: %.3f ms per block per step",
-                 config.n_embd, batch, dtype, device, speed.block_ms)
+        log.info("probed %d-dim blocks at batch %d, %s on %s, context %s: %.3f ms per block "
+                 "per step", config.n_embd, batch, dtype, device,
+                 "default" if context is None else context, speed.block_ms)
         return speed, False
 
 

@@ -56,3 +56,4 @@ class ProbeRequest(Strict):
     batch: int = Field(ge=1, le=4096)   # rows of one group (micro-batch)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str | None = None
+    context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # positions held mid-generation

@@ -286,9 +286,9 @@ class NodeRuntime:
                             f"{mem.format_size(have)} ({where})")
         loop = asyncio.get_running_loop()
         speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
-                                                   req.batch, req.dtype, device)
+                                                   req.batch, req.dtype, device, req.context)
         return {**speed.to_dict(), "cached": cached, "device": device, "batch": req.batch,
-                "dtype": req.dtype}
+                "dtype": req.dtype, "context": req.context}
 
     def status(self) -> dict:
         import psutil

@@ -63,11 +63,14 @@ class Placement:
 async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partition: str | None,
                        n_samples: int, batch: int, dtype: str = "float32",
                        device: str = "cpu", timeout: float = 10.0, retries: int = 5,
-                       max_context: int | None = None, quantize: str | None = None) -> Placement:
+                       max_context: int | None = None, quantize: str | None = None,
+                       context: int | None = None) -> Placement:
     """Decide the run's split (see the module doc); PlanError when it cannot fit.
 
     n_samples: KV cache rows per node (the whole run); batch: rows of one group;
-    max_context, quantize: the run's --max-context and --quantize (memory follows them)."""
+    max_context, quantize: the run's --max-context and --quantize (memory follows them);
+    context: the positions a sequence typically holds, where the run knows it
+    (the probes time blocks there; None: a quarter of the cache)."""
     if partition not in (None, *PARTITIONS):
         raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
     ring = nodes.ring
@@ -84,13 +87,13 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
-                                 batch, dtype, device, max_context, quantize)
+                                 batch, dtype, device, max_context, quantize, context)
     placement.parallel = compute_units(caps)
     return placement
 
 
 async def _place(http, ring, caps, config, partition, shards, even, n_samples, batch, dtype,
-                 device, max_context, quantize) -> Placement:
+                 device, max_context, quantize, context) -> Placement:
     mem = stage_memory(config, n_samples, dtype, max_context, quantize)
     if shards is not None:
         return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
@@ -107,7 +110,7 @@ async def _place(http, ring, caps, config, partition, shards, even, n_samples, b
         reason = f"default: {differ}"
     else:
         reason = "--partition auto"
-    speeds = await _speeds(http, ring, config, batch, dtype, device)
+    speeds = await _speeds(http, ring, config, batch, dtype, device, context)
     plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds))
     return Placement("auto", reason, plan.shards, plan)
 
@@ -186,11 +189,13 @@ async def _capabilities(http: httpx.AsyncClient, spec: NodeSpec, timeout: float,
 
 
 async def _speeds(http: httpx.AsyncClient, ring: list[NodeSpec], config: GPTConfig, batch: int,
-                  dtype: str, device: str) -> list[Speed]:
+                  dtype: str, device: str, context: int | None = None) -> list[Speed]:
     """Time every node on the run's shape, one after the other (the starter locally)."""
-    local, _ = await asyncio.to_thread(_LOCAL_PROBES.get, config, batch, dtype, device)
+    local, _ = await asyncio.to_thread(_LOCAL_PROBES.get, config, batch, dtype, device, context)
     out = [local]
     body = {"model": config.to_dict(), "batch": batch, "dtype": dtype}
+    if context is not None:
+        body["context"] = context
     for spec in ring[1:]:
         try:
             r = await http.post(spec.url + "/probe", json={**body, "device": spec.device},

@@ -88,6 +88,12 @@ def lane_count(n_nodes: int, asked: int | None, parallel: int) -> int:
     return min(n_nodes, parallel) if parallel > 0 else n_nodes
 
 
+def typical_context(prompts: list[list[int]], n_tokens: int) -> int:
+    """The positions a run's sequences hold halfway through: where the probes time a
+    block (attention reads the filled part of the cache, the head does not)."""
+    return max(1, max(len(p) for p in prompts) + n_tokens // 2)
+
+
 def plan_shards(nodes: NodesConfig, n_layer: int) -> list[Shard]:
     ring = nodes.ring
     manual = [n.layers for n in ring]
@@ -126,9 +132,11 @@ class Starter:
             result.plan = self.placement.to_json()
         return result
 
-    async def _place(self, config, n_samples: int, batch: int) -> list[Shard]:
+    async def _place(self, config, n_samples: int, batch: int, context: int | None = None
+                     ) -> list[Shard]:
         """The run's split (placement.py): printed, and refused if it cannot fit,
-        before any weights move."""
+        before any weights move. context: the positions a sequence typically holds
+        (where the probes time blocks), when the run knows it."""
         self.placement = None
         if len(self.nodes.ring) == 1:
             return plan_shards(self.nodes, config.n_layer)
@@ -138,7 +146,7 @@ class Starter:
         self.placement = await place_layers(
             self.nodes, config, self.token, self.opts.partition, n_samples, batch,
             self.opts.dtype, self.opts.device, self.opts.timeout, self.opts.connect_retries,
-            max_context=self.opts.max_context, quantize=self.opts.quantize)
+            max_context=self.opts.max_context, quantize=self.opts.quantize, context=context)
         log.info("%s", self.placement.describe())
         return self.placement.shards
 
@@ -201,7 +209,8 @@ class Starter:
 
         lanes = make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring))
         shards = await self._place(open_checkpoint(self.ckpt).config, len(prompts),
-                                   max(len(g) for g in lanes))  # probes time one lane's batch
+                                   max(len(g) for g in lanes),  # probes time one lane's batch
+                                   typical_context(prompts, n_tokens))
         engine = RingEngine(self.nodes, self.token, self.ckpt, max_seqs=len(prompts),
                             max_queue=len(prompts), opts=self.opts, lanes=self.opts.n_groups,
                             shards=shards, placement=self.placement)
