@@ -46,8 +46,9 @@ STD = dict(n_samples=3, n_tokens=30, prompts=("ROMEO:",), temperature=0.8, top_k
 
 
 # ---- processes (the shared harness: tests/cluster_helpers.py) -------------------
-def mdi(*args, token: str | None = None, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    env = child_env(MDI_TOKEN=token) if token is not None else child_env()
+def mdi(*args, token: str | None = None, timeout: float = TIMEOUT,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**(child_env(MDI_TOKEN=token) if token is not None else child_env()), **(env or {})}
     try:
         return subprocess.run(mdi_cmd(*args), capture_output=True, text=True, timeout=timeout,
                               env=env, stdin=subprocess.DEVNULL, cwd=REPO)
@@ -55,9 +56,10 @@ def mdi(*args, token: str | None = None, timeout: float = TIMEOUT) -> subprocess
         pytest.fail(f"`mdi {' '.join(map(str, args))}` hung for {timeout} s; stderr:\n{e.stderr}")
 
 
-def mdi_json(*args, token: str | None = None) -> tuple[dict, str]:
+def mdi_json(*args, token: str | None = None, env: dict[str, str] | None = None
+             ) -> tuple[dict, str]:
     """Run a generation command with --json; returns (parsed stdout, stderr)."""
-    p = mdi(*args, "--json", token=token)
+    p = mdi(*args, "--json", token=token, env=env)
     assert p.returncode == 0, f"`mdi {' '.join(map(str, args))}` exited {p.returncode}:\n{p.stderr}"
     return json.loads(p.stdout), p.stderr
 
@@ -184,16 +186,20 @@ def assert_hops(out: dict, names: list[str], group_sizes: set[int] | None = None
 
 # ---- 1. mdi run == mdi sample --------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("n_nodes", [2, 3, 4])
-def test_run_equals_sample_past_block_size(ckpt, n_nodes, temperature):
+@pytest.mark.parametrize("n_nodes,temperature,link", [
+    (n, t, "unix") for n in (2, 3, 4) for t in (0.0, 0.8)] + [(3, 0.8, "tcp")])
+def test_run_equals_sample_past_block_size(ckpt, n_nodes, temperature, link):
     # 80 new tokens with block_size 32: the context overflows (window + re-prefill)
     # several times; 6 samples make equal groups for 2 and 3 nodes (3+3, 2+2+2),
-    # unequal ones for 4 (2+2+1+1, one layer per node).
+    # unequal ones for 4 (2+2+1+1, one layer per node). Local nodes link over Unix
+    # sockets unless MDI_LOCAL_LINKS=0 (ring/local_link.py): both transports give
+    # the same samples.
     gen = dict(n_samples=6, n_tokens=80, prompts=("ROMEO:",), temperature=temperature,
                top_k=200, seed=1234)
     base = sample(ckpt, **gen)
-    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen_args(**gen))
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen_args(**gen),
+                      env={"MDI_LOCAL_LINKS": "0"} if link == "tcp" else None)
+    assert {h["link"] for h in out["hops"]} == {link}
     assert_same_samples(out, base)
     assert all(len(s) == 80 for s in out["samples"])
     assert out["mode"] == "distributed" and out["n_nodes"] == n_nodes

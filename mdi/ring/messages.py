@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .local_link import NAME_PATTERN
+
 SampleId = Annotated[int, Field(ge=0, lt=2**32)]  # node.py refuses more than MAX_SAMPLES
 
 
@@ -19,6 +21,7 @@ class Strict(BaseModel):
 class Peer(Strict):
     addr: str = Field(min_length=1, max_length=255)
     port: int = Field(ge=1, le=65535)
+    local: str | None = Field(default=None, pattern=NAME_PATTERN)  # its Unix socket (local_link.py)
 
 
 class SamplingSpec(Strict):
@@ -38,6 +41,7 @@ class InitRequest(Strict):
     groups: list[list[SampleId]] = Field(min_length=1, max_length=4096)  # [start, stop) pairs
     next: Peer
     prev_addr: str = Field(min_length=1, max_length=255)
+    prev_local: bool = False  # the previous node connects over this machine's Unix socket
     sampling: SamplingSpec | None = None
     weights: Literal["upload", "local"] = "upload"
     sequences: bool = False  # an engine run: groups are lanes of slots, sampling comes per ADMIT

@@ -52,7 +52,8 @@ from . import limits as mem
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .capability import ProbeCache, node_capabilities
-from .messages import InitRequest, ProbeRequest
+from .local_link import is_local, link_scope, listen_local, new_name, open_local
+from .messages import InitRequest, Peer, ProbeRequest
 from .node_link import DataLink, DownstreamError
 from .nodes_config import NodeSpec
 from .seq_frames import to_frame, to_message
@@ -95,6 +96,7 @@ class Stats:
     other_s: float = 0.0
     other_cpu_s: float = 0.0
     send_s: float = 0.0
+    link: str = ""  # the link to the next node: "unix" or "tcp"
 
     def time_frame(self, wait: float, compute: float, busy: float, compute_cpu: float,
                    busy_cpu: float) -> None:
@@ -244,6 +246,7 @@ class NodeRuntime:
         self.accepting: list[asyncio.Task] = []
         self.handshakes: set[asyncio.Task] = set()
         self.probes = ProbeCache()
+        self.local_link: str | None = None  # the abstract Unix socket of the data port (local_link.py)
 
     # ---- state -------------------------------------------------------------
     @property
@@ -268,6 +271,8 @@ class NodeRuntime:
         held = self.run.mem_bytes if self.run is not None else 0
         caps["budget_bytes"], caps["budget_from"] = mem.available(self.spec.device,
                                                                   self.max_memory, held)
+        caps["link_scope"] = link_scope() if self.local_link else None
+        caps["local_link"] = self.local_link
         return caps
 
     async def probe(self, req: ProbeRequest) -> dict:
@@ -463,7 +468,7 @@ class NodeRuntime:
         nxt = run.req.next
         sock: socket.socket | None = None
         try:
-            sock = await bounded(open_socket(nxt.addr, nxt.port), self.timeout)
+            sock = await bounded(self._open_next(nxt), self.timeout)
             stream = SockStream(sock)
             await answer(stream, stream, self.token, run_id, self.timeout)
         except BaseException as e:
@@ -482,6 +487,7 @@ class NodeRuntime:
             raise InitError(f"run_id: run {run_id} is already running")
         if run.link is not None:  # connected again: the new link replaces the old one
             run.link.close()
+        run.stats.link = "unix" if is_local(sock) else "tcp"
         loop = asyncio.get_running_loop()
         run.link = DataLink(sock, self.timeout, f"{nxt.addr}:{nxt.port}",
                             on_frame=lambda up, since: self._on_frame(run, up, since),
@@ -489,6 +495,18 @@ class NodeRuntime:
                             name=f"mdi-data-{run_id}")
         run.last_active = time.monotonic()
         return {"state": self.state}
+
+    async def _open_next(self, nxt: Peer) -> socket.socket:
+        """The next node's local socket when the starter says it shares this machine
+        and network namespace (local_link.py), else TCP; TCP too when the local one
+        cannot be reached."""
+        if nxt.local is not None:
+            try:
+                return await open_local(nxt.local)
+            except OSError as e:
+                log.warning("the next node's local socket %s: %s; linking over TCP",
+                            nxt.local, e.strerror or e)
+        return await open_socket(nxt.addr, nxt.port)
 
     async def stop(self, run_id: int | None = None) -> dict:
         """Drop the current run (only if it is run_id, when given)."""
@@ -500,6 +518,13 @@ class NodeRuntime:
     async def start_data_server(self) -> None:
         """Listen on the data port; each connection's handshake runs on this loop."""
         self.listeners = listen_sockets(self.bind_host, self.spec.port_in)
+        if link_scope() is not None:
+            name = new_name()
+            try:
+                self.listeners.append(listen_local(name))
+                self.local_link = name
+            except OSError as e:  # no abstract sockets here: TCP only
+                log.info("no local data socket: %s", e.strerror or e)
         self.accepting = [asyncio.create_task(self._accept(sock)) for sock in self.listeners]
 
     async def _accept(self, listener: socket.socket) -> None:
@@ -518,14 +543,19 @@ class NodeRuntime:
     async def _on_upstream(self, conn: socket.socket, peer) -> None:
         """A connection to the data port: the previous node of the current run, once it
         proves the token; then its frames go to the run's data thread."""
-        host = peer[0] if peer else "?"
+        local = is_local(conn)
+        host = "a local socket" if local else peer[0] if peer else "?"
         run = self.run
         try:
             conn.setblocking(False)
-            no_delay(conn)
+            if not local:
+                no_delay(conn)
             if run is None or run.stage is None or run.link is None:
                 raise AuthError("no run is ready on this node")
-            if not _peer_allowed(host, run.prev_ips):
+            if local and not run.req.prev_local:
+                raise AuthError(f"connection on the local socket, the previous node is "
+                                f"{run.req.prev_addr} over TCP")
+            if not local and not _peer_allowed(host, run.prev_ips):
                 raise AuthError(f"connection from {host}, the previous node is {run.req.prev_addr}")
             if run.upstream:
                 raise AuthError("this run already has an upstream connection")
@@ -722,6 +752,8 @@ def _peer_allowed(host: str, allowed: frozenset) -> bool:
 
 
 def _fmt_peer(peer) -> str:
+    if isinstance(peer, (str, bytes)):  # AF_UNIX: the peer's socket has no name
+        return "a local socket"
     return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 

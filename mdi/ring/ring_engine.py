@@ -49,6 +49,7 @@ from .partition import Shard
 from .capability import node_capabilities, stage_memory
 from .placement import Placement
 from .planner import PlanError
+from .local_link import link_kind
 from .starter import NodeFailure, RunOptions, Starter, lane_count, plan_shards
 from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
                    write_frame)
@@ -89,7 +90,7 @@ class TcpLink:
         self.outstanding = 0                 # Decodes sent and not answered
         self.progress = time.monotonic()     # last Decode out while idle, or answer in
         self.failed: LinkClosed | None = None
-        self.hop = HopStats("starter", starter.nodes.ring[1].name)
+        self.hop = HopStats("starter", starter.nodes.ring[1].name, link=link_kind(writer))
 
     @property
     def first(self) -> NodeSpec:
@@ -228,7 +229,7 @@ class RingEngine(PipelineEngine):
         self.starter = Starter(nodes, token, ckpt, self.opts)
         self.run_id: int | None = None
         self._http: httpx.AsyncClient | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self.hops: list[HopStats] = []   # per hop, after close()
         self.placement = placement       # the ring's split (placement.py), once planned
         self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
@@ -279,9 +280,9 @@ class RingEngine(PipelineEngine):
             await self._close_transport()
 
     async def _close_transport(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in self._servers:
+            server.close()
+        self._servers = []
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -310,21 +311,16 @@ class RingEngine(PipelineEngine):
         self._http = http = httpx.AsyncClient(timeout=self.opts.timeout,
                                               headers={"Authorization": f"Bearer {st.token}"})
         healths = [await st._await_health(http, n) for n in ring[1:]]
+        local = await st._local_links(http)
         inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
-        try:
-            self._server = await asyncio.start_server(
-                lambda r, w: st._accept_finisher(r, w, run_id, inbound), ring[0].addr,
-                ring[0].port_in)
-        except OSError as e:
-            raise OSError(f"the starter cannot listen for the finisher on {ring[0].addr}:"
-                          f"{ring[0].port_in}: {e.strerror or e}") from None
+        self._servers = await st._listen(run_id, inbound, local[0])
         writer = None
         try:
             await st._configure(http, run_id, config, self.shards, lanes, None, healths,
-                                sequences=True)
+                                sequences=True, sockets=local)
             for spec in reversed(ring[1:]):
                 await st._post(http, spec, "/connect", {"run_id": run_id})
-            _, writer = await st._open_first(ring[1], run_id)
+            _, writer = await st._open_first(ring[1], run_id, local[1])
             reader, back = await st._wait(inbound.get(), ring[-1], "connecting back to the starter")
         except BaseException:
             if writer is not None:
@@ -332,8 +328,9 @@ class RingEngine(PipelineEngine):
             await st._release(http, run_id)
             raise
         self.link = TcpLink(st, http, limits, reader, writer, back, self.first, self.opts.timeout)
-        log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d", len(ring),
-                 len(self.sizes), "/".join(map(str, self.sizes)), run_id)
+        log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d, %d of %d link(s) "
+                 "over local sockets", len(ring), len(self.sizes), "/".join(map(str, self.sizes)),
+                 run_id, sum(1 for name in local if name), len(ring))
 
     # ---- recovery ------------------------------------------------------------------
     async def _recover(self, e: LinkClosed) -> bool:

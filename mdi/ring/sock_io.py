@@ -99,7 +99,7 @@ def listen_sockets(host: str, port: int) -> list[socket.socket]:
 
 
 def no_delay(sock: socket.socket) -> None:
-    """Frames go out as they are written (asyncio's transports do the same)."""
+    """Frames go out as they are written (asyncio's transports do the same); TCP only."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 

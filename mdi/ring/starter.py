@@ -40,6 +40,7 @@ from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
 from . import aio
 from .aio import bounded
 from .auth import AuthError, answer, challenge
+from .local_link import link_kind, link_scope, listen_local, local_links, new_name, open_local
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .placement import Placement, place_layers
@@ -114,6 +115,7 @@ class Starter:
     on_event: Callable[[int, Event], None] | None = None  # (sample, event) as tokens come
 
     placement: Placement | None = field(default=None, init=False)  # the last run's split
+    local_name: str = field(default_factory=new_name, init=False)  # its Unix socket, when used
 
     def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,
             texts: Texts | None = None, stops: Stops = Stops()) -> GenerationResult:
@@ -171,20 +173,16 @@ class Starter:
         async with httpx.AsyncClient(timeout=self.opts.timeout,
                                      headers={"Authorization": f"Bearer {self.token}"}) as http:
             healths = [await self._await_health(http, n) for n in ring[1:]]
+            local = await self._local_links(http)
             inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
-            try:
-                server = await asyncio.start_server(
-                    lambda r, w: self._accept_finisher(r, w, run_id, inbound),
-                    ring[0].addr, ring[0].port_in)
-            except OSError as e:
-                raise OSError(f"the starter cannot listen for the finisher on {ring[0].addr}:"
-                              f"{ring[0].port_in}: {e.strerror or e}") from None
+            servers = await self._listen(run_id, inbound, local[0])
             links: list[asyncio.StreamWriter] = []
             try:
-                await self._configure(http, run_id, config, shards, groups, sampling, healths)
+                await self._configure(http, run_id, config, shards, groups, sampling, healths,
+                                      sockets=local)
                 for spec in reversed(ring[1:]):
                     await self._post(http, spec, "/connect", {"run_id": run_id})
-                _, writer = await self._open_first(ring[1], run_id)
+                _, writer = await self._open_first(ring[1], run_id, local[1])
                 links.append(writer)
                 reader, back = await self._wait(inbound.get(), ring[-1], "connecting back to the starter")
                 links.append(back)
@@ -198,7 +196,8 @@ class Starter:
             finally:
                 for w in links:
                     w.close()
-                server.close()
+                for server in servers:
+                    server.close()
 
     async def _run_engine(self, prompts, n_tokens, sampling, texts, stops) -> GenerationResult:
         """The fixed batch as sequences of the engine (ring_engine.py): every prompt
@@ -298,12 +297,17 @@ class Starter:
         return _check(r, spec, path)
 
     async def _configure(self, http, run_id, config, shards, groups, sampling, healths,
-                         sequences: bool = False) -> None:
+                         sequences: bool = False, sockets: list[str | None] | None = None) -> None:
         """Configure every secondary; sequences: an engine run (groups are lanes of
-        slots, sampling travels per sequence in ADMIT frames)."""
+        slots, sampling travels per sequence in ADMIT frames); sockets: the Unix socket
+        each process of the ring is reached on (_local_links), None for TCP."""
         ring = self.nodes.ring
+        sockets = sockets or [None] * len(ring)
         for i, (spec, shard, health) in enumerate(zip(ring[1:], shards[1:], healths), start=1):
             nxt = ring[(i + 1) % len(ring)]
+            peer = {"addr": nxt.addr, "port": nxt.port_in}
+            if sockets[(i + 1) % len(ring)]:
+                peer["local"] = sockets[(i + 1) % len(ring)]
             chunk = health.get("chunk")
             local = bool(chunk and (chunk["start"], chunk["stop"]) == (shard.start, shard.stop)
                          and chunk["model"] == config.to_dict())
@@ -311,7 +315,7 @@ class Starter:
                     "start": shard.start, "stop": shard.stop, "model": config.to_dict(),
                     "dtype": self.opts.dtype, "device": spec.device,
                     "groups": [[g.start, g.stop] for g in groups],
-                    "next": {"addr": nxt.addr, "port": nxt.port_in}, "prev_addr": ring[i - 1].addr,
+                    "next": peer, "prev_addr": ring[i - 1].addr, "prev_local": bool(sockets[i]),
                     "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload",
                     "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
@@ -334,10 +338,58 @@ class Starter:
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
                      "from its local chunk" if local else "uploaded")
 
-    async def _open_first(self, spec: NodeSpec, run_id: int):
+    async def _local_links(self, http: httpx.AsyncClient) -> list[str | None]:
+        """The Unix socket each process of the ring is reached on, None for TCP
+        (local_link.py): the nodes' /capabilities against the starter's own scope.
+        A node that does not say links over TCP."""
+        caps: list[dict] = [{"link_scope": link_scope()}]
+        for spec in self.nodes.ring[1:]:
+            try:
+                r = await http.get(spec.url + "/capabilities")
+                caps.append(r.json() if r.status_code == 200 else {})
+            except (httpx.HTTPError, ValueError):
+                caps.append({})
+        return local_links(caps, self.local_name)
+
+    async def _listen(self, run_id: int, inbound: asyncio.Queue, local: str | None
+                      ) -> list[asyncio.base_events.Server]:
+        """Listen for the finisher's link back: on the starter's data port, and on its
+        Unix socket `local` when the finisher shares this machine."""
+        spec = self.nodes.ring[0]
+
+        def accept(r, w):
+            return self._accept_finisher(r, w, run_id, inbound)
+
         try:
-            reader, writer = await bounded(
-                asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
+            servers = [await asyncio.start_server(accept, spec.addr, spec.port_in)]
+        except OSError as e:
+            raise OSError(f"the starter cannot listen for the finisher on {spec.addr}:"
+                          f"{spec.port_in}: {e.strerror or e}") from None
+        if local is not None:
+            try:
+                servers.append(await asyncio.start_unix_server(accept, sock=listen_local(local)))
+            except OSError as e:
+                for s in servers:
+                    s.close()
+                raise OSError(f"the starter cannot listen on its local socket {local}: "
+                              f"{e.strerror or e}") from None
+        return servers
+
+    async def _open_first(self, spec: NodeSpec, run_id: int, local: str | None = None):
+        """The data link to the first node: its Unix socket `local` when given (TCP
+        if that cannot be reached), else TCP."""
+        try:
+            reader = writer = None
+            if local is not None:
+                try:
+                    reader, writer = await bounded(
+                        asyncio.open_unix_connection(sock=await open_local(local)), self.opts.timeout)
+                except OSError as e:
+                    log.warning("%s's local socket %s: %s; linking over TCP", spec.name, local,
+                                e.strerror or e)
+            if writer is None:
+                reader, writer = await bounded(
+                    asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
             await answer(reader, writer, self.token, run_id, self.opts.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             raise NodeFailure(f"cannot open the data link to {spec.name} at "
@@ -373,7 +425,7 @@ class Starter:
             return await self._write(writer, frame, first)
 
         states = [SampleState.from_prompt(p) for p in prompts]
-        hop = HopStats("starter", self.nodes.ring[1].name)
+        hop = HopStats("starter", self.nodes.ring[1].name, link=link_kind(writer))
         steps = [0] * len(groups)
         step_done = [0] * n_tokens
         times: list[float] = []
@@ -527,7 +579,8 @@ class Starter:
                                  last.get("decode_tokens_out", 0), last.get("prefill_bytes_out", 0),
                                  last.get("frames_timed", 0), last.get("wait_s", 0.0),
                                  last.get("compute_s", 0.0), last.get("other_s", 0.0),
-                                 last.get("other_cpu_s", 0.0), last.get("send_s", 0.0)))
+                                 last.get("other_cpu_s", 0.0), last.get("send_s", 0.0),
+                                 last.get("link", "")))
         return hops
 
     def _result(self, config, states, n_tokens, elapsed, times, hops, texts,
