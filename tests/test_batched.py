@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mdi.generate import SamplingConfig, generate
 from mdi.generate.step import decode, prefill
-from mdi.model import GPT, GPTConfig, layers
+from mdi.model import GPT, layers
 from mdi.model.quant import quantize_linears
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=0)

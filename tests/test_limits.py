@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import socket
 import struct
 
@@ -23,7 +22,6 @@ from mdi.checkpoint import st_io
 from mdi.model import GPT, GPTConfig
 from mdi.ring import limits
 from mdi.ring.control import MAX_JSON_BYTES, Guard, LogLimiter, create_app, printable
-from mdi.ring.messages import InitRequest
 from mdi.ring.node import InitError, NodeRuntime, validate_device
 from mdi.ring.nodes_config import NodeSpec
 
