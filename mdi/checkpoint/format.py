@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES, dtype_name
+from ..model.meta import on_meta
 from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, is_quantized,
                            quantize_linears, quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
@@ -141,7 +142,7 @@ def refuse_int8(info: "CheckpointInfo", what: str) -> None:
 def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
                     ) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a stage, without allocating it."""
-    with torch.device("meta"):
+    with on_meta():
         stage = GPT(config, start, stop)
     return {k: tuple(v.shape) for k, v in stage.state_dict().items()}
 
@@ -149,7 +150,7 @@ def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
 def _meta_stage(config: GPTConfig, start: int, stop: int | None, int8: bool) -> GPT:
     """A stage without storage: the skeleton a loader fills by name (int8 layers
     as placeholders when int8)."""
-    with torch.device("meta"):
+    with on_meta():
         stage = GPT(config, start, stop)
         if int8:
             quantize_linears(stage)  # tied embedding and head share one placeholder

@@ -29,6 +29,7 @@ import torch
 
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES
+from ..model.meta import on_meta
 from ..model.quant import quantize as quantize_stage
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
     n_samples: KV cache rows for the whole run (every group's cache lives on
     every node); max_context, quantize: the run's (--max-context, --quantize)."""
     c3 = _three_layer(config)
-    with torch.device("meta"):
+    with on_meta():
         stages = [quantize_stage(GPT(c3, i, i + 1).to(DTYPES[dtype]), quantize) for i in range(3)]
         stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
         cache = stages[1].new_cache(n_samples)

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint.format import expected_int8_shapes, expected_shapes
 from ..model.cache import context_length
+from ..model.meta import on_meta
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
@@ -105,7 +106,7 @@ def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
         return 0
 
     def nbytes(a: int) -> int:
-        with torch.device("meta"):
+        with on_meta():
             stage = GPT(config, a, a + 1)
         return sum(4 * m.weight.numel() for m in stage.modules()
                    if isinstance(m, nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS)

@@ -16,7 +16,6 @@ the starter are answered however many idle connections a stranger opens.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
@@ -58,10 +57,6 @@ async def serve_node(rt: NodeRuntime) -> None:
             s.close()
         raise ListenError(f"{rt.spec.name} cannot listen for data on {rt.bind_host}:"
                           f"{rt.spec.port_in}: {e.strerror or e}") from None
-    # The first model built on the meta device costs seconds (torch loads its meta
-    # kernels on the first normal_); /init sizes a run that way, so pay it before the
-    # node answers: a starter's first /init then takes milliseconds, not seconds.
-    await asyncio.get_running_loop().run_in_executor(rt.executor, _warm_up)
     protocol = guarded("control", header_timeout=rt.timeout)
     config = uvicorn.Config(None, host=rt.bind_host, port=rt.spec.port, log_level="warning",
                             lifespan="off", access_log=False, http=protocol,
@@ -80,16 +75,6 @@ async def serve_node(rt: NodeRuntime) -> None:
     finally:
         await rt.close()
         log.info("%s stopped", rt.spec.name)
-
-
-def _warm_up() -> None:
-    import torch
-
-    from ..model import GPTConfig
-    from .limits import stage_weight_bytes
-
-    stage_weight_bytes(GPTConfig(vocab_size=8, block_size=8, n_layer=2, n_head=1, n_embd=8),
-                       1, 2, torch.float32)
 
 
 def run_node(rt: NodeRuntime) -> None:

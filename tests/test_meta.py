@@ -1,0 +1,50 @@
+"""Stages on the meta device (model/meta.py): shapes without storage, and no
+initialiser runs there (the first one imported torch._dynamo: 1.1 s per process)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mdi.model import GPT, GPTConfig
+from mdi.model.meta import on_meta
+
+LLAMA = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, n_kv_head=2,
+                  norm="rmsnorm", positions="rope", activation="swiglu", bias=False,
+                  intermediate_size=48, tie_embeddings=False)
+
+
+def test_a_meta_stage_has_the_real_stage_names_and_shapes():
+    for config in (GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16),
+                   LLAMA):
+        with on_meta():
+            meta = GPT(config, 0, 2)
+        real = GPT(config, 0, 2)
+        assert all(t.is_meta for t in meta.state_dict().values())
+        assert {k: v.shape for k, v in meta.state_dict().items()} == \
+            {k: v.shape for k, v in real.state_dict().items()}
+
+
+def test_real_tensors_are_initialised_inside_and_on_other_threads():
+    with on_meta():
+        w = torch.nn.init.normal_(torch.empty(4, 4, device="cpu"), std=1.0)
+        assert w.abs().sum() > 0  # a CPU tensor built inside still gets its values
+        seen = {}
+        t = threading.Thread(target=lambda: seen.update(
+            m=GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))))
+        t.start()
+        t.join()
+    assert seen["m"].transformer.wte.weight.device.type == "cpu"
+    assert seen["m"].transformer.wte.weight.std() > 0.01
+
+
+@pytest.mark.slow  # a fresh interpreter: this one may have imported torch._dynamo already
+def test_sizing_a_stage_does_not_import_dynamo():
+    code = ("import sys\nfrom mdi.model import GPTConfig\nfrom mdi.ring.capability import stage_memory\n"
+            "stage_memory(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16), 2)\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
