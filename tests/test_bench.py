@@ -52,6 +52,10 @@ def test_bench_local_kv_and_resend(tmp_path):
     by = {r["config"]: r for r in rows}
     assert set(by) == {"single", "mdi-2", "mdi-2-resend"}
     assert float(by["single"]["bytes_per_hop_per_token"]) == 0
+    # local processes: both hops over Unix sockets, the engine run and the fixed batch
+    assert by["single"]["links"] == "" and by["mdi-2"]["links"] == "unix/unix"
+    assert by["mdi-2-resend"]["links"] == "unix/unix"
+    assert "links=unix." in (tmp_path / "bench" / "summary.md").read_text()
     # 2 samples on 2 nodes: two groups of one sample; a DECODE frame per token
     assert float(by["mdi-2"]["bytes_per_hop_per_token"]) == HEADER_SIZE + 4 * TINY_EMBD
     # without the cache, every step carries the whole context: the mean follows the policy
@@ -75,6 +79,7 @@ def test_bench_netns(tmp_path):
     except NetnsUnavailable as e:
         pytest.skip(f"network namespaces not permitted here: {e}")
     rows, _ = run_bench(tmp_path, "--nodes", "1,2", "--hosts", "netns", "--link-rate", "100mbit")
+    assert {r["links"] for r in rows if r["config"] != "single"} == {"tcp/tcp"}  # other namespaces
     check_outputs(tmp_path / "bench", rows)
     assert {r["hosts"] for r in rows} == {"netns"}
     assert {r["link_rate"] for r in rows} == {"100mbit"}

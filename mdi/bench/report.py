@@ -11,9 +11,15 @@ from ..ring.wire import HEADER_SIZE
 
 CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
               "n_nodes", "n_samples", "n_layer", "n_embd", "block_size", "params", "n_tokens",
-              "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "run",
+              "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "links", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
               "hop_overhead_us", "tokens_total"]
+
+
+def _links(rows: list[dict]) -> str:
+    """What the ring runs' hops went over: "unix", "tcp", or both ("tcp+unix")."""
+    kinds = sorted({k for r in rows for k in str(r.get("links") or "").split("/") if k})
+    return "+".join(kinds) or "none"
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -65,7 +71,7 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
     lines += ["", f"Model: {r0['n_layer']} layers, n_embd {r0['n_embd']}, block_size "
               f"{r0['block_size']}, {r0['params'] / 1e6:.2f}M parameters. {r0['n_samples']} samples x "
               f"{r0['n_tokens']} tokens; isolate={r0['isolate']}, hosts={r0['hosts']}, "
-              f"link rate={r0['link_rate'] or 'unlimited'}"
+              f"link rate={r0['link_rate'] or 'unlimited'}, links={_links(rows)}"
               + (f", CPU share per node {r0['node_cpu']} (starter first)" if r0.get("node_cpu")
                  else "") + ".", ""]
     path.write_text("\n".join(lines))

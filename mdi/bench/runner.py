@@ -232,6 +232,7 @@ class Bench:
                "params": self.params(), "n_tokens": cfg.n_tokens, "isolate": cfg.isolate,
                "quantize": cfg.quantize or "", "batch_invariant": cfg.batch_invariant,
                "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
+               "links": "/".join(h.get("link") or "?" for h in res.get("hops") or []),
                "partition": (res.get("plan") or {}).get("partition", ""),
                "layers": "+".join(str(n["layers"][1] - n["layers"][0])
                                   for n in (res.get("plan") or {}).get("nodes", [])),
