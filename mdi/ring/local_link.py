@@ -84,6 +84,11 @@ async def open_local(name: str) -> socket.socket:
     return sock
 
 
+async def open_local_stream(name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over a connection to the abstract Unix socket `name` (OSError if none)."""
+    return await asyncio.open_unix_connection(sock=await open_local(name))
+
+
 def is_local(sock: socket.socket) -> bool:
     return sock.family == socket.AF_UNIX
 

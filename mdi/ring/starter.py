@@ -40,7 +40,8 @@ from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
 from . import aio
 from .aio import bounded
 from .auth import AuthError, answer, challenge
-from .local_link import link_kind, link_scope, listen_local, local_links, new_name, open_local
+from .local_link import (link_kind, link_scope, listen_local, local_links, new_name,
+                         open_local_stream)
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .placement import Placement, place_layers
@@ -382,8 +383,7 @@ class Starter:
             reader = writer = None
             if local is not None:
                 try:
-                    reader, writer = await bounded(
-                        asyncio.open_unix_connection(sock=await open_local(local)), self.opts.timeout)
+                    reader, writer = await bounded(open_local_stream(local), self.opts.timeout)
                 except OSError as e:
                     log.warning("%s's local socket %s: %s; linking over TCP", spec.name, local,
                                 e.strerror or e)
