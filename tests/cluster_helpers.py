@@ -278,6 +278,59 @@ def weights_for(ring: Ring, start: int = 2, stop: int = 3) -> bytes:
     return shard_bytes(ring.ckpt, Shard(start, stop, N_LAYER))
 
 
+# ---- in-process: a finisher NodeRuntime with this test in the starter's place -----
+@contextlib.asynccontextmanager
+async def finisher_and_fake_starter(ckpt: Path, start: int = 1, local_next: bool = False,
+                                    prev_local: bool = False, next_name: str | None = None):
+    """A finisher NodeRuntime in this process (layers [start, n_layer) of ckpt) and
+    listeners in the starter's place: TCP on its data port and a Unix socket
+    (ring/local_link.py). Yields (runtime, nodes config, model config, start_run);
+    `await start_run(run_id)` configures a greedy fixed-batch run of one group of
+    two samples, connects it, and returns the starter's end of the link back.
+    local_next: the finisher's next hop is the Unix socket (next_name, or the one
+    listening here); prev_local: /init's prev_local."""
+    from mdi.checkpoint import read_info
+    from mdi.ring.local_link import listen_local, new_name
+    from mdi.ring.messages import InitRequest
+    from mdi.ring.node import NodeRuntime
+
+    cfg = local_nodes_config(2, free_ports(4))
+    config = read_info(ckpt).config
+    weights = shard_bytes(ckpt, Shard(start, config.n_layer, config.n_layer))
+    rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
+    await rt.start_data_server()
+    got: asyncio.Queue = asyncio.Queue()
+    current: dict[str, int] = {}
+
+    async def next_node(reader, writer):  # the starter's listeners
+        await challenge(reader, writer, TOKEN, current["run_id"], 2.0)
+        await got.put((reader, writer))
+
+    name = new_name()
+    servers = [await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in),
+               await asyncio.start_unix_server(next_node, sock=listen_local(name))]
+
+    async def start_run(run_id: int):
+        current["run_id"] = run_id
+        nxt: dict = {"addr": "127.0.0.1", "port": cfg.starter.port_in}
+        if local_next:
+            nxt["local"] = next_name or name
+        await rt.init(InitRequest(run_id=run_id, role="finisher", start=start,
+                                  stop=config.n_layer, model=config.to_dict(), groups=[[0, 1]],
+                                  next=nxt, prev_addr="127.0.0.1", prev_local=prev_local,
+                                  sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
+        await rt.load_weights(run_id, weights)
+        await rt.connect(run_id)
+        return await asyncio.wait_for(got.get(), 5)
+
+    try:
+        yield rt, cfg, config, start_run
+    finally:
+        for server in servers:
+            server.close()
+        await rt.close()
+
+
 # ---- data plane: the test as the finisher's previous node and next node ---------
 @contextlib.asynccontextmanager
 async def fake_upstream(ring: Ring, run_id: int, token: str = TOKEN, **init_over):

@@ -8,7 +8,6 @@ produced so far, and leave no process, port or run state behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from cluster_helpers import (TOKEN, build_tiny_ckpt, child_env, error_lines, find_nodes_file,
+                             finisher_and_fake_starter,
                              health, mdi_cmd, port_released, resume_all, run_cli, start_ring,
                              status, wait_gone, wait_state, write_nodes_file)
 from mdi.ring.local_cluster import free_ports
@@ -264,48 +264,7 @@ def test_mdi_run_interrupted_leaves_no_process_or_port(tmp_path, ckpt, sig):
 
 
 # ---- in-process: no exception from a frame kills the node's task silently -------------
-@contextlib.asynccontextmanager
-async def finisher_and_fake_starter(ckpt):
-    """A finisher NodeRuntime in this process (layers 1..3 of the tiny model) and a
-    listener in the starter's place. Yields (runtime, nodes config, model config,
-    start_run); `await start_run(run_id)` configures a greedy fixed-batch run of one
-    group of two samples, connects it, and returns the starter's end of the link back."""
-    from mdi.checkpoint import read_info
-    from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.auth import challenge
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.partition import Shard
-
-    cfg = local_nodes_config(2, free_ports(4))
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 3, 3))
-    rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
-    await rt.start_data_server()
-    got: asyncio.Queue = asyncio.Queue()
-    current: dict[str, int] = {}
-
-    async def next_node(reader, writer):  # the starter's listener
-        await challenge(reader, writer, TOKEN, current["run_id"], 2.0)
-        await got.put((reader, writer))
-
-    async def start_run(run_id: int):
-        current["run_id"] = run_id
-        await rt.init(InitRequest(run_id=run_id, role="finisher", start=1, stop=3,
-                                  model=config.to_dict(), groups=[[0, 1]],
-                                  next={"addr": "127.0.0.1", "port": cfg.starter.port_in},
-                                  prev_addr="127.0.0.1",
-                                  sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
-        await rt.load_weights(run_id, weights)
-        await rt.connect(run_id)
-        return await asyncio.wait_for(got.get(), 5)
-
-    server = await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in)
-    try:
-        yield rt, cfg, config, start_run
-    finally:
-        server.close()
-        await rt.close()
+# (cluster_helpers.finisher_and_fake_starter: layers 1..3 of the tiny model on a finisher)
 
 
 @pytest.mark.parametrize("exc", [KeyError(7), RuntimeError("shape mismatch"), IndexError("x")])

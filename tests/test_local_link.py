@@ -4,28 +4,20 @@ previous node and reaches its next one over them, in this process."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import pydantic
 import pytest
 import torch
 
-from mdi.checkpoint import read_info
-from mdi.checkpoint.stream import shard_bytes
+from cluster_helpers import TOKEN, finisher_and_fake_starter
 from mdi.ring import local_link
-from mdi.ring.auth import answer, challenge
+from mdi.ring.auth import answer
 from mdi.ring.capability import host_id
-from mdi.ring.local_cluster import free_ports
 from mdi.ring.local_link import (NAME_PATTERN, link_scope, listen_local, local_links, new_name,
                                  open_local, open_local_stream)
-from mdi.ring.messages import InitRequest, Peer
-from mdi.ring.node import NodeRuntime
-from mdi.ring.nodes_config import local_nodes_config
-from mdi.ring.partition import Shard
+from mdi.ring.messages import Peer
 from mdi.ring.wire import Frame, Kind, read_frame
-
-TOKEN = "local-link-test-token-0123456789"
 
 
 # ---- which links are local ------------------------------------------------------
@@ -95,50 +87,7 @@ async def _echo(reader, writer):
 
 
 # ---- a node over local sockets, in this process ------------------------------------
-@contextlib.asynccontextmanager
-async def finisher(ckpt, local_next: bool, prev_local: bool, next_name: str | None = None):
-    """A finisher NodeRuntime (layers [1, 2) of the tiny model) whose next node is this
-    test: on a local socket (local_next) or TCP. Yields (runtime, start_run):
-    `await start_run(run_id)` configures a greedy engine-less fixed-batch run,
-    connects it, and returns the link back (reader, writer)."""
-    cfg = local_nodes_config(2, free_ports(4))
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 2, 2))
-    rt = NodeRuntime(cfg.finisher, TOKEN, timeout=2.0)
-    await rt.start_data_server()
-    got: asyncio.Queue = asyncio.Queue()
-    current: dict[str, int] = {}
-
-    async def next_node(reader, writer):  # where the starter listens
-        await challenge(reader, writer, TOKEN, current["run_id"], 2.0)
-        await got.put((reader, writer))
-
-    name = new_name()
-    servers = [await asyncio.start_server(next_node, "127.0.0.1", cfg.starter.port_in),
-               await asyncio.start_unix_server(next_node, sock=listen_local(name))]
-
-    async def start_run(run_id: int):
-        current["run_id"] = run_id
-        nxt = {"addr": "127.0.0.1", "port": cfg.starter.port_in}
-        if local_next:
-            nxt["local"] = next_name or name
-        await rt.init(InitRequest(run_id=run_id, role="finisher", start=1, stop=2,
-                                  model=config.to_dict(), groups=[[0, 1]], next=nxt,
-                                  prev_addr="127.0.0.1", prev_local=prev_local,
-                                  sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
-        await rt.load_weights(run_id, weights)
-        await rt.connect(run_id)
-        return await asyncio.wait_for(got.get(), 5)
-
-    try:
-        yield rt, cfg, config, start_run
-    finally:
-        for s in servers:
-            s.close()
-        await rt.close()
-
-
-async def _upstream(rt: NodeRuntime, cfg, run_id: int, local: bool):
+async def _upstream(rt, cfg, run_id: int, local: bool):
     if local:
         reader, writer = await open_local_stream(rt.local_link)
     else:
@@ -149,8 +98,8 @@ async def _upstream(rt: NodeRuntime, cfg, run_id: int, local: bool):
 
 def test_a_node_links_both_ways_over_local_sockets(tiny_ckpt):
     async def scenario() -> None:
-        async with finisher(tiny_ckpt, local_next=True, prev_local=True) as (rt, cfg, config,
-                                                                               start_run):
+        harness = finisher_and_fake_starter(tiny_ckpt, local_next=True, prev_local=True)
+        async with harness as (rt, cfg, config, start_run):
             caps = rt.capabilities()
             assert caps["local_link"] == rt.local_link and caps["link_scope"] == link_scope()
             back_r, back_w = await start_run(7)
@@ -169,8 +118,7 @@ def test_a_node_links_both_ways_over_local_sockets(tiny_ckpt):
 
 def test_a_local_connection_is_refused_unless_the_previous_node_is_local(tiny_ckpt, caplog):
     async def scenario() -> None:
-        async with finisher(tiny_ckpt, local_next=False, prev_local=False) as (rt, cfg, _,
-                                                                                 start_run):
+        async with finisher_and_fake_starter(tiny_ckpt) as (rt, cfg, _, start_run):
             _, back_w = await start_run(8)
             assert local_link.link_kind(back_w) == "tcp" and rt.run.stats.link == "tcp"
             reader, writer = await open_local_stream(rt.local_link)
@@ -190,8 +138,8 @@ def test_a_local_connection_is_refused_unless_the_previous_node_is_local(tiny_ck
 
 def test_a_next_node_not_reachable_locally_is_reached_over_tcp(tiny_ckpt, caplog):
     async def scenario() -> None:
-        async with finisher(tiny_ckpt, local_next=True, prev_local=False,
-                            next_name=new_name()) as (rt, _, _, start_run):
+        harness = finisher_and_fake_starter(tiny_ckpt, local_next=True, next_name=new_name())
+        async with harness as (rt, _, _, start_run):
             _, back_w = await start_run(9)
             assert local_link.link_kind(back_w) == "tcp"
             back_w.close()
