@@ -316,12 +316,14 @@ class Starter:
                     "start": shard.start, "stop": shard.stop, "model": config.to_dict(),
                     "dtype": self.opts.dtype, "device": spec.device,
                     "groups": [[g.start, g.stop] for g in groups],
-                    "next": peer, "prev_addr": ring[i - 1].addr, "prev_local": bool(sockets[i]),
+                    "next": peer, "prev_addr": ring[i - 1].addr,
                     "sampling": sampling.to_dict() if shard.is_last and sampling else None,
                     "weights": "local" if local else "upload",
                     "quantize": self.opts.quantize, "batch_invariant": self.opts.batch_invariant}
             if sequences:
                 body["sequences"] = True
+            if sockets[i]:  # only then: a node that reports no link scope never sees the field
+                body["prev_local"] = True
             if self.opts.max_context is not None:  # else the node's default cap: the same
                 body["max_context"] = self.opts.max_context
             await self._post(http, spec, "/init", body)
