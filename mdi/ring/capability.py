@@ -1,8 +1,9 @@
 """What a node can do: its device and memory, and a measured speed for a run's shape.
 
 `node_capabilities` is cheap (no compute) and answers GET /capabilities.
-`probe_speed` times one block (and the embeddings and the head, as the first
-and last stages' extra cost) with random weights of the run's configuration,
+`probe_speed` times one block (and the embeddings, and the head with the
+sampling of every row at the default settings, as the first and last stages'
+extra cost) with random weights of the run's configuration,
 at the run's group size, dtype and typical context, over decode steps with a
 KV cache: the same forward the ring runs. Attention reads the filled part of
 the cache only, so a block's cost grows with the context while the head's does
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..generate.sampling import SamplingConfig, sample_rows, seeded_generator
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES
 from ..model.meta import on_meta
@@ -42,7 +44,7 @@ class Speed:
     """Milliseconds per decode step of one group (batch rows) on this node."""
     block_ms: float   # one transformer block
     embed_ms: float   # the first stage's extra: token and position embeddings
-    head_ms: float    # the last stage's extra: final norm and head
+    head_ms: float    # the last stage's extra: final norm, head and sampling
 
     def to_dict(self) -> dict:
         return {k: round(v, 5) for k, v in asdict(self).items()}
@@ -102,10 +104,14 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float,
     # the positions a sequence holds mid-generation
     pos0 = stage.context // 4 if context is None else min(context, stage.context - 1)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sampling = SamplingConfig()  # the finisher samples every row of every step
+    generators = [seeded_generator(i) for i in range(batch)] if stage.has_head else []
 
     def step(i: int) -> None:
         pos = torch.full((batch, 1), (pos0 + i) % stage.context, device=device)
-        stage(x, pos, cache)
+        out = stage(x, pos, cache)
+        if stage.has_head:
+            sample_rows(out[:, -1], sampling, generators)
 
     with torch.inference_mode():
         for i in range(WARMUP_STEPS):
