@@ -76,6 +76,20 @@ def test_a_probe_times_blocks_at_the_context_it_is_given(monkeypatch):
     assert min(seen) == TINY.block_size // 4
 
 
+def test_the_head_is_timed_with_the_sampling_of_every_row(monkeypatch):
+    rows = []
+    real = capability.sample_rows
+
+    def counting(logits, cfg, generators):
+        rows.append((tuple(logits.shape), len(generators), cfg.top_k))
+        return real(logits, cfg, generators)
+
+    monkeypatch.setattr(capability, "sample_rows", counting)
+    probe_speed(TINY, batch=3, min_time=0.0)
+    # only the last of the three one-block stages samples: (warm-up + timed steps) x 3 rows
+    assert rows and set(rows) == {((3, TINY.vocab_size), 3, 200)}
+
+
 def test_capabilities_report_memory_and_cap():
     caps = node_capabilities("cpu")
     assert caps["memory_total_bytes"] >= caps["memory_free_bytes"] > 0
