@@ -15,7 +15,7 @@ from mdi.ring import local_link
 from mdi.ring.auth import answer
 from mdi.ring.capability import host_id
 from mdi.ring.local_link import (NAME_PATTERN, link_scope, listen_local, local_links, new_name,
-                                 open_local, open_local_stream)
+                                 open_local, open_streams)
 from mdi.ring.messages import Peer
 from mdi.ring.wire import Frame, Kind, read_frame
 
@@ -67,7 +67,7 @@ def test_a_local_socket_carries_bytes_and_is_unique():
             with pytest.raises(OSError):
                 listen_local(name)  # taken: a second process cannot take it over
             server = await asyncio.start_unix_server(_echo, sock=listener)
-            reader, writer = await open_local_stream(name)
+            reader, writer = await open_streams(await open_local(name))
             writer.write(b"ping")
             assert await asyncio.wait_for(reader.readexactly(4), 3) == b"ping"
             writer.close()
@@ -89,7 +89,7 @@ async def _echo(reader, writer):
 # ---- a node over local sockets, in this process ------------------------------------
 async def _upstream(rt, cfg, run_id: int, local: bool):
     if local:
-        reader, writer = await open_local_stream(rt.local_link)
+        reader, writer = await open_streams(await open_local(rt.local_link))
     else:
         reader, writer = await asyncio.open_connection("127.0.0.1", cfg.finisher.port_in)
     await answer(reader, writer, TOKEN, run_id, 3.0)
@@ -121,7 +121,7 @@ def test_a_local_connection_is_refused_unless_the_previous_node_is_local(tiny_ck
         async with finisher_and_fake_starter(tiny_ckpt) as (rt, cfg, _, start_run):
             _, back_w = await start_run(8)
             assert local_link.link_kind(back_w) == "tcp" and rt.run.stats.link == "tcp"
-            reader, writer = await open_local_stream(rt.local_link)
+            reader, writer = await open_streams(await open_local(rt.local_link))
             with pytest.raises((EOFError, ConnectionError)):
                 await answer(reader, writer, TOKEN, 8, 3.0)
             assert not rt.run.upstream

@@ -21,12 +21,16 @@ reports no scope), for comparisons with TCP.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
 import socket
 
 from .capability import host_id
+from .sock_io import open_socket
+
+log = logging.getLogger(__name__)
 
 PREFIX = "mdi-data-"
 NAME_PATTERN = r"^mdi-data-[0-9a-f]{16}$"
@@ -84,9 +88,24 @@ async def open_local(name: str) -> socket.socket:
     return sock
 
 
-async def open_local_stream(name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams over a connection to the abstract Unix socket `name` (OSError if none)."""
-    return await asyncio.open_unix_connection(sock=await open_local(name))
+async def open_link(local: str | None, host: str, port: int) -> socket.socket:
+    """A non-blocking connection to the next process of the ring: its Unix socket
+    `local` when the starter says it shares this machine and network namespace, else
+    TCP to host:port; TCP too when the local one cannot be reached."""
+    if local is not None:
+        try:
+            return await open_local(local)
+        except OSError as e:
+            log.warning("local socket %s of %s:%d: %s; linking over TCP", local, host, port,
+                        e.strerror or e)
+    return await open_socket(host, port)
+
+
+async def open_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over a connected socket (open_link's), Unix or TCP."""
+    if is_local(sock):
+        return await asyncio.open_unix_connection(sock=sock)
+    return await asyncio.open_connection(sock=sock)
 
 
 def is_local(sock: socket.socket) -> bool:

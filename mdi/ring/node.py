@@ -52,12 +52,12 @@ from . import limits as mem
 from .aio import bounded
 from .auth import AuthError, answer, challenge
 from .capability import ProbeCache, node_capabilities
-from .local_link import is_local, link_scope, listen_local, new_name, open_local
-from .messages import InitRequest, Peer, ProbeRequest
+from .local_link import is_local, link_scope, listen_local, new_name, open_link
+from .messages import InitRequest, ProbeRequest
 from .node_link import DataLink, DownstreamError
 from .nodes_config import NodeSpec
 from .seq_frames import to_frame, to_message
-from .sock_io import SockStream, listen_sockets, no_delay, open_socket, recv_frame, send_frame
+from .sock_io import SockStream, listen_sockets, no_delay, recv_frame, send_frame
 from .wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits, WireError
 
 log = logging.getLogger(__name__)
@@ -468,7 +468,7 @@ class NodeRuntime:
         nxt = run.req.next
         sock: socket.socket | None = None
         try:
-            sock = await bounded(self._open_next(nxt), self.timeout)
+            sock = await bounded(open_link(nxt.local, nxt.addr, nxt.port), self.timeout)
             stream = SockStream(sock)
             await answer(stream, stream, self.token, run_id, self.timeout)
         except BaseException as e:
@@ -495,18 +495,6 @@ class NodeRuntime:
                             name=f"mdi-data-{run_id}")
         run.last_active = time.monotonic()
         return {"state": self.state}
-
-    async def _open_next(self, nxt: Peer) -> socket.socket:
-        """The next node's local socket when the starter says it shares this machine
-        and network namespace (local_link.py), else TCP; TCP too when the local one
-        cannot be reached."""
-        if nxt.local is not None:
-            try:
-                return await open_local(nxt.local)
-            except OSError as e:
-                log.warning("the next node's local socket %s: %s; linking over TCP",
-                            nxt.local, e.strerror or e)
-        return await open_socket(nxt.addr, nxt.port)
 
     async def stop(self, run_id: int | None = None) -> dict:
         """Drop the current run (only if it is run_id, when given)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -47,6 +47,7 @@ class Placement:
     shards: list[Shard]
     plan: Plan
     parallel: int = 0            # stages that can compute at once (compute_units); 0: unknown
+    caps: list[dict] = field(default_factory=list)  # /capabilities in ring order, the starter first
 
     def to_json(self) -> dict:
         d = {"partition": self.mode, "reason": self.reason, "nodes": self.plan.to_dicts()}
@@ -89,6 +90,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
                                  batch, dtype, device, max_context, quantize, context)
     placement.parallel = compute_units(caps)
+    placement.caps = caps
     return placement
 
 

@@ -311,7 +311,7 @@ class RingEngine(PipelineEngine):
         self._http = http = httpx.AsyncClient(timeout=self.opts.timeout,
                                               headers={"Authorization": f"Bearer {st.token}"})
         healths = [await st._await_health(http, n) for n in ring[1:]]
-        local = await st._local_links(http)
+        local = await st._local_links(http, self.placement)
         inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
         self._servers = await st._listen(run_id, inbound, local[0])
         writer = None

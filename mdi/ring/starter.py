@@ -40,8 +40,8 @@ from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
 from . import aio
 from .aio import bounded
 from .auth import AuthError, answer, challenge
-from .local_link import (link_kind, link_scope, listen_local, local_links, new_name,
-                         open_local_stream)
+from .local_link import (link_kind, link_scope, listen_local, local_links, new_name, open_link,
+                         open_streams)
 from .nodes_config import NodeSpec, NodesConfig
 from .partition import Shard, even_split, manual_split
 from .placement import Placement, place_layers
@@ -174,7 +174,7 @@ class Starter:
         async with httpx.AsyncClient(timeout=self.opts.timeout,
                                      headers={"Authorization": f"Bearer {self.token}"}) as http:
             healths = [await self._await_health(http, n) for n in ring[1:]]
-            local = await self._local_links(http)
+            local = await self._local_links(http, self.placement)
             inbound: asyncio.Queue = asyncio.Queue(maxsize=1)
             servers = await self._listen(run_id, inbound, local[0])
             links: list[asyncio.StreamWriter] = []
@@ -341,18 +341,23 @@ class Starter:
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
                      "from its local chunk" if local else "uploaded")
 
-    async def _local_links(self, http: httpx.AsyncClient) -> list[str | None]:
+    async def _local_links(self, http: httpx.AsyncClient, placement: Placement | None
+                           ) -> list[str | None]:
         """The Unix socket each process of the ring is reached on, None for TCP
-        (local_link.py): the nodes' /capabilities against the starter's own scope.
-        A node that does not say links over TCP."""
-        caps: list[dict] = [{"link_scope": link_scope()}]
-        for spec in self.nodes.ring[1:]:
-            try:
-                r = await http.get(spec.url + "/capabilities")
-                caps.append(r.json() if r.status_code == 200 else {})
-            except (httpx.HTTPError, ValueError):
-                caps.append({})
-        return local_links(caps, self.local_name)
+        (local_link.py): the nodes' /capabilities (those the placement read, else
+        asked now) against the starter's own scope. A node that does not say links
+        over TCP."""
+        ring = self.nodes.ring
+        caps = list(placement.caps) if placement is not None else []
+        if len(caps) != len(ring):
+            caps = [{}]
+            for spec in ring[1:]:
+                try:
+                    r = await http.get(spec.url + "/capabilities")
+                    caps.append(r.json() if r.status_code == 200 else {})
+                except (httpx.HTTPError, ValueError):
+                    caps.append({})
+        return local_links([{"link_scope": link_scope()}] + caps[1:], self.local_name)
 
     async def _listen(self, run_id: int, inbound: asyncio.Queue, local: str | None
                       ) -> list[asyncio.base_events.Server]:
@@ -382,16 +387,8 @@ class Starter:
         """The data link to the first node: its Unix socket `local` when given (TCP
         if that cannot be reached), else TCP."""
         try:
-            reader = writer = None
-            if local is not None:
-                try:
-                    reader, writer = await bounded(open_local_stream(local), self.opts.timeout)
-                except OSError as e:
-                    log.warning("%s's local socket %s: %s; linking over TCP", spec.name, local,
-                                e.strerror or e)
-            if writer is None:
-                reader, writer = await bounded(
-                    asyncio.open_connection(spec.addr, spec.port_in), self.opts.timeout)
+            sock = await bounded(open_link(local, spec.addr, spec.port_in), self.opts.timeout)
+            reader, writer = await open_streams(sock)
             await answer(reader, writer, self.token, run_id, self.opts.timeout)
         except (OSError, asyncio.TimeoutError, WireError, EOFError, AuthError) as e:
             raise NodeFailure(f"cannot open the data link to {spec.name} at "
