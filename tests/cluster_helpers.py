@@ -27,13 +27,13 @@ import httpx
 import torch
 
 from mdi.checkpoint.format import save_checkpoint
-from mdi.ring.auth import answer, challenge
-from mdi.ring import local_cluster
-from mdi.ring.local_cluster import child_setup, free_ports
-from mdi.ring.nodes_config import NodesConfig, NodeSpec, load_nodes_config, local_nodes_config
-from mdi.ring.partition import Shard
+from mdi.ring.protocol.auth import answer, challenge
+from mdi.ring.cluster import local_cluster
+from mdi.ring.cluster.local_cluster import child_setup, free_ports
+from mdi.ring.cluster.nodes_config import NodesConfig, NodeSpec, load_nodes_config, local_nodes_config
+from mdi.ring.plan.partition import Shard
 from mdi.checkpoint.stream import shard_bytes
-from mdi.ring.wire import HEADER_SIZE, Frame, Kind, parse_header
+from mdi.ring.protocol.wire import HEADER_SIZE, Frame, Kind, parse_header
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 
@@ -290,9 +290,9 @@ async def finisher_and_fake_starter(ckpt: Path, start: int = 1, local_next: bool
     local_next: the finisher's next hop is the Unix socket (next_name, or the one
     listening here); prev_local: /init's prev_local."""
     from mdi.checkpoint import read_info
-    from mdi.ring.local_link import listen_local, new_name
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
+    from mdi.ring.protocol.local_link import listen_local, new_name
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
 
     cfg = local_nodes_config(2, free_ports(4))
     config = read_info(ckpt).config
@@ -393,7 +393,7 @@ def raw_frame(kind: int = Kind.DECODE, run_id: int = 1, *, magic: bytes = b"MDI\
               version: int = 1, dtype: int = 1, shape: tuple[int, ...] = (1, 1, 32), sample: int = 0,
               position: int = 0, length: int | None = None, payload: bytes | None = None) -> bytes:
     """A frame with any header field set by hand (float32 payload of the shape by default)."""
-    from mdi.ring.wire import HEADER
+    from mdi.ring.protocol.wire import HEADER
 
     n = 1
     for d in shape:
@@ -408,7 +408,7 @@ def raw_frame(kind: int = Kind.DECODE, run_id: int = 1, *, magic: bytes = b"MDI\
 
 def read_raw_frame(sock: socket.socket) -> Frame:
     """Blocking read of one frame without run limits (handshake frames)."""
-    from mdi.ring.wire import build_frame, check_header
+    from mdi.ring.protocol.wire import build_frame, check_header
 
     head = _recv_exact(sock, HEADER_SIZE)
     h = parse_header(head)

@@ -215,7 +215,7 @@ def test_configure_stage_packs_at_load_unless_told_not_to(tiny_config, make_mode
 def test_init_request_carries_the_runtime_options():
     from pydantic import ValidationError
 
-    from mdi.ring.messages import InitRequest
+    from mdi.ring.node.control_messages import InitRequest
 
     body = {"run_id": 1, "role": "finisher", "start": 1, "stop": 2, "model": {}, "groups": [[0, 1]],
             "next": {"addr": "127.0.0.1", "port": 5000}, "prev_addr": "127.0.0.1"}

@@ -15,7 +15,7 @@ import pytest
 from mdi.bench.netns import NetnsUnavailable, check_netns, tbf_args
 from mdi.bench.report import mean_context
 from mdi.bench.runner import BenchConfig, core_plan, variants
-from mdi.ring.wire import HEADER_SIZE
+from mdi.ring.protocol.wire import HEADER_SIZE
 
 TINY_EMBD = 32  # mdi.bench.models.SIZES["tiny"].n_embd
 

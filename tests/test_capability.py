@@ -6,12 +6,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from mdi.model import GPT, GPTConfig
-from mdi.ring import capability
-from mdi.ring.capability import (ProbeCache, Speed, effective_cpus, node_capabilities,
+from mdi.ring.plan import capability
+from mdi.ring.plan.capability import (ProbeCache, Speed, effective_cpus, node_capabilities,
                                  probe_speed, stage_memory)
-from mdi.ring.control import create_app
-from mdi.ring.node import NodeRuntime
-from mdi.ring.nodes_config import NodeSpec
+from mdi.ring.node.control_app import create_app
+from mdi.ring.node.runtime import NodeRuntime
+from mdi.ring.cluster.nodes_config import NodeSpec
 
 TOKEN = "capability-test-token-0123456789"
 TINY = GPTConfig(vocab_size=48, block_size=16, n_layer=4, n_head=2, n_embd=32)
@@ -48,7 +48,7 @@ def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
         calls.append((config.n_embd, batch, dtype, context))
         return Speed(1.0, 0.1, 0.2)
 
-    monkeypatch.setattr("mdi.ring.capability.probe_speed", fake)
+    monkeypatch.setattr("mdi.ring.plan.capability.probe_speed", fake)
     cache = ProbeCache()
     assert cache.get(TINY, 2, "float32", "cpu") == (Speed(1.0, 0.1, 0.2), False)
     assert cache.get(TINY, 2, "float32", "cpu")[1] is True

@@ -24,12 +24,12 @@ import torch
 
 from cluster_helpers import TOKEN, Ring, child_env, health, mdi_cmd, start_nodes, status
 from mdi.checkpoint import save_checkpoint
-from mdi.ring.local_cluster import free_ports
-from mdi.ring.nodes_config import NodeSpec
-from mdi.ring.partition import even_split
-from mdi.ring.wire import HEADER_SIZE
+from mdi.ring.cluster.local_cluster import free_ports
+from mdi.ring.cluster.nodes_config import NodeSpec
+from mdi.ring.plan.partition import even_split
+from mdi.ring.protocol.wire import HEADER_SIZE
 from mdi.generate.schedule import make_groups
-from mdi.ring.starter import lane_count
+from mdi.ring.starter.driver import lane_count
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 

@@ -290,8 +290,8 @@ def test_ring_fixed_batch_sampled_equals_single_device(model):
 def test_ring_through_the_wire_format(model):
     """Every message crosses each hop as data-plane bytes (encoded, checked, decoded):
     whole lanes as DECODE/TOKENS, partial ones as SEQ_DECODE/SEQ_TOKENS."""
-    from mdi.ring.seq_frames import to_frame, to_message
-    from mdi.ring.wire import DTYPE_CODES, Kind, Limits, decode_frame
+    from mdi.ring.protocol.seq_frames import to_frame, to_message
+    from mdi.ring.protocol.wire import DTYPE_CODES, Kind, Limits, decode_frame
 
     sizes = lane_sizes(5, 2)
     lim = Limits(3, model.config.n_embd, model.config.block_size, 5, DTYPE_CODES[torch.float32],

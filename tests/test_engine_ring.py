@@ -10,9 +10,9 @@ from mdi.checkpoint import load_model
 from mdi.engine import EngineFailure, SeqParams
 from mdi.generate import SamplingConfig, generate
 from mdi.generate.sampling import sample_seed
-from mdi.ring.local_cluster import LocalCluster
-from mdi.ring.ring_engine import RingEngine
-from mdi.ring.starter import RunOptions
+from mdi.ring.cluster.local_cluster import LocalCluster
+from mdi.ring.starter.ring_engine import RingEngine
+from mdi.ring.starter.driver import RunOptions
 from test_engine import collect
 
 from cluster_helpers import build_tiny_ckpt

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from mdi.engine.messages import Admit, Decode, Prefill, Retire, Tokens
 from mdi.engine.slots import SlotStage
 from mdi.model import GPT, GPTConfig
-from mdi.ring.seq_frames import to_frame, to_message
-from mdi.ring.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, Frame, Kind, Limits, WireError,
+from mdi.ring.protocol.seq_frames import to_frame, to_message
+from mdi.ring.protocol.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, Frame, Kind, Limits, WireError,
                            admit_frame, decode_frame)
 
 RUN, C, BS, SLOTS, LANE = 9, 8, 16, 6, 3
@@ -202,8 +202,8 @@ def test_fuzz_sequence_frames(m, cut, flip):
 def test_init_of_a_sequence_run():
     """/init with sequences: the groups are lanes of slots, the finisher needs no
     sampling settings, and the run's limits take sequence frames."""
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import InitError, validate_init
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import InitError, validate_init
 
     config = GPTConfig(vocab_size=100, block_size=BS, n_layer=2, n_head=2, n_embd=C)
     body = {"run_id": 5, "role": "finisher", "start": 1, "stop": 2, "model": config.to_dict(),

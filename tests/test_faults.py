@@ -23,11 +23,11 @@ from cluster_helpers import (TOKEN, build_tiny_ckpt, child_env, error_lines, fin
                              finisher_and_fake_starter,
                              health, mdi_cmd, port_released, resume_all, run_cli, start_ring,
                              status, wait_gone, wait_state, write_nodes_file)
-from mdi.ring.local_cluster import free_ports
-from mdi.ring.nodes_config import load_nodes_config, local_nodes_config
-from mdi.ring.starter import EXIT_NODE_FAILURE, RunOptions, Starter
+from mdi.ring.cluster.local_cluster import free_ports
+from mdi.ring.cluster.nodes_config import load_nodes_config, local_nodes_config
+from mdi.ring.starter.driver import EXIT_NODE_FAILURE, RunOptions, Starter
 from mdi.generate.sampling import SamplingConfig
-from mdi.ring.wire import Kind
+from mdi.ring.protocol.wire import Kind
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
 PROMPTS = [[1, 2, 3], [4, 5], [6]]
@@ -272,7 +272,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
     """A stand-in for errors the header checks cannot see: the node logs the reason,
     closes the link, drops the run, and takes the next one."""
     from cluster_helpers import closed_by_peer, open_data
-    from mdi.ring.wire import Frame, Kind, read_frame
+    from mdi.ring.protocol.wire import Frame, Kind, read_frame
 
     async def scenario() -> None:
         async with finisher_and_fake_starter(ckpt) as (rt, cfg, config, start_run):
@@ -297,7 +297,7 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
                 writer.close()
                 back_w.close()
 
-    with caplog.at_level(logging.WARNING, logger="mdi.ring.node"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.node.runtime"):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert any("cannot process a frame" in r.getMessage() and type(exc).__name__ in r.getMessage()
                for r in caplog.records), caplog.text
@@ -311,7 +311,7 @@ def test_a_fixed_batch_takes_context_frames_only(ckpt, kind):
     refuses those frames as bad frames, naming them; the node takes the next run."""
     from cluster_helpers import closed_by_peer, open_data
     from mdi.model import KVCache
-    from mdi.ring.wire import Frame, read_frame
+    from mdi.ring.protocol.wire import Frame, read_frame
 
     async def scenario() -> None:
         async with finisher_and_fake_starter(ckpt) as (rt, cfg, config, start_run):
@@ -347,11 +347,11 @@ def test_a_bad_admit_is_refused_by_an_intermediate(ckpt, field, bad):
     from cluster_helpers import closed_by_peer, open_data
     from mdi.checkpoint import read_info
     from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.auth import challenge
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.partition import Shard
-    from mdi.ring.wire import Kind, admit_frame, read_frame
+    from mdi.ring.protocol.auth import challenge
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+    from mdi.ring.plan.partition import Shard
+    from mdi.ring.protocol.wire import Kind, admit_frame, read_frame
 
     cfg = local_nodes_config(3, free_ports(6))
     inter, fin = cfg.intermediate[0], cfg.finisher
@@ -403,10 +403,10 @@ def test_next_node_closing_its_link_drops_the_run(ckpt, caplog):
     """The finisher's downstream is the starter: when it goes away, the run is dropped
     even though no frame is being written."""
     from mdi.checkpoint import read_info
-    from mdi.ring.auth import challenge
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.partition import Shard
+    from mdi.ring.protocol.auth import challenge
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+    from mdi.ring.plan.partition import Shard
     from mdi.checkpoint.stream import shard_bytes
 
     cfg = local_nodes_config(2, free_ports(4))

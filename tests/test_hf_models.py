@@ -19,8 +19,8 @@ from mdi.checkpoint.sources import convert_to_ours
 from mdi.checkpoint.stream import read_stream, shard_stream
 from mdi.generate.local import generate_timed
 from mdi.generate.sampling import SamplingConfig
-from mdi.ring.partition import Shard
-from mdi.ring.split import write_chunks
+from mdi.ring.plan.partition import Shard
+from mdi.ring.cluster.split import write_chunks
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=0)
 PROMPTS = [[1, 5, 9, 33, 70, 2, 100, 7, 8, 64, 12, 90], [1, 44, 3, 3, 17, 120]]

@@ -20,10 +20,11 @@ import torch
 
 from mdi.checkpoint import st_io
 from mdi.model import GPT, GPTConfig
-from mdi.ring import limits
-from mdi.ring.control import MAX_JSON_BYTES, Guard, LogLimiter, create_app, printable
-from mdi.ring.node import InitError, NodeRuntime, validate_device
-from mdi.ring.nodes_config import NodeSpec
+from mdi.ring.plan import limits
+from mdi.net.log_limit import LogLimiter, printable
+from mdi.ring.node.control_app import MAX_JSON_BYTES, Guard, create_app
+from mdi.ring.node.runtime import InitError, NodeRuntime, validate_device
+from mdi.ring.cluster.nodes_config import NodeSpec
 
 TOKEN = "test-token-0123456789abcdef0123456789abcdef"
 CONFIG = GPTConfig(vocab_size=40, block_size=32, n_layer=3, n_head=2, n_embd=32)
@@ -312,9 +313,9 @@ def test_peer_strings_are_logged_escaped(caplog):
                             headers={"Authorization": f"Bearer {TOKEN}"})
             await http.post("/init", json=body(model={**CONFIG.to_dict(), "evil\nx": 1}),
                             headers={"Authorization": f"Bearer {TOKEN}"})
-    with caplog.at_level(logging.WARNING, logger="mdi.ring.control"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.node.control_app"):
         run(scenario())
-    lines = [r.getMessage() for r in caplog.records if r.name == "mdi.ring.control"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mdi.ring.node.control_app"]
     assert len(lines) == 3 and not any("\n" in m for m in lines), lines
     assert lines[0] == "refused GET /x\\nWARNING forged line from 127.0.0.1: missing or wrong token"
     assert "evil\\nWARNING forged: Extra inputs are not permitted" in lines[1]
@@ -373,12 +374,12 @@ def test_connect_timeout_names_its_reason():
 
 
 def test_a_shared_token_file_gets_a_warning(tmp_path, caplog):
-    from mdi.ring.auth import resolve_token
+    from mdi.ring.protocol.auth import resolve_token
 
     f = tmp_path / "token"
     f.write_text(TOKEN)
     f.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="mdi.ring.auth"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.protocol.auth"):
         assert resolve_token(None, str(f)) == TOKEN
         assert not caplog.records
         f.chmod(0o644)
@@ -392,7 +393,7 @@ def test_a_shared_token_file_gets_a_warning(tmp_path, caplog):
 def test_a_taken_port_exits_4_and_names_it(which, tmp_path, capsys, caplog, monkeypatch):
     """Issue 13.7: a taken control port logged "serving control on ..." and exited 3."""
     from mdi.cli.main import main
-    from mdi.ring.nodes_config import local_nodes_config
+    from mdi.ring.cluster.nodes_config import local_nodes_config
 
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
@@ -447,7 +448,7 @@ def test_packed_copy_is_counted_when_it_fits_and_dropped_when_it_does_not(caplog
     assert rt.run.stage.packed_linears
 
     rt = NodeRuntime(SPEC, TOKEN, max_memory=weights + kv + extra - 1)
-    with caplog.at_level(logging.INFO, logger="mdi.ring.node"):
+    with caplog.at_level(logging.INFO, logger="mdi.ring.node.runtime"):
         assert run(post(rt, "/init", json=req)).status_code == 200
     assert not rt.run.pack and rt.run.mem_bytes == weights + kv
     assert "no room for the" in caplog.text and "plain layers" in caplog.text

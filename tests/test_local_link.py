@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cluster_helpers import TOKEN, finisher_and_fake_starter
-from mdi.ring import local_link
-from mdi.ring.auth import answer
-from mdi.ring.capability import host_id
-from mdi.ring.local_link import (NAME_PATTERN, link_scope, listen_local, local_links, new_name,
+from mdi.ring.protocol import local_link
+from mdi.ring.protocol.auth import answer
+from mdi.ring.plan.capability import host_id
+from mdi.ring.protocol.local_link import (NAME_PATTERN, link_scope, listen_local, local_links, new_name,
                                  open_local, open_streams)
-from mdi.ring.messages import Peer
-from mdi.ring.wire import Frame, Kind, read_frame
+from mdi.ring.node.control_messages import Peer
+from mdi.ring.protocol.wire import Frame, Kind, read_frame
 
 
 # ---- which links are local ------------------------------------------------------
@@ -130,7 +130,7 @@ def test_a_local_connection_is_refused_unless_the_previous_node_is_local(tiny_ck
             assert rt.run.upstream
             back_w.close()
 
-    with caplog.at_level(logging.WARNING, logger="mdi.ring.node"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.node.runtime"):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert "refused data connection from a local socket: connection on the local socket, " \
         "the previous node is 127.0.0.1 over TCP" in caplog.text
@@ -144,6 +144,6 @@ def test_a_next_node_not_reachable_locally_is_reached_over_tcp(tiny_ckpt, caplog
             assert local_link.link_kind(back_w) == "tcp"
             back_w.close()
 
-    with caplog.at_level(logging.WARNING, logger="mdi.ring.node"):
+    with caplog.at_level(logging.WARNING, logger="mdi.ring.node.runtime"):
         asyncio.run(asyncio.wait_for(scenario(), 30))
     assert "linking over TCP" in caplog.text

@@ -20,10 +20,10 @@ from mdi.generate import SamplingConfig, generate
 from mdi.model import GPT, GPTConfig
 from mdi.model.cache import DEFAULT_MAX_CONTEXT, context_length
 from mdi.model.quant import configure_stage
-from mdi.ring.messages import InitRequest
-from mdi.ring.node import NodeRuntime
-from mdi.ring.nodes_config import NodeSpec
-from mdi.ring.partition import Shard
+from mdi.ring.node.control_messages import InitRequest
+from mdi.ring.node.runtime import NodeRuntime
+from mdi.ring.cluster.nodes_config import NodeSpec
+from mdi.ring.plan.partition import Shard
 from mdi.tokenizer import CharTokenizer
 
 from conftest import scaled_random_model, split_model
@@ -140,8 +140,8 @@ def test_node_sizes_its_caches_from_init(tmp_path):
 
 
 def test_planner_memory_follows_the_cap():
-    from mdi.ring import limits
-    from mdi.ring.capability import stage_memory
+    from mdi.ring.plan import limits
+    from mdi.ring.plan.capability import stage_memory
 
     full, cut = stage_memory(LEARNED, 3), stage_memory(LEARNED, 3, max_context=16)
     kv = lambda n: limits.kv_cache_bytes(LEARNED, 1, 3, torch.float32, n)  # noqa: E731
@@ -151,8 +151,8 @@ def test_planner_memory_follows_the_cap():
 def test_int8_runs_cost_their_int8_weights():
     """/init's memory check and the planner count what an int8 node holds once loaded."""
     from mdi.model.quant import quantize_linears, weight_bytes
-    from mdi.ring import limits
-    from mdi.ring.capability import stage_memory
+    from mdi.ring.plan import limits
+    from mdi.ring.plan.capability import stage_memory
 
     for start, stop in [(0, 1), (1, 2), (2, 3), (0, 3)]:
         stage = quantize_linears(GPT(ROPE, start, stop))

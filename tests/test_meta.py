@@ -43,7 +43,7 @@ def test_real_tensors_are_initialised_inside_and_on_other_threads():
 
 @pytest.mark.slow  # a fresh interpreter: this one may have imported torch._dynamo already
 def test_sizing_a_stage_does_not_import_dynamo():
-    code = ("import sys\nfrom mdi.model import GPTConfig\nfrom mdi.ring.capability import stage_memory\n"
+    code = ("import sys\nfrom mdi.model import GPTConfig\nfrom mdi.ring.plan.capability import stage_memory\n"
             "stage_memory(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16), 2)\n"
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,8 +11,8 @@ import torch
 
 from cluster_helpers import (HTTP_TIMEOUT, TOKEN, auth, build_tiny_ckpt, init_body, run_cli,
                              start_ring, status, weights_for)
-from mdi.ring.auth import AuthError, answer, challenge
-from mdi.ring.wire import Frame, Kind, read_frame, write_frame
+from mdi.ring.protocol.auth import AuthError, answer, challenge
+from mdi.ring.protocol.wire import Frame, Kind, read_frame, write_frame
 
 RUN = 4242
 

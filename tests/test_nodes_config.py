@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mdi.ring.nodes_config import (NodesConfig, NodesConfigError, NodeSpec, load_nodes_config,
+from mdi.ring.cluster.nodes_config import (NodesConfig, NodesConfigError, NodeSpec, load_nodes_config,
                                    local_nodes_config, parse_nodes_config)
 
 # Verbatim from /work/shared/DESIGN.md ("Configuration file").

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mdi.ring.partition import PartitionError, Shard, even_split, manual_split, shards_from_sizes
+from mdi.ring.plan.partition import PartitionError, Shard, even_split, manual_split, shards_from_sizes
 
 
 def sizes(shards: list[Shard]) -> list[int]:

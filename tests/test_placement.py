@@ -11,13 +11,13 @@ import torch
 from cluster_helpers import TOKEN, TEXT, auth, run_cli, start_ring, status
 from mdi.checkpoint.format import save_checkpoint
 from mdi.model import GPT, GPTConfig
-from mdi.ring.capability import Speed, node_capabilities
-from mdi.ring.nodes_config import local_nodes_config
-from mdi.ring.placement import Placement, _costs, _differences, compute_units
-from mdi.ring.starter import lane_count, typical_context
-from mdi.ring.capability import StageMemory
-from mdi.ring.partition import even_split
-from mdi.ring.planner import plan_memory
+from mdi.ring.plan.capability import Speed, node_capabilities
+from mdi.ring.cluster.nodes_config import local_nodes_config
+from mdi.ring.plan.placement import Placement, _costs, _differences, compute_units
+from mdi.ring.starter.driver import lane_count, typical_context
+from mdi.ring.plan.capability import StageMemory
+from mdi.ring.plan.partition import even_split
+from mdi.ring.plan.planner import plan_memory
 from mdi.tokenizer import CharTokenizer
 
 
@@ -113,7 +113,7 @@ def _starter(ring, *extra):
 @pytest.mark.slow
 def test_auto_gives_a_slow_starter_fewer_layers_same_text(ring6, monkeypatch):
     # the starter (this process) reports itself 50x slower than any node
-    monkeypatch.setattr("mdi.ring.placement._LOCAL_PROBES.get",
+    monkeypatch.setattr("mdi.ring.plan.placement._LOCAL_PROBES.get",
                         lambda *a: (Speed(50.0, 0.0, 0.0), False))
     rc, out, err = _starter(ring6, "--partition", "auto")
     assert rc == 0, err[-3000:]
@@ -145,7 +145,7 @@ def test_model_that_does_not_fit_is_refused_before_upload(ring6, monkeypatch):
     before = [status(n.spec)["runs_completed"] for n in ring6.procs]
     marks = [n.log_mark() for n in ring6.procs]
     small = {**node_capabilities("cpu"), "budget_bytes": 2**16}  # 64 KiB for the starter
-    monkeypatch.setattr("mdi.ring.placement.node_capabilities", lambda device: small)
+    monkeypatch.setattr("mdi.ring.plan.placement.node_capabilities", lambda device: small)
     rc, out, err = _starter(ring6, "--partition", "auto")
     assert rc == 1 and out == ""
     line = [ln for ln in err.splitlines() if "error:" in ln][-1]
@@ -170,7 +170,7 @@ def test_small_max_memory_gets_fewer_layers(tmp_path_factory):
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=6, n_head=2, n_embd=32)
     torch.manual_seed(0)
     ckpt = save_checkpoint(root / "ckpt6", GPT(config).eval(), tok, {"note": "random, 6 layers"})
-    from mdi.ring.capability import stage_memory
+    from mdi.ring.plan.capability import stage_memory
 
     per_layer = stage_memory(config, 3).block_bytes  # 3 samples' KV cache included
     cap = int(1.5 * per_layer)  # room for one layer, not two

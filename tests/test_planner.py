@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from mdi.ring.partition import even_split
-from mdi.ring.planner import NodeCost, PlanError, plan_layers, plan_memory
+from mdi.ring.plan.partition import even_split
+from mdi.ring.plan.planner import NodeCost, PlanError, plan_layers, plan_memory
 
 
 def compositions(n: int, parts: int):

@@ -20,7 +20,7 @@ from mdi.checkpoint.sources import convert_to_ours
 from mdi.checkpoint.stream import iter_stream, shard_bytes, shard_stream
 from mdi.model import GPT, GPTConfig
 from mdi.model.quant import Int8Embedding, Int8Linear, configure_stage, weight_bytes
-from mdi.ring.partition import Shard
+from mdi.ring.plan.partition import Shard
 from mdi.tokenizer import CharTokenizer
 
 from conftest import scaled_random_model
@@ -176,9 +176,9 @@ def test_int8_checkpoint_config_is_checked(tmp_path):
 
 
 def test_node_runtime_loads_an_int8_stage_equal_to_load_then_quantize(tmp_path):
-    from mdi.ring.messages import InitRequest
-    from mdi.ring.node import NodeRuntime
-    from mdi.ring.nodes_config import NodeSpec
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+    from mdi.ring.cluster.nodes_config import NodeSpec
 
     ck = _ckpt(tmp_path, TIED)
     spec = NodeSpec(role="finisher", index=0, addr="127.0.0.1", port=3, port_in=1, port_out=2)

@@ -24,9 +24,9 @@ from mdi.checkpoint.format import save_checkpoint
 from mdi.generate import SamplingConfig, generate
 from mdi.model import GPTConfig
 from mdi.model.quant import configure_stage
-from mdi.ring.local_cluster import LocalCluster
-from mdi.ring.nodes_config import load_nodes_config
-from mdi.ring.starter import RunOptions, Starter
+from mdi.ring.cluster.local_cluster import LocalCluster
+from mdi.ring.cluster.nodes_config import load_nodes_config
+from mdi.ring.starter.driver import RunOptions, Starter
 from mdi.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ from mdi.checkpoint import load_model
 from mdi.engine import SeqParams
 from mdi.engine.link import LinkClosed
 from mdi.generate import SamplingConfig, generate
-from mdi.ring import ring_engine
-from mdi.ring.nodes_config import local_nodes_config
-from mdi.ring.ring_engine import RingEngine
+from mdi.ring.starter import ring_engine
+from mdi.ring.cluster.nodes_config import local_nodes_config
+from mdi.ring.starter.ring_engine import RingEngine
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ import pytest
 from cluster_helpers import (TOKEN, auth, build_tiny_ckpt, child_env, closed_by_peer,
                              error_lines, fake_upstream, health, init_body, open_data, raw_frame,
                              raw_http, read_raw_frame, run_cli, start_ring, status, wait_state)
-from mdi.ring.auth import AuthError, check_bearer, resolve_token
-from mdi.ring.starter import RunOptions, Starter
-from mdi.ring.wire import HEADER, HEADER_SIZE, Frame, Kind
+from mdi.ring.protocol.auth import AuthError, check_bearer, resolve_token
+from mdi.ring.starter.driver import RunOptions, Starter
+from mdi.ring.protocol.wire import HEADER, HEADER_SIZE, Frame, Kind
 from mdi.generate.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
@@ -147,7 +147,7 @@ def test_token_sources_and_a_wrong_token(ring, tmp_path):
 
 
 def test_bearer_tokens_are_compared_in_constant_time(monkeypatch):
-    import mdi.ring.auth as auth_mod
+    import mdi.ring.protocol.auth as auth_mod
 
     calls = []
     real = auth_mod.hmac.compare_digest
@@ -385,7 +385,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
             errors.append(e)
 
     t = threading.Thread(target=run)
-    caplog.set_level(logging.WARNING, logger="mdi.ring.starter")
+    caplog.set_level(logging.WARNING, logger="mdi.ring.starter.driver")
     t.start()
     try:
         wait_state(fin, "running", 30.0)
@@ -415,7 +415,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
 def test_nodes_bind_the_configured_address_not_all_interfaces(ring):
     import psutil
 
-    from mdi.ring.node import NodeRuntime
+    from mdi.ring.node.runtime import NodeRuntime
 
     for n in ring.procs:
         listening = {c.laddr.port: c.laddr.ip for c in psutil.Process(n.pid).net_connections("tcp")
@@ -453,7 +453,7 @@ def test_idle_connections_cannot_lock_out_the_control_plane(ring):
     long as they were held. Now 150 of them (more than MAX_CONNECTIONS) do not: /health
     and a real /init are answered while they are open, the oldest are evicted past the
     cap, and every one is closed after --timeout (3 s here) without complete headers."""
-    from mdi.ring.http_guard import MAX_CONNECTIONS
+    from mdi.net.http_guard import MAX_CONNECTIONS
 
     fin = ring.fin.spec
     mark = ring.fin.log_mark()

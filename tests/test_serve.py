@@ -440,7 +440,7 @@ def test_idle_connections_cannot_lock_out_the_api(tok):
     holding a descriptor, until accept failed. It now uses the nodes' guarded protocol:
     past the cap the idlest are evicted, /health and a completion are answered while
     they are open, and every one is closed after the header timeout."""
-    from mdi.ring.http_guard import GuardedProtocol
+    from mdi.net.http_guard import GuardedProtocol
 
     app = create_app(lambda: FakeEngine(tok), tok, ServeConfig(model_name=MODEL))
     with BackgroundServer(app, header_timeout=1.0, max_connections=8) as srv:

@@ -89,10 +89,10 @@ def test_batch_invariant_is_applied_once_where_stages_load(ckpt, tmp_path, monke
     as an engine argument (behind a signature check no engine fails). Now only the
     loaders set it: the local model, and the ring's RunOptions (its stages' loaders)."""
     import mdi.engine.local
-    import mdi.ring.ring_engine
+    import mdi.ring.starter.ring_engine
     from cluster_helpers import write_nodes_file
-    from mdi.ring.local_cluster import free_ports
-    from mdi.ring.nodes_config import local_nodes_config
+    from mdi.ring.cluster.local_cluster import free_ports
+    from mdi.ring.cluster.nodes_config import local_nodes_config
 
     made = []
 
@@ -108,7 +108,7 @@ def test_batch_invariant_is_applied_once_where_stages_load(ckpt, tmp_path, monke
             assert opts.batch_invariant is flag    # what every loader of the ring applies
 
     monkeypatch.setattr(mdi.engine.local, "LocalEngine", LocalRecorder)
-    monkeypatch.setattr(mdi.ring.ring_engine, "RingEngine", RingRecorder)
+    monkeypatch.setattr(mdi.ring.starter.ring_engine, "RingEngine", RingRecorder)
     nodes = write_nodes_file(tmp_path / "nodes.json", local_nodes_config(2, free_ports(4)))
     for opts in (BackendOptions(ckpt=str(ckpt), batch_invariant=flag),
                  BackendOptions(ckpt=str(ckpt), batch_invariant=flag, nodes_config=str(nodes),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mdi.serve.chat_template import ChatTemplate, template_for
+from mdi.generate.chat_template import ChatTemplate, template_for
 from mdi.serve.openai_schema import ApiError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <b>&</b>"},

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from mdi.ring.auth import answer, challenge
-from mdi.ring.sock_io import SockStream, _rest, recv_frame, send_frame, set_send_timeout
-from mdi.ring.wire import (DTYPE_CODES, HEADER_SIZE, Frame, Kind, WireError, admit_frame, decode_frame,
+from mdi.ring.protocol.auth import answer, challenge
+from mdi.ring.protocol.sock_io import SockStream, _rest, recv_frame, send_frame, set_send_timeout
+from mdi.ring.protocol.wire import (DTYPE_CODES, HEADER_SIZE, Frame, Kind, WireError, admit_frame, decode_frame,
                            encode_frame)
 from test_wire import LIM, REJECTIONS, RUN, assert_same_frame, header, random_act
 

@@ -15,10 +15,10 @@ from safetensors.torch import load as st_load
 
 from mdi.checkpoint import CheckpointError, load_model, load_stage, save_checkpoint
 from mdi.checkpoint.format import EMBEDDING, TIED_HEAD, build_stage, expected_shapes
-from mdi.ring.partition import Shard, even_split, shards_from_sizes
+from mdi.ring.plan.partition import Shard, even_split, shards_from_sizes
 from mdi.checkpoint.chunks import CHUNK_FORMAT, load_chunk, read_chunk_info, shard_tensors
 from mdi.checkpoint.stream import shard_bytes
-from mdi.ring.split import write_chunks
+from mdi.ring.cluster.split import write_chunks
 from mdi.generate import local
 from mdi.generate.schedule import SampleState, accept, plan_step
 from mdi.model import GPT, GPTConfig, KVCache

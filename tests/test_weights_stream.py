@@ -11,7 +11,7 @@ from safetensors.torch import load as st_load
 
 from mdi.checkpoint import save_checkpoint
 from mdi.checkpoint.format import expected_shapes
-from mdi.ring.partition import Shard, even_split
+from mdi.ring.plan.partition import Shard, even_split
 from mdi.checkpoint.chunks import shard_tensors
 from mdi.checkpoint.stream import WeightsStreamError, read_stream, shard_stream
 from mdi.model import GPT, GPTConfig

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdi.ring.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_PAYLOAD,
+from mdi.ring.protocol.wire import (DTYPE_CODES, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_PAYLOAD,
                            SEQUENCE_KINDS, TORCH_DTYPES, VERSION, DType, Frame, Kind, Limits, WireError,
                            decode_frame, encode_frame, read_frame, write_frame)
 

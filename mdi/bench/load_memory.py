@@ -44,7 +44,7 @@ def _child(ckpt: str, way: str, quantize: str | None) -> dict:
     from ..checkpoint.malloc import mapped_allocations
     from ..checkpoint.stream import iter_stream, read_stream, shard_stream
     from ..model.quant import configure_stage, weight_bytes
-    from ..ring.partition import Shard
+    from ..ring.plan.partition import Shard
 
     torch.set_num_threads(1)
     ck = open_checkpoint(ckpt)

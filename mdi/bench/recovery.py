@@ -18,8 +18,8 @@ import torch
 
 from ..checkpoint import open_checkpoint
 from ..generate.sampling import SamplingConfig
-from ..ring.local_cluster import LocalCluster
-from ..ring.starter import RunOptions, Starter
+from ..ring.cluster.local_cluster import LocalCluster
+from ..ring.starter.driver import RunOptions, Starter
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..generate.schedule import SampleState, accept, plan_step
 from ..plots import finish_figure, plot_tokens_time, plt
-from ..ring.wire import HEADER_SIZE
+from ..ring.protocol.wire import HEADER_SIZE
 
 CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
               "n_nodes", "n_samples", "n_layer", "n_embd", "block_size", "params", "n_tokens",

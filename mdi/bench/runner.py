@@ -23,8 +23,8 @@ import psutil
 from tqdm import tqdm
 
 from ..checkpoint import open_checkpoint
-from ..ring.auth import ENV_VAR
-from ..ring.local_cluster import LocalCluster, child_setup
+from ..ring.protocol.auth import ENV_VAR
+from ..ring.cluster.local_cluster import LocalCluster, child_setup
 from .cgroup import CpuCaps
 from .models import random_checkpoint
 from .netns import NetnsHosts

@@ -10,9 +10,9 @@ import sys
 import torch
 
 from ..checkpoint import load_model, open_checkpoint
-from ..ring.auth import resolve_token
-from ..ring.nodes_config import load_nodes_config
-from ..ring.starter import RunOptions, Starter
+from ..ring.protocol.auth import resolve_token
+from ..ring.cluster.nodes_config import load_nodes_config
+from ..ring.starter.driver import RunOptions, Starter
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..model.quant import QUANT_MODES

@@ -116,7 +116,7 @@ def encode_prompts(tok: Tokenizer, prompts: list[str], chat: bool = False) -> li
     by the model's chat template (with the assistant's generation prompt)."""
     template = None
     if chat:
-        from ..serve.chat_template import template_for
+        from ..generate.chat_template import template_for
 
         template = template_for(tok)
         if template is None:

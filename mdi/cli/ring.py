@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from ..checkpoint import open_checkpoint
 from ..generate.stops import Stops
-from ..ring.auth import resolve_token
-from ..ring.nodes_config import load_nodes_config
-from ..ring.starter import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
+from ..ring.protocol.auth import resolve_token
+from ..ring.cluster.nodes_config import load_nodes_config
+from ..ring.starter.driver import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult, Texts
 from .common import (CKPT_HELP, UsageError, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads, stops_of)
@@ -30,9 +30,9 @@ def _token_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from ..ring.limits import parse_size
-    from ..ring.node import NodeRuntime
-    from ..ring.serve import run_node
+    from ..ring.plan.limits import parse_size
+    from ..ring.node.runtime import NodeRuntime
+    from ..ring.node.process import run_node
 
     set_threads(args.threads)
     _check_timeout(args.timeout)
@@ -124,7 +124,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from ..ring.split import write_chunks
+    from ..ring.cluster.split import write_chunks
 
     for path in write_chunks(args.ckpt, args.nodes, args.out):
         print(path)
@@ -132,7 +132,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..ring.local_cluster import LocalCluster, default_threads
+    from ..ring.cluster.local_cluster import LocalCluster, default_threads
 
     open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.api import Engine, EngineBusy, EngineFailure, SeqParams
 from ..tokenizer import Tokenizer
 from . import openai_schema as oa
-from .chat_template import template_for
+from ..generate.chat_template import template_for
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .runs import Run
 from .sse import DONE, EventStreamResponse, event

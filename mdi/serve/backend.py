@@ -120,12 +120,12 @@ def ring_backend(opts: BackendOptions) -> Backend:
     server re-forms it after a failure. Re-planning over the nodes still alive and
     the spares is the ring engine's to do."""
     try:
-        from ..ring.ring_engine import RingEngine
+        from ..ring.starter.ring_engine import RingEngine
     except ImportError as e:
         raise ValueError(f"the ring engine is not in this build ({e}); serve one device with "
                          "--nodes 1") from None
     from ..checkpoint import open_checkpoint
-    from ..ring.starter import RunOptions
+    from ..ring.starter.driver import RunOptions
 
     tok = open_checkpoint(opts.ckpt).tokenizer()
     backend = Backend(lambda: None, tok, "")  # type: ignore[arg-type, return-value]
@@ -140,14 +140,14 @@ def ring_backend(opts: BackendOptions) -> Backend:
 def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOptions: type) -> None:  # noqa: N803
     tok = backend.tokenizer
     if opts.nodes_config:
-        from ..ring.auth import resolve_token
-        from ..ring.nodes_config import load_nodes_config
+        from ..ring.protocol.auth import resolve_token
+        from ..ring.cluster.nodes_config import load_nodes_config
 
         nodes = load_nodes_config(opts.nodes_config)
         token = resolve_token(opts.token, opts.token_file) if nodes.secondaries else ""
         where = f"the nodes of {opts.nodes_config}"
     else:
-        from ..ring.local_cluster import LocalCluster
+        from ..ring.cluster.local_cluster import LocalCluster
 
         cluster = backend.resources.enter_context(
             LocalCluster(opts.nodes, threads=opts.threads, node_timeout=opts.timeout,

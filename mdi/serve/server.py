@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from ..ring.http_guard import HEADER_TIMEOUT_S, MAX_CONNECTIONS, guarded
+from ..net.http_guard import HEADER_TIMEOUT_S, MAX_CONNECTIONS, guarded
 
 log = logging.getLogger("mdi.serve")
 
@@ -50,7 +50,7 @@ def api_config(app: Any, header_timeout: float = HEADER_TIMEOUT_S,
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan).
     The socket is bound first, so a taken port is a ListenError (exit status 4)."""
-    from ..ring.control import LogLimiter
+    from ..net.log_limit import LogLimiter
 
     sock = bind(host, port)
     LogLimiter.install()  # a stranger's connections cannot flood the log either

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate.sampling import check_sampling
+from ...generate.sampling import check_sampling
 
 MAGIC = b"MDI\x00"
 VERSION = 1

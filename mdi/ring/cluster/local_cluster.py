@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import httpx
 
-from .auth import ENV_VAR, new_token
+from ..protocol.auth import ENV_VAR, new_token
 from .nodes_config import NodesConfig, NodeSpec, local_nodes_config
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import re
 import secrets
 import socket
 
-from .capability import host_id
+from ..plan.capability import host_id
 from .sock_io import open_socket
 
 log = logging.getLogger(__name__)

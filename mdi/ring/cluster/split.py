@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import chunks
-from ..checkpoint.sources import Checkpoint, open_checkpoint
-from .partition import Shard, even_split
+from ...checkpoint import chunks
+from ...checkpoint.sources import Checkpoint, open_checkpoint
+from ..plan.partition import Shard, even_split
 
 
 def write_chunks(ckpt: str | Path | Checkpoint, n_nodes: int, out_dir: str | Path,

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..generate.sampling import SamplingConfig, sample_rows, seeded_generator
-from ..model import GPT, GPTConfig
-from ..model.dtypes import DTYPES
-from ..model.meta import on_meta
-from ..model.quant import quantize as quantize_stage
+from ...generate.sampling import SamplingConfig, sample_rows, seeded_generator
+from ...model import GPT, GPTConfig
+from ...model.dtypes import DTYPES
+from ...model.meta import on_meta
+from ...model.quant import quantize as quantize_stage
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)

@@ -21,11 +21,12 @@ import socket
 
 import uvicorn
 
-from . import aio
-from .control import LogLimiter, create_app
-from .http_guard import guarded
-from .node import NodeRuntime
-from .sock_io import listen_sockets
+from ..protocol import aio
+from ...net.log_limit import LogLimiter
+from .control_app import create_app
+from ...net.http_guard import guarded
+from .runtime import NodeRuntime
+from ..protocol.sock_io import listen_sockets
 
 log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 3      # open control requests get this long on shutdown

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..model import GPTConfig
-from .auth import AuthError
+from ...model import GPTConfig
+from ..protocol.auth import AuthError
 from .capability import ProbeCache, Speed, node_capabilities, stage_memory
-from .nodes_config import NodesConfig, NodeSpec
+from ..cluster.nodes_config import NodesConfig, NodeSpec
 from .partition import Shard, even_split, manual_split
 from .planner import NodeCost, Plan, PlanError, plan_layers, plan_memory
 

@@ -38,27 +38,27 @@ from typing import AsyncIterator
 
 import torch
 
-from ..checkpoint.format import CheckpointError, StageBuilder
-from ..checkpoint.malloc import mapped_allocations
-from ..checkpoint.stream import WeightsStreamError, iter_stream
-from ..engine.slots import SlotError, SlotStage
-from ..generate.sampling import SamplingConfig, sample_generator, sample_rows
-from ..generate.step import forward_context
-from ..model import GPT, GPTConfig
-from ..model.cache import context_length
-from ..model.dtypes import DTYPES
-from ..model.quant import configure_stage
-from . import limits as mem
-from .aio import bounded
-from .auth import AuthError, answer, challenge
-from .capability import ProbeCache, node_capabilities
-from .local_link import is_local, link_scope, listen_local, new_name, open_link
-from .messages import InitRequest, ProbeRequest
-from .node_link import DataLink, DownstreamError
-from .nodes_config import NodeSpec
-from .seq_frames import to_frame, to_message
-from .sock_io import SockStream, listen_sockets, no_delay, recv_frame, send_frame
-from .wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits, WireError
+from ...checkpoint.format import CheckpointError, StageBuilder
+from ...checkpoint.malloc import mapped_allocations
+from ...checkpoint.stream import WeightsStreamError, iter_stream
+from ...engine.slots import SlotError, SlotStage
+from ...generate.sampling import SamplingConfig, sample_generator, sample_rows
+from ...generate.step import forward_context
+from ...model import GPT, GPTConfig
+from ...model.cache import context_length
+from ...model.dtypes import DTYPES
+from ...model.quant import configure_stage
+from ..plan import limits as mem
+from ..protocol.aio import bounded
+from ..protocol.auth import AuthError, answer, challenge
+from ..plan.capability import ProbeCache, node_capabilities
+from ..protocol.local_link import is_local, link_scope, listen_local, new_name, open_link
+from .control_messages import InitRequest, ProbeRequest
+from .data_link import DataLink, DownstreamError
+from ..cluster.nodes_config import NodeSpec
+from ..protocol.seq_frames import to_frame, to_message
+from ..protocol.sock_io import SockStream, listen_sockets, no_delay, recv_frame, send_frame
+from ..protocol.wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits, WireError
 
 log = logging.getLogger(__name__)
 MAX_SAMPLES = 1 << 16  # per run; each one costs a KV-cache row on every node
@@ -770,13 +770,13 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
 
 
 def load_chunk_info(chunk_dir: str | Path) -> dict:
-    from ..checkpoint.chunks import read_chunk_info
+    from ...checkpoint.chunks import read_chunk_info
 
     return read_chunk_info(chunk_dir)
 
 
 def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, device: str,
                      dtype: torch.dtype, quantize: str | None = None) -> GPT:
-    from ..checkpoint.chunks import load_chunk
+    from ...checkpoint.chunks import load_chunk
 
     return load_chunk(chunk_dir, config, start, stop, device, dtype, quantize)

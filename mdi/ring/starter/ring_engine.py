@@ -33,25 +33,25 @@ import time
 
 import httpx
 
-from ..checkpoint import load_stage, open_checkpoint
-from ..engine.api import EngineFailure
-from ..engine.link import LinkClosed
-from ..engine.messages import Decode, Message, Prefill, Tokens
-from ..engine.scheduler import PipelineEngine
-from ..engine.slots import SlotError, SlotStage
-from ..model.dtypes import DTYPES
-from ..tokenizer import Tokenizer
-from .aio import bounded
-from .nodes_config import NodeSpec, NodesConfig
-from .seq_frames import to_frame, to_message
-from ..results import HopStats
-from .partition import Shard
-from .capability import node_capabilities, stage_memory
-from .placement import Placement
-from .planner import PlanError
-from .local_link import link_kind
-from .starter import NodeFailure, RunOptions, Starter, lane_count, plan_shards
-from .wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
+from ...checkpoint import load_stage, open_checkpoint
+from ...engine.api import EngineFailure
+from ...engine.link import LinkClosed
+from ...engine.messages import Decode, Message, Prefill, Tokens
+from ...engine.scheduler import PipelineEngine
+from ...engine.slots import SlotError, SlotStage
+from ...model.dtypes import DTYPES
+from ...tokenizer import Tokenizer
+from ..protocol.aio import bounded
+from ..cluster.nodes_config import NodeSpec, NodesConfig
+from ..protocol.seq_frames import to_frame, to_message
+from ...results import HopStats
+from ..plan.partition import Shard
+from ..plan.capability import node_capabilities, stage_memory
+from ..plan.placement import Placement
+from ..plan.planner import PlanError
+from ..protocol.local_link import link_kind
+from .driver import NodeFailure, RunOptions, Starter, lane_count, plan_shards
+from ..protocol.wire import (DTYPE_CODES, Frame, Kind, Limits, WireError, encode_frame, read_frame,
                    write_frame)
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint.format import expected_int8_shapes, expected_shapes
-from ..model.cache import context_length
-from ..model.meta import on_meta
+from ...checkpoint.format import expected_int8_shapes, expected_shapes
+from ...model.cache import context_length
+from ...model.meta import on_meta
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
@@ -98,8 +98,8 @@ def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
     Same three one-block stages as stage_weight_bytes, on the meta device."""
     from torch import nn
 
-    from ..model import GPT
-    from ..model.layers import PACK_MIN_WEIGHTS, packing_available
+    from ...model import GPT
+    from ...model.layers import PACK_MIN_WEIGHTS, packing_available
 
     if quantize or dtype != torch.float32 or not device.startswith("cpu") or \
             not packing_available():

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .local_link import NAME_PATTERN
+from ..protocol.local_link import NAME_PATTERN
 
 SampleId = Annotated[int, Field(ge=0, lt=2**32)]  # node.py refuses more than MAX_SAMPLES
 

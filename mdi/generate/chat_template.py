@@ -13,7 +13,7 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .openai_schema import ApiError
+from ..serve.openai_schema import ApiError
 
 
 class TemplateError(ValueError):

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable
 
-from .sock_io import set_send_timeout
+from ..protocol.sock_io import set_send_timeout
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 

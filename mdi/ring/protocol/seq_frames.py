@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.messages import Admit, Decode, Message, Prefill, Retire, Tokens
-from ..engine.slots import SlotStage
+from ...engine.messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from ...engine.slots import SlotStage
 from .wire import Frame, Kind, WireError, admit_frame, admit_params
 
 

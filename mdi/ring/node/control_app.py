@@ -26,9 +26,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .auth import check_bearer
-from .messages import InitRequest, ProbeRequest, RunRef
-from .node import InitError, NodeRuntime
+from ...net.log_limit import printable
+from ..protocol.auth import check_bearer
+from .control_messages import InitRequest, ProbeRequest, RunRef
+from .runtime import InitError, NodeRuntime
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
@@ -36,60 +37,6 @@ PUBLIC_PATHS = ("/health",)
 # After a refusal whose body has no declared length (or more bytes than declared):
 # close rather than read on. A declared length h11 reads and discards itself.
 CLOSE = (b"connection", b"close")
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """A peer-controlled string as one safe log token: control and non-ASCII characters
-    escaped (a newline becomes \\n), at most `limit` characters."""
-    out = text.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return out if len(out) <= limit else out[:limit] + "..."
-
-
-class LogLimiter(logging.Filter):
-    """At most `per_second` warnings a second from each of the node's network-facing loggers.
-
-    Each logger has its own budget, so a flood of refused HTTP requests cannot hide
-    the data plane's warnings. Dropped lines are counted; the next line let through
-    says how many. Errors and info lines always pass.
-    """
-    LOGGERS = ("mdi.ring.control", "mdi.ring.serve", "mdi.ring.http_guard", "mdi.ring.node",
-               "uvicorn.error")
-    _installed: "LogLimiter | None" = None
-
-    def __init__(self, per_second: int = 20) -> None:
-        super().__init__()
-        self.per_second = per_second
-        self.window: dict[str, float] = {}    # logger name -> start of its current second
-        self.count: dict[str, int] = {}
-        self.dropped: dict[str, int] = {}
-        self.lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
-        name = record.name
-        with self.lock:
-            now = time.monotonic()
-            if now - self.window.get(name, 0.0) >= 1.0:
-                self.window[name], self.count[name] = now, 0
-            if self.count[name] >= self.per_second:
-                self.dropped[name] = self.dropped.get(name, 0) + 1
-                return False
-            self.count[name] += 1
-            dropped = self.dropped.pop(name, 0)
-            if dropped:
-                record.msg = f"{record.msg} [{dropped} warnings not logged: more than " \
-                             f"{self.per_second} a second]"
-        return True
-
-    @classmethod
-    def install(cls, per_second: int = 20) -> "LogLimiter":
-        """Attach one limiter to LOGGERS (once per process)."""
-        if cls._installed is None:
-            cls._installed = cls(per_second)
-            for name in cls.LOGGERS:
-                logging.getLogger(name).addFilter(cls._installed)
-        return cls._installed
 
 
 class BodyTooLarge(Exception):
@@ -323,7 +270,7 @@ def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
 
 def weights_limit(config, start: int, stop: int) -> int:
     """Largest safetensors stream a stage can need: float32 tensors plus the header."""
-    from ..checkpoint.format import expected_shapes
+    from ...checkpoint.format import expected_shapes
 
     n = 0
     for shape in expected_shapes(config, start, stop).values():

@@ -25,27 +25,27 @@ from typing import AsyncIterator, Callable, Iterator
 import httpx
 import torch
 
-from ..checkpoint import load_stage, open_checkpoint
-from ..engine.api import EngineFailure, Event
-from ..generate.local import generate_timed
-from ..generate.sampling import SamplingConfig
-from ..generate.schedule import SampleState, accept, make_groups, plan_step
-from ..generate.step import forward_context
-from ..generate.stops import Stops
-from ..model import GPT
-from ..checkpoint.stream import shard_stream
-from ..model.dtypes import DTYPES
-from ..model.quant import configure_stage
-from ..results import FailedNode, Failure, GenerationResult, HopStats, Texts
-from . import aio
-from .aio import bounded
-from .auth import AuthError, answer, challenge
-from .local_link import (link_kind, link_scope, listen_local, local_links, new_name, open_link,
+from ...checkpoint import load_stage, open_checkpoint
+from ...engine.api import EngineFailure, Event
+from ...generate.local import generate_timed
+from ...generate.sampling import SamplingConfig
+from ...generate.schedule import SampleState, accept, make_groups, plan_step
+from ...generate.step import forward_context
+from ...generate.stops import Stops
+from ...model import GPT
+from ...checkpoint.stream import shard_stream
+from ...model.dtypes import DTYPES
+from ...model.quant import configure_stage
+from ...results import FailedNode, Failure, GenerationResult, HopStats, Texts
+from ..protocol import aio
+from ..protocol.aio import bounded
+from ..protocol.auth import AuthError, answer, challenge
+from ..protocol.local_link import (link_kind, link_scope, listen_local, local_links, new_name, open_link,
                          open_streams)
-from .nodes_config import NodeSpec, NodesConfig
-from .partition import Shard, even_split, manual_split
-from .placement import Placement, place_layers
-from .wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
+from ..cluster.nodes_config import NodeSpec, NodesConfig
+from ..plan.partition import Shard, even_split, manual_split
+from ..plan.placement import Placement, place_layers
+from ..protocol.wire import DTYPE_CODES, Frame, Kind, Limits, WireError, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 EXIT_NODE_FAILURE = 3
@@ -204,7 +204,7 @@ class Starter:
         """The fixed batch as sequences of the engine (ring_engine.py): every prompt
         admitted at the first step with the run's token budget; sample i draws from
         the stream sample_seed(seed, i), as the fixed-batch nodes did."""
-        from ..engine.batch import batch_params
+        from ...engine.batch import batch_params
         from .ring_engine import RingEngine
 
         lanes = make_groups(len(prompts), self.opts.n_groups or len(self.nodes.ring))
