@@ -89,6 +89,27 @@ class Browser:
                 raise CDPError(f"{url} did not load")
             time.sleep(0.02)
 
+    def reload(self) -> None:
+        """Reload the page and wait until the new document has loaded (the old one is
+        marked first, so that its readyState is not taken for the new one's)."""
+        self.eval("window.__before_reload = true")
+        self.send("Page.reload")
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:   # while the page navigates, its context may be gone for a moment
+                if not self.eval("window.__before_reload || document.readyState !== 'complete'"):
+                    return
+            except CDPError:
+                pass
+            if time.monotonic() > deadline:
+                raise CDPError("the page did not reload")
+            time.sleep(0.02)
+
+    def set_viewport(self, width: int, height: int, mobile: bool = False) -> None:
+        """Lay the page out for another screen (mobile: a phone's viewport rules)."""
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                         "deviceScaleFactor": 1, "mobile": mobile})
+
     def eval(self, expression: str) -> Any:
         r = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
                                            "awaitPromise": True})
