@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import string
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,8 +22,9 @@ from mdi.engine.api import Event
 from mdi.serve import BackgroundServer, ServeConfig, create_app
 from serve_fakes import ChatCharTokenizer, FakeEngine, greedy_text
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)")]
+in_chromium = pytest.mark.skipif(find_chromium() is None,
+                                 reason="chromium is not installed (Debian: apt-get install chromium)")
+STATIC = Path(__file__).parent.parent / "mdi" / "serve" / "static"
 TOK = ChatCharTokenizer(sorted(set(string.printable)))
 STATE = """(() => { const q = (s) => [...document.querySelectorAll(s)]; return JSON.stringify({
   state: document.body.dataset.state, model: document.getElementById('model').textContent,
@@ -104,6 +107,20 @@ def send(browser: Browser, text: str) -> None:
     browser.press_enter()
 
 
+def test_chat_page_assets_are_served_and_build_no_html():
+    """Without a browser: every file the page names is served, and no script of the page
+    turns text into HTML (the Markdown renderer builds DOM nodes; see the tests below)."""
+    with BackgroundServer(create_app(lambda: FakeEngine(TOK), TOK, ServeConfig(model_name="m"))) as srv:
+        page = urllib.request.urlopen(srv.url + "/").read().decode()
+        names = re.findall(r'(?:src|href)="(static/[^"]+)"', page)
+        assert {"static/chat.js", "static/markdown.js", "static/settings.js", "static/chat.css"} <= {*names}
+        for name in names:
+            assert urllib.request.urlopen(f"{srv.url}/{name}").status == 200, name
+    sinks = re.compile(r"\.(inner|outer)HTML\b|insertAdjacentHTML|document\.write|\beval\(|new Function")
+    for script in STATIC.glob("*.js"):
+        assert not sinks.search(script.read_text()), f"{script.name}: {sinks.search(script.read_text())}"
+
+
 def keep_shot(browser: Browser, tmp_path: Path, name: str) -> Path:
     """A screenshot, copied to $MDI_SCREENSHOT_DIR when set (to look at the layout)."""
     shot = browser.screenshot(tmp_path / name)
@@ -118,6 +135,8 @@ def squeeze(text: str) -> str:
     return "".join(text.split())
 
 
+@pytest.mark.slow
+@in_chromium
 def test_chat_page_streams_in_chromium(tmp_path):
     engines: list[FakeEngine] = []
 
@@ -166,6 +185,8 @@ def test_chat_page_streams_in_chromium(tmp_path):
             time.sleep(0.02)
 
 
+@pytest.mark.slow
+@in_chromium
 def test_chat_page_system_prompt_thinking_and_reload(tmp_path):
     gate = threading.Event()
     engine = ScriptedEngine(TOK, gate=gate, step_s=0.01)
@@ -189,9 +210,11 @@ def test_chat_page_system_prompt_thinking_and_reload(tmp_path):
         assert s["thinking"] == 0
         prompt = "system: Answer briefly.\nuser: Hello there\nassistant:"
         assert engine.prompts() == [prompt]
-        first = greedy_text(TOK.encode(prompt), 256)   # the server's default max tokens for chat
+        first = s["saved"]["messages"][1]["content"]   # as long as the server's default allows
+        assert first and first == greedy_text(TOK.encode(prompt), len(first))
         assert s["saved"]["messages"] == [{"role": "user", "content": "Hello there"},
-                                          {"role": "assistant", "content": first, "note": "(token limit reached)"}]
+                                          {"role": "assistant", "content": first,
+                                           "note": "(token limit reached)"}]
         body = browser.eval("__bodies")[-1]
         assert body["temperature"] == 0 and "max_tokens" not in body and "top_p" not in body
         assert body["messages"][0] == {"role": "system", "content": "Answer briefly."}
@@ -218,11 +241,14 @@ def test_chat_page_system_prompt_thinking_and_reload(tmp_path):
         assert engine.prompts()[-1] == "system: Answer briefly.\nuser: Hi\nassistant:"
 
 
+@pytest.mark.slow
+@in_chromium
 def test_chat_page_invalid_settings_and_failed_requests(tmp_path):
     engines: list[FakeEngine] = []
 
-    def factory() -> FakeEngine:   # the first engine fails at submit; its replacement works
-        engines.append(ScriptedEngine(TOK, script="Fine.", fail_submit=not engines))
+    def factory() -> FakeEngine:   # the first engine fails at submit, the second after a token
+        engines.append(ScriptedEngine(TOK, script="Fine.", fail_submit=len(engines) == 0,
+                                      fail_after=1 if len(engines) == 1 else None))
         return engines[-1]
 
     def field_error(name: str) -> str:
@@ -263,11 +289,20 @@ def test_chat_page_invalid_settings_and_failed_requests(tmp_path):
         assert browser.eval("document.getElementById('input').value") == "Hello"
         assert browser.eval("__bodies")[-1] == {"model": "tiny-char", "stream": True, "temperature": 0.5,
                                                 "messages": [{"role": "user", "content": "Hello"}]}
+        # failing after some text: the text stays, with the error under it
         poll(browser, lambda s: len(engines) == 2 and engines[1].started, timeout=10)
         browser.eval("document.getElementById('input').focus()")
         browser.press_enter()
         s = poll(browser, lambda s: s["state"] == "idle" and s["replies"])[-1]
-        assert s["replies"] == ["Fine."] and engines[1].prompts() == ["user: Hello\nassistant:"]
+        assert s["replies"] == ["F"] and len(s["errors"]) == 1   # the earlier one
+        failed = browser.eval("document.querySelector('.meta.failed').textContent")
+        assert "engine failure at node node-2" in failed
+        assert s["saved"]["messages"][-1]["failed"] is True
+        poll(browser, lambda s: len(engines) == 3 and engines[2].started, timeout=10)
+        send(browser, "Again")
+        s = poll(browser, lambda s: s["state"] == "idle" and len(s["replies"]) == 2)[-1]
+        assert s["replies"][1] == "Fine."
+        assert engines[2].prompts() == ["user: Hello\nassistant: F\nuser: Again\nassistant:"]
 
 
 MARKDOWN = [   # (the model's text, the HTML that the page's renderer builds from it)
@@ -291,7 +326,8 @@ MARKDOWN = [   # (the model's text, the HTML that the page's renderer builds fro
     ('<img src=x onerror="alert(1)"><script>x</script>',
      '<p>&lt;img src=x onerror="alert(1)"&gt;&lt;script&gt;x&lt;/script&gt;</p>'),
 ]
-INJECTION = ('Hi <img src=x onerror="window.pwned=1"> **bold**\n\n```html\n<script>window.pwned=2</script>\n```\n\n'
+INJECTION = ('Hi <img src=x onerror="window.pwned=1"> **bold**\n\n'
+             '```html\n<script>window.pwned=2</script>\n```\n\n'
              '- [x](javascript:window.pwned=3)\n- [ok](https://example.com/a)\n')
 INSPECT = """JSON.stringify({pwned: window.pwned === undefined ? null : window.pwned,
   tags: [...document.querySelectorAll('#log *')].map(e => e.tagName.toLowerCase()),
@@ -305,6 +341,8 @@ PLACEHOLDERS = """(() => { const ctx = document.createElement('canvas').getConte
             e.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight)]; }); })()"""
 
 
+@pytest.mark.slow
+@in_chromium
 def test_chat_page_renders_markdown_safely(tmp_path):
     engine = ScriptedEngine(TOK, script=INJECTION)
     with chat_page(tmp_path, lambda: engine) as (browser, _):

@@ -195,7 +195,8 @@
       save();
     } else {   // nothing came back: no empty bubble, and the message can be sent again
       out.className = error ? "msg error" : "msg notice";
-      out.querySelector(".content").textContent = error || "Stopped before the reply began.";
+      out.querySelector(".content").textContent = error
+        || (finish === "stopped" ? "Stopped before the reply began." : "The model's reply was empty.");
       note(out, "Your message is back in the input box.", false);
       asked.classList.add("unsent");
       if (!input.value.trim()) input.value = text;

@@ -1,5 +1,5 @@
 // Markdown to DOM nodes for the chat page. The model's text is untrusted: every piece
-// of it becomes a text node or textContent, never HTML (no innerHTML anywhere), and a
+// of it becomes a text node or textContent, never parsed as HTML, and a
 // link gets an href only when it parses as an absolute http(s) URL.
 // The subset chat models write: paragraphs (single newlines kept as line breaks),
 // headings, fenced code blocks (an unclosed fence runs to the end, as while a reply
