@@ -36,10 +36,13 @@ class Retire:
 
 @dataclass(frozen=True)
 class Prefill:
-    """Fill `slot`'s cache at positions 0..T-1: x is ids (1, T) on the first
-    stage, activations (1, T, C) after it."""
+    """Fill `slot`'s cache at positions start..start+T-1: x is ids (1, T) on the
+    first stage, activations (1, T, C) after it. start 0 begins the slot's cache
+    anew; start > 0 is the next chunk of a chunked prefill (the slot holds
+    exactly positions 0..start-1)."""
     slot: int
     x: torch.Tensor
+    start: int = 0
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..generate.sampling import sample_seed
-from ..generate.schedule import SampleState, accept, plan_step
+from ..generate.schedule import SampleState, StepPlan, accept, needs_prefill, plan_chunk
 from ..model import GPT
 from .api import EngineBusy, EngineFailure, Event, SeqParams, SeqStats
 from .link import Link, LinkClosed
@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 # one lane). The loop is held at most this long by a step; prefills always go
 # to the worker.
 INLINE_BELOW_S = 0.02
+# Prefill tokens a lane step carries at most (--prefill-chunk; 0: a whole prompt
+# in one piece). A longer prompt crosses the pipeline in chunks over successive
+# steps: stage k computes chunk i while stage k+1 computes chunk i-1, and the
+# sequences already decoding in the lane wait one chunk per step, not the whole
+# prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class Sequence:
@@ -122,13 +128,16 @@ class PipelineEngine:
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         if not first.has_embeddings:
             raise ValueError("the engine runs the first stage: it needs the embeddings")
         if link is not None and first.has_head:
             raise ValueError("with a link the first stage must not hold the head")
         if max_seqs <= 0:
             raise ValueError(f"max_seqs must be positive, got {max_seqs}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be 0 (no chunks) or positive, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.sizes = lane_sizes(max_seqs, max(1, n_stages))
         self.first = SlotStage(first, self.sizes)
         self.config = first.config
@@ -359,25 +368,42 @@ class PipelineEngine:
         msgs: list[Message] = [Retire(s) for s in retire]
         msgs += [Admit(s.slot, s.params.temperature, s.params.top_k, s.params.top_p, s.seed)
                  for s in admit]
-        slots = tuple(sorted(lane.seqs))
-        if not slots:
-            if msgs:  # free the slots downstream now; nothing to decode
-                await self._send(await self._compute(lane.index, msgs, ()))
+        plans = self._plans(lane)
+        if not plans:
+            if msgs:  # free the slots downstream now; nothing to compute
+                await self._send(await self._compute(lane.index, msgs, {}))
             return
-        lane.in_flight = slots
-        self._order.append(lane.index)
-        self.max_in_flight = max(self.max_in_flight, len(self._order))
-        out = await self._compute(lane.index, msgs, slots)
-        if self.link is None:
+        slots = tuple(s for s, p in plans.items() if p.decodes)
+        if slots:
+            lane.in_flight = slots
+            self._order.append(lane.index)
+            self.max_in_flight = max(self.max_in_flight, len(self._order))
+        out = await self._compute(lane.index, msgs, plans)
+        if self.link is None and slots:
             tokens = out.pop()
             assert isinstance(tokens, Tokens)
             self._inbox.put_nowait(tokens)
         await self._send(out)
+        if not slots:  # chunks alone: nothing comes back, the lane goes on at once
+            self._wake()
 
-    async def _compute(self, lane: int, msgs: list[Message], slots: tuple[int, ...]
+    def _plans(self, lane: _Lane) -> dict[int, StepPlan]:
+        """This step of each of the lane's sequences, in slot order: prefills share
+        the step's budget of prefill_chunk tokens (a sequence that gets none waits
+        for a later step); a sequence decodes once its cache holds its context."""
+        budget, left = self.prefill_chunk, self.prefill_chunk
+        plans = {}
+        for slot in sorted(lane.seqs):
+            state = lane.seqs[slot].state
+            if budget and not left and needs_prefill(state, self.first.context):
+                continue
+            plan = plan_chunk(state, self.first.context, left if budget else 0)
+            left -= len(plan.prefill)
+            plans[slot] = plan
+        return plans
+
+    async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
-        seqs = {slot: self.lanes[lane].seqs[slot] for slot in slots}
-        plans = {slot: plan_step(seqs[slot].state, self.first.context) for slot in slots}
         decode_only = not any(p.prefill for p in plans.values())
         ema = self._step_ema
         # A short step runs right here: the hand-off to the worker thread and back
@@ -410,10 +436,13 @@ class PipelineEngine:
             return out
         for slot, plan in plans.items():
             if plan.prefill:
-                h = first.prefill(Prefill(slot, torch.tensor([plan.prefill], dtype=torch.long)))
+                ids = torch.tensor([plan.prefill], dtype=torch.long)
+                h = first.prefill(Prefill(slot, ids, plan.start))
                 if h is not None:
-                    out.append(Prefill(slot, h))
-        slots = tuple(plans)
+                    out.append(Prefill(slot, h, plan.start))
+        slots = tuple(s for s, p in plans.items() if p.decodes)
+        if not slots:
+            return out
         positions = [first.slots[s].position for s in slots]
         if positions != [plans[s].position for s in slots]:
             raise SlotError(f"slot positions {positions} differ from the schedule's")

@@ -105,15 +105,19 @@ class SlotStage:
 
     @torch.inference_mode()
     def prefill(self, m: Prefill) -> torch.Tensor | None:
-        """Fill the slot from position 0; returns the activations (1, T, C) for
-        the next stage, None on the last stage (prefill needs no logits)."""
+        """Fill the slot at positions m.start..; returns the activations (1, T, C)
+        for the next stage, None on the last stage (prefill needs no logits)."""
         s = self._slot(m.slot)
         t = m.x.shape[1]
-        if not 1 <= t <= self.context:
-            raise SlotError(f"prefill of {t} tokens, the context is {self.context} positions")
+        if not 1 <= t <= self.context - m.start:
+            raise SlotError(f"prefill of {t} tokens at position {m.start}, the context is "
+                            f"{self.context} positions")
+        if m.start and m.start != s.position:
+            raise SlotError(f"prefill chunk at position {m.start}, slot {m.slot} holds "
+                            f"{s.position} positions")
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
-        h = step.prefill(self.stage, self.caches[s.lane], s.row, x)
-        s.position = t
+        h = step.prefill(self.stage, self.caches[s.lane], s.row, x, m.start)
+        s.position = m.start + t
         return None if self.stage.has_head else h
 
     @torch.inference_mode()
@@ -167,7 +171,7 @@ class SlotStage:
             return None if self.stage.has_head else m
         if isinstance(m, Prefill):
             h = self.prefill(m)
-            return None if h is None else Prefill(m.slot, h)
+            return None if h is None else Prefill(m.slot, h, m.start)
         if isinstance(m, Decode):
             out = self.decode(m)
             if self.stage.has_head:

@@ -9,6 +9,11 @@ len(context) - 1. When the context would exceed the positions a run keeps
 (`GPT.context`: min(block_size, --max-context)), the window jumps so that only
 the newest context // 2 tokens remain, the cache row is dropped and re-filled
 (a prefill from position 0), then decoding goes on.
+
+Chunked prefill (plan_chunk): a long prefill is written a chunk at a time,
+positions cached..cached+n-1, over several steps; the sample decodes only in
+the step whose chunk completes its context. Each chunk attends to the chunks
+already in the cache (causal), so the cache ends as a one-piece prefill's.
 """
 from __future__ import annotations
 
@@ -32,10 +37,16 @@ class SampleState:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """For one sample: an optional prefill, then one decode."""
-    prefill: list[int]            # tokens to write at positions 0..len-1 ([] for none)
-    token: int                    # token to decode
-    position: int                 # its position
+    """For one sample: an optional prefill, then one decode (none while a chunked
+    prefill is still filling the cache)."""
+    prefill: list[int]            # tokens to write at positions start..start+len-1 ([] for none)
+    token: int | None             # token to decode (None: this step only prefills)
+    position: int                 # its position (the decode's; the prefill's end when none)
+    start: int = 0                # the prefill's first position
+
+    @property
+    def decodes(self) -> bool:
+        return self.token is not None
 
 
 def plan_step(s: SampleState, context: int) -> StepPlan:
@@ -46,10 +57,31 @@ def plan_step(s: SampleState, context: int) -> StepPlan:
         s.cached = 0
     context = s.tokens[s.window:]
     prefill = context[s.cached:-1]
-    if prefill and s.cached:
-        raise AssertionError("a cache is only ever filled from position 0 or one token at a time")
+    start = s.cached
     s.cached = len(context)  # after this step the cache holds the whole context
-    return StepPlan(prefill=prefill, token=context[-1], position=len(context) - 1)
+    return StepPlan(prefill=prefill, token=context[-1], position=len(context) - 1, start=start)
+
+
+def plan_chunk(s: SampleState, context: int, budget: int) -> StepPlan:
+    """plan_step with at most `budget` prefill tokens this step (budget <= 0: no
+    limit). A sample whose prefill does not fit writes `budget` tokens and does not
+    decode (token None); the step that writes its last chunk decodes as plan_step."""
+    if len(s.tokens) - s.window > context:
+        s.window = len(s.tokens) - max(1, context // 2)
+        s.cached = 0
+    pending = len(s.tokens) - s.window - 1 - s.cached   # prefill tokens still to write
+    if budget <= 0 or pending <= budget:
+        return plan_step(s, context)
+    start = s.cached
+    prefill = s.tokens[s.window + start:s.window + start + budget]
+    s.cached = start + budget
+    return StepPlan(prefill=prefill, token=None, position=s.cached, start=start)
+
+
+def needs_prefill(s: SampleState, context: int) -> bool:
+    """Does the sample's next step write to its cache beyond the one decoded token
+    (a prompt, a chunk still to come, or a re-prefill after a context overflow)?"""
+    return len(s.tokens) - s.window > context or len(s.tokens) - s.window - 1 > s.cached
 
 
 def accept(s: SampleState, token: int) -> None:

@@ -27,8 +27,9 @@ def _device(stage: GPT) -> torch.device:
     return next(stage.parameters()).device
 
 
-def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs) -> torch.Tensor:
-    """Write one sequence at positions 0..T-1 into row `row` of cache.
+def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs, start: int = 0) -> torch.Tensor:
+    """Write one sequence at positions start..start+T-1 into row `row` of cache
+    (start > 0: a chunk after the ones already there, which it attends to).
 
     x: T token ids, or activations (1, T, n_embd). Returns the stage's
     activations (1, T, n_embd), also on the last stage: a prefill needs no logits.
@@ -36,7 +37,7 @@ def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs) -> torch.Tensor:
     dev = _device(stage)
     if not isinstance(x, torch.Tensor):
         x = torch.tensor([list(x)], dtype=torch.long, device=dev)  # (1, T)
-    pos = torch.arange(x.shape[1], device=dev)[None]               # (1, T)
+    pos = torch.arange(start, start + x.shape[1], device=dev)[None]  # (1, T)
     return stage(x, pos, cache.rows(row, row + 1), logits=False)
 
 

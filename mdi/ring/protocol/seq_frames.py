@@ -22,7 +22,7 @@ def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
     if isinstance(m, Retire):
         return Frame(Kind.RETIRE, run_id, m.slot)
     if isinstance(m, Prefill):
-        return Frame(Kind.PREFILL, run_id, m.slot, 0, m.x)
+        return Frame(Kind.PREFILL, run_id, m.slot, m.start, m.x)
     whole = slots.is_whole_lane(m.slots)
     if isinstance(m, Decode):
         if whole and m.position is not None:
@@ -46,7 +46,7 @@ def to_message(f: Frame, slots: SlotStage) -> Message | Tokens:
         return Retire(f.sample)
     assert f.tensor is not None
     if f.kind == Kind.PREFILL:
-        return Prefill(f.sample, f.tensor)
+        return Prefill(f.sample, f.tensor, f.position)
     table = f.slots
     if f.kind in (Kind.DECODE, Kind.TOKENS):
         table = tuple(range(f.sample, f.sample + f.tensor.shape[0]))

@@ -57,7 +57,7 @@ class WireError(ValueError):
 
 
 class Kind(enum.IntEnum):
-    PREFILL = 1      # activations (1, T, C) of one sample, positions 0..T-1
+    PREFILL = 1      # activations (1, T, C) of one sample, positions position..position+T-1
     DECODE = 2       # activations (B, 1, C) of a group, one token per sample
     TOKENS = 3       # sampled ids (B,) int64, finisher -> starter
     STOP = 4         # end of the run; travels once around the ring
@@ -243,7 +243,12 @@ def check_header(h: Header, lim: Limits | None) -> None:
             name = h.kind.name
             _expect(batch == 1, lambda: f"{name} carries one sample, got batch {batch}")
             _expect(1 <= t <= lim.block_size, lambda: f"{name} of {t} tokens, block_size is {lim.block_size}")
-            _expect(h.position == 0, lambda: f"{name} must start at position 0, got {h.position}")
+            if h.kind == Kind.CONTEXT:
+                _expect(h.position == 0, lambda: f"{name} must start at position 0, got {h.position}")
+            else:  # a chunk of a chunked prefill starts where the previous one ended
+                _expect(h.position + t <= lim.block_size,
+                        lambda: f"{name} of {t} tokens at position {h.position} passes "
+                                f"block_size {lim.block_size}")
         elif h.kind == Kind.SEQ_DECODE:
             _expect(t == 1, lambda: f"SEQ_DECODE carries one token per slot, got {t}")
             _expect(h.position == 0, lambda: f"SEQ_DECODE must have position 0, got {h.position}")

@@ -1,0 +1,188 @@
+"""Chunked prefill: a prompt written into the cache a chunk at a time equals the
+one-piece prefill (logits within float tolerance, greedy tokens exactly), for
+every model family, at chunk sizes 1, block_size - 1 and past the context
+window; through the engine on one device and through a fake ring; and a chunk
+at the wrong position is refused."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mdi.engine import LocalEngine, MemoryLink, PipelineEngine, SeqParams
+from mdi.engine.messages import Admit, Decode, Prefill
+from mdi.engine.slots import SlotError, SlotStage, lane_sizes
+from mdi.generate import step
+from mdi.generate.schedule import SampleState, needs_prefill, plan_chunk
+from mdi.model import GPTConfig
+from mdi.tokenizer import CharTokenizer
+
+from conftest import scaled_random_model, split_model
+
+VOCAB = [chr(ord("a") + i) for i in range(26)] + [chr(ord("A") + i) for i in range(22)]  # 48
+TOK = CharTokenizer(VOCAB)
+FAMILIES = {
+    "nanogpt": GPTConfig(vocab_size=48, block_size=32, n_layer=3, n_head=2, n_embd=32),
+    "llama": GPTConfig(vocab_size=48, block_size=32, n_layer=3, n_head=4, n_embd=32, n_kv_head=2,
+                       norm="rmsnorm", positions="rope", activation="swiglu", bias=False,
+                       intermediate_size=48, tie_embeddings=False),
+    "qwen2": GPTConfig(vocab_size=48, block_size=32, n_layer=3, n_head=4, n_embd=32, n_kv_head=2,
+                       norm="rmsnorm", positions="rope", activation="swiglu", bias=False,
+                       qkv_bias=True, intermediate_size=48, rope_theta=1e6),
+}
+PROMPT = [(7 * i + 3) % 48 for i in range(29)]   # 29 tokens, block_size 32
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("chunk", [1, 5, 31])
+def test_chunked_cache_and_logits_equal_one_piece(family, chunk):
+    """Chunks written at positions start.. attend to the chunks before them: the next
+    decode's logits equal the one-piece prefill's (float32, atol 1e-5: the chunks'
+    matmuls have other shapes, so sums may round differently)."""
+    model = scaled_random_model(FAMILIES[family], seed=3)
+    whole, parts = model.new_cache(1), model.new_cache(1)
+    body, last = PROMPT[:-1], PROMPT[-1]
+    with torch.inference_mode():
+        step.prefill(model, whole, 0, body)
+        for start in range(0, len(body), chunk):
+            step.prefill(model, parts, 0, body[start:start + chunk], start)
+        want = step.decode(model, whole, [last], [len(body)])
+        got = step.decode(model, parts, [last], [len(body)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    n = len(body)
+    for kw, kp in zip(whole.k, parts.k):
+        torch.testing.assert_close(kp[:, :, :n], kw[:, :, :n], rtol=0, atol=1e-5)
+
+
+def test_plan_chunk_splits_a_prompt_and_decodes_with_the_last_chunk():
+    s = SampleState.from_prompt(list(range(10)))
+    plans = []
+    while True:
+        plans.append(plan_chunk(s, context=16, budget=4))
+        if plans[-1].decodes:
+            break
+    assert [(p.start, p.prefill) for p in plans] == [(0, [0, 1, 2, 3]), (4, [4, 5, 6, 7]),
+                                                     (8, [8])]
+    assert plans[-1].token == 9 and plans[-1].position == 9
+    assert not needs_prefill(s, 16)
+    s.tokens.append(10)
+    assert plan_chunk(s, 16, 4).prefill == []   # a decode step needs no budget
+
+
+def test_plan_chunk_after_a_context_overflow_prefills_the_window_in_chunks():
+    s = SampleState.from_prompt(list(range(16)))
+    s.cached = 15
+    s.tokens.append(16)                       # 17 tokens > context 16: the window jumps
+    assert needs_prefill(s, 16)
+    p = plan_chunk(s, 16, 3)
+    assert s.window == 17 - 8 and (p.start, p.prefill, p.token) == (0, [9, 10, 11], None)
+    p = plan_chunk(s, 16, 3)
+    assert (p.start, p.prefill, p.token) == (3, [12, 13, 14], None)
+    p = plan_chunk(s, 16, 3)
+    assert (p.start, p.prefill, p.token, p.position) == (6, [15], 16, 7)
+
+
+def greedy(n: int) -> SeqParams:
+    return SeqParams(max_tokens=n, temperature=0.0)
+
+
+async def run_all(engine: PipelineEngine, prompts, params) -> list[list[int]]:
+    await engine.start()
+    try:
+        seqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+
+        async def drain(seq):
+            return [ev.token async for ev in seq.events() if ev.token is not None]
+        return list(await asyncio.gather(*(drain(s) for s in seqs)))
+    finally:
+        await engine.close()
+
+
+PROMPTS = [PROMPT, PROMPT[:3], [5] * 20, PROMPT[4:], [1]]
+LENGTHS = [12, 30, 9, 40, 25]   # 40 > block_size: overflows re-prefill in chunks too
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("chunk", [1, 7, 31, 64])
+def test_engine_tokens_equal_unchunked(family, chunk):
+    """Greedy tokens of 5 sequences sharing a lane (joining at once, some decoding
+    while others still prefill) equal the unchunked run's, through overflows."""
+    model = scaled_random_model(FAMILIES[family], seed=5)
+    model.batch_invariant = True   # a step's row set changes with chunking: compare per row
+
+    def run(prefill_chunk: int) -> list[list[int]]:
+        engine = LocalEngine(model, TOK, max_seqs=5, prefill_chunk=prefill_chunk)
+        return asyncio.run(run_all(engine, PROMPTS, [greedy(n) for n in LENGTHS]))
+
+    want = run(0)
+    assert [len(t) for t in want] == LENGTHS
+    assert run(chunk) == want
+
+
+def ring(model, max_seqs: int, prefill_chunk: int) -> tuple[PipelineEngine, MemoryLink]:
+    stages = split_model(model, [1, 2])
+    sizes = lane_sizes(max_seqs, 3)
+    link = MemoryLink([SlotStage(s, sizes) for s in stages[1:]])
+    return PipelineEngine(stages[0], TOK.decode, max_seqs, 3, link,
+                          prefill_chunk=prefill_chunk), link
+
+
+def test_ring_chunks_equal_single_device_and_carry_positions():
+    """Through a fake 3-stage ring the chunks travel as Prefill messages at their
+    start positions, at most `chunk` tokens a step, and the tokens equal one
+    device's with the same chunks."""
+    model = scaled_random_model(FAMILIES["llama"], seed=8)
+    model.batch_invariant = True
+    engine, link = ring(model, 5, prefill_chunk=6)
+    got = asyncio.run(run_all(engine, PROMPTS, [greedy(n) for n in LENGTHS]))
+    local = LocalEngine(model, TOK, max_seqs=5, prefill_chunk=6)
+    assert got == asyncio.run(run_all(local, PROMPTS, [greedy(n) for n in LENGTHS]))
+    prefills = [m for m in link.sent if isinstance(m, Prefill)]
+    assert max(m.x.shape[1] for m in prefills) == 6
+    first = [(m.start, m.x.shape[1]) for m in prefills if m.slot == 0][:5]
+    assert first == [(0, 6), (6, 6), (12, 6), (18, 6), (24, 4)]   # 28 = 4 chunks of 6 + 4
+
+
+def test_a_long_prompt_does_not_hold_the_lane_s_decoding_sequence():
+    """One lane: a sequence decodes while a 28-token prompt joins in chunks of 4; it
+    gets a token at every chunk's step instead of waiting for the whole prefill."""
+    model = scaled_random_model(FAMILIES["nanogpt"], seed=2)
+    engine = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=4)
+    order: list[str] = []
+
+    async def main():
+        await engine.start()
+        try:
+            a = engine.submit([1, 2], greedy(12))
+            first = await a.events().__anext__()
+            order.append("a")
+            b = engine.submit(PROMPT, greedy(1))
+
+            async def drain(seq, name):
+                async for ev in seq.events():
+                    if ev.token is not None:
+                        order.append(name)
+            await asyncio.gather(drain(a, "a"), drain(b, "b"))
+            return first
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+    i = order.index("b")
+    assert order.count("a") == 12 and i >= 7   # 28 tokens = 7 chunk steps, each with a's token
+
+
+def test_a_chunk_at_the_wrong_position_is_refused(tiny_config, make_model):
+    model = make_model(tiny_config, seed=1)
+    stage = SlotStage(split_model(model, [1])[1], [2])
+    stage.admit(Admit(0, 0.0, None, None, 0))
+    x = torch.zeros(1, 4, tiny_config.n_embd)
+    stage.prefill(Prefill(0, x, 0))
+    with pytest.raises(SlotError, match="chunk at position 6, slot 0 holds 4"):
+        stage.prefill(Prefill(0, x, 6))
+    with pytest.raises(SlotError, match="at position 14"):
+        stage.prefill(Prefill(0, x, 14))   # 14 + 4 > context 16
+    stage.prefill(Prefill(0, x, 4))
+    assert stage.slots[0].position == 8
+    stage.decode(Decode(0, (0,), torch.zeros(1, 1, tiny_config.n_embd), 8))
