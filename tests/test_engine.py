@@ -356,8 +356,10 @@ def test_slot_rules(model):
         st.decode(Decode(0, (0, 2), torch.zeros(2, 1, model.config.n_embd)))
     with pytest.raises(SlotError, match="outside"):
         st.retire(Retire(4))
-    with pytest.raises(SlotError, match="seed"):
-        st.admit(Admit(1, 0.5, None, None, 2**63))
+    # the last stage samples with the sequence's own parameters and stream seed
+    assert st.slots[2].sampling == SamplingConfig(temperature=0.0, top_k=None, seed=1)
+    st.admit(Admit(1, 0.5, 7, 0.9, 2**40))
+    assert st.slots[1].sampling == SamplingConfig(temperature=0.5, top_k=7, seed=2**40, top_p=0.9)
     st.retire(Retire(0))
     with pytest.raises(SlotError, match="slot 0 is free"):
         st.retire(Retire(0))
