@@ -173,7 +173,8 @@ class NodeRuntime:
         config, limits, sampling = validate_init(req)
         device = validate_device(req.device or self.spec.device)
         need, pack = check_memory(req, config, limits, device, self.max_memory, self._held())
-        run = NodeRun(req, config, limits, sampling, self.timeout, self._completed,
+        run = NodeRun(req, config, limits, sampling=sampling, timeout=self.timeout,
+                      on_complete=self._completed,
                       prev_ips=await resolve(req.prev_addr, "prev_addr", self.timeout),
                       device=device, mem_bytes=need, pack=pack)
         if req.weights == "local":
