@@ -356,11 +356,39 @@ def test_slot_rules(model):
         st.decode(Decode(0, (0, 2), torch.zeros(2, 1, model.config.n_embd)))
     with pytest.raises(SlotError, match="outside"):
         st.retire(Retire(4))
-    with pytest.raises(SlotError, match="seed"):
-        st.admit(Admit(1, 0.5, None, None, 2**63))
+    # the last stage samples with the sequence's own parameters and stream seed
+    assert st.slots[2].sampling == SamplingConfig(temperature=0.0, top_k=None, seed=1)
+    st.admit(Admit(1, 0.5, 7, 0.9, 2**40))
+    assert st.slots[1].sampling == SamplingConfig(temperature=0.5, top_k=7, seed=2**40, top_p=0.9)
     st.retire(Retire(0))
     with pytest.raises(SlotError, match="slot 0 is free"):
         st.retire(Retire(0))
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+def test_seq_params_hold_one_checked_sampling_object():
+    """The sampling fields of a request are one SamplingConfig: its defaults, its check."""
+    kw = SeqParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11, stop=("x",))
+    assert kw.sampling == SamplingConfig(temperature=0.7, top_k=3, seed=11, top_p=0.9)
+    assert (kw.temperature, kw.top_k, kw.top_p, kw.seed, kw.stop) == (0.7, 3, 0.9, 11, ("x",))
+    assert SeqParams(5, sampling=kw.sampling, stop=("x",)) == kw
+    assert SeqParams(max_tokens=5).sampling == SamplingConfig()
+    assert SamplingConfig() == SamplingConfig(temperature=1.0, top_k=None, seed=None, top_p=None)
+    with pytest.raises(TypeError, match="not both"):
+        SeqParams(5, sampling=kw.sampling, temperature=0.1)
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer, got 0"):
+        SeqParams(0)
+
+
+def test_a_batch_draws_sample_i_from_its_own_stream():
+    run = SamplingConfig(temperature=0.5, top_k=7, seed=9, top_p=0.8)
+    params = batch_params(3, 4, run)
+    assert [p.sampling for p in params] == [
+        SamplingConfig(temperature=0.5, top_k=7, seed=sample_seed(9, i), top_p=0.8) for i in range(3)]
+    assert all(p.max_tokens == 4 for p in params)
+    unseeded = batch_params(2, 4, SamplingConfig(temperature=0.5))
+    assert [p.seed for p in unseeded] == [None, None]  # the engine picks each one
 
 
 @pytest.mark.parametrize("max_seqs,lanes,want", [(8, 3, [3, 3, 2]), (2, 3, [1, 1]), (1, 1, [1])])

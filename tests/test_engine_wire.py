@@ -133,20 +133,30 @@ def test_admit_parameters_are_checked_on_receipt(fields, name):
 @pytest.mark.parametrize("fields,name", BAD_ADMITS)
 def test_one_sampling_check_for_api_engine_and_nodes(fields, name):
     """What a node refuses in ADMIT, the engine's SeqParams (the API's requests) and the
-    stages' own Admit refuse too, with the same words: a request cannot pass the API
-    and then fail on a node (which would fail the engine)."""
+    CLI's SamplingConfig refuse too, with the same words: one check, SamplingConfig's.
+    A request cannot pass the API and then fail on a node (which would fail the engine)."""
     from mdi.engine.api import SeqParams
-    from mdi.engine.slots import SlotError
+    from mdi.generate.sampling import SamplingConfig
 
     params = {"temperature": 1.0, "top_k": None, "top_p": None, "seed": 1, **fields}
     with pytest.raises(WireError) as wire:
         decode_frame(admit_bytes(**fields), SEQ)
     with pytest.raises(ValueError) as api:
         SeqParams(max_tokens=1, **params)
-    with pytest.raises(SlotError) as stage:  # a first stage, not the last: it checks too
-        STAGE.admit(Admit(0, params["temperature"], params["top_k"], params["top_p"],
-                          params["seed"]))
-    assert str(api.value) in str(wire.value) and str(api.value) in str(stage.value)
+    with pytest.raises(ValueError) as cli:
+        SamplingConfig(**params)
+    assert str(api.value) == str(cli.value) and str(api.value) in str(wire.value)
+
+
+def test_a_received_admit_carries_its_checked_parameters():
+    """Decoded once, by the wire, into the object the finisher samples with."""
+    from mdi.generate.sampling import SamplingConfig
+
+    f = decode_frame(admit_bytes(temperature=0.7, top_k=40, top_p=0.95, seed=2**63 - 1, slot=3),
+                     SEQ)
+    assert f.sampling == SamplingConfig(temperature=0.7, top_k=40, seed=2**63 - 1, top_p=0.95)
+    m = to_message(f, STAGE)
+    assert m == Admit(3, 0.7, 40, 0.95, 2**63 - 1) and m.sampling == f.sampling
 
 
 def test_admit_and_retire_headers_are_checked():
@@ -203,7 +213,7 @@ def test_init_of_a_sequence_run():
     """/init with sequences: the groups are lanes of slots, the finisher needs no
     sampling settings, and the run's limits take sequence frames."""
     from mdi.ring.node.control_messages import InitRequest
-    from mdi.ring.node.runtime import InitError, validate_init
+    from mdi.ring.node.validate import InitError, validate_init
 
     config = GPTConfig(vocab_size=100, block_size=BS, n_layer=2, n_head=2, n_embd=C)
     body = {"run_id": 5, "role": "finisher", "start": 1, "stop": 2, "model": config.to_dict(),
@@ -211,6 +221,7 @@ def test_init_of_a_sequence_run():
             "prev_addr": "127.0.0.1", "sampling": None}
     with pytest.raises(InitError, match="sampling"):
         validate_init(InitRequest(**body))
-    _, lim = validate_init(InitRequest(**body, sequences=True))
+    _, lim, sampling = validate_init(InitRequest(**body, sequences=True))
+    assert sampling is None
     assert lim.sequences and (lim.n_samples, lim.max_batch) == (5, 3)
     assert decode_frame(to_frame(Retire(4), 5, STAGE).encode(), lim).kind == Kind.RETIRE

@@ -279,11 +279,9 @@ def test_any_compute_error_drops_the_run_and_is_logged(ckpt, caplog, exc):
             for run_id, fail in ((11, True), (12, False)):
                 back_r, back_w = await start_run(run_id)
                 if fail:
-                    def boom(run, frame):
+                    def boom(frame):
                         raise exc
-                    rt._compute = boom
-                else:
-                    del rt._compute
+                    rt.run.compute = boom  # this run's only: the next one computes
                 reader, writer = await open_data(cfg.finisher, run_id)
                 h = torch.zeros(1, 2, config.n_embd)
                 writer.write(Frame(Kind.CONTEXT, run_id, 0, 0, h).encode())

@@ -22,8 +22,9 @@ from mdi.checkpoint import st_io
 from mdi.model import GPT, GPTConfig
 from mdi.ring.plan import limits
 from mdi.net.log_limit import LogLimiter, printable
-from mdi.ring.node.control_app import MAX_JSON_BYTES, Guard, create_app
-from mdi.ring.node.runtime import InitError, NodeRuntime, validate_device
+from mdi.ring.node.control_app import MAX_JSON_BYTES, Guard, create_control_app
+from mdi.ring.node.runtime import NodeRuntime
+from mdi.ring.node.validate import InitError, validate_device
 from mdi.ring.cluster.nodes_config import NodeSpec
 
 TOKEN = "test-token-0123456789abcdef0123456789abcdef"
@@ -48,7 +49,7 @@ def stage_bytes(config: GPTConfig, start: int, stop: int) -> bytes:
 
 
 async def post(rt: NodeRuntime, path: str, **kw) -> httpx.Response:
-    transport = httpx.ASGITransport(app=create_app(rt))
+    transport = httpx.ASGITransport(app=create_control_app(rt))
     async with httpx.AsyncClient(transport=transport, base_url="http://node",
                                  headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         return await http.post(path, **kw)
@@ -306,7 +307,7 @@ def test_peer_strings_are_logged_escaped(caplog):
     rt = NodeRuntime(SPEC, TOKEN)
 
     async def scenario():
-        transport = httpx.ASGITransport(app=create_app(rt))
+        transport = httpx.ASGITransport(app=create_control_app(rt))
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
             await http.get("/x%0aWARNING forged line")
             await http.post("/init", json={**body(), "evil\nWARNING forged": 1},
@@ -448,7 +449,7 @@ def test_packed_copy_is_counted_when_it_fits_and_dropped_when_it_does_not(caplog
     assert rt.run.stage.packed_linears
 
     rt = NodeRuntime(SPEC, TOKEN, max_memory=weights + kv + extra - 1)
-    with caplog.at_level(logging.INFO, logger="mdi.ring.node.runtime"):
+    with caplog.at_level(logging.INFO, logger="mdi.ring.node.validate"):
         assert run(post(rt, "/init", json=req)).status_code == 200
     assert not rt.run.pack and rt.run.mem_bytes == weights + kv
     assert "no room for the" in caplog.text and "plain layers" in caplog.text

@@ -9,9 +9,9 @@ string, token budget, cancel), freeing the sequence's KV slot on every node.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
-from ..generate.sampling import check_sampling
+from ..generate.sampling import SamplingConfig
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -32,21 +32,49 @@ class EngineFailure(RuntimeError):
         self.node = node
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SeqParams:
-    max_tokens: int
-    temperature: float = 1.0          # 0 is greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None           # None: the engine picks one
-    stop: tuple[str, ...] = ()        # stop strings; the text before the first match is kept
-    stop_ids: tuple[int, ...] = ()    # e.g. EOS / end-of-turn token ids (not emitted)
+    """One sequence's request: its token budget, stop conditions and sampling.
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        # the nodes apply the same check to the ADMIT frame: what passes here passes there
-        check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+    The sampling parameters are one SamplingConfig, checked (and defaulted) by it
+    alone: give them as keywords (temperature=, top_k=, top_p=, seed=; seed None:
+    the engine picks one), or as `sampling=` when they were checked already (a
+    batch's per-sample streams). The same check runs on every node that receives
+    the sequence's ADMIT frame: what passes here passes there."""
+    max_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]             # stop strings; the text before the first match is kept
+    stop_ids: tuple[int, ...]         # e.g. EOS / end-of-turn token ids (not emitted)
+
+    def __init__(self, max_tokens: int, *, stop: tuple[str, ...] = (),
+                 stop_ids: tuple[int, ...] = (), sampling: SamplingConfig | None = None,
+                 **sampling_fields: Any) -> None:
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if sampling is None:
+            sampling = SamplingConfig(**sampling_fields)
+        elif sampling_fields:
+            raise TypeError(f"SeqParams: sampling= or {', '.join(sampling_fields)}, not both")
+        for name, value in (("max_tokens", max_tokens), ("sampling", sampling),
+                            ("stop", tuple(stop)), ("stop_ids", tuple(stop_ids))):
+            object.__setattr__(self, name, value)  # frozen: as the dataclass __init__ does
+
+    # the sampling fields, as the scheduler and drivers read them
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
+
+    @property
+    def top_k(self) -> int | None:
+        return self.sampling.top_k
+
+    @property
+    def top_p(self) -> float | None:
+        return self.sampling.top_p
+
+    @property
+    def seed(self) -> int | None:
+        return self.sampling.seed
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Callable
 
-from ..generate.sampling import SamplingConfig, sample_seed
+from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..results import GenerationResult, Texts
 from .api import Event, SeqParams
@@ -22,9 +22,9 @@ OnEvent = Callable[[int, Event], None]  # (sample index, event)
 
 def batch_params(n_samples: int, n_tokens: int, sampling: SamplingConfig,
                  stops: Stops = Stops()) -> list[SeqParams]:
-    return [SeqParams(max_tokens=n_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                      top_p=sampling.top_p, seed=sample_seed(sampling.seed, i),
-                      stop=stops.strings, stop_ids=stops.ids)
+    """Sample i draws from sampling.for_sample(i): the stream sample_seed(seed, i)."""
+    return [SeqParams(n_tokens, sampling=sampling.for_sample(i), stop=stops.strings,
+                      stop_ids=stops.ids)
             for i in range(n_samples)]
 
 

@@ -16,16 +16,26 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generate.sampling import SamplingConfig
+
 
 @dataclass(frozen=True)
 class Admit:
     """A sequence takes `slot`: every stage resets the slot; the last stage
-    also takes its sampling parameters (a torch.Generator seeded with `seed`)."""
+    also takes its sampling parameters (a torch.Generator seeded with `seed`).
+
+    The parameters were checked where they entered: the engine copies them from
+    the sequence's SeqParams (with its stream seed), a node from an ADMIT frame
+    its wire decoder checked (ring/protocol/wire.py). Stages do not check again."""
     slot: int
     temperature: float
     top_k: int | None
     top_p: float | None
     seed: int
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig.trusted(self.temperature, self.top_k, self.seed, self.top_p)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generate import step
-from ..generate.sampling import SamplingConfig, check_sampling, sample_token, seeded_generator
+from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
 from ..generate.schedule import make_groups
 from ..model import GPT, KVCache
 from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
@@ -90,13 +90,9 @@ class SlotStage:
     # ---- messages -----------------------------------------------------------
     def admit(self, m: Admit) -> None:
         s = self._slot(m.slot, active=None)  # re-admitting a slot resets it
-        try:  # on every stage, as every node checks an ADMIT frame: none passes on what the last refuses
-            check_sampling(m.temperature, m.top_k, m.top_p, m.seed)
-        except ValueError as e:
-            raise SlotError(f"slot {m.slot}: {e}") from None
         s.active, s.position = True, 0
-        if self.stage.has_head:
-            s.sampling = SamplingConfig(m.temperature, m.top_k, 0, m.top_p)
+        if self.stage.has_head:  # parameters checked where they entered (SeqParams, ADMIT frame)
+            s.sampling = m.sampling
             s.generator = seeded_generator(m.seed)
 
     def retire(self, m: Retire) -> None:

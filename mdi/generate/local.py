@@ -9,6 +9,7 @@ on its step-mates either, so the tokens do not depend on the grouping.
 """
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -39,7 +40,8 @@ class LocalGenerator:
         self.states = [SampleState.from_prompt(p) for p in prompts]
         self.groups = make_groups(len(prompts), n_groups)
         self.caches = [model.new_cache(len(g)) for g in self.groups]
-        self.generators = [sample_generator(sampling.seed, i) for i in range(len(prompts))]
+        seed = secrets.randbits(63) if sampling.seed is None else sampling.seed  # None: random
+        self.generators = [sample_generator(seed, i) for i in range(len(prompts))]
 
     @torch.inference_mode()
     def step(self) -> list[int]:

@@ -16,37 +16,61 @@ MAX_TOP_K = 2**31 - 1     # as /init's sampling.top_k
 SEED_LIMIT = 2**63        # a sequence's stream seed is in 0..2**63-1 (an int64 on the wire)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   seed: int | None = None) -> None:
-    """The one check of sampling parameters: a run's (SamplingConfig), a submitted
-    sequence's (SeqParams) and every node's, on receipt of an ADMIT frame. Raises
-    ValueError whose message starts with the field's name. `seed` is a sequence's
-    stream seed (None: not checked; a run's seed is any integer)."""
-    t = temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
-    k = top_k
-    if k is not None:
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {k!r}")
-        if k > MAX_TOP_K:
-            raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {k}")
-    p = top_p
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-        raise ValueError(f"seed must be in 0..2**63-1, got {seed!r}")
-
-
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.8
-    top_k: int | None = 200
-    seed: int = 1337
+    """How a token is drawn: the one set of sampling parameters, from where they
+    enter (a CLI run, an HTTP request, a node's ADMIT frame) to sample_token.
+
+    Checked once, by this constructor, where they enter: a bad value raises
+    ValueError whose message starts with the field's name (the CLI, the API and the
+    nodes refuse with the same words). What is built from parameters that passed
+    (an engine's Admit, a batch's per-sample streams) uses `trusted` and is not
+    checked again. The defaults draw from the model's distribution unchanged.
+
+    seed: a sequence's stream seed, or a batch's seed, sample i drawing from
+    sample_seed(seed, i) (for_sample); 0..2**63-1 (an int64 on the wire); None: a
+    random one (picked by the engine, or by the batch when it starts)."""
+    temperature: float = 1.0          # 0 is greedy
+    top_k: int | None = None          # keep the k likeliest tokens
+    seed: int | None = None
     top_p: float | None = None        # nucleus: keep the smallest set of tokens with mass >= top_p
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+        k = self.top_k
+        if k is not None:
+            if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+                raise ValueError(f"top_k must be a positive integer, got {k!r}")
+            if k > MAX_TOP_K:
+                raise ValueError(f"top_k must be at most {MAX_TOP_K}, got {k}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                              or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)
+                              or not 0 <= s < SEED_LIMIT):
+            raise ValueError(f"seed must be in 0..2**63-1, got {s!r}")
+
+    @classmethod
+    def trusted(cls, temperature: float, top_k: int | None, seed: int | None,
+                top_p: float | None) -> SamplingConfig:
+        """Parameters that passed the constructor's check before (copied field by
+        field into a message, or derived from checked ones): built without it."""
+        self = object.__new__(cls)
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("seed", seed),
+                            ("top_p", top_p)):
+            object.__setattr__(self, name, value)  # frozen: as the dataclass __init__ does
+        return self
+
+    def for_sample(self, index: int) -> SamplingConfig:
+        """Sample `index` of a batch drawn with these parameters: its own stream seed."""
+        if self.seed is None:
+            return self
+        return SamplingConfig.trusted(self.temperature, self.top_k,
+                                      sample_seed(self.seed, index), self.top_p)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -23,7 +23,7 @@ class LogLimiter(logging.Filter):
     says how many. Errors and info lines always pass.
     """
     LOGGERS = ("mdi.ring.node.control_app", "mdi.ring.node.process", "mdi.net.http_guard", "mdi.ring.node.runtime",
-               "uvicorn.error")
+               "mdi.ring.node.data_plane", "uvicorn.error")
     _installed: "LogLimiter | None" = None
 
     def __init__(self, per_second: int = 20) -> None:

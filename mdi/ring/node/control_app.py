@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
+from typing import Callable
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ...net.log_limit import printable
 from ..protocol.auth import check_bearer
 from .control_messages import InitRequest, ProbeRequest, RunRef
-from .runtime import InitError, NodeRuntime
+from .runtime import NodeRuntime
+from .validate import InitError
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
@@ -170,102 +170,123 @@ async def _respond(send, status: int, detail: str, extra: list | None = None) ->
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(rt: NodeRuntime, on_shutdown=None) -> FastAPI:
+def create_control_app(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The node's control plane over `rt`: the guard, the error answers, the routes."""
     app = FastAPI(title=f"mdi node ({rt.spec.name})", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(Guard, token=rt.token)
+    for exc, handler in ERROR_HANDLERS:
+        app.add_exception_handler(exc, handler)
+    app.include_router(node_routes(rt, on_shutdown))
+    return app
 
+
+def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) -> APIRouter:
+    """Each route hands its checked body to one NodeRuntime action."""
     def authorized(request: Request) -> None:  # second line of defence behind Guard
         if not check_bearer(request.headers.get("authorization"), rt.token):
             raise HTTPException(401, "missing or wrong cluster token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            if err.get("type") == "json_invalid":
-                why = (err.get("ctx") or {}).get("error", "")
-                parts.append(f"body: not valid JSON ({why})" if why else "body: not valid JSON")
-                continue
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        detail = "; ".join(parts)
-        log.warning("refused %s: %s", printable(request.url.path), printable(detail))
-        return JSONResponse({"detail": detail}, status_code=422)
+    router = APIRouter()
+    private = {"dependencies": [Depends(authorized)]}
 
-    @app.exception_handler(InitError)
-    async def _init_error(request: Request, exc: InitError) -> JSONResponse:
-        log.warning("refused %s: %s", printable(request.url.path), printable(str(exc), 500))
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        log.warning("refused %s: %s", printable(request.url.path), exc)
-        return JSONResponse({"detail": str(exc)}, status_code=413, headers={"connection": "close"})
-
-    @app.exception_handler(ConnectionError)
-    async def _conn_error(request: Request, exc: ConnectionError) -> JSONResponse:
-        log.warning("%s failed: %s", printable(request.url.path), printable(str(exc), 500))
-        return JSONResponse({"detail": str(exc)}, status_code=502)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The starter shows this with the node's name; the traceback stays in this log.
-        log.error("%s failed", printable(request.url.path), exc_info=exc)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
-                            status_code=500)
-
-    @app.get("/health")
+    @router.get("/health")
     async def health() -> dict:
         return rt.health()
 
-    @app.get("/status", dependencies=[Depends(authorized)])
+    @router.get("/status", **private)
     async def status() -> dict:
         return rt.status()
 
-    @app.get("/capabilities", dependencies=[Depends(authorized)])
+    @router.get("/capabilities", **private)
     async def capabilities() -> dict:
         return rt.capabilities()
 
-    @app.post("/probe", dependencies=[Depends(authorized)])
+    @router.post("/probe", **private)
     async def probe(req: ProbeRequest) -> dict:
         """ms per block per decode step for a run's shape (timed once, then cached)."""
         return await rt.probe(req)
 
-    @app.post("/init", dependencies=[Depends(authorized)])
+    @router.post("/init", **private)
     async def init(req: InitRequest) -> dict:
         return await rt.init(req)
 
-    @app.put("/weights/{run_id}", dependencies=[Depends(authorized)])
+    @router.put("/weights/{run_id}", **private)
     async def weights(run_id: int, request: Request) -> dict:
         run = rt.current_run(run_id)
-        limit = weights_limit(run.config, run.req.start, run.req.stop)
-        declared = request.headers.get("content-length")
-        if declared is None or not declared.isdigit():
-            raise InitError("weights: a Content-Length header is required")
-        if int(declared) > limit:
-            raise InitError(f"weights: {declared} bytes exceed the {limit} bytes "
-                            "this layer range can need")
+        check_weights_size(request.headers.get("content-length"),
+                           weights_limit(run.config, run.req.start, run.req.stop))
         # parsed as it arrives: the header is checked before any tensor byte is read
         return await rt.load_weights(run_id, request.stream())
 
-    @app.post("/connect", dependencies=[Depends(authorized)])
+    @router.post("/connect", **private)
     async def connect(ref: RunRef) -> dict:
         return await rt.connect(ref.run_id)
 
-    @app.post("/stop", dependencies=[Depends(authorized)])
+    @router.post("/stop", **private)
     async def stop(ref: RunRef | None = None) -> dict:
         """Drop the current run; with {"run_id": N}, only if run N is the current one."""
         return await rt.stop(ref.run_id if ref is not None else None)
 
-    @app.post("/shutdown", dependencies=[Depends(authorized)])
+    @router.post("/shutdown", **private)
     async def shutdown() -> dict:
         if on_shutdown is not None:
             on_shutdown()
         return {"state": "shutting down"}
 
-    return app
+    return router
+
+
+def check_weights_size(declared: str | None, limit: int) -> None:
+    """A /weights body's Content-Length against what its layer range can need."""
+    if declared is None or not declared.isdigit():
+        raise InitError("weights: a Content-Length header is required")
+    if int(declared) > limit:
+        raise InitError(f"weights: {declared} bytes exceed the {limit} bytes "
+                        "this layer range can need")
+
+
+# ---- error answers: a status and {"detail": ...} naming what is wrong ---------------------
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            why = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"body: not valid JSON ({why})" if why else "body: not valid JSON")
+            continue
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    detail = "; ".join(parts)
+    log.warning("refused %s: %s", printable(request.url.path), printable(detail))
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _init_error(request: Request, exc: InitError) -> JSONResponse:
+    log.warning("refused %s: %s", printable(request.url.path), printable(str(exc), 500))
+    return JSONResponse({"detail": str(exc)}, status_code=400)
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    log.warning("refused %s: %s", printable(request.url.path), exc)
+    return JSONResponse({"detail": str(exc)}, status_code=413, headers={"connection": "close"})
+
+
+async def _conn_error(request: Request, exc: ConnectionError) -> JSONResponse:
+    log.warning("%s failed: %s", printable(request.url.path), printable(str(exc), 500))
+    return JSONResponse({"detail": str(exc)}, status_code=502)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The starter shows this with the node's name; the traceback stays in this log.
+    log.error("%s failed", printable(request.url.path), exc_info=exc)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
+                        status_code=500)
+
+
+ERROR_HANDLERS = ((RequestValidationError, _invalid), (InitError, _init_error),
+                  (BodyTooLarge, _too_large), (ConnectionError, _conn_error),
+                  (Exception, _unexpected))
 
 
 def weights_limit(config, start: int, stop: int) -> int:

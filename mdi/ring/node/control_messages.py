@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...generate.sampling import SEED_LIMIT
 from ..protocol.local_link import NAME_PATTERN
 
 SampleId = Annotated[int, Field(ge=0, lt=2**32)]  # node.py refuses more than MAX_SAMPLES
@@ -27,7 +28,7 @@ class Peer(Strict):
 class SamplingSpec(Strict):
     temperature: float = Field(ge=0.0)
     top_k: int | None = Field(default=None, ge=1, le=2**31 - 1)
-    seed: int = Field(ge=-(2**63), lt=2**64)
+    seed: int = Field(ge=0, lt=SEED_LIMIT)  # as SamplingConfig (and ADMIT) take it
 
 
 class InitRequest(Strict):

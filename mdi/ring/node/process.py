@@ -23,7 +23,7 @@ import uvicorn
 
 from ..protocol import aio
 from ...net.log_limit import LogLimiter
-from .control_app import create_app
+from .control_app import create_control_app
 from ...net.http_guard import guarded
 from .runtime import NodeRuntime
 from ..protocol.sock_io import listen_sockets
@@ -67,7 +67,7 @@ async def serve_node(rt: NodeRuntime) -> None:
     def request_exit() -> None:
         server.should_exit = True
 
-    config.app = create_app(rt, on_shutdown=request_exit)
+    config.app = create_control_app(rt, on_shutdown=request_exit)
     LogLimiter.install()  # the process's network-facing warnings, from here on
     log.info("%s serving control on %s:%d, data on %s:%d", rt.spec.name, rt.bind_host,
              rt.spec.port, rt.bind_host, rt.spec.port_in)

@@ -2,7 +2,7 @@
 
 `node_capabilities` is cheap (no compute) and answers GET /capabilities.
 `probe_speed` times one block (and the embeddings, and the head with the
-sampling of every row at the default settings, as the first and last stages'
+sampling of every row at the CLI's default settings, as the first and last stages'
 extra cost) with random weights of the run's configuration,
 at the run's group size, dtype and typical context, over decode steps with a
 KV cache: the same forward the ring runs. Attention reads the filled part of
@@ -33,6 +33,7 @@ from ...model import GPT, GPTConfig
 from ...model.dtypes import DTYPES
 from ...model.meta import on_meta
 from ...model.quant import quantize as quantize_stage
+from .limits import free_memory
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
@@ -104,7 +105,8 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float,
     # the positions a sequence holds mid-generation
     pos0 = stage.context // 4 if context is None else min(context, stage.context - 1)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    sampling = SamplingConfig()  # the finisher samples every row of every step
+    # the finisher samples every row of every step; at the CLI's default settings
+    sampling = SamplingConfig(temperature=0.8, top_k=200)
     generators = [seeded_generator(i) for i in range(batch)] if stage.has_head else []
 
     def step(i: int) -> None:
@@ -202,23 +204,13 @@ def effective_cpus() -> float:
     return round(min(float(cores), quota), 3) if quota is not None else float(cores)
 
 
-def free_memory(device: str) -> tuple[int, int]:
-    """(free, total) bytes on device: CUDA's mem_get_info, else the host's available RAM."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free), int(total)
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return int(vm.available), int(vm.total)
-
-
 def node_capabilities(device: str = "cpu", max_memory: int | None = None) -> dict:
     """Device, memory and CPUs, as GET /capabilities reports them.
 
     budget_bytes: what the node accepts for a run's weights and caches, the
     free memory capped by max_memory (`mdi node --max-memory`)."""
-    free, total = free_memory(device)
+    memory = free_memory(device)
+    free, total = memory.free, memory.total
     budget = free if max_memory is None else min(free, max_memory)
     name = torch.cuda.get_device_name(torch.device(device)) \
         if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -126,22 +127,31 @@ def _over_blocks(start: int, stop: int, nbytes: Callable[[int], int]) -> int:
     return n
 
 
-def free_memory(device: str) -> tuple[int, str]:
-    """(bytes free for a new run on device, where the number comes from)."""
+@dataclass(frozen=True)
+class DeviceMemory:
+    free: int       # bytes a new allocation may take now
+    total: int
+    where: str      # what `free` is, for messages ("free system memory", ...)
+
+
+def free_memory(device: str) -> DeviceMemory:
+    """The memory of a device: CUDA's mem_get_info, else the host's available RAM
+    (CPU and MPS share it)."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free), f"free memory of {device}"
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(dev)
+        return DeviceMemory(int(free), int(total), f"free memory of {device}")
     import psutil
 
-    return int(psutil.virtual_memory().available), "free system memory"
+    vm = psutil.virtual_memory()
+    return DeviceMemory(int(vm.available), int(vm.total), "free system memory")
 
 
 def available(device: str, max_memory: int | None, held: int = 0) -> tuple[int, str]:
     """What a run may take: free memory plus what the current run holds (dropped when the
     new run is configured), at most max_memory."""
-    free, where = free_memory(device)
-    free += held
+    memory = free_memory(device)
+    free = memory.free + held
     if max_memory is not None and max_memory < free:
         return max_memory, "--max-memory"
-    return free, where
+    return free, memory.where

@@ -12,7 +12,7 @@ import torch
 
 from ...engine.messages import Admit, Decode, Message, Prefill, Retire, Tokens
 from ...engine.slots import SlotStage
-from .wire import Frame, Kind, WireError, admit_frame, admit_params
+from .wire import Frame, Kind, WireError, admit_frame
 
 
 def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
@@ -39,9 +39,10 @@ def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
 def to_message(f: Frame, slots: SlotStage) -> Message | Tokens:
     """A received frame (header and slot table already checked) as a message; raises
     WireError for a DECODE / TOKENS that is not a whole lane."""
-    if f.kind == Kind.ADMIT:
-        temperature, top_k, top_p, seed = admit_params(f)
-        return Admit(f.sample, temperature, top_k, top_p, seed)
+    if f.kind == Kind.ADMIT:  # its parameters were checked when the frame was received
+        s = f.sampling
+        assert s is not None and s.seed is not None
+        return Admit(f.sample, s.temperature, s.top_k, s.top_p, s.seed)
     if f.kind == Kind.RETIRE:
         return Retire(f.sample)
     assert f.tensor is not None

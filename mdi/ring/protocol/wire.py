@@ -5,9 +5,10 @@ torch.load-ed: a payload becomes a tensor only through torch.frombuffer with
 a dtype from a fixed table, after every header field has been checked against
 the run's limits (model width, block size, samples). A payload length that
 does not match the checked shape is refused before any byte of it is read or
-any buffer allocated. An ADMIT's sampling parameters are checked as the frame
-is built (generate/sampling.py:check_sampling, as the engine checks a submitted
-sequence), so no node forwards what the finisher would refuse.
+any buffer allocated. An ADMIT's sampling parameters are decoded and checked
+once, as the frame is built (by generate/sampling.py:SamplingConfig, the check a
+submitted sequence passed in the engine), so no node forwards what the finisher
+would refuse; the frame carries them as that checked object (Frame.sampling).
 
 Header (big-endian, 44 bytes), see docs/wire.md:
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...generate.sampling import check_sampling
+from ...generate.sampling import SamplingConfig
 
 MAGIC = b"MDI\x00"
 VERSION = 1
@@ -111,6 +112,7 @@ class Frame:
     position: int = 0
     tensor: torch.Tensor | None = None
     slots: tuple[int, ...] = ()      # SEQ_DECODE / SEQ_TOKENS: the slot of each row
+    sampling: SamplingConfig | None = None  # a received ADMIT: its parameters, checked
 
     def encode(self) -> bytes:
         return encode_frame(self)
@@ -296,15 +298,16 @@ def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
 
 def finish_frame(h: Header, slots: tuple[int, ...], tensor: torch.Tensor | None) -> Frame:
     """The frame of a checked header, its slot table and its tensor; an ADMIT's
-    sampling parameters are checked here, on receipt, at every node: nothing
-    forwards what the finisher refuses."""
-    frame = Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots)
+    sampling parameters are decoded and checked here, on receipt, at every node:
+    nothing forwards what the finisher refuses."""
+    sampling = None
     if h.kind == Kind.ADMIT:
+        assert tensor is not None
         try:
-            check_sampling(*admit_params(frame))
+            sampling = SamplingConfig(*_admit_fields(tensor))
         except ValueError as e:
             raise WireError(f"ADMIT for slot {h.sample}: {e}") from None
-    return frame
+    return Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots, sampling)
 
 
 def decode_frame(data: bytes, lim: Limits | None) -> Frame:
@@ -343,13 +346,11 @@ def admit_frame(run_id: int, slot: int, temperature: float, top_k: int | None,
                  torch.tensor([seed, top_k or 0, *bits], dtype=torch.int64))
 
 
-def admit_params(f: Frame) -> tuple[float, int | None, float | None, int]:
-    """(temperature, top_k, top_p, seed) of an ADMIT frame (checked by build_frame,
-    with generate/sampling.py:check_sampling, when it was received)."""
-    assert f.tensor is not None
-    seed, top_k, t_bits, p_bits = f.tensor.tolist()
+def _admit_fields(t: torch.Tensor) -> tuple[float, int | None, int, float | None]:
+    """(temperature, top_k, seed, top_p) of an ADMIT payload, as SamplingConfig takes them."""
+    seed, top_k, t_bits, p_bits = t.tolist()
     temperature, top_p = torch.tensor([t_bits, p_bits], dtype=torch.int64).view(torch.float64).tolist()
-    return temperature, top_k or None, None if top_p == 1.0 else top_p, seed
+    return temperature, top_k or None, seed, None if top_p == 1.0 else top_p
 
 
 async def write_frame(writer: asyncio.StreamWriter, f: Frame) -> int:
