@@ -82,9 +82,10 @@ class Starter:
         shards, self.placement = await self.client.place(
             self.checkpoint.config, n, max(len(g) for g in lanes),  # probes time one lane's batch
             typical_context(prompts, n_tokens))
-        engine = RingEngine(self.nodes, self.token, self.checkpoint, max_seqs=n, max_queue=n,
-                            opts=self.opts, lanes=self.opts.n_groups, shards=shards,
-                            placement=self.placement)
+        engine = RingEngine(self.nodes, self.token, self.checkpoint,
+                            texts.tokenizer if texts is not None else None, max_seqs=n,
+                            max_queue=n, opts=self.opts, lanes=self.opts.n_groups,
+                            shards=shards, placement=self.placement)
         if len(self.nodes.ring) > 1:
             await engine.form()
         progress = _Progress(n, n_tokens, self.on_step, self.on_event)
