@@ -24,7 +24,7 @@ from ...engine.scheduler import Sequence
 from ...generate.sampling import SamplingConfig
 from ...generate.schedule import make_groups
 from ...generate.stops import Stops
-from ...results import GenerationResult, Texts
+from ...results import Failure, GenerationResult, Texts
 from ..cluster.nodes_config import NodesConfig
 from ..plan.placement import Placement
 from ..protocol import aio
@@ -106,7 +106,8 @@ class Starter:
         return self._result(engine, seqs, t0, elapsed, n_tokens, texts)
 
     def _result(self, engine: RingEngine, seqs: list[Sequence], t0: float, elapsed: float,
-                n_tokens: int, texts: Texts | None, fail=None) -> GenerationResult:
+                n_tokens: int, texts: Texts | None, fail: Failure | None = None
+                ) -> GenerationResult:
         """The batch's result; a failed run's (`fail`) counts the steps every sample
         completed, and its hops are unknown."""
         c, n_nodes = engine.config, len(self.nodes.ring)
