@@ -13,7 +13,8 @@ from safetensors.torch import load as st_load, save as st_save
 
 from cluster_helpers import (TOKEN, auth, build_tiny_ckpt, fake_upstream, init_body, raw_http,
                              start_ring, status, wait_state, weights_for)
-from mdi.ring.starter.driver import RunOptions, Starter
+from mdi.ring.starter.driver import Starter
+from mdi.ring.starter.options import RunOptions
 from mdi.generate.sampling import SamplingConfig
 
 

@@ -29,7 +29,7 @@ from mdi.ring.cluster.nodes_config import NodeSpec
 from mdi.ring.plan.partition import even_split
 from mdi.ring.protocol.wire import HEADER_SIZE
 from mdi.generate.schedule import make_groups
-from mdi.ring.starter.driver import lane_count
+from mdi.ring.starter.options import lane_count
 from mdi.model import GPT, GPTConfig
 from mdi.tokenizer import CharTokenizer
 

@@ -12,7 +12,7 @@ from mdi.generate import SamplingConfig, generate
 from mdi.generate.sampling import sample_seed
 from mdi.ring.cluster.local_cluster import LocalCluster
 from mdi.ring.starter.ring_engine import RingEngine
-from mdi.ring.starter.driver import RunOptions
+from mdi.ring.starter.options import RunOptions
 from test_engine import collect
 
 from cluster_helpers import build_tiny_ckpt

@@ -25,7 +25,8 @@ from cluster_helpers import (TOKEN, build_tiny_ckpt, child_env, error_lines, fin
                              status, wait_gone, wait_state, write_nodes_file)
 from mdi.ring.cluster.local_cluster import free_ports
 from mdi.ring.cluster.nodes_config import load_nodes_config, local_nodes_config
-from mdi.ring.starter.driver import EXIT_NODE_FAILURE, RunOptions, Starter
+from mdi.ring.starter.driver import Starter
+from mdi.ring.starter.options import EXIT_NODE_FAILURE, RunOptions
 from mdi.generate.sampling import SamplingConfig
 from mdi.ring.protocol.wire import Kind
 

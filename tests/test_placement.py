@@ -14,7 +14,7 @@ from mdi.model import GPT, GPTConfig
 from mdi.ring.plan.capability import Speed, node_capabilities
 from mdi.ring.cluster.nodes_config import local_nodes_config
 from mdi.ring.plan.placement import Placement, _costs, _differences, compute_units
-from mdi.ring.starter.driver import lane_count, typical_context
+from mdi.ring.starter.options import lane_count, typical_context
 from mdi.ring.plan.capability import StageMemory
 from mdi.ring.plan.partition import even_split
 from mdi.ring.plan.planner import plan_memory

@@ -26,7 +26,8 @@ from mdi.model import GPTConfig
 from mdi.model.quant import configure_stage
 from mdi.ring.cluster.local_cluster import LocalCluster
 from mdi.ring.cluster.nodes_config import load_nodes_config
-from mdi.ring.starter.driver import RunOptions, Starter
+from mdi.ring.starter.driver import Starter
+from mdi.ring.starter.options import RunOptions
 from mdi.tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.slow

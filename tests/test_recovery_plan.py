@@ -14,6 +14,7 @@ from mdi.engine import SeqParams
 from mdi.engine.link import LinkClosed
 from mdi.generate import SamplingConfig, generate
 from mdi.ring.starter import ring_engine
+from mdi.ring.cluster.local_cluster import free_ports
 from mdi.ring.cluster.nodes_config import local_nodes_config
 from mdi.ring.starter.ring_engine import RingEngine
 
@@ -31,7 +32,7 @@ def lost_everything(engine: RingEngine) -> LinkClosed:
 
 
 def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
-    nodes = local_nodes_config(3, list(range(41000, 41006)))  # nothing listens there
+    nodes = local_nodes_config(3, free_ports(6))  # nothing listens there
     engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
     assert engine.first.stage.stop == 1 and not engine.first.stage.has_head
 
@@ -47,7 +48,7 @@ def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
     got = asyncio.run(main())
     assert engine.link is None and engine.first.stage.has_head
     (rec,) = engine.recoveries
-    assert rec["ring"] == ["starter"] and rec["failed"].startswith("finisher at 127.0.0.1:41004")
+    assert rec["ring"] == ["starter"] and rec["failed"] == nodes.finisher.describe()
     assert rec["plan"]["nodes"] == [{"node": "starter", "layers": [0, 3]}]
     model, _ = load_model(str(ckpt))
     assert got == generate(model, [[1, 2, 3]], 12, SamplingConfig(temperature=0.0, top_k=None))[0]
@@ -55,7 +56,7 @@ def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
 
 def test_no_room_for_the_whole_model_fails_the_recovery_with_the_numbers(ckpt, monkeypatch, caplog):
     monkeypatch.setattr(ring_engine, "node_capabilities", lambda device: {"budget_bytes": 0})
-    nodes = local_nodes_config(3, list(range(41010, 41016)))
+    nodes = local_nodes_config(3, free_ports(6))
     engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
     assert not asyncio.run(engine._recover(lost_everything(engine)))
     assert engine.recoveries == []

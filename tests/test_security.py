@@ -25,7 +25,8 @@ from cluster_helpers import (TOKEN, auth, build_tiny_ckpt, child_env, closed_by_
                              error_lines, fake_upstream, health, init_body, open_data, raw_frame,
                              raw_http, read_raw_frame, run_cli, start_ring, status, wait_state)
 from mdi.ring.protocol.auth import AuthError, check_bearer, resolve_token
-from mdi.ring.starter.driver import RunOptions, Starter
+from mdi.ring.starter.driver import Starter
+from mdi.ring.starter.options import RunOptions
 from mdi.ring.protocol.wire import HEADER, HEADER_SIZE, Frame, Kind
 from mdi.generate.sampling import SamplingConfig
 
@@ -388,7 +389,7 @@ def test_pickle_payloads_never_run_on_any_port(ring, tmp_path, caplog):
             errors.append(e)
 
     t = threading.Thread(target=run)
-    caplog.set_level(logging.WARNING, logger="mdi.ring.starter.driver")
+    caplog.set_level(logging.WARNING, logger="mdi.ring.starter.client")
     t.start()
     try:
         wait_state(fin, "running", 30.0)

@@ -92,3 +92,29 @@ def test_stream_in_small_pieces_is_the_same(ckpt, monkeypatch):
     total, chunks = shard_stream(ckpt, shard)
     pieces = list(chunks)
     assert max(len(p) for p in pieces[1:]) == 5 and b"".join(pieces) == whole and len(whole) == total
+
+
+def test_header_is_parsed_once_for_all_stages_and_again_when_the_file_changes(tmp_path,
+                                                                               monkeypatch):
+    """A ring's nodes each stream a stage of one file: its header is read once. A
+    checkpoint written again in place (another depth, so another header) streams
+    its new tensors, not the old layout."""
+    from mdi.checkpoint import open_checkpoint, st_io
+
+    reads = []
+    real = st_io.read_header
+    monkeypatch.setattr(st_io, "read_header", lambda f, *a: reads.append(1) or real(f, *a))
+    tok = CharTokenizer([chr(65 + i) for i in range(30)])
+    torch.manual_seed(1)
+    ck = open_checkpoint(save_checkpoint(tmp_path / "c", GPT(CONFIG), tok))
+    for shard in even_split(4, 3):
+        assert b"".join(shard_stream(ck, shard)[1]) == b"".join(shard_stream(ck, shard)[1])
+    assert len(reads) == 1
+    deeper = GPTConfig(vocab_size=30, block_size=16, n_layer=6, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "c", GPT(deeper), tok)
+    ck = open_checkpoint(tmp_path / "c")
+    shard = Shard(5, 6, 6)
+    got = parse(b"".join(shard_stream(ck, shard)[1]), expected_shapes(deeper, 5, 6))
+    assert len(reads) == 2
+    want = shard_tensors(ck, shard)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -19,7 +19,8 @@ import torch
 from ..checkpoint import open_checkpoint
 from ..generate.sampling import SamplingConfig
 from ..ring.cluster.local_cluster import LocalCluster
-from ..ring.starter.driver import RunOptions, Starter
+from ..ring.starter.driver import Starter
+from ..ring.starter.options import RunOptions
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = RunOptions(timeout=args.timeout, batch_invariant=True)
     with LocalCluster(args.nodes, threads=args.threads, node_timeout=args.timeout,
                       spares=args.spares) as cluster:
-        base = Starter(cluster.nodes, cluster.token, args.ckpt, opts).run(
+        base = Starter(cluster.nodes, cluster.token, ck, opts).run(
             prompts, args.n_tokens, greedy)
         pids = {s.name: pid for s, pid in zip(cluster.members, cluster.pids)}
         made = 0
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         try:
-            hit = Starter(cluster.nodes, cluster.token, args.ckpt, opts, on_event=on_event).run(
+            hit = Starter(cluster.nodes, cluster.token, ck, opts, on_event=on_event).run(
                 prompts, args.n_tokens, greedy)
         finally:
             for pid in pids.values():

@@ -12,7 +12,8 @@ import torch
 from ..checkpoint import load_model, open_checkpoint
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
-from ..ring.starter.driver import RunOptions, Starter
+from ..ring.starter.driver import Starter
+from ..ring.starter.options import RunOptions
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..model.quant import QUANT_MODES

@@ -12,6 +12,7 @@ when its turn comes, so still only one is in memory at a time.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -71,17 +72,15 @@ def _hf_stream(info: HFCheckpoint, shard: Span) -> tuple[int, Iterator[bytes]]:
 
 
 def shard_stream(ckpt: str | Path | Checkpoint, shard: Span) -> tuple[int, Iterator[bytes]]:
-    """(total length, byte chunks) of a stage's tensors in safetensors layout."""
+    """(total length, byte chunks) of a stage's tensors in safetensors layout.
+    Pass the opened Checkpoint when streaming to several nodes: a path is opened
+    (config.json parsed) on every call."""
     info = open_checkpoint(ckpt)
     if isinstance(info, HFCheckpoint):
         return _hf_stream(info, shard)
     refuse_int8(info, "streaming weights to nodes")
     path = info.weights_path
-    try:
-        with st_io.open_file(path) as f:
-            entries, _ = st_io.read_header(f)
-    except (st_io.SafetensorsFormatError, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+    entries, data_start = _weights_header(path)
     order = stage_sources(entries, info.config, shard, path)
     head, length = _header([(name, entries[src].dtype_name, entries[src].shape,
                              entries[src].end - entries[src].begin) for name, src in order])
@@ -90,7 +89,6 @@ def shard_stream(ckpt: str | Path | Checkpoint, shard: Span) -> tuple[int, Itera
     def chunks() -> Iterator[bytes]:
         yield head
         with st_io.open_file(path) as f:
-            _, data_start = st_io.read_header(f)
             for _, src in order:  # a few MB in memory at a time, even for the embedding
                 e = entries[src]
                 f.seek(data_start + e.begin)
@@ -103,6 +101,22 @@ def shard_stream(ckpt: str | Path | Checkpoint, shard: Span) -> tuple[int, Itera
                     yield piece
 
     return total, chunks()
+
+
+def _weights_header(path: Path) -> tuple[dict, int]:
+    """(entries, data start) of a safetensors file, parsed once per version of the
+    file: a ring's nodes each stream a stage of the same file."""
+    try:
+        stat = path.stat()
+        return _parsed_header(path, stat.st_mtime_ns, stat.st_size)
+    except (st_io.SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_header(path: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
+    with st_io.open_file(path) as f:
+        return st_io.read_header(f)
 
 
 def shard_bytes(ckpt: str | Path | Checkpoint, shard: Span) -> bytes:

@@ -12,7 +12,8 @@ from ..checkpoint import open_checkpoint
 from ..generate.stops import Stops
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
-from ..ring.starter.driver import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
+from ..ring.starter.driver import Starter
+from ..ring.starter.options import EXIT_NODE_FAILURE, NodeFailure, RunOptions
 from ..results import GenerationResult, Texts
 from .common import (CKPT_HELP, UsageError, add_generation_options, emit, encode_prompts,
                      read_prompts, sampling_config, set_threads, stops_of)
@@ -76,7 +77,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     printer = None if args.json or args.resend_context else StreamPrinter(prompts)
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
                desc="generating", leave=False)
-    starter = Starter(nodes, token, args.ckpt,
+    starter = Starter(nodes, token, info,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
                                  quantize=args.quantize, batch_invariant=args.batch_invariant,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
@@ -29,13 +29,17 @@ def batch_params(n_samples: int, n_tokens: int, sampling: SamplingConfig,
 
 
 async def run_sequences(engine: PipelineEngine, prompts: list[list[int]], params: list[SeqParams],
-                        on_event: OnEvent | None = None) -> tuple[list[Sequence], float, float]:
+                        on_event: OnEvent | None = None, seqs: list[Sequence] | None = None
+                        ) -> tuple[list[Sequence], float, float]:
     """Start the engine, run every prompt to its end, close it.
-    Returns the sequences, the start time (perf_counter) and the elapsed seconds."""
+    Returns the sequences, the start time (perf_counter) and the elapsed seconds.
+    seqs: a list to fill as the prompts are submitted, so a caller still holds
+    the sequences (and their tokens so far) when the engine fails."""
+    seqs = [] if seqs is None else seqs
     await engine.start()
     try:
         t0 = time.perf_counter()
-        seqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        seqs.extend(engine.submit(p, q) for p, q in zip(prompts, params))
 
         async def drain(i: int, seq: Sequence) -> None:
             async for ev in seq.events():
@@ -50,15 +54,17 @@ async def run_sequences(engine: PipelineEngine, prompts: list[list[int]], params
 
 
 def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
-                 n_layers: int, block_size: int, texts: Texts | None = None) -> GenerationResult:
+                 n_layers: int, block_size: int, texts: Texts | None = None,
+                 **fields: Any) -> GenerationResult:
     """GenerationResult of a fixed batch: step i ends when every sample that reaches
-    token i has it (samples that stopped early count no more)."""
-    steps = max(len(s.stats.token_times) for s in seqs)
+    token i has it (samples that stopped early count no more). fields: more of the
+    result's (a ring's mode, hops, failure)."""
+    steps = max((len(s.stats.token_times) for s in seqs), default=0)
     times = [max(s.stats.token_times[i] for s in seqs if len(s.stats.token_times) > i) - t0
              for i in range(steps)]
     return GenerationResult.build([list(s.generated) for s in seqs], texts, n_tokens=n_tokens,
                                   gen_time_s=elapsed, step_times=times, n_layers=n_layers,
-                                  block_size=block_size)
+                                  block_size=block_size, **fields)
 
 
 def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[list[int]],

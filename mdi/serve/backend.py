@@ -125,7 +125,7 @@ def ring_backend(opts: BackendOptions) -> Backend:
         raise ValueError(f"the ring engine is not in this build ({e}); serve one device with "
                          "--nodes 1") from None
     from ..checkpoint import open_checkpoint
-    from ..ring.starter.driver import RunOptions
+    from ..ring.starter.options import RunOptions
 
     tok = open_checkpoint(opts.ckpt).tokenizer()
     backend = Backend(lambda: None, tok, "")  # type: ignore[arg-type, return-value]
