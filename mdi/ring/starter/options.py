@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...checkpoint import Checkpoint, load_stage
+from ...engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ...model import GPT
 from ...model.dtypes import DTYPES
 from ...results import FailedNode, Failure, GenerationResult
@@ -40,6 +41,7 @@ class RunOptions:
     max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
     recover: bool = True              # on a node's failure: re-plan over the rest and resume
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
 
 
 def failure(message: str, node: NodeSpec | None) -> Failure:

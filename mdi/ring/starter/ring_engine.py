@@ -103,7 +103,8 @@ class RingEngine(PipelineEngine):
         tokenizer = tokenizer or self.ck.tokenizer()
         super().__init__(stage, tokenizer.decode, max_seqs,
                          n_stages=lanes or default_lanes(len(nodes.ring), placement),
-                         link=None, max_queue=max_queue, retry_after=retry_after)
+                         link=None, max_queue=max_queue, retry_after=retry_after,
+                         prefill_chunk=self.opts.prefill_chunk)
         self.tokenizer = tokenizer
         self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
         self.run_id: int | None = None
