@@ -16,7 +16,7 @@ from typing import Any
 
 from ..engine.api import Engine
 from ..tokenizer import Tokenizer
-from .app import EngineFactory
+from .holder import EngineFactory
 
 log = logging.getLogger("mdi.serve")
 
