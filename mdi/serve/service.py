@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from ..engine.api import SeqParams
 from ..generate.chat_template import template_for
@@ -67,11 +68,15 @@ class Service:
     async def json_body(self, request: Request) -> Any:
         limit = self.config.max_body_bytes
         body = bytearray()
-        async for chunk in request.stream():  # counted as it comes: chunked bodies too
-            body += chunk
-            if len(body) > limit:
-                raise oa.ApiError(413, f"the request body is larger than {limit} bytes",
-                                  code="request_too_large")
+        try:
+            async for chunk in request.stream():  # counted as it comes: chunked bodies too
+                body += chunk
+                if len(body) > limit:
+                    raise oa.ApiError(413, f"the request body is larger than {limit} bytes",
+                                      code="request_too_large")
+        except ClientDisconnect:  # closed by the client, or by the guard (too slow)
+            raise oa.ApiError(400, "the connection closed before the request body was complete") \
+                from None
         try:
             return json.loads(body)
         except ValueError:
