@@ -42,6 +42,7 @@ def create_app(factory: EngineFactory, tokenizer: Tokenizer, config: ServeConfig
             yield
         finally:
             await holder.close()
+            svc.close()
 
     app = FastAPI(title="mdi", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service, app.state.holder, app.state.metrics = svc, holder, svc.metrics

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from ..engine.api import Engine, EngineBusy, EngineFailure, SeqParams
 from . import openai_schema as oa
 from .holder import failure_error
+from .prepare import Prepared
 from .runs import Run
 from .service import Service
 from .sse import DONE, EventStreamResponse, event
@@ -41,6 +42,15 @@ CHAT = Kind("chatcmpl", "chat.completion.chunk",
             lambda rid, at, name, i, text, fin: oa.chat_chunk(rid, at, name, i,
                                                               {"content": text} if text else {}, fin),
             oa.chat_completion)
+
+
+async def respond(svc: Service, request: Request, prepare: Callable[[Service, bytes], Prepared],
+                  kind: Kind) -> Response:
+    """A generation request from its headers to its answer."""
+    svc.authorize(request)
+    p = await svc.prepared(request, prepare)
+    run, engine = start_run(svc, p.prompts, p.params, p.param)
+    return await answer(svc, request, p.req, run, engine, kind, p.n_prompt)
 
 
 def start_run(svc: Service, prompts: list[list[int]], params: list[SeqParams],

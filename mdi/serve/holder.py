@@ -27,6 +27,7 @@ class EngineHolder:
         self.engine: Engine | None = None
         self.state = "starting"               # starting | ready | rebuilding | closed
         self.builds = 0
+        self.stalled = 0                       # stalled sequences of the engines replaced so far
         self.last_failure: str | None = None   # the failure that caused the latest rebuild
         self.rebuild_error: str | None = None  # why the rebuild under way failed so far
         self._task: asyncio.Task | None = None
@@ -60,6 +61,7 @@ class EngineHolder:
         self._task = asyncio.create_task(self._rebuild(engine))
 
     async def _rebuild(self, old: Engine) -> None:
+        self.stalled += getattr(old, "stalled", 0)
         try:
             await old.close()
         except Exception:  # noqa: BLE001 - a failed engine may fail to close; we replace it anyway

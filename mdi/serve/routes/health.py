@@ -14,7 +14,11 @@ router = APIRouter()
 @router.get("/health")
 async def health(svc: Service = Depends(service)) -> JSONResponse:
     holder, e = svc.holder, svc.holder.engine
-    body = {"status": "ok" if holder.state == "ready" else holder.state,
+    silent = getattr(e, "silent_s", 0.0) if e else 0.0
+    status = holder.state
+    if status == "ready":  # a node that stopped answering, not yet given up on
+        status = "degraded" if silent > svc.config.degraded_after_s else "ok"
+    body = {"status": status, "silent_s": round(silent, 1),
             "model": svc.config.model_name, "running": e.running if e else 0,
             "queued": e.queued if e else 0, "engine_builds": holder.builds,
             "last_failure": holder.last_failure, "rebuild_error": holder.rebuild_error,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from .. import openai_schema as oa
 from ..service import Service
 from . import service
 
@@ -22,5 +23,7 @@ async def models(request: Request, svc: Service = Depends(service)) -> dict:
 @router.get("/v1/models/{name:path}")
 async def model(name: str, request: Request, svc: Service = Depends(service)) -> dict:
     svc.authorize(request)
-    svc.check_model(name)
+    if name != svc.config.model_name:  # the list is exact, whatever generation accepts
+        raise oa.ApiError(404, f"The model {name!r} does not exist; this server serves "
+                               f"{svc.config.model_name!r}", param="model", code="model_not_found")
     return model_card(svc)
