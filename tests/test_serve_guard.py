@@ -61,6 +61,17 @@ class Tricklers:
             s.close()
 
 
+def answers(srv: BackgroundServer, headers: dict | None = None) -> float:
+    """Seconds for /health and a completion to answer (each must, with 200)."""
+    t0 = time.monotonic()
+    with httpx.Client(timeout=2.0) as http:
+        assert http.get(srv.url + "/health").status_code == 200
+        r = http.post(srv.url + "/v1/completions", headers=headers or {},
+                      json={"model": MODEL, "prompt": "a", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    return time.monotonic() - t0
+
+
 def wait_for(cond, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -95,13 +106,7 @@ def test_slow_bodies_cannot_lock_out_health_or_a_completion(tok):
         t = Tricklers(srv, 60)
         try:
             wait_for(lambda: t.closed() >= 60 - 16)           # evicted past the per-address cap
-            t0 = time.monotonic()
-            with httpx.Client(timeout=2.0) as http:
-                assert http.get(srv.url + "/health").status_code == 200
-                r = http.post(srv.url + "/v1/completions",
-                              json={"model": MODEL, "prompt": "a", "max_tokens": 3})
-                assert r.status_code == 200 and r.json()["choices"][0]["text"]
-            assert time.monotonic() - t0 < 2.0
+            assert answers(srv) < 2.0
             deadline = time.monotonic() + 4.0                 # grace 1 s, then < 200 bytes/s
             while t.closed() < 60 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -118,13 +123,7 @@ def test_keyless_bodies_are_not_read_and_keyed_requests_answer(tok):
                  max_per_client=16) as srv:
         t = Tricklers(srv, 60)
         try:
-            t0 = time.monotonic()
-            with httpx.Client(timeout=2.0) as http:
-                assert http.get(srv.url + "/health").status_code == 200
-                r = http.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                              json={"model": MODEL, "prompt": "a", "max_tokens": 3})
-                assert r.status_code == 200 and r.json()["choices"][0]["text"]
-            assert time.monotonic() - t0 < 2.0
+            assert answers(srv, {"Authorization": f"Bearer {KEY}"}) < 2.0
             deadline = time.monotonic() + 2.0                 # well before the 5 s grace
             while t.closed() < 60 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -156,3 +155,26 @@ def test_a_fresh_connection_is_not_the_one_evicted(tok):
         finally:
             for s in old + [fresh, newer]:
                 s.close()
+
+
+def test_idle_connections_cannot_lock_out_the_api(tok):
+    """Review: the API port had no header deadline and no connection cap (the nodes'
+    control port has both): idle and slow-header sockets stayed open for good, each
+    holding a descriptor, until accept failed. It now uses the nodes' guarded protocol:
+    past the cap the idlest are evicted, /health and a completion are answered while
+    they are open, and every one is closed after the header timeout."""
+    from mdi.net.http_guard import GuardedProtocol
+
+    app = create_app(lambda: FakeEngine(tok), tok, ServeConfig(model_name=MODEL))
+    with BackgroundServer(app, header_timeout=1.0, max_connections=8) as srv:
+        assert issubclass(srv.server.config.http_protocol_class, GuardedProtocol)
+        socks = [socket.create_connection((srv.host, srv.port), timeout=2) for _ in range(20)]
+        socks[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # slow-loris: never finished
+        try:
+            assert answers(srv) < 0.9  # before any header deadline
+            assert sum(_closed(s) for s in socks) >= 20 - 8  # evicted past the cap of 8
+            wait_for(lambda: all(_closed(s) for s in socks), timeout=4.0)
+        finally:
+            for s in socks:
+                s.close()
+

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 
 import httpx
 import pytest
 
+from mdi.bench.abuse import StreamGaps
 from mdi.net.log_limit import QueryRedactor
 from mdi.serve import BackgroundServer, ServeConfig, create_app
 from serve_fakes import ChatCharTokenizer, FakeEngine
@@ -150,25 +150,10 @@ def test_large_bodies_do_not_pause_the_streams(tok):
     app = create_app(lambda: FakeEngine(tok, step_s=0.005), tok, ServeConfig(MODEL, context=CONTEXT))
     huge = json.dumps({"model": MODEL, "prompt": [1] * 3_900_000}, separators=(",", ":")).encode()
     large = json.dumps({"model": MODEL, "prompt": [1] * 500_000}, separators=(",", ":")).encode()
-    with BackgroundServer(app) as s:
-        gaps: list[float] = []
-
-        def stream() -> None:
-            with httpx.Client(timeout=30) as http:
-                with http.stream("POST", s.url + "/v1/completions", json={
-                        "model": MODEL, "prompt": "a", "max_tokens": 60, "stream": True}) as r:
-                    last = time.monotonic()
-                    for _ in r.iter_lines():
-                        now = time.monotonic()
-                        gaps.append(now - last)
-                        last = now
-
-        t = threading.Thread(target=stream)
-        t.start()
+    with BackgroundServer(app) as s, StreamGaps(s.url, MODEL) as gaps:
         time.sleep(0.05)
         answers = [httpx.post(s.url + "/v1/completions", content=body, timeout=30,
                               headers={"content-type": "application/json"}) for body in (huge, large)]
-        t.join()
     assert error(answers[0], 413)["code"] == "request_too_large"
     assert error(answers[1])["code"] == "context_length_exceeded" and "500000" in error(answers[1])["message"]
     print(f"longest gap between chunks: {max(gaps):.3f} s")

@@ -98,32 +98,29 @@ def under_attack(t: Target, socks: list[socket.socket], feed: Callable[[socket.s
                 h.startswith("200") and c.startswith("200") and max(hs, cs) < ANSWER_S)
 
 
-def slow_bodies(t: Target, n: int) -> Case:
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 100000\r\n\r\n{{").encode()
+def open_socks(t: Target, n: int, first: bytes) -> list[socket.socket]:
+    """Up to n connections that have sent `first` (fewer when the server refuses more)."""
     socks = []
     for _ in range(n):
         try:
             s = t.sock()
-            s.sendall(head)
+            s.sendall(first)
             socks.append(s)
         except OSError:
             break
-    case = under_attack(t, socks, lambda s: s.send(b" "))
+    return socks
+
+
+def slow_bodies(t: Target, n: int) -> Case:
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 100000\r\n\r\n{{").encode()
+    case = under_attack(t, open_socks(t, n, head), lambda s: s.send(b" "))
     case.name, case.expected = f"{n} slow-body sockets", f"/health and a completion < {ANSWER_S:g} s"
     return case
 
 
 def slow_headers(t: Target, n: int) -> Case:
-    socks = []
-    for _ in range(n):
-        try:
-            s = t.sock()
-            s.sendall(b"GET /health HTTP/1.1\r\n")
-            socks.append(s)
-        except OSError:
-            break
-    case = under_attack(t, socks, lambda s: s.send(b"X-a: b\r\n"))
+    case = under_attack(t, open_socks(t, n, b"GET /health HTTP/1.1\r\n"), lambda s: s.send(b"X-a: b\r\n"))
     case.name, case.expected = f"{n} slow-header sockets", f"/health and a completion < {ANSWER_S:g} s"
     return case
 
@@ -131,27 +128,41 @@ def slow_headers(t: Target, n: int) -> Case:
 def large_body(t: Target) -> Case:
     """A 7.8 MB prompt of 3.9 M token ids while a stream runs: the stream's longest pause."""
     body = json.dumps({"model": t.model, "prompt": [1] * 3_900_000}, separators=(",", ":")).encode()
-    gaps: list[float] = []
-
-    def stream() -> None:
-        with httpx.stream("POST", t.url + "/v1/completions", headers=t.headers, timeout=60,
-                          json={"model": t.model, "prompt": "Hi", "max_tokens": 64,
-                                "stream": True}) as r:
-            last = time.monotonic()
-            for _ in r.iter_lines():
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-    th = threading.Thread(target=stream)
-    th.start()
-    time.sleep(0.3)
-    got, s = timed(lambda: t.post(body))
-    th.join()
+    with StreamGaps(t.url, t.model, t.headers) as gaps:
+        time.sleep(0.3)
+        got, s = timed(lambda: t.post(body))
     pause = max(gaps[1:], default=0.0)
     return Case("7.8 MB token-id prompt", "413/400, streams pause < 0.5 s",
                 f"{got}, longest stream pause {pause:.2f} s", s,
                 got[:3] in ("400", "413") and pause < 0.5)
+
+
+class StreamGaps(list):
+    """`with StreamGaps(url, model) as gaps:` a streamed completion runs meanwhile, in a
+    thread; `gaps` holds the seconds between its lines (its pauses)."""
+
+    def __init__(self, url: str, model: str, headers: dict | None = None, max_tokens: int = 60) -> None:
+        super().__init__()
+        self.args = (url, model, headers or {}, max_tokens)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        url, model, headers, max_tokens = self.args
+        with httpx.stream("POST", url + "/v1/completions", headers=headers, timeout=60,
+                          json={"model": model, "prompt": "Hi", "max_tokens": max_tokens,
+                                "stream": True}) as r:
+            last = time.monotonic()
+            for _ in r.iter_lines():
+                now = time.monotonic()
+                self.append(now - last)
+                last = now
+
+    def __enter__(self) -> "StreamGaps":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join()
 
 
 def refusals(t: Target) -> list[Case]:
