@@ -157,6 +157,28 @@ def test_a_fresh_connection_is_not_the_one_evicted(tok):
                 s.close()
 
 
+def test_a_client_that_was_answered_outranks_attackers_that_reconnect(tok):
+    """A serve-bench client under attack lost its keep-alive connection (ReadError): the
+    attacker's sockets, replaced as fast as they were closed, were always fresh. A
+    connection that has had a request answered is now evicted after every one that
+    never had, fresh or not."""
+    with _server(tok, header_timeout=5.0, max_connections=8, max_per_client=8) as srv:
+        kept = socket.create_connection((srv.host, srv.port), timeout=2)
+        attackers: list[socket.socket] = []
+        try:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(1.1)                                   # older than FRESH_S, idle
+            for _ in range(30):                               # churn: each one is fresh
+                attackers.append(socket.create_connection((srv.host, srv.port), timeout=2))
+            wait_for(lambda: sum(_closed(s) for s in attackers) >= 30 - 7)
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            for s in attackers + [kept]:
+                s.close()
+
+
 def test_idle_connections_cannot_lock_out_the_api(tok):
     """Review: the API port had no header deadline and no connection cap (the nodes'
     control port has both): idle and slow-header sockets stayed open for good, each

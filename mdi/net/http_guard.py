@@ -18,9 +18,10 @@ the API of `mdi serve` (serve/server.py). What a connection must do to stay open
 At most `max_connections` are open at once, and at most `max_per_client` from one
 client address. One more evicts another connection of the same scope, never one
 with a request in flight whose answer its peer is reading: first unauthenticated
-ones, then connections older than `FRESH_S` (a client that just connected has had
-no time to send anything), then those whose peer does not read its answer, and
-among equals the one that sent the fewest bytes a second. Only when every other
+ones, then those that never had a request answered, then connections older than
+`FRESH_S` (a client that just connected has had no time to send anything), then
+those whose peer does not read its answer, and among equals the one that sent the
+fewest bytes a second. Only when every other
 connection is busy is the newcomer itself closed. There is no limit on requests
 that would answer 503, so /health and real clients are answered however many
 idle or trickling connections a stranger opens.
@@ -62,6 +63,7 @@ class GuardedProtocol(H11Protocol):
         self.connected_at = self.last_active = now
         self.bytes_in = 0
         self.authenticated = False
+        self.served = 0                          # requests answered on this connection
         self._lingering = False
         self._body_start: float | None = None  # when the current request's body began
         self._body_bytes = 0
@@ -94,6 +96,7 @@ class GuardedProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
+        self.served += 1
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             # Answered before its body was read (a 401 from the headers, a 413): no use
             # reading on. Half-close, drop what still comes for LINGER_S, then close: a close
@@ -181,14 +184,19 @@ class GuardedProtocol(H11Protocol):
         now = self.loop.time()
         others = [c for c in among if c is not self and not c.busy and not c.transport.is_closing()]
         victim = min(others, key=lambda c: c._keep_score(now)) if others else self
+        log.debug("evicting %s (authenticated, answered, fresh, stuck, bytes/s, last active): %s",
+                  _peer(victim.client), victim._keep_score(now))
         victim._close(why)
 
     def _keep_score(self, now: float) -> tuple:
-        """Lower is evicted first: unauthenticated, old, stuck last among idle, slow, then
-        the longest silent."""
+        """Lower is evicted first: unauthenticated; never answered (a client that completed
+        a request is worth more than one that never did: an attacker that reconnects at
+        once must not outrank it by being fresh); then old before fresh; idle or slow
+        before stuck; the fewest bytes a second; the longest silent."""
         age = max(now - self.connected_at, 1e-3)
         stuck = self.cycle is not None and not self.cycle.response_complete and self.flow.write_paused
-        return (self.authenticated, age < FRESH_S, stuck, self.bytes_in / age, self.last_active)
+        return (self.authenticated, self.served > 0, age < FRESH_S, stuck, self.bytes_in / age,
+                self.last_active)
 
     def _close(self, why: str) -> None:
         log.warning("closed %s connection from %s: %s", self.what, _peer(self.client), why)
