@@ -179,6 +179,36 @@ def test_a_client_that_was_answered_outranks_attackers_that_reconnect(tok):
                 s.close()
 
 
+def test_the_order_of_eviction():
+    """Who goes first, from the connections' states (no timing): unauthenticated before
+    authenticated, never answered before answered, old before fresh (among fresh ones
+    the oldest: one that has just connected has sent no byte yet), idle or slow before
+    stuck, then the fewest bytes a second."""
+    from types import SimpleNamespace
+
+    from mdi.net.http_guard import GuardedProtocol
+
+    def conn(name, age, bytes_in=0, served=0, authenticated=False, stuck=False):
+        c = object.__new__(GuardedProtocol)
+        c.name, c.connected_at, c.last_active = name, 100.0 - age, 100.0
+        c.bytes_in, c.served, c.authenticated = bytes_in, served, authenticated
+        c.cycle = SimpleNamespace(response_complete=False) if stuck else None
+        c.flow = SimpleNamespace(write_paused=stuck)
+        return c
+
+    conns = [conn("keyed, slow", 30, 10, authenticated=True),
+             conn("answered before, idle", 30, 300, served=1),
+             conn("stuck reader", 30, 300, stuck=True),
+             conn("just connected", 0.01),
+             conn("fresh trickler", 0.5, 150),
+             conn("old, fast body", 30, 30_000),
+             conn("old trickler", 30, 180)]
+    order = sorted(conns, key=lambda c: c._keep_score(100.0))
+    assert [c.name for c in order] == [
+        "old trickler", "old, fast body", "stuck reader", "fresh trickler", "just connected",
+        "answered before, idle", "keyed, slow"]
+
+
 def test_idle_connections_cannot_lock_out_the_api(tok):
     """Review: the API port had no header deadline and no connection cap (the nodes'
     control port has both): idle and slow-header sockets stayed open for good, each

@@ -21,7 +21,7 @@ with a request in flight whose answer its peer is reading: first unauthenticated
 ones, then those that never had a request answered, then connections older than
 `FRESH_S` (a client that just connected has had no time to send anything), then
 those whose peer does not read its answer, and among equals the one that sent the
-fewest bytes a second. Only when every other
+fewest bytes a second (among fresh ones, the oldest). Only when every other
 connection is busy is the newcomer itself closed. There is no limit on requests
 that would answer 503, so /health and real clients are answered however many
 idle or trickling connections a stranger opens.
@@ -176,7 +176,8 @@ class GuardedProtocol(H11Protocol):
         if len(peers) > self.max_connections:
             self._evict(peers, f"more than {self.max_connections} connections open")
         address = self.client[0] if self.client else None
-        mine = [c for c in peers if (c.client[0] if c.client else None) == address]
+        mine = [c for c in peers if (c.client[0] if c.client else None) == address
+                and not c.transport.is_closing()]  # not the one just evicted
         if len(mine) > self.max_per_client and not self.transport.is_closing():
             self._evict(mine, f"more than {self.max_per_client} connections open from {address}")
 
@@ -192,11 +193,15 @@ class GuardedProtocol(H11Protocol):
         """Lower is evicted first: unauthenticated; never answered (a client that completed
         a request is worth more than one that never did: an attacker that reconnects at
         once must not outrank it by being fresh); then old before fresh; idle or slow
-        before stuck; the fewest bytes a second; the longest silent."""
+        before stuck; the fewest bytes a second (among fresh ones: the oldest); the
+        longest silent."""
         age = max(now - self.connected_at, 1e-3)
         stuck = self.cycle is not None and not self.cycle.response_complete and self.flow.write_paused
-        return (self.authenticated, self.served > 0, age < FRESH_S, stuck, self.bytes_in / age,
-                self.last_active)
+        fresh = age < FRESH_S
+        # a fresh connection's rate means nothing yet (one that has just connected has sent
+        # no byte): among fresh ones the oldest goes first
+        return (self.authenticated, self.served > 0, fresh, stuck,
+                -age if fresh else self.bytes_in / age, self.last_active)
 
     def _close(self, why: str) -> None:
         log.warning("closed %s connection from %s: %s", self.what, _peer(self.client), why)
