@@ -10,8 +10,10 @@ the API of `mdi serve` (serve/server.py). What a connection must do to stay open
   n / min_body_rate` seconds after its headers (a trickle of one byte a second is
   closed after the grace);
 - a request answered before its body was read (the app answers 401 from the
-  headers alone, or 413) has its connection half-closed after the answer and
-  closed LINGER_S later; what else arrives is dropped unread. On a port with a
+  headers alone, or 413) with more than DRAIN_BYTES of it still to come has its
+  connection half-closed after the answer (which says `Connection: close`) and
+  closed LINGER_S later; what else arrives is dropped unread. A smaller rest is
+  drained and the connection kept. On a port with a
   `secret`, a connection whose last request carried it (`Authorization: Bearer
   ...`) is *authenticated* and evicted last.
 
@@ -40,6 +42,7 @@ MAX_CONNECTIONS = 128        # open connections; one more evicts another
 MAX_PER_CLIENT = 64          # open connections from one client address
 HEADER_TIMEOUT_S = 10.0      # seconds to send complete request headers (and the body's grace)
 MIN_BODY_RATE = 1024         # bytes a second a request body must arrive at, after the grace
+DRAIN_BYTES = 65536          # a body answered unread is still drained (connection kept) up to this
 LINGER_S = 1.0               # after answering a request whose body was left unread
 FRESH_S = 1.0                # a connection this young is evicted after older idle ones
 
@@ -65,6 +68,7 @@ class GuardedProtocol(H11Protocol):
         self.authenticated = False
         self.served = 0                          # requests answered on this connection
         self._lingering = False
+        self._body_length: int | None = None  # the current request's Content-Length
         self._body_start: float | None = None  # when the current request's body began
         self._body_bytes = 0
         self._header_deadline: asyncio.TimerHandle | None = None
@@ -97,10 +101,14 @@ class GuardedProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self.served += 1
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            # Answered before its body was read (a 401 from the headers, a 413): no use
-            # reading on. Half-close, drop what still comes for LINGER_S, then close: a close
-            # with unread bytes would reset the answer before the client reads it.
+        left = None if self._body_length is None else self._body_length - self._body_bytes
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and (
+                left is None or left > DRAIN_BYTES):
+            # Answered before its body was read (a 401 from the headers, a 413), and much of
+            # it is still to come: no use reading on. The answer said Connection: close;
+            # half-close, drop what still comes for LINGER_S, then close (a close with
+            # unread bytes would reset the answer before the client reads it). A small
+            # rest is drained by h11 and the connection kept, under the body deadline.
             self._end_body()
             self._lingering = True
             if self.transport.can_write_eof():
@@ -120,7 +128,12 @@ class GuardedProtocol(H11Protocol):
         self.authenticated = self.secret is not None and _bearer_matches(self.headers, self.secret)
         if self.conn.their_state is h11.SEND_BODY:
             self._body_start, self._body_bytes = self.loop.time(), 0
+            self._body_length = _content_length(self.headers)
             self._arm_body_deadline(self.header_timeout)
+            if self._body_length is None or self._body_length > DRAIN_BYTES:
+                # should the app answer before reading it, the connection closes after the
+                # answer: say so in it (h11 then writes Connection: close)
+                self.conn._cstate.process_keep_alive_disabled()
 
     def _end_body(self) -> None:
         self._body_start = None
@@ -215,6 +228,13 @@ def _bearer_matches(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
             scheme, _, given = value.partition(b" ")
             return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), secret)
     return False
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)  # h11 has checked it is a number
+    return None
 
 
 def guarded(what: str, header_timeout: float = HEADER_TIMEOUT_S,
