@@ -69,6 +69,8 @@ class FakeEngine:
         self.active: list[FakeHandle] = []
         self.handles: list[FakeHandle] = []   # every handle ever submitted (for assertions)
         self.steps = 0
+        self.silent_s = 0.0                   # as PipelineEngine's: set by tests
+        self.stalled = 0
         self.started = self.closed = False
         self._task: asyncio.Task | None = None
 

@@ -467,3 +467,33 @@ def test_recovered_sampled_sequence_draws_a_stream_derived_from_its_seed(model):
     assert engine.recovered == 1
     assert [len(t) for t, _, _ in out] == [20, 20]
     assert out[1][0] == alone(model, PROMPTS[1], 20)
+
+
+def test_a_sequence_nobody_reads_is_cancelled_and_its_slots_freed_on_every_stage(model):
+    """Issue 25.4: a client that stops reading held its slot for ever while its queue grew.
+    With a stall timeout the unread sequence is cancelled (counted in `stalled`), its
+    slot is free again on every stage of the ring, and the sequence read beside it
+    goes on to equal a run alone."""
+    async def main():
+        engine, link = ring_engine(model, max_seqs=2, n_stages=3, delay=0.002)
+        engine.stall_timeout = 0.2
+        await engine.start()
+        try:
+            unread = engine.submit(PROMPTS[0], greedy(100_000))
+            read = engine.submit(PROMPTS[3], greedy(60))
+            got = await collect(read)
+            async def ended():                            # its reader never comes
+                while not unread.done:
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(ended(), 20)
+            await asyncio.sleep(0.1)                      # the Retire goes round
+            stages = [engine.first] + link.stages
+            return got, unread, engine.stalled, [sum(s.active for s in st.slots) for st in stages]
+        finally:
+            await engine.close()
+
+    (toks, _, reason), unread, stalled, active = asyncio.run(main())
+    assert unread.finish_reason == "cancelled" and stalled == 1
+    assert unread.stats.n_generated < 100_000
+    assert active == [0, 0, 0]
+    assert toks == alone(model, PROMPTS[3], 60) and reason == "length"

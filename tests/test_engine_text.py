@@ -55,6 +55,15 @@ def test_incomplete_character_is_held_back():
     assert outs == ["", "é", "", "", "€"]
 
 
+def test_a_budget_that_ends_inside_a_character_never_releases_half_of_it():
+    """Issue 25.5: max_tokens ending inside a multi-byte character gave U+FFFD at the end;
+    the incomplete bytes are held back for good (the text ends before that character)."""
+    data = "é€".encode()
+    s = TextStream(lambda ids: bytes(data[i] for i in ids).decode("utf-8", errors="replace"))
+    outs = [s.push(i)[0] for i in range(3)]             # é, then 1 of the 3 bytes of €
+    assert outs == ["", "é", ""] and s.flush() == "" and s.text == "é"
+
+
 def test_flush_releases_held_text_at_the_end():
     s = TextStream(char_decode, ("abc",))
     push_all(s, "jab")

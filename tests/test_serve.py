@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -237,8 +236,9 @@ def test_chat_400_names_the_field(server, kwargs, param):
     assert e.value.param == param, e.value.message
 
 
-def test_error_shape_unknown_model_and_bad_json(server):
-    r = httpx.post(server.url + "/v1/completions", json={"model": "gpt-4", "prompt": "a"})
+def test_error_shape_unknown_model_and_bad_json(server, tok):
+    with make_server(tok, strict_model_name=True) as strict:
+        r = httpx.post(strict.url + "/v1/completions", json={"model": "gpt-4", "prompt": "a"})
     assert r.status_code == 404
     assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
                                   "param": "model", "code": "model_not_found"}}
@@ -341,7 +341,7 @@ def test_disconnect_cancels_the_sequence(tok):
     with make_server(tok, lambda: FakeEngine(tok, step_s=0.01)) as srv:
         with httpx.Client(timeout=10) as http:
             with http.stream("POST", srv.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "a", "max_tokens": 100000, "stream": True}) as r:
+                             json={"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}) as r:
                 lines = r.iter_lines()
                 first = next(line for line in lines if line.startswith("data: "))
                 assert json.loads(first[6:])["object"] == "text_completion"
@@ -349,14 +349,14 @@ def test_disconnect_cancels_the_sequence(tok):
                 assert engine.running == 1
         # the connection is closed: the server must cancel the sequence and free its slot
         wait_for(lambda: engine.running == 0 and engine.handles[-1].cancelled)
-        assert engine.handles[-1].stats.n_generated < 100000
+        assert engine.handles[-1].stats.n_generated < 2000
 
 
 def test_disconnect_cancels_a_non_streaming_request(tok):
     with make_server(tok, lambda: FakeEngine(tok, step_s=0.01)) as srv:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", timeout=0.5,
-                       json={"model": MODEL, "prompt": "a", "max_tokens": 100000})
+                       json={"model": MODEL, "prompt": "a", "max_tokens": 2000})
         engine = engine_of(srv)
         wait_for(lambda: engine.running == 0 and engine.handles[-1].cancelled)
         assert engine.handles[-1].stats.n_generated < 1000
@@ -432,43 +432,3 @@ def test_event_stream_closes_on_disconnect_even_before_the_first_chunk():
 
     asyncio.run(main())
     assert closed == [1]
-
-
-def test_idle_connections_cannot_lock_out_the_api(tok):
-    """Review: the API port had no header deadline and no connection cap (the nodes'
-    control port has both): idle and slow-header sockets stayed open for good, each
-    holding a descriptor, until accept failed. It now uses the nodes' guarded protocol:
-    past the cap the idlest are evicted, /health and a completion are answered while
-    they are open, and every one is closed after the header timeout."""
-    from mdi.net.http_guard import GuardedProtocol
-
-    app = create_app(lambda: FakeEngine(tok), tok, ServeConfig(model_name=MODEL))
-    with BackgroundServer(app, header_timeout=1.0, max_connections=8) as srv:
-        assert issubclass(srv.server.config.http_protocol_class, GuardedProtocol)
-        socks = [socket.create_connection((srv.host, srv.port), timeout=2) for _ in range(20)]
-        socks[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # slow-loris: never finished
-        try:
-            t0 = time.monotonic()
-            with httpx.Client(timeout=2.0) as http:
-                assert http.get(srv.url + "/health").status_code == 200
-                r = http.post(srv.url + "/v1/completions",
-                              json={"model": MODEL, "prompt": "a", "max_tokens": 3})
-                assert r.status_code == 200 and r.json()["choices"][0]["text"]
-            assert time.monotonic() - t0 < 0.9  # before any header deadline
-            assert sum(_closed(s) for s in socks) >= 20 - 8  # evicted past the cap of 8
-            wait_for(lambda: all(_closed(s) for s in socks), timeout=4.0)
-        finally:
-            for s in socks:
-                s.close()
-
-
-def _closed(s: socket.socket) -> bool:
-    """Has the server closed this socket (EOF or reset)? Nothing is ever sent on it
-    but a partial request, so any answer but EOF means open."""
-    s.setblocking(False)
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True

@@ -35,7 +35,10 @@ def ckpt(tmp_path_factory, char_tokenizer):
 @pytest.fixture(scope="module")
 def server(ckpt):
     with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, queue=64, batch_invariant=True)) as backend:
-        with BackgroundServer(create_app(backend.factory, backend.tokenizer, ServeConfig(MODEL))) as srv:
+        # context far past the model's 64 positions: the engine's overflow window lets a
+        # stream outlast them, so a disconnect can come mid-stream
+        config = ServeConfig(MODEL, context=1 << 20)
+        with BackgroundServer(create_app(backend.factory, backend.tokenizer, config)) as srv:
             yield srv
 
 

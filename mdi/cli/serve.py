@@ -31,14 +31,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             template = Path(args.chat_template).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e}") from None
-    api_key = args.api_key or os.environ.get("MDI_API_KEY") or None
+    api_key = api_key_of(args)
     if api_key is None and args.host not in LOOPBACK:
         log.warning("serving on %s without an API key: anyone who can reach it can use it "
-                    "(set --api-key or MDI_API_KEY)", args.host)
+                    "(set MDI_API_KEY or --api-key-file)", args.host)
     set_threads(args.threads)
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
-                         chat_template=template)
+                         chat_template=template, strict_model_name=args.strict_model_name)
     bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
     with open_backend(backend_options(args)) as backend:
         app = create_app(backend.factory, backend.tokenizer, config)
@@ -46,6 +46,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  name, args.host, args.port)
         serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
     return 0
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key-file or --api-key (which shows in `ps`), else MDI_API_KEY, else None."""
+    path = getattr(args, "api_key_file", None)
+    if path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file: cannot read {path}: {e}") from None
+        if not key:
+            raise ValueError(f"--api-key-file: {path} is empty")
+        return key
+    key = args.api_key or os.environ.get("MDI_API_KEY") or None
+    if args.api_key:
+        log.warning("--api-key shows in the process list; prefer MDI_API_KEY or --api-key-file")
+    return key
 
 
 def backend_options(args: argparse.Namespace):  # -> BackendOptions
@@ -60,7 +77,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
                           partition=getattr(args, "partition", None),
                           recover=not getattr(args, "no_recover", False),
                           spares=getattr(args, "spares", 0),
-                          max_context=getattr(args, "max_context", None))
+                          max_context=getattr(args, "max_context", None),
+                          stall_timeout=getattr(args, "stall_timeout", 30.0))
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -137,8 +155,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seqs", type=int, default=8, help="sequences generated together (default 8)")
     p.add_argument("--queue", type=int, default=None,
                    help="sequences waiting for a slot before requests get 429 (default: the engine's)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: env MDI_API_KEY, else none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="FILE", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1, KEY read from FILE (or set "
+                          "env MDI_API_KEY; default: no key)")
+    key.add_argument("--api-key", default=None,
+                     help="the key itself (shows in `ps`: prefer MDI_API_KEY or --api-key-file)")
+    p.add_argument("--strict-model-name", action="store_true",
+                   help="refuse requests whose model is not --model-name (default: any name is "
+                        "accepted and answered as this model)")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="cancel a sequence whose client has read none of its tokens for this many "
+                        "seconds, freeing its slots on every node (default 30)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="a sequence's tokens do not depend on the others decoded with it")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")

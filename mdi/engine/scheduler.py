@@ -57,6 +57,10 @@ INLINE_BELOW_S = 0.02
 # sequences already decoding in the lane wait one chunk per step, not the whole
 # prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
 DEFAULT_PREFILL_CHUNK = 256
+# A sequence's unread events: past this many, or when its reader has taken none for the
+# engine's `stall_timeout` seconds while some wait, the sequence is cancelled (a client
+# that stopped reading must not hold a slot, nor make its queue grow, for ever).
+MAX_UNREAD = 8192
 
 
 class Sequence:
@@ -75,6 +79,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._read_t = time.monotonic()   # when the reader last took an event, or when the
+                                          # queue last became non-empty, whichever is later
 
     @property
     def generated(self) -> list[int]:
@@ -89,6 +95,7 @@ class Sequence:
         backend fails first."""
         while True:
             ev = await self._queue.get()
+            self._read_t = time.monotonic()
             if isinstance(ev, BaseException):
                 raise ev
             yield ev
@@ -99,6 +106,12 @@ class Sequence:
         self._engine._cancel(self)
 
     def _emit(self, ev: Event | BaseException) -> None:
+        now, unread = time.monotonic(), self._queue.qsize()
+        if unread == 0:
+            self._read_t = now
+        elif isinstance(ev, Event) and not self.cancelled and (
+                unread >= MAX_UNREAD or now - self._read_t > self._engine.stall_timeout):
+            self._engine._stalled(self, unread, now - self._read_t)
         self._queue.put_nowait(ev)
 
 
@@ -123,8 +136,11 @@ class PipelineEngine:
     decode: token ids -> text (Tokenizer.decode), for stop strings and Event.text.
     max_seqs: sequences running at once (KV slots). max_queue: sequences waiting
     for a slot (beyond the free ones) before submit raises EngineBusy (default
-    4 * max_seqs; 0: only as many as there are free slots).
+    4 * max_seqs; 0: only as many as there are free slots). stall_timeout: seconds a
+    sequence's reader may leave its events unread before the sequence is cancelled
+    (counted in `stalled`); `silent_s`: how long the pipeline has been owing tokens.
     """
+    stall_timeout: float = float("inf")
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -159,6 +175,8 @@ class PipelineEngine:
         self._reader: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
         self._step_ema: float | None = None  # running mean of a decode step's time (s)
+        self.stalled = 0                     # sequences cancelled because nobody read them
+        self._progress_t = time.monotonic()  # last tokens back, or a send into an idle pipeline
 
     def _relane(self, n_lanes: int) -> None:
         """Regroup the slots into n_lanes lanes; only while no lane holds a sequence
@@ -224,6 +242,22 @@ class PipelineEngine:
     @property
     def queued(self) -> int:
         return len(self.waiting)
+
+    @property
+    def context(self) -> int:
+        """Positions a sequence may hold: its prompt and its completion."""
+        return self.first.context
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the pipeline last answered, while it owes an answer (else 0)."""
+        return time.monotonic() - self._progress_t if self._order else 0.0
+
+    def _stalled(self, seq: Sequence, unread: int, idle_s: float) -> None:
+        self.stalled += 1
+        log.warning("sequence %d: %d events unread for %.1f s; cancelled (stall timeout %g s)",
+                    seq.id, unread, idle_s, self.stall_timeout)
+        self._cancel(seq)
 
     # ---- scheduling ------------------------------------------------------------
     def _wake(self) -> None:
@@ -376,6 +410,8 @@ class PipelineEngine:
         slots = tuple(s for s, p in plans.items() if p.decodes)
         if slots:
             lane.in_flight = slots
+            if not self._order:
+                self._progress_t = time.monotonic()
             self._order.append(lane.index)
             self.max_in_flight = max(self.max_in_flight, len(self._order))
         out = await self._compute(lane.index, msgs, plans)
@@ -467,6 +503,7 @@ class PipelineEngine:
             raise EngineFailure(f"expected tokens for lane {lane.index} slots {lane.in_flight}, "
                                 f"got lane {tokens.lane} slots {tokens.slots}")
         lane.in_flight = None
+        self._progress_t = time.monotonic()
         now = time.perf_counter()
         for slot, tok in zip(tokens.slots, tokens.tokens):
             if not 0 <= tok < self.config.vocab_size:

@@ -53,12 +53,14 @@ class TextStream:
         return out, False
 
     def flush(self) -> str:
-        """The text held back, released at the end of a sequence (no stop string matched),
-        an incomplete last character included."""
+        """The text held back, released at the end of a sequence (no stop string matched).
+        A last character still incomplete (the budget ended inside its bytes) is left out:
+        text never ends in half a character (U+FFFD)."""
         if self.read < len(self.ids):
             known, new = self._window()
-            self.text += new[len(known):]
-            self.read = len(self.ids)
+            if not new.endswith("\ufffd"):
+                self.text += new[len(known):]
+                self.read = len(self.ids)
         out = self.text[self.released:]
         self.released = len(self.text)
         return out

@@ -60,3 +60,23 @@ class LogLimiter(logging.Filter):
             for name in cls.LOGGERS:
                 logging.getLogger(name).addFilter(cls._installed)
         return cls._installed
+
+
+class QueryRedactor(logging.Filter):
+    """Drops the query string from uvicorn's access-log lines: a credential sent as
+    `?api_key=...` (which the API refuses) must not land in the log."""
+
+    _installed: "QueryRedactor | None" = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query not logged]", *args[3:])
+        return True
+
+    @classmethod
+    def install(cls) -> "QueryRedactor":
+        if cls._installed is None:
+            cls._installed = cls()
+            logging.getLogger("uvicorn.access").addFilter(cls._installed)
+        return cls._installed

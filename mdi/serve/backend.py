@@ -16,7 +16,7 @@ from typing import Any
 
 from ..engine.api import Engine
 from ..tokenizer import Tokenizer
-from .app import EngineFactory
+from .holder import EngineFactory
 
 log = logging.getLogger("mdi.serve")
 
@@ -40,6 +40,7 @@ class BackendOptions:
     recover: bool = True              # ring: a failed node is replaced (re-plan, resume)
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
+    stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -50,6 +51,8 @@ class BackendOptions:
             raise ValueError(f"--queue must be >= 0, got {self.queue}")
         if self.timeout <= 0:
             raise ValueError(f"--timeout must be positive, got {self.timeout}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
         if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):
             raise ValueError(f"--spares must be 0, or positive with --nodes 2 or more (a nodes "
                              f"file lists its own spares), got {self.spares}")
@@ -109,7 +112,9 @@ def local_backend(opts: BackendOptions) -> Backend:
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:
-        return LocalEngine(model, tok, **kwargs)
+        engine = LocalEngine(model, tok, **kwargs)
+        engine.stall_timeout = opts.stall_timeout
+        return engine
     return Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, {opts.max_seqs} sequence slot(s)")
 
 
@@ -162,6 +167,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:
-        return RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
+        engine = RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
+        engine.stall_timeout = opts.stall_timeout
+        return engine
     backend.factory = build
     backend.description = f"{Path(opts.ckpt).name} over a ring of {where}, {opts.max_seqs} sequence slot(s)"

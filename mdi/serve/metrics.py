@@ -16,13 +16,17 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 
 class ServeMetrics:
     def __init__(self, running: Callable[[], float], queued: Callable[[], float],
-                 recoveries: Callable[[], float] = lambda: 0) -> None:
+                 recoveries: Callable[[], float] = lambda: 0,
+                 stalled: Callable[[], float] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         Gauge("mdi_running_sequences", "sequences being generated", registry=r).set_function(running)
         Gauge("mdi_queued_sequences", "sequences waiting for admission", registry=r).set_function(queued)
         Gauge("mdi_ring_recoveries", "node failures the current ring engine recovered from",
               registry=r).set_function(recoveries)
+        Gauge("mdi_stalled_sequences_cancelled", "sequences cancelled because their client left "
+              "their events unread for the stall timeout (since the server started)",
+              registry=r).set_function(stalled)
         self.generated = Counter("mdi_generated_tokens", "tokens generated", registry=r)
         self.prompt = Counter("mdi_prompt_tokens", "prompt tokens submitted", registry=r)
         self.ttft = Histogram("mdi_time_to_first_token_seconds", "time from submit to first token",

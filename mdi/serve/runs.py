@@ -14,6 +14,7 @@ from ..engine.api import Engine, EngineBusy, EngineFailure, Event, SeqHandle, Se
 from .metrics import ServeMetrics
 
 log = logging.getLogger("mdi.serve")
+MERGED_QUEUE = 64   # events of a request with several choices, read or not
 
 
 @dataclass
@@ -86,7 +87,9 @@ class Run:
             self.cancel()
 
     async def _merged(self) -> AsyncIterator[tuple[int, Event]]:
-        queue: asyncio.Queue = asyncio.Queue()
+        # bounded: when the client stops reading, the pumps stop too and the events wait
+        # on the engine's queues, where the stall timeout sees them
+        queue: asyncio.Queue = asyncio.Queue(maxsize=MERGED_QUEUE)
 
         async def pump(i: int) -> None:
             try:

@@ -1,10 +1,11 @@
 """Running the app with uvicorn: in the foreground (`mdi serve`) or in a background thread
 on a free loopback port (tests, `mdi serve-bench`).
 
-Both speak the nodes' guarded HTTP protocol (ring/http_guard.py): a client has
-`header_timeout` seconds to send complete request headers, and at most
-MAX_CONNECTIONS are open at once, one more evicting the idlest, so idle or
-slow-header connections cannot lock out /health or a completion."""
+Both speak the nodes' guarded HTTP protocol (net/http_guard.py): deadlines for a
+request's headers and body, caps on open connections (in all and per client
+address) with eviction of the slowest unauthenticated ones, and no byte of a body
+read before its headers carry the API key (when there is one), so idle, slow or
+keyless connections cannot lock out /health or a completion."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from ..net.http_guard import HEADER_TIMEOUT_S, MAX_CONNECTIONS, guarded
+from ..net.http_guard import guarded
 
 log = logging.getLogger("mdi.serve")
 
@@ -41,26 +42,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def api_config(app: Any, header_timeout: float = HEADER_TIMEOUT_S,
-               max_connections: int = MAX_CONNECTIONS, **options: Any) -> uvicorn.Config:
-    """uvicorn's settings for the API port, with the guarded protocol."""
-    return uvicorn.Config(app, http=guarded("API", header_timeout, max_connections), **options)
+def api_config(app: Any, guard: dict[str, Any] | None = None, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the API port, with the guarded protocol (`guard`: the
+    arguments of net/http_guard.guarded; the secret is the app's API key)."""
+    service = getattr(getattr(app, "state", None), "service", None)
+    secret = service.config.api_key if service is not None else None
+    return uvicorn.Config(app, http=guarded("API", secret=secret, **(guard or {})), **options)
 
 
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted (uvicorn handles SIGINT/SIGTERM and the app's lifespan).
     The socket is bound first, so a taken port is a ListenError (exit status 4)."""
-    from ..net.log_limit import LogLimiter
+    from ..net.log_limit import LogLimiter, QueryRedactor
 
     sock = bind(host, port)
     LogLimiter.install()  # a stranger's connections cannot flood the log either
+    QueryRedactor.install()  # a key sent as ?api_key= (refused) never reaches the access log
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler that was there before: make SIGTERM unwind like Ctrl-C, so the caller's
     # cleanup (e.g. the node processes of `--nodes N`) runs and the exit status is 0.
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
-        uvicorn.Server(api_config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(
+        uvicorn.Server(api_config(app, None, log_level=log_level, timeout_graceful_shutdown=5)).run(
             sockets=[sock])
     except KeyboardInterrupt:
         pass
@@ -79,12 +83,11 @@ class BackgroundServer:
     bound before it starts (no port race), stopped and joined on exit."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", start_timeout_s: float = 30.0,
-                 header_timeout: float = HEADER_TIMEOUT_S,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 **guard: Any) -> None:
         self.sock = bind(host, 0)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(api_config(app, header_timeout, max_connections,
+        self.server = uvicorn.Server(api_config(app, guard,
                                                 log_level="warning", lifespan="on",
                                                 timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},

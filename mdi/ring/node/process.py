@@ -8,10 +8,11 @@ status for a failed node. On /shutdown, SIGTERM or SIGINT, uvicorn stops
 taking requests, open requests get a few seconds, the current run is dropped
 and the data listener closed.
 
-Connections to the control port cannot lock it (http_guard.py, as on the API
+Connections to the control port cannot lock it (net/http_guard.py, as on the API
 port of `mdi serve`): a client has --timeout seconds to send complete request
-headers, and at most MAX_CONNECTIONS are open at once, one more evicting the
-idlest. There is no limit on requests that would answer 503, so /health and
+headers and then must send its body at a minimum rate; no byte of a body is read
+before its headers carry the token; at most MAX_CONNECTIONS are open at once (and
+MAX_PER_CLIENT from one address), one more evicting the slowest unauthenticated. There is no limit on requests that would answer 503, so /health and
 the starter are answered however many idle connections a stranger opens.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ async def serve_node(rt: NodeRuntime) -> None:
             s.close()
         raise ListenError(f"{rt.spec.name} cannot listen for data on {rt.bind_host}:"
                           f"{rt.spec.port_in}: {e.strerror or e}") from None
-    protocol = guarded("control", header_timeout=rt.timeout)
+    protocol = guarded("control", header_timeout=rt.timeout, secret=rt.token or None)
     config = uvicorn.Config(None, host=rt.bind_host, port=rt.spec.port, log_level="warning",
                             lifespan="off", access_log=False, http=protocol,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
