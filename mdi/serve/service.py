@@ -9,7 +9,7 @@ import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, TypeVar
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
@@ -21,9 +21,7 @@ from . import openai_schema as oa
 from .holder import EngineHolder
 from .metrics import ServeMetrics
 
-if TYPE_CHECKING:
-    from .prepare import Prepared
-
+T = TypeVar("T")  # what a prepare function (prepare.py) makes of a body
 log = logging.getLogger("mdi.serve")
 INLINE_BODY_BYTES = 64 << 10   # smaller bodies are prepared on the loop (cheaper than a hand-off)
 PARSE_THREADS = 2              # bodies prepared at once; more wait their turn
@@ -114,8 +112,7 @@ class Service:
                                    f"{self.config.model_name!r}", param="model", code="model_not_found")
 
     # ---- the body ------------------------------------------------------------------
-    async def prepared(self, request: Request, prepare: Callable[["Service", bytes], "Prepared"]
-                       ) -> "Prepared":
+    async def prepared(self, request: Request, prepare: Callable[["Service", bytes], T]) -> T:
         """The request's body, read and prepared (on the parsing thread when it is large)."""
         _require_json(request)
         body = await self._read_body(request)
