@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint.format import TRAIN_STATE, CheckpointError, load_model, save_checkpoint
+from .checkpoint.format import TRAIN_STATE, CheckpointError, load_model_dir, save_checkpoint
 from .data import Dataset
 from .model import GPT, GPTConfig
 
@@ -116,7 +116,7 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: GPTConfig | N
         if not state_path.is_file():
             raise CheckpointError(f"cannot resume: {state_path} not found")
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        model, info = load_model(out, device=cfg.device)
+        model, info = load_model_dir(out, device=cfg.device)
         model.load_state_dict(state["model"])
         model_config = info.config
     else:

@@ -401,7 +401,7 @@ def test_convert_cli_writes_our_checkpoint(tiny, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     ids = torch.tensor([[5, 17, 200, 3, 99, 1, 42]])
     with torch.no_grad():
-        assert torch.equal(load_model(str(out))[0](ids), load_model(str(tiny))[0](ids))
+        assert torch.equal(load_model(str(out)).model(ids), load_model(str(tiny)).model(ids))
     assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
     assert "--force" in capsys.readouterr().err
 
@@ -422,7 +422,8 @@ def test_hf_source_to_dir_writes_an_hf_directory(tiny, tmp_path):
 
 def our_model(spec: str):
     from mdi.checkpoint.sources import load_model
-    model, ck = load_model(spec)
+    loaded = load_model(spec)
+    model, ck = loaded.model, loaded.checkpoint
     return model.eval(), ck
 
 

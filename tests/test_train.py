@@ -60,7 +60,8 @@ def test_training_lowers_the_loss_and_keeps_the_best(tmp_path, char_data_dir):
     assert training["best_val_loss"] == pytest.approx(vals[best], abs=1e-4)
     assert summary["best_val_loss"] == pytest.approx(vals[best], abs=1e-4)
     assert training["tokenizer"] == "char"
-    model, info = load_model(out)
+    loaded = load_model(out)
+    model, info = loaded.model, loaded.checkpoint
     assert info.config == model_config(char_data_dir)
     assert (out / "tokenizer.json").is_file() and (out / "loss.png").stat().st_size > 1000
     if best == len(rows) - 1:  # best is also the last: same weights as the final state

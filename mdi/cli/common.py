@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import LoadOptions
 from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..model.dtypes import DTYPES
@@ -66,6 +67,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--time-run", metavar="CSV", help="append one row of timings to this CSV")
     o.add_argument("--plots", metavar="DIR", help="write tokens-vs-time CSV and PNG to DIR")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """How the generation commands load the model (add_generation_options)."""
+    return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
+                       batch_invariant=args.batch_invariant, max_context=args.max_context)
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:

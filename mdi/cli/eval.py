@@ -8,16 +8,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..checkpoint.sources import load_model
+from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
 from ..model.quant import QUANT_MODES
 from .common import DTYPES, UsageError, set_threads
 
 
-def _load(ckpt: str, device: str, dtype, quantize: str | None = None):
-    """(model, tokenizer, context length) for any --ckpt this build can open."""
-    model, ck = load_model(ckpt, device=device, dtype=dtype, quantize=quantize)
-    return model, ck.tokenizer(), model.config.block_size
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -26,7 +22,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = Path(args.data).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --data {args.data}: {e}") from None
-    model, tok, context = _load(args.ckpt, args.device, DTYPES[args.dtype], args.quantize)
+    loaded = load_model(args.ckpt, LoadOptions(device=args.device, dtype=DTYPES[args.dtype],
+                                               quantize=args.quantize))
+    model, tok, context = loaded.model, loaded.tokenizer, loaded.model.config.block_size
     ids = tok.encode(text)
     if args.max_tokens is not None:
         if args.max_tokens < 2:

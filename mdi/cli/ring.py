@@ -8,7 +8,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..checkpoint import open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..generate.stops import Stops
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
@@ -58,10 +58,10 @@ def _check_timeout(timeout: float) -> None:
         raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
-def _generate(args: argparse.Namespace, nodes, token: str) -> int:
+def _generate(args: argparse.Namespace, nodes, token: str, ck: Checkpoint) -> int:
+    """Generate over the ring of `nodes` from the checkpoint the command opened (once)."""
     sampling = sampling_config(args)
-    info = open_checkpoint(args.ckpt)
-    tok = info.tokenizer()
+    tok = ck.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts, chat=args.chat)
     if args.chat:  # the answer starts on a line of its own
@@ -76,7 +76,7 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
     printer = None if args.json or args.resend_context else StreamPrinter(prompts)
     bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
                desc="generating", leave=False)
-    starter = Starter(nodes, token, args.ckpt,
+    starter = Starter(nodes, token, ck,
                       RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                                  n_groups=args.micro_batches, resend_context=args.resend_context,
                                  quantize=args.quantize, batch_invariant=args.batch_invariant,
@@ -120,7 +120,7 @@ def cmd_starter(args: argparse.Namespace) -> int:
     nodes = load_nodes_config(args.nodes_config)
     # a starter alone talks to nobody: no token needed
     token = resolve_token(args.token, args.token_file) if nodes.secondaries else ""
-    return _generate(args, nodes, token)
+    return _generate(args, nodes, token, open_checkpoint(args.ckpt))
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -134,7 +134,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.cluster.local_cluster import LocalCluster, default_threads
 
-    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
+    ck = open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
     if args.spares < 0 or (args.spares and args.nodes < 2):
         raise UsageError(f"--spares must be 0, or positive with --nodes 2 or more; got "
@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout,
                           spares=args.spares) as cluster:
-            return _generate(args, cluster.nodes, cluster.token)
+            return _generate(args, cluster.nodes, cluster.token, ck)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,7 @@ from ..checkpoint import load_model
 from ..model import GPTConfig
 from ..results import Texts
 from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, emit, encode_prompts,
-                     read_prompts, sampling_config, set_threads, stops_of)
+                     load_options, read_prompts, sampling_config, set_threads, stops_of)
 
 log = logging.getLogger("mdi")
 
@@ -56,10 +56,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if lanes <= 0:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
-    model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                             quantize=args.quantize, batch_invariant=args.batch_invariant,
-                             max_context=args.max_context)
-    tok = info.tokenizer()
+    loaded = load_model(args.ckpt, load_options(args))
+    model, tok = loaded.model, loaded.tokenizer
     prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts, chat=args.chat)
     if args.chat:  # the answer starts on a line of its own
