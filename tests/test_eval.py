@@ -90,4 +90,4 @@ def test_cli_json_equals_the_library(capsys):
 def test_cli_refuses_a_window_past_the_context(capsys):
     ckpt = REPO / "models" / "shakespeare-char"
     rc = main(["eval", "--ckpt", str(ckpt), "--data", str(SHAKESPEARE), "--window", "4096"])
-    assert rc == 1 and "exceeds the model's context of 128" in capsys.readouterr().err
+    assert rc == 2 and "exceeds the model's context of 128" in capsys.readouterr().err

@@ -6,10 +6,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
-from .common import add_max_context
+from ..checkpoint import open_checkpoint
+from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP,
+                     THREADS_HELP, add_max_context)
+from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -39,13 +43,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
                          chat_template=template)
+    if args.nodes_config is None and args.nodes != 1:  # before a port or a process is taken
+        check_local_nodes(args, open_checkpoint(args.ckpt))
     bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
     with open_backend(backend_options(args)) as backend:
         app = create_app(backend.factory, backend.tokenizer, config)
-        log.info("%s; model %r at http://%s:%d/ (chat page) and /v1 (OpenAI API)", backend.description,
-                 name, args.host, args.port)
-        serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+        ready = (f"{backend.description}; model {name!r} at http://{args.host}:{args.port}/ "
+                 "(chat page) and /v1 (OpenAI API)")
+        serve(announce_when_ready(app, ready), args.host, args.port,
+              log_level="debug" if args.verbose else "info")
     return 0
+
+
+def announce_when_ready(app: Any, message: str) -> Any:
+    """The ASGI app, logging `message` once its startup (where the engine starts and the
+    ring forms) has completed: the URL is printed when it answers, not before."""
+    async def wrapped(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_and_announce(msg: dict) -> None:
+            await send(msg)
+            if msg.get("type") == "lifespan.startup.complete":
+                log.info("%s", message)
+        return await app(scope, receive, send_and_announce)
+    return wrapped
 
 
 def backend_options(args: argparse.Namespace):  # -> BackendOptions
@@ -107,13 +129,11 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8 weights with per-channel scales, quantized at load on every node")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's; with --nodes N, per node)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="ring: seconds of silence before a node counts as gone (default 10)")
     p.add_argument("--partition", choices=["auto", "even"], default=None,
@@ -128,7 +148,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API (completions, chat, streaming) and a chat page")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--nodes", type=int, default=1, help="local nodes of the ring (default 1: one device)")
     where.add_argument("--nodes-config", metavar="FILE", help="nodes file of an existing cluster")
@@ -139,8 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sequences waiting for a slot before requests get 429 (default: the engine's)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env MDI_API_KEY, else none)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="a sequence's tokens do not depend on the others decoded with it")
+    p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--chat-template", metavar="FILE", default=None,
                    help="Jinja chat template, for models whose tokenizer has none")
@@ -156,11 +175,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "at several concurrencies (CSV + plot)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (with --model-name)")
-    src.add_argument("--ckpt", help="start a server on this checkpoint in-process")
+    src.add_argument("--ckpt", help=CKPT_HELP + "; a server on it starts in this process")
     b.add_argument("--model-name", default=None)
     b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
     b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
-    b.add_argument("--batch-invariant", action="store_true")
+    b.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     _engine_options(b)
     b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
     b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")

@@ -8,10 +8,11 @@ import logging
 from tqdm import tqdm
 
 from ..checkpoint import load_model
+from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
-from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, emit, encode_prompts,
-                     load_options, read_prompts, sampling_config, set_threads, stops_of)
+from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, check_counts, emit,
+                     encode_prompts, load_options, read_prompts, sampling_config, set_threads, stops_of)
 
 log = logging.getLogger("mdi")
 
@@ -51,21 +52,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..engine.local import LocalEngine
     from .stream import StreamPrinter
 
-    sampling = sampling_config(args)
+    check_counts(args)
     lanes = 1 if args.micro_batches is None else args.micro_batches
     if lanes <= 0:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
+    prompts = read_prompts(args.prompt, args.n_samples)
     loaded = load_model(args.ckpt, load_options(args))
     model, tok = loaded.model, loaded.tokenizer
-    prompts = read_prompts(args.prompt, args.n_samples)
     ids = encode_prompts(tok, prompts, chat=args.chat)
     if args.chat:  # the answer starts on a line of its own
         prompts = [p + "\n" for p in prompts]
     stops = stops_of(args, tok)
+    sampling, n_tokens = sampling_config(args, sampling_defaults(loaded.checkpoint, tok))
     # text streams to stdout as it comes; --json prints one object at the end (with a progress bar)
     printer = None if args.json else StreamPrinter(prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if args.json else True,
+    bar = tqdm(total=n_tokens, unit="tok", disable=None if args.json else True,
                desc="generating", leave=False)
     counts = [0] * len(ids)
 
@@ -80,7 +82,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with bar:
         result = generate_local(
             lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
-            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts), stops)
+            ids, n_tokens, sampling, on_event, Texts(tok, prompts), stops)
     emit(args, result, printed=printer is not None)
     return 0
 
