@@ -105,8 +105,10 @@ def answer_after(term: Terminal, line: str) -> str:
 
 
 @pytest.mark.slow
-def test_two_turns_history_reset_and_system(bundled):
-    term = Terminal("chat", "--ckpt", str(BUNDLED), "--temperature", "0", "--n-tokens", "20")
+@pytest.mark.parametrize("nodes", ["1", "2"])  # one device; a ring of two local nodes
+def test_two_turns_history_reset_and_system(bundled, nodes):
+    term = Terminal("chat", "--ckpt", str(BUNDLED), "--temperature", "0", "--n-tokens", "20",
+                    "--nodes", nodes)
     try:
         term.expect(">>> ")
         first = answer_after(term, "hi")

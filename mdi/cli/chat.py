@@ -156,6 +156,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     ring = args.nodes_config is not None or args.nodes != 1
     if args.nodes_config is None:
         check_local_nodes(args, ck)
+        if args.nodes > 1:  # as mdi run: the machine's cores divided among the local nodes
+            from ..ring.cluster.local_cluster import default_threads
+
+            args.threads = args.threads or default_threads(args.nodes)
     set_threads(args.threads)
     with _engine(args, ck, ring) as (engine, tok):
         return _converse(args, engine, tok, ck)

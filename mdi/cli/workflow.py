@@ -100,6 +100,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {t.name:48s} {str(t.shape):20s} {t.dtype}")
     print(f"parameters: {ins.n_params:,} ({ins.n_params / 1e6:.2f}M)")
     print(f"tokenizer: {ins.tokenizer}")
+    if ins.sampling is not None:
+        print(f"sampling defaults: {ins.sampling.describe()}")
     if ins.training:
         print("training:")
         for k, v in ins.training.items():
