@@ -211,8 +211,13 @@ def test_train_on_data_dir_without_train_bin(workflow, tmp_path):
 
 
 def test_prompt_outside_the_vocabulary(workflow):
+    line = assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", "€ naïve"),
+                              "sample", "prompt 0:", "not in the")
+    # in the prompt's order, the offset the first's ('€' sorts after 'ï')
+    assert "character(s) '€', 'ï' not in the" in line and "(first at offset 0)" in line
     line = assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", "naïve €"),
-                              "sample", "prompt 0:", "'€'", "'ï'", "not in the")
+                              "sample")
+    assert "character(s) 'ï', '€' not in the" in line and "(first at offset 2)" in line
     assert "-character vocabulary" in line
 
 

@@ -76,7 +76,20 @@ def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
     path = Path(spec)
     if path.is_dir() and is_hf_dir(path):
         return HFCheckpoint.from_source(hf_dir_source(path), path)
+    if not path.exists():
+        raise CheckpointError(_not_found(text))
     return read_info(path)
+
+
+def _not_found(spec: str) -> str:
+    """The error for a --ckpt that names nothing, with the names it may have meant."""
+    from .catalog import closest_names
+
+    parent = Path(spec).parent
+    near = closest_names(spec, [parent] if parent.is_dir() else [])
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    return (f"checkpoint directory not found: {spec}{hint} (`mdi models` lists what can be "
+            "named)")
 
 
 def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
