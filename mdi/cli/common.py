@@ -28,6 +28,24 @@ QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at lo
                  "every node (4x less weight memory than float32)")
 BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")
+SEED_HELP = "seed of the random draws"
+NODES_HELP = ("nodes of the ring, the starter (this process) included, each a local process; "
+              "1: one device, no ring")
+NODES_CONFIG_HELP = "the nodes JSON file of a cluster started by hand (`mdi node`)"
+SPARES_HELP = ("extra local nodes that join the ring when one of its nodes fails (with --nodes 2 "
+               "or more)")
+RING_TIMEOUT_HELP = ("seconds of silence before a node counts as gone; the ring then re-plans over "
+                     "the nodes still alive and the spares and goes on (see --no-recover)")
+NO_RECOVER_HELP = ("when a node fails, stop instead of re-planning and resuming: run, starter and "
+                   "chat end with exit status 3 and the text so far; serve fails the requests in "
+                   "flight (500) and forms the ring again")
+PARTITION_HELP = ("how layers are split: auto times every node on the model's shape and "
+                  "minimises the slowest stage under each node's memory; even gives equal "
+                  "shares (default: auto when the nodes report different devices, CPUs or "
+                  "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
+TOKEN_HELP = ("the cluster's shared secret (visible in the process list: prefer MDI_TOKEN or "
+              "--token-file)")
+TOKEN_FILE_HELP = "file holding the cluster's shared secret"
 MODEL_DEFAULTS = ("`mdi inspect` shows them; a chat model that has none decodes greedily, "
                   "another samples at 0.8 with top-k 200")
 DEFAULT_N_TOKENS = 1000
@@ -60,7 +78,7 @@ def add_sampling_options(g, n_tokens: int) -> None:
     g.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling: keep the likeliest tokens up to this probability "
                         "mass; 1: all (default: the model's)")
-    g.add_argument("--seed", type=int, default=1337, help="seed of the random draws")
+    g.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end a sample at this text (repeatable; the text before it is kept)")
     g.add_argument("--ignore-eos", action="store_true",

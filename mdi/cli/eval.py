@@ -11,7 +11,8 @@ from tqdm import tqdm
 from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
 from ..model.quant import QUANT_MODES
-from .common import DTYPES, UsageError, set_threads
+from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, QUANTIZE_HELP, THREADS_HELP,
+                     UsageError, set_threads)
 
 
 
@@ -56,17 +57,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window)")
-    p.add_argument("--ckpt", required=True, help="checkpoint (directory, .gguf, or a shipped name)")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to score")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--window", type=int, default=None,
                    help="tokens per forward (default: the model's context length)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts "
                    "(default: window // 2; window = non-overlapping)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8 weights (per-channel scales), as `mdi sample --quantize`")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -20,7 +20,9 @@ from ..ring.cluster.nodes_config import NodesConfig, load_nodes_config
 from ..ring.starter.driver import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
 from ..results import GenerationResult, Texts
 from ..tokenizer import Tokenizer
-from .common import (CKPT_HELP, UsageError, add_generation_options, check_counts, emit,
+from .common import (CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
+                     RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
+                     UsageError, add_generation_options, check_counts, emit,
                      encode_prompts, read_prompts, sampling_config, set_threads, stops_of)
 from .preflight import check_local_nodes
 from .stream import StreamPrinter
@@ -34,9 +36,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # node.DEFAULT_IDLE_TIMEOUT, without importing the 
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="the cluster's shared secret (visible in the process list: "
-                                   "prefer MDI_TOKEN or --token-file)")
-    p.add_argument("--token-file", help="file holding the cluster's shared secret")
+    p.add_argument("--token", help=TOKEN_HELP)
+    p.add_argument("--token-file", help=TOKEN_FILE_HELP)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -226,10 +227,6 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-NODES_HELP = ("nodes of the ring, the starter (this process) included, each a local process; "
-              "1: one device, no ring")
-
-
 def add_ring_options(p: argparse.ArgumentParser) -> None:
     """Where a ring comes from and how it behaves (chat; serve has its own copy in
     cli/serve.py with the same help texts)."""
@@ -241,27 +238,10 @@ def add_ring_options(p: argparse.ArgumentParser) -> None:
     _token_options(p)
 
 
-NODES_CONFIG_HELP = "the nodes JSON file of a cluster started by hand (`mdi node`)"
-SPARES_HELP = ("extra local nodes that join the ring when one of its nodes fails (with --nodes 2 "
-               "or more)")
-
-
 def _fault_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds of silence before a node counts as gone; the run then "
-                        f"re-plans over the nodes still alive and the nodes file's spares and "
-                        f"goes on (or, when nothing fits, stops with exit status "
-                        f"{EXIT_NODE_FAILURE} and the text so far) (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--no-recover", action="store_true",
-                   help=f"when a node fails, stop with exit status {EXIT_NODE_FAILURE} and the "
-                        "text so far instead of re-planning and resuming")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=RING_TIMEOUT_HELP)
+    p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
     p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
-
-
-PARTITION_HELP = ("how layers are split: auto times every node on the model's shape and "
-                  "minimises the slowest stage under each node's memory; even gives equal "
-                  "shares (default: auto when the nodes report different devices, CPUs or "
-                  "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
 
 
 def _dist_options(p: argparse.ArgumentParser) -> None:
@@ -285,8 +265,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a node fails mid-generation")
     p.add_argument("--index", type=int, default=0, help="which intermediate or spare")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for this node "
-                   "(default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds for a handshake, a connect, the next node to take a frame, "
                         "or a control client to send its request headers (default 10)")

@@ -11,12 +11,15 @@ from typing import Any
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
-from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP,
-                     THREADS_HELP, add_max_context)
+from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
+                     NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
+                     RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
+                     add_max_context)
 from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SEQS_HELP = "sequences generated together (the engine's slots)"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,27 +137,21 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="ring: seconds of silence before a node counts as gone (default 10)")
-    p.add_argument("--partition", choices=["auto", "even"], default=None,
-                   help="ring: how layers are split (as for mdi run; default: auto when the "
-                        "nodes differ)")
-    p.add_argument("--no-recover", action="store_true",
-                   help="ring: when a node fails, fail the requests in flight (500) and form the "
-                        "ring again, instead of re-planning over the nodes left and resuming")
-    p.add_argument("--spares", type=int, default=0,
-                   help="ring with --nodes N: extra local nodes that join when a node fails")
+    p.add_argument("--timeout", type=float, default=10.0, help=RING_TIMEOUT_HELP)
+    p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
+    p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
+    p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API (completions, chat, streaming) and a chat page")
     p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--nodes", type=int, default=1, help="local nodes of the ring (default 1: one device)")
-    where.add_argument("--nodes-config", metavar="FILE", help="nodes file of an existing cluster")
+    where.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    where.add_argument("--nodes-config", metavar="FILE", help=NODES_CONFIG_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-seqs", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-seqs", type=int, default=8, help=MAX_SEQS_HELP)
     p.add_argument("--queue", type=int, default=None,
                    help="sequences waiting for a slot before requests get 429 (default: the engine's)")
     p.add_argument("--api-key", default=None,
@@ -166,25 +163,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="chat completions without max_tokens stop after this many (default 256)")
     _engine_options(p)
-    p.add_argument("--token", help="--nodes-config: the cluster's shared secret (prefer MDI_TOKEN "
-                                   "or --token-file)")
-    p.add_argument("--token-file", help="--nodes-config: file holding the cluster's shared secret")
+    p.add_argument("--token", help=TOKEN_HELP)
+    p.add_argument("--token-file", help=TOKEN_FILE_HELP)
     p.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("serve-bench", help="load benchmark of the API: req/s, TTFT, ITL, tokens/s "
                                            "at several concurrencies (CSV + plot)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (with --model-name)")
-    src.add_argument("--ckpt", help=CKPT_HELP + "; a server on it starts in this process")
-    b.add_argument("--model-name", default=None)
-    b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
-    b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
+    src.add_argument("--ckpt", help=CKPT_HELP)
+    b.add_argument("--model-name", default=None,
+                   help="the model id to ask for (needed with --url; default with --ckpt: the "
+                        "directory name)")
+    b.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    b.add_argument("--max-seqs", type=int, default=32, help=MAX_SEQS_HELP)
     b.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     _engine_options(b)
     b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
     b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")
     b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
-    b.add_argument("--max-tokens", type=int, default=64)
-    b.add_argument("--prompt", default="\n")
+    b.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    b.add_argument("--prompt", default="\n", help="the prompt of every request")
     b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
     b.set_defaults(func=cmd_serve_bench)
