@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
+from tqdm import tqdm
 
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..model.quant import check_mode, configure_stage
-from .format import CONFIG, CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
+from .format import (CONFIG, CheckpointError, CheckpointInfo, build_stage, expected_shapes, read_info,
+                     save_checkpoint)
 from .format import load_stage_dir
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
 from .shipped import is_shipped_name, shipped_path
@@ -108,9 +111,18 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
     ck = open_checkpoint(spec)
     if isinstance(ck, CheckpointInfo):
         stage, _ = load_stage_dir(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
-    else:
-        stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
-                            where=ck.source.origin, quantize=quantize)
+    else:  # a GGUF dequantizes, a hub model may be large: a bar on a terminal, a line after
+        t0 = time.perf_counter()
+        with tqdm(total=len(expected_shapes(ck.config, start, stop)), unit="tensor", leave=False,
+                  desc=f"loading {Path(ck.source.origin or ck.path).name}", disable=None) as bar:
+            def get(name: str) -> torch.Tensor | None:
+                t = ck.get(name)
+                bar.update(1)
+                return t
+            stage = build_stage(ck.config, start, stop, get, device=device, dtype=dtype,
+                                where=ck.source.origin, quantize=quantize)
+        log.info("loaded %s layers [%d, %d) in %.1f s", ck.source.origin or ck.path, start,
+                 ck.config.n_layer if stop is None else stop, time.perf_counter() - t0)
     return configure_stage(stage, quantize, batch_invariant, max_context, pack), ck
 
 
