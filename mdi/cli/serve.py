@@ -14,7 +14,7 @@ from ..checkpoint import open_checkpoint
 from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
-                     add_max_context)
+                     UsageError, add_max_context)
 from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
@@ -29,9 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .common import set_threads
 
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.default_max_tokens <= 0:
-        raise ValueError(f"--default-max-tokens must be positive, got {args.default_max_tokens}")
+        raise UsageError(f"--default-max-tokens must be positive, got {args.default_max_tokens}")
+    options = backend_options(args)  # the options' own checks, before anything is opened
     template = None
     if args.chat_template:
         try:
@@ -49,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.nodes_config is None and args.nodes != 1:  # before a port or a process is taken
         check_local_nodes(args, open_checkpoint(args.ckpt))
     bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
-    with open_backend(backend_options(args)) as backend:
+    with open_backend(options) as backend:
         app = create_app(backend.factory, backend.tokenizer, config)
         ready = (f"{backend.description}; model {name!r} at http://{args.host}:{args.port}/ "
                  "(chat page) and /v1 (OpenAI API)")
@@ -76,16 +77,18 @@ def announce_when_ready(app: Any, message: str) -> Any:
 def backend_options(args: argparse.Namespace):  # -> BackendOptions
     from ..serve.backend import BackendOptions
 
-    return BackendOptions(ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
-                          max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
-                          batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
-                          token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
-                          timeout=args.timeout, threads=args.threads,
-                          quantize=getattr(args, "quantize", None),
-                          partition=getattr(args, "partition", None),
-                          recover=not getattr(args, "no_recover", False),
-                          spares=getattr(args, "spares", 0),
-                          max_context=getattr(args, "max_context", None))
+    try:  # BackendOptions checks its fields: a bad one is a bad option value
+        return BackendOptions(
+            ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
+            max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
+            batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+            token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
+            timeout=args.timeout, threads=args.threads, quantize=getattr(args, "quantize", None),
+            partition=getattr(args, "partition", None),
+            recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
+            max_context=getattr(args, "max_context", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
