@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import LoadOptions
 from ..checkpoint.sampling_defaults import SamplingDefaults
-from ..generate.sampling import SamplingConfig, check_sampling
+from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
@@ -125,9 +125,9 @@ def check_counts(args: argparse.Namespace) -> None:
         raise UsageError(f"--n-samples must be positive, got {args.n_samples}")
     if args.n_tokens is not None and args.n_tokens <= 0:
         raise UsageError(f"--n-tokens must be positive, got {args.n_tokens}")
-    try:
-        check_sampling(1.0 if args.temperature is None else args.temperature,
-                       args.top_k or None, args.top_p)
+    try:  # SamplingConfig checks its fields; the model's own fill the unset ones later
+        SamplingConfig(temperature=1.0 if args.temperature is None else args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
