@@ -33,7 +33,7 @@ from ..generate.sampling import SamplingConfig, sample_seed
 from ..generate.stops import Stops
 from ..model.cache import DEFAULT_MAX_CONTEXT
 from ..tokenizer import Tokenizer
-from .common import (CKPT_HELP, add_model_options, check_counts, add_sampling_options, load_options,
+from .common import (CKPT_HELP, add_model_options, add_sampling_options, check_counts, load_options,
                      sampling_config, set_threads, stops_of)
 from .preflight import check_local_nodes
 
@@ -128,6 +128,12 @@ class EngineThread:
             self.loop.call_soon_threadsafe(self._cancel)
             return fut.result()  # the sequence ends "cancelled" at the next step
 
+    def __enter__(self) -> "EngineThread":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _cancel(self) -> None:
         if self._current is not None:
             self._current.cancel()
@@ -161,44 +167,45 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
             args.threads = args.threads or default_threads(args.nodes)
     set_threads(args.threads)
-    with _engine(args, ck, ring) as (engine, tok):
-        return _converse(args, engine, tok, ck)
+    tok = ck.tokenizer()
+    conv, turn_params = _prepare(args, ck, tok)  # all of it before a model loads or a node starts
+    with _engine(args, ck, tok, ring) as engine:
+        return _converse(args, engine, conv, turn_params)
 
 
 @contextlib.contextmanager
-def _engine(args: argparse.Namespace, ck: Any, ring: bool) -> Iterator[tuple[EngineThread, Tokenizer]]:
+def _engine(args: argparse.Namespace, ck: Any, tok: Tokenizer, ring: bool) -> Iterator[EngineThread]:
     """The engine for the options: LocalEngine, or RingEngine over local or listed nodes."""
     if not ring:
         from ..engine.local import LocalEngine
 
-        loaded = load_model(ck, load_options(args))
-        tok = loaded.tokenizer
-        engine = EngineThread(lambda: LocalEngine(loaded.model, tok, max_seqs=1))
-        try:
-            yield engine, tok
-        finally:
-            engine.close()
+        model = load_model(ck, load_options(args)).model
+        with EngineThread(lambda: LocalEngine(model, tok, max_seqs=1)) as engine:
+            yield engine
         return
     from ..ring.starter.ring_engine import RingEngine
     from .ring import nodes_and_token, run_options
 
-    tok = ck.tokenizer()
     with nodes_and_token(args) as (nodes, token):
-        engine = EngineThread(lambda: RingEngine(nodes, token, ck, tok, opts=run_options(args),
-                                                 max_seqs=1))
-        try:
-            yield engine, tok
-        finally:
-            engine.close()
+        with EngineThread(lambda: RingEngine(nodes, token, ck, tok, opts=run_options(args),
+                                             max_seqs=1)) as engine:
+            yield engine
 
 
-def _converse(args: argparse.Namespace, engine: EngineThread, tok: Tokenizer, ck: Any) -> int:
+def _prepare(args: argparse.Namespace, ck: Any, tok: Tokenizer
+             ) -> tuple[Conversation, Callable[[int], SeqParams]]:
+    """The conversation and each turn's parameters (the turn number seeds its draws)."""
     sampling, n_tokens = sampling_config(args, sampling_defaults(ck, tok), DEFAULT_ANSWER_TOKENS)
     template, extra_stops = chat_template(tok)
     base = stops_of(args, tok)
     stops = Stops(ids=base.ids, strings=base.strings + extra_stops)
     context = min(ck.config.block_size, args.max_context or DEFAULT_MAX_CONTEXT)
     conv = Conversation(template, tok, context, n_tokens, system=args.system or "")
+    return conv, lambda turn: _params(sampling, n_tokens, stops, turn)
+
+
+def _converse(args: argparse.Namespace, engine: EngineThread, conv: Conversation,
+              turn_params: Callable[[int], SeqParams]) -> int:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
@@ -225,7 +232,7 @@ def _converse(args: argparse.Namespace, engine: EngineThread, tok: Tokenizer, ck
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        answer, reason = engine.answer(ids, _params(sampling, n_tokens, stops, turn), _write)
+        answer, reason = engine.answer(ids, turn_params(turn), _write)
         turn += 1
         print("\n[stopped]" if reason == "cancelled" else "")
         conv.add(text, answer.strip())

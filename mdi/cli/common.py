@@ -140,9 +140,10 @@ def sampling_config(args: argparse.Namespace, defaults: SamplingDefaults,
     unset = [name for name in ("temperature", "top_k", "top_p") if getattr(args, name) is None]
     pick = {name: getattr(defaults, name) if name in unset else getattr(args, name)
             for name in ("temperature", "top_k", "top_p")}
-    if unset:
-        log.info("sampling: %s from the model (%s)",
-                 ", ".join(f"{name} {pick[name]}" for name in unset), defaults.source)
+    if unset:  # said when the choice that matters most, the temperature, was the model's
+        log.log(logging.INFO if "temperature" in unset else logging.DEBUG,
+                "sampling: %s from the model (%s)",
+                ", ".join(f"{name} {pick[name]}" for name in unset), defaults.source)
     if pick["top_k"] == 0:
         pick["top_k"] = None
     if pick["top_p"] == 1:

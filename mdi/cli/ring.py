@@ -17,7 +17,7 @@ from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import NodesConfig, load_nodes_config
-from ..ring.starter.driver import EXIT_NODE_FAILURE, NodeFailure, RunOptions, Starter
+from ..ring.starter.driver import NodeFailure, RunOptions, Starter
 from ..results import GenerationResult, Texts
 from ..tokenizer import Tokenizer
 from .common import (CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
