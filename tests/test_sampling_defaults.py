@@ -100,3 +100,20 @@ def test_commands_use_the_models_settings_unless_set(tmp_path):
     assert greedy == sample(BUNDLED, "--temperature", "0", "--n-tokens", "5")
     assert greedy[0] == greedy[1] and len(greedy[0]) == 5  # greedy, and the model's budget
     assert sample(d, "--temperature", "0.8", "--top-k", "200", *twelve) == sample(BUNDLED, *twelve)
+
+
+@pytest.mark.slow
+def test_smollm2_says_paris_without_sampling_flags():
+    """The issue's first answer: no --temperature, SmolLM2 (no settings in its GGUF, a chat
+    template) decodes greedily and answers with Paris, every sample."""
+    from mdi.checkpoint.shipped import shipped_path
+
+    try:
+        shipped_path("smollm2-135m-instruct")
+    except ValueError as e:
+        pytest.skip(str(e))
+    rc, out, err = run_cli("sample", "--ckpt", "smollm2-135m-instruct", "--chat", "--prompt",
+                           "What is the capital of France?", "--n-tokens", "40", "--json")
+    assert rc == 0, err
+    samples = json.loads(out)["samples"]
+    assert len(samples) == 3 and all("Paris" in s for s in samples), samples
