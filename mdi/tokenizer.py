@@ -50,7 +50,7 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
-            bad = sorted({c for c in text if c not in self.stoi})
+            bad = list(dict.fromkeys(c for c in text if c not in self.stoi))  # in the text's order
             where = text.index(bad[0])
             raise TokenizerError(
                 f"character(s) {', '.join(repr(c) for c in bad[:10])} not in the "

@@ -16,12 +16,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint.format import TRAIN_STATE, CheckpointError, load_model, save_checkpoint
+from .checkpoint.format import TRAIN_STATE, CheckpointError, load_model_dir, save_checkpoint
 from .data import Dataset
 from .model import GPT, GPTConfig
 
@@ -89,16 +90,22 @@ def _loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig, it: int) -> dict[str, float]:
+def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig, it: int,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Mean loss of eval_iters batches of each split; on_batch(done, total) after each
+    batch (an evaluation takes as long as many iterations: the user sees it move)."""
     model.eval()
     out = {}
+    total = 2 * cfg.eval_iters
     for k, split in enumerate(("train", "val")):
         rng = np.random.default_rng([cfg.seed, it, 7 + k])
         losses = []
-        for _ in range(cfg.eval_iters):
+        for i in range(cfg.eval_iters):
             x, y = data.batch(split, cfg.batch_size, model.config.block_size, rng)
             with _autocast(cfg):
                 losses.append(_loss(model, x.to(cfg.device), y.to(cfg.device)).item())
+            if on_batch is not None:
+                on_batch(k * cfg.eval_iters + i + 1, total)
         out[split] = float(np.mean(losses))
     model.train()
     return out
@@ -116,7 +123,7 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: GPTConfig | N
         if not state_path.is_file():
             raise CheckpointError(f"cannot resume: {state_path} not found")
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        model, info = load_model(out, device=cfg.device)
+        model, info = load_model_dir(out, device=cfg.device)
         model.load_state_dict(state["model"])
         model_config = info.config
     else:
@@ -147,7 +154,8 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: GPTConfig | N
     while it <= cfg.max_iters:
         evaluate = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if evaluate and not (state is not None and it == start_it):  # evaluated before the stop
-            last_losses = estimate_loss(model, data, cfg, it)
+            last_losses = estimate_loss(model, data, cfg, it, lambda done, total: bar.set_postfix_str(
+                f"evaluating: batch {done}/{total}"))
             with csv_path.open("a", newline="") as f:
                 csv.writer(f).writerow([it, f"{last_losses['train']:.4f}", f"{last_losses['val']:.4f}",
                                         f"{lr_at(it, cfg):.6g}", f"{time.perf_counter() - t0:.1f}"])

@@ -211,8 +211,13 @@ def test_train_on_data_dir_without_train_bin(workflow, tmp_path):
 
 
 def test_prompt_outside_the_vocabulary(workflow):
+    line = assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", "€ naïve"),
+                              "sample", "prompt 0:", "not in the")
+    # in the prompt's order, the offset the first's ('€' sorts after 'ï')
+    assert "character(s) '€', 'ï' not in the" in line and "(first at offset 0)" in line
     line = assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", "naïve €"),
-                              "sample", "prompt 0:", "'€'", "'ï'", "not in the")
+                              "sample")
+    assert "character(s) 'ï', '€' not in the" in line and "(first at offset 2)" in line
     assert "-character vocabulary" in line
 
 
@@ -220,7 +225,8 @@ def test_prompt_outside_the_vocabulary(workflow):
     (["--n-samples", "0"], "--n-samples must be positive, got 0"),
     (["--n-tokens", "-1"], "--n-tokens must be positive, got -1"),
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["--top-k", "0"], "top_k must be a positive integer, got 0"),
+    (["--top-k", "-1"], "top_k must be a positive integer, got -1"),  # 0: no top-k cut
+    (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["--micro-batches", "-2"], "micro-batches must be positive, got -2"),
 ])
 def test_bad_generation_options(workflow, args, needle):
@@ -265,7 +271,7 @@ def test_console_script_error(workflow):
     assert exe.is_file()
     p = subprocess.run([str(exe), "sample", "--ckpt", str(workflow["ckpt"]), "--prompt", "€"],
                        capture_output=True, text=True, env=_env(), timeout=120)
-    assert p.returncode == 1
+    assert p.returncode == 2  # a prompt outside the vocabulary: a bad command-line value
     assert p.stdout == ""
     assert p.stderr.splitlines() == [p.stderr.strip()]
     assert p.stderr.startswith("mdi sample: error: prompt 0: character(s) '€' not in")

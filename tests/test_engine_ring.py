@@ -37,7 +37,8 @@ def test_ring_8_concurrent_sequences_equal_single_device(ckpt, cluster):
     limit of 32) admitted at different times into 2 lanes of 3 slots: each greedy
     text equals the prompt run alone on one device. Then a second run on the same
     nodes: sampled sequences with their own seeds, and a stop string."""
-    model, info = load_model(ckpt)
+    loaded = load_model(ckpt)
+    model, info = loaded.model, loaded.checkpoint
     tok = info.tokenizer()
     prompts = [tok.encode(p) for p in ["First", "Be", "All: Spe", "hear me", "w", "Citizen:\n",
                                        "proceed any", "F"]]

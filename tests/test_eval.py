@@ -66,7 +66,8 @@ def test_stride_one_equals_scoring_each_token_with_its_last_window(tiny_config, 
 
 
 def test_overlap_lowers_perplexity_of_the_bundled_model():
-    model, info = load_model(REPO / "models" / "shakespeare-char")
+    loaded = load_model(REPO / "models" / "shakespeare-char")
+    model, info = loaded.model, loaded.checkpoint
     ids = info.tokenizer().encode(SHAKESPEARE.read_text(encoding="utf-8")[:1500])
     chunks = perplexity(model, ids, window=128, stride=128)
     sliding = perplexity(model, ids, window=128, stride=32)
@@ -78,7 +79,8 @@ def test_cli_json_equals_the_library(capsys):
     assert main(["eval", "--ckpt", str(ckpt), "--data", str(SHAKESPEARE), "--max-tokens", "600",
                  "--window", "64", "--stride", "16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    model, info = load_model(ckpt)
+    loaded = load_model(ckpt)
+    model, info = loaded.model, loaded.checkpoint
     ids = info.tokenizer().encode(SHAKESPEARE.read_text(encoding="utf-8"))[:600]
     r = perplexity(model, ids, window=64, stride=16)
     assert (out["n_scored"], out["n_windows"], out["window"], out["stride"]) == (599, r.n_windows, 64, 16)
@@ -88,4 +90,4 @@ def test_cli_json_equals_the_library(capsys):
 def test_cli_refuses_a_window_past_the_context(capsys):
     ckpt = REPO / "models" / "shakespeare-char"
     rc = main(["eval", "--ckpt", str(ckpt), "--data", str(SHAKESPEARE), "--window", "4096"])
-    assert rc == 1 and "exceeds the model's context of 128" in capsys.readouterr().err
+    assert rc == 2 and "exceeds the model's context of 128" in capsys.readouterr().err

@@ -56,7 +56,8 @@ def test_sample_stream_depends_on_index_not_on_batch(model):
 
 
 def test_same_seed_same_text_other_seed_other_text(tiny_ckpt):
-    model, info = load_model(tiny_ckpt)
+    loaded = load_model(tiny_ckpt)
+    model, info = loaded.model, loaded.checkpoint
     tok = info.tokenizer()
     prompt = [tok.encode("ROMEO:")] * 2
 

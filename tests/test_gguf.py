@@ -91,8 +91,9 @@ def quantized(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
 
 def write_tiny_gguf(path: Path, *, arch: str = "llama", tied: bool = True, all_f32: bool = False,
                     pre: str = "smollm", add_bos: bool = False, extra_tensor: str | None = None,
-                    seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny llama GGUF; returns its weights by HF name, in HF layout, before quantization."""
+                    seed: int = 0, extra_kv: dict | None = None) -> dict[str, np.ndarray]:
+    """Write a tiny llama GGUF; returns its weights by HF name, in HF layout, before quantization.
+    extra_kv: more metadata (floats as float32, ints as uint32), e.g. general.sampling.temp."""
     rng = np.random.default_rng(seed)
     tokens, merges, types = tiny_vocab()
     vocab = len(tokens)
@@ -119,6 +120,8 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", tied: bool = True, all_f
     w.add_pad_token_id(2)
     w.add_add_bos_token(add_bos)
     w.add_chat_template(CHATML)
+    for key, value in (extra_kv or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
 
     hf: dict[str, np.ndarray] = {}
 
@@ -401,7 +404,7 @@ def test_convert_cli_writes_our_checkpoint(tiny, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     ids = torch.tensor([[5, 17, 200, 3, 99, 1, 42]])
     with torch.no_grad():
-        assert torch.equal(load_model(str(out))[0](ids), load_model(str(tiny))[0](ids))
+        assert torch.equal(load_model(str(out)).model(ids), load_model(str(tiny)).model(ids))
     assert main(["convert", str(tiny), "--out", str(out)]) == 1  # not over an existing one
     assert "--force" in capsys.readouterr().err
 
@@ -422,7 +425,8 @@ def test_hf_source_to_dir_writes_an_hf_directory(tiny, tmp_path):
 
 def our_model(spec: str):
     from mdi.checkpoint.sources import load_model
-    model, ck = load_model(spec)
+    loaded = load_model(spec)
+    model, ck = loaded.model, loaded.checkpoint
     return model.eval(), ck
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_helpers import CONFIGS, hf_greedy, hf_model, make_hf_dir
 
-from mdi.checkpoint import CheckpointError, load_model, load_stage, open_checkpoint
+from mdi.checkpoint import CheckpointError, LoadOptions, load_model, load_stage, open_checkpoint
 from mdi.checkpoint.chunks import load_chunk, read_chunk_info
 from mdi.checkpoint.format import expected_shapes
 from mdi.checkpoint.hf import HFCheckpoint
@@ -51,7 +51,8 @@ def test_sharded_files_are_read(hf_dir):
 
 
 def test_uncached_logits_equal_transformers(hf_dir, ref):
-    model, ck = load_model(hf_dir)
+    loaded = load_model(hf_dir)
+    model, ck = loaded.model, loaded.checkpoint
     assert isinstance(ck, HFCheckpoint) and model.config.n_layer == 3
     x, _ = padded(PROMPTS)
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_uncached_logits_equal_transformers(hf_dir, ref):
 
 def test_cached_logits_equal_transformers(hf_dir, ref):
     """Prefill, then one token at a time, rows at different positions."""
-    model, _ = load_model(hf_dir)
+    model = load_model(hf_dir).model
     cache = model.new_cache(len(PROMPTS))
     with torch.no_grad():
         for row, p in enumerate(PROMPTS):
@@ -79,13 +80,13 @@ def test_cached_logits_equal_transformers(hf_dir, ref):
 
 
 def test_greedy_continuation_equals_transformers(hf_dir, ref):
-    model, _ = load_model(hf_dir)
+    model = load_model(hf_dir).model
     result = generate_timed(model, PROMPTS, 30, GREEDY, 1)
     assert result.tokens == [hf_greedy(ref, p, 30) for p in PROMPTS]
 
 
 def test_split_stages_equal_whole(hf_dir):
-    whole, _ = load_model(hf_dir)
+    whole = load_model(hf_dir).model
     stages = [load_stage(hf_dir, a, b)[0] for a, b in ((0, 1), (1, 2), (2, 3))]
     assert [s.has_embeddings for s in stages] == [True, False, False]
     x, n = padded(PROMPTS)
@@ -101,7 +102,7 @@ def test_split_stages_equal_whole(hf_dir):
 
 def test_stream_and_chunks_carry_our_names(hf_dir, tmp_path):
     ck = open_checkpoint(hf_dir)
-    whole, _ = load_model(hf_dir)
+    whole = load_model(hf_dir).model
     sd = whole.state_dict()
     shard = Shard(1, 3, 3)
     total, chunks = shard_stream(hf_dir, shard)
@@ -126,8 +127,9 @@ def test_stream_and_chunks_carry_our_names(hf_dir, tmp_path):
 
 def test_convert_to_our_format_keeps_the_numbers(hf_dir, tmp_path):
     out = convert_to_ours(hf_dir, tmp_path / "ours")
-    ours, info = load_model(out)
-    theirs, _ = load_model(hf_dir)
+    loaded = load_model(out)
+    ours, info = loaded.model, loaded.checkpoint
+    theirs = load_model(hf_dir).model
     assert info.kind == "mdi" and info.config == theirs.config
     x, _ = padded(PROMPTS)
     with torch.no_grad():
@@ -139,9 +141,9 @@ def test_convert_to_our_format_keeps_the_numbers(hf_dir, tmp_path):
 
 def test_stored_dtype_is_kept_or_cast(tmp_path):
     d = make_hf_dir(tmp_path / "bf16", "qwen2", dtype=torch.bfloat16)
-    model, _ = load_model(d)
+    model = load_model(d).model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    model, _ = load_model(d, dtype=torch.float32)
+    model = load_model(d, LoadOptions(dtype=torch.float32)).model
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
         model(torch.tensor(PROMPTS[:1]))
@@ -228,7 +230,8 @@ def test_random_hf_dir_is_loadable_and_sharded(tmp_path):
               max_position_embeddings=32, tie_word_embeddings=False)
     d = write_random_hf_dir(hf, tmp_path / "r", shard_bytes=8000)
     assert len(list(d.glob("model-*-of-*.safetensors"))) > 1
-    model, ck = load_model(d)
+    loaded = load_model(d)
+    model, ck = loaded.model, loaded.checkpoint
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = ck.tokenizer().encode("\nhello")
     assert len(ids) == 6 and ck.tokenizer().decode(ids) == "\nhello"

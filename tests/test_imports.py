@@ -189,7 +189,8 @@ def test_nanogpt_logits_match(tmp_path, bias):
     src = save_nanogpt(tmp_path / "out-tiny" / "ckpt.pt", sd, bias)
     meta = write_meta(tmp_path / "vocab.pkl")
     out = convert(src, tmp_path / "ours", meta=meta)
-    model, info = load_model(out)
+    loaded = load_model(out)
+    model, info = loaded.model, loaded.checkpoint
     idx = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(idx), nanogpt_forward(sd, idx), atol=1e-5, rtol=0)
@@ -205,7 +206,8 @@ def test_original_mdi_logits_match(tmp_path, bias):
     ref = original_model(bias)
     src = save_original(tmp_path / "ckpt.pt", ref, bias)
     out = convert(src, tmp_path / "ours", meta=write_meta(tmp_path / "m.pkl"))
-    model, info = load_model(out)
+    loaded = load_model(out)
+    model, info = loaded.model, loaded.checkpoint
     idx = tokens(T=BLOCK)
     with torch.no_grad():
         torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=0)
@@ -222,7 +224,7 @@ def test_original_mdi_earlier_names(tmp_path):
     ckpt["model"] = {k.replace("transformer.layers.", "transformer.mha.").replace(".mha.heads", ".sa.heads")
                      .replace(".mha.proj", ".sa.proj"): v for k, v in ckpt["model"].items()}
     torch.save(ckpt, src)
-    model, _ = load_model(convert(src, tmp_path / "ours", meta=write_meta(tmp_path / "m.pkl")))
+    model = load_model(convert(src, tmp_path / "ours", meta=write_meta(tmp_path / "m.pkl"))).model
     with torch.no_grad():
         torch.testing.assert_close(model(tokens()), ref(tokens()), atol=1e-5, rtol=0)
 
@@ -232,7 +234,7 @@ def test_original_mdi_earlier_names(tmp_path):
 def test_meta_found_next_to_checkpoint(tmp_path):
     src = save_nanogpt(tmp_path / "ckpt.pt", nanogpt_state(True), True)
     write_meta(tmp_path / "meta.pkl")
-    _, info = load_model(convert(src, tmp_path / "ours"))
+    info = load_model(convert(src, tmp_path / "ours")).checkpoint
     assert info.tokenizer().itos == list(CHARS)
 
 
@@ -242,11 +244,11 @@ def test_meta_found_in_source_layouts(tmp_path):
     write_meta(tmp_path / "nano" / "data" / "other" / "meta.pkl", CHARS[::-1])
     src = save_nanogpt(tmp_path / "nano" / "out-tiny" / "ckpt.pt", nanogpt_state(True), True,
                        dataset="shakespeare_char")
-    assert load_model(convert(src, tmp_path / "a"))[1].tokenizer().itos == list(CHARS)
+    assert load_model(convert(src, tmp_path / "a")).checkpoint.tokenizer().itos == list(CHARS)
     # original MDI: data/<dataset>/out/ckpt.pt with data/<dataset>/meta.pkl
     write_meta(tmp_path / "mdi" / "data" / "tiny" / "meta.pkl")
     src = save_original(tmp_path / "mdi" / "data" / "tiny" / "out" / "ckpt.pt", original_model(True), True)
-    assert load_model(convert(src, tmp_path / "b"))[1].tokenizer().itos == list(CHARS)
+    assert load_model(convert(src, tmp_path / "b")).checkpoint.tokenizer().itos == list(CHARS)
 
 
 def test_missing_meta_says_where_it_looked(tmp_path):

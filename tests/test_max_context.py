@@ -11,7 +11,7 @@ import asyncio
 import pytest
 import torch
 
-from mdi.checkpoint import load_model, save_checkpoint
+from mdi.checkpoint import LoadOptions, load_model, save_checkpoint
 from mdi.checkpoint.stream import shard_bytes
 from mdi.engine import MemoryLink, PipelineEngine
 from mdi.engine.batch import batch_params, run_sequences
@@ -115,7 +115,7 @@ def test_a_small_cap_single_device_equals_the_pipeline(config):
 def test_load_model_takes_max_context(tmp_path):
     tok = CharTokenizer([chr(65 + i) for i in range(48)])
     ck = save_checkpoint(tmp_path / "ck", scaled_random_model(LEARNED, seed=1), tok)
-    model, _ = load_model(ck, max_context=9)
+    model = load_model(ck, LoadOptions(max_context=9)).model
     assert model.context == 9 and model.new_cache(2).max_len == 9
 
 

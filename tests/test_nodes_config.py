@@ -383,7 +383,7 @@ def test_mdi_run_refuses_spares_without_a_ring(argv, match, capsys):
     from pathlib import Path
 
     bundled = Path(__file__).resolve().parents[1] / "models" / "shakespeare-char"
-    assert main([*argv, "--ckpt", str(bundled)]) == 1
+    assert main([*argv, "--ckpt", str(bundled)]) == 2  # a bad option value, found before a start
     assert match in capsys.readouterr().err
 
 

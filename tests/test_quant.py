@@ -135,7 +135,8 @@ def _logits_and_ppl(model: GPT, ids: torch.Tensor) -> tuple[torch.Tensor, float]
 
 
 def test_bundled_model_logits_and_perplexity_close_to_fp32():
-    model, info = load_model(BUNDLED)
+    loaded = load_model(BUNDLED)
+    model, info = loaded.model, loaded.checkpoint
     model.eval()
     text = SHAKESPEARE.read_text(encoding="utf-8")[-4096:]  # the end: held out by the split
     ids = torch.tensor(info.tokenizer().encode(text))

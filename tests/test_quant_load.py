@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from mdi.checkpoint import CheckpointError, load_model, load_stage, read_info, save_checkpoint
+from mdi.checkpoint import CheckpointError, LoadOptions, load_model, load_stage, read_info, save_checkpoint
 from mdi.checkpoint.chunks import write_chunks
 from mdi.checkpoint.format import StageBuilder
 from mdi.checkpoint.sources import convert_to_ours
@@ -77,7 +77,7 @@ def test_int8_while_loading_equals_load_then_quantize(tmp_path, config, start, s
 
 def test_int8_while_loading_in_bfloat16_equals_load_then_quantize(tmp_path):
     ck = _ckpt(tmp_path, TIED)
-    got, _ = load_model(ck, dtype=torch.bfloat16, quantize="int8")
+    got = load_model(ck, LoadOptions(dtype=torch.bfloat16, quantize="int8")).model
     assert got.transformer.wte.out_dtype == torch.bfloat16
     assert_same_stage(got, old_way(ck, 0, None, torch.bfloat16))
 
@@ -92,10 +92,10 @@ def test_int8_while_loading_a_hugging_face_dir(tmp_path, name):
 
 def test_load_takes_the_run_options(tmp_path):
     ck = _ckpt(tmp_path, TIED)
-    model, _ = load_model(ck, batch_invariant=True)
+    model = load_model(ck, LoadOptions(batch_invariant=True)).model
     assert model.batch_invariant and isinstance(model.lm_head, torch.nn.Linear)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        load_model(ck, quantize="int4")
+        load_model(ck, LoadOptions(quantize="int4"))
 
 
 async def _chunks(data: bytes, size: int = 1000):
@@ -142,7 +142,7 @@ def test_int8_checkpoint_gives_the_load_time_quantized_stage(tmp_path, config):
     for start, stop in RANGES:
         got, _ = load_stage(out, start, stop)  # int8 without being asked: what it holds
         assert_same_stage(got, old_way(ck, start, stop))
-    whole, _ = load_model(out, quantize="int8")
+    whole = load_model(out, LoadOptions(quantize="int8")).model
     assert weight_bytes(whole) == weight_bytes(old_way(ck, 0, None))
 
 

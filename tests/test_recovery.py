@@ -48,7 +48,7 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(ckpt) -> list[list[int]]:
     """Each prompt alone on one device, per-row compute: what every run must give."""
-    model, _ = load_model(str(ckpt))
+    model = load_model(str(ckpt)).model
     configure_stage(model, None, batch_invariant=True)
     out = [generate(model, [p], N_TOKENS, GREEDY)[0] for p in PROMPTS]
     assert all(len(set(t)) > 3 for t in out), "a degenerate model would hide a wrong resume"

@@ -50,7 +50,7 @@ def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
     (rec,) = engine.recoveries
     assert rec["ring"] == ["starter"] and rec["failed"] == nodes.finisher.describe()
     assert rec["plan"]["nodes"] == [{"node": "starter", "layers": [0, 3]}]
-    model, _ = load_model(str(ckpt))
+    model = load_model(str(ckpt)).model
     assert got == generate(model, [[1, 2, 3]], 12, SamplingConfig(temperature=0.0, top_k=None))[0]
 
 

@@ -52,13 +52,13 @@ def test_serve_bench_cli_against_a_url(char_tokenizer, tmp_path, capsys):
 def test_serve_cli_refuses_bad_options(capsys):
     from mdi.cli.main import main
 
-    assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", "70000"]) == 1
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
-    assert main(["serve", "--ckpt", "models/shakespeare-char", "--nodes", "0"]) == 1
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--nodes", "0"]) == 2
     assert "--nodes must be at least 1" in capsys.readouterr().err
-    assert main(["serve", "--ckpt", "models/shakespeare-char", "--timeout", "0"]) == 1
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--timeout", "0"]) == 2
     assert "--timeout" in capsys.readouterr().err
-    assert main(["serve", "--ckpt", "models/shakespeare-char", "--max-seqs", "0"]) == 1
+    assert main(["serve", "--ckpt", "models/shakespeare-char", "--max-seqs", "0"]) == 2
     assert "--max-seqs" in capsys.readouterr().err
     import socket
     with socket.socket() as taken:

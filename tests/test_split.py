@@ -58,7 +58,7 @@ def chunks(ckpt, tmp_path_factory) -> Chunks:
 
 @pytest.fixture(scope="module")
 def whole(ckpt) -> GPT:
-    return load_model(ckpt)[0]
+    return load_model(ckpt).model
 
 
 def load_stages(dirs: list[Path]) -> list[GPT]:
@@ -266,7 +266,7 @@ def test_split_equals_whole_cached_bitwise_realigned(chunks, ckpt, n):
     """The same comparison with every weight in a fresh buffer: the split itself is
     exact; only where the weights sit in memory changed the bits above."""
     assert_cached_equal([realigned(s) for s in load_stages(chunks[n])],
-                        realigned(load_model(ckpt)[0]))
+                        realigned(load_model(ckpt).model))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

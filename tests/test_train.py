@@ -60,7 +60,8 @@ def test_training_lowers_the_loss_and_keeps_the_best(tmp_path, char_data_dir):
     assert training["best_val_loss"] == pytest.approx(vals[best], abs=1e-4)
     assert summary["best_val_loss"] == pytest.approx(vals[best], abs=1e-4)
     assert training["tokenizer"] == "char"
-    model, info = load_model(out)
+    loaded = load_model(out)
+    model, info = loaded.model, loaded.checkpoint
     assert info.config == model_config(char_data_dir)
     assert (out / "tokenizer.json").is_file() and (out / "loss.png").stat().st_size > 1000
     if best == len(rows) - 1:  # best is also the last: same weights as the final state
@@ -104,10 +105,10 @@ def test_resume_after_an_interruption_is_exact(tmp_path, char_data_dir, monkeypa
 
     real = train_mod.estimate_loss
 
-    def dies_at_20(model, data, cfg, it):
+    def dies_at_20(model, data, cfg, it, on_batch=None):
         if it == 20:
             raise KeyboardInterrupt
-        return real(model, data, cfg, it)
+        return real(model, data, cfg, it, on_batch)
 
     monkeypatch.setattr(train_mod, "estimate_loss", dies_at_20)
     with pytest.raises(KeyboardInterrupt):
@@ -167,3 +168,4 @@ def test_lr_decay_iters_keeps_the_schedule_when_max_iters_grows():
     assert lr_at(60, TrainConfig(max_iters=110, warmup_iters=10, lr_decay_iters=210)) > lr_at(60, base)
     with pytest.raises(ValueError, match="--lr-decay-iters must be positive"):
         TrainConfig(lr_decay_iters=0)
+

@@ -39,7 +39,7 @@ def _peak() -> int:
 def _child(ckpt: str, way: str, quantize: str | None) -> dict:
     import torch
 
-    from ..checkpoint import load_model, open_checkpoint
+    from ..checkpoint import LoadOptions, load_model, open_checkpoint
     from ..checkpoint.format import StageBuilder, build_stage
     from ..checkpoint.malloc import mapped_allocations
     from ..checkpoint.stream import iter_stream, read_stream, shard_stream
@@ -72,9 +72,9 @@ def _child(ckpt: str, way: str, quantize: str | None) -> dict:
     # pack=False: the loader's own peak (the packed copy of float32 weights comes on
     # top, at load or first use, and is counted by the node's /init)
     if way == "single":
-        stage, _ = load_model(ck, dtype=torch.float32, quantize=quantize, pack=False)
+        stage = load_model(ck, LoadOptions(dtype=torch.float32, quantize=quantize, pack=False)).model
     elif way == "single-old":
-        stage, _ = load_model(ck, dtype=torch.float32, pack=False)
+        stage = load_model(ck, LoadOptions(dtype=torch.float32, pack=False)).model
         configure_stage(stage, quantize, pack=False)
     elif way == "node":
         stage = asyncio.run(node_new())

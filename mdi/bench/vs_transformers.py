@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import Checkpoint, LoadOptions, load_model
 from ..generate.local import generate_timed
 from ..generate.sampling import SamplingConfig
 from ..model import GPT
@@ -71,11 +71,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_model(ckpt: str, name: str) -> GPT:
-    """The checkpoint's model configured as variant `name`."""
+def variant_model(ckpt: str | Checkpoint, name: str) -> GPT:
+    """The checkpoint's model (a spec, or the Checkpoint opened once) configured as variant `name`."""
     options = dict(VARIANTS[name])
     packed = options.pop("packed_linears", True)
-    return configure_stage(load_model(ckpt, pack=packed)[0].eval(), pack=packed, **options)
+    return configure_stage(load_model(ckpt, LoadOptions(pack=packed)).model.eval(), pack=packed,
+                           **options)
 
 
 def to_transformers(model: GPT) -> Any:
@@ -140,13 +141,13 @@ class VsTransformers:
     def run(self) -> list[dict]:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
-        base, info = load_model(self.ckpt)
-        base.eval()
-        prompt = info.tokenizer().encode("\n")
+        loaded = load_model(self.ckpt)  # opened once; the variants reuse the opened checkpoint
+        base = loaded.model.eval()
+        prompt = loaded.tokenizer.encode("\n")
         engines: dict[str, Callable[[int], tuple[float, list[list[int]]]]] = {}
         engines["mdi"] = lambda n: mdi_generate_timed(base, prompt, n, cfg.n_tokens)
         for name in cfg.variants:
-            model = variant_model(self.ckpt, name)
+            model = variant_model(loaded.checkpoint, name)
             engines[f"mdi-{name}"] = (lambda m: lambda n: mdi_generate_timed(
                 m, prompt, n, cfg.n_tokens))(model)
         hf = to_transformers(base)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..checkpoint import load_model, open_checkpoint
+from ..checkpoint import LoadOptions, load_model, open_checkpoint
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
 from ..ring.starter.driver import Starter
@@ -51,19 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
-    tok = open_checkpoint(args.ckpt).tokenizer()
-    prompts = [tok.encode("\n")] * args.n_samples
+    ck = open_checkpoint(args.ckpt)  # once: the ring's starter and the local model take it opened
+    prompts = [ck.tokenizer().encode("\n")] * args.n_samples
     if args.nodes_config:
-        starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), args.ckpt,
+        starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), ck,
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context,
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
                                      max_context=args.max_context, partition=args.partition,
                                      n_groups=args.micro_batches))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
-        model, _ = load_model(args.ckpt, dtype=torch.float32,  # as the starter's default
-                              quantize=args.quantize, batch_invariant=args.batch_invariant,
-                              max_context=args.max_context)
+        model = load_model(ck, LoadOptions(dtype=torch.float32,  # as the starter's default
+                                           quantize=args.quantize, batch_invariant=args.batch_invariant,
+                                           max_context=args.max_context)).model
         result = generate_timed(model, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()

@@ -284,7 +284,7 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
     return b.finish()
 
 
-def load_stage(path: str | Path, start: int = 0, stop: int | None = None,
+def load_stage_dir(path: str | Path, start: int = 0, stop: int | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None) -> tuple[GPT, CheckpointInfo]:
     """Load blocks [start, stop) of the checkpoint at path (the whole model by default).
@@ -318,7 +318,8 @@ def read_stage_file(weights: str | Path, config: GPTConfig, start: int = 0, stop
         raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, quantize: str | None = None
-               ) -> tuple[GPT, CheckpointInfo]:
-    return load_stage(path, 0, None, device=device, dtype=dtype, quantize=quantize)
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, quantize: str | None = None
+                   ) -> tuple[GPT, CheckpointInfo]:
+    """The whole model of our checkpoint directory (sources.load_model takes any --ckpt)."""
+    return load_stage_dir(path, 0, None, device=device, dtype=dtype, quantize=quantize)

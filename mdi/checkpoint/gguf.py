@@ -168,6 +168,12 @@ def llama_config(meta: dict, tensor_names: set[str], vocab_size: int, path: Path
     return cfg
 
 
+# The model's own sampling settings (GGUF's general.sampling.*, where the file has them),
+# under their generation_config.json names; checkpoint/sampling_defaults.py reads them.
+GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                 "general.sampling.top_p": "top_p"}
+
+
 def gguf_source(path: str | Path) -> HFSource:
     """A GGUF file in Hugging Face terms; tensors dequantized to float32 on `read(name)`."""
     from gguf.quants import dequantize
@@ -216,6 +222,7 @@ def gguf_source(path: str | Path) -> HFSource:
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_hf.items()}
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    gen.update({hf: meta[key] for key, hf in GGUF_SAMPLING.items() if key in meta})
     log.info("GGUF %s: %s, %d tensors (%s)", path.name, meta.get("general.name", arch), len(by_hf),
              ", ".join(sorted({t.tensor_type.name for t in reader.tensors})))
     return HFSource(config=config, shapes=shapes, dtypes={n: torch.float32 for n in shapes},

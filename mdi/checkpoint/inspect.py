@@ -11,6 +11,7 @@ from pathlib import Path
 from ..tokenizer import TokenizerError
 from . import st_io
 from .format import CheckpointError, CheckpointInfo
+from .sampling_defaults import SamplingDefaults, sampling_defaults
 from .sources import Checkpoint, open_checkpoint
 
 
@@ -31,6 +32,7 @@ class Inspection:
     tokenizer: str                   # "bpe, vocabulary 1000" or "unavailable (why)"
     training: dict = field(default_factory=dict)
     source_config: dict = field(default_factory=dict)  # an HF config.json, as given
+    sampling: SamplingDefaults | None = None           # the model's own sampling settings
 
 
 def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
@@ -59,9 +61,10 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
         tok = ck.tokenizer()
         tok_text = f"{tok.kind}, vocabulary {tok.vocab_size}"
     except (CheckpointError, TokenizerError) as e:
-        tok_text = f"unavailable ({e})"
+        tok, tok_text = None, f"unavailable ({e})"
     quantized = getattr(ck, "quantized", None)  # an int8 checkpoint's scales are no parameters
     n_params = sum(math.prod(t.shape) for t in tensors
                    if not (quantized and t.name.endswith(".scale")))
     return Inspection(ck.path, getattr(ck, "kind", "mdi"), ck.config.to_dict(), tensors,
-                      n_params, tok_text, dict(ck.training), source_config)
+                      n_params, tok_text, dict(ck.training), source_config,
+                      sampling_defaults(ck, tok))

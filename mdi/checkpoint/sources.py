@@ -10,20 +10,29 @@ The result has the same face whatever the kind: `.path`, `.config`,
 `.training`, `.kind` ("mdi" | "hf"), `.tokenizer()`; load_stage reads only a
 stage's tensors from it, and checkpoint.stream / checkpoint.chunks serve it to
 nodes in our names.
+
+A command opens its checkpoint once and passes the opened object down (every
+function here takes a Checkpoint as well as a spec); `load_model(spec, options)`
+is the one way to get a whole model with its tokenizer.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
+from tqdm import tqdm
 
 from ..model import GPT
+from ..tokenizer import Tokenizer
 from ..model.quant import check_mode, configure_stage
-from .format import CONFIG, CheckpointError, CheckpointInfo, build_stage, read_info, save_checkpoint
-from .format import load_stage as load_our_stage
+from .format import (CONFIG, CheckpointError, CheckpointInfo, build_stage, expected_shapes, read_info,
+                     save_checkpoint)
+from .format import load_stage_dir
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
 from .shipped import is_shipped_name, shipped_path
 
@@ -51,6 +60,13 @@ def _gguf_cached(path: Path, mtime_ns: int, size: int) -> HFCheckpoint:
     return HFCheckpoint.from_source(gguf_source(path), path)
 
 
+@functools.lru_cache(maxsize=4)
+def _hub_dir(spec: str) -> Path:
+    """A hub name's local snapshot, asked of huggingface_hub once per process (each ask
+    is a round trip to the hub unless HF_HUB_OFFLINE)."""
+    return hub_snapshot(spec)
+
+
 def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
     """The checkpoint `spec` names (see the module docstring); errors name the spec."""
     if isinstance(spec, (CheckpointInfo, HFCheckpoint)):
@@ -59,11 +75,24 @@ def open_checkpoint(spec: str | Path | Checkpoint) -> Checkpoint:
     if is_shipped_name(text) or text.endswith(".gguf"):
         return _gguf(text)
     if text.startswith("hf:"):
-        return HFCheckpoint.from_source(hf_dir_source(hub_snapshot(text)))
+        return HFCheckpoint.from_source(hf_dir_source(_hub_dir(text)))
     path = Path(spec)
     if path.is_dir() and is_hf_dir(path):
         return HFCheckpoint.from_source(hf_dir_source(path), path)
+    if not path.exists():
+        raise CheckpointError(_not_found(text))
     return read_info(path)
+
+
+def _not_found(spec: str) -> str:
+    """The error for a --ckpt that names nothing, with the names it may have meant."""
+    from .catalog import closest_names
+
+    parent = Path(spec).parent
+    near = closest_names(spec, [parent] if parent.is_dir() else [])
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    return (f"checkpoint directory not found: {spec}{hint} (`mdi models` lists what can be "
+            "named)")
 
 
 def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
@@ -81,19 +110,53 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
     check_mode(quantize)
     ck = open_checkpoint(spec)
     if isinstance(ck, CheckpointInfo):
-        stage, _ = load_our_stage(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
-    else:
-        stage = build_stage(ck.config, start, stop, ck.get, device=device, dtype=dtype,
-                            where=ck.source.origin, quantize=quantize)
+        stage, _ = load_stage_dir(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
+    else:  # a GGUF dequantizes, a hub model may be large: a bar on a terminal, a line after
+        t0 = time.perf_counter()
+        with tqdm(total=len(expected_shapes(ck.config, start, stop)), unit="tensor", leave=False,
+                  desc=f"loading {Path(ck.source.origin or ck.path).name}", disable=None) as bar:
+            def get(name: str) -> torch.Tensor | None:
+                t = ck.get(name)
+                bar.update(1)
+                return t
+            stage = build_stage(ck.config, start, stop, get, device=device, dtype=dtype,
+                                where=ck.source.origin, quantize=quantize)
+        log.info("loaded %s layers [%d, %d) in %.1f s", ck.source.origin or ck.path, start,
+                 ck.config.n_layer if stop is None else stop, time.perf_counter() - t0)
     return configure_stage(stage, quantize, batch_invariant, max_context, pack), ck
 
 
-def load_model(spec: str | Path | Checkpoint, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, quantize: str | None = None,
-               batch_invariant: bool = False, max_context: int | None = None,
-               pack: bool = True) -> tuple[GPT, Checkpoint]:
-    return load_stage(spec, 0, None, device=device, dtype=dtype, quantize=quantize,
-                      batch_invariant=batch_invariant, max_context=max_context, pack=pack)
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded for a run (the commands' --device, --dtype, --quantize,
+    --batch-invariant, --max-context); see load_stage."""
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype | None = None    # None: as stored
+    quantize: str | None = None         # "int8" | "int4"
+    batch_invariant: bool = False
+    max_context: int | None = None
+    pack: bool = True                   # CPU float32 weights prepacked at load
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A whole model, the checkpoint it came from, and (read when first asked) its tokenizer."""
+    model: GPT
+    checkpoint: Checkpoint
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        """CheckpointError when the checkpoint has none (e.g. weights written by a test)."""
+        return self.checkpoint.tokenizer()
+
+
+def load_model(spec: str | Path | Checkpoint, options: LoadOptions = LoadOptions()) -> Loaded:
+    """The whole model of any checkpoint, opened once, configured by `options`."""
+    ck = open_checkpoint(spec)
+    o = options
+    model, _ = load_stage(ck, 0, None, device=o.device, dtype=o.dtype, quantize=o.quantize,
+                          batch_invariant=o.batch_invariant, max_context=o.max_context, pack=o.pack)
+    return Loaded(model, ck)
 
 
 def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrite: bool = False,
@@ -110,7 +173,7 @@ def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrit
     if (out / CONFIG).exists() and not overwrite:
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
                               "or pass --force")
-    model, _ = load_model(ck, dtype=dtype, quantize=quantize)
+    model = load_model(ck, LoadOptions(dtype=dtype, quantize=quantize)).model
     try:
         tok = ck.tokenizer()
     except CheckpointError as e:

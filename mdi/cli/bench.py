@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..model.quant import QUANT_MODES
-from .common import CKPT_HELP, add_max_context
+from .common import BATCH_INVARIANT_HELP, CKPT_HELP, QUANTIZE_HELP, SEED_HELP, add_max_context
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -76,10 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "gpt2-medium, smollm2-135m, tinyllama-1.1b (the last two "
                                           "written as Hugging Face directories in bfloat16)")
     p.add_argument("--nodes", default="1,2,3", help="comma-separated node counts; 1 is single-device")
-    p.add_argument("--n-samples", type=int, default=3)
+    p.add_argument("--n-samples", type=int, default=3, help="samples to generate")
     p.add_argument("--n-tokens", type=int, default=None,
                    help="new tokens per sample (default 500; 24 with --vs-transformers)")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5, help="timed runs of every configuration")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--isolate", action="store_true", help="pin each node to its own core(s)")
     p.add_argument("--hosts", choices=["local", "netns"], default="local",
@@ -96,11 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batches", type=int, default=None,
                    help="lanes in flight on the ring (default: as many as the nodes can compute "
                         "at once, at most one per node)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8 weights on every node of every configuration")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="per-row compute on every node of every configuration")
+    p.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     add_max_context(p)
     v = p.add_argument_group("comparison with Hugging Face transformers (same weights, one process)")
     v.add_argument("--vs-transformers", action="store_true",

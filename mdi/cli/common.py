@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import LoadOptions
+from ..checkpoint.sampling_defaults import SamplingDefaults
 from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..model.dtypes import DTYPES
@@ -14,14 +17,44 @@ from ..model.quant import QUANT_MODES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
 from ..tokenizer import Tokenizer
 
-
-
+log = logging.getLogger("mdi")
 CKPT_HELP = ("checkpoint: our directory, a Hugging Face model directory, hf:ORG/NAME[@REV], "
-             "a .gguf file or smollm2-135m-instruct")
+             "a .gguf file or a shipped model's name (`mdi models` lists what can be named)")
+# One help text per option, whichever command has it.
+DEVICE_HELP = "torch device, e.g. cpu, cuda, cuda:1"
+DTYPE_HELP = "dtype the model computes in"
+THREADS_HELP = "torch threads (default: torch's; with --nodes N, per node)"
+QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at load time on "
+                 "every node (4x less weight memory than float32)")
+BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
+                        "not depend on which sequences share its step, at a cost in speed")
+SEED_HELP = "seed of the random draws"
+NODES_HELP = ("nodes of the ring, the starter (this process) included, each a local process; "
+              "1: one device, no ring")
+NODES_CONFIG_HELP = "the nodes JSON file of a cluster started by hand (`mdi node`)"
+SPARES_HELP = ("extra local nodes that join the ring when one of its nodes fails (with --nodes 2 "
+               "or more)")
+RING_TIMEOUT_HELP = ("seconds of silence before a node counts as gone; the ring then re-plans over "
+                     "the nodes still alive and the spares and goes on (see --no-recover)")
+NO_RECOVER_HELP = ("when a node fails, stop instead of re-planning and resuming: run, starter and "
+                   "chat end with exit status 3 and the text so far; serve fails the requests in "
+                   "flight (500) and forms the ring again")
+PARTITION_HELP = ("how layers are split: auto times every node on the model's shape and "
+                  "minimises the slowest stage under each node's memory; even gives equal "
+                  "shares (default: auto when the nodes report different devices, CPUs or "
+                  "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
+TOKEN_HELP = ("the cluster's shared secret (visible in the process list: prefer MDI_TOKEN or "
+              "--token-file)")
+TOKEN_FILE_HELP = "file holding the cluster's shared secret"
+MODEL_DEFAULTS = ("`mdi inspect` shows them; a chat model that has none decodes greedily, "
+                  "another samples at 0.8 with top-k 200")
+DEFAULT_N_TOKENS = 1000
 
 
 class UsageError(ValueError):
-    """A bad command-line value."""
+    """A bad command-line value, found before anything started: exit status 2, as for
+    argparse's syntax errors (1 is for what fails later)."""
+    exit_code = 2
 
 
 def add_max_context(p) -> None:
@@ -33,51 +66,94 @@ def add_max_context(p) -> None:
                         "much cache per sequence")
 
 
+def add_sampling_options(g, n_tokens: int) -> None:
+    """How tokens are drawn (sample, run, starter, chat); unset: the model's own settings."""
+    g.add_argument("--n-tokens", type=int, default=None,
+                   help=f"most new tokens per sample (default: the model's max_new_tokens, else "
+                        f"{n_tokens})")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"0 is greedy (default: the model's; {MODEL_DEFAULTS})")
+    g.add_argument("--top-k", type=int, default=None,
+                   help=f"keep the k likeliest tokens; 0: all (default: the model's)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: keep the likeliest tokens up to this probability "
+                        "mass; 1: all (default: the model's)")
+    g.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a sample at this text (repeatable; the text before it is kept)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate --n-tokens even past the model's end-of-sequence token")
+
+
+def add_model_options(g) -> None:
+    """Where and how the model runs (sample, run, starter, chat)."""
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    g.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    add_max_context(g)
+    g.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--n-samples", type=int, default=3, help="samples to generate (default 3)")
-    g.add_argument("--n-tokens", type=int, default=1000, help="new tokens per sample (default 1000)")
+    g.add_argument("--n-samples", type=int, default=3, help="samples to generate")
     g.add_argument("--prompt", action="append", default=None,
                    help="prompt text, or FILE:path with one prompt per line; repeat for one "
                         "prompt per sample (default: a newline)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=200, help="keep the k likeliest tokens (default 200)")
-    g.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling: keep the likeliest tokens up to this probability mass")
-    g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end a sample at this text (repeatable; the text before it is kept)")
     g.add_argument("--chat", action="store_true",
                    help="each prompt is one user message in the model's chat template; samples "
                         "end at the template's end-of-turn token")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="generate --n-tokens even past the model's end-of-sequence token")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    g.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8: weights as int8 with per-channel scales, quantized at load time on "
-                        "every node (4x less weight memory than float32)")
-    add_max_context(g)
-    g.add_argument("--batch-invariant", action="store_true",
-                   help="compute every sequence on its own (per-row GEMMs): its tokens then do "
-                        "not depend on which sequences share its step, at a cost in speed")
+    add_sampling_options(g, n_tokens=DEFAULT_N_TOKENS)
+    add_model_options(g)
     o = p.add_argument_group("output")
     o.add_argument("--time-run", metavar="CSV", help="append one row of timings to this CSV")
     o.add_argument("--plots", metavar="DIR", help="write tokens-vs-time CSV and PNG to DIR")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    if args.n_samples <= 0:
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    """How the generation commands load the model (add_generation_options)."""
+    return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
+                       batch_invariant=args.batch_invariant, max_context=args.max_context)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--n-samples, --n-tokens and the sampling values the user set, checked before
+    anything is loaded."""
+    if getattr(args, "n_samples", 1) <= 0:
         raise UsageError(f"--n-samples must be positive, got {args.n_samples}")
-    if args.n_tokens <= 0:
+    if args.n_tokens is not None and args.n_tokens <= 0:
         raise UsageError(f"--n-tokens must be positive, got {args.n_tokens}")
-    try:
-        return SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                              top_p=args.top_p)
+    try:  # SamplingConfig checks its fields; the model's own fill the unset ones later
+        SamplingConfig(temperature=1.0 if args.temperature is None else args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def sampling_config(args: argparse.Namespace, defaults: SamplingDefaults,
+                    n_tokens: int = DEFAULT_N_TOKENS) -> tuple[SamplingConfig, int]:
+    """(sampling, new tokens per sample): what the user set, else the model's own settings
+    (checkpoint/sampling_defaults.py), else n_tokens. --top-k 0 and --top-p 1 mean no cut."""
+    check_counts(args)
+    unset = [name for name in ("temperature", "top_k", "top_p") if getattr(args, name) is None]
+    pick = {name: getattr(defaults, name) if name in unset else getattr(args, name)
+            for name in ("temperature", "top_k", "top_p")}
+    if unset:  # said when the choice that matters most, the temperature, was the model's
+        log.log(logging.INFO if "temperature" in unset else logging.DEBUG,
+                "sampling: %s from the model (%s)",
+                ", ".join(f"{name} {pick[name]}" for name in unset), defaults.source)
+    if pick["top_k"] == 0:
+        pick["top_k"] = None
+    if pick["top_p"] == 1:
+        pick["top_p"] = None
+    try:
+        sampling = SamplingConfig(temperature=pick["temperature"], top_k=pick["top_k"],
+                                  seed=args.seed, top_p=pick["top_p"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return sampling, args.n_tokens or defaults.max_new_tokens or n_tokens
 
 
 def set_threads(n: int | None) -> None:

@@ -8,16 +8,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..checkpoint.sources import load_model
+from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
 from ..model.quant import QUANT_MODES
-from .common import DTYPES, UsageError, set_threads
+from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, QUANTIZE_HELP, THREADS_HELP,
+                     UsageError, set_threads)
 
 
-def _load(ckpt: str, device: str, dtype, quantize: str | None = None):
-    """(model, tokenizer, context length) for any --ckpt this build can open."""
-    model, ck = load_model(ckpt, device=device, dtype=dtype, quantize=quantize)
-    return model, ck.tokenizer(), model.config.block_size
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -26,7 +23,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = Path(args.data).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --data {args.data}: {e}") from None
-    model, tok, context = _load(args.ckpt, args.device, DTYPES[args.dtype], args.quantize)
+    loaded = load_model(args.ckpt, LoadOptions(device=args.device, dtype=DTYPES[args.dtype],
+                                               quantize=args.quantize))
+    model, tok, context = loaded.model, loaded.tokenizer, loaded.model.config.block_size
     ids = tok.encode(text)
     if args.max_tokens is not None:
         if args.max_tokens < 2:
@@ -58,17 +57,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window)")
-    p.add_argument("--ckpt", required=True, help="checkpoint (directory, .gguf, or a shipped name)")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text to score")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--window", type=int, default=None,
                    help="tokens per forward (default: the model's context length)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts "
                    "(default: window // 2; window = non-overlapping)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8 weights (per-channel scales), as `mdi sample --quantize`")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

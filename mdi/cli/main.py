@@ -5,8 +5,20 @@ import argparse
 import logging
 import sys
 
-from . import bench, convert, ring, serve, workflow
+from . import bench, chat, convert, models, ring, serve, workflow
 from . import eval as eval_cmd
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless its text already speaks of it or there
+    is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,11 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     workflow.register(sub)
+    chat.register(sub)
+    models.register(sub)
     convert.register(sub)
     ring.register(sub)
     bench.register(sub)
     eval_cmd.register(sub)
     serve.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return p
 
 

@@ -2,22 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 from tqdm import tqdm
 
-from ..checkpoint import open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.sampling_defaults import sampling_defaults
+from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..ring.protocol.auth import resolve_token
-from ..ring.cluster.nodes_config import load_nodes_config
+from ..ring.cluster.nodes_config import NodesConfig, load_nodes_config
 from ..ring.starter.driver import Starter
-from ..ring.starter.options import EXIT_NODE_FAILURE, NodeFailure, RunOptions
+from ..ring.starter.options import NodeFailure, RunOptions
 from ..results import GenerationResult, Texts
-from .common import (CKPT_HELP, UsageError, add_generation_options, emit, encode_prompts,
-                     read_prompts, sampling_config, set_threads, stops_of)
+from ..tokenizer import Tokenizer
+from .common import (CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
+                     RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
+                     UsageError, add_generation_options, check_counts, emit,
+                     encode_prompts, read_prompts, sampling_config, set_threads, stops_of)
+from .preflight import check_local_nodes
 from .stream import StreamPrinter
+
+if TYPE_CHECKING:
+    from ..ring.cluster.local_cluster import LocalCluster
 
 log = logging.getLogger("mdi")
 DEFAULT_TIMEOUT = RunOptions.timeout  # 10 s
@@ -25,9 +37,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # node.DEFAULT_IDLE_TIMEOUT, without importing the 
 
 
 def _token_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="the cluster's shared secret (visible in the process list: "
-                                   "prefer MDI_TOKEN or --token-file)")
-    p.add_argument("--token-file", help="file holding the cluster's shared secret")
+    p.add_argument("--token", help=TOKEN_HELP)
+    p.add_argument("--token-file", help=TOKEN_FILE_HELP)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -59,11 +70,24 @@ def _check_timeout(timeout: float) -> None:
         raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
 
 
-def _generate(args: argparse.Namespace, nodes, token: str) -> int:
-    sampling = sampling_config(args)
-    info = open_checkpoint(args.ckpt)
-    tok = info.tokenizer()
+@dataclass
+class _Job:
+    """A ring run, prepared and checked before any node process starts."""
+    ck: Checkpoint
+    tok: Tokenizer
+    ids: list[list[int]]
+    prompts: list[str]
+    sampling: SamplingConfig
+    n_tokens: int
+    stops: Stops
+
+
+def _prepare(args: argparse.Namespace, ck: Checkpoint) -> _Job:
+    """Everything a run needs that no node does: the tokenizer, the sampling settings,
+    the prompts encoded, the stops (each bad value one UsageError)."""
+    check_counts(args)
     prompts = read_prompts(args.prompt, args.n_samples)
+    tok = ck.tokenizer()
     ids = encode_prompts(tok, prompts, chat=args.chat)
     if args.chat:  # the answer starts on a line of its own
         prompts = [p + "\n" for p in prompts]
@@ -73,19 +97,31 @@ def _generate(args: argparse.Namespace, nodes, token: str) -> int:
         stops = Stops()
     else:
         stops = stops_of(args, tok)
+    sampling, n_tokens = sampling_config(args, sampling_defaults(ck, tok))
+    return _Job(ck, tok, ids, prompts, sampling, n_tokens, stops)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The ring's options from the command line (run, starter, chat)."""
+    return RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
+                      n_groups=getattr(args, "micro_batches", None),
+                      resend_context=getattr(args, "resend_context", False),
+                      quantize=args.quantize, batch_invariant=args.batch_invariant,
+                      max_context=args.max_context, partition=args.partition,
+                      recover=not args.no_recover)
+
+
+def _generate(args: argparse.Namespace, job: _Job, nodes, token: str) -> int:
+    """Generate over the ring of `nodes` from the checkpoint the command opened (once)."""
     # text streams to stdout as it comes (but with --resend-context); --json prints at the end
-    printer = None if args.json or args.resend_context else StreamPrinter(prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if printer is None else True,
+    printer = None if args.json or args.resend_context else StreamPrinter(job.prompts)
+    bar = tqdm(total=job.n_tokens, unit="tok", disable=None if printer is None else True,
                desc="generating", leave=False)
-    starter = Starter(nodes, token, info,
-                      RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
-                                 n_groups=args.micro_batches, resend_context=args.resend_context,
-                                 quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                 max_context=args.max_context, partition=args.partition,
-                                 recover=not args.no_recover),
+    starter = Starter(nodes, token, job.ck, run_options(args),
                       on_step=lambda i: bar.update(1), on_event=printer)
     try:
-        result = starter.run(ids, args.n_tokens, sampling, Texts(tok, prompts), stops)
+        result = starter.run(job.ids, job.n_tokens, job.sampling, Texts(job.tok, job.prompts),
+                             job.stops)
         error = None
     except NodeFailure as e:
         if e.partial is None:
@@ -118,10 +154,29 @@ def _print_hops(result: GenerationResult) -> None:
 def cmd_starter(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     _check_timeout(args.timeout)
+    nodes, token = _listed_nodes(args)
+    return _generate(args, _prepare(args, open_checkpoint(args.ckpt)), nodes, token)
+
+
+def _listed_nodes(args: argparse.Namespace) -> tuple[NodesConfig, str]:
+    """The nodes of --nodes-config and the cluster token (a starter alone talks to nobody:
+    no token needed)."""
     nodes = load_nodes_config(args.nodes_config)
-    # a starter alone talks to nobody: no token needed
-    token = resolve_token(args.token, args.token_file) if nodes.secondaries else ""
-    return _generate(args, nodes, token)
+    return nodes, resolve_token(args.token, args.token_file) if nodes.secondaries else ""
+
+
+@contextlib.contextmanager
+def nodes_and_token(args: argparse.Namespace) -> Iterator[tuple[NodesConfig, str]]:
+    """The ring of add_ring_options: the nodes of --nodes-config, or --nodes N local ones
+    (started here, ended on leaving)."""
+    _check_timeout(args.timeout)
+    if args.nodes_config is not None:
+        yield _listed_nodes(args)
+        return
+    from ..ring.cluster.local_cluster import default_threads
+
+    with local_cluster(args, args.threads or default_threads(args.nodes)) as cluster:
+        yield cluster.nodes, cluster.token
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -135,20 +190,36 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ring.cluster.local_cluster import LocalCluster, default_threads
 
-    open_checkpoint(args.ckpt)  # fail fast on a bad checkpoint, before any process starts
     _check_timeout(args.timeout)
-    if args.spares < 0 or (args.spares and args.nodes < 2):
-        raise UsageError(f"--spares must be 0, or positive with --nodes 2 or more; got "
-                         f"{args.spares} with --nodes {args.nodes}")
+    ck = open_checkpoint(args.ckpt)  # every check that needs no process, before one starts
+    check_local_nodes(args, ck)
+    job = _prepare(args, ck)
     threads = args.threads or default_threads(args.nodes)
     set_threads(threads)
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so the cluster's __exit__ ends every child.
+    with local_cluster(args, threads) as cluster:
+        return _generate(args, job, cluster.nodes, cluster.token)
+
+
+@contextlib.contextmanager
+def local_cluster(args: argparse.Namespace, threads: int) -> Iterator[LocalCluster]:
+    """`--nodes N`: the N-1 node processes (and --spares), started with a status line and
+    ended however the command ends: SIGTERM and SIGHUP unwind like Ctrl-C, so the
+    cluster's __exit__ ends every child."""
+    from ..ring.cluster.local_cluster import LocalCluster
+
+    n = args.nodes - 1 + args.spares
+    if n:
+        log.info("starting %d local node process(es)", n)
+    bar = tqdm(total=n, desc="starting nodes", unit="node", disable=None if n else True, leave=False)
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with LocalCluster(args.nodes, threads=threads, node_timeout=args.timeout,
-                          spares=args.spares) as cluster:
-            return _generate(args, cluster.nodes, cluster.token)
+                          spares=args.spares,
+                          on_ready=lambda ready, total: bar.update(ready - bar.n)) as cluster:
+            bar.close()
+            yield cluster
     finally:
+        bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -157,40 +228,45 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def add_ring_options(p: argparse.ArgumentParser) -> None:
+    """Where a ring comes from and how it behaves (chat; serve has its own copy in
+    cli/serve.py with the same help texts)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    where.add_argument("--nodes-config", metavar="FILE", help=NODES_CONFIG_HELP)
+    p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
+    _fault_options(p)
+    _token_options(p)
+
+
+def _fault_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=RING_TIMEOUT_HELP)
+    p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
+    p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
+
+
 def _dist_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds of silence before a node counts as gone; the run then "
-                        f"re-plans over the nodes still alive and the nodes file's spares and "
-                        f"goes on (or, when nothing fits, stops with exit status "
-                        f"{EXIT_NODE_FAILURE} and the text so far) (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--no-recover", action="store_true",
-                   help=f"when a node fails, stop with exit status {EXIT_NODE_FAILURE} and the "
-                        "text so far instead of re-planning and resuming")
+    _fault_options(p)
     p.add_argument("--micro-batches", type=int, default=None,
                    help="groups of samples in flight (default min(n_samples, n_nodes), fewer "
                         "when nodes share a machine's cores: as many as can compute at once)")
     p.add_argument("--resend-context", action="store_true",
                    help="no KV cache: send the whole context every step, as the original system "
                         "did (for comparisons)")
-    p.add_argument("--partition", choices=["auto", "even"], default=None,
-                   help="how layers are split: auto times every node on the model's shape and "
-                        "minimises the slowest stage under each node's memory; even gives equal "
-                        "shares (default: auto when the nodes report different devices, CPUs or "
-                        "memory caps, even otherwise; per-node 'layers' in the nodes file win)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="serve as an intermediate or finisher node",
-                       epilog="exit status: 0 after /shutdown, SIGTERM or SIGINT; 1 a bad option value, "
-                              "nodes file or token; 2 command-line syntax; 4 a port cannot be bound (taken, or not an "
+                       epilog="exit status: 0 after /shutdown, SIGTERM or SIGINT; 1 a bad nodes file or "
+                              "token; 2 command-line syntax or a bad option value; 4 a port cannot be bound (taken, or not an "
                               "address of this host). 3 is the starter's, for a failed node.")
-    p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
+    p.add_argument("--nodes-config", required=True, help=NODES_CONFIG_HELP)
     p.add_argument("--role", required=True, choices=["intermediate", "finisher", "spare"],
                    help="the node's entry in the nodes file; a spare joins the ring only when "
                         "a node fails mid-generation")
-    p.add_argument("--index", type=int, default=0, help="which intermediate or spare (default 0)")
+    p.add_argument("--index", type=int, default=0, help="which intermediate or spare")
     p.add_argument("--chunk", help="a chunk directory from `mdi split` to load weights from")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for this node")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds for a handshake, a connect, the next node to take a frame, "
                         "or a control client to send its request headers (default 10)")
@@ -210,27 +286,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("starter", help="configure the nodes and generate")
-    p.add_argument("--ckpt", required=True,
-                   help=CKPT_HELP)
-    p.add_argument("--nodes-config", required=True, help="the nodes JSON file")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--nodes-config", required=True, help=NODES_CONFIG_HELP)
     add_generation_options(p)
     _dist_options(p)
     _token_options(p)
     p.set_defaults(func=cmd_starter)
 
     p = sub.add_parser("split", help="write per-node chunks of a checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--nodes", type=int, required=True,
+                   help="nodes of the ring, the starter included: one chunk each, even layer shares")
+    p.add_argument("--out", required=True,
+                   help="directory to write node0/, node1/, ... (one chunk directory per node, "
+                        "for `mdi node --chunk`)")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("run", help="start N local nodes and the starter in one command")
-    p.add_argument("--ckpt", required=True,
-                   help=CKPT_HELP)
-    p.add_argument("--nodes", type=int, default=3, help="nodes including the starter (default 3)")
-    p.add_argument("--spares", type=int, default=0,
-                   help="extra local nodes that join the ring when one of its nodes fails "
-                        "(default 0)")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
     add_generation_options(p)
     _dist_options(p)
     p.set_defaults(func=cmd_run)

@@ -6,13 +6,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
-from .common import add_max_context
+from ..checkpoint import open_checkpoint
+from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
+                     NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
+                     RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
+                     UsageError, add_max_context)
+from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SEQS_HELP = "sequences generated together (the engine's slots)"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -22,9 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .common import set_threads
 
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.default_max_tokens <= 0:
-        raise ValueError(f"--default-max-tokens must be positive, got {args.default_max_tokens}")
+        raise UsageError(f"--default-max-tokens must be positive, got {args.default_max_tokens}")
+    options = backend_options(args)  # the options' own checks, before anything is opened
     template = None
     if args.chat_template:
         try:
@@ -39,12 +47,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
                          chat_template=template, strict_model_name=args.strict_model_name)
+    if args.nodes_config is None and args.nodes != 1:  # before a port or a process is taken
+        check_local_nodes(args, open_checkpoint(args.ckpt))
     bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
-    with open_backend(backend_options(args)) as backend:
+    with open_backend(options) as backend:
         app = create_app(backend.factory, backend.tokenizer, config)
-        log.info("%s; model %r at http://%s:%d/ (chat page) and /v1 (OpenAI API)", backend.description,
-                 name, args.host, args.port)
-        serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+        ready = (f"{backend.description}; model {name!r} at http://{args.host}:{args.port}/ "
+                 "(chat page) and /v1 (OpenAI API)")
+        serve(announce_when_ready(app, ready), args.host, args.port,
+              log_level="debug" if args.verbose else "info")
     return 0
 
 
@@ -65,20 +76,37 @@ def api_key_of(args: argparse.Namespace) -> str | None:
     return key
 
 
+def announce_when_ready(app: Any, message: str) -> Any:
+    """The ASGI app, logging `message` once its startup (where the engine starts and the
+    ring forms) has completed: the URL is printed when it answers, not before."""
+    async def wrapped(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_and_announce(msg: dict) -> None:
+            await send(msg)
+            if msg.get("type") == "lifespan.startup.complete":
+                log.info("%s", message)
+        return await app(scope, receive, send_and_announce)
+    return wrapped
+
+
 def backend_options(args: argparse.Namespace):  # -> BackendOptions
     from ..serve.backend import BackendOptions
 
-    return BackendOptions(ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
-                          max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
-                          batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
-                          token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
-                          timeout=args.timeout, threads=args.threads,
-                          quantize=getattr(args, "quantize", None),
-                          partition=getattr(args, "partition", None),
-                          recover=not getattr(args, "no_recover", False),
-                          spares=getattr(args, "spares", 0),
-                          max_context=getattr(args, "max_context", None),
-                          stall_timeout=getattr(args, "stall_timeout", 30.0))
+    try:  # BackendOptions checks its fields: a bad one is a bad option value
+        return BackendOptions(
+            ckpt=args.ckpt, nodes=args.nodes, nodes_config=getattr(args, "nodes_config", None),
+            max_seqs=args.max_seqs, queue=getattr(args, "queue", None),
+            batch_invariant=args.batch_invariant, device=args.device, dtype=args.dtype,
+            token=getattr(args, "token", None), token_file=getattr(args, "token_file", None),
+            timeout=args.timeout, threads=args.threads, quantize=getattr(args, "quantize", None),
+            partition=getattr(args, "partition", None),
+            recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
+            max_context=getattr(args, "max_context", None),
+            stall_timeout=getattr(args, "stall_timeout", 30.0))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> int:
@@ -125,34 +153,26 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="int8 weights with per-channel scales, quantized at load on every node")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's; with --nodes N, per node)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="ring: seconds of silence before a node counts as gone (default 10)")
-    p.add_argument("--partition", choices=["auto", "even"], default=None,
-                   help="ring: how layers are split (as for mdi run; default: auto when the "
-                        "nodes differ)")
-    p.add_argument("--no-recover", action="store_true",
-                   help="ring: when a node fails, fail the requests in flight (500) and form the "
-                        "ring again, instead of re-planning over the nodes left and resuming")
-    p.add_argument("--spares", type=int, default=0,
-                   help="ring with --nodes N: extra local nodes that join when a node fails")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--timeout", type=float, default=10.0, help=RING_TIMEOUT_HELP)
+    p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
+    p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
+    p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API (completions, chat, streaming) and a chat page")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--nodes", type=int, default=1, help="local nodes of the ring (default 1: one device)")
-    where.add_argument("--nodes-config", metavar="FILE", help="nodes file of an existing cluster")
+    where.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    where.add_argument("--nodes-config", metavar="FILE", help=NODES_CONFIG_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-seqs", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-seqs", type=int, default=8, help=MAX_SEQS_HELP)
     p.add_argument("--queue", type=int, default=None,
                    help="sequences waiting for a slot before requests get 429 (default: the engine's)")
     key = p.add_mutually_exclusive_group()
@@ -167,33 +187,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stall-timeout", type=float, default=30.0,
                    help="cancel a sequence whose client has read none of its tokens for this many "
                         "seconds, freeing its slots on every node (default 30)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="a sequence's tokens do not depend on the others decoded with it")
+    p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--chat-template", metavar="FILE", default=None,
                    help="Jinja chat template, for models whose tokenizer has none")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="chat completions without max_tokens stop after this many (default 256)")
     _engine_options(p)
-    p.add_argument("--token", help="--nodes-config: the cluster's shared secret (prefer MDI_TOKEN "
-                                   "or --token-file)")
-    p.add_argument("--token-file", help="--nodes-config: file holding the cluster's shared secret")
+    p.add_argument("--token", help=TOKEN_HELP)
+    p.add_argument("--token-file", help=TOKEN_FILE_HELP)
     p.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("serve-bench", help="load benchmark of the API: req/s, TTFT, ITL, tokens/s "
                                            "at several concurrencies (CSV + plot)")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (with --model-name)")
-    src.add_argument("--ckpt", help="start a server on this checkpoint in-process")
-    b.add_argument("--model-name", default=None)
-    b.add_argument("--nodes", type=int, default=1, help="with --ckpt: nodes of the ring (default 1)")
-    b.add_argument("--max-seqs", type=int, default=32, help="with --ckpt: engine slots (default 32)")
-    b.add_argument("--batch-invariant", action="store_true")
+    src.add_argument("--ckpt", help=CKPT_HELP)
+    b.add_argument("--model-name", default=None,
+                   help="the model id to ask for (needed with --url; default with --ckpt: the "
+                        "directory name)")
+    b.add_argument("--nodes", type=int, default=1, help=NODES_HELP)
+    b.add_argument("--max-seqs", type=int, default=32, help=MAX_SEQS_HELP)
+    b.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     _engine_options(b)
     b.add_argument("--api-key", default=None, help="for --url (default: env MDI_API_KEY)")
     b.add_argument("--concurrency", default="1,4,16,32", help="client counts (default 1,4,16,32)")
     b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
-    b.add_argument("--max-tokens", type=int, default=64)
-    b.add_argument("--prompt", default="\n")
+    b.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    b.add_argument("--prompt", default="\n", help="the prompt of every request")
     b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
     b.set_defaults(func=cmd_serve_bench)

@@ -8,10 +8,12 @@ import logging
 from tqdm import tqdm
 
 from ..checkpoint import load_model
+from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
-from .common import (CKPT_HELP, DTYPES, UsageError, add_generation_options, emit, encode_prompts,
-                     read_prompts, sampling_config, set_threads, stops_of)
+from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, SEED_HELP, THREADS_HELP,
+                     UsageError, add_generation_options, check_counts, emit, encode_prompts,
+                     load_options, read_prompts, sampling_config, set_threads, stops_of)
 
 log = logging.getLogger("mdi")
 
@@ -51,23 +53,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ..engine.local import LocalEngine
     from .stream import StreamPrinter
 
-    sampling = sampling_config(args)
+    check_counts(args)
     lanes = 1 if args.micro_batches is None else args.micro_batches
     if lanes <= 0:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
-    model, info = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                             quantize=args.quantize, batch_invariant=args.batch_invariant,
-                             max_context=args.max_context)
-    tok = info.tokenizer()
     prompts = read_prompts(args.prompt, args.n_samples)
+    loaded = load_model(args.ckpt, load_options(args))
+    model, tok = loaded.model, loaded.tokenizer
     ids = encode_prompts(tok, prompts, chat=args.chat)
     if args.chat:  # the answer starts on a line of its own
         prompts = [p + "\n" for p in prompts]
     stops = stops_of(args, tok)
+    sampling, n_tokens = sampling_config(args, sampling_defaults(loaded.checkpoint, tok))
     # text streams to stdout as it comes; --json prints one object at the end (with a progress bar)
     printer = None if args.json else StreamPrinter(prompts)
-    bar = tqdm(total=args.n_tokens, unit="tok", disable=None if args.json else True,
+    bar = tqdm(total=n_tokens, unit="tok", disable=None if args.json else True,
                desc="generating", leave=False)
     counts = [0] * len(ids)
 
@@ -82,7 +83,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with bar:
         result = generate_local(
             lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
-            ids, args.n_tokens, sampling, on_event, Texts(tok, prompts), stops)
+            ids, n_tokens, sampling, on_event, Texts(tok, prompts), stops)
     emit(args, result, printed=printer is not None)
     return 0
 
@@ -100,6 +101,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {t.name:48s} {str(t.shape):20s} {t.dtype}")
     print(f"parameters: {ins.n_params:,} ({ins.n_params / 1e6:.2f}M)")
     print(f"tokenizer: {ins.tokenizer}")
+    if ins.sampling is not None:
+        print(f"sampling defaults: {ins.sampling.describe()}")
     if ins.training:
         print("training:")
         for k, v in ins.training.items():
@@ -111,36 +114,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="encode a text file into train/val token files")
     p.add_argument("--input", required=True, help="UTF-8 text file")
     p.add_argument("--out", required=True, help="output data directory")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
+                   help="char: one token per character; bpe: byte-level BPE of --vocab-size")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the text (its end) kept for validation")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a GPT from scratch or resume")
     p.add_argument("--data", required=True, help="data directory from `mdi prepare`")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=384)
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-acc-steps", type=int, default=1)
-    p.add_argument("--max-iters", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int, default=100)
+    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=6, help="attention heads per block")
+    p.add_argument("--n-embd", type=int, default=384, help="embedding width")
+    p.add_argument("--block-size", type=int, default=256, help="context length in tokens")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability while training")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="biases in the linear layers and norms")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-step")
+    p.add_argument("--grad-acc-steps", type=int, default=1,
+                   help="micro-steps whose gradients add up to one optimizer step")
+    p.add_argument("--max-iters", type=int, default=2000, help="optimizer steps in all")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warmup)")
+    p.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the cosine's end")
+    p.add_argument("--warmup-iters", type=int, default=100, help="steps of linear warmup")
     p.add_argument("--lr-decay-iters", type=int, default=None,
                    help="iteration where the cosine reaches --min-lr (default --max-iters); keep it "
                         "fixed to extend a finished run with a larger --max-iters")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--eval-interval", type=int, default=250)
-    p.add_argument("--eval-iters", type=int, default=50)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of 2-D weights")
+    p.add_argument("--eval-interval", type=int, default=250,
+                   help="steps between evaluations (each keeps the best checkpoint)")
+    p.add_argument("--eval-iters", type=int, default=50, help="batches per split per evaluation")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--plot", action="store_true", help="also write OUT/loss.png")
     p.set_defaults(func=cmd_train)

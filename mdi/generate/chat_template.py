@@ -13,7 +13,6 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..serve.openai_schema import ApiError
 
 
 class TemplateError(ValueError):
@@ -82,6 +81,8 @@ class ChatTemplate:
                                         bos_token=self.bos_token, eos_token=self.eos_token,
                                         tools=None, documents=None)
         except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
+            from ..serve.openai_schema import ApiError  # here: serve imports this module
+
             raise ApiError(400, f"the model's chat template refused the messages: {e}",
                            param="messages") from None
 

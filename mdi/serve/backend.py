@@ -98,17 +98,17 @@ def _engine_kwargs(opts: BackendOptions) -> dict:
 
 
 def local_backend(opts: BackendOptions) -> Backend:
-    from ..checkpoint import load_model
+    from ..checkpoint import LoadOptions, load_model
     from ..model.dtypes import DTYPES
     try:
         from ..engine.local import LocalEngine
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
-    model, ck = load_model(opts.ckpt, device=opts.device, dtype=DTYPES[opts.dtype],  # any --ckpt spec
-                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
-                           max_context=opts.max_context)
-    tok = ck.tokenizer()
+    loaded = load_model(opts.ckpt, LoadOptions(  # any --ckpt spec
+        device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
+        batch_invariant=opts.batch_invariant, max_context=opts.max_context))
+    model, tok = loaded.model, loaded.tokenizer
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:

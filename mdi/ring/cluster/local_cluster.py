@@ -34,6 +34,33 @@ from .nodes_config import NodesConfig, NodeSpec, local_nodes_config
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# What one idle `mdi node` process takes before any weights (Python, torch, the node
+# runtime): 49 of them took 5 GB on this machine, ~105 MB each; rounded up.
+NODE_PROCESS_BYTES = 128 * 2**20
+
+
+def check_local_ring(n_nodes: int, n_layer: int, spares: int = 0, weight_bytes: int = 0,
+                     available_bytes: int | None = None) -> None:
+    """What can be known before any node process starts: ValueError naming the option.
+
+    Each node of the ring holds at least one layer; the local ring's processes and the
+    model's weights (weight_bytes, in the run's dtype) must fit the memory the machine
+    reports (available_bytes; None: not checked).
+    """
+    if n_nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, got {n_nodes}")
+    if n_nodes > n_layer:
+        raise ValueError(f"--nodes {n_nodes}: the model has {n_layer} layers and every node holds "
+                         f"at least one; use --nodes 1 to {n_layer}")
+    if spares < 0 or (spares and n_nodes < 2):
+        raise ValueError(f"--spares must be 0, or positive with --nodes 2 or more; got "
+                         f"{spares} with --nodes {n_nodes}")
+    processes = n_nodes - 1 + spares
+    need = weight_bytes + processes * NODE_PROCESS_BYTES
+    if available_bytes is not None and need > available_bytes:
+        raise ValueError(f"--nodes {n_nodes}: {processes} node process(es) and the model's "
+                         f"weights need about {need / 2**20:,.0f} MiB, the machine reports "
+                         f"{available_bytes / 2**20:,.0f} MiB available")
 
 
 def free_ports(n: int, addr: str = "127.0.0.1") -> list[int]:
@@ -98,11 +125,15 @@ def child_setup(cpus: list[int] | None) -> Callable[[], None]:
 
 
 def wait_healthy(nodes: Sequence[tuple[NodeSpec, subprocess.Popen]], timeout: float,
-                 log_tail: Callable[[int], str], interval: float = 0.1) -> None:
-    """Wait until every node process answers /health. RuntimeError, with the tail of its
-    log (log_tail(i) for nodes[i]), when one exits or `timeout` seconds pass."""
+                 log_tail: Callable[[int], str], interval: float = 0.1,
+                 on_ready: Callable[[int], None] | None = None) -> None:
+    """Wait until every node process answers /health (on_ready(i) as nodes[i] does).
+    RuntimeError, with the tail of its log (log_tail(i) for nodes[i]), when one exits or
+    `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     for i, (spec, proc) in enumerate(nodes):
+        if i and on_ready is not None:
+            on_ready(i - 1)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"local {spec.name} exited with status {proc.returncode}:\n"
@@ -116,6 +147,8 @@ def wait_healthy(nodes: Sequence[tuple[NodeSpec, subprocess.Popen]], timeout: fl
                 raise RuntimeError(f"local {spec.describe()} did not start within "
                                    f"{timeout:g} s:\n" + log_tail(i))
             time.sleep(interval)
+    if nodes and on_ready is not None:
+        on_ready(len(nodes) - 1)
 
 
 def default_threads(n_nodes: int) -> int:
@@ -129,12 +162,14 @@ class LocalCluster:
                  startup_timeout: float = 60.0, node_timeout: float = 10.0,
                  ports: list[int] | None = None, extra_env: dict[str, str] | None = None,
                  addrs: list[str] | None = None, prefixes: list[list[str]] | None = None,
-                 affinity: list[list[int]] | None = None, spares: int = 0) -> None:
+                 affinity: list[list[int]] | None = None, spares: int = 0,
+                 on_ready: Callable[[int, int], None] | None = None) -> None:
         """addrs, prefixes and affinity are per node, index 0 being the starter (this
         process): node addresses, a command prefix that starts each secondary (e.g.
         `ip netns exec NS`), and the CPUs each node is pinned to. spares: extra
         nodes on loopback, listed as the nodes file's spares (they join the ring
-        when a node fails)."""
+        when a node fails). on_ready(ready, total) as the node processes start answering
+        (a start-up takes seconds per node on a busy machine: say so)."""
         if n_nodes < 1:
             raise ValueError(f"--nodes must be at least 1, got {n_nodes}")
         self.n_nodes = n_nodes
@@ -149,6 +184,7 @@ class LocalCluster:
         self.addrs = addrs
         self.prefixes = prefixes
         self.affinity = affinity
+        self.on_ready = on_ready
         self.procs: list[subprocess.Popen] = []
         self.tmp = tempfile.TemporaryDirectory(prefix="mdi-run-")
         self.nodes: NodesConfig | None = None
@@ -198,8 +234,12 @@ class LocalCluster:
         return [*self.nodes.secondaries, *self.nodes.spares]
 
     def _wait_ready(self) -> None:
-        wait_healthy(list(zip(self.members, self.procs)), self.startup_timeout,
-                     lambda i: self.log_tail(i + 1))
+        members = list(zip(self.members, self.procs))
+        t0 = time.monotonic()
+        on_ready = self.on_ready
+        wait_healthy(members, self.startup_timeout, lambda i: self.log_tail(i + 1),
+                     on_ready=None if on_ready is None else lambda i: on_ready(i + 1, len(members)))
+        log.info("%d local node process(es) answer after %.1f s", len(members), time.monotonic() - t0)
 
     def log_tail(self, i: int, lines: int = 20) -> str:
         p = self.dir / f"node{i}.log"

@@ -1,0 +1,26 @@
+"""Checks that need no process, run before `--nodes N` starts one (run, chat, serve):
+the node count against the model's layers, the local ring against the memory the
+machine reports. Each failure is one UsageError line (exit 2) and nothing is spawned."""
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoint import Checkpoint
+from ..model.dtypes import DTYPES
+from .common import UsageError
+
+
+def check_local_nodes(args: argparse.Namespace, ck: Checkpoint) -> None:
+    """--nodes/--spares against ck's layers and this machine's free memory."""
+    from ..ring.cluster.local_cluster import check_local_ring
+    from ..ring.plan.limits import free_memory, stage_weight_bytes
+
+    c = ck.config
+    nodes, spares = args.nodes, getattr(args, "spares", 0)
+    try:
+        check_local_ring(nodes, c.n_layer, spares)  # the counts first: no sizes needed
+        if nodes > 1:
+            weights = stage_weight_bytes(c, 0, c.n_layer, DTYPES[args.dtype], args.quantize)
+            check_local_ring(nodes, c.n_layer, spares, weights, free_memory("cpu")[0])
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -1,0 +1,179 @@
+"""`mdi chat` driven through a pseudo-terminal (stdlib pty): answers streamed, the
+conversation kept between turns, /reset and /system, Ctrl-C stopping an answer, Ctrl-D
+quitting. The expected answers are computed here, in-process, from the same model and
+template: the terminal must show exactly the greedy answer to the whole conversation."""
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mdi.checkpoint import load_model
+from mdi.cli.chat import PLAIN_STOP, PLAIN_TEMPLATE, Conversation
+from mdi.engine.batch import generate_local
+from mdi.engine.local import LocalEngine
+from mdi.generate.chat_template import ChatTemplate
+from mdi.generate.sampling import SamplingConfig
+from mdi.generate.stops import Stops
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "models" / "shakespeare-char"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+
+
+class Terminal:
+    """A command on a pseudo-terminal: send lines and keys, wait for text."""
+
+    def __init__(self, *argv: str, timeout: float = 120) -> None:
+        env = {**os.environ, "TERM": "dumb", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal
+            os.execvpe(sys.executable, [sys.executable, "-m", "mdi.cli.main", *argv], env)
+        self.timeout = timeout
+        self.text = ""
+
+    def expect(self, pattern: str, timeout: float | None = None) -> re.Match:
+        """Wait until the output since the last match has `pattern` (a regex)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            m = re.search(pattern, self.text)
+            if m:
+                self.text = self.text[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} in the output: {self.text[-2000:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:  # EIO: the child has exited
+                    data = b""
+                if not data:
+                    raise AssertionError(f"exited before {pattern!r}: {self.text[-2000:]!r}")
+                self.text += ANSI.sub("", data.decode("utf-8", "replace")).replace("\r\n", "\n")
+
+    def send(self, data: str) -> None:
+        os.write(self.fd, data.encode())
+
+    def wait(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                select.select([self.fd], [], [], 0.2) and os.read(self.fd, 65536)
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("the chat did not exit")
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model(BUNDLED)
+
+
+def greedy_answer(loaded, messages: list[dict], n_tokens: int) -> str:
+    """What the chat must answer: the plain template over the messages, greedy."""
+    ids = loaded.tokenizer.encode(ChatTemplate(PLAIN_TEMPLATE).render(messages))
+    result = generate_local(lambda: LocalEngine(loaded.model, loaded.tokenizer, max_seqs=1), [ids],
+                            n_tokens, SamplingConfig(temperature=0.0, top_k=None),
+                            stops=Stops(strings=(PLAIN_STOP,)))
+    return loaded.tokenizer.decode(result.tokens[0]).split(PLAIN_STOP)[0]
+
+
+def answer_after(term: Terminal, line: str) -> str:
+    term.send(line + "\n")
+    term.expect(re.escape(line) + "\n")  # the terminal's echo
+    return term.expect(r"(?s)(.*?)\n>>> ").group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", ["1", "2"])  # one device; a ring of two local nodes
+def test_two_turns_history_reset_and_system(bundled, nodes):
+    term = Terminal("chat", "--ckpt", str(BUNDLED), "--temperature", "0", "--n-tokens", "20",
+                    "--nodes", nodes)
+    try:
+        term.expect(">>> ")
+        first = answer_after(term, "hi")
+        assert first == greedy_answer(bundled, [{"role": "user", "content": "hi"}], 20)
+        second = answer_after(term, "hi")  # the same words, after the first exchange
+        history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first.strip()},
+                   {"role": "user", "content": "hi"}]
+        assert second == greedy_answer(bundled, history, 20) != first
+        term.send("/reset\n")
+        term.expect(r"\(conversation cleared\)")
+        assert answer_after(term, "hi") == first
+        term.send("/system Speak.\n")  # the conversation so far is kept
+        term.expect(r"\(system message set\)")
+        assert answer_after(term, "hi") == greedy_answer(
+            bundled, [{"role": "system", "content": "Speak."}, *history], 20)
+        term.send("\x04")  # Ctrl-D
+        assert term.wait() == 0
+    finally:
+        term.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(bundled):
+    term = Terminal("chat", "--ckpt", str(BUNDLED), "--temperature", "0", "--n-tokens", "1000000",
+                    "--max-context", "64")
+    try:
+        term.expect(">>> ")
+        term.send("hi\n")
+        term.expect("hi\n")
+        term.expect(r"\w{3}")  # the answer is streaming
+        term.send("\x03")      # Ctrl-C: SIGINT to the chat
+        term.expect(r"\[stopped\]\n>>> ", timeout=30)
+        term.send("/reset\n")  # the chat goes on
+        term.expect(r"\(conversation cleared\)")
+        term.send("/bye\n")
+        assert term.wait() == 0
+    finally:
+        term.close()
+
+
+def test_conversation_leaves_out_the_oldest_turns_when_the_context_is_full(bundled):
+    conv = Conversation(ChatTemplate(PLAIN_TEMPLATE), bundled.tokenizer, context=128, answer_tokens=20)
+    conv.add("a" * 40, "b" * 40)
+    conv.add("c" * 10, "d" * 10)
+    ids = conv.prompt("hi")
+    assert bundled.tokenizer.decode(ids) == f"User: {'c' * 10}\nAssistant: {'d' * 10}\nUser: hi\nAssistant:"
+    assert conv.turns == [{"role": "user", "content": "c" * 10}, {"role": "assistant", "content": "d" * 10}]
+    with pytest.raises(ValueError, match="the context holds 128"):
+        conv.prompt("x" * 200)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris_without_sampling_flags():
+    pytest.importorskip("gguf")
+    from mdi.checkpoint.shipped import shipped_path
+
+    try:
+        shipped_path("smollm2-135m-instruct")
+    except ValueError as e:
+        pytest.skip(str(e))
+    term = Terminal("chat", "--ckpt", "smollm2-135m-instruct", "--n-tokens", "40", timeout=300)
+    try:
+        term.expect(">>> ")
+        assert "Paris" in answer_after(term, "What is the capital of France?")
+        term.send("\x04")
+        assert term.wait() == 0
+    finally:
+        term.close()
