@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mdi.ring.plan.limits import DeviceMemory
+
 from cluster_helpers import run_cli
 from mdi.ring.cluster import local_cluster
 from mdi.ring.cluster.local_cluster import NODE_PROCESS_BYTES, check_local_ring
@@ -73,7 +75,8 @@ def test_memory_check_counts_processes_and_weights():
 
 
 def test_memory_the_machine_reports_is_checked(no_spawn, monkeypatch):
-    monkeypatch.setattr("mdi.ring.plan.limits.free_memory", lambda device: (100 * 2**20, "free"))
+    monkeypatch.setattr("mdi.ring.plan.limits.free_memory",
+                        lambda device: DeviceMemory(100 * 2**20, 2**30, "free system memory"))
     rc, out, err = run_cli("run", "--ckpt", BUNDLED, "--nodes", 3)
     assert rc == 2 and "the machine reports 100 MiB available" in err
     assert not no_spawn()

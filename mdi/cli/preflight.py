@@ -21,6 +21,6 @@ def check_local_nodes(args: argparse.Namespace, ck: Checkpoint) -> None:
         check_local_ring(nodes, c.n_layer, spares)  # the counts first: no sizes needed
         if nodes > 1:
             weights = stage_weight_bytes(c, 0, c.n_layer, DTYPES[args.dtype], args.quantize)
-            check_local_ring(nodes, c.n_layer, spares, weights, free_memory("cpu")[0])
+            check_local_ring(nodes, c.n_layer, spares, weights, free_memory("cpu").free)
     except ValueError as e:
         raise UsageError(str(e)) from None
