@@ -16,7 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class TemplateError(ValueError):
-    """A chat template that does not compile."""
+    """A chat template that does not compile, or that refuses a conversation."""
 
 
 def _raise(message: str) -> None:
@@ -81,10 +81,7 @@ class ChatTemplate:
                                         bos_token=self.bos_token, eos_token=self.eos_token,
                                         tools=None, documents=None)
         except jinja2.TemplateError as e:  # e.g. "roles must alternate user/assistant"
-            from ..serve.openai_schema import ApiError  # here: serve imports this module
-
-            raise ApiError(400, f"the model's chat template refused the messages: {e}",
-                           param="messages") from None
+            raise TemplateError(f"the model's chat template refused the messages: {e}") from None
 
 
 def template_for(tokenizer: Any, override: str | None = None) -> ChatTemplate | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..engine.api import SeqParams
+from ..generate.chat_template import TemplateError
 from . import openai_schema as oa
 from .prompts import budget, completion_prompts
 
@@ -83,7 +84,11 @@ def chat_prompt(svc: "Service", req: oa.ChatCompletionRequest) -> list[int]:
                           param="messages", code="no_chat_template")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text(i)}
                 for i, m in enumerate(req.messages)]
-    prompt = svc.encode_text(svc.template.render(messages), "messages")
+    try:
+        text = svc.template.render(messages)
+    except TemplateError as e:
+        raise oa.ApiError(400, str(e), param="messages") from None
+    prompt = svc.encode_text(text, "messages")
     bos = getattr(svc.tokenizer, "bos_id", None)
     if bos is not None and prompt[:2] == [bos, bos]:
         prompt = prompt[1:]  # the template wrote BOS and the tokenizer added one (HF does not)
