@@ -111,6 +111,26 @@ def estimate_loss(model: GPT, data: Dataset, cfg: TrainConfig, it: int,
     return out
 
 
+def _step(model: GPT, opt: torch.optim.Optimizer, data: Dataset, cfg: TrainConfig, it: int
+          ) -> float:
+    """Iteration `it`: its learning rate, grad_acc_steps micro-batches drawn from
+    (seed, it), clipping and one optimizer step. Returns the iteration's loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(it, cfg)
+    rng = np.random.default_rng([cfg.seed, it])
+    torch.manual_seed(cfg.seed * 1_000_003 + it)  # dropout masks of this iteration
+    for _ in range(cfg.grad_acc_steps):
+        x, y = data.batch("train", cfg.batch_size, model.config.block_size, rng)
+        with _autocast(cfg):
+            loss = _loss(model, x.to(cfg.device), y.to(cfg.device)) / cfg.grad_acc_steps
+        loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item() * cfg.grad_acc_steps
+
+
 def train(data_dir: str | Path, out_dir: str | Path, model_config: GPTConfig | None,
           cfg: TrainConfig, resume: bool = False, plot: bool = False,
           progress: bool = True) -> dict:
@@ -175,24 +195,10 @@ def train(data_dir: str | Path, out_dir: str | Path, model_config: GPTConfig | N
                         "iter_num": it, "best_val_loss": best_val}, out / TRAIN_STATE)
         if it == cfg.max_iters:
             break
-        lr = lr_at(it, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        rng = np.random.default_rng([cfg.seed, it])
-        torch.manual_seed(cfg.seed * 1_000_003 + it)  # dropout masks of this iteration
-        for _ in range(cfg.grad_acc_steps):
-            x, y = data.batch("train", cfg.batch_size, model_config.block_size, rng)
-            with _autocast(cfg):
-                loss = _loss(model, x.to(cfg.device), y.to(cfg.device)) / cfg.grad_acc_steps
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _step(model, opt, data, cfg, it)
         it += 1
         now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss.item() * cfg.grad_acc_steps:.4f}",
-                        tok_s=f"{tokens_per_iter / max(now - last, 1e-9):,.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_iter / max(now - last, 1e-9):,.0f}")
         last = now
         bar.update(1)
     bar.close()

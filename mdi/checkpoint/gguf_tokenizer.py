@@ -52,25 +52,12 @@ def _array(reader: Any, key: str) -> list | None:
     return None if field is None else list(field.contents())
 
 
-def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, dict, dict]:
-    """(tokenizer.json text, tokenizer_config, ids) from a GGUF's metadata.
-
-    ids holds `tokens` and the special ids; (None, {}, {}) when the file has no tokenizer.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str | None
+                    ) -> tuple[Any, dict[str, int]]:
+    """The byte-level BPE tokenizer of a GGUF's vocabulary, merges, token types and
+    pre-tokenizer name, and its vocabulary (token -> id)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
-
-    model = meta.get("tokenizer.ggml.model")
-    if model is None:
-        return None, {}, {}
-    if model != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer.ggml.model {model!r} is not supported "
-                              "(only 'gpt2', byte-level BPE)")
-    tokens = _array(reader, "tokenizer.ggml.tokens")
-    merges = _array(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise CheckpointError(f"{path}: a 'gpt2' tokenizer needs tokenizer.ggml.tokens and .merges")
-    types = _array(reader, "tokenizer.ggml.token_type") or []
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -79,7 +66,7 @@ def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, di
              for i, t in enumerate(tokens)}
     tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    split = PRE_TOKENIZER_SPLITS.get(pre)
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -97,6 +84,29 @@ def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, di
             for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens(user)
+    return tok, vocab
+
+
+def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, dict, dict]:
+    """(tokenizer.json text, tokenizer_config, ids) from a GGUF's metadata.
+
+    ids holds `tokens` and the special ids; (None, {}, {}) when the file has no tokenizer.
+    """
+    from tokenizers import processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model is None:
+        return None, {}, {}
+    if model != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer.ggml.model {model!r} is not supported "
+                              "(only 'gpt2', byte-level BPE)")
+    tokens = _array(reader, "tokenizer.ggml.tokens")
+    merges = _array(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise CheckpointError(f"{path}: a 'gpt2' tokenizer needs tokenizer.ggml.tokens and .merges")
+    types = _array(reader, "tokenizer.ggml.token_type") or []
+
+    tok, vocab = _byte_level_bpe(tokens, merges, types, meta.get("tokenizer.ggml.pre"))
 
     def special(key: str) -> int | None:
         v = meta.get(f"tokenizer.ggml.{key}")

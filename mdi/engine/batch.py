@@ -15,7 +15,8 @@ from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..results import GenerationResult, Texts
 from .api import Event, SeqParams
-from .scheduler import PipelineEngine, Sequence
+from .scheduler import PipelineEngine
+from .sequence import Sequence
 
 OnEvent = Callable[[int, Event], None]  # (sample index, event)
 

@@ -29,19 +29,16 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
-
-import torch
+from typing import Callable
 
 from ..generate.sampling import sample_seed
-from ..generate.schedule import SampleState, StepPlan, accept, needs_prefill, plan_chunk
+from ..generate.schedule import StepPlan, accept, needs_prefill, plan_chunk
 from ..model import GPT
-from .api import EngineBusy, EngineFailure, Event, SeqParams, SeqStats
+from .api import EngineBusy, EngineFailure, Event, SeqParams
 from .link import Link, LinkClosed
-from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from .messages import Admit, Message, Retire, Tokens
+from .sequence import Lane, Sequence
 from .slots import SlotError, SlotStage, lane_sizes
-from .text import TextStream
 
 log = logging.getLogger(__name__)
 # Decode steps of the first stage whose running mean time is below this run on the
@@ -57,75 +54,6 @@ INLINE_BELOW_S = 0.02
 # sequences already decoding in the lane wait one chunk per step, not the whole
 # prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
 DEFAULT_PREFILL_CHUNK = 256
-# A sequence's unread events: past this many, or when its reader has taken none for the
-# engine's `stall_timeout` seconds while some wait, the sequence is cancelled (a client
-# that stopped reading must not hold a slot, nor make its queue grow, for ever).
-MAX_UNREAD = 8192
-
-
-class Sequence:
-    """A submitted sequence: the SeqHandle a driver reads events from."""
-
-    def __init__(self, engine: "PipelineEngine", seq_id: int, prompt: list[int], params: SeqParams,
-                 seed: int, decode: Callable[[list[int]], str]) -> None:
-        self.id = seq_id
-        self.params = params
-        self.seed = seed
-        self.stats = SeqStats(n_prompt=len(prompt), submitted_s=time.perf_counter())
-        self.state = SampleState.from_prompt(prompt)
-        self.text = TextStream(decode, params.stop)
-        self.slot: int | None = None
-        self.cancelled = False
-        self.finish_reason: str | None = None
-        self._engine = engine
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._read_t = time.monotonic()   # when the reader last took an event, or when the
-                                          # queue last became non-empty, whichever is later
-
-    @property
-    def generated(self) -> list[int]:
-        return self.state.generated
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Events until the final one (finish_reason set); raises EngineFailure if the
-        backend fails first."""
-        while True:
-            ev = await self._queue.get()
-            self._read_t = time.monotonic()
-            if isinstance(ev, BaseException):
-                raise ev
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        self._engine._cancel(self)
-
-    def _emit(self, ev: Event | BaseException) -> None:
-        now, unread = time.monotonic(), self._queue.qsize()
-        if unread == 0:
-            self._read_t = now
-        elif isinstance(ev, Event) and not self.cancelled and (
-                unread >= MAX_UNREAD or now - self._read_t > self._engine.stall_timeout):
-            self._engine._stalled(self, unread, now - self._read_t)
-        self._queue.put_nowait(ev)
-
-
-@dataclass
-class _Lane:
-    index: int
-    slots: range                                     # global slot ids of the lane
-    seqs: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence
-    in_flight: tuple[int, ...] | None = None          # slots of the Decode in the pipeline
-
-    def free_slots(self) -> list[int]:
-        return [s for s in self.slots if s not in self.seqs]
-
-
 _WAKE = object()
 
 
@@ -162,7 +90,7 @@ class PipelineEngine:
         self.max_seqs = max_seqs
         self.max_queue = 4 * max_seqs if max_queue is None else max_queue
         self.retry_after = retry_after
-        self.lanes = [_Lane(i, range(self.first.first[i], self.first.first[i] + n))
+        self.lanes = [Lane(i, range(self.first.first[i], self.first.first[i] + n))
                       for i, n in enumerate(self.sizes)]
         self.waiting: deque[Sequence] = deque()
         self.failure: EngineFailure | None = None
@@ -185,7 +113,7 @@ class PipelineEngine:
             raise RuntimeError("lanes can change only while no sequence holds a slot")
         self.sizes = lane_sizes(self.max_seqs, n_lanes)
         self.first = SlotStage(self.first.stage, self.sizes)
-        self.lanes = [_Lane(i, range(self.first.first[i], self.first.first[i] + n))
+        self.lanes = [Lane(i, range(self.first.first[i], self.first.first[i] + n))
                       for i, n in enumerate(self.sizes)]
 
     # ---- the Engine protocol -------------------------------------------------
@@ -253,17 +181,17 @@ class PipelineEngine:
         """Seconds since the pipeline last answered, while it owes an answer (else 0)."""
         return time.monotonic() - self._progress_t if self._order else 0.0
 
-    def _stalled(self, seq: Sequence, unread: int, idle_s: float) -> None:
+    def sequence_stalled(self, seq: Sequence, unread: int, idle_s: float) -> None:
         self.stalled += 1
         log.warning("sequence %d: %d events unread for %.1f s; cancelled (stall timeout %g s)",
                     seq.id, unread, idle_s, self.stall_timeout)
-        self._cancel(seq)
+        self.cancel_sequence(seq)
 
     # ---- scheduling ------------------------------------------------------------
     def _wake(self) -> None:
         self._inbox.put_nowait(_WAKE)
 
-    def _cancel(self, seq: Sequence) -> None:
+    def cancel_sequence(self, seq: Sequence) -> None:
         if seq.done or seq.cancelled:
             return
         seq.cancelled = True
@@ -301,7 +229,7 @@ class PipelineEngine:
         while True:
             if self._closing:
                 for seq in list(self.waiting):
-                    self._cancel(seq)
+                    self.cancel_sequence(seq)
                 for lane in self.lanes:
                     for seq in lane.seqs.values():
                         seq.cancelled = True
@@ -380,9 +308,9 @@ class PipelineEngine:
         for seq in seqs:
             if not seq.done:
                 seq.finish_reason = "error"
-                seq._emit(failure)
+                seq.emit(failure)
 
-    async def _boundary(self, lane: _Lane) -> None:
+    async def _boundary(self, lane: Lane) -> None:
         """A lane between steps: retire, admit, and send its next step if it has work."""
         for seq in lane.seqs.values():
             if seq.cancelled and not seq.done:  # cancelled between steps: ends here
@@ -423,7 +351,7 @@ class PipelineEngine:
         if not slots:  # chunks alone: nothing comes back, the lane goes on at once
             self._wake()
 
-    def _plans(self, lane: _Lane) -> dict[int, StepPlan]:
+    def _plans(self, lane: Lane) -> dict[int, StepPlan]:
         """This step of each of the lane's sequences, in slot order: prefills share
         the step's budget of prefill_chunk tokens (a sequence that gets none waits
         for a later step); a sequence decodes once its cache holds its context."""
@@ -447,45 +375,15 @@ class PipelineEngine:
         inline = decode_only and ema is not None and ema < INLINE_BELOW_S
         t0 = time.perf_counter()
         if inline:
-            out = self._first_stage(lane, msgs, plans)
+            out = self.first.first_step(lane, msgs, plans)
         else:
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self._executor, self._first_stage, lane, msgs, plans)
+            out = await loop.run_in_executor(self._executor, self.first.first_step, lane, msgs, plans)
         took = time.perf_counter() - t0
         if inline:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:
             self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
-        return out
-
-    @torch.inference_mode()
-    def _first_stage(self, lane: int, msgs: list[Message], plans: dict) -> list[Message | Tokens]:
-        """Worker thread: the first stage's share of a lane step; returns what to send
-        (with the sampled Tokens last when the first stage is the whole model)."""
-        first = self.first
-        out: list[Message | Tokens] = []
-        for m in msgs:
-            nxt = first.handle(m)
-            if nxt is not None:
-                out.append(nxt)
-        if not plans:
-            return out
-        for slot, plan in plans.items():
-            if plan.prefill:
-                ids = torch.tensor([plan.prefill], dtype=torch.long)
-                h = first.prefill(Prefill(slot, ids, plan.start))
-                if h is not None:
-                    out.append(Prefill(slot, h, plan.start))
-        slots = tuple(s for s, p in plans.items() if p.decodes)
-        if not slots:
-            return out
-        positions = [first.slots[s].position for s in slots]
-        if positions != [plans[s].position for s in slots]:
-            raise SlotError(f"slot positions {positions} differ from the schedule's")
-        ids = torch.tensor([[plans[s].token] for s in slots], dtype=torch.long)
-        nxt = first.handle(Decode(lane, slots, ids, positions[0]))
-        assert nxt is not None
-        out.append(nxt)
         return out
 
     async def _send(self, msgs: list[Message | Tokens]) -> None:
@@ -529,7 +427,7 @@ class PipelineEngine:
         if st.first_token_s is None:
             st.first_token_s = now
         text, matched = seq.text.push(tok)
-        seq._emit(Event(tok, text))
+        seq.emit(Event(tok, text))
         if matched:
             self._finish(seq, "stop")
         elif st.n_generated >= p.max_tokens:
@@ -537,4 +435,4 @@ class PipelineEngine:
 
     def _finish(self, seq: Sequence, reason: str, text: str = "") -> None:
         seq.finish_reason = reason
-        seq._emit(Event(None, text, reason))
+        seq.emit(Event(None, text, reason))

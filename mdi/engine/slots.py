@@ -22,7 +22,7 @@ import torch
 
 from ..generate import step
 from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
-from ..generate.schedule import make_groups
+from ..generate.schedule import StepPlan, make_groups
 from ..model import GPT, KVCache
 from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
 
@@ -156,6 +156,39 @@ class SlotStage:
             assert s.sampling is not None and s.generator is not None
             out.append(sample_token(logits[i], s.sampling, s.generator))
         return tuple(out)
+
+    @torch.inference_mode()
+    def first_step(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
+                   ) -> list[Message | Tokens]:
+        """The engine's first stage's share of a lane step (on its worker thread):
+        msgs, then each plan's prefill chunk, then one Decode of the plans that decode.
+        Returns what goes down the pipeline (the sampled Tokens last when this stage is
+        the whole model)."""
+        first = self
+        out: list[Message | Tokens] = []
+        for m in msgs:
+            nxt = first.handle(m)
+            if nxt is not None:
+                out.append(nxt)
+        if not plans:
+            return out
+        for slot, plan in plans.items():
+            if plan.prefill:
+                ids = torch.tensor([plan.prefill], dtype=torch.long)
+                h = first.prefill(Prefill(slot, ids, plan.start))
+                if h is not None:
+                    out.append(Prefill(slot, h, plan.start))
+        slots = tuple(s for s, p in plans.items() if p.decodes)
+        if not slots:
+            return out
+        positions = [first.slots[s].position for s in slots]
+        if positions != [plans[s].position for s in slots]:
+            raise SlotError(f"slot positions {positions} differ from the schedule's")
+        ids = torch.tensor([[plans[s].token] for s in slots], dtype=torch.long)
+        nxt = first.handle(Decode(lane, slots, ids, positions[0]))
+        assert nxt is not None
+        out.append(nxt)
+        return out
 
     def handle(self, m: Message) -> Message | Tokens | None:
         """What a node does with a message: apply it, return what goes on (None: nothing)."""

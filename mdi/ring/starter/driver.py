@@ -20,7 +20,7 @@ from typing import Callable
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure, Event
 from ...engine.batch import batch_params, batch_result, run_sequences
-from ...engine.scheduler import Sequence
+from ...engine.sequence import Sequence
 from ...generate.sampling import SamplingConfig
 from ...generate.schedule import make_groups
 from ...generate.stops import Stops

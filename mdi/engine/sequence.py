@@ -1,0 +1,90 @@
+"""A submitted sequence (the handle a driver reads events from) and a lane of
+slots, as the engine (scheduler.py) keeps them."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+from ..generate.schedule import SampleState
+from .api import Event, SeqParams, SeqStats
+from .text import TextStream
+
+# A sequence's unread events: past this many, or when its reader has taken none for the
+# engine's `stall_timeout` seconds while some wait, the sequence is cancelled (a client
+# that stopped reading must not hold a slot, nor make its queue grow, for ever).
+MAX_UNREAD = 8192
+
+
+class Owner(Protocol):
+    """What a sequence needs of the engine that runs it."""
+    stall_timeout: float
+
+    def cancel_sequence(self, seq: "Sequence") -> None: ...
+    def sequence_stalled(self, seq: "Sequence", unread: int, idle_s: float) -> None: ...
+
+
+class Sequence:
+    """A submitted sequence: the SeqHandle a driver reads events from."""
+
+    def __init__(self, engine: Owner, seq_id: int, prompt: list[int], params: SeqParams,
+                 seed: int, decode: Callable[[list[int]], str]) -> None:
+        self.id = seq_id
+        self.params = params
+        self.seed = seed
+        self.stats = SeqStats(n_prompt=len(prompt), submitted_s=time.perf_counter())
+        self.state = SampleState.from_prompt(prompt)
+        self.text = TextStream(decode, params.stop)
+        self.slot: int | None = None
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._read_t = time.monotonic()   # when the reader last took an event, or when the
+                                          # queue last became non-empty, whichever is later
+
+    @property
+    def generated(self) -> list[int]:
+        return self.state.generated
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until the final one (finish_reason set); raises EngineFailure if the
+        backend fails first."""
+        while True:
+            ev = await self._queue.get()
+            self._read_t = time.monotonic()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._engine.cancel_sequence(self)
+
+    def emit(self, ev: Event | BaseException) -> None:
+        """The engine hands the sequence an event (or its failure) for the reader."""
+        now, unread = time.monotonic(), self._queue.qsize()
+        if unread == 0:
+            self._read_t = now
+        elif isinstance(ev, Event) and not self.cancelled and (
+                unread >= MAX_UNREAD or now - self._read_t > self._engine.stall_timeout):
+            self._engine.sequence_stalled(self, unread, now - self._read_t)
+        self._queue.put_nowait(ev)
+
+
+@dataclass
+class Lane:
+    """A micro-batch of slots: its sequences and the step it has in the pipeline."""
+    index: int
+    slots: range                                     # global slot ids of the lane
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # slot -> sequence
+    in_flight: tuple[int, ...] | None = None          # slots of the Decode in the pipeline
+
+    def free_slots(self) -> list[int]:
+        return [s for s in self.slots if s not in self.seqs]
