@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,33 +54,28 @@ class LlamaCppConfig:
         return bench, batched
 
 
-class _Measured(subprocess.Popen):
-    """Popen that reaps its child with os.wait4, keeping the child's own ru_maxrss
-    (RUSAGE_CHILDREN would give the maximum over every child this process had)."""
-    maxrss_mb = 0.0
-
-    def _try_wait(self, wait_flags):  # noqa: D401 - subprocess's hook
-        try:
-            pid, sts, usage = os.wait4(self.pid, wait_flags)
-        except ChildProcessError:
-            return self.pid, 0
-        if pid == self.pid:
-            self.maxrss_mb = usage.ru_maxrss / 1024  # KiB on Linux
-        return pid, sts
+# A small process that runs the command as its own child and reports that child's peak
+# RSS (os.wait4). Not measured from here: a child forked from this process starts with
+# this process's memory as its high-water mark (Linux keeps the pre-exec mark), so
+# every figure would be at least this process's size.
+LAUNCHER = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+sys.stderr.write("\\nMDI_MAXRSS_KB %d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def measured(cmd: list[str], timeout: float = 1800) -> tuple[str, float]:
     """Run cmd to its end: its stdout and its own peak RSS in MB."""
-    proc = _Measured(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {err.strip()[-400:]}")
-    return out, proc.maxrss_mb
+    r = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True,
+                       text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({r.returncode}): {r.stderr.strip()[-400:]}")
+    found = re.findall(r"^MDI_MAXRSS_KB (\d+)$", r.stderr, re.M)
+    if not found:
+        raise RuntimeError(f"{Path(cmd[0]).name}: no peak memory reported")
+    return r.stdout, int(found[-1]) / 1024
 
 
 def file_weights(gguf: str) -> str:

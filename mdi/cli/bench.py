@@ -18,6 +18,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.vs_transformers:
         return cmd_vs_transformers(args)
+    if args.vs_llamacpp:
+        return cmd_vs_llamacpp(args)
     nodes = _counts(args.nodes, "--nodes")
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
@@ -49,6 +51,31 @@ def _counts(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} must be a comma-separated list of counts, got {text!r}") from None
+
+
+def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
+    from ..bench.vs_llamacpp import LlamaCppConfig, format_summary, run_vs_llamacpp
+    from ..checkpoint.shipped import is_shipped_name, shipped_path
+
+    if not args.llama_bench:
+        print("mdi bench --vs-llamacpp: no llama.cpp given (--llama-bench PATH): nothing to compare "
+              "with; --vs-transformers compares with transformers", file=sys.stderr)
+        return 2
+    if not args.ckpt:
+        raise ValueError("--vs-llamacpp needs --ckpt: a GGUF file or a shipped model's name")
+    gguf = shipped_path(args.ckpt) if is_shipped_name(args.ckpt) else Path(args.ckpt)
+    if gguf.suffix != ".gguf" or not gguf.is_file():
+        raise ValueError(f"--vs-llamacpp: {args.ckpt} is not a GGUF file (llama.cpp reads only those)")
+    cfg = LlamaCppConfig(gguf=str(gguf), llama_bench=args.llama_bench,
+                         seqs=_counts(args.seqs if args.seqs != "1,4,16,64" else "1,4,16", "--seqs"),
+                         n_tokens=args.n_tokens or 64, runs=min(args.runs, 2),
+                         threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out)
+    cfg.tools()  # named now, before anything runs
+    summary = run_vs_llamacpp(cfg)
+    print(format_summary(summary))
+    for name in ("runs.csv", "summary.csv", "tokens_per_s.png", "peak_rss.png"):
+        print(Path(args.out) / name, file=sys.stderr)
+    return 0
 
 
 def cmd_vs_transformers(args: argparse.Namespace) -> int:
@@ -109,4 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mdi variants run beside plain mdi: int8, batch-invariant, dense (the plain "
                         "nn.Linear instead of prepacked weights; comma-separated, "
                         "may be empty)")
+    ll = p.add_argument_group("comparison with llama.cpp (the same GGUF file, one process each)")
+    ll.add_argument("--vs-llamacpp", action="store_true",
+                    help="compare single-device mdi with llama.cpp on --ckpt's GGUF file at each of "
+                         "--seqs (default 1,4,16 here): tokens/s and peak RSS, with plots; mdi keeps "
+                         "the file's precision (--quantize int4 for Q4 files, int8 for Q8_0)")
+    ll.add_argument("--llama-bench", metavar="PATH",
+                    help="llama.cpp's llama-bench (llama-batched-bench beside it), built by you; "
+                         "see docs/benchmarks.md")
     p.set_defaults(func=cmd_bench)

@@ -180,7 +180,8 @@ def _engine(args: argparse.Namespace, ck: Any, tok: Tokenizer, ring: bool) -> It
         from ..engine.local import LocalEngine
 
         model = load_model(ck, load_options(args)).model
-        with EngineThread(lambda: LocalEngine(model, tok, max_seqs=1)) as engine:
+        with EngineThread(lambda: LocalEngine(model, tok, max_seqs=1,
+                                                   prefill_chunk=args.prefill_chunk)) as engine:
             yield engine
         return
     from ..ring.starter.ring_engine import RingEngine

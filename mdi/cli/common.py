@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ..checkpoint import LoadOptions
 from ..checkpoint.sampling_defaults import SamplingDefaults
 from ..generate.sampling import SamplingConfig
@@ -57,6 +58,17 @@ class UsageError(ValueError):
     exit_code = 2
 
 
+PREFILL_CHUNK_HELP = ("prefill tokens per step at most: a longer prompt crosses the ring in chunks "
+                     "(stage k on chunk i while stage k+1 is on chunk i-1) and decoding sequences "
+                     "wait one chunk, not the whole prompt; 0: each prompt in one piece")
+
+
+def add_prefill_chunk(p) -> None:
+    """--prefill-chunk N (sample, run, starter, chat, serve)."""
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help=PREFILL_CHUNK_HELP)
+
+
 def add_max_context(p) -> None:
     """--max-context N (sample, run, starter, serve, bench)."""
     p.add_argument("--max-context", type=int, default=None, metavar="N",
@@ -74,7 +86,7 @@ def add_sampling_options(g, n_tokens: int) -> None:
     g.add_argument("--temperature", type=float, default=None,
                    help=f"0 is greedy (default: the model's; {MODEL_DEFAULTS})")
     g.add_argument("--top-k", type=int, default=None,
-                   help=f"keep the k likeliest tokens; 0: all (default: the model's)")
+                   help="keep the k likeliest tokens; 0: all (default: the model's)")
     g.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling: keep the likeliest tokens up to this probability "
                         "mass; 1: all (default: the model's)")
@@ -92,6 +104,7 @@ def add_model_options(g) -> None:
     g.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(g)
+    add_prefill_chunk(g)
     g.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
 
 
@@ -123,6 +136,9 @@ def check_counts(args: argparse.Namespace) -> None:
     anything is loaded."""
     if getattr(args, "n_samples", 1) <= 0:
         raise UsageError(f"--n-samples must be positive, got {args.n_samples}")
+    if getattr(args, "prefill_chunk", 0) < 0:
+        raise UsageError(f"--prefill-chunk must be 0 (no chunks) or positive, got "
+                         f"{args.prefill_chunk}")
     if args.n_tokens is not None and args.n_tokens <= 0:
         raise UsageError(f"--n-tokens must be positive, got {args.n_tokens}")
     try:  # SamplingConfig checks its fields; the model's own fill the unset ones later

@@ -108,7 +108,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       resend_context=getattr(args, "resend_context", False),
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
                       max_context=args.max_context, partition=args.partition,
-                      recover=not args.no_recover)
+                      recover=not args.no_recover, prefill_chunk=args.prefill_chunk)
 
 
 def _generate(args: argparse.Namespace, job: _Job, nodes, token: str) -> int:

@@ -11,10 +11,11 @@ from typing import Any
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
 from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
-                     UsageError, add_max_context)
+                     UsageError, add_max_context, add_prefill_chunk)
 from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
@@ -104,7 +105,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
             partition=getattr(args, "partition", None),
             recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
             max_context=getattr(args, "max_context", None),
-            stall_timeout=getattr(args, "stall_timeout", 30.0))
+            stall_timeout=getattr(args, "stall_timeout", 30.0),
+            prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -162,6 +164,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
     p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
     p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
+    add_prefill_chunk(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

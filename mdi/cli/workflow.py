@@ -82,7 +82,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     with bar:
         result = generate_local(
-            lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes),
+            lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes,
+                                prefill_chunk=args.prefill_chunk),
             ids, n_tokens, sampling, on_event, Texts(tok, prompts), stops)
     emit(args, result, printed=printer is not None)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.api import Engine
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ..tokenizer import Tokenizer
 from .holder import EngineFactory
 
@@ -41,6 +42,7 @@ class BackendOptions:
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per step (0: a prompt in one piece)
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -51,6 +53,8 @@ class BackendOptions:
             raise ValueError(f"--queue must be >= 0, got {self.queue}")
         if self.timeout <= 0:
             raise ValueError(f"--timeout must be positive, got {self.timeout}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk must be 0 or positive, got {self.prefill_chunk}")
         if not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
         if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):
@@ -97,6 +101,11 @@ def _engine_kwargs(opts: BackendOptions) -> dict:
     return {"max_seqs": opts.max_seqs, "max_queue": opts.queue}
 
 
+def _local_kwargs(opts: BackendOptions) -> dict:
+    """The single-device engine's; the ring's prefill chunk travels in its RunOptions."""
+    return {**_engine_kwargs(opts), "prefill_chunk": opts.prefill_chunk}
+
+
 def local_backend(opts: BackendOptions) -> Backend:
     from ..checkpoint import LoadOptions, load_model
     from ..model.dtypes import DTYPES
@@ -109,7 +118,7 @@ def local_backend(opts: BackendOptions) -> Backend:
         device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
         batch_invariant=opts.batch_invariant, max_context=opts.max_context))
     model, tok = loaded.model, loaded.tokenizer
-    kwargs = _engine_kwargs(opts)
+    kwargs = _local_kwargs(opts)
 
     def build() -> Engine:
         engine = LocalEngine(model, tok, **kwargs)
@@ -163,7 +172,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           partition=opts.partition, recover=opts.recover,
-                          max_context=opts.max_context)
+                          max_context=opts.max_context, prefill_chunk=opts.prefill_chunk)
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:

@@ -1,0 +1,100 @@
+"""`mdi bench --vs-llamacpp`: each configuration's own peak memory, llama.cpp's
+output read, the summary's ratios, and a whole run against stand-in llama.cpp
+tools (shell scripts that print what the real ones print) on the shipped model."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mdi.bench.vs_llamacpp import (LlamaCppConfig, format_summary, llamacpp_rate, measured,
+                                   mdi_quantize, summarize)
+
+
+@pytest.mark.slow
+def test_measured_reports_the_child_s_own_peak_not_this_process_s():
+    ballast = bytearray(300 * 2**20)  # this process is large; the child must not inherit that
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    _, small = measured([sys.executable, "-S", "-c", "pass"])
+    _, big = measured([sys.executable, "-S", "-c", "b = bytearray(120 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    assert small < 60 and 120 < big < 200, (small, big)
+
+
+@pytest.mark.slow
+def test_a_failing_command_is_named():
+    with pytest.raises(RuntimeError, match="false failed"):
+        measured(["false"])
+
+
+@pytest.mark.parametrize("weights,want", [("Q4_1", "int4"), ("Q4_K", "int4"), ("Q8_0", "int8"),
+                                          ("Q6_K", "int8"), ("F32", None), ("BF16", None)])
+def test_mdi_keeps_the_file_s_precision(weights, want):
+    assert mdi_quantize(weights) == want
+
+
+def fake_tools(folder: Path) -> Path:
+    """llama-bench and llama-batched-bench stand-ins: the JSON lines the real tools print."""
+    bench = folder / "llama-bench"
+    bench.write_text("#!/bin/sh\necho '[{\"avg_ts\": 97.5, \"n_gen\": 8}]'\n")
+    batched = folder / "llama-batched-bench"
+    batched.write_text("#!/bin/sh\necho 'main: n_kv_max = 512'\n"
+                       "echo '{\"n_kv_max\": 512, \"pl\": 4, \"speed_tg\": 150.25, \"speed\": 140.0}'\n")
+    for tool in (bench, batched):
+        tool.chmod(0o755)
+    return bench
+
+
+@pytest.mark.slow
+def test_llamacpp_output_is_read_and_missing_tools_named(tmp_path):
+    cfg = LlamaCppConfig(gguf="x.gguf", llama_bench=str(fake_tools(tmp_path)), n_tokens=8)
+    assert llamacpp_rate(cfg, 1)[0] == 97.5
+    assert llamacpp_rate(cfg, 4)[0] == 150.25
+    (tmp_path / "llama-batched-bench").unlink()
+    with pytest.raises(ValueError, match="no executable llama-batched-bench"):
+        cfg.tools()
+
+
+def test_summary_takes_each_engine_s_best_run_and_the_memory_over_mdi_s_runtime():
+    rows = [dict(engine="llama.cpp", weights="Q4_1", n_seqs=1, tokens_per_s=t, peak_rss_mb=130.0,
+                 baseline_rss_mb="") for t in (90.0, 100.0)]
+    rows += [dict(engine="mdi", weights="int4", n_seqs=1, tokens_per_s=t, peak_rss_mb=460.0,
+                  baseline_rss_mb=300.0) for t in (50.0, 80.0)]
+    (s,) = summarize(rows)
+    assert (s["llamacpp_tokens_per_s"], s["mdi_tokens_per_s"], s["speed_ratio"]) == (100.0, 80.0, 0.8)
+    assert (s["mdi_rss_over_runtime_mb"], s["memory_ratio"]) == (160.0, round(160 / 130, 3))
+    assert "0.80" in format_summary([s]).splitlines()[1]
+
+
+@pytest.mark.slow
+def test_a_whole_comparison_on_the_shipped_model(tmp_path):
+    """mdi runs for real on the shipped Q4_1 file beside the stand-in tools: the CSVs,
+    plots and printed table are written, and mdi's rate and memory are real figures."""
+    from mdi.checkpoint.shipped import shipped_path
+
+    gguf = shipped_path("smollm2-135m-instruct")
+    tools = fake_tools(tmp_path)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "mdi.cli.main", "bench", "--vs-llamacpp",
+                        "--ckpt", str(gguf), "--llama-bench", str(tools), "--seqs", "1,4",
+                        "--n-tokens", "4", "--runs", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [int(x["n_seqs"]) for x in rows] == [1, 4]
+    assert [float(x["llamacpp_tokens_per_s"]) for x in rows] == [97.5, 150.25]
+    for x in rows:
+        assert x["mdi_weights"] == "int4" and float(x["mdi_tokens_per_s"]) > 0
+        assert float(x["mdi_peak_rss_mb"]) > float(x["mdi_rss_over_runtime_mb"]) > 0
+    assert (out / "tokens_per_s.png").stat().st_size > 1000 and (out / "peak_rss.png").is_file()
+    assert "llama.cpp tok/s" in r.stdout
+
+
+@pytest.mark.slow
+def test_without_llama_cpp_it_says_so(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mdi.cli.main", "bench", "--vs-llamacpp",
+                        "--ckpt", "x.gguf", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no llama.cpp given" in r.stderr
