@@ -432,3 +432,23 @@ def test_event_stream_closes_on_disconnect_even_before_the_first_chunk():
 
     asyncio.run(main())
     assert closed == [1]
+
+
+def test_unset_sampling_values_come_from_the_model_s_defaults(tok):
+    """A request that sets no temperature, top_k or top_p gets the model's own (the
+    server's ServeConfig.sampling); one that sets them keeps its own; with no model
+    defaults, OpenAI's temperature 1."""
+    from mdi.checkpoint.sampling_defaults import SamplingDefaults
+
+    model = SamplingDefaults(temperature=0.2, top_k=40, top_p=0.9, source="test")
+    with make_server(tok, sampling=model) as srv:
+        c = client(srv)
+        c.completions.create(model=MODEL, prompt="ab", max_tokens=2)
+        c.completions.create(model=MODEL, prompt="ab", max_tokens=2, temperature=0.0, top_p=0.5,
+                             extra_body={"top_k": 3})
+        got = [(h.params.temperature, h.params.top_k, h.params.top_p) for h in engine_of(srv).handles]
+    assert got == [(0.2, 40, 0.9), (0.0, 3, 0.5)]
+    with make_server(tok) as srv:
+        client(srv).completions.create(model=MODEL, prompt="ab", max_tokens=2)
+        h = engine_of(srv).handles[0]
+    assert (h.params.temperature, h.params.top_k, h.params.top_p) == (1.0, None, None)

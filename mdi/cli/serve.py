@@ -11,6 +11,7 @@ from typing import Any
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
+from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
 from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
@@ -48,10 +49,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     config = ServeConfig(model_name=name, api_key=api_key, default_max_tokens=args.default_max_tokens,
                          chat_template=template, strict_model_name=args.strict_model_name)
+    ck = open_checkpoint(args.ckpt)
     if args.nodes_config is None and args.nodes != 1:  # before a port or a process is taken
-        check_local_nodes(args, open_checkpoint(args.ckpt))
+        check_local_nodes(args, ck)
     bind(args.host, args.port).close()  # a taken port fails now, before the model loads (exit 4)
     with open_backend(options) as backend:
+        config.sampling = sampling_defaults(ck, backend.tokenizer)
+        log.info("requests that set no sampling values use the model's: %s",
+                 config.sampling.describe())
         app = create_app(backend.factory, backend.tokenizer, config)
         ready = (f"{backend.description}; model {name!r} at http://{args.host}:{args.port}/ "
                  "(chat page) and /v1 (OpenAI API)")

@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from ..checkpoint.sampling_defaults import SamplingDefaults
 from ..engine.api import SeqParams
 from ..generate.chat_template import template_for
 from ..tokenizer import Tokenizer
@@ -42,6 +43,8 @@ class ServeConfig:
                                         # Larger: the engine's overflow policy windows the rest
     strict_model_name: bool = False     # refuse model names but ours (else: any, answered as ours)
     degraded_after_s: float = 3.0       # /health says "degraded" while the pipeline is this silent
+    sampling: SamplingDefaults | None = None  # the model's own, for what a request leaves unset
+                                              # (None: OpenAI's temperature 1, no top-k/top-p)
 
 
 @dataclass
@@ -154,10 +157,16 @@ class Service:
         return ids
 
     def seq_params(self, req: Any, max_tokens: int, i: int) -> SeqParams:
-        temperature = 1.0 if req.temperature is None else req.temperature
+        """A request's sequence i; what the request leaves unset comes from the model's
+        own sampling defaults (ServeConfig.sampling), as a local chat would use them."""
+        model = self.config.sampling
+        temperature = req.temperature if req.temperature is not None else (
+            model.temperature if model is not None else 1.0)
+        top_k = req.top_k if req.top_k is not None else model.top_k if model is not None else None
+        top_p = req.top_p if req.top_p is not None else model.top_p if model is not None else None
         seed = None if req.seed is None else req.seed + i  # choices differ, reproducibly
-        return SeqParams(max_tokens=max_tokens, temperature=temperature, top_k=req.top_k,
-                         top_p=req.top_p, seed=seed, stop=req.stop_list(), stop_ids=self.stop_ids)
+        return SeqParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, stop=req.stop_list(), stop_ids=self.stop_ids)
 
 
 def _require_json(request: Request) -> None:
