@@ -109,8 +109,8 @@ def test_skip_leaves_named_modules_in_float(tiny_config, make_model):
 def test_quantize_by_name():
     lin = nn.Sequential(nn.Linear(4, 4))
     assert quantize(lin, None) is lin and isinstance(lin[0], nn.Linear)
-    with pytest.raises(ValueError, match="unknown quantization 'int4'.*int8"):
-        quantize(lin, "int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'.*int8, int4"):
+        quantize(lin, "int3")
     assert isinstance(quantize(lin, "int8")[0], Int8Linear)
 
 

@@ -38,9 +38,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import context_length
+from .int4 import Int4Linear, packable
 from .layers import pack_linears
 
-QUANT_MODES = ("int8",)
+# "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
+QUANT_MODES = ("int8", "int4", "int4-g64", "int4-g128")
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """A QUANT_MODES name -> (kind "int8" | "int4", int4 group size)."""
+    kind, _, group = mode.partition("-g")
+    return kind, int(group or 32)
 
 
 ROWS_AT_ONCE = 1024  # rows quantized per piece: the float temporaries stay a few MB
@@ -157,26 +165,34 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 @torch.no_grad()
-def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bool = True
-                     ) -> nn.Module:
+def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bool = True,
+                     mode: str = "int8") -> nn.Module:
     """Replace, in place, every nn.Linear (and nn.Embedding if `embeddings`) by its
-    int8 counterpart; returns `module`.
+    quantized counterpart; returns `module`. On the meta device: placeholders.
 
+    mode "int4[-gN]": Linears become Int4Linear where the kernel takes their shape;
+    embeddings, a head tied to one, and other Linears int8.
     skip: module names (as in named_modules) or fnmatch patterns to leave in float.
     Modules that share one weight tensor (a tied embedding and head) share one
     quantized tensor afterwards.
     """
+    kind, group = parse_mode(mode)
     skip = tuple(skip)
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(fp weight) -> (q, scale)
     targets = [(name, m) for name, m in module.named_modules()
                if (isinstance(m, nn.Linear) or (embeddings and isinstance(m, nn.Embedding)))
                and not _skipped(name, skip)]
+    embedded = {id(m.weight) for _, m in targets if isinstance(m, nn.Embedding)}
     for name, m in targets:
         key = id(m.weight)
-        if key not in done:
-            done[key] = quantize_rows(m.weight)
-        new = (Int8Linear.from_linear(m, done[key]) if isinstance(m, nn.Linear)
-               else Int8Embedding.from_embedding(m, done[key]))
+        if (kind == "int4" and isinstance(m, nn.Linear) and key not in embedded
+                and packable(m.out_features, m.in_features, group)):
+            new: nn.Module = Int4Linear.from_linear(m, group)
+        else:
+            if key not in done:
+                done[key] = quantize_rows(m.weight)
+            new = (Int8Linear.from_linear(m, done[key]) if isinstance(m, nn.Linear)
+                   else Int8Embedding.from_embedding(m, done[key]))
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, new)
@@ -196,12 +212,12 @@ def quantize(module: nn.Module, mode: str | None) -> nn.Module:
     """Apply a `--quantize` mode by name (None: unchanged)."""
     if check_mode(mode) is None:
         return module
-    return quantize_linears(module)
+    return quantize_linears(module, mode=mode)
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Does module hold any int8 layer (quantized at load, or loaded from an int8 checkpoint)?"""
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in module.modules())
+    """Does module hold any quantized layer (at load, or from an int8 checkpoint)?"""
+    return any(isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)) for m in module.modules())
 
 
 def weight_bytes(module: nn.Module) -> int:
