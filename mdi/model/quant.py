@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .cache import context_length
 from .int4 import Int4Linear, packable
+from .kernels import FEW_ROWS, probe_few_rows, weight_only_available
 from .layers import pack_linears
 
 # "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
@@ -115,10 +116,18 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
+    # rows up to which the weight-only kernel runs (kernels.py); set by configure_stage
+    few_rows = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x2.shape[0] <= self.few_rows:
+            sb = self.__dict__.get("_scale_bf16")  # the kernel's operand; not state
+            if sb is None or sb.shape != self.scale.shape:
+                sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb).to(x.dtype)
+        elif x.device.type == "cpu":
             y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
         else:
             y = x2 @ self.dequantized(x.dtype).t()
@@ -232,15 +241,31 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
+def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
+                   batch_invariant: bool = False) -> None:
+    """Set every Int8Linear's kernel threshold (kernels.py): None: FEW_ROWS;
+    "probe": measured here, per weight shape; an int: that. --batch-invariant: 0."""
+    cache: dict[tuple[int, int], int] = {}
+    for m in stage.modules():
+        if not isinstance(m, Int8Linear):
+            continue
+        if batch_invariant or not weight_only_available() or m.weight.device.type != "cpu":
+            m.few_rows = 0
+        elif few_rows == "probe":
+            m.few_rows = probe_few_rows(m.weight, m.scale, cache)
+        else:
+            m.few_rows = FEW_ROWS if few_rows is None else int(few_rows)
+
+
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
                     batch_invariant: bool = False, max_context: int | None = None,
-                    pack: bool = True) -> nn.Module:
+                    pack: bool = True, few_rows: int | str | None = None) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
     node alike. A stage already int8 (quantized while loading) stays as it is.
     pack: prepack the CPU float32 weights now (layers.pack_linears) rather than on
     the first forward; False for a stage that computes on the plain weights
-    (a node without room for the packed copy)."""
+    (a node without room for the packed copy). few_rows: see choose_kernels."""
     if not is_quantized(stage):
         quantize(stage, quantize_mode)
     else:
@@ -249,6 +274,7 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if max_context is not None:
         context_length(1, max_context)  # a ValueError naming a bad value, here
         stage.max_context = max_context
+    choose_kernels(stage, few_rows, batch_invariant)
     stage.packed_linears = pack
     if pack and not batch_invariant:
         pack_linears(stage)
