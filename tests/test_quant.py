@@ -196,7 +196,12 @@ def test_kernel_choice_by_rows_one_weight_both_kernels(tiny_config, make_model):
     for got in (dyn, few):
         assert ((got - ref).norm() / ref.norm()).item() < 0.02
     assert not torch.equal(dyn, few)  # two kernels really ran
-    assert configure_stage(model, "int8", batch_invariant=True).transformer.h["0"].attn.c_attn.few_rows == 0
+    inv = configure_stage(model, "int8", batch_invariant=True)
+    assert inv.transformer.h["0"].attn.c_attn.few_rows == 0
+    head = inv.lm_head
+    assert head.few_rows >= 1 << 30  # the head: weight-only at any rows, each row on its own
+    xs = torch.randn(7, tiny_config.n_embd)
+    assert all(torch.equal(head(xs[r:r + 1]), head(xs)[r:r + 1]) for r in range(7))
     cache: dict = {}
     n = probe_few_rows(lin.weight, lin.scale, cache)
     assert n in (0, *PROBE_ROWS) and cache == {tuple(lin.weight.shape): n}

@@ -11,8 +11,8 @@ the fixed FEW_ROWS, so that every process of a ring (and a single-device run)
 makes the same choice for the same rows and their tokens stay equal; a measured
 threshold (`probe_few_rows`, cached per weight shape) is available where one
 process computes alone, or for a starter to measure once and hand to its nodes.
-`--batch-invariant` always takes the dynamic kernel (the choice would otherwise
-depend on how many rows share a step).
+`--batch-invariant` takes the dynamic kernel in the blocks (the choice would
+otherwise depend on how many rows share a step); the head always runs weight-only.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ import torch
 # dynamic int8 GEMM faster at 16)
 FEW_ROWS = 4
 PROBE_ROWS = (1, 2, 4, 8, 16)
+# the head: weight-only at every row count (quant.choose_kernels says why); its
+# rows are independent (checked bit for bit in tests/test_quant.py)
+HEAD_ROWS = 1 << 62
 
 
 def weight_only_available() -> bool:

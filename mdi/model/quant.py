@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .cache import context_length
 from .int4 import Int4Linear, packable
-from .kernels import FEW_ROWS, probe_few_rows, weight_only_available
+from .kernels import FEW_ROWS, HEAD_ROWS, probe_few_rows, weight_only_available
 from .layers import pack_linears
 
 # "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
@@ -205,6 +205,7 @@ def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bo
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, new)
+    choose_kernels(module)  # the defaults; configure_stage sets the run's
     return module
 
 
@@ -244,12 +245,19 @@ def weight_bytes(module: nn.Module) -> int:
 def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
                    batch_invariant: bool = False) -> None:
     """Set every Int8Linear's kernel threshold (kernels.py): None: FEW_ROWS;
-    "probe": measured here, per weight shape; an int: that. --batch-invariant: 0."""
+    "probe": measured here, per weight shape; an int: that. --batch-invariant: 0.
+    The head always takes the weight-only kernel (HEAD_ROWS): int8 activations
+    before the vocabulary cost SmolLM2 +1.2% perplexity, and no switch means
+    nothing depends on the rows of a step."""
     cache: dict[tuple[int, int], int] = {}
-    for m in stage.modules():
+    for name, m in stage.named_modules():
         if not isinstance(m, Int8Linear):
             continue
-        if batch_invariant or not weight_only_available() or m.weight.device.type != "cpu":
+        if not weight_only_available():  # (other devices: Int8Linear checks x's device)
+            m.few_rows = 0
+        elif name == "lm_head":
+            m.few_rows = HEAD_ROWS
+        elif batch_invariant:
             m.few_rows = 0
         elif few_rows == "probe":
             m.few_rows = probe_few_rows(m.weight, m.scale, cache)
