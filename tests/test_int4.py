@@ -210,3 +210,10 @@ def test_gpt_forward_with_int4_is_batch_invariant(make_model):
             c1 = m.new_cache(1)
             step.prefill(m, c1, 0, [r + 1, r + 2, r + 3])
             assert torch.equal(step.decode(m, c1, [4 + r], [3])[0], batched[r])
+
+
+def test_int4_on_another_device_is_refused_with_the_reason(make_model, tmp_path):
+    from mdi.checkpoint.format import save_checkpoint
+    path = save_checkpoint(tmp_path / "ck", make_model(LLAMA, seed=0), None)
+    with pytest.raises(CheckpointError, match="CPU only"):
+        load_model(path, device="meta", quantize="int4")

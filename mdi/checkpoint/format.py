@@ -186,6 +186,9 @@ class StageBuilder:
                  where: str = "weights") -> None:
         check_mode(stored)
         self.mode = check_mode(quantize) or stored
+        if self.mode and self.mode.startswith("int4") and torch.device(device).type != "cpu":
+            raise CheckpointError(f"--quantize {self.mode} runs on CPU only (torch's int4 kernel "
+                                  f"is a CPU one), not on {device}; use int8 there")
         self.int8 = self.mode is not None
         self.stored_int8 = stored == "int8"
         self.config, self.device, self.dtype, self.where = config, device, dtype, where
