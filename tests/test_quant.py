@@ -109,8 +109,8 @@ def test_skip_leaves_named_modules_in_float(tiny_config, make_model):
 def test_quantize_by_name():
     lin = nn.Sequential(nn.Linear(4, 4))
     assert quantize(lin, None) is lin and isinstance(lin[0], nn.Linear)
-    with pytest.raises(ValueError, match="unknown quantization 'int4'.*int8"):
-        quantize(lin, "int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'.*int8, int4"):
+        quantize(lin, "int3")
     assert isinstance(quantize(lin, "int8")[0], Int8Linear)
 
 
@@ -177,3 +177,33 @@ def test_llama_shaped_model_logits_close_to_fp32():
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight is not \
         model.transformer.wte.weight  # untied: two tables
     assert rel < 0.05, rel  # measured 0.029-0.030 (logits of a random init are small)
+
+
+def test_kernel_choice_by_rows_one_weight_both_kernels(tiny_config, make_model):
+    """Up to few_rows rows the weight-only kernel (bf16 activations) runs, above it the
+    dynamic int8 one, on the same stored int8 weight; --batch-invariant: dynamic only."""
+    from mdi.model.kernels import FEW_ROWS, PROBE_ROWS, probe_few_rows, weight_only_available
+    from mdi.model.quant import configure_stage
+
+    if not weight_only_available():
+        pytest.skip("no weight-only int8 kernel")
+    model = configure_stage(make_model(tiny_config, seed=0), "int8")
+    lin = model.transformer.h["0"].attn.c_attn
+    assert lin.few_rows == FEW_ROWS
+    x = torch.randn(FEW_ROWS + 1, tiny_config.n_embd)
+    dyn = lin(x)  # 5 rows: dynamic
+    few = torch.cat([lin(x[r:r + 1]) for r in range(FEW_ROWS + 1)])  # 1 row: weight-only
+    ref = x @ lin.dequantized().t() + lin.bias
+    for got in (dyn, few):
+        assert ((got - ref).norm() / ref.norm()).item() < 0.02
+    assert not torch.equal(dyn, few)  # two kernels really ran
+    inv = configure_stage(model, "int8", batch_invariant=True)
+    assert inv.transformer.h["0"].attn.c_attn.few_rows == 0
+    head = inv.lm_head
+    assert head.few_rows >= 1 << 30  # the head: weight-only at any rows, each row on its own
+    xs = torch.randn(7, tiny_config.n_embd)
+    assert all(torch.equal(head(xs[r:r + 1]), head(xs)[r:r + 1]) for r in range(7))
+    cache: dict = {}
+    n = probe_few_rows(lin.weight, lin.scale, cache)
+    assert n in (0, *PROBE_ROWS) and cache == {tuple(lin.weight.shape): n}
+    assert probe_few_rows(lin.weight, lin.scale, cache) == n  # cached per shape

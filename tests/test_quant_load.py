@@ -94,8 +94,8 @@ def test_load_takes_the_run_options(tmp_path):
     ck = _ckpt(tmp_path, TIED)
     model = load_model(ck, LoadOptions(batch_invariant=True)).model
     assert model.batch_invariant and isinstance(model.lm_head, torch.nn.Linear)
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        load_model(ck, LoadOptions(quantize="int4"))
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        load_model(ck, LoadOptions(quantize="int3"))
 
 
 async def _chunks(data: bytes, size: int = 1000):

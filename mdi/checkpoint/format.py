@@ -21,10 +21,12 @@ from safetensors.torch import save_file
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES, dtype_name
 from ..model.meta import on_meta
-from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, is_quantized,
-                           quantize_linears, quantize_rows)
+from ..model.int4 import Int4Linear, Int4Weight, quantize_groups
+from ..model.quant import (Int8Embedding, Int8Linear, check_mode, is_quantized, quantize_linears,
+                           quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
 from . import st_io
+from .gguf_int4 import int4_target
 from .malloc import mapped_allocations
 
 FORMAT = "mdi-checkpoint"
@@ -38,6 +40,7 @@ EMBEDDING = "transformer.wte.weight"
 TIED_SCALE = "lm_head.scale"            # int8 checkpoints: the tied head's scale, not stored
 EMBEDDING_SCALE = "transformer.wte.scale"
 ALIGN = 64  # bytes; what torch's CPU allocator gives
+STORED_MODES = ("int8",)  # quantized checkpoints we write and read (int4 is built at load)
 
 
 class CheckpointError(ValueError):
@@ -82,6 +85,9 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
     tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
     cfg = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
            "training": training or {}}
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        raise CheckpointError("int4 stages cannot be saved yet: convert without --quantize, or "
+                              "with --quantize int8, and load with --quantize int4")
     if is_quantized(model):  # loaders build the int8 stage straight from the file
         floats = [t.dtype for k, t in model.state_dict().items()
                   if t.is_floating_point() and not k.endswith(".scale")]
@@ -122,10 +128,10 @@ def read_info(path: str | Path) -> CheckpointInfo:
     quant = data.get("quantize")
     if quant is None:
         return CheckpointInfo(path, config, training)
-    if (not isinstance(quant, dict) or quant.get("mode") not in QUANT_MODES
+    if (not isinstance(quant, dict) or quant.get("mode") not in STORED_MODES
             or quant.get("dtype") not in DTYPES):
         raise CheckpointError(f"{cfg_path}: the quantize field must be {{\"mode\": one of "
-                              f"{', '.join(QUANT_MODES)}, \"dtype\": one of {', '.join(DTYPES)}}}, "
+                              f"{', '.join(STORED_MODES)}, \"dtype\": one of {', '.join(DTYPES)}}}, "
                               f"got {quant!r}")
     return CheckpointInfo(path, config, training, quantized=quant["mode"], float_dtype=quant["dtype"])
 
@@ -147,13 +153,13 @@ def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
     return {k: tuple(v.shape) for k, v in stage.state_dict().items()}
 
 
-def _meta_stage(config: GPTConfig, start: int, stop: int | None, int8: bool) -> GPT:
-    """A stage without storage: the skeleton a loader fills by name (int8 layers
-    as placeholders when int8)."""
+def _meta_stage(config: GPTConfig, start: int, stop: int | None, mode: str | bool | None) -> GPT:
+    """A stage without storage: the skeleton a loader fills by name (quantized
+    layers as placeholders when mode is a --quantize mode; True: int8)."""
     with on_meta():
         stage = GPT(config, start, stop)
-        if int8:
-            quantize_linears(stage)  # tied embedding and head share one placeholder
+        if mode:  # tied embedding and head share one placeholder
+            quantize_linears(stage, mode="int8" if mode is True else mode)
     return stage
 
 
@@ -178,10 +184,15 @@ class StageBuilder:
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  quantize: str | None = None, stored: str | None = None,
                  where: str = "weights") -> None:
-        self.int8 = check_mode(quantize) == "int8" or check_mode(stored) == "int8"
+        check_mode(stored)
+        self.mode = check_mode(quantize) or stored
+        if self.mode and self.mode.startswith("int4") and torch.device(device).type != "cpu":
+            raise CheckpointError(f"--quantize {self.mode} runs on CPU only (torch's int4 kernel "
+                                  f"is a CPU one), not on {device}; use int8 there")
+        self.int8 = self.mode is not None
         self.stored_int8 = stored == "int8"
         self.config, self.device, self.dtype, self.where = config, device, dtype, where
-        self.stage = _meta_stage(config, start, stop, self.int8)
+        self.stage = _meta_stage(config, start, stop, self.mode)
         if self.stored_int8:
             self.want = expected_int8_shapes(config, start, stop)
         else:
@@ -218,6 +229,9 @@ class StageBuilder:
         if expect is None and not t.is_floating_point():
             raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, expected "
                                   "floating point")
+        if isinstance(module, Int4Linear) and name.endswith(".weight"):
+            self._put_int4(name, t, module.group)
+            return
         if expect is None:
             t = t.to(device=self.device, dtype=self.dtype or t.dtype)
         else:
@@ -234,6 +248,27 @@ class StageBuilder:
         # format gave it. Copy those into allocator-aligned memory (only those:
         # a second copy of every weight would double the peak memory).
         self._keep(name, t.clone() if t.data_ptr() % ALIGN else t)
+
+    def _put_int4(self, name: str, t: torch.Tensor, group: int) -> None:
+        """An int4 weight: the file's own codes where it has them at this group size
+        (a GGUF Q4_0/Q4_1/Q4_K tensor: `t.mdi_int4`, exact), else quantized from t."""
+        w: Int4Weight | None = getattr(t, "mdi_int4", None)
+        fmt = getattr(t, "mdi_format", None)  # a GGUF tensor's block format
+        if w is None and fmt is not None and int4_target(fmt) == "int8":
+            # a wider block format (Q5_x, Q6_K, Q8_0): int8, not a requantization to int4
+            prefix = name[:-len(".weight")]
+            old = self._module(name)
+            placeholder = Int8Linear(old.in_features, old.out_features, old.bias is not None, "meta")
+            self.stage.set_submodule(prefix, placeholder)
+            q, scale = quantize_rows(t.to(self.device, torch.float32))
+            self._keep(name, q)
+            self._keep(prefix + ".scale", scale)
+            return
+        if w is None or w.group != group:
+            w = quantize_groups(t, group)
+        packed = Int4Linear.from_weight(w)  # int4 kernels run on CPU: packed there
+        self._keep(name, packed.weight)
+        self._keep(name[:-len("weight")] + "scales_and_zeros", packed.scales_and_zeros)
 
     def _keep(self, name: str, t: torch.Tensor) -> None:
         self.sd[name] = t

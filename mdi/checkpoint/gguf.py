@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .format import CheckpointError
+from .gguf_int4 import INT4_TYPES, int4_from_blocks
 from .gguf_tokenizer import build_tokenizer
 from .hf_source import HFSource
 
@@ -213,19 +214,31 @@ def gguf_source(path: str | Path) -> HFSource:
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, "
                                   "which the gguf package cannot dequantize") from None
-        if ".attn_q." in t.name:
-            w = unpermute_rows(w, n_head)
-        elif ".attn_k." in t.name:
-            w = unpermute_rows(w, n_kv)
+        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else 0
+        if heads:
+            w = unpermute_rows(w, heads)
         # np.array copies out of the memory map (F32 "dequantizes" to a view of it)
-        return torch.from_numpy(np.array(w, dtype=np.float32))
+        out = torch.from_numpy(np.array(w, dtype=np.float32))
+        out.mdi_format = t.tensor_type.name  # what --quantize int4 keeps it as (int4_target)
+        if t.tensor_type.name in INT4_TYPES and out.dim() == 2:
+            # the exact int4 codes ride along for loaders that keep them (--quantize int4)
+            try:
+                q = int4_from_blocks(t.data, t.tensor_type.name, tuple(out.shape), t.name)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            if heads:
+                q = q.rows(torch.from_numpy(unpermute_rows(np.arange(out.shape[0]), heads)))
+            out.mdi_int4 = q
+        return out
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_hf.items()}
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     gen.update({hf: meta[key] for key, hf in GGUF_SAMPLING.items() if key in meta})
     log.info("GGUF %s: %s, %d tensors (%s)", path.name, meta.get("general.name", arch), len(by_hf),
              ", ".join(sorted({t.tensor_type.name for t in reader.tensors})))
-    return HFSource(config=config, shapes=shapes, dtypes={n: torch.float32 for n in shapes},
-                    read=read, tokenizer_json=tok_json, tokenizer_config=tok_config,
-                    generation_config=gen, origin=str(path))
+    src = HFSource(config=config, shapes=shapes, dtypes={n: torch.float32 for n in shapes},
+                   read=read, tokenizer_json=tok_json, tokenizer_config=tok_config,
+                   generation_config=gen, origin=str(path))
+    src.formats = {name: t.tensor_type.name for name, t in by_hf.items()}  # for mdi inspect
+    return src
 

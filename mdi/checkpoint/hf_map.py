@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..model.int4 import Int4Weight
+from .gguf_int4 import fused_format
+
 from ..model import GPTConfig
 from .format import CheckpointError
 
@@ -184,5 +187,12 @@ def combine(parts: list[torch.Tensor], how: str) -> torch.Tensor:
     if how == "t":
         return parts[0].t().contiguous()
     if how == "cat":
-        return torch.cat(parts, dim=0)
+        out = torch.cat(parts, dim=0)
+        int4 = [getattr(p, "mdi_int4", None) for p in parts]
+        if all(q is not None for q in int4):  # a GGUF's int4 codes, fused like the floats
+            out.mdi_int4 = Int4Weight.cat_rows(int4)
+        formats = [getattr(p, "mdi_format", None) for p in parts]
+        if all(formats):  # a GGUF's block formats: the fused weight takes the widest
+            out.mdi_format = fused_format(formats)
+        return out
     return parts[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..tokenizer import TokenizerError
 from . import st_io
 from .format import CheckpointError, CheckpointInfo
+from .gguf_int4 import int4_target
 from .sampling_defaults import SamplingDefaults, sampling_defaults
 from .sources import Checkpoint, open_checkpoint
 
@@ -35,6 +36,13 @@ class Inspection:
     sampling: SamplingDefaults | None = None           # the model's own sampling settings
 
 
+def _dtype_text(dtype: str, fmt: str | None, is_matrix: bool) -> str:
+    """"float32" or, for a GGUF tensor, "float32 (Q4_1 file; --quantize int4: int4 (exact))"."""
+    if fmt is None:
+        return dtype
+    return f"{dtype} ({fmt} file; --quantize int4: {int4_target(fmt, is_matrix)})"
+
+
 def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
     """Structure of any checkpoint `open_checkpoint` accepts; a bad file raises CheckpointError."""
     ck = open_checkpoint(spec)
@@ -53,7 +61,9 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
         shapes = {n: (e.shape, str(e.dtype).removeprefix("torch.")) for n, e in entries.items()}
         source_config: dict = {}
     else:
-        shapes = {n: (s, str(ck.source.dtypes[n]).removeprefix("torch."))
+        formats = getattr(ck.source, "formats", {})  # a GGUF's block format per tensor
+        shapes = {n: (s, _dtype_text(str(ck.source.dtypes[n]).removeprefix("torch."),
+                                     formats.get(n), len(s) == 2))
                   for n, s in ck.source.shapes.items()}
         source_config = dict(ck.source.config)
     tensors = [TensorInfo(n, tuple(s), d) for n, (s, d) in sorted(shapes.items())]

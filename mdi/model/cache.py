@@ -24,42 +24,45 @@ def context_length(block_size: int, max_context: int | None = None) -> int:
 
 
 class KVCache:
+    """Keys and values of a stage, one buffer per layer: (2, B, nh, T_max, hs),
+    keys at [0] and values at [1], so a step writes both with one copy.
+    `k[layer]` and `v[layer]` are views of it, (B, nh, T_max, hs)."""
+
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 _buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+                 _buffers: list[torch.Tensor] | None = None) -> None:
         if _buffers is not None:
-            self.k, self.v = _buffers
+            self.kv = _buffers
         else:
-            shape = (batch, n_head, max_len, head_size)  # (B, nh, T_max, hs)
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.max_len = self.k[0].shape[2] if self.k else max_len
+            shape = (2, batch, n_head, max_len, head_size)  # (k|v, B, nh, T_max, hs)
+            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = [b[0] for b in self.kv]
+        self.v = [b[1] for b in self.kv]
+        self.max_len = self.kv[0].shape[3] if self.kv else max_len
 
     @property
     def batch(self) -> int:
-        return self.k[0].shape[0] if self.k else 0
+        return self.kv[0].shape[1] if self.kv else 0
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A cache over rows [start, stop) that shares storage with this one."""
-        return KVCache(0, 0, 0, self.max_len, 0,
-                       _buffers=([k[start:stop] for k in self.k], [v[start:stop] for v in self.v]))
+        return KVCache(0, 0, 0, self.max_len, 0, _buffers=[b[:, start:stop] for b in self.kv])
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def update(self, layer: int, input_pos: torch.Tensor, kv: torch.Tensor,
                start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at input_pos (B, T); return the full buffers.
+        """Write kv (2, B, nh, T, hs) (keys, then values) at input_pos (B, T) in one
+        copy; return the layer's full key and value buffers (B, nh, T_max, hs).
 
         start: every row's positions are start..start+T-1 (the caller knows it
         once per forward), so a slice copy does instead of a scatter.
         """
+        buf = self.kv[layer]
         if start is not None:
-            T = k.shape[2]
-            self.k[layer][:, :, start:start + T] = k
-            self.v[layer][:, :, start:start + T] = v
+            buf[:, :, :, start:start + kv.shape[3]] = kv
         else:
-            idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            self.k[layer].scatter_(2, idx, k)
-            self.v[layer].scatter_(2, idx, v)
+            idx = input_pos[None, :, None, :, None].expand(2, -1, kv.shape[2], -1, kv.shape[4])
+            buf.scatter_(3, idx, kv)
         return self.k[layer], self.v[layer]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.kv)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .cache import KVCache, context_length
 from .config import GPTConfig
-from .layers import Block, LinearMode, cached_step, linear, make_norm, rope_cos_sin, rope_inv_freq
+from .layers import Block, LinearMode, cached_step, linear, make_norm, rope_inv_freq, rope_table
 
 __all__ = ["GPT", "linear"]
 
@@ -136,10 +136,13 @@ class GPT(nn.Module):
             x = self.transformer.wte(x)
             if "wpe" in self.transformer:
                 x = x + self.transformer.wpe(input_pos)
-            x = self.transformer.drop(x)
+            if self.training:
+                x = self.transformer.drop(x)
         rope = None
         if self.config.positions == "rope":
-            rope = rope_cos_sin(self._inv_freq(x.device), input_pos, x.dtype)  # (B, 1, T, hs) each
+            c = self.config  # (B, T, heads, hs) each: q and k heads rotated, v heads kept
+            rope = rope_table(self._inv_freq(x.device), input_pos, x.dtype,
+                              c.n_head + c.kv_heads, c.kv_heads)
         per_row = cache is not None and self.batch_invariant
         mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
         step = cached_step(input_pos, per_row) if cache is not None else None

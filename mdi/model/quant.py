@@ -38,9 +38,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import context_length
+from .int4 import Int4Linear, packable
+from .kernels import FEW_ROWS, HEAD_ROWS, probe_few_rows, weight_only_available
 from .layers import pack_linears
 
-QUANT_MODES = ("int8",)
+# "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
+QUANT_MODES = ("int8", "int4", "int4-g64", "int4-g128")
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """A QUANT_MODES name -> (kind "int8" | "int4", int4 group size)."""
+    kind, _, group = mode.partition("-g")
+    return kind, int(group or 32)
 
 
 ROWS_AT_ONCE = 1024  # rows quantized per piece: the float temporaries stay a few MB
@@ -107,10 +116,18 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
+    # rows up to which the weight-only kernel runs (kernels.py); set by configure_stage
+    few_rows = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x2.shape[0] <= self.few_rows:
+            sb = self.__dict__.get("_scale_bf16")  # the kernel's operand; not state
+            if sb is None or sb.shape != self.scale.shape:
+                sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb).to(x.dtype)
+        elif x.device.type == "cpu":
             y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
         else:
             y = x2 @ self.dequantized(x.dtype).t()
@@ -157,29 +174,38 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 @torch.no_grad()
-def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bool = True
-                     ) -> nn.Module:
+def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bool = True,
+                     mode: str = "int8") -> nn.Module:
     """Replace, in place, every nn.Linear (and nn.Embedding if `embeddings`) by its
-    int8 counterpart; returns `module`.
+    quantized counterpart; returns `module`. On the meta device: placeholders.
 
+    mode "int4[-gN]": Linears become Int4Linear where the kernel takes their shape;
+    embeddings, a head tied to one, and other Linears int8.
     skip: module names (as in named_modules) or fnmatch patterns to leave in float.
     Modules that share one weight tensor (a tied embedding and head) share one
     quantized tensor afterwards.
     """
+    kind, group = parse_mode(mode)
     skip = tuple(skip)
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(fp weight) -> (q, scale)
     targets = [(name, m) for name, m in module.named_modules()
                if (isinstance(m, nn.Linear) or (embeddings and isinstance(m, nn.Embedding)))
                and not _skipped(name, skip)]
+    embedded = {id(m.weight) for _, m in targets if isinstance(m, nn.Embedding)}
     for name, m in targets:
         key = id(m.weight)
-        if key not in done:
-            done[key] = quantize_rows(m.weight)
-        new = (Int8Linear.from_linear(m, done[key]) if isinstance(m, nn.Linear)
-               else Int8Embedding.from_embedding(m, done[key]))
+        if (kind == "int4" and isinstance(m, nn.Linear) and key not in embedded
+                and packable(m.out_features, m.in_features, group)):
+            new: nn.Module = Int4Linear.from_linear(m, group)
+        else:
+            if key not in done:
+                done[key] = quantize_rows(m.weight)
+            new = (Int8Linear.from_linear(m, done[key]) if isinstance(m, nn.Linear)
+                   else Int8Embedding.from_embedding(m, done[key]))
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, new)
+    choose_kernels(module)  # the defaults; configure_stage sets the run's
     return module
 
 
@@ -196,12 +222,12 @@ def quantize(module: nn.Module, mode: str | None) -> nn.Module:
     """Apply a `--quantize` mode by name (None: unchanged)."""
     if check_mode(mode) is None:
         return module
-    return quantize_linears(module)
+    return quantize_linears(module, mode=mode)
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Does module hold any int8 layer (quantized at load, or loaded from an int8 checkpoint)?"""
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in module.modules())
+    """Does module hold any quantized layer (at load, or from an int8 checkpoint)?"""
+    return any(isinstance(m, (Int8Linear, Int8Embedding, Int4Linear)) for m in module.modules())
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -216,15 +242,38 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
+def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
+                   batch_invariant: bool = False) -> None:
+    """Set every Int8Linear's kernel threshold (kernels.py): None: FEW_ROWS;
+    "probe": measured here, per weight shape; an int: that. --batch-invariant: 0.
+    The head always takes the weight-only kernel (HEAD_ROWS): int8 activations
+    before the vocabulary cost SmolLM2 +1.2% perplexity, and no switch means
+    nothing depends on the rows of a step."""
+    cache: dict[tuple[int, int], int] = {}
+    for name, m in stage.named_modules():
+        if not isinstance(m, Int8Linear):
+            continue
+        if not weight_only_available():  # (other devices: Int8Linear checks x's device)
+            m.few_rows = 0
+        elif name == "lm_head":
+            m.few_rows = HEAD_ROWS
+        elif batch_invariant:
+            m.few_rows = 0
+        elif few_rows == "probe":
+            m.few_rows = probe_few_rows(m.weight, m.scale, cache)
+        else:
+            m.few_rows = FEW_ROWS if few_rows is None else int(few_rows)
+
+
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
                     batch_invariant: bool = False, max_context: int | None = None,
-                    pack: bool = True) -> nn.Module:
+                    pack: bool = True, few_rows: int | str | None = None) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
     node alike. A stage already int8 (quantized while loading) stays as it is.
     pack: prepack the CPU float32 weights now (layers.pack_linears) rather than on
     the first forward; False for a stage that computes on the plain weights
-    (a node without room for the packed copy)."""
+    (a node without room for the packed copy). few_rows: see choose_kernels."""
     if not is_quantized(stage):
         quantize(stage, quantize_mode)
     else:
@@ -233,6 +282,7 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if max_context is not None:
         context_length(1, max_context)  # a ValueError naming a bad value, here
         stage.max_context = max_context
+    choose_kernels(stage, few_rows, batch_invariant)
     stage.packed_linears = pack
     if pack and not batch_invariant:
         pack_linears(stage)

@@ -1,0 +1,141 @@
+"""Group-wise int4 weights: what GGUF's Q4_0 / Q4_1 / Q4_K files hold, and `--quantize int4`.
+
+A weight (out N, in K) is split along K into groups of `group` (32, 64 or 128)
+values; each group has a float scale and zero and 4-bit codes q in 0..15 with
+
+    w = (q - 8) * scale + zero
+
+(the form of torch's CPU int4 kernel; llama.cpp's Q4_0 is zero = 0, Q4_1's
+`q*d + m` is scale d, zero m + 8d, Q4_K's `d*sc*q - dmin*m` per sub-block of 32 is
+scale d*sc, zero 8*d*sc - dmin*m: the same numbers, see checkpoint/gguf_int4.py).
+
+Storage (`Int4Linear`): the codes packed two to a byte in the layout of
+`torch.ops.aten._weight_int4pack_mm_for_cpu` (made by
+`_convert_weight_to_int4pack_for_cpu`: per block of 64 rows and per input k,
+32 bytes, byte j holding rows j and j + 32), 0.5 byte per weight, and `scales_and_zeros` (K/group, N, 2) in bfloat16, the kernel's
+operand (0.125 byte per weight at group 32): one stored copy, which the kernel
+reads as it is. The scales' rounding to bfloat16 is the only change from the
+file's numbers (relative 2^-9 of a scale; the codes are exact).
+
+Compute: the weight-only kernel with bfloat16 activations (with float32
+activations the same kernel is 10-40x slower); the output is cast back to the
+input's dtype. Each row's result depends on that row alone (no activation
+quantization across rows), so `--batch-invariant` needs no per-row loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+GROUP_SIZES = (32, 64, 128)
+INNER_K_TILES = 2  # the packing's parameter; K must be a multiple of 16 * it
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+@dataclass
+class Int4Weight:
+    """A weight as 4-bit codes with a scale and zero per group, before packing:
+    codes uint8 (N, K) in 0..15, scale and zero float32 (N, K / group)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (N, K): (q - 8) * scale + zero."""
+        g = self.group
+        q = self.codes.float() - 8.0
+        return (q.view(q.shape[0], -1, g) * self.scale[..., None] + self.zero[..., None]).view(q.shape)
+
+    def rows(self, index: torch.Tensor | slice) -> "Int4Weight":
+        return Int4Weight(self.codes[index], self.scale[index], self.zero[index], self.group)
+
+    @staticmethod
+    def cat_rows(parts: list["Int4Weight"]) -> "Int4Weight":
+        """Parts stacked along N (a fused q|k|v or gate|up weight)."""
+        if len({p.group for p in parts}) != 1:
+            raise ValueError("int4 parts with different group sizes cannot be fused")
+        return Int4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]), parts[0].group)
+
+
+def quantize_groups(w: torch.Tensor, group: int = 32) -> Int4Weight:
+    """Asymmetric min/max int4 per group of `group` inputs: scale = (max - min) / 15,
+    q = round((w - min) / scale), zero = min + 8 * scale (so q = 0 gives min)."""
+    if group not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
+    N, K = w.shape
+    if K % group:
+        raise ValueError(f"int4 group size {group} does not divide the input width {K}")
+    codes = torch.empty(N, K, dtype=torch.uint8)
+    scale = torch.empty(N, K // group)
+    zero = torch.empty(N, K // group)
+    for a in range(0, N, 1024):  # pieces: the float temporaries stay a few MB
+        part = w[a:a + 1024].detach().float().reshape(-1, K // group, group)
+        lo, hi = part.amin(-1), part.amax(-1)
+        s = ((hi - lo) / 15.0).clamp(min=1e-12)
+        q = torch.round((part - lo[..., None]) / s[..., None]).clamp_(0, 15)
+        codes[a:a + 1024] = q.reshape(-1, K).to(torch.uint8)
+        scale[a:a + 1024], zero[a:a + 1024] = s, lo + 8.0 * s
+    return Int4Weight(codes, scale, zero, group)
+
+
+def packable(N: int, K: int, group: int) -> bool:
+    """Can the CPU kernel take an (N, K) weight at this group size?"""
+    return int4_kernel_available() and K % group == 0 and K % (16 * INNER_K_TILES) == 0
+
+
+class Int4Linear(nn.Module):
+    """A Linear over packed int4 codes and bfloat16 scales and zeros (see the module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: int = 32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.zeros(
+            in_features // group, out_features, 2, dtype=torch.bfloat16, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, w: Int4Weight, bias: torch.Tensor | None = None) -> "Int4Linear":
+        N, K = w.shape
+        out = cls(K, N, bias is not None, w.group, device="meta")
+        out.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            w.codes.to(torch.int32), INNER_K_TILES)
+        out.scales_and_zeros = torch.stack([w.scale.t(), w.zero.t()], dim=-1).to(torch.bfloat16)
+        if bias is not None:
+            out.bias = bias.detach().clone()
+        return out
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, group: int = 32) -> "Int4Linear":
+        if layer.weight.is_meta:  # a loader's skeleton: filled by name later
+            return cls(layer.in_features, layer.out_features, layer.bias is not None, group, "meta")
+        return cls.from_weight(quantize_groups(layer.weight, group), layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group,
+                                                       self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, int4 group {self.group}"
