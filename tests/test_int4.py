@@ -14,7 +14,7 @@ from test_gguf import K_QUANT_SCALES, write_tiny_gguf  # noqa: E402
 
 from mdi.checkpoint.format import CheckpointError  # noqa: E402
 from mdi.checkpoint.gguf_int4 import int4_from_blocks  # noqa: E402
-from mdi.checkpoint.sources import load_model, load_stage, open_checkpoint  # noqa: E402
+from mdi.checkpoint.sources import LoadOptions, load_model, load_stage, open_checkpoint  # noqa: E402
 from mdi.generate import step  # noqa: E402
 from mdi.model import GPT, GPTConfig  # noqa: E402
 from mdi.model.int4 import Int4Linear, Int4Weight, int4_kernel_available, quantize_groups  # noqa: E402
@@ -107,7 +107,7 @@ def q4_gguf(tmp_path_factory):
 
 def test_gguf_int4_stage_keeps_the_files_codes(q4_gguf):
     ck = open_checkpoint(str(q4_gguf))
-    model, _ = load_model(ck, quantize="int4")
+    model = load_model(ck, LoadOptions(quantize="int4")).model
     reader = {t.name: t for t in gguf.GGUFReader(q4_gguf).tensors}
     src = ck.source
     # layer 0: q|k|v all Q4_0 -> the fused int4 weight is the file's codes, packed
@@ -125,7 +125,7 @@ def test_gguf_int4_stage_keeps_the_files_codes(q4_gguf):
     assert isinstance(model.transformer.h["1"].mlp.c_fc, Int8Linear)
     assert isinstance(model.transformer.h["1"].mlp.c_proj, Int4Linear)
     # the logits stay near the float model's on the same (dequantized) weights
-    ref, _ = load_model(ck)
+    ref = load_model(ck).model
     idx = torch.tensor([[1, 5, 9, 3, 7, 2]])
     with torch.no_grad():
         a, b = model(idx), ref(idx)
@@ -154,7 +154,7 @@ def test_quantize_int4_of_float_weights_is_close_and_split_equals_whole(make_mod
     from mdi.model.int4 import Int4Linear as I4
     fp = make_model(LLAMA, seed=1)
     path = save_checkpoint(tmp_path / "ck", fp, None)
-    whole, _ = load_model(path, quantize=mode)
+    whole = load_model(path, LoadOptions(quantize=mode)).model
     assert sum(isinstance(m, I4) for m in whole.modules()) == 3 * 4 + 1  # and the untied head
     assert {m.group for m in whole.modules() if isinstance(m, I4)} == {int(mode[6:] or 32)}
     ref = quantize(make_model(LLAMA, seed=1), mode)  # quantized after load == while loading
@@ -216,4 +216,4 @@ def test_int4_on_another_device_is_refused_with_the_reason(make_model, tmp_path)
     from mdi.checkpoint.format import save_checkpoint
     path = save_checkpoint(tmp_path / "ck", make_model(LLAMA, seed=0), None)
     with pytest.raises(CheckpointError, match="CPU only"):
-        load_model(path, device="meta", quantize="int4")
+        load_model(path, LoadOptions(device="meta", quantize="int4"))

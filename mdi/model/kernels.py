@@ -4,7 +4,7 @@ Two kernels read the same stored int8 weight (one copy serves both):
 - weight-only `torch._weight_int8pack_mm` with bfloat16 activations: no
   activation quantization, few aten calls; fastest for a few rows (decode of
   one or a few sequences), where the weight read is the cost;
-- dynamic int8 (`quant.int8_matmul`: per-row int8 activations, `torch._int_mm`,
+- dynamic int8 (`int8_matmul`: per-row int8 activations, `torch._int_mm`,
   exact integer sums), VNNI-fast for many rows.
 An Int8Linear runs the first up to `few_rows` rows (0: never). The default is
 the fixed FEW_ROWS, so that every process of a ring (and a single-device run)
@@ -46,13 +46,24 @@ def _best_time(fn: Callable[[], object], reps: int = 3, calls: int = 5) -> float
     return best
 
 
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (N, in) float @ dequant(q, scale).T -> (N, out) float32, on CPU.
+
+    Per-row dynamic activation scale; integer accumulation is exact, so row n's
+    result depends on row n alone.
+    """
+    x = x.float()
+    xs = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (N, 1)
+    xq = torch.round(x / xs).to(torch.int8)  # |x / xs| <= 127: no clamp needed
+    acc = torch._int_mm(xq, q.t())  # (N, out) int32; q.t() as a view is the fast layout
+    return acc.float() * (xs * scale)
+
+
 def probe_few_rows(weight: torch.Tensor, scale: torch.Tensor,
                    cache: dict[tuple[int, int], int] | None = None) -> int:
     """The largest row count of PROBE_ROWS up to which the weight-only kernel beat
     the dynamic one at every count, timed on this CPU (best of 3 x 5 calls each);
     cached in `cache` per weight shape (a stage's layers share their shapes)."""
-    from .quant import int8_matmul  # here: quant imports this module
-
     key = tuple(weight.shape)
     if cache is not None and key in cache:
         return cache[key]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .cache import context_length
 from .int4 import Int4Linear, packable
-from .kernels import FEW_ROWS, HEAD_ROWS, probe_few_rows, weight_only_available
+from .kernels import FEW_ROWS, HEAD_ROWS, int8_matmul, probe_few_rows, weight_only_available
 from .layers import pack_linears
 
 # "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
@@ -71,19 +71,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q[a:a + ROWS_AT_ONCE] = torch.round(part / s[:, None]).clamp_(-127, 127)
         scale[a:a + ROWS_AT_ONCE] = s
     return q, scale
-
-
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (N, in) float @ dequant(q, scale).T -> (N, out) float32, on CPU.
-
-    Per-row dynamic activation scale; integer accumulation is exact, so row n's
-    result depends on row n alone.
-    """
-    x = x.float()
-    xs = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)  # (N, 1)
-    xq = torch.round(x / xs).to(torch.int8)  # |x / xs| <= 127: no clamp needed
-    acc = torch._int_mm(xq, q.t())  # (N, out) int32; q.t() as a view is the fast layout
-    return acc.float() * (xs * scale)
 
 
 class Int8Linear(nn.Module):
