@@ -12,7 +12,9 @@ the API of `mdi serve` (serve/server.py). What a connection must do to stay open
 - a request answered before its body was read (the app answers 401 from the
   headers alone, or 413) with more than DRAIN_BYTES of it still to come has its
   connection half-closed after the answer (which says `Connection: close`) and
-  closed LINGER_S later; what else arrives is dropped unread. A smaller rest is
+  closed once its peer has been silent for LINGER_S (at most LINGER_MAX_S after the
+  answer): what else arrives is dropped unread, and a client still sending its body
+  finishes and reads the answer instead of being reset mid-write. A smaller rest is
   drained and the connection kept. On a port with a
   `secret`, a connection whose last request carried it (`Authorization: Bearer
   ...`) is *authenticated* and evicted last.
@@ -43,7 +45,8 @@ MAX_PER_CLIENT = 64          # open connections from one client address
 HEADER_TIMEOUT_S = 10.0      # seconds to send complete request headers (and the body's grace)
 MIN_BODY_RATE = 1024         # bytes a second a request body must arrive at, after the grace
 DRAIN_BYTES = 65536          # a body answered unread is still drained (connection kept) up to this
-LINGER_S = 1.0               # after answering a request whose body was left unread
+LINGER_S = 1.0               # silence after which a connection answered unread is closed
+LINGER_MAX_S = 10.0          # ... and the longest it is kept after that answer
 FRESH_S = 1.0                # a connection this young is evicted after older idle ones
 
 
@@ -68,6 +71,7 @@ class GuardedProtocol(H11Protocol):
         self.authenticated = False
         self.served = 0                          # requests answered on this connection
         self._lingering = False
+        self._linger_since = 0.0
         self._body_length: int | None = None  # the current request's Content-Length
         self._body_start: float | None = None  # when the current request's body began
         self._body_bytes = 0
@@ -77,8 +81,9 @@ class GuardedProtocol(H11Protocol):
         self._enforce_caps()
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return  # answered and half-closed: dropped unread
+        if self._lingering:  # answered and half-closed: dropped unread
+            self.last_active = self.loop.time()
+            return
         self.last_active = self.loop.time()
         self.bytes_in += len(data)
         between = self.cycle is None or self.cycle.response_complete
@@ -106,14 +111,17 @@ class GuardedProtocol(H11Protocol):
                 left is None or left > DRAIN_BYTES):
             # Answered before its body was read (a 401 from the headers, a 413), and much of
             # it is still to come: no use reading on. The answer said Connection: close;
-            # half-close, drop what still comes for LINGER_S, then close (a close with
-            # unread bytes would reset the answer before the client reads it). A small
-            # rest is drained by h11 and the connection kept, under the body deadline.
+            # half-close and drop what still comes until the peer is silent, then close (a
+            # close while it still sends would reset the connection, and the answer with
+            # it, before the client reads it). A small rest is drained by h11 and the
+            # connection kept, under the body deadline.
             self._end_body()
             self._lingering = True
+            self._linger_since = self.last_active = self.loop.time()
+            self.flow.resume_reading()
             if self.transport.can_write_eof():
                 self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
+            self.loop.call_later(LINGER_S, self._linger)
             return
         super().on_response_complete()
 
@@ -140,6 +148,17 @@ class GuardedProtocol(H11Protocol):
         if self._body_deadline is not None:
             self._body_deadline.cancel()
             self._body_deadline = None
+
+    def _linger(self) -> None:
+        """Close a connection answered unread once its peer is silent (or after LINGER_MAX_S)."""
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        quiet_at = self.last_active + LINGER_S
+        if now >= quiet_at or now >= self._linger_since + LINGER_MAX_S:
+            self.transport.close()
+        else:
+            self.loop.call_later(min(quiet_at, self._linger_since + LINGER_MAX_S) - now, self._linger)
 
     # ---- deadlines -----------------------------------------------------------
     def _arm_header_deadline(self) -> None:
