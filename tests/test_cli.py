@@ -287,3 +287,18 @@ def test_module_entry_point_sample(workflow):
     # Another process, the same tokens as in-process.
     assert r["samples"] == sample_json(workflow["ckpt"], "--n-samples", "2", "--n-tokens", "10",
                                        "--seed", "3")["samples"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(workflow):
+    long = "the " * 20  # 80 characters: more than block_size 32
+    assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", long), "sample",
+                       "prompt 0 is 80 tokens; the context holds 32 (the model's block_size)",
+                       "--truncate left")
+    assert_clean_error(run_cli("sample", "--ckpt", workflow["ckpt"], "--prompt", "the " * 3,
+                               "--max-context", "8"), "sample",
+                       "prompt 0 is 12 tokens; the context holds 8 (--max-context)", "raise --max-context")
+    # --truncate left: the window keeps the prompt's last tokens, which is what the model sees
+    gen = ["--n-samples", "1", "--n-tokens", "8", "--temperature", "0"]
+    cut = sample_json(workflow["ckpt"], "--prompt", long, "--truncate", "left", *gen)
+    tail = sample_json(workflow["ckpt"], "--prompt", long[-16:], *gen)  # the window's context//2
+    assert cut["samples"] == tail["samples"] and len(cut["samples"][0]) > 0

@@ -13,6 +13,7 @@ from ..checkpoint import LoadOptions
 from ..checkpoint.sampling_defaults import SamplingDefaults
 from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
+from ..model.cache import context_length
 from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
@@ -117,6 +118,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat", action="store_true",
                    help="each prompt is one user message in the model's chat template; samples "
                         "end at the template's end-of-turn token")
+    g.add_argument("--truncate", choices=["left"], default=None,
+                   help="a prompt longer than the context is refused; left: keep its last "
+                        "tokens instead (the window moves on as in a long generation)")
     add_sampling_options(g, n_tokens=DEFAULT_N_TOKENS)
     add_model_options(g)
     o = p.add_argument_group("output")
@@ -224,6 +228,25 @@ def encode_prompts(tok: Tokenizer, prompts: list[str], chat: bool = False) -> li
             raise UsageError(f"prompt {i} encodes to no tokens")
         out.append(ids)
     return out
+
+
+def check_prompt_lengths(ids: list[list[int]], block_size: int, max_context: int | None,
+                         truncate: str | None) -> None:
+    """A prompt longer than the context is refused, naming both numbers, unless
+    --truncate left (then the context window keeps its last tokens, as generation does)."""
+    if truncate == "left":
+        return
+    try:
+        context = context_length(block_size, max_context)
+    except ValueError as e:
+        raise UsageError(f"--max-context: {e}") from None
+    why = ("the model's block_size" if context == block_size
+           else "--max-context" if max_context is not None else "the default --max-context")
+    for i, p in enumerate(ids):
+        if len(p) > context:
+            raise UsageError(f"prompt {i} is {len(p)} tokens; the context holds {context} ({why}): "
+                             f"shorten it{', raise --max-context' if context < block_size else ''} "
+                             f"or pass --truncate left to keep its last tokens")
 
 
 def stops_of(args: argparse.Namespace, tok: Tokenizer) -> Stops:

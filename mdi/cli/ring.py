@@ -23,7 +23,7 @@ from ..results import GenerationResult, Texts
 from ..tokenizer import Tokenizer
 from .common import (CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
-                     UsageError, add_generation_options, check_counts, emit,
+                     UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
                      encode_prompts, read_prompts, sampling_config, set_threads, stops_of)
 from .preflight import check_local_nodes
 from .stream import StreamPrinter
@@ -89,6 +89,8 @@ def _prepare(args: argparse.Namespace, ck: Checkpoint) -> _Job:
     prompts = read_prompts(args.prompt, args.n_samples)
     tok = ck.tokenizer()
     ids = encode_prompts(tok, prompts, chat=args.chat)
+    if not args.resend_context:  # the no-cache mode has no window: it feeds the whole context
+        check_prompt_lengths(ids, ck.config.block_size, args.max_context, args.truncate)
     if args.chat:  # the answer starts on a line of its own
         prompts = [p + "\n" for p in prompts]
     if args.resend_context:  # the original system's no-cache mode runs the full budget

@@ -12,8 +12,8 @@ from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
 from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, SEED_HELP, THREADS_HELP,
-                     UsageError, add_generation_options, check_counts, emit, encode_prompts,
-                     load_options, read_prompts, sampling_config, set_threads, stops_of)
+                     UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
+                     encode_prompts, load_options, read_prompts, sampling_config, set_threads, stops_of)
 
 log = logging.getLogger("mdi")
 
@@ -62,6 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = load_model(args.ckpt, load_options(args))
     model, tok = loaded.model, loaded.tokenizer
     ids = encode_prompts(tok, prompts, chat=args.chat)
+    check_prompt_lengths(ids, model.config.block_size, args.max_context, args.truncate)
     if args.chat:  # the answer starts on a line of its own
         prompts = [p + "\n" for p in prompts]
     stops = stops_of(args, tok)
