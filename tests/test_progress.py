@@ -92,3 +92,20 @@ def test_serve_announces_its_url_after_startup():
         logger.setLevel(level)
     assert order == ["startup work", "lifespan.startup.complete", "at http://x:1/",
                      "lifespan.shutdown.complete"]
+
+
+def test_weight_upload_counts_every_byte_it_streams():
+    from mdi.ring.starter.client import _aiter
+
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    bar, chunks = Bar(), [b"abc", b"", b"defgh"]
+
+    async def consume() -> bytes:
+        return b"".join([c async for c in _aiter(iter(chunks), bar)])
+
+    assert asyncio.run(consume()) == b"abcdefgh" and bar.n == 8

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Iterator, TypeVar
 
 import httpx
+from tqdm import tqdm
 
 from ...checkpoint import Checkpoint
 from ...checkpoint.stream import shard_stream
@@ -210,11 +211,15 @@ class RingClient:
                      shard: Shard) -> None:
         """Stream a node its stage's weights, one tensor in memory at a time."""
         total, chunks = shard_stream(self.ckpt, shard)
+        # bytes sent, on a terminal (a large stage over a slow link takes minutes)
+        bar = tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
+                   desc=f"weights to {spec.name}")
         try:
-            r = await http.put(f"{spec.url}/weights/{run_id}", content=_aiter(chunks),
-                               timeout=max(self.opts.timeout, 60.0),
-                               headers={"content-type": "application/octet-stream",
-                                        "content-length": str(total)})
+            with bar:
+                r = await http.put(f"{spec.url}/weights/{run_id}", content=_aiter(chunks, bar),
+                                   timeout=max(self.opts.timeout, 60.0),
+                                   headers={"content-type": "application/octet-stream",
+                                            "content-length": str(total)})
         except httpx.HTTPError as e:
             raise NodeFailure(f"{spec.describe()} did not take its weights: "
                               f"{e or type(e).__name__}", node=spec) from None
@@ -376,9 +381,10 @@ async def _alive(http: httpx.AsyncClient, spec: NodeSpec, timeout: float) -> boo
         return False
 
 
-async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+async def _aiter(chunks: Iterator[bytes], bar: tqdm) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
+        bar.update(len(chunk))
 
 
 def _check(r: httpx.Response, spec: NodeSpec, path: str) -> dict:
