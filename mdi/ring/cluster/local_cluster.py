@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -186,6 +187,7 @@ class LocalCluster:
         self.affinity = affinity
         self.on_ready = on_ready
         self.procs: list[subprocess.Popen] = []
+        self.stopping = False
         self.tmp = tempfile.TemporaryDirectory(prefix="mdi-run-")
         self.nodes: NodesConfig | None = None
 
@@ -225,7 +227,18 @@ class LocalCluster:
                                                    self.affinity[i] if self.affinity and
                                                    i < len(self.affinity) else None)))
             logf.close()
+            threading.Thread(target=self._reap, args=(spec, self.procs[-1]), daemon=True,
+                             name=f"reap-{spec.name}").start()
         self._wait_ready()
+
+    def _reap(self, spec: NodeSpec, proc: subprocess.Popen) -> None:
+        """Wait for a child from the moment it starts: one that dies mid-run (killed, crashed)
+        is reaped at once, not left a zombie until the cluster ends, and its end is logged."""
+        code = proc.wait()
+        if not self.stopping:
+            log.warning("local node %s (pid %d) exited with code %d; its log: %s", spec.name,
+                        proc.pid, code, self.dir / f"node{self.procs.index(proc) + 1}.log"
+                        if proc in self.procs else "gone")
 
     @property
     def members(self) -> list[NodeSpec]:
@@ -260,6 +273,7 @@ class LocalCluster:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _stop(self, grace: float) -> None:
+        self.stopping = True
         polite = []  # children that took /shutdown: they get `grace` to exit on their own
         if self.nodes is not None:
             for spec, proc in zip(self.members, self.procs):
