@@ -57,7 +57,9 @@ def test_a_huge_block_size_gets_the_default_cache():
     config = GPTConfig(**{**ROPE.to_dict(), "block_size": 8192})
     with torch.device("meta"):
         model = GPT(config)
-    assert model.new_cache(3).k[0].shape == (3, 2, 2048, 8)
+    cache = model.new_cache(3)
+    assert cache.max_len == 2048 and cache.nbytes() == 2 * 3 * 2 * 2048 * 8 * 4 * 3  # 3 layers
+    assert cache.k[0].shape == (3, 2, 256, 8)  # what is held until the positions grow
     assert capped(model, 8192).new_cache(1).max_len == 8192
 
 

@@ -1,4 +1,4 @@
-"""Per-sample KV cache with preallocated buffers.
+"""Per-sample KV cache, its buffers grown as the positions in use grow.
 
 One cache serves a group of samples (a micro-batch): row b holds sample b's keys
 and values for every layer of a stage. Rows are independent; a sample can be
@@ -12,6 +12,9 @@ import torch
 # block_size up to this (GPT-2's 1024 and TinyLlama's 2048 are kept whole),
 # never SmolLM2's 8192 (377 MB of fp32 cache per sequence) by default.
 DEFAULT_MAX_CONTEXT = 2048
+# A cache grows by this many positions at a time (at least; it doubles): 256 positions
+# of SmolLM2 are 12 MB of float32 cache per sequence, its 2048 are 94 MB.
+GROW_BY = 256
 
 
 def context_length(block_size: int, max_context: int | None = None) -> int:
@@ -24,34 +27,67 @@ def context_length(block_size: int, max_context: int | None = None) -> int:
 
 
 class KVCache:
-    """Keys and values of a stage, one buffer per layer: (2, B, nh, T_max, hs),
-    keys at [0] and values at [1], so a step writes both with one copy.
-    `k[layer]` and `v[layer]` are views of it, (B, nh, T_max, hs)."""
+    """Keys and values of a stage, one buffer per layer: (2, B, nh, T, hs), keys at
+    [0] and values at [1], so a step writes both with one copy. `k[layer]` and
+    `v[layer]` are views of it, (B, nh, T, hs).
+
+    The buffers grow with use: T starts at min(max_len, grow_by) positions and
+    doubles (in whole grow_by blocks, at most max_len) when a step reaches past it
+    (`reserve`), so a short conversation does not hold a whole context of cache per
+    sequence. `max_len` is what a row can reach; `nbytes()` counts that, the
+    memory a run must plan for; `allocated_nbytes()` what is held now. grow_by=None
+    allocates max_len at once. Growth keeps what the rows hold (a copy into the
+    larger buffers); nothing is given back before the cache is dropped.
+    """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 _buffers: list[torch.Tensor] | None = None) -> None:
-        if _buffers is not None:
-            self.kv = _buffers
-        else:
-            shape = (2, batch, n_head, max_len, head_size)  # (k|v, B, nh, T_max, hs)
-            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+                 grow_by: int | None = GROW_BY) -> None:
+        if grow_by is not None and grow_by < 1:
+            raise ValueError(f"grow_by must be a positive number of positions, got {grow_by}")
+        self.max_len = max_len
+        self.grow_by = grow_by
+        length = max_len if grow_by is None else min(max_len, grow_by)
+        shape = (2, batch, n_head, length, head_size)  # (k|v, B, nh, T, hs)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self._bind()
+
+    def _bind(self) -> None:
         self.k = [b[0] for b in self.kv]
         self.v = [b[1] for b in self.kv]
-        self.max_len = self.kv[0].shape[3] if self.kv else max_len
 
     @property
     def batch(self) -> int:
         return self.kv[0].shape[1] if self.kv else 0
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    @property
+    def allocated(self) -> int:
+        """Positions the buffers hold now (<= max_len)."""
+        return self.kv[0].shape[3] if self.kv else self.max_len
+
+    def reserve(self, length: int) -> None:
+        """Make positions [0, length) writable: grow every layer's buffer if needed."""
+        if length <= self.allocated:
+            return
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the cache's {self.max_len} positions")
+        step = self.grow_by or self.max_len
+        grown = min(self.max_len, -(-max(length, 2 * self.allocated) // step) * step)
+        for i, old in enumerate(self.kv):
+            new = old.new_zeros((*old.shape[:3], grown, old.shape[4]))
+            new[:, :, :, :old.shape[3]] = old
+            self.kv[i] = new
+        self._bind()
+
+    def rows(self, start: int, stop: int) -> "CacheRows":
         """A cache over rows [start, stop) that shares storage with this one."""
-        return KVCache(0, 0, 0, self.max_len, 0, _buffers=[b[:, start:stop] for b in self.kv])
+        return CacheRows(self, start, stop)
 
     def update(self, layer: int, input_pos: torch.Tensor, kv: torch.Tensor,
                start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write kv (2, B, nh, T, hs) (keys, then values) at input_pos (B, T) in one
-        copy; return the layer's full key and value buffers (B, nh, T_max, hs).
+        copy; return the layer's key and value buffers (B, nh, allocated, hs). The
+        positions must have been reserved (the model's forward does it once).
 
         start: every row's positions are start..start+T-1 (the caller knows it
         once per forward), so a slice copy does instead of a scatter.
@@ -65,4 +101,32 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def nbytes(self) -> int:
+        """Bytes of the buffers grown to max_len: what a run's rows can reach."""
+        return sum(t[:, :, :, :1].numel() * t.element_size() for t in self.kv) * self.max_len
+
+    def allocated_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+class CacheRows(KVCache):
+    """Rows [start, stop) of a KVCache, sharing its storage; growth goes to the
+    whole cache (every row of a lane grows together) and the views follow it."""
+
+    def __init__(self, whole: KVCache, start: int, stop: int) -> None:  # noqa: D107
+        self.whole, self.span = whole, (start, stop)
+        self.max_len, self.grow_by = whole.max_len, whole.grow_by
+        self._follow()
+
+    def _follow(self) -> None:
+        start, stop = self.span
+        self.kv = [b[:, start:stop] for b in self.whole.kv]
+        self._bind()
+
+    def reserve(self, length: int) -> None:
+        if length > self.allocated:
+            self.whole.reserve(length)
+            self._follow()
+
+    def rows(self, start: int, stop: int) -> "CacheRows":
+        base = self.span[0]
+        return CacheRows(self.whole, base + start, base + stop)

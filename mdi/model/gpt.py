@@ -145,7 +145,10 @@ class GPT(nn.Module):
                               c.n_head + c.kv_heads, c.kv_heads)
         per_row = cache is not None and self.batch_invariant
         mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
-        step = cached_step(input_pos, per_row) if cache is not None else None
+        step = None
+        if cache is not None:
+            step = cached_step(input_pos, per_row)
+            cache.reserve(step.length)  # the buffers reach the step's last position
         for i, block in enumerate(self.transformer.h.values()):
             x = block(x, step, cache, i, rope, mode)
         if not self.has_head or not logits:

@@ -52,7 +52,7 @@ def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
     """Bytes of the KV caches of n_samples over n_layers blocks.
 
     Each block keeps k and v of shape (samples, n_kv_head, context, head_size),
-    as KVCache preallocates them; context is min(block_size, max_context), with
+    as KVCache holds them once grown to the whole context (what a run's rows can reach); context is min(block_size, max_context), with
     max_context's default cap (model/cache.py:context_length) when None.
     """
     n_kv_head, head_size = config.kv_heads, config.head_size
