@@ -68,7 +68,8 @@ def gen_args(n_samples: int, n_tokens: int, prompts, temperature: float, top_k: 
              seed: int) -> list[str]:
     out = ["--n-samples", n_samples, "--n-tokens", n_tokens, "--temperature", temperature,
            "--top-k", top_k, "--seed", seed, "--threads", 1,
-           "--batch-invariant"]  # distributed groupings differ from the single run's
+           "--batch-invariant",  # distributed groupings differ from the single run's
+           "--truncate", "left"]  # LONG_PROMPT: the window keeps its last tokens (checked here)
     for p in prompts:
         out += ["--prompt", p]
     return [str(a) for a in out]
