@@ -212,6 +212,43 @@ def test_configure_stage_packs_at_load_unless_told_not_to(tiny_config, make_mode
         torch.testing.assert_close(model(ids), plain(ids), atol=1e-5, rtol=0)
 
 
+def test_packing_at_load_keeps_one_copy_of_each_weight(tiny_config, make_model, monkeypatch):
+    """Issue 20.4: the packed copy replaces the plain weight (its storage given back;
+    shape and dtype still read), except a tied head's, whose rows the embedding looks
+    up; the logits equal those of a stage that kept both copies (bit for bit: the same
+    packed kernel), a deepcopy computes the same, and a path that needs the plain
+    weight (per-row, autograd) refuses with an error instead of computing on nothing."""
+    import copy
+
+    from mdi.model.quant import configure_stage
+
+    if not layers._HAS_PACKED:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(layers, "PACK_MIN_WEIGHTS", 0)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    both = make_model(tiny_config, seed=4).eval()
+    layers.pack_linears(both, one_copy=False)
+    one = configure_stage(make_model(tiny_config, seed=4).eval())
+    linears = [m for m in one.modules() if isinstance(m, torch.nn.Linear)]
+    given_up = [m for m in linears if m.weight.is_meta]
+    assert given_up and all(not layers.has_plain_weight(m) for m in given_up)
+    assert set(linears) - set(given_up) == {one.lm_head}  # tied to wte: kept
+    assert one.lm_head.weight is one.transformer.wte.weight and not one.lm_head.weight.is_meta
+    assert [m.weight.shape for m in linears] == [
+        m.weight.shape for m in both.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        assert torch.equal(one(ids), both(ids))
+        assert torch.equal(copy.deepcopy(one)(ids), both(ids))
+        cache = one.new_cache(1)
+        assert cache.kv[0].device.type == "cpu"  # not the meta device of a given-up weight
+        one.batch_invariant = True
+        with pytest.raises(RuntimeError, match="keeps only oneDNN's packed copy"):
+            one(ids, torch.arange(5)[None], cache)
+    one.batch_invariant = False
+    with pytest.raises(RuntimeError, match="load with pack=False"):
+        one(ids)  # autograd on
+
+
 def test_init_request_carries_the_runtime_options():
     from pydantic import ValidationError
 

@@ -423,9 +423,9 @@ def test_hf_source_to_dir_writes_an_hf_directory(tiny, tmp_path):
 
 # --- our decoder on GGUF weights vs transformers (needs mdi.checkpoint.sources, the HF mapping) ---
 
-def our_model(spec: str):
-    from mdi.checkpoint.sources import load_model
-    loaded = load_model(spec)
+def our_model(spec: str, pack: bool = True):
+    from mdi.checkpoint.sources import LoadOptions, load_model
+    loaded = load_model(spec, LoadOptions(pack=pack))
     model, ck = loaded.model, loaded.checkpoint
     return model.eval(), ck
 
@@ -455,16 +455,18 @@ def test_our_decoder_on_a_tiny_gguf_equals_transformers(tiny, transformers_tiny)
 @pytest.mark.slow
 def test_smollm2_logits_and_greedy_answer_equal_transformers(smollm2):
     _, ref, ref_tok = smollm2
-    model, ck = our_model("smollm2-135m-instruct")
+    model, ck = our_model("smollm2-135m-instruct")  # packed: one copy of each weight
+    plain, _ = our_model("smollm2-135m-instruct", pack=False)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
                                       return_dict=False)
     x = torch.tensor([ids])
     with torch.no_grad():
         want = ref(x).logits
-        model.packed_linears = False  # the import itself: the same kernels as transformers
-        torch.testing.assert_close(model(x), want, atol=1e-4, rtol=0)
-        model.packed_linears = True   # the default CPU path: oneDNN's packed kernels round
+        plain.packed_linears = False  # the import itself: the same kernels as transformers
+        torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=0)
+        del plain
+        # the default CPU path: oneDNN's packed kernels round
         torch.testing.assert_close(model(x), want, atol=5e-4, rtol=0)  # in another order
     eot = ref_tok.convert_tokens_to_ids("<|im_end|>")
     ours = greedy(model, ids, 16, eot)

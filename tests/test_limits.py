@@ -428,13 +428,15 @@ WIDE = GPTConfig(vocab_size=1024, block_size=32, n_layer=4, n_head=4, n_embd=512
 @pytest.mark.skipif(not limits.packed_copy_bytes(WIDE, 0, 4, torch.float32),
                     reason="this torch build has no oneDNN prepacked linear")
 def test_packed_copy_is_counted_when_it_fits_and_dropped_when_it_does_not(caplog):
-    """Review: CPU float32 inference keeps a second, packed copy of every large Linear
-    weight, which /init did not count. A node now counts it when it has the room and
-    runs on the plain layers (same numbers, slower) when only the plain weights fit."""
+    """Review: packing the large float32 Linear weights takes memory beside the plain
+    ones, which /init did not count. The packed copy now replaces each plain weight
+    (one copy), so what it adds is one weight held twice while packing (and tied
+    heads beside their embedding); a node counts it when it has the room and runs
+    on the plain layers (same numbers, slower) when only the plain weights fit."""
     extra = limits.packed_copy_bytes(WIDE, 2, 4, torch.float32)
-    blocks = 2 * 4 * (512 * 1536 + 2 * 512 * 2048)  # fused qkv and both MLP layers, 4 bytes each
-    head = 4 * 1024 * 512  # the finisher's head (tied: a Linear over wte's weight)
-    assert extra == blocks + head  # attention's 512x512 output layer is too small to pack
+    assert extra == 4 * 512 * 2048  # the largest packed weight, an MLP layer
+    # a whole model with a tied head: its packed copy stays beside the embedding's rows
+    assert limits.packed_copy_bytes(WIDE, 0, 4, torch.float32) == 4 * 1024 * 512 + extra
     assert limits.packed_copy_bytes(WIDE, 2, 4, torch.float32, "int8") == 0
     assert limits.packed_copy_bytes(WIDE, 2, 4, torch.bfloat16) == 0
     assert limits.packed_copy_bytes(WIDE, 2, 4, torch.float32, device="cuda:0") == 0

@@ -150,7 +150,8 @@ class VsTransformers:
             model = variant_model(loaded.checkpoint, name)
             engines[f"mdi-{name}"] = (lambda m: lambda n: mdi_generate_timed(
                 m, prompt, n, cfg.n_tokens))(model)
-        hf = to_transformers(base)
+        # from the plain weights (the packed stage above gave its plain copies up)
+        hf = to_transformers(load_model(loaded.checkpoint, LoadOptions(pack=False)).model)
         engines["transformers"] = lambda n: hf_generate_timed(hf, prompt, n, cfg.n_tokens)
         # One untimed warm-up per engine (allocator, thread pool, lazy init).
         for fn in engines.values():

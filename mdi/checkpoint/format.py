@@ -70,6 +70,10 @@ class CheckpointInfo:
 def storable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict to write: contiguous tensors, the tied head (and its int8 scale) left out."""
     sd = model.state_dict()
+    given_up = [k for k, v in sd.items() if v.is_meta]
+    if given_up:
+        raise CheckpointError(f"{given_up[0]}: this stage keeps only the packed copy of its "
+                              f"weights (loaded with pack=True); load with pack=False to save it")
     if model.has_embeddings and model.has_head and model.config.tie_embeddings:
         sd.pop(TIED_HEAD, None)
         sd.pop(TIED_SCALE, None)

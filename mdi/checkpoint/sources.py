@@ -173,7 +173,7 @@ def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrit
     if (out / CONFIG).exists() and not overwrite:
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
                               "or pass --force")
-    model = load_model(ck, LoadOptions(dtype=dtype, quantize=quantize)).model
+    model = load_model(ck, LoadOptions(dtype=dtype, quantize=quantize, pack=False)).model
     try:
         tok = ck.tokenizer()
     except CheckpointError as e:

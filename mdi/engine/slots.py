@@ -56,7 +56,7 @@ class SlotStage:
         self.caches: list[KVCache] = [stage.new_cache(n) for n in sizes]
         self.slots = [_Slot(lane, row) for lane, n in enumerate(sizes) for row in range(n)]
         self.first = [sum(sizes[:i]) for i in range(len(sizes))]  # first slot of each lane
-        p = next(stage.parameters())
+        p = stage.first_param()
         self.device = p.device
 
     def clear(self) -> None:

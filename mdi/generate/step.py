@@ -24,7 +24,7 @@ Inputs = Sequence[int] | torch.Tensor  # token ids (first stage) or activations 
 
 
 def _device(stage: GPT) -> torch.device:
-    return next(stage.parameters()).device
+    return stage.first_param().device
 
 
 def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs, start: int = 0) -> torch.Tensor:

@@ -107,9 +107,15 @@ class GPT(nn.Module):
         """Positions a run keeps: min(block_size, max_context or its default)."""
         return context_length(self.config.block_size, self.max_context)
 
+    def first_param(self) -> torch.Tensor:
+        """A parameter that holds storage (its device and dtype are the stage's): not a
+        weight given up for its packed copy (layers.pack_linears), which is on meta."""
+        params = list(self.parameters())
+        return next((q for q in params if not q.is_meta), params[0])
+
     def new_cache(self, batch: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
-        p = next(self.parameters())
+        p = self.first_param()
         c = self.config
         return KVCache(self.n_blocks, batch, c.kv_heads, self.context, c.head_size,
                        dtype=dtype or p.dtype, device=device or p.device)

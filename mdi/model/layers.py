@@ -65,9 +65,14 @@ class _Packed:
     def __init__(self) -> None:
         self.key: tuple | None = None  # (weakref to the weight, data_ptr, version)
         self.weight: torch.Tensor | None = None
+        self.only = False  # the plain weight was given up: this is the layer's one copy
 
     def __deepcopy__(self, memo: dict) -> "_Packed":
-        return _Packed()
+        if not self.only:
+            return _Packed()
+        twin = _Packed()  # nothing else holds the weights: share them (read-only at inference)
+        twin.weight, twin.only = self.weight, True
+        return twin
 
     def __reduce__(self) -> tuple:
         return (_Packed, ())
@@ -84,6 +89,8 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     except RuntimeError:  # an inference tensor has no version counter; it cannot change
         version = -1
     held = layer.__dict__.get("_mdi_packed")
+    if held is not None and held.only:
+        return held.weight
     if held is None:
         held = layer.__dict__["_mdi_packed"] = _Packed()
     key = held.key
@@ -93,19 +100,48 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     return held.weight
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, one_copy: bool = True) -> int:
     """Pack now, at load, every weight a CPU float32 forward would pack on its first
-    use (packed_weight), so the first token does not wait for it; returns how many."""
+    use (packed_weight), so the first token does not wait for it; returns how many.
+
+    one_copy: the packed weight replaces the plain one (its storage is given back;
+    the parameter keeps its shape on the meta device, so sizes and names still
+    read), one layer at a time, so that the stage never holds both copies of more
+    than one weight. A weight shared with another module (a tied head, whose plain
+    rows the embedding looks up) keeps its plain copy. Such a stage computes only
+    through the packed path: a per-row (--batch-invariant) or dense forward, or
+    autograd, refuses with an error naming the layer."""
     if not _HAS_PACKED:
         return 0
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         if (isinstance(m, nn.Linear) and w.device.type == "cpu" and w.dtype == torch.float32
                 and w.numel() >= PACK_MIN_WEIGHTS):
             packed_weight(m)
+            if one_copy and uses[id(w)] == 1:
+                m.__dict__["_mdi_packed"].only = True
+                m.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"),
+                                        requires_grad=False)
             n += 1
     return n
+
+
+def has_plain_weight(layer: nn.Module) -> bool:
+    """False for a Linear whose plain weight gave way to its packed copy (pack_linears)."""
+    held = layer.__dict__.get("_mdi_packed")
+    return held is None or not held.only
+
+
+def _plain(layer: nn.Linear) -> torch.Tensor:
+    if not has_plain_weight(layer):
+        raise RuntimeError("this layer keeps only oneDNN's packed copy of its weight (loaded with "
+                           "pack=True): it computes through the packed path only; load with "
+                           "pack=False for per-row (--batch-invariant), dense or training use")
+    return layer.weight
 
 
 def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
@@ -119,10 +155,11 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     if not isinstance(layer, nn.Linear):
         return layer(x)
     if mode == "per_row":
-        w = layer.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
+        w = _plain(layer).t().unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, C_in, C_out)
         y = torch.bmm(x, w)
         return y if layer.bias is None else y + layer.bias
     if x.dim() != 3:
+        _plain(layer)
         return layer(x)
     B, T, C = x.shape
     if mode == "packed" and can_pack(layer, x):  # 2-D in and out: 3 aten calls, not 7
@@ -131,10 +168,11 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
                                                layer.bias, "none", [], "")
         return y.view(B, T, -1)
     if torch.is_grad_enabled():
+        _plain(layer)
         return layer(x)
     # F.linear's own path for a 3-D input (flatten, mm/addmm, view back), without
     # its dispatch layers: 5 aten calls instead of 11 per small-weight decode GEMM
-    w = layer.weight.t()
+    w = _plain(layer).t()
     x2 = x.reshape(B * T, C)
     y = torch.mm(x2, w) if layer.bias is None else torch.addmm(layer.bias, x2, w)
     return y.view(B, T, -1)

@@ -151,7 +151,7 @@ class NodeRun:
         stage = self.stage
         if stage is None or frame.tensor is None:
             raise RuntimeError("the run was dropped before this frame was computed")
-        device = next(stage.parameters()).device
+        device = stage.first_param().device
         x = frame.tensor.to(device, copy=True)  # aligned memory, as in single-device runs
         out = self._timed(forward_context, stage, x)
         if not self.is_finisher:

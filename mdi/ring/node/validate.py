@@ -114,8 +114,8 @@ def validate_device(device: str) -> str:
 
 def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: str,
                  max_memory: int | None, held: int) -> tuple[int, bool]:
-    """Bytes the run takes (weights + KV caches, and the packed copy of large
-    float32 weights when it fits too: model/layers.py) and whether to pack;
+    """Bytes the run takes (weights + KV caches, and what packing large float32
+    weights adds when that fits too: limits.packed_copy_bytes) and whether to pack;
     InitError when the node has less than weights + KV caches. held: what the
     current run holds (a new /init drops it)."""
     dtype = DTYPES[req.dtype]
@@ -134,7 +134,7 @@ def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: st
     extra = mem.packed_copy_bytes(config, req.start, req.stop, dtype, req.quantize, device)
     if weights + kv + extra <= have:
         return weights + kv + extra, True
-    log.info("memory: no room for the %s packed copy of the weights (%s free): this run "
+    log.info("memory: no room for the %s that packing the weights takes (%s free): this run "
              "computes on the plain layers, slower", mem.format_size(extra),
              mem.format_size(have - weights - kv))
     return weights + kv, False

@@ -96,7 +96,7 @@ def _time_stage(stage: GPT, batch: int, device: str, min_time: float,
     """ms per decode step of `stage` for `batch` rows (random inputs, cached forward)
     at `context` positions (None: a quarter of the stage's cache)."""
     config = stage.config
-    p = next(stage.parameters())
+    p = stage.first_param()
     cache = stage.new_cache(batch)
     if stage.start == 0:
         x = torch.randint(0, config.vocab_size, (batch, 1), device=device)

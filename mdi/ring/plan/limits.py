@@ -93,9 +93,11 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
 
 def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
                       quantize: str | None = None, device: str = "cpu") -> int:
-    """The second copy of a stage's large float32 Linear weights that CPU
-    inference keeps in oneDNN's layout (model/layers.py:packed_weight; tied
-    heads included); 0 where nothing is packed (int8, other dtypes, GPUs).
+    """What CPU float32 inference adds to a stage's plain weights by packing its large
+    Linear weights into oneDNN's layout (model/layers.py:pack_linears): the packed
+    copy replaces a plain weight, so only a weight shared with another module (a
+    tied head beside its embedding) is held twice, plus, while packing, one weight
+    at a time (the largest). 0 where nothing is packed (int8, other dtypes, GPUs).
     Same three one-block stages as stage_weight_bytes, on the meta device."""
     from torch import nn
 
@@ -106,13 +108,22 @@ def packed_copy_bytes(config, start: int, stop: int, dtype: torch.dtype,
             not packing_available():
         return 0
 
-    def nbytes(a: int) -> int:
+    def packed(a: int) -> list[tuple[int, bool]]:
+        """(bytes, shared) of each weight block a's stage packs."""
         with on_meta():
             stage = GPT(config, a, a + 1)
-        return sum(4 * m.weight.numel() for m in stage.modules()
-                   if isinstance(m, nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS)
+        uses: dict[int, int] = {}
+        for _, p in stage.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        return [(4 * m.weight.numel(), uses[id(m.weight)] > 1) for m in stage.modules()
+                if isinstance(m, nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS]
 
-    return _over_blocks(start, stop, nbytes)
+    shared = _over_blocks(start, stop, lambda a: sum(n for n, twice in packed(a) if twice))
+    head = config.vocab_size * config.n_embd
+    if start == 0 and stop == config.n_layer and config.tie_embeddings and head >= PACK_MIN_WEIGHTS:
+        shared += 4 * head  # a whole model's tied head (one-block stages never hold both ends)
+    blocks = {start, min(start + 1, stop - 1), stop - 1}
+    return shared + max((n for a in blocks for n, _ in packed(a)), default=0)
 
 
 def _over_blocks(start: int, stop: int, nbytes: Callable[[int], int]) -> int:
