@@ -209,7 +209,7 @@ class RingClient:
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:
         """Stream a node its stage's weights, one tensor in memory at a time."""
-        total, chunks = shard_stream(self.ckpt, shard)
+        total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize)
         try:
             r = await http.put(f"{spec.url}/weights/{run_id}", content=_aiter(chunks),
                                timeout=max(self.opts.timeout, 60.0),
