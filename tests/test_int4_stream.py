@@ -30,10 +30,10 @@ async def _chunks(data: bytes, size: int = 1000):
         yield data[i:i + size]
 
 
-def built(config, start, stop, data: bytes, mode: str = "int4"):
+def built(config, start, stop, data: bytes, mode: str = "int4", dtype=torch.float32):
     """What a node's stage_from_stream does: the stream parsed and put as it arrives."""
     async def main():
-        b = StageBuilder(config, start, stop, quantize=mode)
+        b = StageBuilder(config, start, stop, dtype=dtype, quantize=mode)
         async for name, t in iter_stream(_chunks(data), b.stream_want):
             b.put(name, t)
         return b.finish()
@@ -59,11 +59,13 @@ def test_codes_pack_two_to_a_byte_and_back():
 def test_streamed_gguf_int4_stage_equals_the_single_device_one(q4_gguf, start, stop):
     ck = open_checkpoint(str(q4_gguf))
     config = ck.config
-    layers = quantized_layers(ck, Shard(start, stop, 2), "int4")
-    if start <= 1 < stop:  # layer 1: a Q8_0 matrix and a gate|up pair with a Q5_0 half
-        assert layers["transformer.h.1.attn.c_proj"] == "int8"
-        assert layers["transformer.h.1.mlp.c_fc"] == "int8"
-        assert layers["transformer.h.1.mlp.c_proj"] == "int4"
+    layers = {p: form for p, (form, _) in quantized_layers(ck, Shard(start, stop, 2), "int4").items()}
+    if start == 1:  # layer 1: a Q8_0 matrix and a gate|up pair with a Q5_0 half; the tied head
+        assert layers == {"transformer.h.1.attn.c_attn": "int4", "transformer.h.1.attn.c_proj": "int8",
+                          "transformer.h.1.mlp.c_fc": "int8", "transformer.h.1.mlp.c_proj": "int4",
+                          "lm_head": "int8"}
+    else:  # with the embedding the tied head is the table's: not sent apart
+        assert "lm_head" not in layers and layers["transformer.h.0.mlp.c_proj"] == "int4"
     data = shard_bytes(ck, Shard(start, stop, 2), "int4")
     got = built(config, start, stop, data)
     want, _ = load_stage(ck, start, stop, quantize="int4")
@@ -79,9 +81,14 @@ def test_other_modes_and_float_sources_stream_floats(q4_gguf, tmp_path, make_mod
     shard = Shard(1, 2, 2)
     assert quantized_layers(ck, shard, "int8") == {} and quantized_layers(ck, shard, None) == {}
     # a coarser group than the file's: floats, quantized by the node as one device does
-    assert set(quantized_layers(ck, shard, "int4-g64").values()) == {"int8"}
+    assert {form for form, _ in quantized_layers(ck, shard, "int4-g64").values()} == {"int8"}
     got = built(ck.config, 1, 2, shard_bytes(ck, shard, "int4-g64"), "int4-g64")
     assert_same_stage(got, load_stage(ck, 1, 2, quantize="int4-g64")[0])
+    # the head's int8 rows are made from the run's dtype, as the node would make them
+    half = shard_bytes(ck, shard, "int4", torch.float16)
+    assert half != shard_bytes(ck, shard, "int4")
+    got = built(ck.config, 1, 2, half, dtype=torch.float16)
+    assert_same_stage(got, load_stage(ck, 1, 2, dtype=torch.float16, quantize="int4")[0])
     ours = save_checkpoint(tmp_path / "ck", make_model(LLAMA, seed=1), None)
     assert quantized_layers(open_checkpoint(ours), Shard(1, 3, 3), "int4") == {}
 

@@ -206,8 +206,9 @@ class StageBuilder:
     def stream_want(self, names: set[str]) -> dict[str, tuple[int, ...]]:
         """What a weights stream whose header names `names` must hold: `want`, with
         the int4 layers it sends quantized in their parts (quant_parts.py)."""
-        int4 = {n: (m.out_features, m.in_features, m.group) for n, m in self.stage.named_modules()
-                if isinstance(m, Int4Linear)}
+        int4 = {n: (m.out_features, m.in_features, getattr(m, "group", 0))
+                for n, m in self.stage.named_modules()
+                if self.mode and self.mode.startswith("int4") and isinstance(m, (Int4Linear, Int8Linear))}
         want, forms = stream_want(self.want, int4, names)
         self.parts = QuantParts(forms, self.where)
         return want

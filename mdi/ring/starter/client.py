@@ -25,6 +25,7 @@ import httpx
 
 from ...checkpoint import Checkpoint
 from ...checkpoint.stream import shard_stream
+from ...model.dtypes import DTYPES
 from ...generate.sampling import SamplingConfig
 from ...model.config import GPTConfig
 from ...results import HopStats
@@ -209,7 +210,7 @@ class RingClient:
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:
         """Stream a node its stage's weights, one tensor in memory at a time."""
-        total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize)
+        total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize, DTYPES[self.opts.dtype])
         try:
             r = await http.put(f"{spec.url}/weights/{run_id}", content=_aiter(chunks),
                                timeout=max(self.opts.timeout, 60.0),
