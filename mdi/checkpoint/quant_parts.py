@@ -13,6 +13,9 @@ instead of the float `p.weight` (N, K) either
   packed layout is torch's, not a wire format);
 - int8 (a wider block format: Q5_x, Q6_K, Q8_0): `p.weight` int8 (N, K) and
   `p.scale` float32 (N,), the starter's `quantize_rows` of the float tensor.
+  The stage's own int8 Linears (a head tied to the embedding, on the last node;
+  a width the int4 kernel cannot take) travel so too, from any Hugging Face or
+  GGUF source: the starter quantizes them as the node would have.
 
 Every other tensor travels as before. The stream's header says which form
 each layer takes; the node checks names and shapes against that
