@@ -252,6 +252,7 @@ def test_packing_at_load_keeps_one_copy_of_each_weight(tiny_config, make_model, 
 def test_init_request_carries_the_runtime_options():
     from pydantic import ValidationError
 
+    from mdi.model.quant import QUANT_MODES
     from mdi.ring.node.control_messages import InitRequest
 
     body = {"run_id": 1, "role": "finisher", "start": 1, "stop": 2, "model": {}, "groups": [[0, 1]],
@@ -260,8 +261,19 @@ def test_init_request_carries_the_runtime_options():
     assert req.quantize is None and req.batch_invariant is False
     req = InitRequest.model_validate({**body, "quantize": "int8", "batch_invariant": True})
     assert req.quantize == "int8" and req.batch_invariant is True
+    for mode in QUANT_MODES:  # every --quantize mode travels, and nothing else
+        assert InitRequest.model_validate({**body, "quantize": mode}).quantize == mode
     with pytest.raises(ValidationError, match="quantize"):
-        InitRequest.model_validate({**body, "quantize": "int4"})
+        InitRequest.model_validate({**body, "quantize": "int4-g16"})
+
+
+def test_int4_is_refused_at_init_off_the_cpu():
+    from mdi.ring.node.validate import InitError, check_quantize
+
+    check_quantize("int4", "cpu")
+    check_quantize("int8", "cuda:0")
+    with pytest.raises(InitError, match="quantize: int4-g64 runs on CPU only.*cuda:0"):
+        check_quantize("int4-g64", "cuda:0")
 
 
 def test_configure_stage(tiny_config, make_model):
@@ -287,3 +299,22 @@ def test_int8_ring_equals_int8_sample(tmp_path, n_nodes):
     base, _ = mdi_json("sample", "--ckpt", ckpt, *gen)
     out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen)
     assert out["samples"] == base["samples"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_nodes", [2, 3])
+def test_int4_ring_equals_int4_sample(tmp_path, n_nodes):
+    """--quantize int4 travels in /init: every node quantizes its float stage as it
+    arrives (group 32 codes, the tied head int8 on the finisher as on one device),
+    so the ring's tokens equal the single-device int4 run's, and differ from int8's."""
+    from cluster_helpers import TEXT, build_tiny_ckpt
+    from test_e2e_ring import DIST, gen_args, mdi_json
+
+    ckpt = build_tiny_ckpt(tmp_path / "ckpt")
+    gen = gen_args(n_samples=3, n_tokens=40, prompts=(TEXT[:5],), temperature=0.8, top_k=200,
+                   seed=3)
+    base, _ = mdi_json("sample", "--ckpt", ckpt, *gen, "--quantize", "int4")
+    out, _ = mdi_json("run", "--ckpt", ckpt, "--nodes", n_nodes, *DIST, *gen, "--quantize", "int4")
+    assert out["samples"] == base["samples"]
+    int8, _ = mdi_json("sample", "--ckpt", ckpt, *gen, "--quantize", "int8")
+    assert int8["samples"] != base["samples"]  # int4 really ran

@@ -58,6 +58,7 @@ def bad_inits(ring) -> list[tuple[str, dict | bytes, int, str]]:
         ("unknown field", {**good, "evil": 1}, 422, "evil: Extra inputs are not permitted"),
         ("unknown role", {**good, "role": "starter"}, 422, "role:"),
         ("unknown dtype", {**good, "dtype": "float64"}, 422, "dtype:"),
+        ("unknown quantize", {**good, "quantize": "int3"}, 422, "quantize: Input should be"),
         ("groups as text", {**good, "groups": "0-3"}, 422, "groups:"),
         ("negative temperature", {**good, "sampling": {"temperature": -1.0, "seed": 1}}, 422,
          "sampling.temperature:"),

@@ -174,6 +174,28 @@ def test_quantize_int4_of_float_weights_is_close_and_split_equals_whole(make_mod
             assert torch.equal(step.decode(b, cb, h, [t]), step.decode(whole, cw, [int(idx[0, t])], [t]))
 
 
+def test_a_tied_head_is_int8_on_every_split_and_odd_widths_stay_int8(make_model, tmp_path):
+    """The ring's last node holds the head without the embedding it is tied to: it
+    quantizes it as a whole model does (int8, one scale per vocabulary row), so the
+    split int4 model equals the whole one. A width the kernel cannot pack (N % 16)
+    is int8 too, on every split alike."""
+    from mdi.checkpoint.format import save_checkpoint
+    config = GPTConfig.from_dict({**LLAMA.to_dict(), "tie_embeddings": True})  # 64 rows: packable
+    path = save_checkpoint(tmp_path / "ck", make_model(config, seed=2), None)
+    whole = load_model(path, LoadOptions(quantize="int4")).model
+    a, _ = load_stage(path, 0, 2, quantize="int4")
+    b, _ = load_stage(path, 2, None, quantize="int4")
+    assert isinstance(b.lm_head, Int8Linear) and isinstance(whole.lm_head, Int8Linear)
+    assert torch.equal(b.lm_head.weight, whole.lm_head.weight)
+    assert isinstance(b.transformer.h["2"].mlp.c_proj, Int4Linear)
+    untied = quantize(make_model(GPTConfig.from_dict({**LLAMA.to_dict(), "vocab_size": 72}),
+                                 seed=2), "int4")
+    assert isinstance(untied.lm_head, Int8Linear)  # 72 rows: not a multiple of 16
+    idx = torch.tensor([[1, 5, 9, 3, 7, 2, 11]])
+    with torch.no_grad():
+        assert torch.equal(b(a(idx)), whole(idx))
+
+
 @pytest.mark.parametrize("mode, bound", [("int4", 0.3), ("int4-g128", 0.45)])
 def test_int4_logits_close_to_fp32(mode, bound):
     """SmolLM2-135M's widths, 2 blocks, its initialization's scale (a wrong mapping

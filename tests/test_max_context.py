@@ -164,3 +164,17 @@ def test_int8_runs_cost_their_int8_weights():
     kv = limits.kv_cache_bytes(ROPE, 1, 2, torch.float32)
     assert q.block_bytes - kv == weight_bytes(quantize_linears(GPT(ROPE, 1, 2)))
     assert q.block_bytes < fp.block_bytes and q.head_bytes < fp.head_bytes
+
+
+@pytest.mark.parametrize("mode", ["int4", "int4-g64"])
+def test_int4_runs_cost_their_int4_weights(mode):
+    """Packed codes (half a byte a weight) and bfloat16 scales and zeros per group."""
+    from mdi.model.quant import quantize_linears, weight_bytes
+    from mdi.ring.plan import limits
+
+    config = GPTConfig.from_dict({**ROPE.to_dict(), "n_embd": 64, "intermediate_size": 128})
+    for start, stop in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        stage = quantize_linears(GPT(config, start, stop), mode=mode)
+        got = limits.stage_weight_bytes(config, start, stop, torch.float32, mode)
+        assert got == weight_bytes(stage)
+        assert got < limits.stage_weight_bytes(config, start, stop, torch.float32, "int8")

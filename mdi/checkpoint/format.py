@@ -28,6 +28,7 @@ from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenize
 from . import st_io
 from .gguf_int4 import int4_target
 from .malloc import mapped_allocations
+from .quant_parts import QuantParts, QuantPartsError, stream_want
 
 FORMAT = "mdi-checkpoint"
 VERSION = 1
@@ -157,7 +158,7 @@ def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
     return {k: tuple(v.shape) for k, v in stage.state_dict().items()}
 
 
-def _meta_stage(config: GPTConfig, start: int, stop: int | None, mode: str | bool | None) -> GPT:
+def quantized_skeleton(config: GPTConfig, start: int, stop: int | None, mode: str | bool | None) -> GPT:
     """A stage without storage: the skeleton a loader fills by name (quantized
     layers as placeholders when mode is a --quantize mode; True: int8)."""
     with on_meta():
@@ -170,7 +171,7 @@ def _meta_stage(config: GPTConfig, start: int, stop: int | None, mode: str | boo
 def expected_int8_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
                          ) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of an int8 stage (`x.weight` int8, `x.scale` float32, ...)."""
-    return {k: tuple(v.shape) for k, v in _meta_stage(config, start, stop, True).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in quantized_skeleton(config, start, stop, True).state_dict().items()}
 
 
 class StageBuilder:
@@ -196,7 +197,7 @@ class StageBuilder:
         self.int8 = self.mode is not None
         self.stored_int8 = stored == "int8"
         self.config, self.device, self.dtype, self.where = config, device, dtype, where
-        self.stage = _meta_stage(config, start, stop, self.mode)
+        self.stage = quantized_skeleton(config, start, stop, self.mode)
         if self.stored_int8:
             self.want = expected_int8_shapes(config, start, stop)
         else:
@@ -204,6 +205,17 @@ class StageBuilder:
         s = self.stage
         self.tied = config.tie_embeddings and s.has_embeddings and s.has_head
         self.sd: dict[str, torch.Tensor] = {}
+        self.parts: QuantParts | None = None  # a stream's quantized layers (stream_want)
+
+    def stream_want(self, names: set[str]) -> dict[str, tuple[int, ...]]:
+        """What a weights stream whose header names `names` must hold: `want`, with
+        the int4 layers it sends quantized in their parts (quant_parts.py)."""
+        int4 = {n: (m.out_features, m.in_features, getattr(m, "group", 0))
+                for n, m in self.stage.named_modules()
+                if self.mode and self.mode.startswith("int4") and isinstance(m, (Int4Linear, Int8Linear))}
+        want, forms = stream_want(self.want, int4, names)
+        self.parts = QuantParts(forms, self.where)
+        return want
 
     def names(self) -> list[str]:
         """What to put, in order; the tied head is the embedding, never read twice."""
@@ -215,6 +227,14 @@ class StageBuilder:
 
     def put(self, name: str, t: torch.Tensor) -> None:
         """Take tensor `name` (the caller drops its reference afterwards)."""
+        if self.parts is not None and self.parts.owns(name):
+            try:
+                done = self.parts.take(name, t)
+            except QuantPartsError as e:
+                raise CheckpointError(str(e)) from None
+            if done is not None:
+                self._put_parts(*done)
+            return
         if name not in self.want:
             raise CheckpointError(f"{self.where}: tensor {name!r} is not part of this stage")
         if tuple(t.shape) != self.want[name]:
@@ -273,6 +293,19 @@ class StageBuilder:
         packed = Int4Linear.from_weight(w)  # int4 kernels run on CPU: packed there
         self._keep(name, packed.weight)
         self._keep(name[:-len("weight")] + "scales_and_zeros", packed.scales_and_zeros)
+
+    def _put_parts(self, prefix: str, w: Int4Weight | tuple[torch.Tensor, torch.Tensor]) -> None:
+        """A layer that came quantized: int4 codes packed here, or int8 rows."""
+        if isinstance(w, Int4Weight):
+            packed = Int4Linear.from_weight(w)
+            self._keep(prefix + ".weight", packed.weight)
+            self._keep(prefix + ".scales_and_zeros", packed.scales_and_zeros)
+            return
+        old = self._module(prefix + ".weight")
+        self.stage.set_submodule(prefix, Int8Linear(old.in_features, old.out_features,
+                                                    old.bias is not None, "meta"))
+        self._keep(prefix + ".weight", w[0].to(self.device))
+        self._keep(prefix + ".scale", w[1].to(self.device))
 
     def _keep(self, name: str, t: torch.Tensor) -> None:
         self.sd[name] = t

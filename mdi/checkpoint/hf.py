@@ -25,6 +25,7 @@ from ..model import GPTConfig
 from ..tokenizer import HFTokenizer, Tokenizer, TokenizerError
 from . import hf_map, st_io
 from .format import TIED_HEAD, CheckpointError, expected_shapes
+from .gguf_int4 import fused_format
 from .hf_source import HFSource
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,15 @@ class HFCheckpoint:
         if not all(self._have(n) for n in names):
             return None
         return hf_map.combine([self.source.read(n) for n in names], how)
+
+    def block_format(self, ours: str) -> str | None:
+        """A GGUF's block format of our tensor `ours` (a fused one: gguf_int4.fused_format,
+        as hf_map.combine gives it); None for other sources and transposed tensors."""
+        formats = getattr(self.source, "formats", None)
+        names, how = self._sources(ours)
+        if not formats or how == "t" or not all(n in formats for n in names):
+            return None
+        return fused_format([formats[n] for n in names])
 
     def dtype_of(self, ours: str) -> torch.dtype:
         names, _ = self._sources(ours)

@@ -24,7 +24,8 @@ from typing import BinaryIO
 import torch
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-INT8_DTYPES = {**ST_DTYPES, "I8": torch.int8}  # our int8 checkpoints only (`mdi convert --quantize`)
+# our int8 checkpoints (`mdi convert --quantize`) and quantized stage streams (quant_parts.py)
+INT8_DTYPES = {**ST_DTYPES, "I8": torch.int8, "U8": torch.uint8}
 MAX_HEADER = 1 << 24
 
 
@@ -55,7 +56,8 @@ def header_length(first8: bytes) -> int:
 
 def parse_header(raw: bytes, int8: bool = False) -> dict[str, Entry]:
     """Entries by name, each checked on its own (see in_order for the layout).
-    int8: int8 tensors are allowed too (an int8 checkpoint of ours)."""
+    int8: int8 and uint8 tensors are allowed too (an int8 checkpoint of ours, a
+    stage stream with quantized parts); the loader checks each tensor's dtype."""
     dtypes = INT8_DTYPES if int8 else ST_DTYPES
     try:  # ValueError: also a 5,000-digit integer; RecursionError: arrays nested 200k deep
         header = json.loads(raw)

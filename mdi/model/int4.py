@@ -90,8 +90,10 @@ def quantize_groups(w: torch.Tensor, group: int = 32) -> Int4Weight:
 
 
 def packable(N: int, K: int, group: int) -> bool:
-    """Can the CPU kernel take an (N, K) weight at this group size?"""
-    return int4_kernel_available() and K % group == 0 and K % (16 * INNER_K_TILES) == 0
+    """Can the CPU kernel take an (N, K) weight at this group size? (Its packing
+    refuses an N that 16 does not divide.)"""
+    return (int4_kernel_available() and K % group == 0 and K % (16 * INNER_K_TILES) == 0
+            and N % 16 == 0)
 
 
 class Int4Linear(nn.Module):

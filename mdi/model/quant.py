@@ -179,9 +179,13 @@ def quantize_linears(module: nn.Module, skip: Iterable[str] = (), embeddings: bo
                if (isinstance(m, nn.Linear) or (embeddings and isinstance(m, nn.Embedding)))
                and not _skipped(name, skip)]
     embedded = {id(m.weight) for _, m in targets if isinstance(m, nn.Embedding)}
+    # a head tied to the embedding is int8 on a stage without the embedding too (the
+    # ring's last node): every split of the model holds the same numbers
+    tied = getattr(getattr(module, "config", None), "tie_embeddings", False)
     for name, m in targets:
         key = id(m.weight)
         if (kind == "int4" and isinstance(m, nn.Linear) and key not in embedded
+                and not (tied and name == "lm_head")
                 and packable(m.out_features, m.in_features, group)):
             new: nn.Module = Int4Linear.from_linear(m, group)
         else:

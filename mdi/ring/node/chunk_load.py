@@ -69,7 +69,7 @@ async def stage_from_stream(run: NodeRun, body: bytes | AsyncIterator[bytes],
                              req.quantize)
         loop = asyncio.get_running_loop()
         with mapped_allocations():
-            async for name, t in iter_stream(chunks, build.want,
+            async for name, t in iter_stream(chunks, build.stream_want,
                                              f"layers [{req.start}, {req.stop})"):
                 await loop.run_in_executor(executor, build.put, name, t)
                 del t

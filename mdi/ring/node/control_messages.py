@@ -46,7 +46,8 @@ class InitRequest(Strict):
     sampling: SamplingSpec | None = None
     weights: Literal["upload", "local"] = "upload"
     sequences: bool = False  # an engine run: groups are lanes of slots, sampling comes per ADMIT
-    quantize: Literal["int8"] | None = None  # applied by the node to its own stage at load
+    # model/quant.py:QUANT_MODES (tests check they agree); applied by the node as its stage loads
+    quantize: Literal["int8", "int4", "int4-g64", "int4-g128"] | None = None
     batch_invariant: bool = False            # per-row compute (see GPT.batch_invariant)
     max_context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # --max-context (None: default cap)
 

@@ -52,7 +52,7 @@ from .control_messages import InitRequest, ProbeRequest
 from .data_link import DataLink
 from .data_plane import (NodeRun, fmt_peer, link_failure, peer_allowed, reason, resolve,
                          watchdog)
-from .validate import (InitError, check_memory, validate_device, validate_init,
+from .validate import (InitError, check_memory, check_quantize, validate_device, validate_init,
                        validate_model)
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class NodeRuntime:
     async def init(self, req: InitRequest) -> dict:
         config, limits, sampling = validate_init(req)
         device = validate_device(req.device or self.spec.device)
+        check_quantize(req.quantize, device)
         need, pack = check_memory(req, config, limits, device, self.max_memory, self._held())
         run = NodeRun(req, config, limits, sampling=sampling, timeout=self.timeout,
                       on_complete=self._completed,

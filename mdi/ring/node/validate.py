@@ -112,6 +112,13 @@ def validate_device(device: str) -> str:
     return device
 
 
+def check_quantize(mode: str | None, device: str) -> None:
+    """int4 stages run on torch's CPU int4 kernel: InitError (quantize) elsewhere."""
+    if mode is not None and mode.startswith("int4") and torch.device(device).type != "cpu":
+        raise InitError(f"quantize: {mode} runs on CPU only (torch's int4 kernel is a CPU "
+                        f"one), this run's device is {device}; use int8 there")
+
+
 def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: str,
                  max_memory: int | None, held: int) -> tuple[int, bool]:
     """Bytes the run takes (weights + KV caches, and what packing large float32

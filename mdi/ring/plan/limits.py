@@ -17,9 +17,11 @@ from typing import Callable
 
 import torch
 
-from ...checkpoint.format import expected_int8_shapes, expected_shapes
+from ...checkpoint.format import expected_shapes, quantized_skeleton
 from ...model.cache import context_length
 from ...model.meta import on_meta
+
+QUANT_FLOATS = (".scale", ".scales_and_zeros")  # a quantized layer's own float tensors
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
@@ -63,10 +65,11 @@ def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
 
 def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
                        quantize: str | None = None) -> int:
-    """Bytes of a stage's parameters [start, stop) in the run's dtype; with
-    quantize="int8" the Linear and Embedding weights take 1 byte each plus a
-    float32 scale per row (what the node holds once loaded: it quantizes as the
-    weights arrive, so the float weights are never all in memory).
+    """Bytes of a stage's parameters [start, stop) in the run's dtype; with a
+    --quantize mode what the quantized stage holds once loaded (it quantizes as
+    the weights arrive, so the float weights are never all in memory): int8
+    weights 1 byte each plus a float32 scale per row; int4 weights (model/int4.py)
+    half a byte each plus a bfloat16 scale and zero per group.
 
     Built on the meta device from at most three one-block stages, never from the
     whole range (a hostile /init may ask for millions of layers): the first block
@@ -74,18 +77,14 @@ def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,
     head when it ends the model), and the blocks between, all alike.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    int8 = quantize == "int8"
 
     def nbytes(a: int) -> int:
-        shapes = (expected_int8_shapes if int8 else expected_shapes)(config, a, a + 1)
+        if not quantize:
+            return sum(itemsize * math.prod(s) for s in expected_shapes(config, a, a + 1).values())
         total = 0
-        for name, shape in shapes.items():
-            if name.endswith(".scale"):
-                total += 4 * math.prod(shape)  # float32
-            elif name.endswith(".weight") and name[:-len("weight")] + "scale" in shapes:
-                total += math.prod(shape)      # int8
-            else:
-                total += itemsize * math.prod(shape)
+        for name, t in quantized_skeleton(config, a, a + 1, quantize).state_dict().items():
+            quantized = not t.is_floating_point() or name.endswith(QUANT_FLOATS)
+            total += (t.element_size() if quantized else itemsize) * t.numel()
         return total
 
     return _over_blocks(start, stop, nbytes)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ...checkpoint import Checkpoint
 from ...checkpoint.stream import shard_stream
+from ...model.dtypes import DTYPES
 from ...generate.sampling import SamplingConfig
 from ...model.config import GPTConfig
 from ...results import HopStats
@@ -210,7 +211,7 @@ class RingClient:
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:
         """Stream a node its stage's weights, one tensor in memory at a time."""
-        total, chunks = shard_stream(self.ckpt, shard)
+        total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize, DTYPES[self.opts.dtype])
         # bytes sent, on a terminal (a large stage over a slow link takes minutes)
         bar = tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
                    desc=f"weights to {spec.name}")
