@@ -234,9 +234,11 @@ class Bench:
                "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
                "links": "/".join(h.get("link") or "?" for h in res.get("hops") or []),
                "partition": (res.get("plan") or {}).get("partition", ""),
-               "layers": "+".join(str(n["layers"][1] - n["layers"][0])
+               "layers": "+".join("0" if n["layers"] is None else  # 0: a node left out
+                                  str(n["layers"][1] - n["layers"][0])
                                   for n in (res.get("plan") or {}).get("nodes", [])),
-               "stage_ms": "/".join("-" if n["ms_per_step"] is None else f"{n['ms_per_step']:.2f}"
+               "stage_ms": "/".join("-" if n.get("ms_per_step") is None
+                                    else f"{n['ms_per_step']:.2f}"
                                     for n in (res.get("plan") or {}).get("nodes", [])),
                "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
                if cfg.node_cpu else "",

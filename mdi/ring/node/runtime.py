@@ -115,11 +115,12 @@ class NodeRuntime:
         """Time this node on a run's shape, on the compute thread (cached per shape)."""
         config = validate_model(req.model)
         device = validate_device(req.device or self.spec.device)
-        # the probe builds one one-block stage at a time (the first, a middle, the last)
-        c3 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 3})
+        # the probe builds one stage at a time: the first, a middle one with one and with
+        # two blocks, the last (capability.probe_speed)
+        c4 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 4})
         dtype = DTYPES[req.dtype]
-        need = max(mem.stage_weight_bytes(c3, i, i + 1, dtype) for i in range(3)) \
-            + mem.kv_cache_bytes(c3, 1, req.batch, dtype)
+        need = max(mem.stage_weight_bytes(c4, a, b, dtype) for a, b in ((0, 1), (1, 3), (3, 4))) \
+            + mem.kv_cache_bytes(c4, 2, req.batch, dtype)
         have, where = mem.available(device, None)  # --max-memory caps runs; a probe is brief
         if need > have:
             raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "

@@ -1,17 +1,22 @@
 """Speed- and memory-aware partitioning: pure functions, exact.
 
 The ring runs as a pipeline, so its throughput is set by its slowest stage.
-Node i holding k blocks takes `extra_ms + k * block_ms` per decode step
-(extra: the starter's embeddings, the finisher's final norm, head and sampling)
-and needs `fixed_bytes + k * block_bytes` of memory (block_bytes: one block's
-weights plus its KV cache for every sample of the run, at the run's dtype).
-`plan_layers` picks the contiguous ranges, in the fixed ring order (starter
-first, finisher last), that minimise the slowest stage's time subject to every
-node's memory budget.
+Node i holding k blocks takes `frame_ms + extra_ms + k * block_ms` per decode
+step (frame: the fixed cost of a frame on that node, whatever its layers:
+reading, the step's bookkeeping, sending; extra: the starter's embeddings, the
+finisher's final norm, head and sampling) and needs `fixed_bytes + k *
+block_bytes` of memory (block_bytes: one block's weights plus its KV cache for
+every sample of the run, at the run's dtype). `plan_layers` picks the
+contiguous ranges, in the fixed ring order (starter first, finisher last),
+that minimise the slowest stage's time subject to every node's memory budget.
 
-Every node gets at least one block: the ring (and `Shard`) has no empty
-stages, and a node left with none would still cost a hop per token. Leaving a
-slow node out is a change of the nodes file, not of the plan.
+Every node gets at least one block, unless `leave_out`: then a node other than
+the starter may get none when the ring is clearly faster without it (its
+slowest stage at most LEAVE_OUT_GAIN of the best plan that keeps every node).
+A node left out is no part of the ring (the starter keeps it as a spare or
+leaves it idle); the node before it may then end the ring and carry the head
+(`end_ms`, `end_bytes`). This is how a slow device stops setting the pace: its
+per-frame cost alone can exceed a fast node's whole stage (issue 22).
 
 Exactness: a dynamic programme over (node, blocks placed so far) finds the
 least bottleneck T*; a second one, over plans whose every stage takes at most
@@ -19,17 +24,20 @@ T*, picks the most balanced (least sum of squared stage times), and among
 those the lexicographically smallest list of block counts, so ties are broken
 the same way every time. Balance matters because the times are estimates: a
 plan that fills the other nodes up to T* (as "least total time" would) turns
-any timing error into a new bottleneck.
+any timing error into a new bottleneck. The stage that ends the ring is known
+to the programme (it is the one that places the last block), so the head is
+charged to whichever node that is.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from .partition import PartitionError, Shard, shards_from_sizes
 
 INF = math.inf
+LEAVE_OUT_GAIN = 0.9   # leave nodes out only when the slowest stage gets at least 10% faster
 
 
 class PlanError(PartitionError):
@@ -45,12 +53,23 @@ class NodeCost:
     block_bytes: int = 0             # one block's weights + its KV cache at the run's shape
     fixed_bytes: int = 0             # embeddings (starter) or head (finisher) weights
     budget_bytes: int | None = None  # None: no limit known
+    frame_ms: float = 0.0            # a frame's fixed cost on this node, whatever its blocks
+    end_ms: float = 0.0              # head + sampling, should it end the ring early (leave_out)
+    end_bytes: int = 0               # the head's weights, likewise
 
     def time_ms(self, k: int) -> float:
-        return self.extra_ms + k * self.block_ms
+        return self.frame_ms + self.extra_ms + k * self.block_ms
 
     def bytes_for(self, k: int) -> int:
         return self.fixed_bytes + k * self.block_bytes
+
+    def fits(self, k: int) -> bool:
+        return self.budget_bytes is None or self.bytes_for(k) <= self.budget_bytes
+
+    def as_end(self) -> "NodeCost":
+        """This node's cost when it ends a ring it was not given to end."""
+        return replace(self, extra_ms=self.extra_ms + self.end_ms,
+                       fixed_bytes=self.fixed_bytes + self.end_bytes, end_ms=0.0, end_bytes=0)
 
     def max_blocks(self, n_layer: int) -> int:
         """The most blocks that fit this node's budget (at most n_layer)."""
@@ -65,9 +84,27 @@ class NodeCost:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A node the plan gives no layers, and the predicted slowest stage with and without it."""
+    name: str
+    with_ms: float      # the best plan that keeps every node
+    without_ms: float   # the plan chosen
+
+    def reason(self) -> str:
+        return (f"the ring's slowest stage is ~{self.without_ms:.2f} ms/step without it, "
+                f"~{self.with_ms:.2f} ms/step at best with it")
+
+    def to_dict(self) -> dict:
+        return {"node": self.name, "layers": None, "left_out": True, "reason": self.reason(),
+                "bottleneck_ms_with": round(self.with_ms, 3),
+                "bottleneck_ms_without": round(self.without_ms, 3)}
+
+
+@dataclass(frozen=True)
 class Plan:
     shards: list[Shard]
-    costs: list[NodeCost]
+    costs: list[NodeCost]                                  # of the nodes in the ring, in order
+    left_out: list[LeftOut] = field(default_factory=list)  # nodes given no layers
 
     @property
     def sizes(self) -> list[int]:
@@ -86,17 +123,23 @@ class Plan:
         out = []
         for c, s, ms in zip(self.costs, self.shards, self.stage_ms):
             timed = not math.isnan(ms)  # even and manual splits are not timed
-            out.append({"node": c.name, "layers": [s.start, s.stop],
-                        "ms_per_step": round(ms, 3) if timed else None,
-                        "block_ms": round(c.block_ms, 4) if timed else None,
-                        "memory_bytes": c.bytes_for(s.n_blocks),
-                        "budget_bytes": c.budget_bytes})
-        return out
+            d = {"node": c.name, "layers": [s.start, s.stop],
+                 "ms_per_step": round(ms, 3) if timed else None,
+                 "block_ms": round(c.block_ms, 4) if timed else None,
+                 "memory_bytes": c.bytes_for(s.n_blocks),
+                 "budget_bytes": c.budget_bytes}
+            if timed and c.frame_ms:
+                d["frame_ms"] = round(c.frame_ms, 4)
+            out.append(d)
+        return out + [x.to_dict() for x in self.left_out]
 
     def describe(self) -> str:
         """A few lines for the log: node, layers, estimated ms per step, memory."""
         lines = []
         for d in self.to_dicts():
+            if d.get("left_out"):
+                lines.append(f"  {d['node']:<16} left out: {d['reason']}")
+                continue
             budget = "no limit" if d["budget_bytes"] is None else _mb(d["budget_bytes"])
             ms = "not timed" if d["ms_per_step"] is None else f"~{d['ms_per_step']:.2f} ms/step"
             lines.append(f"  {d['node']:<16} layers [{d['layers'][0]:>3}, {d['layers'][1]:>3})  "
@@ -110,9 +153,11 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def plan_layers(n_layer: int, costs: Sequence[NodeCost]) -> Plan:
+def plan_layers(n_layer: int, costs: Sequence[NodeCost], leave_out: bool = False) -> Plan:
     """The exact min-bottleneck contiguous split of n_layer blocks over `costs`
-    (ring order); PlanError when none fits."""
+    (ring order); PlanError when none fits. leave_out: nodes after the starter
+    may get no layers when that makes the slowest stage LEAVE_OUT_GAIN faster
+    than the best plan that keeps every node (see the module doc)."""
     n = len(costs)
     if n == 0:
         raise PlanError("a plan needs at least one node")
@@ -121,9 +166,27 @@ def plan_layers(n_layer: int, costs: Sequence[NodeCost]) -> Plan:
                         "least one layer")
     caps = [c.max_blocks(n_layer) for c in costs]
     _check_fits(n_layer, costs, caps)
-    best = _min_bottleneck(n_layer, costs, caps)
-    sizes = _most_balanced_under(n_layer, costs, caps, best)
+    best = _min_bottleneck(n_layer, costs, False)
+    sizes = _most_balanced_under(n_layer, costs, best, False)
+    if leave_out and n > 1:
+        fewer = _min_bottleneck(n_layer, costs, True)
+        if fewer <= LEAVE_OUT_GAIN * best:
+            sizes = _most_balanced_under(n_layer, costs, fewer, True)
+            return _plan_of(sizes, costs, best)
     return Plan(shards_from_sizes(sizes), list(costs))
+
+
+def _plan_of(sizes: list[int], costs: Sequence[NodeCost], with_ms: float) -> Plan:
+    """The plan of `sizes` (zeros: nodes left out); the node that ends the ring
+    carries the head. with_ms: the best bottleneck keeping every node."""
+    kept = [(c, k) for c, k in zip(costs, sizes) if k > 0]
+    ring = [c for c, _ in kept]
+    if ring[-1] is not costs[-1]:
+        ring[-1] = ring[-1].as_end()
+    plan = Plan(shards_from_sizes([k for _, k in kept]), ring)
+    without = plan.bottleneck_ms
+    return replace(plan, left_out=[LeftOut(c.name, with_ms, without)
+                                   for c, k in zip(costs, sizes) if k == 0])
 
 
 def _check_fits(n_layer: int, costs: Sequence[NodeCost], caps: list[int]) -> None:
@@ -147,47 +210,53 @@ def _fmt_budget(b: int | None) -> str:
     return "unlimited" if b is None else _mb(b)
 
 
-def _min_bottleneck(n_layer: int, costs: Sequence[NodeCost], caps: list[int]) -> float:
+def _moves(n_layer: int, costs: Sequence[NodeCost], i: int, leave_out: bool):
+    """Node i's choices: (j, k, ms) for k blocks that bring the blocks placed to j
+    and fit its memory (k = 0, a node left out: ms 0). The node that places the
+    last block ends the ring and carries the head (`end_ms` unless it is the last)."""
+    c, last = costs[i], len(costs) - 1
+    low = 0 if leave_out and i > 0 else 1
+    for j in range(n_layer + 1):
+        for k in range(low, j + 1):
+            if k == 0:
+                yield j, 0, 0.0
+                continue
+            end = c.as_end() if j == n_layer and i < last else c
+            if end.fits(k):
+                yield j, k, end.time_ms(k)
+
+
+def _min_bottleneck(n_layer: int, costs: Sequence[NodeCost], leave_out: bool) -> float:
     """dp[j]: least bottleneck placing the first j blocks on the nodes so far."""
-    n = len(costs)
     dp = [INF] * (n_layer + 1)
     dp[0] = 0.0
-    for i, c in enumerate(costs):
+    for i in range(len(costs)):
         new = [INF] * (n_layer + 1)
-        rest = n - 1 - i  # nodes after this one, each needing a block
-        for j in range(i + 1, n_layer - rest + 1):
-            for k in range(1, min(caps[i], j - i) + 1):
-                prev = dp[j - k]
-                if prev == INF:
-                    continue
-                v = max(prev, c.time_ms(k))
-                if v < new[j]:
-                    new[j] = v
+        for j, k, t in _moves(n_layer, costs, i, leave_out):
+            prev = dp[j - k]
+            if prev < INF and max(prev, t) < new[j]:
+                new[j] = max(prev, t)
         dp = new
     assert dp[n_layer] < INF, "feasibility was checked"
     return dp[n_layer]
 
 
-def _most_balanced_under(n_layer: int, costs: Sequence[NodeCost], caps: list[int], limit: float
+def _most_balanced_under(n_layer: int, costs: Sequence[NodeCost], limit: float, leave_out: bool
                          ) -> list[int]:
     """Among splits whose every stage takes <= limit: least sum of squared stage
     times, then the lexicographically smallest block counts."""
-    n = len(costs)
     # best[j] = (total, sizes) for the first j blocks on the nodes so far
     best: list[tuple[float, tuple[int, ...]] | None] = [None] * (n_layer + 1)
     best[0] = (0.0, ())
-    for i, c in enumerate(costs):
+    for i in range(len(costs)):
         new: list[tuple[float, tuple[int, ...]] | None] = [None] * (n_layer + 1)
-        rest = n - 1 - i
-        for j in range(i + 1, n_layer - rest + 1):
-            for k in range(1, min(caps[i], j - i) + 1):
-                prev = best[j - k]
-                t = c.time_ms(k)
-                if prev is None or t > limit:
-                    continue
-                cand = (prev[0] + t * t, prev[1] + (k,))
-                if new[j] is None or _better(cand, new[j]):
-                    new[j] = cand
+        for j, k, t in _moves(n_layer, costs, i, leave_out):
+            prev = best[j - k]
+            if prev is None or t > limit:
+                continue
+            cand = (prev[0] + t * t, prev[1] + (k,))
+            if new[j] is None or _better(cand, new[j]):
+                new[j] = cand
         best = new
     assert best[n_layer] is not None, "the bottleneck is reachable"
     return list(best[n_layer][1])

@@ -1,0 +1,131 @@
+"""A stage timed on a node's own frame path: what one decode frame costs, all in.
+
+A node's time per frame is not only its blocks: it reads the frame (header
+checks, the payload into a new tensor), turns it into a message, runs the
+step's bookkeeping and the stage's call, turns the answer into a frame and
+writes it. On a fast core that fixed part is a fraction of a millisecond; on a
+node capped at a fraction of a core it can outweigh the blocks it computes,
+and a planner that does not see it keeps a slow node in the ring whatever it
+gives it (issue 22). `time_stages` runs the data thread's path (recv_frame,
+to_message, SlotStage.handle, to_frame, send_frame) on one lane of `batch`
+slots over a Unix socket pair whose other end plays the neighbours; the first
+stage takes its ids from the engine, not a socket, as on the starter.
+capability.probe_speed times stages of one and two blocks this way: the
+difference is a block, the rest of the one-block stage is the frame's fixed cost.
+
+The statistic is the median over windows of WINDOW_S of the mean frame time in
+each (the stages timed take turns, a window each): a CPU capped by a CFS quota runs at full speed until its quota for the
+period is spent and then not at all, so the median of single frames shorter
+than a period would not see the cap (a mean over whole periods does), while a
+window another process took the core in is one outlier among several.
+"""
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+
+import torch
+
+from ...engine.messages import Admit, Decode
+from ...engine.slots import SlotStage
+from ...generate.sampling import SamplingConfig
+from ...model import GPT
+from ..protocol.seq_frames import to_frame, to_message
+from ..protocol.sock_io import recv_frame, send_frame
+from ..protocol.wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits
+
+WARMUP_FRAMES = 2
+WINDOW_S = 0.05       # five CFS periods of `mdi bench --node-cpu` (10 ms)
+MIN_WINDOWS = 3
+WIRE_MAX_BYTES = 64 * 1024   # larger frames skip the socket (see _Bench)
+# the finisher samples every row of every step; at the CLI's default settings
+PROBE_SAMPLING = SamplingConfig(temperature=0.8, top_k=200)
+
+
+def time_stages(stages: list[GPT], batch: int, device: str, min_time: float,
+                context: int | None = None) -> list[float]:
+    """ms per decode frame of `batch` rows through each stage on the frame path, at
+    `context` positions (None: a quarter of each stage's cache). The stages take
+    turns, a window each, so that a change in the machine's load reaches all of
+    them alike: their differences (a block, an end stage's extra) stay sound."""
+    benches = [_Bench(stage, batch, device, context) for stage in stages]
+    try:
+        with torch.inference_mode():
+            for bench in benches:
+                for _ in range(WARMUP_FRAMES):
+                    bench.frame()
+            means: list[list[float]] = [[] for _ in benches]
+            start = time.perf_counter()
+            while len(means[0]) < MIN_WINDOWS or \
+                    time.perf_counter() - start < min_time * len(benches):
+                for bench, got in zip(benches, means):
+                    got.append(_window(bench.frame))
+    finally:
+        for bench in benches:
+            bench.close()
+    return [1000.0 * statistics.median(m) for m in means]
+
+
+def _window(frame) -> float:
+    """Seconds per call of frame(), over at least WINDOW_S."""
+    start = time.perf_counter()
+    n = 0
+    while True:
+        frame()
+        n += 1
+        now = time.perf_counter()
+        if now - start >= WINDOW_S:
+            return (now - start) / n
+
+
+class _Bench:
+    """One stage on one lane of `batch` slots. Its neighbours' ends of the socket
+    pair are served on the same thread (their send before the stage's read, their
+    read after its write): a second thread would take turns with the stage's
+    own threads for the cores, which no node does."""
+
+    def __init__(self, stage: GPT, batch: int, device: str, context: int | None) -> None:
+        self.stage = stage
+        self.slots = slots = SlotStage(stage, [batch])
+        self.pos0 = stage.context // 4 if context is None else min(context, stage.context - 1)
+        for i in range(batch):
+            slots.admit(Admit(i, PROBE_SAMPLING.temperature, PROBE_SAMPLING.top_k, None, i))
+            slots.slots[i].position = self.pos0
+        self.table = table = tuple(range(batch))
+        config = stage.config
+        dtype = next(stage.parameters()).dtype
+        self.limits = Limits(1, config.n_embd, config.block_size, batch, DTYPE_CODES[dtype],
+                             batch, sequences=True)
+        self.ids = torch.randint(0, config.vocab_size, (batch, 1))
+        x = torch.randn(batch, 1, config.n_embd, dtype=dtype)
+        self.act = Frame(Kind.SEQ_DECODE, 1, 0, 0, x, table)
+        self.feeds = stage.start > 0  # a node's stage takes frames; the starter's, the engine's
+        # a frame the socket's buffer cannot hold would wait for a reader that is this thread
+        self.wire = x.numel() * x.element_size() <= WIRE_MAX_BYTES
+        self.sock, self.peer = socket.socketpair()
+        self.header = bytearray(HEADER_SIZE)
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def frame(self) -> None:
+        """One decode frame in, through the stage, out."""
+        slots = self.slots
+        if slots.slots[0].position >= self.stage.context - 1:  # stay inside the cache
+            for s in slots.slots:
+                s.position = self.pos0
+        if not self.feeds:
+            m = Decode(0, self.table, self.ids)
+        elif self.wire:
+            send_frame(self.peer, self.act)
+            m = to_message(recv_frame(self.sock, self.limits, self.header), slots)
+        else:
+            m = to_message(self.act, slots)
+        out = to_frame(slots.handle(m), 1, slots)
+        self.sync()
+        if self.wire:
+            send_frame(self.sock, out)
+            recv_frame(self.peer, self.limits, self.header)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
