@@ -7,7 +7,9 @@
 - `--partition auto`: every node (the starter too) is timed on the run's shape
   (POST /probe, one node at a time so that nodes sharing a machine do not slow
   each other's timing) and `planner.plan_layers` picks the split with the
-  least slowest stage under every node's memory budget (mode "auto");
+  least slowest stage under every node's memory budget (mode "auto"),
+  leaving out nodes the ring is clearly faster without (planner.py; they
+  stay spares when the run has spares, else idle: `Placement.nodes`);
 - no `--partition`: auto when the nodes report different devices, CPUs
   (affinity, cgroup quota, threads) or memory caps, or when the even split
   does not fit their memory; even otherwise. Timing identical nodes would
@@ -124,8 +126,15 @@ async def _place(http, ring, caps, config, partition, shards, even, n_samples, b
     else:
         reason = "--partition auto"
     speeds = await _speeds(http, ring, config, batch, dtype, device, context)
-    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds), leave_out=True)
+    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds), leave_out=True,
+                       lanes=lambda keep: ring_lanes([caps[i] for i in keep]))
     return Placement("auto", reason, plan.shards, plan)
+
+
+def ring_lanes(caps: list[dict]) -> int:
+    """The lanes a ring of these nodes runs by default: one per node, no more than
+    can compute at once (as starter/options.lane_count; --micro-batches aside)."""
+    return min(len(caps), compute_units(caps)) or len(caps)
 
 
 def compute_units(caps: list[dict]) -> int:

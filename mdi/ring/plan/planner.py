@@ -10,12 +10,16 @@ every sample of the run, at the run's dtype). `plan_layers` picks the
 contiguous ranges, in the fixed ring order (starter first, finisher last),
 that minimise the slowest stage's time subject to every node's memory budget.
 
-Every node gets at least one block, unless `leave_out`: then a node other than
-the starter may get none when the ring is clearly faster without it (its
-slowest stage at most LEAVE_OUT_GAIN of the best plan that keeps every node).
-A node left out is no part of the ring (the starter keeps it as a spare or
-leaves it idle); the node before it may then end the ring and carry the head
-(`end_ms`, `end_bytes`). This is how a slow device stops setting the pace: its
+Every node gets at least one block, unless `leave_out`: then nodes other than
+the starter may get none, when the ring is clearly faster without them. Every
+lane goes through every stage in turn, so with L lanes in flight the ring
+completes a lane's step every max(slowest stage, sum of stages / L) ms
+(`step_ms`; L is below the number of stages when nodes share cores). Every
+ring that keeps the starter is planned as below and the fastest is taken
+when it beats the ring of every node by LEAVE_OUT_GAIN. A node left out is no
+part of the ring (the starter keeps it as a spare when the run has spares);
+the node before it may then end the ring and carry the head (`end_ms`,
+`end_bytes`). This is how a slow device stops setting the pace: its
 per-frame cost alone can exceed a fast node's whole stage (issue 22).
 
 Exactness: a dynamic programme over (node, blocks placed so far) finds the
@@ -24,20 +28,20 @@ T*, picks the most balanced (least sum of squared stage times), and among
 those the lexicographically smallest list of block counts, so ties are broken
 the same way every time. Balance matters because the times are estimates: a
 plan that fills the other nodes up to T* (as "least total time" would) turns
-any timing error into a new bottleneck. The stage that ends the ring is known
-to the programme (it is the one that places the last block), so the head is
-charged to whichever node that is.
+any timing error into a new bottleneck.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from .partition import PartitionError, Shard, shards_from_sizes
 
 INF = math.inf
-LEAVE_OUT_GAIN = 0.9   # leave nodes out only when the slowest stage gets at least 10% faster
+LEAVE_OUT_GAIN = 0.9   # leave nodes out only when the ring gets at least 10% faster
+MAX_LEAVE_OUT_NODES = 12  # rings tried: every subset keeping the starter (2^11 at most)
 
 
 class PlanError(PartitionError):
@@ -85,19 +89,20 @@ class NodeCost:
 
 @dataclass(frozen=True)
 class LeftOut:
-    """A node the plan gives no layers, and the predicted slowest stage with and without it."""
+    """A node the plan gives no layers, and how often the ring would complete a
+    lane's step (step_ms) with every node and without the nodes left out."""
     name: str
     with_ms: float      # the best plan that keeps every node
     without_ms: float   # the plan chosen
 
     def reason(self) -> str:
-        return (f"the ring's slowest stage is ~{self.without_ms:.2f} ms/step without it, "
-                f"~{self.with_ms:.2f} ms/step at best with it")
+        return (f"the ring completes a step every ~{self.without_ms:.2f} ms without it, "
+                f"~{self.with_ms:.2f} ms at best with it")
 
     def to_dict(self) -> dict:
         return {"node": self.name, "layers": None, "left_out": True, "reason": self.reason(),
-                "bottleneck_ms_with": round(self.with_ms, 3),
-                "bottleneck_ms_without": round(self.without_ms, 3)}
+                "step_ms_with": round(self.with_ms, 3),
+                "step_ms_without": round(self.without_ms, 3)}
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,13 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def plan_layers(n_layer: int, costs: Sequence[NodeCost], leave_out: bool = False) -> Plan:
+def plan_layers(n_layer: int, costs: Sequence[NodeCost], leave_out: bool = False,
+                lanes: Callable[[Sequence[int]], int] | None = None) -> Plan:
     """The exact min-bottleneck contiguous split of n_layer blocks over `costs`
     (ring order); PlanError when none fits. leave_out: nodes after the starter
-    may get no layers when that makes the slowest stage LEAVE_OUT_GAIN faster
-    than the best plan that keeps every node (see the module doc)."""
+    may get no layers when the ring is clearly faster without them (see the
+    module doc); lanes: the lanes a ring of the nodes at these indices would run
+    (None: one per node, a full pipeline)."""
     n = len(costs)
     if n == 0:
         raise PlanError("a plan needs at least one node")
@@ -166,27 +173,59 @@ def plan_layers(n_layer: int, costs: Sequence[NodeCost], leave_out: bool = False
                         "least one layer")
     caps = [c.max_blocks(n_layer) for c in costs]
     _check_fits(n_layer, costs, caps)
-    best = _min_bottleneck(n_layer, costs, False)
-    sizes = _most_balanced_under(n_layer, costs, best, False)
-    if leave_out and n > 1:
-        fewer = _min_bottleneck(n_layer, costs, True)
-        if fewer <= LEAVE_OUT_GAIN * best:
-            sizes = _most_balanced_under(n_layer, costs, fewer, True)
-            return _plan_of(sizes, costs, best)
-    return Plan(shards_from_sizes(sizes), list(costs))
+    every = _split(n_layer, list(costs))
+    assert every is not None, "feasibility was checked"
+    if not leave_out or n == 1 or n > MAX_LEAVE_OUT_NODES:
+        return every
+    lanes = lanes or len
+    with_ms = step_ms(every, lanes(range(n)))
+    best, best_key = every, (with_ms, -n)
+    for keep in _subsets(n):
+        plan = _split(n_layer, _ring_costs(costs, keep))
+        if plan is not None:
+            key = (step_ms(plan, lanes(keep)), -len(keep))
+            if key < best_key:
+                best, best_key = plan, key
+    if best is every or best_key[0] > LEAVE_OUT_GAIN * with_ms:
+        return every
+    kept = {c.name for c in best.costs}
+    return replace(best, left_out=[LeftOut(c.name, with_ms, best_key[0])
+                                   for c in costs if c.name not in kept])
 
 
-def _plan_of(sizes: list[int], costs: Sequence[NodeCost], with_ms: float) -> Plan:
-    """The plan of `sizes` (zeros: nodes left out); the node that ends the ring
-    carries the head. with_ms: the best bottleneck keeping every node."""
-    kept = [(c, k) for c, k in zip(costs, sizes) if k > 0]
-    ring = [c for c, _ in kept]
-    if ring[-1] is not costs[-1]:
+def step_ms(plan: Plan, lanes: int) -> float:
+    """How often the ring completes a lane's step: every lane goes through every
+    stage in turn, so with `lanes` lanes in flight the ring is bound by its
+    slowest stage or, when there are fewer lanes than stages (nodes sharing
+    cores), by the stages' sum over the lanes."""
+    times = plan.stage_ms
+    return max(max(times), sum(times) / max(1, lanes))
+
+
+def _subsets(n: int) -> Iterator[tuple[int, ...]]:
+    """The indices of every ring that keeps the starter and leaves out at least one
+    other node, larger rings first."""
+    for size in range(n - 1, 0, -1):
+        for rest in itertools.combinations(range(1, n), size - 1):
+            yield (0, *rest)
+
+
+def _ring_costs(costs: Sequence[NodeCost], keep: Sequence[int]) -> list[NodeCost]:
+    """The costs of a ring of the nodes at `keep`: the last of them carries the head."""
+    ring = [costs[i] for i in keep]
+    if keep[-1] != len(costs) - 1:
         ring[-1] = ring[-1].as_end()
-    plan = Plan(shards_from_sizes([k for _, k in kept]), ring)
-    without = plan.bottleneck_ms
-    return replace(plan, left_out=[LeftOut(c.name, with_ms, without)
-                                   for c, k in zip(costs, sizes) if k == 0])
+    return ring
+
+
+def _split(n_layer: int, costs: list[NodeCost]) -> Plan | None:
+    """The min-bottleneck, most balanced split over every node of `costs`; None when
+    it does not fit their memory."""
+    caps = [c.max_blocks(n_layer) for c in costs]
+    if n_layer < len(costs) or sum(caps) < n_layer or min(caps) < 1:
+        return None
+    best = _min_bottleneck(n_layer, costs)
+    return Plan(shards_from_sizes(_most_balanced_under(n_layer, costs, best)), costs)
 
 
 def _check_fits(n_layer: int, costs: Sequence[NodeCost], caps: list[int]) -> None:
@@ -210,53 +249,48 @@ def _fmt_budget(b: int | None) -> str:
     return "unlimited" if b is None else _mb(b)
 
 
-def _moves(n_layer: int, costs: Sequence[NodeCost], i: int, leave_out: bool):
-    """Node i's choices: (j, k, ms) for k blocks that bring the blocks placed to j
-    and fit its memory (k = 0, a node left out: ms 0). The node that places the
-    last block ends the ring and carries the head (`end_ms` unless it is the last)."""
-    c, last = costs[i], len(costs) - 1
-    low = 0 if leave_out and i > 0 else 1
-    for j in range(n_layer + 1):
-        for k in range(low, j + 1):
-            if k == 0:
-                yield j, 0, 0.0
-                continue
-            end = c.as_end() if j == n_layer and i < last else c
-            if end.fits(k):
-                yield j, k, end.time_ms(k)
-
-
-def _min_bottleneck(n_layer: int, costs: Sequence[NodeCost], leave_out: bool) -> float:
+def _min_bottleneck(n_layer: int, costs: Sequence[NodeCost]) -> float:
     """dp[j]: least bottleneck placing the first j blocks on the nodes so far."""
+    n = len(costs)
     dp = [INF] * (n_layer + 1)
     dp[0] = 0.0
-    for i in range(len(costs)):
+    for i, c in enumerate(costs):
         new = [INF] * (n_layer + 1)
-        for j, k, t in _moves(n_layer, costs, i, leave_out):
-            prev = dp[j - k]
-            if prev < INF and max(prev, t) < new[j]:
-                new[j] = max(prev, t)
+        rest = n - 1 - i  # nodes after this one, each needing a block
+        cap = c.max_blocks(n_layer)
+        for j in range(i + 1, n_layer - rest + 1):
+            for k in range(1, min(cap, j - i) + 1):
+                prev = dp[j - k]
+                if prev == INF:
+                    continue
+                v = max(prev, c.time_ms(k))
+                if v < new[j]:
+                    new[j] = v
         dp = new
     assert dp[n_layer] < INF, "feasibility was checked"
     return dp[n_layer]
 
 
-def _most_balanced_under(n_layer: int, costs: Sequence[NodeCost], limit: float, leave_out: bool
-                         ) -> list[int]:
+def _most_balanced_under(n_layer: int, costs: Sequence[NodeCost], limit: float) -> list[int]:
     """Among splits whose every stage takes <= limit: least sum of squared stage
     times, then the lexicographically smallest block counts."""
+    n = len(costs)
     # best[j] = (total, sizes) for the first j blocks on the nodes so far
     best: list[tuple[float, tuple[int, ...]] | None] = [None] * (n_layer + 1)
     best[0] = (0.0, ())
-    for i in range(len(costs)):
+    for i, c in enumerate(costs):
         new: list[tuple[float, tuple[int, ...]] | None] = [None] * (n_layer + 1)
-        for j, k, t in _moves(n_layer, costs, i, leave_out):
-            prev = best[j - k]
-            if prev is None or t > limit:
-                continue
-            cand = (prev[0] + t * t, prev[1] + (k,))
-            if new[j] is None or _better(cand, new[j]):
-                new[j] = cand
+        rest = n - 1 - i
+        cap = c.max_blocks(n_layer)
+        for j in range(i + 1, n_layer - rest + 1):
+            for k in range(1, min(cap, j - i) + 1):
+                prev = best[j - k]
+                t = c.time_ms(k)
+                if prev is None or t > limit:
+                    continue
+                cand = (prev[0] + t * t, prev[1] + (k,))
+                if new[j] is None or _better(cand, new[j]):
+                    new[j] = cand
         best = new
     assert best[n_layer] is not None, "the bottleneck is reachable"
     return list(best[n_layer][1])
