@@ -55,11 +55,20 @@ def test_probe_reports_a_block_a_frame_and_the_end_stages_extras(monkeypatch, fi
 
     def fake(stages, batch, device, min_time, context=None):
         timed.append([(s.start, s.stop, s.has_head) for s in stages] + [batch, context])
-        return [first, one, two, last]
+        return [[first], [one], [two], [last]]
 
     monkeypatch.setattr(capability, "time_stages", fake)
     assert probe_speed(TINY, batch=2, context=7) == want
     assert timed == [[(0, 1, False), (1, 2, False), (1, 3, False), (3, 4, True), 2, 7]]
+
+
+def test_probe_takes_differences_within_rounds(monkeypatch):
+    # the machine's load doubled during the second round: each stage's time with it,
+    # so a block (the two-block stage past the one-block one) is read within a round
+    rounds = {"first": [2.0, 4.0, 2.0, 2.0], "one": [1.5, 3.0, 1.5, 1.5],
+              "two": [2.5, 5.0, 2.5, 2.5], "last": [2.0, 4.0, 2.0, 2.0]}
+    monkeypatch.setattr(capability, "time_stages", lambda *a, **k: list(rounds.values()))
+    assert probe_speed(TINY, batch=2) == Speed(1.0, 0.5, 0.5, 0.5)
 
 
 def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
@@ -124,14 +133,15 @@ def test_frames_take_the_data_plane_path_and_wrap_within_the_cache(monkeypatch):
     monkeypatch.setattr(frame_probe, "send_frame", counting)
     stages = [GPT(TINY, 0, 1), GPT(TINY, 1, 3), GPT(TINY, 3, 4)]
     times = frame_probe.time_stages(stages, 2, "cpu", 0.0, context=TINY.block_size - 3)
-    assert len(times) == 3 and all(t > 0 for t in times)
+    assert len(times) == 3 and all(len(t) == frame_probe.MIN_WINDOWS for t in times)
+    assert all(x > 0 for t in times for x in t)
     # the upstream's SEQ_DECODE into the middle and last stages; each stage's answer out
     assert {"SEQ_DECODE", "DECODE", "TOKENS"} >= set(sent) and "SEQ_DECODE" in sent
     assert "TOKENS" in sent or "SEQ_TOKENS" in sent
     # frames too large for the socket's buffer skip it (the stage still runs)
     monkeypatch.setattr(frame_probe, "WIRE_MAX_BYTES", 16)
     sent.clear()
-    assert all(t > 0 for t in frame_probe.time_stages(stages, 2, "cpu", 0.0))
+    assert all(x > 0 for t in frame_probe.time_stages(stages, 2, "cpu", 0.0) for x in t)
     assert sent == []
 
 

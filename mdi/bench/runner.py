@@ -223,6 +223,8 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{v.name} run {run} failed:\n{err.decode(errors='replace')[-2000:]}")
         res = json.loads(out)
+        if (res.get("plan") or {}).get("partition") == "auto":  # the probes' figures, for the log
+            log.info("%s run %d: plan %s", v.name, run, json.dumps(res["plan"]["nodes"]))
         rss = [res["peak_rss_mb"]] + [_peak_rss_mb(p) for p in node_pids]
         cpu = [res["cpu_s"]] + [_cpu_s(p) - b for p, b in zip(node_pids, cpu_before)]
         c = self.info.config

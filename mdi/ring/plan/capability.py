@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,10 +107,16 @@ def probe_speed(config: GPTConfig, batch: int, dtype: str = "float32", device: s
     stages = [GPT(c4, a, b).to(device=device, dtype=DTYPES[dtype]).eval() for a, b in PROBE_STAGES]
     first, one, two, last = time_stages(stages, batch, device, min_time, context)
     del stages
-    block = two - one
-    if not 0.05 * one < block <= one:  # noise swamped the difference: charge it all per block
-        block = one
-    return Speed(block, max(0.0, first - one), max(0.0, last - one), one - block)
+
+    def past_one(other: list[float]) -> float:
+        """Median over the rounds of a stage's time past the one-block stage's."""
+        return statistics.median(b - a for a, b in zip(one, other))
+
+    whole = statistics.median(one)
+    block = past_one(two)
+    if not 0.05 * whole < block <= whole:  # noise swamped the difference: all of it per block
+        block = whole
+    return Speed(block, max(0.0, past_one(first)), max(0.0, past_one(last)), whole - block)
 
 
 class ProbeCache:

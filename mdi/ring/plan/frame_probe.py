@@ -13,8 +13,8 @@ stage takes its ids from the engine, not a socket, as on the starter.
 capability.probe_speed times stages of one and two blocks this way: the
 difference is a block, the rest of the one-block stage is the frame's fixed cost.
 
-The statistic is the median over windows of WINDOW_S of the mean frame time in
-each (the stages timed take turns, a window each): a CPU capped by a CFS quota runs at full speed until its quota for the
+The figure is the mean frame time over a window of WINDOW_S (the stages timed
+take turns, a window each; the caller takes medians over the rounds): a CPU capped by a CFS quota runs at full speed until its quota for the
 period is spent and then not at all, so the median of single frames shorter
 than a period would not see the cap (a mean over whole periods does), while a
 window another process took the core in is one outlier among several.
@@ -22,7 +22,6 @@ window another process took the core in is one outlier among several.
 from __future__ import annotations
 
 import socket
-import statistics
 import time
 
 import torch
@@ -44,11 +43,12 @@ PROBE_SAMPLING = SamplingConfig(temperature=0.8, top_k=200)
 
 
 def time_stages(stages: list[GPT], batch: int, device: str, min_time: float,
-                context: int | None = None) -> list[float]:
+                context: int | None = None) -> list[list[float]]:
     """ms per decode frame of `batch` rows through each stage on the frame path, at
-    `context` positions (None: a quarter of each stage's cache). The stages take
-    turns, a window each, so that a change in the machine's load reaches all of
-    them alike: their differences (a block, an end stage's extra) stay sound."""
+    `context` positions (None: a quarter of each stage's cache): one figure per
+    round, a round being a window of each stage in turn, so that a change in the
+    machine's load reaches all of them alike and their differences within a
+    round (a block, an end stage's extra) stay sound."""
     benches = [_Bench(stage, batch, device, context) for stage in stages]
     try:
         with torch.inference_mode():
@@ -64,7 +64,7 @@ def time_stages(stages: list[GPT], batch: int, device: str, min_time: float,
     finally:
         for bench in benches:
             bench.close()
-    return [1000.0 * statistics.median(m) for m in means]
+    return [[1000.0 * t for t in m] for m in means]
 
 
 def _window(frame) -> float:
