@@ -73,3 +73,21 @@ def test_slow_nodes_are_left_out_and_the_text_is_single_devices(ring6, monkeypat
     for i, (b, a) in enumerate(zip(before, after), start=1):
         assert a == b + (0 if i in slow else 1), (i, b, a)
     ring6.assert_alive()
+
+
+@pytest.mark.slow
+def test_resend_context_forms_the_ring_without_the_nodes_left_out(ring6, monkeypatch):
+    def starter(*extra):
+        rc, out, err = run_cli("starter", "--ckpt", ring6.ckpt, "--nodes-config",
+                               ring6.nodes_path, "--token", TOKEN, "--resend-context", *ARGS,
+                               *extra)
+        assert rc == 0, err[-3000:]
+        return json.loads(out)
+
+    even = starter("--partition", "even")
+    _slow(monkeypatch, {2})
+    before = _runs(ring6)
+    auto = starter("--partition", "auto")
+    assert [n["layers"] for n in auto["plan"]["nodes"]] == [[0, 3], [3, 6], None]
+    assert auto["samples"] == even["samples"]
+    assert [a - b for a, b in zip(_runs(ring6), before)] == [1, 0]
