@@ -8,8 +8,9 @@ node capped at a fraction of a core it can outweigh the blocks it computes,
 and a planner that does not see it keeps a slow node in the ring whatever it
 gives it (issue 22). `time_stages` runs the data thread's path (recv_frame,
 to_message, SlotStage.handle, to_frame, send_frame) on one lane of `batch`
-slots over a Unix socket pair whose other end plays the neighbours; the first
-stage takes its ids from the engine, not a socket, as on the starter.
+slots over a Unix socket pair whose other end, on a thread of its own, plays
+the neighbours: the stage waits for every frame and is woken by it, as a
+node is (on a busy machine that wake-up is part of every hop).
 capability.probe_speed times stages of one and two blocks this way: the
 difference is a block, the rest of the one-block stage is the frame's fixed cost.
 
@@ -22,6 +23,7 @@ window another process took the core in is one outlier among several.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import torch
@@ -32,12 +34,12 @@ from ...generate.sampling import SamplingConfig
 from ...model import GPT
 from ..protocol.seq_frames import to_frame, to_message
 from ..protocol.sock_io import recv_frame, send_frame
-from ..protocol.wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits
+from ..protocol.wire import DTYPE_CODES, HEADER_SIZE, Frame, Kind, Limits, WireError
 
 WARMUP_FRAMES = 2
 WINDOW_S = 0.05       # five CFS periods of `mdi bench --node-cpu` (10 ms)
 MIN_WINDOWS = 3
-WIRE_MAX_BYTES = 64 * 1024   # larger frames skip the socket (see _Bench)
+JOIN_S = 5.0
 # the finisher samples every row of every step; at the CLI's default settings
 PROBE_SAMPLING = SamplingConfig(temperature=0.8, top_k=200)
 
@@ -80,10 +82,10 @@ def _window(frame) -> float:
 
 
 class _Bench:
-    """One stage on one lane of `batch` slots. Its neighbours' ends of the socket
-    pair are served on the same thread (their send before the stage's read, their
-    read after its write): a second thread would take turns with the stage's
-    own threads for the cores, which no node does."""
+    """One stage on one lane of `batch` slots; its neighbours on a thread of their
+    own at the socket pair's other end. The stage waits for each frame and is
+    woken when it comes, as a node is: on a busy machine that wake-up is part of
+    every hop. The first stage is fed the sampled tokens, as the starter is."""
 
     def __init__(self, stage: GPT, batch: int, device: str, context: int | None) -> None:
         self.stage = stage
@@ -98,34 +100,40 @@ class _Bench:
         self.limits = Limits(1, config.n_embd, config.block_size, batch, DTYPE_CODES[dtype],
                              batch, sequences=True)
         self.ids = torch.randint(0, config.vocab_size, (batch, 1))
-        x = torch.randn(batch, 1, config.n_embd, dtype=dtype)
-        self.act = Frame(Kind.SEQ_DECODE, 1, 0, 0, x, table)
-        self.feeds = stage.start > 0  # a node's stage takes frames; the starter's, the engine's
-        # a frame the socket's buffer cannot hold would wait for a reader that is this thread
-        self.wire = x.numel() * x.element_size() <= WIRE_MAX_BYTES
+        self.feeds = stage.start > 0  # a node's stage takes activations; the starter's, tokens
+        feed = Frame(Kind.SEQ_DECODE, 1, 0, 0, torch.randn(batch, 1, config.n_embd, dtype=dtype),
+                     table) if self.feeds else Frame(Kind.TOKENS, 1, 0, 0, self.ids.view(-1))
         self.sock, self.peer = socket.socketpair()
+        self.thread = threading.Thread(target=_neighbours, args=(self.peer, self.limits, feed),
+                                       name="frame-probe", daemon=True)
+        self.thread.start()
         self.header = bytearray(HEADER_SIZE)
         self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def frame(self) -> None:
-        """One decode frame in, through the stage, out."""
+        """One frame in, through the stage, its answer out."""
         slots = self.slots
         if slots.slots[0].position >= self.stage.context - 1:  # stay inside the cache
             for s in slots.slots:
                 s.position = self.pos0
-        if not self.feeds:
-            m = Decode(0, self.table, self.ids)
-        elif self.wire:
-            send_frame(self.peer, self.act)
-            m = to_message(recv_frame(self.sock, self.limits, self.header), slots)
-        else:
-            m = to_message(self.act, slots)
+        f = recv_frame(self.sock, self.limits, self.header)
+        m = to_message(f, slots) if self.feeds else Decode(0, self.table, self.ids)
         out = to_frame(slots.handle(m), 1, slots)
         self.sync()
-        if self.wire:
-            send_frame(self.sock, out)
-            recv_frame(self.peer, self.limits, self.header)
+        send_frame(self.sock, out)
 
     def close(self) -> None:
-        self.sock.close()
+        self.sock.close()  # the neighbours read EOF (or fail to send) and end
+        self.thread.join(JOIN_S)
         self.peer.close()
+
+
+def _neighbours(sock: socket.socket, limits: Limits, feed: Frame) -> None:
+    """The stage's neighbours: send it `feed`, read its answer, until it closes."""
+    header = bytearray(HEADER_SIZE)
+    try:
+        while True:
+            send_frame(sock, feed)
+            recv_frame(sock, limits, header)
+    except (EOFError, OSError, WireError):
+        return
