@@ -9,7 +9,8 @@
   each other's timing) and `planner.plan_layers` picks the split with the
   least slowest stage under every node's memory budget (mode "auto"),
   leaving out nodes the ring is clearly faster without (planner.py; they
-  stay spares when the run has spares, else idle: `Placement.nodes`);
+  stay spares when the run has spares, else idle: `Placement.nodes`; only
+  with `--partition auto` given, not when the default turns to auto);
 - no `--partition`: auto when the nodes report different devices, CPUs
   (affinity, cgroup quota, threads) or memory caps, or when the even split
   does not fit their memory; even otherwise. Timing identical nodes would
@@ -126,7 +127,10 @@ async def _place(http, ring, caps, config, partition, shards, even, n_samples, b
     else:
         reason = "--partition auto"
     speeds = await _speeds(http, ring, config, batch, dtype, device, context)
-    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds), leave_out=True,
+    # only when asked for: the default turns to auto for the nodes' differences, and
+    # keeps every node of the nodes file as before
+    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds),
+                       leave_out=partition == "auto",
                        lanes=lambda keep: ring_lanes([caps[i] for i in keep]))
     return Placement("auto", reason, plan.shards, plan)
 
