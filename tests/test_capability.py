@@ -41,20 +41,34 @@ def test_probe_times_a_block():
     assert probe_speed(wide, batch=2, min_time=0.05).block_ms > speed.block_ms
 
 
-@pytest.mark.parametrize("first,block,last,want", [
-    (3.0, 1.0, 5.0, Speed(1.0, 2.0, 4.0)),   # the end stages' extras: their time past a block's
-    (0.8, 1.0, 1.25, Speed(1.0, 0.0, 0.25)),  # an end stage timed below a block: no extra
+@pytest.mark.parametrize("first,one,two,last,want", [
+    # a block: the second block's time; a frame: the rest of the one-block stage;
+    # the end stages' extras: their time past the one-block stage
+    (4.0, 1.5, 2.5, 6.0, Speed(1.0, 2.5, 4.5, 0.5)),
+    (1.2, 1.5, 2.5, 1.75, Speed(1.0, 0.0, 0.25, 0.5)),  # an end stage below a middle: no extra
+    (1.5, 1.5, 1.5, 1.5, Speed(1.5, 0.0, 0.0, 0.0)),    # noise hid the block: all of it per block
+    (1.5, 1.5, 3.5, 1.5, Speed(1.5, 0.0, 0.0, 0.0)),    # a "block" over a whole stage: likewise
 ])
-def test_probe_reports_a_block_and_the_end_stages_extras(monkeypatch, first, block, last, want):
+def test_probe_reports_a_block_a_frame_and_the_end_stages_extras(monkeypatch, first, one, two,
+                                                                 last, want):
     timed = []
 
-    def fake(stage, batch, device, min_time, context=None):
-        timed.append((stage.start, stage.stop, stage.has_head, batch, context))
-        return {0: first, 1: block, 2: last}[stage.start]
+    def fake(stages, batch, device, min_time, context=None):
+        timed.append([(s.start, s.stop, s.has_head) for s in stages] + [batch, context])
+        return [[first], [one], [two], [last]]
 
-    monkeypatch.setattr(capability, "_time_stage", fake)
+    monkeypatch.setattr(capability, "time_stages", fake)
     assert probe_speed(TINY, batch=2, context=7) == want
-    assert timed == [(0, 1, False, 2, 7), (1, 2, False, 2, 7), (2, 3, True, 2, 7)]
+    assert timed == [[(0, 1, False), (1, 2, False), (1, 3, False), (3, 4, True), 2, 7]]
+
+
+def test_probe_takes_differences_within_rounds(monkeypatch):
+    # the machine's load doubled during the second round: each stage's time with it,
+    # so a block (the two-block stage past the one-block one) is read within a round
+    rounds = {"first": [2.0, 4.0, 2.0, 2.0], "one": [1.5, 3.0, 1.5, 1.5],
+              "two": [2.5, 5.0, 2.5, 2.5], "last": [2.0, 4.0, 2.0, 2.0]}
+    monkeypatch.setattr(capability, "time_stages", lambda *a, **k: list(rounds.values()))
+    assert probe_speed(TINY, batch=2) == Speed(1.0, 0.5, 0.5, 0.5)
 
 
 def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
@@ -93,17 +107,45 @@ def test_a_probe_times_blocks_at_the_context_it_is_given(monkeypatch):
 
 
 def test_the_head_is_timed_with_the_sampling_of_every_row(monkeypatch):
+    from mdi.engine import slots
     rows = []
-    real = capability.sample_rows
+    real = slots.sample_token
 
-    def counting(logits, cfg, generators):
-        rows.append((tuple(logits.shape), len(generators), cfg.top_k))
-        return real(logits, cfg, generators)
+    def counting(logits, cfg, generator):
+        rows.append((tuple(logits.shape), cfg.top_k, cfg.temperature))
+        return real(logits, cfg, generator)
 
-    monkeypatch.setattr(capability, "sample_rows", counting)
+    monkeypatch.setattr(slots, "sample_token", counting)
     probe_speed(TINY, batch=3, min_time=0.0)
-    # only the last of the three one-block stages samples: (warm-up + timed steps) x 3 rows
-    assert rows and set(rows) == {((3, TINY.vocab_size), 3, 200)}
+    # only the last stage samples, each of the 3 rows of every frame, at the CLI's defaults
+    assert rows and len(rows) % 3 == 0 and set(rows) == {((TINY.vocab_size,), 200, 0.8)}
+
+
+def test_frames_take_the_data_plane_path_and_wrap_within_the_cache(monkeypatch):
+    from mdi.ring.plan import frame_probe
+    sent, received = [], []
+    real_send, real_recv = frame_probe.send_frame, frame_probe.recv_frame
+
+    def send(sock, f):
+        sent.append(f.kind.name)
+        return real_send(sock, f)
+
+    def recv(sock, limits, header):
+        f = real_recv(sock, limits, header)
+        received.append(f.kind.name)
+        return f
+
+    monkeypatch.setattr(frame_probe, "send_frame", send)
+    monkeypatch.setattr(frame_probe, "recv_frame", recv)
+    stages = [GPT(TINY, 0, 1), GPT(TINY, 1, 3), GPT(TINY, 3, 4)]
+    # positions from near the cache's end: the slots wrap back instead of overflowing
+    times = frame_probe.time_stages(stages, 2, "cpu", 0.0, context=TINY.block_size - 3)
+    assert len(times) == 3 and all(len(t) == frame_probe.MIN_WINDOWS for t in times)
+    assert all(x > 0 for t in times for x in t)
+    # the starter's stage is fed tokens, the others activations; each answers with
+    # what a node sends on (activations, or the finisher's tokens)
+    assert set(sent) == set(received) == {"TOKENS", "SEQ_DECODE"}
+    assert sent.count("TOKENS") >= 2 * (frame_probe.WARMUP_FRAMES + frame_probe.MIN_WINDOWS)
 
 
 def test_capabilities_report_memory_and_cap():

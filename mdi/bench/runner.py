@@ -223,6 +223,8 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{v.name} run {run} failed:\n{err.decode(errors='replace')[-2000:]}")
         res = json.loads(out)
+        if (res.get("plan") or {}).get("partition") == "auto":  # the probes' figures, for the log
+            log.info("%s run %d: plan %s", v.name, run, json.dumps(res["plan"]["nodes"]))
         rss = [res["peak_rss_mb"]] + [_peak_rss_mb(p) for p in node_pids]
         cpu = [res["cpu_s"]] + [_cpu_s(p) - b for p, b in zip(node_pids, cpu_before)]
         c = self.info.config
@@ -234,9 +236,11 @@ class Bench:
                "hosts": cfg.hosts, "link_rate": cfg.link_rate or "", "run": run,
                "links": "/".join(h.get("link") or "?" for h in res.get("hops") or []),
                "partition": (res.get("plan") or {}).get("partition", ""),
-               "layers": "+".join(str(n["layers"][1] - n["layers"][0])
+               "layers": "+".join("0" if n["layers"] is None else  # 0: a node left out
+                                  str(n["layers"][1] - n["layers"][0])
                                   for n in (res.get("plan") or {}).get("nodes", [])),
-               "stage_ms": "/".join("-" if n["ms_per_step"] is None else f"{n['ms_per_step']:.2f}"
+               "stage_ms": "/".join("-" if n.get("ms_per_step") is None
+                                    else f"{n['ms_per_step']:.2f}"
                                     for n in (res.get("plan") or {}).get("nodes", [])),
                "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
                if cfg.node_cpu else "",

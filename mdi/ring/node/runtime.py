@@ -41,7 +41,7 @@ from ...model import GPT, GPTConfig
 from ...model.dtypes import DTYPES
 from ..cluster.nodes_config import NodeSpec
 from ..plan import limits as mem
-from ..plan.capability import ProbeCache, node_capabilities
+from ..plan.capability import PROBE_STAGES, ProbeCache, node_capabilities
 from ..protocol.aio import bounded
 from ..protocol.auth import AuthError, answer, challenge
 from ..protocol.local_link import is_local, link_scope, listen_local, new_name, open_link
@@ -115,15 +115,16 @@ class NodeRuntime:
         """Time this node on a run's shape, on the compute thread (cached per shape)."""
         config = validate_model(req.model)
         device = validate_device(req.device or self.spec.device)
-        # the probe builds one one-block stage at a time (the first, a middle, the last)
-        c3 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 3})
+        # the probe holds its stages at once, each with its cache: the first, a middle
+        # one with one and with two blocks, the last (capability.probe_speed)
+        c4 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 4})
         dtype = DTYPES[req.dtype]
-        need = max(mem.stage_weight_bytes(c3, i, i + 1, dtype) for i in range(3)) \
-            + mem.kv_cache_bytes(c3, 1, req.batch, dtype)
+        need = sum(mem.stage_weight_bytes(c4, a, b, dtype)
+                   + mem.kv_cache_bytes(c4, b - a, req.batch, dtype) for a, b in PROBE_STAGES)
         have, where = mem.available(device, None)  # --max-memory caps runs; a probe is brief
         if need > have:
             raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "
-                            f"(its largest one-block stage), this node has "
+                            f"(four small stages of its shape), this node has "
                             f"{mem.format_size(have)} ({where})")
         loop = asyncio.get_running_loop()
         speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,

@@ -1,15 +1,16 @@
 """What a node can do: its device and memory, and a measured speed for a run's shape.
 
 `node_capabilities` is cheap (no compute) and answers GET /capabilities.
-`probe_speed` times one block (and the embeddings, and the head with the
-sampling of every row at the CLI's default settings, as the first and last stages'
-extra cost) with random weights of the run's configuration,
-at the run's group size, dtype and typical context, over decode steps with a
-KV cache: the same forward the ring runs. Attention reads the filled part of
-the cache only, so a block's cost grows with the context while the head's does
-not; a run of short sequences needs blocks timed at its own context to balance
-its stages. `ProbeCache` keeps one answer per (shape, batch, dtype, device,
-context), so a node is timed once per model and context.
+`probe_speed` times one block, a frame's fixed cost (reading and writing it,
+the step's bookkeeping, the stage's call: frame_probe.py) and the embeddings
+and the head with the sampling of every row at the CLI's default settings (the
+first and last stages' extra cost), with random weights of the run's
+configuration, at the run's group size, dtype and typical context, over
+decode steps with a KV cache on the path a node's frames take. Attention reads
+the filled part of the cache only, so a block's cost grows with the context
+while the head's does not; a run of short sequences needs blocks timed at its
+own context to balance its stages. `ProbeCache` keeps one answer per (shape,
+batch, dtype, device, context), so a node is timed once per model and context.
 
 Timings run for at least `min_time` seconds of wall time each, not a fixed
 number of steps: a CPU capped by a CFS quota (cgroups) runs at full speed
@@ -22,22 +23,21 @@ import logging
 import os
 import statistics
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ...generate.sampling import SamplingConfig, sample_rows, seeded_generator
 from ...model import GPT, GPTConfig
 from ...model.dtypes import DTYPES
 from ...model.meta import on_meta
 from ...model.quant import quantize as quantize_stage
+from .frame_probe import time_stages
 from .limits import free_memory
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
-WARMUP_STEPS = 2
+PROBE_STAGES = ((0, 1), (1, 2), (1, 3), (3, 4))  # of 4 blocks: first, middle (1 and 2), last
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Speed:
     block_ms: float   # one transformer block
     embed_ms: float   # the first stage's extra: token and position embeddings
     head_ms: float    # the last stage's extra: final norm, head and sampling
+    frame_ms: float = 0.0  # a frame's fixed cost, whatever the layers: frame_probe.py
 
     def to_dict(self) -> dict:
         return {k: round(v, 5) for k, v in asdict(self).items()}
@@ -91,59 +92,31 @@ def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
                        max(0, _nbytes(stages[2]) - block))
 
 
-def _time_stage(stage: GPT, batch: int, device: str, min_time: float,
-                context: int | None = None) -> float:
-    """ms per decode step of `stage` for `batch` rows (random inputs, cached forward)
-    at `context` positions (None: a quarter of the stage's cache)."""
-    config = stage.config
-    p = stage.first_param()
-    cache = stage.new_cache(batch)
-    if stage.start == 0:
-        x = torch.randint(0, config.vocab_size, (batch, 1), device=device)
-    else:
-        x = torch.randn(batch, 1, config.n_embd, device=device, dtype=p.dtype)
-    # the positions a sequence holds mid-generation
-    pos0 = stage.context // 4 if context is None else min(context, stage.context - 1)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    # the finisher samples every row of every step; at the CLI's default settings
-    sampling = SamplingConfig(temperature=0.8, top_k=200)
-    generators = [seeded_generator(i) for i in range(batch)] if stage.has_head else []
-
-    def step(i: int) -> None:
-        pos = torch.full((batch, 1), (pos0 + i) % stage.context, device=device)
-        out = stage(x, pos, cache)
-        if stage.has_head:
-            sample_rows(out[:, -1], sampling, generators)
-
-    with torch.inference_mode():
-        for i in range(WARMUP_STEPS):
-            step(i)
-        sync()
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < 3 or time.perf_counter() - start < min_time:
-            t0 = time.perf_counter()
-            step(len(times))
-            sync()
-            times.append(time.perf_counter() - t0)
-        # the median step: a step that waited for another process's turn on the
-        # core does not move it (a mean did, by up to 2x on a shared machine)
-        return 1000.0 * statistics.median(times)
-
-
 def probe_speed(config: GPTConfig, batch: int, dtype: str = "float32", device: str = "cpu",
                 min_time: float = MIN_TIME_S, seed: int = 0, context: int | None = None) -> Speed:
-    """Time one block and the end stages' extras for this shape (random weights), at
-    `context` positions (None: a quarter of the model's cache)."""
-    c3 = _three_layer(config)
+    """Time one block, a frame's fixed cost and the end stages' extras for this shape
+    (random weights) on the frame path (frame_probe.py), at `context` positions
+    (None: a quarter of the model's cache).
+
+    A middle stage is timed with one block and with two: the difference is a
+    block, the rest of the one-block stage is the frame's fixed cost (reading and
+    writing it, the step's bookkeeping, the stage's call). The end stages' extras
+    are their time past the one-block middle stage's."""
+    c4 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 4})
     torch.manual_seed(seed)
-    times = []
-    for i in range(3):
-        stage = GPT(c3, i, i + 1).to(device=device, dtype=DTYPES[dtype]).eval()
-        times.append(_time_stage(stage, batch, device, min_time, context))
-        del stage
-    first, block, last = times
-    return Speed(block, max(0.0, first - block), max(0.0, last - block))
+    stages = [GPT(c4, a, b).to(device=device, dtype=DTYPES[dtype]).eval() for a, b in PROBE_STAGES]
+    first, one, two, last = time_stages(stages, batch, device, min_time, context)
+    del stages
+
+    def past_one(other: list[float]) -> float:
+        """Median over the rounds of a stage's time past the one-block stage's."""
+        return statistics.median(b - a for a, b in zip(one, other))
+
+    whole = statistics.median(one)
+    block = past_one(two)
+    if not 0.05 * whole < block <= whole:  # noise swamped the difference: all of it per block
+        block = whole
+    return Speed(block, max(0.0, past_one(first)), max(0.0, past_one(last)), whole - block)
 
 
 class ProbeCache:
@@ -165,8 +138,8 @@ class ProbeCache:
         with self._lock:
             self._speeds[key] = speed
         log.info("probed %d-dim blocks at batch %d, %s on %s, context %s: %.3f ms per block "
-                 "per step", config.n_embd, batch, dtype, device,
-                 "default" if context is None else context, speed.block_ms)
+                 "per step, %.3f ms per frame", config.n_embd, batch, dtype, device,
+                 "default" if context is None else context, speed.block_ms, speed.frame_ms)
         return speed, False
 
 

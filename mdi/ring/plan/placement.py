@@ -7,7 +7,10 @@
 - `--partition auto`: every node (the starter too) is timed on the run's shape
   (POST /probe, one node at a time so that nodes sharing a machine do not slow
   each other's timing) and `planner.plan_layers` picks the split with the
-  least slowest stage under every node's memory budget (mode "auto");
+  least slowest stage under every node's memory budget (mode "auto"),
+  leaving out nodes the ring is clearly faster without (planner.py; they
+  stay spares when the run has spares, else idle: `Placement.nodes`; only
+  with `--partition auto` given, not when the default turns to auto);
 - no `--partition`: auto when the nodes report different devices, CPUs
   (affinity, cgroup quota, threads) or memory caps, or when the even split
   does not fit their memory; even otherwise. Timing identical nodes would
@@ -48,6 +51,12 @@ class Placement:
     plan: Plan
     parallel: int = 0            # stages that can compute at once (compute_units); 0: unknown
     caps: list[dict] = field(default_factory=list)  # /capabilities in ring order, the starter first
+    nodes: NodesConfig | None = None  # the ring planned: the nodes file's, less nodes left out
+
+    @property
+    def left_out(self) -> set[str]:
+        """Names of the nodes the plan gave no layers (not part of the ring)."""
+        return {x.name for x in self.plan.left_out}
 
     def to_json(self) -> dict:
         d = {"partition": self.mode, "reason": self.reason, "nodes": self.plan.to_dicts()}
@@ -89,8 +98,13 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
                                               for s in ring[1:]]
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
                                  batch, dtype, device, max_context, quantize, context)
+    gone = placement.left_out
+    for x in placement.plan.left_out:
+        log.info("%s is left out of the ring: %s", x.name, x.reason())
+    caps = [c for s, c in zip(ring, caps) if s.name not in gone]  # the ring's, in its order
     placement.parallel = compute_units(caps)
     placement.caps = caps
+    placement.nodes = nodes.leaving_out(gone)
     return placement
 
 
@@ -113,8 +127,18 @@ async def _place(http, ring, caps, config, partition, shards, even, n_samples, b
     else:
         reason = "--partition auto"
     speeds = await _speeds(http, ring, config, batch, dtype, device, context)
-    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds))
+    # only when asked for: the default turns to auto for the nodes' differences, and
+    # keeps every node of the nodes file as before
+    plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds),
+                       leave_out=partition == "auto",
+                       lanes=lambda keep: ring_lanes([caps[i] for i in keep]))
     return Placement("auto", reason, plan.shards, plan)
+
+
+def ring_lanes(caps: list[dict]) -> int:
+    """The lanes a ring of these nodes runs by default: one per node, no more than
+    can compute at once (as starter/options.lane_count; --micro-batches aside)."""
+    return min(len(caps), compute_units(caps)) or len(caps)
 
 
 def compute_units(caps: list[dict]) -> int:
@@ -148,11 +172,13 @@ def _costs(ring: list[NodeSpec], caps: list[dict], mem, speeds: list[Speed] | No
     out = []
     last = len(ring) - 1
     for i, (spec, cap) in enumerate(zip(ring, caps)):
-        speed = speeds[i] if speeds else Speed(math.nan, math.nan, math.nan)
+        speed = speeds[i] if speeds else Speed(math.nan, math.nan, math.nan, math.nan)
         extra = (speed.embed_ms if i == 0 else 0.0) + (speed.head_ms if i == last else 0.0)
         fixed = (mem.embed_bytes if i == 0 else 0) + (mem.head_bytes if i == last else 0)
         out.append(NodeCost(spec.name, speed.block_ms, extra, mem.block_bytes, fixed,
-                            cap.get("budget_bytes")))
+                            cap.get("budget_bytes"), frame_ms=speed.frame_ms,
+                            end_ms=speed.head_ms if i < last else 0.0,
+                            end_bytes=mem.head_bytes if i < last else 0))
     return out
 
 
@@ -209,8 +235,19 @@ async def _speeds(http: httpx.AsyncClient, ring: list[NodeSpec], config: GPTConf
             raise RuntimeError(f"{spec.describe()} refused /probe (HTTP {r.status_code}): "
                                f"{r.text[:300]}")
         d = r.json()
-        out.append(Speed(float(d["block_ms"]), float(d["embed_ms"]), float(d["head_ms"])))
+        out.append(_speed_of(d, spec))
     for spec, s in zip(ring, out):
-        log.info("%s: %.3f ms per block per step (+%.3f embeddings, +%.3f head)", spec.name,
-                 s.block_ms, s.embed_ms, s.head_ms)
+        log.info("%s: %.3f ms per block per step (+%.3f per frame, +%.3f embeddings, "
+                 "+%.3f head)", spec.name, s.block_ms, s.frame_ms, s.embed_ms, s.head_ms)
     return out
+
+
+def _speed_of(d: dict, spec: NodeSpec) -> Speed:
+    """A node's /probe answer as a Speed (a node from before frame_ms: 0 per frame);
+    a missing or non-numeric field is an error naming it."""
+    try:
+        return Speed(*(float(d[k]) for k in ("block_ms", "embed_ms", "head_ms")),
+                     frame_ms=float(d.get("frame_ms", 0.0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RuntimeError(f"{spec.describe()} answered /probe without a valid speed "
+                           f"({type(e).__name__}: {e}): {str(d)[:200]}") from None

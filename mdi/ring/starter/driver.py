@@ -82,11 +82,12 @@ class Starter:
         shards, self.placement = await self.client.place(
             self.checkpoint.config, n, max(len(g) for g in lanes),  # probes time one lane's batch
             typical_context(prompts, n_tokens))
-        engine = RingEngine(self.nodes, self.token, self.checkpoint,
+        nodes = self._ring_of(self.placement)
+        engine = RingEngine(nodes, self.token, self.checkpoint,
                             texts.tokenizer if texts is not None else None, max_seqs=n,
                             max_queue=n, opts=self.opts, lanes=self.opts.n_groups,
                             shards=shards, placement=self.placement)
-        if len(self.nodes.ring) > 1:
+        if len(nodes.ring) > 1:
             await engine.form()
         progress = _Progress(n, n_tokens, self.on_step, self.on_event)
         seqs: list[Sequence] = []
@@ -110,7 +111,7 @@ class Starter:
                 ) -> GenerationResult:
         """The batch's result; a failed run's (`fail`) counts the steps every sample
         completed, and its hops are unknown."""
-        c, n_nodes = engine.config, len(self.nodes.ring)
+        c, n_nodes = engine.config, len(engine.nodes.ring)
         result = batch_result(seqs, t0, elapsed, n_tokens, c.n_layer, c.block_size, texts,
                               mode="distributed" if n_nodes > 1 else "single", n_nodes=n_nodes,
                               hops=[] if fail else engine.hops, failure=fail)
@@ -126,10 +127,16 @@ class Starter:
         shards, self.placement = await self.client.place(self.checkpoint.config, len(prompts),
                                                          max(len(g) for g in groups))
         stage = first_stage(self.checkpoint, shards[0].stop, self.opts)
-        if len(self.nodes.ring) == 1:
+        nodes = self._ring_of(self.placement)
+        if len(nodes.ring) == 1:
             return run_single(stage, prompts, n_tokens, sampling, len(groups), self.on_step, texts)
-        return await run_resend(self.client, stage, shards, self.placement, prompts, n_tokens,
-                                sampling, groups, texts, self.on_step)
+        return await run_resend(self.client.with_nodes(nodes), stage, shards, self.placement,
+                                prompts, n_tokens, sampling, groups, texts, self.on_step)
+
+    def _ring_of(self, placement: Placement | None) -> NodesConfig:
+        """The ring a placement planned: the nodes file's, less the nodes it left out."""
+        return placement.nodes if placement is not None and placement.nodes is not None \
+            else self.nodes
 
 
 class _Progress:

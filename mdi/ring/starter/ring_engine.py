@@ -125,6 +125,9 @@ class RingEngine(PipelineEngine):
         the first stage is loaded again when its range moved."""
         shards, self.placement = await self.client.place(self.config, self.max_seqs,
                                                          max(self.sizes))
+        if self.placement is not None and self.placement.left_out:  # a ring without them
+            assert self.placement.nodes is not None
+            self.client = self.client.with_nodes(self.placement.nodes)
         lanes = default_lanes(len(self.nodes.ring), self.placement)
         if not self._lanes_given and lanes != len(self.sizes) and not self.running:
             self._relane(lanes)
@@ -173,7 +176,8 @@ class RingEngine(PipelineEngine):
             if not self._planned:
                 await self._plan()
                 self._planned = True
-            await self._form()
+            if len(self.nodes.ring) > 1:  # else the plan left the starter alone: no ring
+                await self._form()
         except BaseException:
             await self._close_transport()
             raise
@@ -266,7 +270,7 @@ class RingEngine(PipelineEngine):
         if len(nodes.ring) == 1:
             self._check_fits_alone()
         await self._plan()
-        if len(nodes.ring) > 1:
+        if len(self.nodes.ring) > 1:  # the plan may leave nodes out
             await self.form()
 
     def _check_fits_alone(self) -> None:
