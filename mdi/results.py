@@ -107,6 +107,8 @@ class GenerationResult:
     failure: Failure | None = None      # set on the partial result of a failed run
     plan: dict | None = None            # the ring's split (ring/placement.py), ring runs only
     recoveries: list[dict] = field(default_factory=list)  # nodes lost and resumed from (ring_engine.py)
+    # seconds since start when each sample's token i came ([] where only step_times are known)
+    token_times: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def build(cls, tokens: list[list[int]], texts: Texts | None, **fields: Any
@@ -134,6 +136,13 @@ class GenerationResult:
     @property
     def first_token_s(self) -> float:
         return self.step_times[0] if self.step_times else 0.0
+
+    def sample_token_times(self) -> list[list[float]]:
+        """Each sample's token times (s since start): its own where the run kept them, else
+        the lockstep steps' (sample s has token i when step i ends)."""
+        if self.token_times:
+            return self.token_times
+        return [self.step_times[:len(t)] for t in self.tokens]
 
     @property
     def bytes_per_hop_per_token(self) -> float:

@@ -179,3 +179,115 @@ def test_bench_node_cpu_auto_and_even_side_by_side(tmp_path):
     assert {r["node_cpu"] for r in rows} == {"1,1,0.3"}
     assert "mdi-3-auto" in (tmp_path / "bench" / "summary.md").read_text()
     assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))
+
+
+# ---- time to first token and inter-token latency by prompt length -------------------
+def test_prompt_ids_are_the_models_tokens_at_the_length_asked(char_tokenizer):
+    from mdi.bench.latency import PASSAGE, prompt_ids
+
+    n = 2 * len(PASSAGE) + 3  # a char tokenizer: a token per character
+    ids = prompt_ids(char_tokenizer, n)
+    assert len(ids) == n and ids == prompt_ids(char_tokenizer, n)  # deterministic
+    assert char_tokenizer.decode(ids[:len(PASSAGE)]) == PASSAGE  # the passage, then again
+    assert ids[len(PASSAGE):2 * len(PASSAGE)] == ids[:len(PASSAGE)]
+    assert prompt_ids(char_tokenizer, 3) == ids[:3]
+    with pytest.raises(ValueError, match="--prompt-tokens"):
+        prompt_ids(char_tokenizer, 0)
+
+
+def test_latency_stats_from_token_times():
+    from mdi.bench.latency import latency_stats
+
+    s = latency_stats([[0.5, 0.6, 0.8], [1.5, 1.6], []])  # the empty one made no token
+    assert s["ttft_count"] == 2 and s["itl_count"] == 3
+    assert s["ttft_p50_s"] == pytest.approx(1.0) and s["ttft_p99_s"] == pytest.approx(1.49)
+    assert s["itl_p50_s"] == pytest.approx(0.1) and s["itl_p99_s"] == pytest.approx(0.198)
+
+
+def test_prompt_lengths_and_prefill_chunks_are_variants():
+    cfg = BenchConfig(model_size="tiny", nodes=[1, 2], prompt_tokens=[16, 32],
+                      prefill_chunks=[0, 8], resend_context=True)
+    assert [v.name for v in variants(cfg)] == [
+        "single-chunk0-p16", "single-chunk8-p16", "mdi-2-chunk0-p16", "mdi-2-chunk8-p16",
+        "single-chunk0-p32", "single-chunk8-p32", "mdi-2-chunk0-p32", "mdi-2-chunk8-p32",
+        "mdi-2-resend-p16", "mdi-2-resend-p32"]
+    assert {v.series for v in variants(cfg) if v.prompt_tokens == 32} == {
+        "single-chunk0", "single-chunk8", "mdi-2-chunk0", "mdi-2-chunk8", "mdi-2-resend"}
+    with pytest.raises(ValueError, match="--prompt-tokens"):
+        BenchConfig(model_size="tiny", prompt_tokens=[0])
+    with pytest.raises(ValueError, match="--prefill-chunk"):
+        BenchConfig(model_size="tiny", prefill_chunks=[8, 8])
+    with pytest.raises(ValueError, match="--temperature"):
+        BenchConfig(model_size="tiny", temperature=-1)
+
+
+def test_bench_refuses_a_prompt_that_fills_the_context(tmp_path):
+    from mdi.bench.runner import Bench
+
+    with pytest.raises(ValueError, match="--prompt-tokens 64 leaves no room.*64 positions"):
+        Bench(BenchConfig(model_size="tiny", prompt_tokens=[8, 64], out=str(tmp_path)))
+
+
+def _row(config, run, sha, ttft, chunk=""):
+    return {"config": config, "run": run, "prompt_tokens": 10, "prefill_chunk": chunk,
+            "temperature": 0.0, "tokens_sha": sha, "ttft_p50_s": ttft, "ttft_p99_s": 2 * ttft,
+            "itl_p50_s": 0.01, "itl_p99_s": 0.02}
+
+
+def test_latency_table_compares_with_chunk0_and_checks_tokens():
+    from mdi.bench.report import latency_lines, token_mismatches
+
+    rows = [_row("mdi-2-chunk0-p10", 0, "a", 4.0, 0), _row("mdi-2-chunk8-p10", 0, "a", 2.0, 8),
+            _row("mdi-2-chunk0-p10", 1, "b", 6.0, 0), _row("mdi-2-chunk8-p10", 1, "b", 3.0, 8)]
+    text = "\n".join(latency_lines(rows))
+    assert "| mdi-2-chunk8-p10 | 10 | 8 | 2.500 | 5.000 | 10.0 | 20.0 | 0.50x |" in text
+    assert "| mdi-2-chunk0-p10 | 10 | 0 | 5.000 | 10.000 | 10.0 | 20.0 | - |" in text
+    assert "greedy): equal across all" in text
+    rows[3]["tokens_sha"] = "c"  # run 1 of the chunked configuration differs
+    assert token_mismatches(rows) == ["mdi-2-chunk8-p10"]
+    assert "differ from the run's first configuration in mdi-2-chunk8-p10" in "\n".join(
+        latency_lines(rows))
+
+
+def test_worker_reports_latency_of_a_single_device_run(tiny_ckpt, capsys):
+    import json
+
+    import torch
+
+    from mdi.bench import worker
+
+    threads = torch.get_num_threads()
+    try:
+        assert worker.main(["--ckpt", str(tiny_ckpt), "--n-samples", "3", "--n-tokens", "4",
+                            "--threads", str(threads), "--prompt-tokens", "12",
+                            "--prefill-chunk", "5", "--temperature", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(capsys.readouterr().out)
+    assert res["prompt_tokens"] == 12 and res["tokens_total"] == 12
+    assert res["ttft_count"] == 3 and res["itl_count"] == 3 * 3
+    assert 0 < res["ttft_p50_s"] <= res["ttft_p99_s"] <= res["gen_time_s"]
+    assert 0 < res["itl_p50_s"] <= res["itl_p99_s"]
+    assert len(res["tokens_sha"]) == 12
+
+
+@pytest.mark.slow
+def test_bench_latency_by_prompt_length_and_chunk(tmp_path):
+    rows, _ = run_bench(tmp_path, "--nodes", "1,2", "--prompt-tokens", "20,40",
+                        "--prefill-chunk", "0,8", "--temperature", "0")
+    out = tmp_path / "bench"
+    assert (out / "ttft_by_prompt.png").stat().st_size > 0
+    assert {(r["config"], r["prompt_tokens"], r["prefill_chunk"]) for r in rows} == {
+        (f"{c}-chunk{k}-p{n}", str(n), str(k)) for c in ("single", "mdi-2") for n in (20, 40)
+        for k in (0, 8)}
+    for r in rows:
+        assert int(r["ttft_count"]) == 2 and int(r["itl_count"]) == 2 * 5
+        assert 0 < float(r["ttft_p50_s"]) <= float(r["ttft_p99_s"]) <= float(r["gen_time_s"])
+        assert 0 < float(r["itl_p50_s"]) <= float(r["itl_p99_s"])
+        assert float(r["first_token_s"]) == pytest.approx(float(r["ttft_p99_s"]), rel=0.2)
+    # greedy: chunked prefill, one frame, one device and the ring make the same tokens
+    for n in ("20", "40"):
+        assert len({r["tokens_sha"] for r in rows if r["prompt_tokens"] == n}) == 1
+    summary = (out / "summary.md").read_text()
+    assert "## Latency by prompt length" in summary and "equal across all configurations" in summary
+    assert "| mdi-2-chunk8-p40 | 40 | 8 |" in summary

@@ -22,10 +22,14 @@ DIFFERENT_MEANINGS = {
     "--nodes": "bench: a list of counts; split: chunks",
     "--out": "what each command writes",
     "--partition": "bench: a list of partitions to compare",
+    "--prefill-chunk": "bench: a list of values run side by side",
     "--prompt": "serve-bench: one request's prompt",
+    "--prompt-tokens": "bench: each length a configuration; serve-bench: each length every level",
     "--quantize": "convert stores int8; elsewhere weights are quantized at load",
     "--resend-context": "bench: also run that mode",
+    "--temperature": "bench: every run's, with its own default",
     "--threads": "bench: its own default",
+    "--tokenizer": "prepare: the kind to train; serve-bench: the checkpoint whose tokenizer it uses",
     "--timeout": "node: its own handshakes and connects; elsewhere the ring's failure detection",
 }
 

@@ -46,7 +46,7 @@ def test_serve_bench_cli_against_a_url(char_tokenizer, tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "serve_load.csv").is_file() and (tmp_path / "serve_load.png").is_file()
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["clients", "req/s", "tok/s"] and len(table) == 3
+    assert table[0].split()[:4] == ["prompt", "clients", "req/s", "tok/s"] and len(table) == 3
 
 
 def test_serve_cli_refuses_bad_options(capsys):
@@ -69,3 +69,38 @@ def test_serve_cli_refuses_bad_options(capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve-bench", "--url", "http://127.0.0.1:1", "--out", "/tmp/x"]) == 1
     assert "--model-name" in capsys.readouterr().err
+
+
+def test_serve_load_by_prompt_length(char_tokenizer, tmp_path):
+    from mdi.bench.latency import prompt_ids
+
+    app = create_app(lambda: FakeEngine(char_tokenizer, max_seqs=4, step_s=0.002), char_tokenizer,
+                     ServeConfig(model_name="m"))
+    prompts = tuple(tuple(prompt_ids(char_tokenizer, n)) for n in (3, 40))
+    with BackgroundServer(app) as srv:
+        rows = run_load(LoadConfig(url=srv.url, model="m", concurrency=(1, 2), requests_per_client=2,
+                                   max_tokens=6, token_prompts=prompts))
+    # every length at every level; the server's usage counts the prompt we sent
+    assert [(r["prompt_tokens"], r["concurrency"]) for r in rows] == [(3, 1), (3, 2), (40, 1), (40, 2)]
+    for r in rows:
+        assert r["errors"] == 0 and r["requests"] == 2 * r["concurrency"]
+        assert r["ttft_count"] == r["requests"] and r["itl_count"] == r["requests"] * 5
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+    assert write_plot(rows, tmp_path / "p.png", "by length").stat().st_size > 10000
+
+
+def test_serve_bench_cli_prompt_tokens(tmp_path, capsys):
+    from mdi.checkpoint import open_checkpoint
+    from mdi.cli.main import main
+
+    tok = open_checkpoint("models/shakespeare-char").tokenizer()  # the served model's, as --tokenizer
+    app = create_app(lambda: FakeEngine(tok), tok, ServeConfig(model_name="m"))
+    with BackgroundServer(app) as srv:
+        args = ["serve-bench", "--url", srv.url, "--model-name", "m", "--concurrency", "1",
+                "--requests", "1", "--max-tokens", "3", "--prompt-tokens", "5,9", "--out", str(tmp_path)]
+        assert main(args) == 1  # the tokenizer that makes the prompts is not known
+        assert "--tokenizer" in capsys.readouterr().err
+        assert main(args + ["--tokenizer", "models/shakespeare-char"]) == 0
+    with open(tmp_path / "serve_load.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [r["prompt_tokens"] for r in got] == ["5", "9"]

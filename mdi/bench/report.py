@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from pathlib import Path
 
 from ..generate.schedule import SampleState, accept, plan_step
 from ..plots import finish_figure, plot_tokens_time, plt
 from ..ring.protocol.wire import HEADER_SIZE
+from .latency import LATENCY_FIELDS
 
 CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
               "n_nodes", "n_samples", "n_layer", "n_embd", "block_size", "params", "n_tokens",
               "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "links", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
-              "hop_overhead_us", "tokens_total"]
+              "hop_overhead_us", "tokens_total", "prompt_tokens", "prefill_chunk", "temperature",
+              *LATENCY_FIELDS, "tokens_sha"]
 
 
 def _links(rows: list[dict]) -> str:
@@ -47,8 +50,6 @@ def _stat(values: list[float]) -> str:
 
 def write_summary(rows: list[dict], path: Path, title: str) -> Path:
     groups = _by_config(rows)
-    single = groups.get("single")
-    base = statistics.median(r["tokens_per_s"] for r in single) if single else None
     lines = [f"# {title}", "", "Medians over runs, (min–max) in brackets.", "",
              "| config | nodes | layers | tokens/s | gen time (s) | first token (s) | bytes/hop/token "
              "| hop overhead (µs/frame) | peak RSS per node (MB) | vs single |",
@@ -59,7 +60,9 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
         for i in range(rs[0]["n_nodes"]):
             vals = [r[f"peak_rss_mb_node{i}"] for r in rs]
             rss.append(f"{statistics.median(vals):.0f}")
-        ratio = f"{statistics.median(tps) / base:.2f}x" if base else "n/a"
+        single = groups.get("single" + re.search(r"(-chunk\d+)?(-p\d+)?$", name).group(0))
+        ratio = (f"{statistics.median(tps) / statistics.median(r['tokens_per_s'] for r in single):.2f}x"
+                 if single else "n/a")  # against one device at the same prompt length and chunk
         layers = statistics.mode([r.get("layers") or "-" for r in rs])  # the usual plan
         lines.append(f"| {name} | {rs[0]['n_nodes']} | {layers} | {_stat(tps)} | "
                      f"{_stat([r['gen_time_s'] for r in rs])} | "
@@ -74,8 +77,57 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
               f"link rate={r0['link_rate'] or 'unlimited'}, links={_links(rows)}"
               + (f", CPU share per node {r0['node_cpu']} (starter first)" if r0.get("node_cpu")
                  else "") + ".", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + latency_lines(rows)))
     return path
+
+
+def _med(rs: list[dict], key: str) -> float:
+    return statistics.median(float(r[key]) for r in rs)
+
+
+def latency_lines(rows: list[dict]) -> list[str]:
+    """The latency table: each configuration's TTFT and ITL by prompt length (medians over
+    runs of each run's p50 and p99 over its samples), TTFT against the same configuration
+    with --prefill-chunk 0 where that ran, and whether the tokens equal across configurations."""
+    groups = _by_config(rows)
+    lines = ["## Latency by prompt length", "",
+             "Time to first token (TTFT, from submission) and inter-token latency (ITL): each "
+             "run's p50 and p99 over its samples' tokens, median over runs.", "",
+             "| config | prompt tokens | prefill chunk | TTFT p50 (s) | TTFT p99 (s) "
+             "| ITL p50 (ms) | ITL p99 (ms) | TTFT vs chunk 0 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        chunk = rs[0].get("prefill_chunk", "")
+        base = groups.get(name.replace(f"-chunk{chunk}", "-chunk0")) if chunk not in ("", 0) else None
+        ratio = f"{_med(rs, 'ttft_p50_s') / _med(base, 'ttft_p50_s'):.2f}x" if base else "-"
+        lines.append(f"| {name} | {rs[0]['prompt_tokens']} | {chunk if chunk != '' else 'default'} "
+                     f"| {_med(rs, 'ttft_p50_s'):.3f} | {_med(rs, 'ttft_p99_s'):.3f} "
+                     f"| {_med(rs, 'itl_p50_s') * 1e3:.1f} | {_med(rs, 'itl_p99_s') * 1e3:.1f} "
+                     f"| {ratio} |")
+    return lines + ["", tokens_note(rows), ""]
+
+
+def token_mismatches(rows: list[dict]) -> list[str]:
+    """Configurations whose tokens differ from the first configuration's at the same run and
+    prompt length (runs of one index share their seed)."""
+    first: dict[tuple, tuple[str, str]] = {}
+    bad = []
+    for r in rows:
+        key = (r["run"], r["prompt_tokens"])
+        _, sha = first.setdefault(key, (r["config"], r["tokens_sha"]))
+        if r["tokens_sha"] != sha and r["config"] not in bad:
+            bad.append(r["config"])
+    return bad
+
+
+def tokens_note(rows: list[dict]) -> str:
+    bad = token_mismatches(rows)
+    how = "greedy" if float(rows[0].get("temperature", 0.8)) == 0 else \
+        f"sampled at temperature {rows[0].get('temperature')}, the same seed per run"
+    if not bad:
+        return f"Tokens ({how}): equal across all configurations of each run and prompt length."
+    return (f"Tokens ({how}): differ from the run's first configuration in "
+            f"{', '.join(bad)}.")
 
 
 def mean_context(n_prompt: int, n_tokens: int, block_size: int) -> list[int]:
@@ -131,7 +183,9 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     ax.set_yscale("log")
     paths.append(finish_figure(fig, ax, out / "bytes_vs_context.png", "bytes one hop carries per token",
                          "context length (tokens)", "bytes (float32)"))
-    # 4. peak memory per node
+    # 4. time to first token by prompt length, a line per configuration
+    paths.append(plot_ttft(rows, out / "ttft_by_prompt.png"))
+    # 5. peak memory per node
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(groups)
     most = max(rs[0]["n_nodes"] for rs in groups.values())
@@ -149,3 +203,19 @@ def write_plots(rows: list[dict], out: Path) -> list[Path]:
     paths.append(finish_figure(fig, ax, out / "memory_per_node.png", "peak RSS per node", "configuration",
                          "MB"))
     return paths
+
+
+def plot_ttft(rows: list[dict], path: Path) -> Path:
+    """Median TTFT p50 (line) and p99 (dashed) against prompt length, one colour per series."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r.get("series") or r["config"], []).append(r)
+    for name, rs in series.items():
+        lens = sorted({int(r["prompt_tokens"]) for r in rs})
+        by = {n: [r for r in rs if int(r["prompt_tokens"]) == n] for n in lens}
+        line, = ax.plot(lens, [_med(by[n], "ttft_p50_s") for n in lens], "o-", label=f"{name} p50")
+        ax.plot(lens, [_med(by[n], "ttft_p99_s") for n in lens], "s--", color=line.get_color(),
+                alpha=0.6)
+    return finish_figure(fig, ax, path, "time to first token (p50 solid, p99 dashed)",
+                         "prompt tokens", "seconds")

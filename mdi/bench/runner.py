@@ -23,9 +23,11 @@ import psutil
 from tqdm import tqdm
 
 from ..checkpoint import open_checkpoint
+from ..model.cache import context_length
 from ..ring.protocol.auth import ENV_VAR
 from ..ring.cluster.local_cluster import LocalCluster, child_setup
 from .cgroup import CpuCaps
+from .latency import LATENCY_FIELDS
 from .models import random_checkpoint
 from .netns import NetnsHosts
 
@@ -53,6 +55,9 @@ class BenchConfig:
     node_cpu: list[float] | None = None       # CPU share per node, starter first (cgroup v1)
     partitions: list[str] = field(default_factory=list)  # "auto", "even"; [] = the starter's default
     micro_batches: int | None = None  # lanes on the ring (None: the starter's default)
+    prompt_tokens: list[int] = field(default_factory=list)   # prompt lengths; [] = one newline
+    prefill_chunks: list[int] = field(default_factory=list)  # side by side; [] = the default
+    temperature: float = 0.8          # 0: greedy (tokens comparable across configurations)
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model_size is None):
@@ -70,6 +75,14 @@ class BenchConfig:
         if bad or len(set(self.partitions)) != len(self.partitions):
             raise ValueError(f"--partition must list auto and/or even once each, got "
                              f"{','.join(self.partitions)}")
+        for name, flag, low in (("prompt_tokens", "--prompt-tokens", 1),
+                                ("prefill_chunks", "--prefill-chunk", 0)):
+            xs = getattr(self, name)
+            if any(x < low for x in xs) or len(set(xs)) != len(xs):
+                raise ValueError(f"{flag} must list distinct counts of at least {low}, got "
+                                 f"{','.join(map(str, xs))}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be 0 or positive, got {self.temperature:g}")
         if self.node_cpu is not None and len(self.node_cpu) < max(self.nodes):
             raise ValueError(f"--node-cpu gives {len(self.node_cpu)} share(s); --nodes "
                              f"{max(self.nodes)} needs one per node, starter first")
@@ -80,13 +93,20 @@ class Variant:
     n_nodes: int
     resend: bool
     partition: str = ""   # "", "auto" or "even" (distributed variants only)
+    prefill_chunk: int | None = None  # None: the default (not in the name)
+    prompt_tokens: int | None = None  # None: the one-newline prompt (not in the name)
+
+    @property
+    def series(self) -> str:
+        """The name without the prompt length: one line of a by-prompt-length plot."""
+        base = "single" if self.n_nodes == 1 else (
+            f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
+            + (f"-{self.partition}" if self.partition else ""))
+        return base + ("" if self.prefill_chunk is None else f"-chunk{self.prefill_chunk}")
 
     @property
     def name(self) -> str:
-        if self.n_nodes == 1:
-            return "single"
-        return (f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
-                + (f"-{self.partition}" if self.partition else ""))
+        return self.series + ("" if self.prompt_tokens is None else f"-p{self.prompt_tokens}")
 
     @property
     def mode(self) -> str:
@@ -94,11 +114,16 @@ class Variant:
 
 
 def variants(cfg: BenchConfig) -> list[Variant]:
+    """Every configuration: node counts x partitions (x resend), each at every prompt
+    length and prefill chunk (the resend-context loop has no chunks)."""
     parts = cfg.partitions or [""]
     ns = sorted(set(cfg.nodes))
-    out = [Variant(n, False, p) for n in ns for p in (parts if n > 1 else [""])]
+    chunks: list[int | None] = list(cfg.prefill_chunks) or [None]
+    lens: list[int | None] = list(cfg.prompt_tokens) or [None]
+    out = [Variant(n, False, p, c, t) for t in lens for n in ns
+           for p in (parts if n > 1 else [""]) for c in chunks]
     if cfg.resend_context:
-        out += [Variant(n, True, p) for n in ns if n > 1 for p in parts]
+        out += [Variant(n, True, p, None, t) for t in lens for n in ns if n > 1 for p in parts]
     return out
 
 
@@ -146,6 +171,11 @@ class Bench:
         self.ckpt = cfg.ckpt or str(random_checkpoint(cfg.model_size, self.out / "models"))
         self.info = open_checkpoint(self.ckpt)
         self.variants = variants(cfg)
+        context = context_length(self.info.config.block_size, cfg.max_context)
+        if cfg.prompt_tokens and max(cfg.prompt_tokens) >= context:
+            raise ValueError(f"--prompt-tokens {max(cfg.prompt_tokens)} leaves no room for a new "
+                             f"token in the context of {context} positions (raise --max-context, "
+                             f"at most the model's {self.info.config.block_size})")
         self.max_nodes = max(v.n_nodes for v in self.variants)
         self.caps: CpuCaps | None = None
 
@@ -177,8 +207,8 @@ class Bench:
                         bar.update(1)
         return rows
 
-    def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
-             hosts: NetnsHosts | None) -> dict:
+    def _worker_cmd(self, v: Variant, run: int, cluster: LocalCluster | None) -> list[str]:
+        """The worker's command line for one run of configuration v."""
         cfg = self.cfg
         cmd = [sys.executable, "-m", "mdi.bench.worker", "--ckpt", str(Path(self.ckpt).resolve()) if Path(self.ckpt).exists() else self.ckpt,
                "--n-samples", str(cfg.n_samples), "--n-tokens", str(cfg.n_tokens),
@@ -190,16 +220,28 @@ class Bench:
             cmd.append("--batch-invariant")
         if cfg.max_context is not None:
             cmd += ["--max-context", str(cfg.max_context)]
+        if v.prompt_tokens is not None:
+            cmd += ["--prompt-tokens", str(v.prompt_tokens)]
+        if v.prefill_chunk is not None:
+            cmd += ["--prefill-chunk", str(v.prefill_chunk)]
+        cmd += ["--temperature", f"{cfg.temperature:g}"]
         if cfg.micro_batches is not None and cluster is not None:
             cmd += ["--micro-batches", str(cfg.micro_batches)]
-        env = dict(os.environ)
         if cluster is not None:
             cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]
-            env[ENV_VAR] = cluster.token
             if v.resend:
                 cmd.append("--resend-context")
             if v.partition:
                 cmd += ["--partition", v.partition]
+        return cmd
+
+    def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
+             hosts: NetnsHosts | None) -> dict:
+        cfg = self.cfg
+        cmd = self._worker_cmd(v, run, cluster)
+        env = dict(os.environ)
+        if cluster is not None:
+            env[ENV_VAR] = cluster.token
         if hosts is not None:
             cmd = hosts.prefix(0) + cmd
         cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
@@ -248,7 +290,11 @@ class Bench:
                "first_token_s": res["first_token_s"],
                "bytes_per_hop_per_token": res.get("bytes_per_hop_per_token", 0.0),
                "hop_overhead_us": res.get("hop_overhead_us", 0.0),
-               "tokens_total": res["tokens_total"], "step_times": res["step_times"]}
+               "tokens_total": res["tokens_total"], "step_times": res["step_times"],
+               "series": v.series, "prompt_tokens": res["prompt_tokens"],
+               "prefill_chunk": "" if v.prefill_chunk is None else v.prefill_chunk,
+               "temperature": cfg.temperature, "tokens_sha": res["tokens_sha"],
+               **{k: res[k] for k in LATENCY_FIELDS}}
         hops = res.get("hops") or []
         for i in range(self.max_nodes):
             row[f"hop_us_node{i}"] = hops[i].get("overhead_us", "") if i < len(hops) else ""

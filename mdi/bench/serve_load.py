@@ -4,7 +4,9 @@ At each concurrency level C, C clients each send `requests_per_client` streaming
 completions one after the other; we time every request from the client side:
 time to first token (TTFT: first chunk with text), inter-token latency (ITL:
 between text chunks) and the whole request, and count completion tokens from
-the usage the server reports. One CSV row per level, plus a figure.
+the usage the server reports. With prompts given as token ids (`--prompt-tokens`,
+bench/latency.py:prompt_ids) every prompt length runs every level. One CSV row
+per prompt length and level, plus a figure.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
+
+from .latency import percentile
 
 log = logging.getLogger("mdi.bench")
-COLUMNS = ["concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
-           "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s"]
+COLUMNS = ["prompt_tokens", "concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
+           "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s",
+           "ttft_count", "itl_count"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class LoadConfig:
     requests_per_client: int = 4
     max_tokens: int = 64
     prompt: str = "\n"
+    # prompts as token ids, each run at every level (then `prompt` is not sent)
+    token_prompts: tuple[tuple[int, ...], ...] = ()
     temperature: float = 0.0
     timeout_s: float = 600.0
 
@@ -50,11 +56,13 @@ class Timing:
     itl_s: list[float] = field(default_factory=list)
     latency_s: float = 0.0
     tokens: int = 0
+    prompt_tokens: int | None = None   # as the server's usage counts them
     error: str | None = None
 
 
-async def one_request(http: httpx.AsyncClient, cfg: LoadConfig) -> Timing:
-    body = {"model": cfg.model, "prompt": cfg.prompt, "max_tokens": cfg.max_tokens,
+async def one_request(http: httpx.AsyncClient, cfg: LoadConfig,
+                      prompt: str | list[int] | None = None) -> Timing:
+    body = {"model": cfg.model, "prompt": cfg.prompt if prompt is None else prompt, "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last: float | None = None
@@ -80,16 +88,18 @@ async def one_request(http: httpx.AsyncClient, cfg: LoadConfig) -> Timing:
                 last = now
             if obj.get("usage"):
                 out.tokens = obj["usage"]["completion_tokens"]
+                out.prompt_tokens = obj["usage"].get("prompt_tokens")
     out.latency_s = time.perf_counter() - t0
     out.ok = True
     return out
 
 
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q)) if xs else float("nan")
+_pct = percentile
 
 
-async def run_level(cfg: LoadConfig, concurrency: int) -> dict:
+async def run_level(cfg: LoadConfig, concurrency: int, prompt: str | list[int] | None = None
+                    ) -> dict:
+    """Every client sends its requests, one after the other; prompt: None is cfg.prompt."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 1)
     timings: list[Timing] = []
@@ -97,7 +107,7 @@ async def run_level(cfg: LoadConfig, concurrency: int) -> dict:
                                  timeout=cfg.timeout_s) as http:
         async def client() -> None:
             for _ in range(cfg.requests_per_client):
-                timings.append(await one_request(http, cfg))
+                timings.append(await one_request(http, cfg, prompt))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -110,20 +120,26 @@ async def run_level(cfg: LoadConfig, concurrency: int) -> dict:
     itl = [x for t in ok for x in t.itl_s]
     ttft = [t.ttft_s for t in ok if t.ttft_s is not None]
     lat = [t.latency_s for t in ok]
-    return {"concurrency": concurrency, "requests": len(ok), "errors": len(timings) - len(ok),
+    counted = [t.prompt_tokens for t in ok if t.prompt_tokens is not None]
+    n_prompt = len(prompt) if isinstance(prompt, list) else (counted[0] if counted else "")
+    return {"prompt_tokens": n_prompt, "concurrency": concurrency, "requests": len(ok), "errors": len(timings) - len(ok),
             "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
-            "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99)}
+            "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
+            "ttft_count": len(ttft), "itl_count": len(itl)}
 
 
 def run_load(cfg: LoadConfig) -> list[dict]:
     rows = []
-    for c in cfg.concurrency:
-        row = asyncio.run(run_level(cfg, c))
-        log.info("concurrency %d: %.2f req/s, %.1f tok/s, TTFT p50 %.3fs, ITL p50 %.4fs",
-                 c, row["requests_per_s"], row["tokens_per_s"], row["ttft_p50_s"], row["itl_p50_s"])
-        rows.append(row)
+    prompts: list[list[int] | None] = [list(p) for p in cfg.token_prompts] or [None]
+    for prompt in prompts:
+        for c in cfg.concurrency:
+            row = asyncio.run(run_level(cfg, c, prompt))
+            log.info("prompt %s tokens, concurrency %d: %.2f req/s, %.1f tok/s, TTFT p50 %.3fs, "
+                     "ITL p50 %.4fs", row["prompt_tokens"], c, row["requests_per_s"],
+                     row["tokens_per_s"], row["ttft_p50_s"], row["itl_p50_s"])
+            rows.append(row)
     return rows
 
 
@@ -142,23 +158,27 @@ def write_plot(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = [r["concurrency"] for r in rows]
+    lengths = list(dict.fromkeys(r["prompt_tokens"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(c, [r["tokens_per_s"] for r in rows], "o-")
+    for n in lengths:
+        rs = [r for r in rows if r["prompt_tokens"] == n]
+        c = [r["concurrency"] for r in rs]
+        tag = "" if len(lengths) == 1 else f", prompt {n}"
+        axes[0].plot(c, [r["tokens_per_s"] for r in rs], "o-", label=f"tokens/s{tag}")
+        for ax, what in ((axes[1], "ttft"), (axes[2], "itl")):
+            line, = ax.plot(c, [r[f"{what}_p50_s"] * 1e3 for r in rs], "o-", label=f"p50{tag}")
+            ax.plot(c, [r[f"{what}_p99_s"] * 1e3 for r in rs], "s--", color=line.get_color(),
+                    label=f"p99{tag}")
     axes[0].set_ylabel("aggregate tokens/s")
-    for key, style in (("ttft_p50_s", "o-"), ("ttft_p99_s", "s--")):
-        axes[1].plot(c, [r[key] * 1e3 for r in rows], style, label=key[:-2].replace("_", " "))
     axes[1].set_ylabel("time to first token (ms)")
-    for key, style in (("itl_p50_s", "o-"), ("itl_p99_s", "s--")):
-        axes[2].plot(c, [r[key] * 1e3 for r in rows], style, label=key[:-2].replace("_", " "))
     axes[2].set_ylabel("inter-token latency (ms)")
+    levels = sorted({r["concurrency"] for r in rows})
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(c, [str(x) for x in c])
+        ax.set_xticks(levels, [str(x) for x in levels])
         ax.set_xlabel("concurrent clients")
         ax.grid(alpha=0.3)
-    axes[1].legend()
-    axes[2].legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,6 +3,7 @@ time are its own: `python -m mdi.bench.worker ...` prints one JSON object."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -14,9 +15,12 @@ from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
 from ..ring.starter.driver import Starter
 from ..ring.starter.options import RunOptions
-from ..generate.local import generate_timed
+from ..engine.batch import generate_local
+from ..engine.local import LocalEngine
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ..generate.sampling import SamplingConfig
 from ..model.quant import QUANT_MODES
+from .latency import latency_stats, prompt_ids
 
 
 def _peak_rss_mb(usage) -> float:
@@ -48,28 +52,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--partition", choices=["auto", "even"], default=None)
     p.add_argument("--micro-batches", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompts of this many tokens (default: one newline)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
     ck = open_checkpoint(args.ckpt)  # once: the ring's starter and the local model take it opened
-    prompts = [ck.tokenizer().encode("\n")] * args.n_samples
+    tok = ck.tokenizer()
+    prompt = prompt_ids(tok, args.prompt_tokens) if args.prompt_tokens else tok.encode("\n")
+    prompts = [prompt] * args.n_samples
     if args.nodes_config:
         starter = Starter(load_nodes_config(args.nodes_config), resolve_token(), ck,
                           RunOptions(timeout=args.timeout, resend_context=args.resend_context,
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
                                      max_context=args.max_context, partition=args.partition,
-                                     n_groups=args.micro_batches))
+                                     n_groups=args.micro_batches,
+                                     prefill_chunk=args.prefill_chunk))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         model = load_model(ck, LoadOptions(dtype=torch.float32,  # as the starter's default
                                            quantize=args.quantize, batch_invariant=args.batch_invariant,
                                            max_context=args.max_context)).model
-        result = generate_timed(model, prompts, args.n_tokens, sampling)
+        # as `mdi sample`: the engine on one device, the same prefill chunks as the ring's
+        result = generate_local(lambda: LocalEngine(model, tok, max_seqs=len(prompts),
+                                                    prefill_chunk=args.prefill_chunk),
+                                prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()
     out.pop("samples", None)
     out["step_times"] = [round(t, 6) for t in result.step_times]
     out["tokens_total"] = sum(len(t) for t in result.tokens)
+    out["prompt_tokens"] = len(prompt)
+    out.update(latency_stats(result.sample_token_times()))
+    # which tokens: configurations of one run (same seed) compare by this digest
+    out["tokens_sha"] = hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:12]
     usage = resource.getrusage(resource.RUSAGE_SELF)  # this process is the starter node
     out["peak_rss_mb"] = _peak_rss_mb(usage)
     out["cpu_s"] = usage.ru_utime + usage.ru_stime

@@ -28,7 +28,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
                       max_context=args.max_context, node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
                       partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()],
-                      micro_batches=args.micro_batches)
+                      micro_batches=args.micro_batches,
+                      prompt_tokens=_counts(args.prompt_tokens or "", "--prompt-tokens"),
+                      prefill_chunks=_counts(args.prefill_chunk or "", "--prefill-chunk"),
+                      temperature=args.temperature)
     try:
         bench = Bench(cfg)
         rows = bench.run()
@@ -123,6 +126,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batches", type=int, default=None,
                    help="lanes in flight on the ring (default: as many as the nodes can compute "
                         "at once, at most one per node)")
+    p.add_argument("--prompt-tokens", metavar="LIST",
+                   help="prompts of these token lengths, each a configuration of its own, e.g. "
+                        "128,2048 (a fixed passage in the model's tokenizer, repeated; default: "
+                        "one newline); time to first token and inter-token latency by length")
+    p.add_argument("--prefill-chunk", metavar="LIST",
+                   help="run every configuration with each of these --prefill-chunk values side "
+                        "by side, e.g. 0,256 (0: a prompt in one frame; default: the engine's)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (default 0.8; 0: greedy, so the summary's check "
+                        "that tokens equal across configurations is exact)")
     p.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)

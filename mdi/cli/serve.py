@@ -120,18 +120,31 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     import contextlib
     import json
 
+    from ..bench.latency import prompt_ids
     from ..bench.serve_load import LoadConfig, run_load, write_csv, write_plot
 
     try:
         levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--concurrency must be comma-separated counts, got {args.concurrency!r}") from None
+    try:
+        lengths = [int(x) for x in (args.prompt_tokens or "").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-tokens must be comma-separated counts, got "
+                         f"{args.prompt_tokens!r}") from None
+    if lengths and args.url and not args.tokenizer:
+        raise ValueError("--prompt-tokens with --url needs --tokenizer CKPT (the served model's "
+                         "checkpoint, whose tokenizer makes the prompts)")
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
         if args.url:
             if not args.model_name:
                 raise ValueError("--url needs --model-name (the id the server serves)")
             url, name, label = args.url.rstrip("/"), args.model_name, args.url
+            tok = None
+            if lengths:
+                from ..checkpoint import open_checkpoint
+                tok = open_checkpoint(args.tokenizer).tokenizer()
         else:  # our own server, in this process, on a free loopback port
             from ..serve import BackgroundServer, ServeConfig, create_app
             from ..serve.backend import open_backend
@@ -141,17 +154,19 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
             app = create_app(backend.factory, backend.tokenizer, ServeConfig(name))
             srv = stack.enter_context(BackgroundServer(app))
             url, label = srv.url, f"{name}, {args.nodes} node(s), max-seqs {args.max_seqs}"
+            tok = backend.tokenizer
         cfg = LoadConfig(url=url, model=name, api_key=args.api_key or os.environ.get("MDI_API_KEY"),
                          concurrency=levels, requests_per_client=args.requests,
-                         max_tokens=args.max_tokens, prompt=args.prompt)
+                         max_tokens=args.max_tokens, prompt=args.prompt,
+                         token_prompts=tuple(tuple(prompt_ids(tok, n)) for n in lengths))
         rows = run_load(cfg)
     files = [write_csv(rows, out / "serve_load.csv"),
              write_plot(rows, out / "serve_load.png", f"mdi serve: {label}")]
     (out / "serve_load.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
-    print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+    print(f"{'prompt':>6} {'clients':>7} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}")
     for r in rows:
-        print(f"{r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['prompt_tokens']:>6} {r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
               f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['itl_p50_s']:>8.4f} "
               f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}")
     for f in files:
@@ -223,5 +238,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     b.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     b.add_argument("--prompt", default="\n", help="the prompt of every request")
+    b.add_argument("--prompt-tokens", metavar="LIST",
+                   help="instead of --prompt, prompts of these token lengths (e.g. 128,2048: a "
+                        "fixed passage in the model's tokenizer, repeated), every level at each: "
+                        "TTFT and ITL by prompt length")
+    b.add_argument("--tokenizer", metavar="CKPT",
+                   help="with --url and --prompt-tokens: the checkpoint whose tokenizer makes the "
+                        "prompts (the served model's)")
     b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
     b.set_defaults(func=cmd_serve_bench)

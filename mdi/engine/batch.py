@@ -65,7 +65,9 @@ def batch_result(seqs: list[Sequence], t0: float, elapsed: float, n_tokens: int,
              for i in range(steps)]
     return GenerationResult.build([list(s.generated) for s in seqs], texts, n_tokens=n_tokens,
                                   gen_time_s=elapsed, step_times=times, n_layers=n_layers,
-                                  block_size=block_size, **fields)
+                                  block_size=block_size,
+                                  token_times=[[t - t0 for t in s.stats.token_times] for s in seqs],
+                                  **fields)
 
 
 def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[list[int]],
