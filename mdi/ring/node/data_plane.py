@@ -40,7 +40,7 @@ from .validate import InitError
 
 log = logging.getLogger(__name__)
 INPUT_KINDS = frozenset({Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
-                         Kind.SEQ_DECODE})
+                         Kind.SEQ_DECODE, Kind.REPLAY})
 OUTPUT_DECODE_KINDS = frozenset({Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE,
                                  Kind.SEQ_TOKENS})
 
