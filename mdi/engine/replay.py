@@ -26,6 +26,10 @@ import torch
 from ..generate.sampling import sample_seed
 
 
+RECOVERY_CHOICES = ("replay", "reprefill")  # --recovery (ring/starter/heal.py)
+DEFAULT_RECOVERY = "reprefill"
+
+
 class ActivationLog:
     """The activations a stage sent downstream, per slot (rows = positions)."""
 
