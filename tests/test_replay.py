@@ -250,3 +250,88 @@ def test_engine_healed_by_replay_gives_the_undisturbed_text(model, lost, at):
     got = asyncio.run(go())
     assert got == want
     assert engine.healed is not None and any(engine.healed.values()), engine.healed
+
+
+# -- a node's part -------------------------------------------------------------------------
+
+def test_node_replay_fills_its_slot_forwards_nothing_and_refuses_bad_frames(tmp_path):
+    """An intermediate of a replay run, the replacement of a lost node: a REPLAY for a
+    slot that awaits none, and a truncated one, are refused naming the frame (the run is
+    parked, the node takes the next /init); good REPLAY frames fill the slot and go no
+    further, and the next DECODE goes on as usual. The log counts in the run's memory."""
+    from cluster_helpers import TOKEN, build_tiny_ckpt, closed_by_peer, open_data
+    from mdi.checkpoint import read_info
+    from mdi.checkpoint.stream import shard_bytes
+    from mdi.ring.cluster.local_cluster import free_ports
+    from mdi.ring.cluster.nodes_config import local_nodes_config
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+    from mdi.ring.plan.partition import Shard
+    from mdi.ring.protocol.auth import challenge
+    from mdi.ring.protocol.wire import read_frame
+
+    ckpt = build_tiny_ckpt(tmp_path / "ckpt")
+    cfg = local_nodes_config(3, free_ports(6))
+    inter, fin = cfg.intermediate[0], cfg.finisher
+    config = read_info(ckpt).config
+    weights = shard_bytes(ckpt, Shard(1, 2, 3))
+    x = torch.randn(1, 3, config.n_embd)
+
+    def init(run_id: int, recovery: str = "replay") -> InitRequest:
+        return InitRequest(run_id=run_id, role="intermediate", start=1, stop=2,
+                           model=config.to_dict(), groups=[[0, 2]], sequences=True,
+                           next={"addr": "127.0.0.1", "port": fin.port_in},
+                           prev_addr="127.0.0.1", recovery=recovery,
+                           replayed=[{"slot": 1, "positions": 3, "temperature": 0.0, "seed": 1}]
+                           if recovery == "replay" else [])
+
+    async def scenario() -> None:
+        rt = NodeRuntime(inter, TOKEN, timeout=2.0)
+        await rt.start_data_server()
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def next_node(reader, writer):
+            await challenge(reader, writer, TOKEN, run_id, 2.0)
+            await got.put((reader, writer))
+
+        server = await asyncio.start_server(next_node, "127.0.0.1", fin.port_in)
+        try:
+            await rt.init(init(50, "reprefill"))
+            plain = rt.run.mem_bytes
+            for run_id in (51, 52, 53):
+                await rt.init(init(run_id))
+                assert rt.run.mem_bytes - plain == ActivationLog.max_bytes(
+                    2, config.block_size, config.n_embd, 4)
+                await rt.load_weights(run_id, weights)
+                await rt.connect(run_id)
+                back_r, back_w = await asyncio.wait_for(got.get(), 5)
+                reader, writer = await open_data(inter, run_id)
+                if run_id == 51:
+                    writer.write(Frame(Kind.REPLAY, run_id, 0, 0, x).encode())
+                elif run_id == 52:
+                    writer.write(Frame(Kind.REPLAY, run_id, 1, 0, x).encode()[:-5])
+                    writer.write_eof()
+                else:
+                    writer.write(Frame(Kind.REPLAY, run_id, 1, 0, x).encode())
+                    writer.write(Frame(Kind.SEQ_DECODE, run_id, 1, 0, x[:, :1].clone(),
+                                       (1,)).encode())
+                    f = await asyncio.wait_for(read_frame(back_r, rt.run.limits), 5)
+                    assert f.kind == Kind.SEQ_DECODE and f.slots == (1,)  # no REPLAY went on
+                    assert rt.run.slots.slots[1].position == 4 and not rt.run.slots.due
+                    assert rt.run.slots.log.length[1] == 4
+                    writer.close()
+                    back_w.close()
+                    continue
+                assert await closed_by_peer(reader)
+                assert rt.state == "parked"  # kept for a resume; the next /init replaces it
+                reason = rt.status()["last_run"]["reason"]
+                want = "replay for slot 0, which awaits none" if run_id == 51 else "truncated"
+                assert reason.startswith("bad frame from the previous node") and want in reason, \
+                    reason
+                writer.close()
+                back_w.close()
+        finally:
+            server.close()
+            await rt.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
