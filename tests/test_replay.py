@@ -127,7 +127,9 @@ def test_replayed_stage_holds_the_lost_stage_cache(model):
     fresh.expect_replay(Admit(1, 0.0, None, None, 1), n)
     with pytest.raises(SlotError, match="await their replay"):
         fresh.decode(Decode(0, (1,), torch.zeros(1, 1, 32), n))
-    for m in chain[0].replay_of({1: n}):
+    msgs = chain[0].replay_of({1: n}, chunk=4)
+    assert [(m.start, m.x.shape[1]) for m in msgs] == [(0, 4), (4, 4), (8, 1)]
+    for m in msgs:
         assert fresh.handle(m) is None  # nothing goes on
     assert fresh.slots[1].position == n and not fresh.due
     for layer, (a, b) in enumerate(zip(chain[1].caches[0].kv, fresh.caches[0].kv)):

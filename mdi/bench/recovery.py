@@ -30,8 +30,8 @@ from ..ring.starter.driver import Starter
 from ..ring.starter.options import RunOptions
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
-FILLER = ("Line {i}: the quick brown fox jumps over the lazy dog, and the watchman counts "
-          "the hours until morning. ")
+FILLER = ("The quick brown fox jumps over the lazy dog, and the watchman counts the hours "
+          "until morning; ")  # letters only: every character vocabulary has them
 
 
 def prompts_of(tok, n_samples: int, prompt_len: int) -> list[list[int]]:
@@ -41,10 +41,8 @@ def prompts_of(tok, n_samples: int, prompt_len: int) -> list[list[int]]:
     out = []
     for s in range(n_samples):
         ids: list[int] = []
-        i = 0
         while len(ids) < prompt_len + 7 * s:
-            ids += tok.encode(FILLER.format(i=i))
-            i += 1
+            ids += tok.encode(FILLER)
         out.append(ids[7 * s:7 * s + prompt_len])
     return out
 

@@ -99,12 +99,17 @@ class SlotStage:
         self.admit(m)
         self.due[m.slot] = positions
 
-    def replay_of(self, positions: dict[int, int]) -> list[Replay]:
-        """The upstream survivor's replay: each slot's logged positions 0..n-1."""
+    def replay_of(self, positions: dict[int, int], chunk: int = 256) -> list[Replay]:
+        """The upstream survivor's replay: each slot's logged positions 0..n-1, in
+        pieces of at most `chunk` positions (the replacement computes one while the
+        next is on its way, and no frame costs it more than a prefill chunk)."""
         if self.log is None:
             raise SlotError("this stage keeps no log to replay")
-        return [Replay(slot, self.log.read(slot, n)) for slot, n in sorted(positions.items())
-                if n > 0]
+        out = []
+        for slot, n in sorted(positions.items()):
+            x = self.log.read(slot, n) if n > 0 else None
+            out += [Replay(slot, x[:, a:a + chunk], a) for a in range(0, n, chunk)]
+        return out
 
     @torch.inference_mode()
     def replay(self, m: Replay) -> None:

@@ -85,6 +85,6 @@ def replay_first(run: NodeRun) -> Callable[[socket.socket], None] | None:
             except OSError as e:  # a timeout too
                 raise DownstreamError(f"the replay to the next node failed: "
                                       f"{e or type(e).__name__}") from None
-        log.info("run %d: replayed %d slot(s), %d positions, in %.3f s", run.run_id, len(msgs),
-                 sum(m.x.shape[1] for m in msgs), time.perf_counter() - t0)
+        log.info("run %d: replayed %d slot(s), %d positions, in %.3f s", run.run_id,
+                 len(spec.slots), sum(m.x.shape[1] for m in msgs), time.perf_counter() - t0)
     return send
