@@ -1,9 +1,15 @@
-"""What a node failure costs: `python -m mdi.bench.recovery --ckpt C --nodes 3 --spares 1`.
+"""What a node failure costs: `python -m mdi.bench.recovery --ckpt C --nodes 3 --spares 1
+--recovery replay,reprefill`.
 
-On a LocalCluster, one uninterrupted greedy run, then the same run with one
-node killed (or frozen) after a given number of tokens. Prints one JSON object:
-both runs' tokens/s, whether the texts are equal, and the recovery record
-(failed node, new ring and plan, seconds to recover).
+On a LocalCluster, one uninterrupted greedy run, then for each recovery mode the
+same run on a fresh cluster with one node killed (or frozen) after a given number
+of tokens. Prints one JSON object: the runs' tokens/s, whether each text equals
+the uninterrupted one, the pause (the longest wait for a token among the 3 x
+n_samples that follow the signal: detection, recovery and the first step of the
+healed ring), and the
+recovery record (failed node, new ring and plan, how, seconds to recover).
+`--prompt-len N` gives every sample a prompt of N tokens (distinct per sample),
+so the context a recovery must rebuild is long.
 """
 from __future__ import annotations
 
@@ -17,47 +23,46 @@ import time
 import torch
 
 from ..checkpoint import open_checkpoint
+from ..engine.replay import RECOVERY_CHOICES
 from ..generate.sampling import SamplingConfig
 from ..ring.cluster.local_cluster import LocalCluster
 from ..ring.starter.driver import Starter
 from ..ring.starter.options import RunOptions
 
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+FILLER = ("The quick brown fox jumps over the lazy dog, and the watchman counts the hours "
+          "until morning; ")  # letters only: every character vocabulary has them
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--spares", type=int, default=0)
-    p.add_argument("--victim", default="intermediate[0]", help="node name, e.g. finisher")
-    p.add_argument("--signal", choices=sorted(SIGNALS), default="kill")
-    p.add_argument("--at", type=int, default=50, help="tokens (all samples) before the signal")
-    p.add_argument("--n-samples", type=int, default=3)
-    p.add_argument("--n-tokens", type=int, default=100)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)  # the starter is a node like the others
+def prompts_of(tok, n_samples: int, prompt_len: int) -> list[list[int]]:
+    """n_samples prompts of prompt_len tokens each, all different (a newline when 0)."""
+    if prompt_len <= 0:
+        return [tok.encode("\n")] * n_samples
+    out = []
+    for s in range(n_samples):
+        ids: list[int] = []
+        while len(ids) < prompt_len + 7 * s:
+            ids += tok.encode(FILLER)
+        out.append(ids[7 * s:7 * s + prompt_len])
+    return out
 
-    ck = open_checkpoint(args.ckpt)
-    ids = ck.tokenizer().encode("\n")
-    prompts = [ids] * args.n_samples
-    greedy = SamplingConfig(temperature=0.0, top_k=None, seed=1)
-    opts = RunOptions(timeout=args.timeout, batch_invariant=True)
+
+def killed_run(args, ck, prompts, greedy, recovery: str) -> dict:
+    """The run on a fresh cluster with args.victim signalled at token args.at."""
+    opts = RunOptions(timeout=args.timeout, batch_invariant=True, recovery=recovery)
     with LocalCluster(args.nodes, threads=args.threads, node_timeout=args.timeout,
                       spares=args.spares) as cluster:
-        base = Starter(cluster.nodes, cluster.token, ck, opts).run(
-            prompts, args.n_tokens, greedy)
         pids = {s.name: pid for s, pid in zip(cluster.members, cluster.pids)}
-        made = 0
+        made, after = 0, []  # the signal's time, then the events' that follow it
 
         def on_event(i, ev) -> None:
             nonlocal made
             made += 1
+            if after and len(after) <= 3 * len(prompts):
+                after.append(time.perf_counter())
             if made == args.at:
                 os.kill(pids[args.victim], SIGNALS[args.signal])
+                after.append(time.perf_counter())
 
         t0 = time.perf_counter()
         try:
@@ -70,15 +75,60 @@ def main(argv: list[str] | None = None) -> int:
                 except ProcessLookupError:
                     pass
         wall = time.perf_counter() - t0
-    print(json.dumps({"ckpt": args.ckpt, "nodes": args.nodes, "spares": args.spares,
-                      "victim": args.victim, "signal": args.signal, "at_token": args.at,
-                      "uninterrupted_tokens_per_s": round(base.tokens_per_s, 2),
-                      "with_failure_tokens_per_s": round(hit.tokens_per_s, 2),
-                      "wall_s": round(wall, 2), "equal": hit.tokens == base.tokens,
-                      "longest_step_s": round(max(b - a for a, b in zip([0.0, *hit.step_times],
-                                                                        hit.step_times)), 3),
-                      "recoveries": hit.recoveries}, indent=1))
-    return 0 if hit.tokens == base.tokens else 1
+    # the pause: the longest wait for a token from the signal on (tokens of steps past
+    # the lost node still arrive at once; the ring's recovery is the long wait after)
+    pause = max((b - a for a, b in zip(after, after[1:])), default=None)
+    return {"result": hit, "wall_s": round(wall, 2),
+            "pause_s": round(pause, 3) if pause is not None else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--spares", type=int, default=0)
+    p.add_argument("--victim", default="intermediate[0]", help="node name, e.g. finisher")
+    p.add_argument("--signal", choices=sorted(SIGNALS), default="kill")
+    p.add_argument("--at", type=int, default=50, help="tokens (all samples) before the signal")
+    p.add_argument("--n-samples", type=int, default=3)
+    p.add_argument("--n-tokens", type=int, default=100)
+    p.add_argument("--prompt-len", type=int, default=0, help="tokens per prompt (0: a newline)")
+    p.add_argument("--recovery", default="reprefill",
+                   help=f"comma-separated modes to measure, of {', '.join(RECOVERY_CHOICES)}")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.recovery.split(",") if m.strip()]
+    if not modes or any(m not in RECOVERY_CHOICES for m in modes):
+        p.error(f"--recovery: modes of {', '.join(RECOVERY_CHOICES)}, got {args.recovery!r}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)  # the starter is a node like the others
+
+    ck = open_checkpoint(args.ckpt)
+    prompts = prompts_of(ck.tokenizer(), args.n_samples, args.prompt_len)
+    greedy = SamplingConfig(temperature=0.0, top_k=None, seed=1)
+    with LocalCluster(args.nodes, threads=args.threads, node_timeout=args.timeout) as cluster:
+        base = Starter(cluster.nodes, cluster.token, ck,
+                       RunOptions(timeout=args.timeout, batch_invariant=True)).run(
+            prompts, args.n_tokens, greedy)
+    runs = {m: killed_run(args, ck, prompts, greedy, m) for m in modes}
+    out = {"ckpt": args.ckpt, "nodes": args.nodes, "spares": args.spares,
+           "victim": args.victim, "signal": args.signal, "at_token": args.at,
+           "n_samples": args.n_samples, "prompt_len": [len(q) for q in prompts][0],
+           "uninterrupted_tokens_per_s": round(base.tokens_per_s, 2), "runs": {}}
+    for m, r in runs.items():
+        hit = r["result"]
+        out["runs"][m] = {
+            "pause_s": r["pause_s"], "wall_s": r["wall_s"], "equal": hit.tokens == base.tokens,
+            "with_failure_tokens_per_s": round(hit.tokens_per_s, 2),
+            "longest_step_s": round(max(b - a for a, b in zip([0.0, *hit.step_times],
+                                                              hit.step_times)), 3),
+            "recoveries": hit.recoveries}
+    pauses = {m: r["pause_s"] for m, r in out["runs"].items()}
+    if pauses.get("replay") and pauses.get("reprefill"):
+        out["pause_replay_over_reprefill"] = round(pauses["replay"] / pauses["reprefill"], 3)
+    print(json.dumps(out, indent=1))
+    return 0 if all(r["equal"] for r in out["runs"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ RING_TIMEOUT_HELP = ("seconds of silence before a node counts as gone; the ring 
 NO_RECOVER_HELP = ("when a node fails, stop instead of re-planning and resuming: run, starter and "
                    "chat end with exit status 3 and the text so far; serve fails the requests in "
                    "flight (500) and forms the ring again")
+RECOVERY_HELP = ("how the ring recovers from a lost node: replay (a spare takes the lost node's "
+                 "layers; the other nodes keep their stage and KV cache, and the node before it "
+                 "replays the activations it sent, so only the lost layers are prefilled again; "
+                 "the ring is formed anew when that cannot be done: two neighbours lost, no "
+                 "spare) or reprefill (the ring is formed anew and every sequence's context "
+                 "prefilled again through every layer)")
 PARTITION_HELP = ("how layers are split: auto times every node on the model's shape and "
                   "minimises the slowest stage under each node's memory; even gives equal "
                   "shares (default: auto when the nodes report different devices, CPUs or "

@@ -21,7 +21,8 @@ from ..ring.starter.driver import Starter
 from ..ring.starter.options import NodeFailure, RunOptions
 from ..results import GenerationResult, Texts
 from ..tokenizer import Tokenizer
-from .common import (CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
+from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
+from .common import (RECOVERY_HELP, CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
                      UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
                      encode_prompts, read_prompts, sampling_config, set_threads, stops_of)
@@ -110,7 +111,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       resend_context=getattr(args, "resend_context", False),
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
                       max_context=args.max_context, partition=args.partition,
-                      recover=not args.no_recover, prefill_chunk=args.prefill_chunk)
+                      recover=not args.no_recover, prefill_chunk=args.prefill_chunk,
+                      recovery=args.recovery)
 
 
 def _generate(args: argparse.Namespace, job: _Job, nodes, token: str) -> int:
@@ -244,6 +246,8 @@ def add_ring_options(p: argparse.ArgumentParser) -> None:
 def _fault_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=RING_TIMEOUT_HELP)
     p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
+    p.add_argument("--recovery", choices=RECOVERY_CHOICES, default=DEFAULT_RECOVERY,
+                   help=RECOVERY_HELP)
     p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
 
 

@@ -13,7 +13,8 @@ from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
-from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
+from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
+from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
                      UsageError, add_max_context, add_prefill_chunk)
@@ -109,6 +110,7 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
             timeout=args.timeout, threads=args.threads, quantize=getattr(args, "quantize", None),
             partition=getattr(args, "partition", None),
             recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
+            recovery=getattr(args, "recovery", DEFAULT_RECOVERY),
             max_context=getattr(args, "max_context", None),
             stall_timeout=getattr(args, "stall_timeout", 30.0),
             prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
@@ -183,6 +185,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help=RING_TIMEOUT_HELP)
     p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
     p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
+    p.add_argument("--recovery", choices=RECOVERY_CHOICES, default=DEFAULT_RECOVERY,
+                   help=RECOVERY_HELP)
     p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
     add_prefill_chunk(p)
 

@@ -56,6 +56,17 @@ class Prefill:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """After a loss (`--recovery replay`): the upstream survivor's log of what it
+    sent for `slot`, positions start..start+T-1, activations (1, T, C). The
+    replacement prefills its layers with it and sends nothing on: the stages
+    after it already hold these positions."""
+    slot: int
+    x: torch.Tensor
+    start: int = 0
+
+
+@dataclass(frozen=True)
 class Decode:
     """One token for each of `slots` (ascending, all of lane `lane`), each at
     its slot's own next position: x is ids (B, 1) or activations (B, 1, C)."""
@@ -73,4 +84,4 @@ class Tokens:
     tokens: tuple[int, ...]
 
 
-Message = Admit | Retire | Prefill | Decode
+Message = Admit | Retire | Prefill | Decode | Replay

@@ -31,12 +31,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ..generate.sampling import sample_seed
 from ..generate.schedule import StepPlan, accept, needs_prefill, plan_chunk
 from ..model import GPT
 from .api import EngineBusy, EngineFailure, Event, SeqParams
 from .link import Link, LinkClosed
 from .messages import Admit, Message, Retire, Tokens
+from .replay import Confirmed, rewind
 from .sequence import Lane, Sequence
 from .slots import SlotError, SlotStage, lane_sizes
 
@@ -105,6 +105,8 @@ class PipelineEngine:
         self._step_ema: float | None = None  # running mean of a decode step's time (s)
         self.stalled = 0                     # sequences cancelled because nobody read them
         self._progress_t = time.monotonic()  # last tokens back, or a send into an idle pipeline
+        self.confirmed = Confirmed()         # positions every stage holds (replay.py)
+        self._keep: dict[int, int] = {}      # set by _recover: slots that go on (slot -> n)
 
     def _relane(self, n_lanes: int) -> None:
         """Regroup the slots into n_lanes lanes; only while no lane holds a sequence
@@ -259,33 +261,35 @@ class PipelineEngine:
         return False
 
     def _rewind(self) -> None:
-        """After _recover: the steps in flight are lost and the new pipeline holds no
-        cache. Every live sequence goes back to the head of the queue, is admitted
-        again and prefilled from its tokens so far (plan_step from an empty cache),
-        so a greedy sequence goes on exactly as it would have. A sampled one draws
-        from a new stream, derived from its seed and length."""
+        """After _recover: the steps in flight are lost. Every live sequence goes back
+        to the head of the queue, to be admitted again and prefilled from its tokens
+        so far (replay.rewind), so a greedy sequence goes on exactly as it would have;
+        but those in the slots _recover kept (`_keep`: a ring healed by replay),
+        which go on from the positions kept."""
         if self._reader is not None:
             self._reader.cancel()
-        resumed: list[Sequence] = []
-        for lane in self.lanes:
-            for slot in sorted(lane.seqs):
-                seq = lane.seqs[slot]
-                if not self._live(seq):
-                    continue
-                seq.slot, seq.state.cached = None, 0
-                if seq.params.temperature > 0:
-                    seq.seed = sample_seed(seq.seed, len(seq.generated))
-                resumed.append(seq)
-            lane.seqs.clear()
-            lane.in_flight = None
+        keep, self._keep = self._keep, {}
+        resumed = rewind(self.lanes, keep, self._live)
         self._order.clear()
-        self.first.clear()
+        self.first.keep(keep)
+        self.confirmed.reset({s: m for s, m in self.marks().items() if s in keep})
         self.waiting.extendleft(reversed(resumed))
         while not self._inbox.empty():  # answers of the old pipeline, and its failure
             self._inbox.get_nowait()
         if self.link is not None:
             self._reader = asyncio.create_task(self._read())
-        log.info("resuming %d sequence(s) on the new pipeline", len(resumed))
+        log.info("resuming %d sequence(s) on the new pipeline (%d kept their caches)",
+                 len(resumed) + len(keep), len(keep))
+
+    def marks(self) -> dict[int, tuple[int, int, int]]:
+        """Each occupied slot's (sequence id, window, positions cached)."""
+        return {slot: (seq.id, seq.state.window, seq.state.cached)
+                for lane in self.lanes for slot, seq in lane.seqs.items()}
+
+    def kept_positions(self) -> dict[int, int]:
+        """slot -> positions every stage holds, for each live sequence (0: unknown)."""
+        live = {slot for lane in self.lanes for slot, seq in lane.seqs.items() if not seq.done}
+        return {s: n for s, n in self.confirmed.positions(self.marks()).items() if s in live}
 
     def _fail(self, e: BaseException) -> None:
         node = getattr(e, "node", None)
@@ -341,6 +345,7 @@ class PipelineEngine:
             if not self._order:
                 self._progress_t = time.monotonic()
             self._order.append(lane.index)
+            self.confirmed.sent(self.marks())
             self.max_in_flight = max(self.max_in_flight, len(self._order))
         out = await self._compute(lane.index, msgs, plans)
         if self.link is None and slots:
@@ -397,6 +402,7 @@ class PipelineEngine:
         if not self._order:
             raise EngineFailure("tokens arrived with no lane in flight")
         lane = self.lanes[self._order.popleft()]
+        self.confirmed.arrived()
         if tokens.lane != lane.index or tokens.slots != lane.in_flight:
             raise EngineFailure(f"expected tokens for lane {lane.index} slots {lane.in_flight}, "
                                 f"got lane {tokens.lane} slots {tokens.slots}")

@@ -24,7 +24,8 @@ from ..generate import step
 from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
 from ..generate.schedule import StepPlan, make_groups
 from ..model import GPT, KVCache
-from .messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from .messages import Admit, Decode, Message, Prefill, Replay, Retire, Tokens
+from .replay import ActivationLog
 
 
 class SlotError(ValueError):
@@ -58,11 +59,73 @@ class SlotStage:
         self.first = [sum(sizes[:i]) for i in range(len(sizes))]  # first slot of each lane
         p = stage.first_param()
         self.device = p.device
+        self.log: ActivationLog | None = None  # what went downstream (keep_log)
+        self.due: dict[int, int] = {}          # slot -> positions its replay will fill
+
+    def keep_log(self) -> None:
+        """Keep the activations sent downstream for a replay (not on the last stage)."""
+        if not self.stage.has_head and self.log is None:
+            self.log = ActivationLog(self.n_slots, self.context, self.stage.config.n_embd)
 
     def clear(self) -> None:
         """Free every slot (the caches' stale rows are never read: a slot reads
         only the positions written since its admission)."""
         self.slots = [_Slot(s.lane, s.row) for s in self.slots]
+        self.due = {}
+        if self.log is not None:
+            self.log.clear()
+
+    def keep(self, positions: dict[int, int]) -> None:
+        """After a loss: each slot of `positions` goes on holding its first n
+        positions (cache and log); every other slot is freed."""
+        self.due = {}
+        for i, s in enumerate(self.slots):
+            n = positions.get(i, 0)
+            if n > s.position or (n and not s.active):
+                raise SlotError(f"slot {i} holds {s.position if s.active else 0} positions, "
+                                f"{n} to keep")
+            if n <= 0 and s.active:
+                self.retire(Retire(i))
+            s.position = max(n, 0)
+            if self.log is not None:
+                self.log.cut(i, n)
+
+    def expect_replay(self, m: Admit, positions: int) -> None:
+        """The replacement of a lost stage: the slot is admitted and waits for the
+        replay of `positions` positions before anything else."""
+        if positions < 1 or positions > self.context:
+            raise SlotError(f"replay of {positions} positions for slot {m.slot}, the context "
+                            f"is {self.context}")
+        self.admit(m)
+        self.due[m.slot] = positions
+
+    def replay_of(self, positions: dict[int, int], chunk: int = 256) -> list[Replay]:
+        """The upstream survivor's replay: each slot's logged positions 0..n-1, in
+        pieces of at most `chunk` positions (the replacement computes one while the
+        next is on its way, and no frame costs it more than a prefill chunk)."""
+        if self.log is None:
+            raise SlotError("this stage keeps no log to replay")
+        out = []
+        for slot, n in sorted(positions.items()):
+            x = self.log.read(slot, n) if n > 0 else None
+            out += [Replay(slot, x[:, a:a + chunk], a) for a in range(0, n, chunk)]
+        return out
+
+    @torch.inference_mode()
+    def replay(self, m: Replay) -> None:
+        """Fill the slot's cache from a replay; nothing goes on (see Replay)."""
+        due = self.due.get(m.slot)
+        if due is None:
+            raise SlotError(f"replay for slot {m.slot}, which awaits none")
+        s = self.slots[m.slot]
+        t = m.x.shape[1]
+        if m.start != s.position or m.start + t > due:
+            raise SlotError(f"replay of positions {m.start}..{m.start + t - 1} for slot "
+                            f"{m.slot}, which holds {s.position} of the {due} replayed")
+        del self.due[m.slot]
+        self.prefill(Prefill(m.slot, m.x, m.start))
+        if s.position < due:
+            self.due[m.slot] = due
 
     @property
     def n_slots(self) -> int:
@@ -91,6 +154,9 @@ class SlotStage:
     def admit(self, m: Admit) -> None:
         s = self._slot(m.slot, active=None)  # re-admitting a slot resets it
         s.active, s.position = True, 0
+        self.due.pop(m.slot, None)
+        if self.log is not None:
+            self.log.free(m.slot)
         if self.stage.has_head:  # parameters checked where they entered (SeqParams, ADMIT frame)
             s.sampling = m.sampling
             s.generator = seeded_generator(m.seed)
@@ -98,12 +164,17 @@ class SlotStage:
     def retire(self, m: Retire) -> None:
         s = self._slot(m.slot)
         s.active, s.sampling, s.generator = False, None, None
+        self.due.pop(m.slot, None)
+        if self.log is not None:
+            self.log.free(m.slot)
 
     @torch.inference_mode()
     def prefill(self, m: Prefill) -> torch.Tensor | None:
         """Fill the slot at positions m.start..; returns the activations (1, T, C)
         for the next stage, None on the last stage (prefill needs no logits)."""
         s = self._slot(m.slot)
+        if m.slot in self.due:
+            raise SlotError(f"slot {m.slot} awaits its replay")
         t = m.x.shape[1]
         if not 1 <= t <= self.context - m.start:
             raise SlotError(f"prefill of {t} tokens at position {m.start}, the context is "
@@ -114,6 +185,8 @@ class SlotStage:
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         h = step.prefill(self.stage, self.caches[s.lane], s.row, x, m.start)
         s.position = m.start + t
+        if self.log is not None:
+            self.log.record(m.slot, m.start, h[0])
         return None if self.stage.has_head else h
 
     @torch.inference_mode()
@@ -121,6 +194,8 @@ class SlotStage:
         """One token per slot at each slot's position; returns activations (B, 1, C),
         or logits (B, V) on the last stage."""
         slots = [self._slot(i) for i in m.slots]
+        if self.due and any(i in self.due for i in m.slots):
+            raise SlotError(f"decode of slots {list(m.slots)}, some await their replay")
         if not slots or m.x.shape[0] != len(slots):
             raise SlotError(f"decode of {m.x.shape[0]} rows for {len(slots)} slots")
         if any(s.lane != m.lane for s in slots):
@@ -143,9 +218,12 @@ class SlotStage:
             outs.append(step.decode(self.stage, cache.rows(rows[i], rows[j - 1] + 1), x[i:j],
                                     [slots[k].position for k in range(i, j)]))
             i = j
-        for s in slots:
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        for k, (i, s) in enumerate(zip(m.slots, slots)):
+            if self.log is not None:
+                self.log.record(i, s.position, out[k])
             s.position += 1
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out
 
     def sample(self, slots: tuple[int, ...], logits: torch.Tensor) -> tuple[int, ...]:
         """One token per slot from logits (B, V), each with its own parameters and stream."""
@@ -201,6 +279,9 @@ class SlotStage:
         if isinstance(m, Prefill):
             h = self.prefill(m)
             return None if h is None else Prefill(m.slot, h, m.start)
+        if isinstance(m, Replay):
+            self.replay(m)
+            return None
         if isinstance(m, Decode):
             out = self.decode(m)
             if self.stage.has_head:

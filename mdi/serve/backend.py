@@ -16,6 +16,7 @@ from typing import Any
 
 from ..engine.api import Engine
 from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
+from ..engine.replay import DEFAULT_RECOVERY
 from ..tokenizer import Tokenizer
 from .holder import EngineFactory
 
@@ -39,6 +40,7 @@ class BackendOptions:
     quantize: str | None = None       # "int8": every stage quantized at load
     partition: str | None = None      # ring: "auto" | "even"; None: auto when the nodes differ
     recover: bool = True              # ring: a failed node is replaced (re-plan, resume)
+    recovery: str = DEFAULT_RECOVERY  # ring: "replay" or "reprefill" (RunOptions.recovery)
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
@@ -172,6 +174,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           partition=opts.partition, recover=opts.recover,
+                          recovery=opts.recovery,
                           max_context=opts.max_context, prefill_chunk=opts.prefill_chunk)
     kwargs = _engine_kwargs(opts)
 

@@ -13,6 +13,7 @@ from ...generate.sampling import SEED_LIMIT
 from ..protocol.local_link import NAME_PATTERN
 
 SampleId = Annotated[int, Field(ge=0, lt=2**32)]  # node.py refuses more than MAX_SAMPLES
+MAX_LIST = 1 << 16  # slots listed in a resume (validate.MAX_SAMPLES)
 
 
 class Strict(BaseModel):
@@ -31,6 +32,30 @@ class SamplingSpec(Strict):
     seed: int = Field(ge=0, lt=SEED_LIMIT)  # as SamplingConfig (and ADMIT) take it
 
 
+class ResumeSpec(Strict):
+    """A survivor of a lost node (--recovery replay): take over the kept run `run_id`
+    (its stage, KV caches and log) instead of loading anything; each of `slots`
+    ([slot, n]) goes on holding its first n positions, every other slot is freed.
+    replay: this node is upstream of the replacement: it sends its log of those
+    positions to the next node (REPLAY frames) before anything else."""
+    run_id: int = Field(ge=0, lt=2**32)
+    slots: list[Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)] | SampleId],
+                          Field(min_length=2, max_length=2)]] = \
+        Field(default_factory=list, max_length=MAX_LIST)  # [slot, positions (>= 1)]
+    replay: bool = False
+
+
+class ReplayedSlot(Strict):
+    """The replacement of a lost node: a slot admitted at /init, filled by the
+    replay of `positions` positions from the previous node before anything else."""
+    slot: SampleId
+    positions: int = Field(ge=1, le=2**31 - 1)
+    temperature: float = Field(ge=0.0)
+    top_k: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int = Field(ge=0, lt=SEED_LIMIT)
+
+
 class InitRequest(Strict):
     run_id: int = Field(ge=0, lt=2**32)
     role: Literal["intermediate", "finisher"]
@@ -44,12 +69,17 @@ class InitRequest(Strict):
     prev_addr: str = Field(min_length=1, max_length=255)
     prev_local: bool = False  # the previous node connects over this machine's Unix socket
     sampling: SamplingSpec | None = None
-    weights: Literal["upload", "local"] = "upload"
+    weights: Literal["upload", "local", "kept"] = "upload"  # kept: a resumed run's own
     sequences: bool = False  # an engine run: groups are lanes of slots, sampling comes per ADMIT
     # model/quant.py:QUANT_MODES (tests check they agree); applied by the node as its stage loads
     quantize: Literal["int8", "int4", "int4-g64", "int4-g128"] | None = None
     batch_invariant: bool = False            # per-row compute (see GPT.batch_invariant)
     max_context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # --max-context (None: default cap)
+    # replay: keep the activations sent downstream per slot (a lost next node is rebuilt
+    # from them) and keep the run (stage, caches) when a link fails, for a resume
+    recovery: Literal["reprefill", "replay"] = "reprefill"
+    resume: ResumeSpec | None = None
+    replayed: list[ReplayedSlot] = Field(default_factory=list, max_length=MAX_LIST)
 
 
 class RunRef(Strict):

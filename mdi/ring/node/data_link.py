@@ -44,13 +44,15 @@ class DataLink:
 
     def __init__(self, down: socket.socket, send_timeout: float, where: str,
                  on_frame: Callable[[socket.socket, float], bool],
-                 on_end: Callable[[BaseException | None], None], name: str) -> None:
+                 on_end: Callable[[BaseException | None], None], name: str,
+                 before: Callable[[socket.socket], None] | None = None) -> None:
         set_send_timeout(down, send_timeout)
         self.down = down
         self.up: socket.socket | None = None
         self.where = where
         self.on_frame = on_frame
         self.on_end = on_end
+        self.before = before  # sent first, on the thread (a recovery's replay)
         self.closed = False
         self._ended = False
         self._lock = threading.Lock()   # attach/close against the thread's end
@@ -93,6 +95,8 @@ class DataLink:
     def _main(self) -> None:
         error: BaseException | None = None
         try:
+            if self.before is not None:
+                self.before(self.down)
             self._serve()
         except BaseException as e:  # noqa: BLE001 - reported to the runtime, which logs it
             error = e

@@ -40,7 +40,7 @@ from .validate import InitError
 
 log = logging.getLogger(__name__)
 INPUT_KINDS = frozenset({Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
-                         Kind.SEQ_DECODE})
+                         Kind.SEQ_DECODE, Kind.REPLAY})
 OUTPUT_DECODE_KINDS = frozenset({Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE,
                                  Kind.SEQ_TOKENS})
 
@@ -68,6 +68,7 @@ class NodeRun:
     mem_bytes: int = 0                           # weights + KV caches, checked at /init
     pack: bool = True                            # room for the packed copy of fp32 weights
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
+    parked: bool = False                         # a link failed; kept for a resume (resume.py)
     completed: bool = False                      # STOP went through (on_complete called)
     stats: Stats = field(default_factory=Stats)
     compute_s: float = 0.0               # the last frame's stage + sampling time
@@ -188,7 +189,7 @@ async def watchdog(run: NodeRun, idle_timeout: float, current: Callable[[], Node
     runs from the previous node's connection: before it, uploads to the other
     nodes may take long, and a new /init replaces the run anyway."""
     while current() is run:
-        if not run.upstream or (run.slots is not None and not run.live):
+        if (not run.upstream and not run.parked) or (run.slots is not None and not run.live):
             # not connected yet, or an engine run with no sequence in flight: an
             # idle server (mdi serve) waits for requests as long as it likes
             run.last_active = time.monotonic()

@@ -50,6 +50,7 @@ from ..protocol.wire import WireError
 from .chunk_load import load_chunk_info, stage_from_chunk, stage_from_stream
 from .control_messages import InitRequest, ProbeRequest
 from .data_link import DataLink
+from .resume import expect_replays, park, replay_first, resume
 from .data_plane import (NodeRun, fmt_peer, link_failure, peer_allowed, reason, resolve,
                          watchdog)
 from .validate import (InitError, check_memory, check_quantize, validate_device, validate_init,
@@ -87,6 +88,8 @@ class NodeRuntime:
     def state(self) -> str:
         if self.run is None:
             return "idle"
+        if self.run.parked:
+            return "parked"
         if self.run.stage is None:
             return "awaiting_weights"
         if self.run.upstream:
@@ -175,12 +178,15 @@ class NodeRuntime:
         device = validate_device(req.device or self.spec.device)
         check_quantize(req.quantize, device)
         need, pack = check_memory(req, config, limits, device, self.max_memory, self._held())
+        kept = await self._kept(req)
         run = NodeRun(req, config, limits, sampling=sampling, timeout=self.timeout,
                       on_complete=self._completed,
                       prev_ips=await resolve(req.prev_addr, "prev_addr", self.timeout),
                       device=device, mem_bytes=need, pack=pack)
         if req.weights == "local":
             self._arm(run, await stage_from_chunk(run, self.chunk, self.chunk_dir, self.executor))
+        elif kept is not None:
+            resume(run, kept)  # the kept run's stage and caches, cut back to the positions
         await self.drop_run("a new run was configured")
         self.run = run
         if self.idle_timeout > 0:
@@ -218,6 +224,7 @@ class NodeRuntime:
                 run.slots = SlotStage(stage, [b - a for a, b in req.groups])
             except RuntimeError as e:
                 raise InitError(f"groups: cannot allocate the KV caches of {n} slots: {e}") from None
+            expect_replays(run, run.slots)
         elif run.sampling is not None:
             run.generators = [sample_generator(run.sampling.seed, s) for s in range(n)]
         run.stage = stage
@@ -259,7 +266,7 @@ class NodeRuntime:
         run.stats.link = "unix" if is_local(sock) else "tcp"
         loop = asyncio.get_running_loop()
         run.link = DataLink(sock, self.timeout, f"{nxt.addr}:{nxt.port}",
-                            on_frame=run.on_frame,
+                            on_frame=run.on_frame, before=replay_first(run),
                             on_end=lambda error: self._link_ended(run, error, loop),
                             name=f"mdi-data-{run_id}")
         run.last_active = time.monotonic()
@@ -347,13 +354,41 @@ class NodeRuntime:
         if loop.is_closed():
             return
         try:  # dropped before the links close: whoever sees them close finds the node idle
-            asyncio.run_coroutine_threadsafe(self._drop_if(run, why), loop).result(self.timeout)
+            asyncio.run_coroutine_threadsafe(self._drop_if(run, why, error is not None),
+                                             loop).result(self.timeout)
         except (RuntimeError, TimeoutError):  # the loop is shutting down: the run goes with it
             pass
 
-    async def _drop_if(self, run: NodeRun, why: str) -> None:
-        if self.run is run:
+    async def _drop_if(self, run: NodeRun, why: str, failed: bool = False) -> None:
+        if self.run is not run:
+            return
+        if failed and run.req.recovery == "replay" and run.slots is not None:
+            park(run, why)  # its stage and caches wait for a resume (or a new /init)
+            self.last_stats = {"run_id": run.run_id, "reason": why, **run.stats.to_dict()}
+        else:
             await self.drop_run(why)
+
+    async def _kept(self, req: InitRequest) -> NodeRun | None:
+        """The run a resume takes over, parked (its data thread ended); InitError when
+        this node does not hold it."""
+        if req.resume is None:
+            return None
+        old = self.run
+        if old is None or old.run_id != req.resume.run_id or old.slots is None:
+            raise InitError(f"resume.run_id: run {req.resume.run_id} is not kept on this node")
+        if [[a, b] for a, b in req.groups] != [[f, f + n] for f, n in
+                                                zip(old.slots.first, old.slots.sizes)]:
+            raise InitError("groups: a resumed run keeps the lanes of the run it takes over")
+        if (req.start, req.stop) != (old.req.start, old.req.stop):
+            raise InitError(f"start/stop: the kept run holds layers [{old.req.start}, "
+                            f"{old.req.stop})")
+        if not old.parked:  # the failure has not reached this node yet: stop it here
+            park(old, "taken over by a resume")
+            if old.link is not None:
+                old.link.close()
+                await asyncio.get_running_loop().run_in_executor(None, old.link.join,
+                                                                 self.timeout)
+        return old
 
     async def close(self) -> None:
         run = self.run

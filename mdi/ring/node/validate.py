@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ...engine.replay import ActivationLog
 from ...generate.sampling import SamplingConfig
 from ...model import GPTConfig
 from ...model.cache import context_length
@@ -56,7 +57,37 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits, SamplingConfig |
                     n_samples,
                     DTYPE_CODES[DTYPES[req.dtype]], max(b - a for a, b in req.groups),
                     sequences=req.sequences)
+    check_recovery(req, limits)
     return config, limits, sampling
+
+
+def check_recovery(req: InitRequest, limits: Limits) -> None:
+    """A resume (survivor) or replayed slots (replacement) fit the run: an engine
+    run that keeps its log, slots inside the run, positions inside the context,
+    each slot listed once; a resume takes no weights, a replacement's do come."""
+    if (req.resume is not None or req.replayed) and (not req.sequences or
+                                                     req.recovery != "replay"):
+        raise InitError("resume/replayed: only an engine run with recovery 'replay' resumes")
+    if (req.resume is not None) != (req.weights == "kept"):
+        raise InitError("weights: 'kept' goes with a resume, and a resume with 'kept'")
+    if req.resume is not None and req.replayed:
+        raise InitError("replayed: a resumed run holds its slots; only a replacement is replayed")
+    pairs = [(s, n) for s, n in req.resume.slots] if req.resume is not None else \
+        [(r.slot, r.positions) for r in req.replayed]
+    field = "resume.slots" if req.resume is not None else "replayed"
+    seen = set()
+    for i, (slot, n) in enumerate(pairs):
+        if slot >= limits.n_samples or slot in seen:
+            raise InitError(f"{field}[{i}]: slot {slot} is outside the run's {limits.n_samples} "
+                            "or listed twice")
+        if not 1 <= n <= limits.block_size:
+            raise InitError(f"{field}[{i}]: {n} positions, the context is {limits.block_size}")
+        seen.add(slot)
+    for i, r in enumerate(req.replayed):
+        try:
+            SamplingConfig(r.temperature, r.top_k, r.seed, r.top_p)
+        except ValueError as e:
+            raise InitError(f"replayed[{i}]: {e}") from None
 
 
 def validate_model(model: dict) -> GPTConfig:
@@ -129,6 +160,9 @@ def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: st
     weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
     kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
                             limits.block_size)
+    if req.recovery == "replay" and req.role != "finisher":  # the log of what goes downstream
+        kv += ActivationLog.max_bytes(limits.n_samples, limits.block_size, config.n_embd,
+                                      torch.empty(0, dtype=dtype).element_size())
     have, where = mem.available(device, max_memory, held)
     if weights + kv > have:
         raise InitError(

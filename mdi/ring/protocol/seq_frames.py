@@ -1,7 +1,7 @@
 """The engine's messages (engine/messages.py) as data-plane frames (docs/wire.md).
 
 Admit -> ADMIT, Retire -> RETIRE, Prefill -> PREFILL (sample = slot),
-Decode -> SEQ_DECODE, Tokens <- SEQ_TOKENS; a Decode / Tokens of a whole lane
+Decode -> SEQ_DECODE, Tokens <- SEQ_TOKENS, Replay -> REPLAY (a recovery's); a Decode / Tokens of a whole lane
 travels as DECODE / TOKENS (no slot table: a fixed batch through the engine
 costs the same bytes as before). The lane of a decode is not on the wire:
 each side knows which lane a slot belongs to (the lanes were fixed at /init).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.messages import Admit, Decode, Message, Prefill, Retire, Tokens
+from ...engine.messages import Admit, Decode, Message, Prefill, Replay, Retire, Tokens
 from ...engine.slots import SlotStage
 from .wire import Frame, Kind, WireError, admit_frame
 
@@ -23,6 +23,8 @@ def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
         return Frame(Kind.RETIRE, run_id, m.slot)
     if isinstance(m, Prefill):
         return Frame(Kind.PREFILL, run_id, m.slot, m.start, m.x)
+    if isinstance(m, Replay):
+        return Frame(Kind.REPLAY, run_id, m.slot, m.start, m.x)
     whole = slots.is_whole_lane(m.slots)
     if isinstance(m, Decode):
         if whole and m.position is not None:
@@ -48,6 +50,8 @@ def to_message(f: Frame, slots: SlotStage) -> Message | Tokens:
     assert f.tensor is not None
     if f.kind == Kind.PREFILL:
         return Prefill(f.sample, f.tensor, f.position)
+    if f.kind == Kind.REPLAY:
+        return Replay(f.sample, f.tensor, f.position)
     table = f.slots
     if f.kind in (Kind.DECODE, Kind.TOKENS):
         table = tuple(range(f.sample, f.sample + f.tensor.shape[0]))

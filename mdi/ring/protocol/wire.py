@@ -70,10 +70,14 @@ class Kind(enum.IntEnum):
     RETIRE = 9       # the sequence in slot `sample` ended; no payload
     SEQ_DECODE = 10  # slot table + activations (B, 1, C), one token per listed slot
     SEQ_TOKENS = 11  # slot table + sampled ids (B,) int64, finisher -> starter
+    REPLAY = 12      # activations (1, T, C) of slot `sample`, positions position..+T-1, from
+                     # the upstream survivor's log to a lost stage's replacement, which
+                     # fills its cache and sends nothing on (--recovery replay)
 
 
 FIXED_KINDS = frozenset({Kind.CONTEXT})  # refused in sequence runs
-SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS})  # refused in fixed runs
+SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS,
+                            Kind.REPLAY})  # refused in fixed runs
 SLOT_TABLE_KINDS = frozenset({Kind.SEQ_DECODE, Kind.SEQ_TOKENS})
 ADMIT_FIELDS = 4   # seed, top_k (0: none), temperature and top_p as float64 bit patterns
 
@@ -241,7 +245,7 @@ def check_header(h: Header, lim: Limits | None) -> None:
         _expect(len(h.shape) == 3, lambda: f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
         batch, t, c = h.shape
         _expect(c == lim.n_embd, lambda: f"activation width {c}, the model's n_embd is {lim.n_embd}")
-        if h.kind in (Kind.PREFILL, Kind.CONTEXT):
+        if h.kind in (Kind.PREFILL, Kind.CONTEXT, Kind.REPLAY):
             name = h.kind.name
             _expect(batch == 1, lambda: f"{name} carries one sample, got batch {batch}")
             _expect(1 <= t <= lim.block_size, lambda: f"{name} of {t} tokens, block_size is {lim.block_size}")

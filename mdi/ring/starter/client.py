@@ -115,7 +115,8 @@ class RingClient:
     # ---- forming the ring ------------------------------------------------------------
     async def form(self, http: httpx.AsyncClient, run_id: int, config: GPTConfig,
                    shards: list[Shard], groups: Groups, sampling: SamplingConfig | None = None,
-                   sequences: bool = False, placement: Placement | None = None) -> FormedRing:
+                   sequences: bool = False, placement: Placement | None = None,
+                   extras: list[dict] | None = None) -> FormedRing:
         """Configure every node for run `run_id` and open the data links (see the
         module doc). On any error nothing stays open and the nodes are told to drop
         the run; the error (NodeFailure naming the node, AuthError, ...) is raised."""
@@ -127,7 +128,7 @@ class RingClient:
         writer = None
         try:
             await self.configure(http, run_id, config, shards, groups, sampling, healths,
-                                 sequences=sequences, sockets=local)
+                                 sequences=sequences, sockets=local, extras=extras)
             for spec in reversed(ring[1:]):
                 await self.post(http, spec, "/connect", {"run_id": run_id})
             _, writer = await self.open_first(ring[1], run_id, local[1])
@@ -173,11 +174,13 @@ class RingClient:
     async def configure(self, http: httpx.AsyncClient, run_id: int, config: GPTConfig,
                         shards: list[Shard], groups: Groups, sampling: SamplingConfig | None,
                         healths: list[dict], sequences: bool = False,
-                        sockets: list[str | None] | None = None) -> None:
+                        sockets: list[str | None] | None = None,
+                        extras: list[dict] | None = None) -> None:
         """Configure every secondary (/init, then its weights unless its local chunk
         holds them); sequences: an engine run (groups are lanes of slots, sampling
         travels per sequence in ADMIT frames); sockets: the Unix socket each process
-        of the ring is reached on (local_links), None for TCP."""
+        of the ring is reached on (local_links), None for TCP; extras: more fields of
+        each secondary's /init (a recovery by replay: resume, replayed, kept weights)."""
         ring = self.nodes.ring
         sockets = sockets or [None] * len(ring)
         for i, (spec, shard, health) in enumerate(zip(ring[1:], shards[1:], healths), start=1):
@@ -202,11 +205,15 @@ class RingClient:
                 body["prev_local"] = True
             if self.opts.max_context is not None:  # else the node's default cap: the same
                 body["max_context"] = self.opts.max_context
+            if sequences and self.opts.recovery == "replay":
+                body["recovery"] = "replay"
+            body.update(extras[i - 1] if extras else {})
             await self.post(http, spec, "/init", body)
-            if not local:
+            if body["weights"] == "upload":
                 await self.upload(http, spec, run_id, shard)
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
-                     "from its local chunk" if local else "uploaded")
+                     {"local": "from its local chunk", "kept": "kept (resumed)"}.get(
+                         body["weights"], "uploaded"))
 
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:

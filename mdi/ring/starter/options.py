@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...checkpoint import Checkpoint, load_stage
+from ...engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from ...engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ...model import GPT
 from ...model.dtypes import DTYPES
@@ -41,6 +42,13 @@ class RunOptions:
     max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
     recover: bool = True              # on a node's failure: re-plan over the rest and resume
+    recovery: str = DEFAULT_RECOVERY  # how: "replay" (a spare takes the lost range, rebuilt
+                                      # from its upstream's log) or "reprefill" (all anew)
+
+    def __post_init__(self) -> None:
+        if self.recovery not in RECOVERY_CHOICES:
+            raise ValueError(f"recovery must be one of {', '.join(RECOVERY_CHOICES)}, "
+                             f"got {self.recovery!r}")
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
 
 

@@ -32,6 +32,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -50,6 +51,7 @@ from ..plan.placement import Placement
 from ..plan.planner import PlanError
 from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
+from .heal import heal
 from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards
 from .tcp_link import TcpLink
 
@@ -182,16 +184,28 @@ class RingEngine(PipelineEngine):
             await self._close_transport()
             raise
 
-    async def _form(self) -> None:
+    async def form_ring(self, extras: list[dict]) -> None:
+        """Form the ring of self.client's nodes with more /init fields per secondary
+        (heal.py), the links not planned (its nodes changed); nothing left open on error."""
+        try:
+            await self._form(extras, placement=None)
+        except BaseException:
+            await self._close_transport()
+            raise
+
+    async def _form(self, extras: list[dict] | None = None, placement: Any = "planned") -> None:
         config, ring = self.config, self.nodes.ring
+        if self.opts.recovery == "replay":
+            self.first.keep_log()  # what it sends: the first secondary's replay
         run_id = random.randrange(1, 2**32)
         self.run_id = run_id
         lanes = [range(lane.slots.start, lane.slots.stop) for lane in self.lanes]
         limits = Limits(run_id, config.n_embd, config.block_size, self.first.n_slots,
                         DTYPE_CODES[DTYPES[self.opts.dtype]], max(self.sizes), sequences=True)
         self._http = http = self.client.http()
-        formed = await self.client.form(http, run_id, config, self.shards, lanes,
-                                        sequences=True, placement=self.placement)
+        formed = await self.client.form(
+            http, run_id, config, self.shards, lanes, sequences=True, extras=extras,
+            placement=self.placement if placement == "planned" else placement)
         self._servers = formed.servers
         self.link = TcpLink(self.client, http, limits, formed, self.first, self.opts.timeout)
         log.info("ring formed: %d node(s), %d lane(s) of %s slot(s), run %d, %d of %d link(s) "
@@ -202,6 +216,14 @@ class RingEngine(PipelineEngine):
     async def _recover(self, e: LinkClosed) -> bool:
         if not self.opts.recover:
             return False
+        old, old_run = self.nodes, self.run_id
+        ok = await self._recover_ring(e)
+        if not ok and self.opts.recovery == "replay" and old_run is not None:
+            async with self.client.http() as http:  # the survivors kept it for a resume
+                await self.client.with_nodes(old).release(http, old_run)
+        return ok
+
+    async def _recover_ring(self, e: LinkClosed) -> bool:
         t0 = time.perf_counter()
         recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
         if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
@@ -221,10 +243,19 @@ class RingEngine(PipelineEngine):
         spares = [s for s in old.spares if s.name not in lost]
         n_lost = len(old.secondaries) - len(pool)
         log.warning("recovering from: %s", e)
-        while True:
+        plan = None
+        if self.opts.recovery == "replay" and isinstance(link, TcpLink):
+            pool, spares = await self.client.answering(pool), await self.client.answering(spares)
+            try:
+                plan = await heal(self, old, link.limits.run_id, lost, pool, spares)
+            except (NodeFailure, RuntimeError, OSError, ValueError) as err:
+                log.warning("recovery by replay failed (%s); forming the ring anew", err)
+                self._keep = {}
+        while plan is None:
             pool, spares = await self.client.answering(pool), await self.client.answering(spares)
             try:
                 await self._reform_fitting(pool, spares, n_lost)
+                plan = self._plan_json()
                 break
             except PlanError as err:
                 log.error("no plan fits the %d node(s) left: %s", len(pool) + len(spares) + 1, err)
@@ -238,16 +269,19 @@ class RingEngine(PipelineEngine):
                 spares = [s for s in spares if s.name != bad.name]
                 n_lost += 1
         record = {"failed": failed.describe() if failed else None, "error": str(e),
-                  "ring": [n.name for n in self.nodes.ring],
-                  "plan": self.placement.to_json() if self.placement is not None and
-                  len(self.nodes.ring) > 1 else {"partition": "single", "reason": "no node left",
-                                                 "nodes": [{"node": "starter", "layers":
-                                                            [0, self.config.n_layer]}]},
+                  "ring": [n.name for n in self.nodes.ring], "plan": plan,
+                  "recovery": "replay" if plan.get("partition") == "replay" else "reprefill",
                   "resumed": self.running, "recovery_s": round(time.perf_counter() - t0, 3)}
         self.recoveries.append(record)
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
                     " -> ".join(record["ring"]), record["resumed"])
         return True
+
+    def _plan_json(self) -> dict:
+        if self.placement is not None and len(self.nodes.ring) > 1:
+            return self.placement.to_json()
+        return {"partition": "single", "reason": "no node left",
+                "nodes": [{"node": "starter", "layers": [0, self.config.n_layer]}]}
 
     async def _reform_fitting(self, pool: list[NodeSpec], spares: list[NodeSpec], n_lost: int
                               ) -> None:

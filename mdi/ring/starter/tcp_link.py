@@ -114,7 +114,9 @@ class TcpLink:
             return self.failed
         spec, culprit, silent = await self.client.diagnose(self.http, self.limits.run_id)
         spec = spec or node
-        await self.client.release(self.http, self.limits.run_id, silent)
+        o = self.client.opts
+        if not (o.recover and o.recovery == "replay"):  # else the survivors keep it to resume
+            await self.client.release(self.http, self.limits.run_id, silent)
         self.failed = LinkClosed(f"{culprit}: {what}" if culprit else what,
                                  node=spec.describe() if spec else None)
         self.failed.spec = spec  # type: ignore[attr-defined]
