@@ -5,28 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from cluster_helpers import TOKEN, TEXT, run_cli, start_ring, status
-from mdi.checkpoint.format import save_checkpoint
-from mdi.model import GPT, GPTConfig
+from cluster_helpers import TOKEN, run_cli, status
 from mdi.ring.plan.capability import Speed
-from mdi.tokenizer import CharTokenizer
+from test_placement import ring6  # noqa: F401 - the same 6-layer ring, started for this module
 
 ARGS = ("--n-tokens", "8", "--n-samples", "3", "--temperature", "0", "--batch-invariant",
         "--json")
-
-
-@pytest.fixture(scope="module")
-def ring6(tmp_path_factory):
-    root = tmp_path_factory.mktemp("leave_out")
-    tok = CharTokenizer.train(TEXT)
-    config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=6, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(root / "ckpt6", GPT(config).eval(), tok, {"note": "random, 6 layers"})
-    r = start_ring(root, ckpt)
-    yield r
-    r.stop()
 
 
 def _slow(monkeypatch, slow: set[int]) -> None:

@@ -192,7 +192,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..ring.cluster.local_cluster import LocalCluster, default_threads
+    from ..ring.cluster.local_cluster import default_threads
 
     _check_timeout(args.timeout)
     ck = open_checkpoint(args.ckpt)  # every check that needs no process, before one starts
