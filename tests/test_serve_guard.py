@@ -180,7 +180,8 @@ def test_a_client_that_was_answered_outranks_attackers_that_reconnect(tok):
 
 
 def test_the_order_of_eviction():
-    """Who goes first, from the connections' states (no timing): unauthenticated before
+    """Who goes first, from the connections' states (no timing): one lingering after an
+    answer to a body it did not read, then unauthenticated before
     authenticated, never answered before answered, old before fresh (among fresh ones
     the oldest: one that has just connected has sent no byte yet), idle or slow before
     stuck, then the fewest bytes a second."""
@@ -188,8 +189,9 @@ def test_the_order_of_eviction():
 
     from mdi.net.http_guard import GuardedProtocol
 
-    def conn(name, age, bytes_in=0, served=0, authenticated=False, stuck=False):
+    def conn(name, age, bytes_in=0, served=0, authenticated=False, stuck=False, lingering=False):
         c = object.__new__(GuardedProtocol)
+        c._lingering = lingering
         c.name, c.connected_at, c.last_active = name, 100.0 - age, 100.0
         c.bytes_in, c.served, c.authenticated = bytes_in, served, authenticated
         c.cycle = SimpleNamespace(response_complete=False) if stuck else None
@@ -202,10 +204,12 @@ def test_the_order_of_eviction():
              conn("just connected", 0.01),
              conn("fresh trickler", 0.5, 150),
              conn("old, fast body", 30, 30_000),
-             conn("old trickler", 30, 180)]
+             conn("old trickler", 30, 180),
+             conn("keyed, answered unread", 30, 10**6, served=1, authenticated=True,
+                  lingering=True)]
     order = sorted(conns, key=lambda c: c._keep_score(100.0))
     assert [c.name for c in order] == [
-        "old trickler", "old, fast body", "stuck reader", "fresh trickler", "just connected",
+        "keyed, answered unread", "old trickler", "old, fast body", "stuck reader", "fresh trickler", "just connected",
         "answered before, idle", "keyed, slow"]
 
 
@@ -230,3 +234,21 @@ def test_idle_connections_cannot_lock_out_the_api(tok):
             for s in socks:
                 s.close()
 
+
+
+def test_a_body_answered_unread_does_not_reset_the_answer(tok):
+    """A client still sending a large body that was answered from its headers (401 here,
+    413 alike) reads that answer: the server half-closes and lets the rest arrive instead
+    of closing with unread bytes, which resets the connection and loses the answer (a
+    loaded CI machine saw httpx.ReadError on the node's 413)."""
+    with _server(tok, api_key=KEY) as srv:
+        with socket.create_connection((srv.host, srv.port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: 2000000\r\n\r\n" + b" " * 200_000)
+            time.sleep(0.5)                            # answered meanwhile, 200 KB unread
+            s.sendall(b" " * 1_800_000)                # the rest: no reset while it is sent
+            data = b""
+            while chunk := s.recv(4096):               # the answer, then EOF (not a reset)
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 401"), data
+        assert b"connection: close" in data.lower(), data

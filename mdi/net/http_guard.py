@@ -64,7 +64,8 @@ class GuardedProtocol(H11Protocol):
     what: str = "HTTP"           # names the port in the log: "control", "API"
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw = transport
+        super().connection_made(_LingeringTransport(transport, self))
         now = self.loop.time()
         self.connected_at = self.last_active = now
         self.bytes_in = 0
@@ -106,24 +107,32 @@ class GuardedProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self.served += 1
-        left = None if self._body_length is None else self._body_length - self._body_bytes
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and (
-                left is None or left > DRAIN_BYTES):
-            # Answered before its body was read (a 401 from the headers, a 413), and much of
-            # it is still to come: no use reading on. The answer said Connection: close;
-            # half-close and drop what still comes until the peer is silent, then close (a
-            # close while it still sends would reset the connection, and the answer with
-            # it, before the client reads it). A small rest is drained by h11 and the
-            # connection kept, under the body deadline.
-            self._end_body()
-            self._lingering = True
-            self._linger_since = self.last_active = self.loop.time()
-            self.flow.resume_reading()
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self._linger)
-            return
         super().on_response_complete()
+
+    def shutdown(self) -> None:  # the server stops: no lingering
+        if self._lingering:
+            self._raw.close()
+        else:
+            super().shutdown()
+
+    def _closing(self) -> bool:
+        """uvicorn closes the connection: linger instead if the peer is still sending a
+        body that was answered unread (a 401 from the headers, a 413). Closing a socket
+        with unread bytes resets the connection, and the answer with it, before the
+        client (still writing) reads it. Returns whether the close is deferred."""
+        if self._lingering:
+            return True
+        answered = self.cycle is not None and self.cycle.response_complete
+        if not answered or self.conn.their_state is not h11.SEND_BODY or self._raw.is_closing():
+            return False
+        self._end_body()
+        self._lingering = True
+        self._linger_since = self.last_active = self.loop.time()
+        self.flow.resume_reading()
+        if self._raw.can_write_eof():
+            self._raw.write_eof()
+        self.loop.call_later(LINGER_S, self._linger)
+        return True
 
     # ---- states ------------------------------------------------------------
     @property
@@ -151,12 +160,12 @@ class GuardedProtocol(H11Protocol):
 
     def _linger(self) -> None:
         """Close a connection answered unread once its peer is silent (or after LINGER_MAX_S)."""
-        if self.transport.is_closing():
+        if self._raw.is_closing():
             return
         now = self.loop.time()
         quiet_at = self.last_active + LINGER_S
         if now >= quiet_at or now >= self._linger_since + LINGER_MAX_S:
-            self.transport.close()
+            self._raw.close()
         else:
             self.loop.call_later(min(quiet_at, self._linger_since + LINGER_MAX_S) - now, self._linger)
 
@@ -200,8 +209,8 @@ class GuardedProtocol(H11Protocol):
 
     # ---- caps and eviction -----------------------------------------------------
     def _open(self) -> list["GuardedProtocol"]:
-        return [c for c in self.connections
-                if isinstance(c, GuardedProtocol) and not c.transport.is_closing()]
+        return [c for c in self.connections  # lingering ones count, and go first
+                if isinstance(c, GuardedProtocol) and not c._raw.is_closing()]
 
     def _enforce_caps(self) -> None:
         peers = self._open()
@@ -209,20 +218,20 @@ class GuardedProtocol(H11Protocol):
             self._evict(peers, f"more than {self.max_connections} connections open")
         address = self.client[0] if self.client else None
         mine = [c for c in peers if (c.client[0] if c.client else None) == address
-                and not c.transport.is_closing()]  # not the one just evicted
-        if len(mine) > self.max_per_client and not self.transport.is_closing():
+                and not c._raw.is_closing()]  # not the one just evicted
+        if len(mine) > self.max_per_client and not self._raw.is_closing():
             self._evict(mine, f"more than {self.max_per_client} connections open from {address}")
 
     def _evict(self, among: list["GuardedProtocol"], why: str) -> None:
         now = self.loop.time()
-        others = [c for c in among if c is not self and not c.busy and not c.transport.is_closing()]
+        others = [c for c in among if c is not self and not c.busy and not c._raw.is_closing()]
         victim = min(others, key=lambda c: c._keep_score(now)) if others else self
-        log.debug("evicting %s (authenticated, answered, fresh, stuck, bytes/s, last active): %s",
+        log.debug("evicting %s (not lingering, authenticated, answered, fresh, stuck, bytes/s, last active): %s",
                   _peer(victim.client), victim._keep_score(now))
         victim._close(why)
 
     def _keep_score(self, now: float) -> tuple:
-        """Lower is evicted first: unauthenticated; never answered (a client that completed
+        """Lower is evicted first: lingering after an answer; unauthenticated; never answered (a client that completed
         a request is worth more than one that never did: an attacker that reconnects at
         once must not outrank it by being fresh); then old before fresh; idle or slow
         before stuck; the fewest bytes a second (among fresh ones: the oldest); the
@@ -232,13 +241,32 @@ class GuardedProtocol(H11Protocol):
         fresh = age < FRESH_S
         # a fresh connection's rate means nothing yet (one that has just connected has sent
         # no byte): among fresh ones the oldest goes first
-        return (self.authenticated, self.served > 0, fresh, stuck,
+        return (not self._lingering, self.authenticated, self.served > 0, fresh, stuck,
                 -age if fresh else self.bytes_in / age, self.last_active)
 
     def _close(self, why: str) -> None:
         log.warning("closed %s connection from %s: %s", self.what, _peer(self.client), why)
         self._end_body()
-        self.transport.close()
+        self._raw.close()
+
+
+class _LingeringTransport:
+    """A connection's transport as uvicorn's protocol sees it: a close that would reset a
+    peer still sending a body answered unread becomes a linger (GuardedProtocol._closing);
+    everything else goes to the real transport."""
+
+    def __init__(self, raw: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        self._raw, self._protocol = raw, protocol
+
+    def close(self) -> None:
+        if not self._protocol._closing():
+            self._raw.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._raw.is_closing()
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
 
 
 def _bearer_matches(headers: list[tuple[bytes, bytes]], secret: bytes) -> bool:
