@@ -140,3 +140,67 @@ def test_mdi_run_with_a_spare_reports_the_recovery_in_its_json(tmp_path, ckpt):
     assert rec["failed"].startswith("finisher at ") and rec["ring"][-1] == "spare[0]"
     assert result["plan"] == rec["plan"]
     assert "recovered in" in err
+
+
+def test_a_killed_node_without_spare_is_restarted_and_rejoins_the_ring(ckpt):
+    """No spare: the intermediate is SIGKILLed, the ring goes on without it; the local
+    cluster (restart=True, as mdi serve runs it) starts it again, the engine sees it
+    answer and forms the ring with it again (issue 25.5). Every greedy text equals the
+    uninterrupted one: a sequence across the kill, one across the rejoin, one after."""
+    import asyncio
+
+    from mdi.engine import SeqParams
+    from mdi.ring.starter.ring_engine import RingEngine
+    from test_engine import collect
+
+    model = load_model(str(ckpt)).model
+    configure_stage(model, None, batch_invariant=True)
+
+    def alone(prompt: list[int], n: int) -> list[int]:
+        return generate(model, [prompt], n, GREEDY)[0]
+
+    def greedy(n: int) -> SeqParams:
+        return SeqParams(max_tokens=n, temperature=0.0)
+
+    async def until(cond, timeout: float) -> None:
+        t0 = time.monotonic()
+        while not cond() and time.monotonic() - t0 < timeout:
+            await asyncio.sleep(0.05)
+
+    async def scenario(c: LocalCluster):
+        engine = RingEngine(c.nodes, c.token, str(ckpt), max_seqs=2,
+                            opts=RunOptions(timeout=3.0, batch_invariant=True))
+        await engine.start()
+        try:
+            before, made = [], 0
+            async for ev in engine.submit([1, 2, 3], greedy(300)).events():
+                before += [ev.token] if ev.token is not None else []
+                made += 1
+                if made == 30:
+                    os.kill(c.pids[0], signal.SIGKILL)   # intermediate[0], no spare
+            shrunk = [n.name for n in engine.nodes.ring]
+            await until(lambda: "intermediate[0]" in engine.absent, 30)
+            assert "intermediate[0]" in engine.absent, engine.recoveries
+            across = engine.submit([6], greedy(10**6))  # cancelled after the rejoin
+            got = asyncio.create_task(collect(across))
+            await until(lambda: len(engine.recoveries) == 2, 90)
+            n0 = len(across.generated)
+            await until(lambda: len(across.generated) > n0 + 100, 30)  # goes on after it
+            across.cancel()
+            across_tokens = (await asyncio.wait_for(got, 30))[0]
+            after = await asyncio.wait_for(collect(engine.submit([7, 8], greedy(50))), 60)
+            return before, shrunk, across_tokens, after[0], list(engine.recoveries), \
+                [n.name for n in engine.nodes.ring], dict(engine.absent)
+        finally:
+            await engine.close()
+
+    with LocalCluster(3, threads=1, node_timeout=3.0, restart=True) as c:
+        before, shrunk, across, after, recs, ring, absent = asyncio.run(scenario(c))
+        assert c.restarts == 1
+    assert [r["recovery"] for r in recs] == ["reprefill", "rejoin"], recs
+    assert recs[1]["failed"] is None and "intermediate[0]" in recs[1]["error"], recs[1]
+    assert shrunk == ["starter", "finisher"]
+    assert ring == ["starter", "finisher", "intermediate[0]"] and not absent
+    assert before == alone([1, 2, 3], 300)
+    assert len(across) > 100 and across == alone([6], len(across))
+    assert after == alone([7, 8], 50)

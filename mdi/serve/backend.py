@@ -167,7 +167,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
 
         cluster = backend.resources.enter_context(
             LocalCluster(opts.nodes, threads=opts.threads, node_timeout=opts.timeout,
-                         spares=opts.spares))
+                         spares=opts.spares, restart=opts.recover))
         nodes, token = cluster.nodes, cluster.token
         backend.cluster = cluster
         where = f"{opts.nodes} local nodes"

@@ -10,6 +10,11 @@ costs seconds, not minutes. SIGINT and SIGTERM are held back while stopping,
 so a second Ctrl-C cannot leave children behind. Children also get SIGTERM
 from the kernel if the thread that started them dies (PR_SET_PDEATHSIG), so
 none are orphaned even when this process is SIGKILLed.
+
+With `restart=True` (`mdi serve`) a child that dies while the cluster runs is
+started again on the same ports after a pause (RESTART_DELAY_S, doubling up to
+RESTART_MAX_DELAY_S while it keeps dying): the ring engine sees it answer again
+and takes it back (ring_engine.py, "nodes that come back").
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ PR_SET_PDEATHSIG = 1
 # What one idle `mdi node` process takes before any weights (Python, torch, the node
 # runtime): 49 of them took 5 GB on this machine, ~105 MB each; rounded up.
 NODE_PROCESS_BYTES = 128 * 2**20
+RESTART_DELAY_S = 1.0        # a dead local node is started again after this (restart=True) ...
+RESTART_MAX_DELAY_S = 60.0   # ... doubling while it keeps dying, up to this
+RESTART_STABLE_S = 60.0      # a node that ran this long starts from RESTART_DELAY_S again
 
 
 def check_local_ring(n_nodes: int, n_layer: int, spares: int = 0, weight_bytes: int = 0,
@@ -164,13 +172,15 @@ class LocalCluster:
                  ports: list[int] | None = None, extra_env: dict[str, str] | None = None,
                  addrs: list[str] | None = None, prefixes: list[list[str]] | None = None,
                  affinity: list[list[int]] | None = None, spares: int = 0,
-                 on_ready: Callable[[int, int], None] | None = None) -> None:
+                 on_ready: Callable[[int, int], None] | None = None,
+                 restart: bool = False) -> None:
         """addrs, prefixes and affinity are per node, index 0 being the starter (this
         process): node addresses, a command prefix that starts each secondary (e.g.
         `ip netns exec NS`), and the CPUs each node is pinned to. spares: extra
         nodes on loopback, listed as the nodes file's spares (they join the ring
         when a node fails). on_ready(ready, total) as the node processes start answering
-        (a start-up takes seconds per node on a busy machine: say so)."""
+        (a start-up takes seconds per node on a busy machine: say so). restart: start a
+        node process that dies again, on the same ports (see the module's docstring)."""
         if n_nodes < 1:
             raise ValueError(f"--nodes must be at least 1, got {n_nodes}")
         self.n_nodes = n_nodes
@@ -188,6 +198,11 @@ class LocalCluster:
         self.on_ready = on_ready
         self.procs: list[subprocess.Popen] = []
         self.stopping = False
+        self.restart = restart
+        self.restarts = 0                    # node processes started again after dying
+        self._lock = threading.Lock()        # procs and stopping, between restarts and stop()
+        self._stopped = threading.Event()    # wakes the restart waits at once
+        self._launch: list[Callable[[], subprocess.Popen]] = []
         self.tmp = tempfile.TemporaryDirectory(prefix="mdi-run-")
         self.nodes: NodesConfig | None = None
 
@@ -220,25 +235,48 @@ class LocalCluster:
                    "--timeout", str(self.node_timeout)]
             if self.chunks and i < len(self.chunks):
                 cmd += ["--chunk", self.chunks[i]]
-            logf = (self.dir / f"node{i}.log").open("wb")
-            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                               stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=child_setup(
-                                                   self.affinity[i] if self.affinity and
-                                                   i < len(self.affinity) else None)))
-            logf.close()
-            threading.Thread(target=self._reap, args=(spec, self.procs[-1]), daemon=True,
-                             name=f"reap-{spec.name}").start()
+            cpus = self.affinity[i] if self.affinity and i < len(self.affinity) else None
+            self._launch.append(lambda cmd=cmd, i=i, cpus=cpus: self._popen(cmd, i, env, cpus))
+            self.procs.append(self._launch[-1]())
+            self._watch(i - 1, spec)
         self._wait_ready()
 
-    def _reap(self, spec: NodeSpec, proc: subprocess.Popen) -> None:
+    def _popen(self, cmd: list[str], i: int, env: dict[str, str], cpus: list[int] | None
+               ) -> subprocess.Popen:
+        with (self.dir / f"node{i}.log").open("ab") as logf:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, env=env, preexec_fn=child_setup(cpus))
+
+    def _watch(self, k: int, spec: NodeSpec) -> None:
+        threading.Thread(target=self._reap, args=(k, spec), daemon=True,
+                         name=f"reap-{spec.name}").start()
+
+    def _reap(self, k: int, spec: NodeSpec) -> None:
         """Wait for a child from the moment it starts: one that dies mid-run (killed, crashed)
-        is reaped at once, not left a zombie until the cluster ends, and its end is logged."""
-        code = proc.wait()
-        if not self.stopping:
+        is reaped at once, not left a zombie until the cluster ends, and its end is logged;
+        with restart, it is started again, from this thread (a child gets SIGTERM when the
+        thread that started it ends: PR_SET_PDEATHSIG), after a delay that doubles each
+        time it dies within RESTART_STABLE_S of its start."""
+        proc, delay = self.procs[k], RESTART_DELAY_S
+        while True:
+            t0 = time.monotonic()
+            code = proc.wait()
+            if self.stopping:
+                return
             log.warning("local node %s (pid %d) exited with code %d; its log: %s", spec.name,
-                        proc.pid, code, self.dir / f"node{self.procs.index(proc) + 1}.log"
-                        if proc in self.procs else "gone")
+                        proc.pid, code, self.dir / f"node{k + 1}.log")
+            if not self.restart:
+                return
+            delay = RESTART_DELAY_S if time.monotonic() - t0 >= RESTART_STABLE_S else delay
+            log.warning("starting local node %s again in %g s", spec.name, delay)
+            if self._stopped.wait(delay):
+                return
+            with self._lock:
+                if self.stopping:
+                    return
+                proc = self.procs[k] = self._launch[k]()
+                self.restarts += 1
+            delay = min(2 * delay, RESTART_MAX_DELAY_S)
 
     @property
     def members(self) -> list[NodeSpec]:
@@ -273,7 +311,9 @@ class LocalCluster:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _stop(self, grace: float) -> None:
-        self.stopping = True
+        with self._lock:  # no restart after this
+            self.stopping = True
+        self._stopped.set()
         polite = []  # children that took /shutdown: they get `grace` to exit on their own
         if self.nodes is not None:
             for spec, proc in zip(self.members, self.procs):

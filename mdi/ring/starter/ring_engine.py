@@ -23,6 +23,15 @@ scheduler resumes every live sequence by prefilling its tokens so far
 With no node left the starter runs the whole model alone. Only when no plan
 fits does the engine fail as before, naming the node that failed first.
 `recoveries` records each one (what failed, the new ring and plan, seconds).
+
+Nodes that come back: a node lost in a recovery (failed, or not answering) is
+`absent`; every REJOIN_POLL_S its /health is asked. Once it answers idle
+REJOIN_AFTER times in a row it is taken back: as a spare when the ring has as
+many nodes as it was formed with, else the ring is formed again with it (a
+Rejoin goes through the recovery path: the sequences resume from their tokens),
+recorded in `recoveries` as `"recovery": "rejoin"`. A local cluster started
+with restart=True (mdi serve) starts a dead node process again, so a ring
+without spares heals this way.
 """
 from __future__ import annotations
 
@@ -56,8 +65,19 @@ from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shar
 from .tcp_link import TcpLink
 
 log = logging.getLogger(__name__)
+REJOIN_POLL_S = 2.0              # how often nodes lost from the ring are asked whether they are back
+REJOIN_AFTER = 2                 # idle answers in a row before such a node is taken back
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
 RECOVERY_WINDOW_S = 60.0
+
+
+async def _idle(http: httpx.AsyncClient, spec: NodeSpec) -> bool:
+    """Does the node answer /health, idle (in no run)?"""
+    try:
+        r = await http.get(spec.url + "/health")
+        return r.status_code == 200 and r.json().get("state") == "idle"
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
 
 
 def default_lanes(n_nodes: int, placement: Placement | None) -> int:
@@ -68,6 +88,16 @@ def default_lanes(n_nodes: int, placement: Placement | None) -> int:
     if lanes < n_nodes:
         log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, lanes)
     return lanes
+
+
+class Rejoin(LinkClosed):
+    """Not a failure: nodes lost earlier answer again and the ring has fewer nodes than
+    it was formed with; raised in the scheduler so that the ring is formed again with
+    them through the recovery path (the sequences resume from their tokens)."""
+
+    def __init__(self, back: list[NodeSpec]) -> None:
+        super().__init__(f"{', '.join(s.describe() for s in back)} answer(s) again")
+        self.back = back
 
 
 class RingEngine(PipelineEngine):
@@ -116,6 +146,10 @@ class RingEngine(PipelineEngine):
         self.placement = placement       # the ring's split (placement.py), once planned
         self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
         self._recovered_at: list[float] = []
+        self.absent: dict[str, NodeSpec] = {}  # lost in a recovery, asked whether they are back
+        self._formed_with = len(nodes.secondaries)  # the ring's secondaries once formed
+        self._recovering = False
+        self._watcher: asyncio.Task | None = None
 
     @property
     def nodes(self) -> NodesConfig:
@@ -149,10 +183,16 @@ class RingEngine(PipelineEngine):
                 raise EngineFailure(str(e), node=e.node.describe() if e.node else None) from e
             except (RuntimeError, OSError, ValueError) as e:  # refused /init, token, port
                 raise EngineFailure(str(e)) from e
+        self._formed_with = len(self.nodes.secondaries)
         await super().start()
+        if self.opts.recover and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_absent())
 
     async def close(self) -> None:
         """Cancel what still runs, STOP around the ring, collect the hops' statistics."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         try:
             await super().close()
             link = self.link
@@ -217,20 +257,78 @@ class RingEngine(PipelineEngine):
         if not self.opts.recover:
             return False
         old, old_run = self.nodes, self.run_id
-        ok = await self._recover_ring(e)
-        if not ok and self.opts.recovery == "replay" and old_run is not None:
-            async with self.client.http() as http:  # the survivors kept it for a resume
-                await self.client.with_nodes(old).release(http, old_run)
+        self._recovering = True
+        try:
+            if isinstance(e, Rejoin) and old_run is not None:  # the old ring is whole: end its run
+                async with self.client.http() as http:
+                    await self.client.release(http, old_run)
+            ok = await self._recover_ring(e)
+            if not ok and self.opts.recovery == "replay" and old_run is not None:
+                async with self.client.http() as http:  # the survivors kept it for a resume
+                    await self.client.with_nodes(old).release(http, old_run)
+            back = e.back if isinstance(e, Rejoin) else []
+            self._mark_absent([*old.secondaries, *old.spares, *back])
+        finally:
+            self._recovering = False
         return ok
+
+    def _mark_absent(self, were: list[NodeSpec]) -> None:
+        """Nodes of `were` in neither the ring nor its spares now, and not left out by the
+        plan (those answer, and the plan did not want them), are absent."""
+        now = {s.name for s in (*self.nodes.secondaries, *self.nodes.spares)}
+        left_out = self.placement.left_out if self.placement is not None else set()
+        for s in were:
+            if s.name not in now and s.name not in left_out:
+                self.absent[s.name] = s
+        for name in now:
+            self.absent.pop(name, None)
+        if self.absent:
+            log.warning("asking %s every %g s whether they are back", ", ".join(self.absent),
+                        REJOIN_POLL_S)
+
+    async def _watch_absent(self) -> None:
+        """Ask the absent nodes whether they are back (see the module's docstring)."""
+        idle: dict[str, int] = {}
+        async with httpx.AsyncClient(timeout=self.client.probe_timeout) as http:
+            while not self._closing and self.failure is None:
+                await asyncio.sleep(REJOIN_POLL_S)
+                if self._recovering or not self.absent:
+                    idle.clear()
+                    continue
+                specs = list(self.absent.values())
+                answers = await asyncio.gather(*(_idle(http, s) for s in specs))
+                for spec, up in zip(specs, answers):
+                    idle[spec.name] = idle.get(spec.name, 0) + 1 if up else 0
+                back = [s for s in specs if idle[s.name] >= REJOIN_AFTER]
+                if back and not self._recovering and not self._closing:
+                    for s in back:
+                        del self.absent[s.name], idle[s.name]
+                    self._take_back(back)
+
+    def _take_back(self, back: list[NodeSpec]) -> None:
+        """Nodes that answer again: into the ring while it is short of nodes, else spares."""
+        short = max(0, self._formed_with - len(self.nodes.secondaries))
+        join, spare = back[:short], back[short:]
+        if spare:
+            nodes = self.nodes
+            self.client = self.client.with_nodes(
+                nodes.reformed(list(nodes.secondaries), [*nodes.spares, *spare]))
+            log.warning("%s answer(s) again: spare(s) of the ring", ", ".join(s.name for s in spare))
+        if join:
+            log.warning("%s answer(s) again: forming the ring with them",
+                        ", ".join(s.name for s in join))
+            self._inbox.put_nowait(Rejoin(join))
 
     async def _recover_ring(self, e: LinkClosed) -> bool:
         t0 = time.perf_counter()
-        recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
-        if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
-            log.error("%d recoveries in %g s: the ring keeps failing; giving up",
-                      len(recent), RECOVERY_WINDOW_S)
-            return False
-        self._recovered_at = recent + [t0]
+        back = e.back if isinstance(e, Rejoin) else []
+        if not back:
+            recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
+            if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
+                log.error("%d recoveries in %g s: the ring keeps failing; giving up",
+                          len(recent), RECOVERY_WINDOW_S)
+                return False
+            self._recovered_at = recent + [t0]
         failed: NodeSpec | None = getattr(e, "spec", None)
         lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
         old = self.nodes
@@ -239,12 +337,12 @@ class RingEngine(PipelineEngine):
             link.abandon()
         self.link = None
         await self._close_transport()
-        pool = [s for s in old.secondaries if s.name not in lost]
+        pool = [s for s in old.secondaries if s.name not in lost] + back
         spares = [s for s in old.spares if s.name not in lost]
-        n_lost = len(old.secondaries) - len(pool)
-        log.warning("recovering from: %s", e)
+        n_lost = max(0, len(old.secondaries) - len(pool))
+        log.warning("%s: %s", "taking nodes back" if back else "recovering from", e)
         plan = None
-        if self.opts.recovery == "replay" and isinstance(link, TcpLink):
+        if self.opts.recovery == "replay" and isinstance(link, TcpLink) and not back:
             pool, spares = await self.client.answering(pool), await self.client.answering(spares)
             try:
                 plan = await heal(self, old, link.limits.run_id, lost, pool, spares)
@@ -268,9 +366,9 @@ class RingEngine(PipelineEngine):
                 pool = [s for s in pool if s.name != bad.name]  # once more, without it
                 spares = [s for s in spares if s.name != bad.name]
                 n_lost += 1
+        how = "rejoin" if back else "replay" if plan.get("partition") == "replay" else "reprefill"
         record = {"failed": failed.describe() if failed else None, "error": str(e),
-                  "ring": [n.name for n in self.nodes.ring], "plan": plan,
-                  "recovery": "replay" if plan.get("partition") == "replay" else "reprefill",
+                  "ring": [n.name for n in self.nodes.ring], "plan": plan, "recovery": how,
                   "resumed": self.running, "recovery_s": round(time.perf_counter() - t0, 3)}
         self.recoveries.append(record)
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],

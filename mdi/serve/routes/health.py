@@ -22,7 +22,8 @@ async def health(svc: Service = Depends(service)) -> JSONResponse:
             "model": svc.config.model_name, "running": e.running if e else 0,
             "queued": e.queued if e else 0, "engine_builds": holder.builds,
             "last_failure": holder.last_failure, "rebuild_error": holder.rebuild_error,
-            "recoveries": list(getattr(e, "recoveries", []))}
+            "recoveries": list(getattr(e, "recoveries", [])),
+            "absent": sorted(getattr(e, "absent", {}))}  # lost nodes, asked whether they are back
     return JSONResponse(body, status_code=200 if holder.state == "ready" else 503)
 
 
