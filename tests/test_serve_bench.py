@@ -104,3 +104,23 @@ def test_serve_bench_cli_prompt_tokens(tmp_path, capsys):
     with open(tmp_path / "serve_load.csv") as f:
         got = list(csv.DictReader(f))
     assert [r["prompt_tokens"] for r in got] == ["5", "9"]
+
+
+def test_serve_bench_attack_runs_each_level_beside_an_attack(char_tokenizer, tmp_path, capsys):
+    """--attack: each level again while slow-body sockets and never-read streams hit the
+    server; both rows in the CSV and the table, and the ratio of their tokens/s."""
+    from mdi.cli.main import main
+
+    app = create_app(lambda: FakeEngine(char_tokenizer, max_seqs=8, step_s=0.002), char_tokenizer,
+                     ServeConfig(model_name="m"))
+    with BackgroundServer(app) as srv:
+        rc = main(["serve-bench", "--url", srv.url, "--model-name", "m", "--concurrency", "2",
+                   "--requests", "2", "--max-tokens", "5", "--prompt", "a", "--attack",
+                   "--attack-slow", "6", "--attack-unread", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "serve_load.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["attack"] for r in rows] == ["", "6 slow + 2 unread"]
+    assert all(r["requests"] == "4" and r["errors"] == "0" for r in rows)
+    out = capsys.readouterr().out
+    assert "6 slow + 2 unread" in out and "under attack: " in out and "x the tokens/s at 2" in out

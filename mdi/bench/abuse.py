@@ -197,6 +197,21 @@ def stalled_streams(t: Target, n: int, stall_s: float) -> Case:
     must still answer, at the latest once the stall timeout has cancelled them (counted
     in mdi_stalled_sequences_cancelled) or they ended (into the socket buffers)."""
     before = _stalled(t)
+    socks = never_reading(t, n)
+    time.sleep(0.5)
+    got, secs = timed(lambda: t.post({"model": t.model, "prompt": "Hi", "max_tokens": 2},
+                                     timeout=stall_s + 8))
+    cancelled = _stalled(t) - before
+    for sock in socks:
+        sock.close()
+    return Case(f"{n} streams never read", f"a completion within {stall_s:g} + 8 s",
+                f"{got} ({cancelled} cancelled as stalled)", secs,
+                got.startswith("200") and secs < stall_s + 8)
+
+
+def never_reading(t: Target, n: int) -> list[socket.socket]:
+    """n streaming completions, each asking for all the context allows, whose answers are
+    never read (a small receive buffer: they stall at once)."""
     probe = t.post({"model": t.model, "prompt": "Hi", "max_tokens": 10 ** 9}).json()
     m = re.search(r"maximum context length is (\d+)", probe.get("error", {}).get("message", ""))
     max_tokens = int(m.group(1)) - 8 if m else 100_000
@@ -209,15 +224,45 @@ def stalled_streams(t: Target, n: int, stall_s: float) -> Case:
         s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    f"{auth}Content-Length: {len(body)}\r\n\r\n{body}").encode())
         socks.append(s)
-    time.sleep(0.5)
-    got, secs = timed(lambda: t.post({"model": t.model, "prompt": "Hi", "max_tokens": 2},
-                                     timeout=stall_s + 8))
-    cancelled = _stalled(t) - before
-    for sock in socks:
-        sock.close()
-    return Case(f"{n} streams never read", f"a completion within {stall_s:g} + 8 s",
-                f"{got} ({cancelled} cancelled as stalled)", secs,
-                got.startswith("200") and secs < stall_s + 8)
+    return socks
+
+
+class Attack:
+    """While in its `with` block: `slow` sockets sending a 100,000-byte body one byte each
+    0.5 s, and `non_reading` streams that are never read (serve-bench --attack)."""
+
+    def __init__(self, url: str, api_key: str | None, model: str, slow: int = 140,
+                 non_reading: int = 16) -> None:
+        self.t = Target(url, api_key, model)
+        check_loopback(self.t.host)
+        self.slow, self.non_reading = slow, non_reading
+        self.stop = threading.Event()
+        self.socks: list[socket.socket] = []
+
+    def __enter__(self) -> "Attack":
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 100000\r\n\r\n{{").encode()
+        trickle = open_socks(self.t, self.slow, head)
+        self.socks = trickle + never_reading(self.t, self.non_reading)
+
+        def feed() -> None:
+            while not self.stop.wait(0.5):
+                for s in trickle:
+                    try:
+                        s.send(b" ")
+                    except OSError:
+                        pass
+
+        self.thread = threading.Thread(target=feed, daemon=True, name="attack")
+        self.thread.start()
+        time.sleep(1.0)  # the never-read streams are admitted and stall
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.socks:
+            s.close()
 
 
 def _stalled(t: Target) -> int:

@@ -11,6 +11,7 @@ per prompt length and level, plus a figure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from .abuse import Attack
 from .latency import percentile
 
 log = logging.getLogger("mdi.bench")
-COLUMNS = ["prompt_tokens", "concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
+COLUMNS = ["attack", "prompt_tokens", "concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
            "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s",
            "ttft_count", "itl_count"]
 
@@ -41,6 +43,8 @@ class LoadConfig:
     token_prompts: tuple[tuple[int, ...], ...] = ()
     temperature: float = 0.0
     timeout_s: float = 600.0
+    # each level also under attack (bench/abuse.py:Attack): slow-body sockets, never-read streams
+    attack: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -131,15 +135,23 @@ async def run_level(cfg: LoadConfig, concurrency: int, prompt: str | list[int] |
 
 
 def run_load(cfg: LoadConfig) -> list[dict]:
+    """Every prompt at every level; with cfg.attack each level runs again under attack,
+    right after the run without (the two side by side)."""
     rows = []
     prompts: list[list[int] | None] = [list(p) for p in cfg.token_prompts] or [None]
     for prompt in prompts:
         for c in cfg.concurrency:
-            row = asyncio.run(run_level(cfg, c, prompt))
-            log.info("prompt %s tokens, concurrency %d: %.2f req/s, %.1f tok/s, TTFT p50 %.3fs, "
-                     "ITL p50 %.4fs", row["prompt_tokens"], c, row["requests_per_s"],
-                     row["tokens_per_s"], row["ttft_p50_s"], row["itl_p50_s"])
-            rows.append(row)
+            for attack in ((None, cfg.attack) if cfg.attack else (None,)):
+                with (Attack(cfg.url, cfg.api_key, cfg.model, *attack) if attack
+                      else contextlib.nullcontext()):
+                    row = asyncio.run(run_level(cfg, c, prompt))
+                row["attack"] = f"{attack[0]} slow + {attack[1]} unread" if attack else ""
+                log.info("prompt %s tokens, concurrency %d%s: %.2f req/s, %.1f tok/s, TTFT p50 "
+                         "%.3fs, ITL p50 %.4fs", row["prompt_tokens"], c,
+                         f", under attack ({row['attack']})" if attack else "",
+                         row["requests_per_s"], row["tokens_per_s"], row["ttft_p50_s"],
+                         row["itl_p50_s"])
+                rows.append(row)
     return rows
 
 
@@ -158,12 +170,13 @@ def write_plot(rows: list[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = list(dict.fromkeys(r["prompt_tokens"] for r in rows))
+    series = list(dict.fromkeys((r["prompt_tokens"], r.get("attack", "")) for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for n in lengths:
-        rs = [r for r in rows if r["prompt_tokens"] == n]
+    for n, attack in series:
+        rs = [r for r in rows if (r["prompt_tokens"], r.get("attack", "")) == (n, attack)]
         c = [r["concurrency"] for r in rs]
-        tag = "" if len(lengths) == 1 else f", prompt {n}"
+        tag = ("" if len({s[0] for s in series}) == 1 else f", prompt {n}") + \
+            (", under attack" if attack else "")
         axes[0].plot(c, [r["tokens_per_s"] for r in rs], "o-", label=f"tokens/s{tag}")
         for ax, what in ((axes[1], "ttft"), (axes[2], "itl")):
             line, = ax.plot(c, [r[f"{what}_p50_s"] * 1e3 for r in rs], "o-", label=f"p50{tag}")

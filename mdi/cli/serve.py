@@ -160,17 +160,22 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
         cfg = LoadConfig(url=url, model=name, api_key=args.api_key or os.environ.get("MDI_API_KEY"),
                          concurrency=levels, requests_per_client=args.requests,
                          max_tokens=args.max_tokens, prompt=args.prompt,
-                         token_prompts=tuple(tuple(prompt_ids(tok, n)) for n in lengths))
+                         token_prompts=tuple(tuple(prompt_ids(tok, n)) for n in lengths),
+                         attack=(args.attack_slow, args.attack_unread) if args.attack else None)
         rows = run_load(cfg)
     files = [write_csv(rows, out / "serve_load.csv"),
              write_plot(rows, out / "serve_load.png", f"mdi serve: {label}")]
     (out / "serve_load.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
     print(f"{'prompt':>6} {'clients':>7} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}")
+          f"{'ITL p50':>8} {'ITL p99':>8} {'errors':>6}" + ("  attack" if args.attack else ""))
     for r in rows:
         print(f"{r['prompt_tokens']:>6} {r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
               f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['itl_p50_s']:>8.4f} "
-              f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}")
+              f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}" + (f"  {r['attack'] or '-'}" if args.attack
+                                                           else ""))
+    for calm, hit in zip(rows[::2], rows[1::2]) if args.attack else ():
+        print(f"under attack: {hit['tokens_per_s'] / calm['tokens_per_s']:.2f}x the tokens/s at "
+              f"{calm['concurrency']} client(s), prompt {calm['prompt_tokens']}")
     for f in files:
         print(f, file=sys.stderr)
     return 1 if any(r["errors"] for r in rows) else 0
@@ -249,5 +254,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tokenizer", metavar="CKPT",
                    help="with --url and --prompt-tokens: the checkpoint whose tokenizer makes the "
                         "prompts (the served model's)")
+    b.add_argument("--attack", action="store_true",
+                   help="run every level again while slow-body sockets and never-read streams "
+                        "attack the server (loopback only): tokens/s side by side")
+    b.add_argument("--attack-slow", type=int, default=140, metavar="N",
+                   help="with --attack: sockets sending a body one byte each 0.5 s (default 140)")
+    b.add_argument("--attack-unread", type=int, default=16, metavar="N",
+                   help="with --attack: streams that are never read (default 16)")
     b.add_argument("--out", required=True, help="output directory (serve_load.csv, serve_load.png)")
     b.set_defaults(func=cmd_serve_bench)
