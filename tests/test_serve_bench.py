@@ -124,3 +124,35 @@ def test_serve_bench_attack_runs_each_level_beside_an_attack(char_tokenizer, tmp
     assert all(r["requests"] == "4" and r["errors"] == "0" for r in rows)
     out = capsys.readouterr().out
     assert "6 slow + 2 unread" in out and "under attack: " in out and "x the tokens/s at 2" in out
+
+
+def test_long_prefill_takes_the_gaps_that_overlap_its_window():
+    from mdi.bench.serve_load import Timing, long_prefill
+
+    long = Timing(ok=True, start=10.0, ttft_s=2.0)          # its prefill: 10 .. 12 s
+    a = Timing(ok=True, itl_s=[0.5, 1.0, 0.4], itl_end=[9.5, 10.5, 12.5])  # 9-9.5, 9.5-10.5, 12.1-12.5
+    b = Timing(ok=True, itl_s=[0.2, 0.3], itl_end=[11.0, 11.3])            # both inside
+    got = long_prefill(long, [a, b], 2048)
+    assert got["long_prompt_tokens"] == 2048 and got["long_ttft_s"] == 2.0
+    assert got["itl_long_count"] == 3 and got["itl_long_p50_s"] == 0.3
+    assert abs(got["itl_long_p99_s"] - 0.986) < 1e-9
+    failed = long_prefill(Timing(ok=False, error="500"), [a], 10)
+    assert failed["itl_long_count"] == 0 and failed["long_ttft_s"] != failed["long_ttft_s"]
+
+
+def test_serve_bench_cli_long_prompt(tmp_path, capsys):
+    from mdi.checkpoint import open_checkpoint
+    from mdi.cli.main import main
+
+    tok = open_checkpoint("models/shakespeare-char").tokenizer()
+    app = create_app(lambda: FakeEngine(tok, max_seqs=4, step_s=0.01), tok, ServeConfig(model_name="m"))
+    with BackgroundServer(app) as srv:
+        assert main(["serve-bench", "--url", srv.url, "--model-name", "m", "--concurrency", "2",
+                     "--requests", "1", "--max-tokens", "40", "--prompt", "a",
+                     "--long-prompt-tokens", "30", "--long-prompt-after", "0.1",
+                     "--tokenizer", "models/shakespeare-char", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "serve_load.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["long_prompt_tokens"] == "30" and float(row["long_ttft_s"]) > 0
+    assert int(row["itl_long_count"]) >= 1 and float(row["itl_long_p99_s"]) > 0
+    assert "a 30-token prompt arriving among 2 stream(s): its TTFT" in capsys.readouterr().out

@@ -7,6 +7,12 @@ between text chunks) and the whole request, and count completion tokens from
 the usage the server reports. With prompts given as token ids (`--prompt-tokens`,
 bench/latency.py:prompt_ids) every prompt length runs every level. One CSV row
 per prompt length and level, plus a figure.
+
+With a long prompt (`--long-prompt-tokens N`), one more request of N prompt
+tokens arrives `long_after_s` seconds into each level: its time to first token
+is the window of its prefill, and the other streams' inter-token latency inside
+that window (`itl_long_*`) beside their p50 over the level says whether the
+prefill froze them (issue 23: chunked prefill interleaved with decode).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from .latency import percentile
 log = logging.getLogger("mdi.bench")
 COLUMNS = ["attack", "prompt_tokens", "concurrency", "requests", "errors", "wall_s", "requests_per_s", "tokens", "tokens_per_s",
            "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "latency_p50_s", "latency_p99_s",
-           "ttft_count", "itl_count"]
+           "ttft_count", "itl_count", "long_prompt_tokens", "long_ttft_s", "itl_long_p50_s",
+           "itl_long_p99_s", "itl_long_count"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class LoadConfig:
     timeout_s: float = 600.0
     # each level also under attack (bench/abuse.py:Attack): slow-body sockets, never-read streams
     attack: tuple[int, int] | None = None
+    # one more request with this prompt (token ids) arrives long_after_s into each level
+    long_prompt: tuple[int, ...] = ()
+    long_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -58,6 +68,8 @@ class Timing:
     ok: bool
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    itl_end: list[float] = field(default_factory=list)  # perf_counter() at the end of each gap
+    start: float = 0.0                                  # perf_counter() at the request
     latency_s: float = 0.0
     tokens: int = 0
     prompt_tokens: int | None = None   # as the server's usage counts them
@@ -65,12 +77,14 @@ class Timing:
 
 
 async def one_request(http: httpx.AsyncClient, cfg: LoadConfig,
-                      prompt: str | list[int] | None = None) -> Timing:
-    body = {"model": cfg.model, "prompt": cfg.prompt if prompt is None else prompt, "max_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True}}
+                      prompt: str | list[int] | None = None, max_tokens: int | None = None
+                      ) -> Timing:
+    body = {"model": cfg.model, "prompt": cfg.prompt if prompt is None else prompt,
+            "max_tokens": max_tokens or cfg.max_tokens, "temperature": cfg.temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last: float | None = None
-    out = Timing(ok=False)
+    out = Timing(ok=False, start=t0)
     async with http.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
@@ -89,6 +103,7 @@ async def one_request(http: httpx.AsyncClient, cfg: LoadConfig,
                     out.ttft_s = now - t0
                 else:
                     out.itl_s.append(now - last)
+                    out.itl_end.append(now)
                 last = now
             if obj.get("usage"):
                 out.tokens = obj["usage"]["completion_tokens"]
@@ -113,9 +128,15 @@ async def run_level(cfg: LoadConfig, concurrency: int, prompt: str | list[int] |
             for _ in range(cfg.requests_per_client):
                 timings.append(await one_request(http, cfg, prompt))
 
+        async def long_one() -> Timing:
+            await asyncio.sleep(cfg.long_after_s)
+            return await one_request(http, cfg, list(cfg.long_prompt), max_tokens=1)
+
         t0 = time.perf_counter()
+        long_task = asyncio.create_task(long_one()) if cfg.long_prompt else None
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        long = await long_task if long_task is not None else None
     ok = [t for t in timings if t.ok]
     for t in timings:
         if not t.ok:
@@ -126,12 +147,29 @@ async def run_level(cfg: LoadConfig, concurrency: int, prompt: str | list[int] |
     lat = [t.latency_s for t in ok]
     counted = [t.prompt_tokens for t in ok if t.prompt_tokens is not None]
     n_prompt = len(prompt) if isinstance(prompt, list) else (counted[0] if counted else "")
-    return {"prompt_tokens": n_prompt, "concurrency": concurrency, "requests": len(ok), "errors": len(timings) - len(ok),
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens": tokens,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-            "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
-            "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
-            "ttft_count": len(ttft), "itl_count": len(itl)}
+    row = {"prompt_tokens": n_prompt, "concurrency": concurrency, "requests": len(ok), "errors": len(timings) - len(ok),
+           "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens": tokens,
+           "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+           "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+           "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
+           "ttft_count": len(ttft), "itl_count": len(itl)}
+    if long is not None:
+        row.update(long_prefill(long, ok, len(cfg.long_prompt)))
+    return row
+
+
+def long_prefill(long: Timing, others: list[Timing], n_tokens: int) -> dict:
+    """The long prompt's TTFT, and the other streams' gaps that overlap its prefill window
+    (from its request to its first token)."""
+    if not long.ok or long.ttft_s is None:
+        log.warning("the long prompt's request failed: %s", long.error)
+        return {"long_prompt_tokens": n_tokens, "long_ttft_s": float("nan"), "itl_long_count": 0,
+                "itl_long_p50_s": float("nan"), "itl_long_p99_s": float("nan")}
+    a, b = long.start, long.start + long.ttft_s
+    gaps = [g for t in others for g, end in zip(t.itl_s, t.itl_end) if end > a and end - g < b]
+    return {"long_prompt_tokens": n_tokens, "long_ttft_s": long.ttft_s,
+            "itl_long_p50_s": _pct(gaps, 50), "itl_long_p99_s": _pct(gaps, 99),
+            "itl_long_count": len(gaps)}
 
 
 def run_load(cfg: LoadConfig) -> list[dict]:

@@ -134,9 +134,9 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--prompt-tokens must be comma-separated counts, got "
                          f"{args.prompt_tokens!r}") from None
-    if lengths and args.url and not args.tokenizer:
-        raise ValueError("--prompt-tokens with --url needs --tokenizer CKPT (the served model's "
-                         "checkpoint, whose tokenizer makes the prompts)")
+    if (lengths or args.long_prompt_tokens) and args.url and not args.tokenizer:
+        raise ValueError("--prompt-tokens or --long-prompt-tokens with --url needs --tokenizer "
+                         "CKPT (the served model's checkpoint, whose tokenizer makes the prompts)")
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
         if args.url:
@@ -144,7 +144,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
                 raise ValueError("--url needs --model-name (the id the server serves)")
             url, name, label = args.url.rstrip("/"), args.model_name, args.url
             tok = None
-            if lengths:
+            if lengths or args.long_prompt_tokens:
                 from ..checkpoint import open_checkpoint
                 tok = open_checkpoint(args.tokenizer).tokenizer()
         else:  # our own server, in this process, on a free loopback port
@@ -161,7 +161,10 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
                          concurrency=levels, requests_per_client=args.requests,
                          max_tokens=args.max_tokens, prompt=args.prompt,
                          token_prompts=tuple(tuple(prompt_ids(tok, n)) for n in lengths),
-                         attack=(args.attack_slow, args.attack_unread) if args.attack else None)
+                         attack=(args.attack_slow, args.attack_unread) if args.attack else None,
+                         long_prompt=tuple(prompt_ids(tok, args.long_prompt_tokens))
+                         if args.long_prompt_tokens else (),
+                         long_after_s=args.long_prompt_after)
         rows = run_load(cfg)
     files = [write_csv(rows, out / "serve_load.csv"),
              write_plot(rows, out / "serve_load.png", f"mdi serve: {label}")]
@@ -173,6 +176,12 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
               f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['itl_p50_s']:>8.4f} "
               f"{r['itl_p99_s']:>8.4f} {r['errors']:>6}" + (f"  {r['attack'] or '-'}" if args.attack
                                                            else ""))
+    for r in rows if args.long_prompt_tokens else ():
+        print(f"a {r['long_prompt_tokens']}-token prompt arriving among {r['concurrency']} "
+              f"stream(s): its TTFT {r['long_ttft_s']:.2f} s; the streams' ITL during its prefill "
+              f"p50 {r['itl_long_p50_s']:.4f} s, p99 {r['itl_long_p99_s']:.4f} s "
+              f"({r['itl_long_p99_s'] / r['itl_p50_s']:.1f}x their p50 over the level; "
+              f"{r['itl_long_count']} gaps)")
     for calm, hit in zip(rows[::2], rows[1::2]) if args.attack else ():
         print(f"under attack: {hit['tokens_per_s'] / calm['tokens_per_s']:.2f}x the tokens/s at "
               f"{calm['concurrency']} client(s), prompt {calm['prompt_tokens']}")
@@ -254,6 +263,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tokenizer", metavar="CKPT",
                    help="with --url and --prompt-tokens: the checkpoint whose tokenizer makes the "
                         "prompts (the served model's)")
+    b.add_argument("--long-prompt-tokens", type=int, default=None, metavar="N",
+                   help="one more request with an N-token prompt arrives --long-prompt-after "
+                        "seconds into each level: its TTFT and the other streams' ITL during its "
+                        "prefill (does a long prompt freeze the others?)")
+    b.add_argument("--long-prompt-after", type=float, default=1.0, metavar="S",
+                   help="with --long-prompt-tokens: seconds into each level (default 1)")
     b.add_argument("--attack", action="store_true",
                    help="run every level again while slow-body sockets and never-read streams "
                         "attack the server (loopback only): tokens/s side by side")
