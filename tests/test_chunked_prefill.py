@@ -186,3 +186,69 @@ def test_a_chunk_at_the_wrong_position_is_refused(tiny_config, make_model):
     stage.prefill(Prefill(0, x, 4))
     assert stage.slots[0].position == 8
     stage.decode(Decode(0, (0,), torch.zeros(1, 1, tiny_config.n_embd), 8))
+
+
+def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
+    """mdi serve's engines (adaptive_prefill): while a sequence decodes, a joining
+    100-token prompt goes in chunks cut to about a decode step's time (the first one,
+    nothing measured yet, MIN_SHARED_CHUNK), not the configured 64; the tokens are
+    those of the one-piece prefill."""
+    from mdi.engine.scheduler import MIN_SHARED_CHUNK
+
+    config = GPTConfig(vocab_size=48, block_size=128, n_layer=3, n_head=2, n_embd=32)
+    model = scaled_random_model(config, seed=4)
+    model.batch_invariant = True
+    long = [(5 * i + 1) % 48 for i in range(100)]
+
+    def run(prefill_chunk: int, adaptive: bool) -> tuple[list[list[int]], list[int]]:
+        engine, link = ring(model, 2, prefill_chunk)
+        engine.adaptive_prefill = adaptive
+
+        async def main():
+            await engine.start()
+            try:
+                a = engine.submit([1, 2], greedy(60))
+                events = a.events()
+                await events.__anext__()                   # a decodes
+                b = engine.submit(long, greedy(3))
+                async for _ in events:
+                    pass
+                async for _ in b.events():
+                    pass
+                return [list(a.generated), list(b.generated)]
+            finally:
+                await engine.close()
+        tokens = asyncio.run(main())
+        sizes = [m.x.shape[1] for m in link.sent if isinstance(m, Prefill) and m.x.shape[1] > 2]
+        return tokens, sizes
+
+    want, whole = run(0, False)
+    got, sizes = run(64, True)
+    assert whole == [99]                                 # the last prompt token is decoded
+    assert sizes[0] == MIN_SHARED_CHUNK and max(sizes) < 64 and sum(sizes) >= 83, sizes
+    assert got == want
+    _, plain = run(64, False)
+    assert plain[0] == 64                                # without it: the configured chunk
+
+
+def test_prefill_budget_follows_the_measured_times():
+    from mdi.engine.scheduler import MIN_SHARED_CHUNK
+
+    model = scaled_random_model(FAMILIES["nanogpt"], seed=1)
+    engine = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=256)
+    engine.adaptive_prefill = True
+    assert engine._prefill_budget() == 256                # nothing decodes
+    seq = engine.submit([1, 2], greedy(5))
+    engine.waiting.remove(seq)
+    engine.lanes[0].seqs[0] = seq                         # a sequence past its prompt
+    seq.state.cached = 1
+    assert engine._prefill_budget() == MIN_SHARED_CHUNK   # nothing measured yet
+    for step_s, token_s, want in [(0.01, 0.001, MIN_SHARED_CHUNK), (0.1, 0.001, 100),
+                                  (1.0, 0.001, 256)]:
+        engine._step_ema, engine._prefill_ema = step_s, token_s
+        assert engine._prefill_budget() == want
+    engine.adaptive_prefill = False
+    assert engine._prefill_budget() == 256
+    engine.prefill_chunk = 0
+    engine.adaptive_prefill = True
+    assert engine._prefill_budget() == 0                  # --prefill-chunk 0: one piece

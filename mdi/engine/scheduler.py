@@ -54,6 +54,15 @@ INLINE_BELOW_S = 0.02
 # sequences already decoding in the lane wait one chunk per step, not the whole
 # prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
 DEFAULT_PREFILL_CHUNK = 256
+# An engine with adaptive_prefill (mdi serve, unless --batch-invariant) cuts a chunk,
+# while other sequences decode, to about PREFILL_SHARE of a decode step's time (both
+# measured on the first stage as running means), never below MIN_SHARED_CHUNK tokens:
+# a long prompt then slows the streams around it by about one step per step instead
+# of stopping them for a whole 256-token chunk (SmolLM2 on 2 nodes: ~0.85 s gaps).
+# Not with --batch-invariant: chunk boundaries that follow the machine's timing could
+# change a sequence's numbers in their last bits.
+PREFILL_SHARE = 1.0
+MIN_SHARED_CHUNK = 16
 _WAKE = object()
 
 
@@ -69,6 +78,7 @@ class PipelineEngine:
     (counted in `stalled`); `silent_s`: how long the pipeline has been owing tokens.
     """
     stall_timeout: float = float("inf")
+    adaptive_prefill: bool = False  # chunks cut to a decode step's time while others decode
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -103,6 +113,7 @@ class PipelineEngine:
         self._reader: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
         self._step_ema: float | None = None  # running mean of a decode step's time (s)
+        self._prefill_ema: float | None = None  # ... and of a prefill token's, in steps with chunks
         self.stalled = 0                     # sequences cancelled because nobody read them
         self._progress_t = time.monotonic()  # last tokens back, or a send into an idle pipeline
         self.confirmed = Confirmed()         # positions every stage holds (replay.py)
@@ -360,7 +371,7 @@ class PipelineEngine:
         """This step of each of the lane's sequences, in slot order: prefills share
         the step's budget of prefill_chunk tokens (a sequence that gets none waits
         for a later step); a sequence decodes once its cache holds its context."""
-        budget, left = self.prefill_chunk, self.prefill_chunk
+        budget = left = self._prefill_budget()
         plans = {}
         for slot in sorted(lane.seqs):
             state = lane.seqs[slot].state
@@ -370,6 +381,19 @@ class PipelineEngine:
             left -= len(plan.prefill)
             plans[slot] = plan
         return plans
+
+    def _prefill_budget(self) -> int:
+        """This step's prefill tokens: prefill_chunk, or with adaptive_prefill while other
+        sequences decode, about PREFILL_SHARE of a decode step's worth (see above)."""
+        chunk = self.prefill_chunk
+        if not (chunk and self.adaptive_prefill) or not any(
+                not needs_prefill(seq.state, self.first.context)
+                for lane in self.lanes for seq in lane.seqs.values() if not seq.done):
+            return chunk
+        if self._step_ema is None or self._prefill_ema is None:
+            return min(chunk, MIN_SHARED_CHUNK)
+        share = int(PREFILL_SHARE * self._step_ema / self._prefill_ema)
+        return max(min(MIN_SHARED_CHUNK, chunk), min(chunk, share))
 
     async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
@@ -389,6 +413,10 @@ class PipelineEngine:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:
             self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
+        elif plans:
+            per = took / sum(len(p.prefill) for p in plans.values())
+            pe = self._prefill_ema
+            self._prefill_ema = per if pe is None else 0.8 * pe + 0.2 * per
         return out
 
     async def _send(self, msgs: list[Message | Tokens]) -> None:

@@ -125,6 +125,7 @@ def local_backend(opts: BackendOptions) -> Backend:
     def build() -> Engine:
         engine = LocalEngine(model, tok, **kwargs)
         engine.stall_timeout = opts.stall_timeout
+        engine.adaptive_prefill = not opts.batch_invariant
         return engine
     return Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, {opts.max_seqs} sequence slot(s)")
 
@@ -181,6 +182,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     def build() -> Engine:
         engine = RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
         engine.stall_timeout = opts.stall_timeout
+        engine.adaptive_prefill = not opts.batch_invariant
         return engine
     backend.factory = build
     backend.description = f"{Path(opts.ckpt).name} over a ring of {where}, {opts.max_seqs} sequence slot(s)"
