@@ -189,7 +189,7 @@ def test_a_chunk_at_the_wrong_position_is_refused(tiny_config, make_model):
 
 
 def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
-    """mdi serve's engines (adaptive_prefill): while a sequence decodes, a joining
+    """mdi serve's engines (prefill_share): while a sequence decodes, a joining
     100-token prompt goes in chunks cut to about a decode step's time (the first one,
     nothing measured yet, MIN_SHARED_CHUNK), not the configured 64; the tokens are
     those of the one-piece prefill."""
@@ -202,7 +202,7 @@ def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
 
     def run(prefill_chunk: int, adaptive: bool) -> tuple[list[list[int]], list[int]]:
         engine, link = ring(model, 2, prefill_chunk)
-        engine.adaptive_prefill = adaptive
+        engine.prefill_share = 1.0 if adaptive else 0.0
 
         async def main():
             await engine.start()
@@ -236,7 +236,7 @@ def test_prefill_budget_follows_the_measured_times():
 
     model = scaled_random_model(FAMILIES["nanogpt"], seed=1)
     engine = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=256)
-    engine.adaptive_prefill = True
+    engine.prefill_share = 1.0
     assert engine._prefill_budget() == 256                # nothing decodes
     seq = engine.submit([1, 2], greedy(5))
     engine.waiting.remove(seq)
@@ -247,8 +247,10 @@ def test_prefill_budget_follows_the_measured_times():
                                   (1.0, 0.001, 256)]:
         engine._step_ema, engine._prefill_ema = step_s, token_s
         assert engine._prefill_budget() == want
-    engine.adaptive_prefill = False
+    engine.prefill_share, engine._step_ema = 2.0, 0.1
+    assert engine._prefill_budget() == 200                # 0.1 s a step, 2 steps' worth
+    engine.prefill_share = 0.0
     assert engine._prefill_budget() == 256
     engine.prefill_chunk = 0
-    engine.adaptive_prefill = True
+    engine.prefill_share = 1.0
     assert engine._prefill_budget() == 0                  # --prefill-chunk 0: one piece

@@ -12,7 +12,7 @@ from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
-from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
@@ -113,7 +113,8 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
             recovery=getattr(args, "recovery", DEFAULT_RECOVERY),
             max_context=getattr(args, "max_context", None),
             stall_timeout=getattr(args, "stall_timeout", 30.0),
-            prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
+            prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
+            prefill_share=getattr(args, "prefill_share", DEFAULT_PREFILL_SHARE))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -203,6 +204,11 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help=RECOVERY_HELP)
     p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
     add_prefill_chunk(p)
+    p.add_argument("--prefill-share", type=float, default=DEFAULT_PREFILL_SHARE, metavar="S",
+                   help="while other requests decode, a prompt's chunk is cut to cost about S "
+                        "decode steps (measured as it runs), so a long prompt slows the streams "
+                        "around it instead of stopping them; 0: chunks of --prefill-chunk "
+                        f"tokens; ignored with --batch-invariant (default {DEFAULT_PREFILL_SHARE:g})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

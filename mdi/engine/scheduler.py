@@ -54,14 +54,14 @@ INLINE_BELOW_S = 0.02
 # sequences already decoding in the lane wait one chunk per step, not the whole
 # prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
 DEFAULT_PREFILL_CHUNK = 256
-# An engine with adaptive_prefill (mdi serve, unless --batch-invariant) cuts a chunk,
-# while other sequences decode, to about PREFILL_SHARE of a decode step's time (both
+# An engine with a prefill_share (mdi serve --prefill-share, unless --batch-invariant)
+# cuts a chunk, while other sequences decode, to about that many decode steps' time (both
 # measured on the first stage as running means), never below MIN_SHARED_CHUNK tokens:
 # a long prompt then slows the streams around it by about one step per step instead
 # of stopping them for a whole 256-token chunk (SmolLM2 on 2 nodes: ~0.85 s gaps).
 # Not with --batch-invariant: chunk boundaries that follow the machine's timing could
 # change a sequence's numbers in their last bits.
-PREFILL_SHARE = 1.0
+DEFAULT_PREFILL_SHARE = 2.0
 MIN_SHARED_CHUNK = 16
 _WAKE = object()
 
@@ -78,7 +78,7 @@ class PipelineEngine:
     (counted in `stalled`); `silent_s`: how long the pipeline has been owing tokens.
     """
     stall_timeout: float = float("inf")
-    adaptive_prefill: bool = False  # chunks cut to a decode step's time while others decode
+    prefill_share: float = 0.0  # >0: chunks cut to this many decode steps' time while others decode
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -383,17 +383,20 @@ class PipelineEngine:
         return plans
 
     def _prefill_budget(self) -> int:
-        """This step's prefill tokens: prefill_chunk, or with adaptive_prefill while other
-        sequences decode, about PREFILL_SHARE of a decode step's worth (see above)."""
+        """This step's prefill tokens: prefill_chunk, or with a prefill_share while other
+        sequences decode, about prefill_share decode steps' worth (see above)."""
         chunk = self.prefill_chunk
-        if not (chunk and self.adaptive_prefill) or not any(
+        if not (chunk and self.prefill_share > 0) or not any(
                 not needs_prefill(seq.state, self.first.context)
                 for lane in self.lanes for seq in lane.seqs.values() if not seq.done):
             return chunk
         if self._step_ema is None or self._prefill_ema is None:
             return min(chunk, MIN_SHARED_CHUNK)
-        share = int(PREFILL_SHARE * self._step_ema / self._prefill_ema)
-        return max(min(MIN_SHARED_CHUNK, chunk), min(chunk, share))
+        share = int(self.prefill_share * self._step_ema / self._prefill_ema)
+        budget = max(min(MIN_SHARED_CHUNK, chunk), min(chunk, share))
+        log.debug("prefill budget %d tokens: decode step %.1f ms, prefill %.3f ms a token",
+                  budget, self._step_ema * 1e3, self._prefill_ema * 1e3)
+        return budget
 
     async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
@@ -413,8 +416,9 @@ class PipelineEngine:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:
             self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
-        elif plans:
-            per = took / sum(len(p.prefill) for p in plans.values())
+        elif plans:  # a prefill token's cost: what the step took beyond its decode rows
+            rows = ema if ema is not None and any(p.decodes for p in plans.values()) else 0.0
+            per = max(took - rows, 0.1 * took) / sum(len(p.prefill) for p in plans.values())
             pe = self._prefill_ema
             self._prefill_ema = per if pe is None else 0.8 * pe + 0.2 * per
         return out

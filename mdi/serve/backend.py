@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.api import Engine
-from ..engine.scheduler import DEFAULT_PREFILL_CHUNK
+from ..engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY
 from ..tokenizer import Tokenizer
 from .holder import EngineFactory
@@ -45,6 +45,7 @@ class BackendOptions:
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per step (0: a prompt in one piece)
+    prefill_share: float = DEFAULT_PREFILL_SHARE  # while others decode: decode steps a chunk may cost
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -57,6 +58,8 @@ class BackendOptions:
             raise ValueError(f"--timeout must be positive, got {self.timeout}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 or positive, got {self.prefill_chunk}")
+        if not self.prefill_share >= 0:
+            raise ValueError(f"--prefill-share must be 0 or positive, got {self.prefill_share}")
         if not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
         if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):
@@ -125,7 +128,7 @@ def local_backend(opts: BackendOptions) -> Backend:
     def build() -> Engine:
         engine = LocalEngine(model, tok, **kwargs)
         engine.stall_timeout = opts.stall_timeout
-        engine.adaptive_prefill = not opts.batch_invariant
+        engine.prefill_share = 0.0 if opts.batch_invariant else opts.prefill_share
         return engine
     return Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, {opts.max_seqs} sequence slot(s)")
 
@@ -182,7 +185,7 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     def build() -> Engine:
         engine = RingEngine(nodes, token, opts.ckpt, tok, opts=run_opts, **kwargs)
         engine.stall_timeout = opts.stall_timeout
-        engine.adaptive_prefill = not opts.batch_invariant
+        engine.prefill_share = 0.0 if opts.batch_invariant else opts.prefill_share
         return engine
     backend.factory = build
     backend.description = f"{Path(opts.ckpt).name} over a ring of {where}, {opts.max_seqs} sequence slot(s)"
