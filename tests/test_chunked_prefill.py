@@ -193,7 +193,7 @@ def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
     100-token prompt goes in chunks cut to about a decode step's time (the first one,
     nothing measured yet, MIN_SHARED_CHUNK), not the configured 64; the tokens are
     those of the one-piece prefill."""
-    from mdi.engine.scheduler import MIN_SHARED_CHUNK
+    from mdi.engine.step_times import MIN_SHARED_CHUNK
 
     config = GPTConfig(vocab_size=48, block_size=128, n_layer=3, n_head=2, n_embd=32)
     model = scaled_random_model(config, seed=4)
@@ -232,7 +232,7 @@ def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
 
 
 def test_prefill_budget_follows_the_measured_times():
-    from mdi.engine.scheduler import MIN_SHARED_CHUNK
+    from mdi.engine.step_times import MIN_SHARED_CHUNK
 
     model = scaled_random_model(FAMILIES["nanogpt"], seed=1)
     engine = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=256)
@@ -245,9 +245,9 @@ def test_prefill_budget_follows_the_measured_times():
     assert engine._prefill_budget() == MIN_SHARED_CHUNK   # nothing measured yet
     for step_s, token_s, want in [(0.01, 0.001, MIN_SHARED_CHUNK), (0.1, 0.001, 100),
                                   (1.0, 0.001, 256)]:
-        engine._step_ema, engine._prefill_ema = step_s, token_s
+        engine.times.decode, engine.times.prefill_token = step_s, token_s
         assert engine._prefill_budget() == want
-    engine.prefill_share, engine._step_ema = 2.0, 0.1
+    engine.prefill_share, engine.times.decode = 2.0, 0.1
     assert engine._prefill_budget() == 200                # 0.1 s a step, 2 steps' worth
     engine.prefill_share = 0.0
     assert engine._prefill_budget() == 256

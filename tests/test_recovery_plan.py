@@ -5,6 +5,7 @@ when it does not, which fails the run as before recovery existed."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -61,3 +62,45 @@ def test_no_room_for_the_whole_model_fails_the_recovery_with_the_numbers(ckpt, m
     assert not asyncio.run(engine._recover(lost_everything(engine)))
     assert engine.recoveries == []
     assert "the starter alone would need" in caplog.text and "MiB" in caplog.text
+
+
+def test_a_node_lost_again_soon_after_it_came_back_waits_longer_and_does_not_count(ckpt):
+    """The starter alone after every node is lost (nothing listens): the lost nodes are
+    absent. One that came back and fails again within the window doubles the answers it
+    needs next time (up to REJOIN_MAX_AFTER), and such failures never count towards the
+    recoveries that make the engine give up; others do."""
+    nodes = local_nodes_config(3, free_ports(6))
+    engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
+    assert asyncio.run(engine._recover(lost_everything(engine)))
+    assert sorted(engine.absent) == ["finisher", "intermediate[0]"]
+    assert not engine._lost_again({"finisher"})             # never came back
+    engine._rejoined["finisher"] = time.monotonic()
+    assert engine._lost_again({"finisher"}) and engine._need["finisher"] == 2 * ring_engine.REJOIN_AFTER
+    assert not engine._lost_again({"finisher", "intermediate[0]"})  # one of them is new trouble
+    for _ in range(10):
+        engine._lost_again({"finisher"})
+    assert engine._need["finisher"] == ring_engine.REJOIN_MAX_AFTER
+    engine._rejoined["finisher"] -= ring_engine.RECOVERY_WINDOW_S + 1
+    assert not engine._lost_again({"finisher"})             # long after: a failure like any
+
+
+def test_a_reform_queued_as_the_engine_closes_is_dropped(ckpt):
+    """Nodes that came back ask for a new ring (a Reform in the inbox) just as the engine
+    closes: it is dropped, the sequences end as cancelled, the engine has no failure."""
+    from mdi.engine import LocalEngine
+    from mdi.engine.link import Reform
+
+    loaded = load_model(str(ckpt))
+    engine = LocalEngine(loaded.model, loaded.tokenizer, max_seqs=2)
+
+    async def main():
+        await engine.start()
+        seq = engine.submit([1, 2, 3], SeqParams(max_tokens=10_000, temperature=0.0))
+        events = seq.events()
+        await events.__anext__()
+        engine._inbox.put_nowait(Reform("nodes answer again"))
+        await engine.close()
+        return [ev async for ev in events][-1]
+
+    last = asyncio.run(main())
+    assert engine.failure is None and last.finish_reason == "cancelled"

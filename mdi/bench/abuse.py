@@ -237,21 +237,27 @@ class Attack:
         check_loopback(self.t.host)
         self.slow, self.non_reading = slow, non_reading
         self.stop = threading.Event()
-        self.socks: list[socket.socket] = []
+        self.trickle: list[socket.socket] = []
+        self.unread: list[socket.socket] = []
 
     def __enter__(self) -> "Attack":
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 f"Content-Length: 100000\r\n\r\n{{").encode()
-        trickle = open_socks(self.t, self.slow, head)
-        self.socks = trickle + never_reading(self.t, self.non_reading)
+        trickle = self.trickle = open_socks(self.t, self.slow, head)
+        try:
+            self.unread = never_reading(self.t, self.non_reading)
+        except BaseException:
+            self._close()
+            raise
 
-        def feed() -> None:
+        def feed() -> None:  # a socket the guard closed is opened again: the attack holds
             while not self.stop.wait(0.5):
-                for s in trickle:
+                for i, s in enumerate(trickle):
                     try:
                         s.send(b" ")
                     except OSError:
-                        pass
+                        s.close()
+                        trickle[i:i + 1] = open_socks(self.t, 1, head) or [s]
 
         self.thread = threading.Thread(target=feed, daemon=True, name="attack")
         self.thread.start()
@@ -261,7 +267,10 @@ class Attack:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        for s in self.socks:
+        self._close()
+
+    def _close(self) -> None:
+        for s in self.trickle + self.unread:
             s.close()
 
 

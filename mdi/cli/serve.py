@@ -12,7 +12,7 @@ from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
-from ..engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
+from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
@@ -138,6 +138,11 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     if (lengths or args.long_prompt_tokens) and args.url and not args.tokenizer:
         raise ValueError("--prompt-tokens or --long-prompt-tokens with --url needs --tokenizer "
                          "CKPT (the served model's checkpoint, whose tokenizer makes the prompts)")
+    if args.attack and args.url:  # before any level runs: it attacks what it is pointed at
+        from urllib.parse import urlsplit
+
+        from ..bench.abuse import check_loopback
+        check_loopback(urlsplit(args.url).hostname or "")
     out = Path(args.out)
     with contextlib.ExitStack() as stack:
         if args.url:

@@ -25,6 +25,12 @@ class LinkClosed(ConnectionError):
         self.node = node
 
 
+class Reform(LinkClosed):
+    """Not a failure: the backend wants its pipeline formed again (nodes came back);
+    it goes through the recovery path like a LinkClosed, and is dropped once the
+    engine is closing."""
+
+
 class Link(Protocol):
     async def send(self, msg: Message) -> None: ...
     async def recv(self) -> Tokens: ...       # raises LinkClosed

@@ -34,35 +34,14 @@ from typing import Callable
 from ..generate.schedule import StepPlan, accept, needs_prefill, plan_chunk
 from ..model import GPT
 from .api import EngineBusy, EngineFailure, Event, SeqParams
-from .link import Link, LinkClosed
+from .link import Link, LinkClosed, Reform
 from .messages import Admit, Message, Retire, Tokens
 from .replay import Confirmed, rewind
 from .sequence import Lane, Sequence
 from .slots import SlotError, SlotStage, lane_sizes
+from .step_times import DEFAULT_PREFILL_CHUNK, INLINE_BELOW_S, StepTimes
 
 log = logging.getLogger(__name__)
-# Decode steps of the first stage whose running mean time is below this run on the
-# event loop itself. Handing a step to the worker thread and back (two wake-ups,
-# the GIL changing hands) cost 0.3-1 ms per step here: the bundled model's
-# LocalEngine made 722 tokens/s inline and 554 through the worker (3 sequences,
-# one lane). The loop is held at most this long by a step; prefills always go
-# to the worker.
-INLINE_BELOW_S = 0.02
-# Prefill tokens a lane step carries at most (--prefill-chunk; 0: a whole prompt
-# in one piece). A longer prompt crosses the pipeline in chunks over successive
-# steps: stage k computes chunk i while stage k+1 computes chunk i-1, and the
-# sequences already decoding in the lane wait one chunk per step, not the whole
-# prompt. The value is measured: docs/benchmarks.md, "Chunked prefill".
-DEFAULT_PREFILL_CHUNK = 256
-# An engine with a prefill_share (mdi serve --prefill-share, unless --batch-invariant)
-# cuts a chunk, while other sequences decode, to about that many decode steps' time (both
-# measured on the first stage as running means), never below MIN_SHARED_CHUNK tokens:
-# a long prompt then slows the streams around it by about one step per step instead
-# of stopping them for a whole 256-token chunk (SmolLM2 on 2 nodes: ~0.85 s gaps).
-# Not with --batch-invariant: chunk boundaries that follow the machine's timing could
-# change a sequence's numbers in their last bits.
-DEFAULT_PREFILL_SHARE = 2.0
-MIN_SHARED_CHUNK = 16
 _WAKE = object()
 
 
@@ -112,8 +91,7 @@ class PipelineEngine:
         self._task: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
-        self._step_ema: float | None = None  # running mean of a decode step's time (s)
-        self._prefill_ema: float | None = None  # ... and of a prefill token's, in steps with chunks
+        self.times = StepTimes()             # the first stage's decode step, prefill token
         self.stalled = 0                     # sequences cancelled because nobody read them
         self._progress_t = time.monotonic()  # last tokens back, or a send into an idle pipeline
         self.confirmed = Confirmed()         # positions every stage holds (replay.py)
@@ -254,6 +232,8 @@ class PipelineEngine:
             item = await self._inbox.get()
             if item is _WAKE:
                 continue
+            if isinstance(item, Reform) and self._closing:
+                continue  # no new pipeline for an engine that is closing
             if isinstance(item, BaseException):
                 raise item
             self._arrive(item)
@@ -384,24 +364,18 @@ class PipelineEngine:
 
     def _prefill_budget(self) -> int:
         """This step's prefill tokens: prefill_chunk, or with a prefill_share while other
-        sequences decode, about prefill_share decode steps' worth (see above)."""
+        sequences decode, about that many decode steps' worth (step_times.py)."""
         chunk = self.prefill_chunk
         if not (chunk and self.prefill_share > 0) or not any(
                 not needs_prefill(seq.state, self.first.context)
                 for lane in self.lanes for seq in lane.seqs.values() if not seq.done):
             return chunk
-        if self._step_ema is None or self._prefill_ema is None:
-            return min(chunk, MIN_SHARED_CHUNK)
-        share = int(self.prefill_share * self._step_ema / self._prefill_ema)
-        budget = max(min(MIN_SHARED_CHUNK, chunk), min(chunk, share))
-        log.debug("prefill budget %d tokens: decode step %.1f ms, prefill %.3f ms a token",
-                  budget, self._step_ema * 1e3, self._prefill_ema * 1e3)
-        return budget
+        return self.times.shared_budget(chunk, self.prefill_share)
 
     async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
         decode_only = not any(p.prefill for p in plans.values())
-        ema = self._step_ema
+        ema = self.times.decode
         # A short step runs right here: the hand-off to the worker thread and back
         # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
         inline = decode_only and ema is not None and ema < INLINE_BELOW_S
@@ -415,12 +389,10 @@ class PipelineEngine:
         if inline:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:
-            self._step_ema = took if ema is None else 0.8 * ema + 0.2 * took
-        elif plans:  # a prefill token's cost: what the step took beyond its decode rows
-            rows = ema if ema is not None and any(p.decodes for p in plans.values()) else 0.0
-            per = max(took - rows, 0.1 * took) / sum(len(p.prefill) for p in plans.values())
-            pe = self._prefill_ema
-            self._prefill_ema = per if pe is None else 0.8 * pe + 0.2 * per
+            self.times.decoded(took)
+        elif plans:
+            self.times.prefilled(took, sum(len(p.prefill) for p in plans.values()),
+                                 any(p.decodes for p in plans.values()))
         return out
 
     async def _send(self, msgs: list[Message | Tokens]) -> None:

@@ -72,6 +72,7 @@ class GuardedProtocol(H11Protocol):
         self.authenticated = False
         self.served = 0                          # requests answered on this connection
         self._lingering = False
+        self._shutting = False
         self._linger_since = 0.0
         self._body_length: int | None = None  # the current request's Content-Length
         self._body_start: float | None = None  # when the current request's body began
@@ -110,6 +111,7 @@ class GuardedProtocol(H11Protocol):
         super().on_response_complete()
 
     def shutdown(self) -> None:  # the server stops: no lingering
+        self._shutting = True
         if self._lingering:
             self._raw.close()
         else:
@@ -122,6 +124,8 @@ class GuardedProtocol(H11Protocol):
         client (still writing) reads it. Returns whether the close is deferred."""
         if self._lingering:
             return True
+        if self._shutting:
+            return False
         answered = self.cycle is not None and self.cycle.response_complete
         if not answered or self.conn.their_state is not h11.SEND_BODY or self._raw.is_closing():
             return False

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.api import Engine
-from ..engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
+from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY
 from ..tokenizer import Tokenizer
 from .holder import EngineFactory
@@ -58,8 +58,9 @@ class BackendOptions:
             raise ValueError(f"--timeout must be positive, got {self.timeout}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 or positive, got {self.prefill_chunk}")
-        if not self.prefill_share >= 0:
-            raise ValueError(f"--prefill-share must be 0 or positive, got {self.prefill_share}")
+        if not 0 <= self.prefill_share < float("inf"):
+            raise ValueError(f"--prefill-share must be 0 or a positive number, got "
+                             f"{self.prefill_share}")
         if not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
         if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):

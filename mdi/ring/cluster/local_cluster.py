@@ -268,15 +268,21 @@ class LocalCluster:
             if not self.restart:
                 return
             delay = RESTART_DELAY_S if time.monotonic() - t0 >= RESTART_STABLE_S else delay
-            log.warning("starting local node %s again in %g s", spec.name, delay)
-            if self._stopped.wait(delay):
-                return
-            with self._lock:
-                if self.stopping:
+            while True:  # until it starts (a fork can fail when memory is short: retry)
+                log.warning("starting local node %s again in %g s", spec.name, delay)
+                if self._stopped.wait(delay):
                     return
-                proc = self.procs[k] = self._launch[k]()
-                self.restarts += 1
-            delay = min(2 * delay, RESTART_MAX_DELAY_S)
+                delay = min(2 * delay, RESTART_MAX_DELAY_S)
+                with self._lock:
+                    if self.stopping:
+                        return
+                    try:
+                        proc = self.procs[k] = self._launch[k]()
+                    except OSError as e:
+                        log.error("could not start local node %s: %s", spec.name, e)
+                        continue
+                    self.restarts += 1
+                    break
 
     @property
     def members(self) -> list[NodeSpec]:

@@ -29,7 +29,11 @@ Nodes that come back: a node lost in a recovery (failed, or not answering) is
 REJOIN_AFTER times in a row it is taken back: as a spare when the ring has as
 many nodes as it was formed with, else the ring is formed again with it (a
 Rejoin goes through the recovery path: the sequences resume from their tokens),
-recorded in `recoveries` as `"recovery": "rejoin"`. A local cluster started
+recorded in `recoveries` as `"recovery": "rejoin"`. A node that fails again
+within RECOVERY_WINDOW_S of coming back must answer twice as many times before
+the next time (up to REJOIN_MAX_AFTER), and that failure does not count
+towards MAX_RECOVERIES_IN_WINDOW: a node that keeps crashing costs the ring a
+re-prefill now and then, never the engine. A local cluster started
 with restart=True (mdi serve) starts a dead node process again, so a ring
 without spares heals this way.
 """
@@ -47,7 +51,7 @@ import httpx
 
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure
-from ...engine.link import LinkClosed
+from ...engine.link import LinkClosed, Reform
 from ...engine.scheduler import PipelineEngine
 from ...engine.slots import SlotStage
 from ...model.dtypes import DTYPES
@@ -66,7 +70,8 @@ from .tcp_link import TcpLink
 
 log = logging.getLogger(__name__)
 REJOIN_POLL_S = 2.0              # how often nodes lost from the ring are asked whether they are back
-REJOIN_AFTER = 2                 # idle answers in a row before such a node is taken back
+REJOIN_AFTER = 2                 # idle answers in a row before such a node is taken back ...
+REJOIN_MAX_AFTER = 32            # ... doubled, up to this, each time it fails again soon after
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
 RECOVERY_WINDOW_S = 60.0
 
@@ -90,7 +95,7 @@ def default_lanes(n_nodes: int, placement: Placement | None) -> int:
     return lanes
 
 
-class Rejoin(LinkClosed):
+class Rejoin(Reform):
     """Not a failure: nodes lost earlier answer again and the ring has fewer nodes than
     it was formed with; raised in the scheduler so that the ring is formed again with
     them through the recovery path (the sequences resume from their tokens)."""
@@ -147,6 +152,9 @@ class RingEngine(PipelineEngine):
         self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
         self._recovered_at: list[float] = []
         self.absent: dict[str, NodeSpec] = {}  # lost in a recovery, asked whether they are back
+        self._rejoined: dict[str, float] = {}  # name -> when it came back (monotonic)
+        self._need: dict[str, int] = {}        # name -> idle answers it needs (REJOIN_AFTER)
+        self._rejoin_pending = False           # a Rejoin waits in the scheduler's inbox
         self._formed_with = len(nodes.secondaries)  # the ring's secondaries once formed
         self._recovering = False
         self._watcher: asyncio.Task | None = None
@@ -268,8 +276,13 @@ class RingEngine(PipelineEngine):
                     await self.client.with_nodes(old).release(http, old_run)
             back = e.back if isinstance(e, Rejoin) else []
             self._mark_absent([*old.secondaries, *old.spares, *back])
+            now = time.monotonic()
+            for spec in back:
+                if spec.name not in self.absent:
+                    self._rejoined[spec.name] = now
         finally:
             self._recovering = False
+            self._rejoin_pending = False  # handled, or dropped with the inbox by _rewind
         return ok
 
     def _mark_absent(self, were: list[NodeSpec]) -> None:
@@ -292,45 +305,53 @@ class RingEngine(PipelineEngine):
         async with httpx.AsyncClient(timeout=self.client.probe_timeout) as http:
             while not self._closing and self.failure is None:
                 await asyncio.sleep(REJOIN_POLL_S)
-                if self._recovering or not self.absent:
+                if self._recovering or self._rejoin_pending or not self.absent:
                     idle.clear()
                     continue
-                specs = list(self.absent.values())
-                answers = await asyncio.gather(*(_idle(http, s) for s in specs))
-                for spec, up in zip(specs, answers):
-                    idle[spec.name] = idle.get(spec.name, 0) + 1 if up else 0
-                back = [s for s in specs if idle[s.name] >= REJOIN_AFTER]
-                if back and not self._recovering and not self._closing:
-                    for s in back:
-                        del self.absent[s.name], idle[s.name]
-                    self._take_back(back)
+                try:
+                    specs = list(self.absent.values())
+                    answers = await asyncio.gather(*(_idle(http, s) for s in specs))
+                    for spec, up in zip(specs, answers):
+                        idle[spec.name] = idle.get(spec.name, 0) + 1 if up else 0
+                    back = [s for s in specs
+                            if idle[s.name] >= self._need.get(s.name, REJOIN_AFTER)]
+                    if back and not (self._recovering or self._rejoin_pending or self._closing):
+                        for s in back:
+                            del idle[s.name]
+                        self._take_back(back)
+                except Exception as e:  # noqa: BLE001 - the watch goes on; the ring is not at stake
+                    log.warning("asking the absent nodes whether they are back failed: %s", e,
+                                exc_info=e)
 
     def _take_back(self, back: list[NodeSpec]) -> None:
         """Nodes that answer again: into the ring while it is short of nodes, else spares."""
         short = max(0, self._formed_with - len(self.nodes.secondaries))
         join, spare = back[:short], back[short:]
         if spare:
+            for s in spare:
+                del self.absent[s.name]
             nodes = self.nodes
             self.client = self.client.with_nodes(
                 nodes.reformed(list(nodes.secondaries), [*nodes.spares, *spare]))
             log.warning("%s answer(s) again: spare(s) of the ring", ", ".join(s.name for s in spare))
-        if join:
+        if join:  # they stay absent until the ring holds them (a Rejoin can be dropped)
             log.warning("%s answer(s) again: forming the ring with them",
                         ", ".join(s.name for s in join))
+            self._rejoin_pending = True
             self._inbox.put_nowait(Rejoin(join))
 
     async def _recover_ring(self, e: LinkClosed) -> bool:
         t0 = time.perf_counter()
         back = e.back if isinstance(e, Rejoin) else []
-        if not back:
+        failed: NodeSpec | None = getattr(e, "spec", None)
+        lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
+        if not back and not self._lost_again(lost):
             recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
             if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
                 log.error("%d recoveries in %g s: the ring keeps failing; giving up",
                           len(recent), RECOVERY_WINDOW_S)
                 return False
             self._recovered_at = recent + [t0]
-        failed: NodeSpec | None = getattr(e, "spec", None)
-        lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
         old = self.nodes
         link = self.link
         if isinstance(link, TcpLink):
@@ -374,6 +395,17 @@ class RingEngine(PipelineEngine):
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
                     " -> ".join(record["ring"]), record["resumed"])
         return True
+
+    def _lost_again(self, lost: set[str]) -> bool:
+        """Were all the `lost` nodes taken back within RECOVERY_WINDOW_S? Each such node
+        must answer twice as many times before it is taken back again."""
+        now = time.monotonic()
+        again = {n for n in lost if now - self._rejoined.get(n, -1e9) < RECOVERY_WINDOW_S}
+        for name in sorted(again):
+            self._need[name] = min(2 * self._need.get(name, REJOIN_AFTER), REJOIN_MAX_AFTER)
+            log.warning("%s failed again soon after it came back; it must answer %d times in a "
+                        "row before it is taken back", name, self._need[name])
+        return bool(lost) and lost <= again
 
     def _plan_json(self) -> dict:
         if self.placement is not None and len(self.nodes.ring) > 1:
