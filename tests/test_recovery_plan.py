@@ -14,7 +14,7 @@ from mdi.checkpoint import load_model
 from mdi.engine import SeqParams
 from mdi.engine.link import LinkClosed
 from mdi.generate import SamplingConfig, generate
-from mdi.ring.starter import ring_engine
+from mdi.ring.starter import rejoin, ring_engine
 from mdi.ring.cluster.local_cluster import free_ports
 from mdi.ring.cluster.nodes_config import local_nodes_config
 from mdi.ring.starter.ring_engine import RingEngine
@@ -73,15 +73,17 @@ def test_a_node_lost_again_soon_after_it_came_back_waits_longer_and_does_not_cou
     engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
     assert asyncio.run(engine._recover(lost_everything(engine)))
     assert sorted(engine.absent) == ["finisher", "intermediate[0]"]
-    assert not engine._lost_again({"finisher"})             # never came back
-    engine._rejoined["finisher"] = time.monotonic()
-    assert engine._lost_again({"finisher"}) and engine._need["finisher"] == 2 * ring_engine.REJOIN_AFTER
-    assert not engine._lost_again({"finisher", "intermediate[0]"})  # one of them is new trouble
+    absent = engine._absent
+    assert not absent.lost_again({"finisher"})             # never came back
+    absent.rejoined["finisher"] = time.monotonic()
+    assert absent.lost_again({"finisher"}) and absent.need["finisher"] == 2 * rejoin.REJOIN_AFTER
+    assert not absent.lost_again({"finisher", "intermediate[0]"})  # one of them is new trouble
     for _ in range(10):
-        engine._lost_again({"finisher"})
-    assert engine._need["finisher"] == ring_engine.REJOIN_MAX_AFTER
-    engine._rejoined["finisher"] -= ring_engine.RECOVERY_WINDOW_S + 1
-    assert not engine._lost_again({"finisher"})             # long after: a failure like any
+        absent.lost_again({"finisher"})
+    assert absent.need["finisher"] == rejoin.REJOIN_MAX_AFTER
+    assert absent.due({"finisher": 31, "intermediate[0]": 2}) == [nodes.intermediate[0]]
+    absent.rejoined["finisher"] -= ring_engine.RECOVERY_WINDOW_S + 1
+    assert not absent.lost_again({"finisher"})             # long after: a failure like any
 
 
 def test_a_reform_queued_as_the_engine_closes_is_dropped(ckpt):

@@ -24,18 +24,8 @@ With no node left the starter runs the whole model alone. Only when no plan
 fits does the engine fail as before, naming the node that failed first.
 `recoveries` records each one (what failed, the new ring and plan, seconds).
 
-Nodes that come back: a node lost in a recovery (failed, or not answering) is
-`absent`; every REJOIN_POLL_S its /health is asked. Once it answers idle
-REJOIN_AFTER times in a row it is taken back: as a spare when the ring has as
-many nodes as it was formed with, else the ring is formed again with it (a
-Rejoin goes through the recovery path: the sequences resume from their tokens),
-recorded in `recoveries` as `"recovery": "rejoin"`. A node that fails again
-within RECOVERY_WINDOW_S of coming back must answer twice as many times before
-the next time (up to REJOIN_MAX_AFTER), and that failure does not count
-towards MAX_RECOVERIES_IN_WINDOW: a node that keeps crashing costs the ring a
-re-prefill now and then, never the engine. A local cluster started
-with restart=True (mdi serve) starts a dead node process again, so a ring
-without spares heals this way.
+Nodes that a recovery lost are asked whether they are back, and taken back into
+the ring or as spares (rejoin.py).
 """
 from __future__ import annotations
 
@@ -65,24 +55,13 @@ from ..plan.planner import PlanError
 from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
 from .heal import heal
+from .rejoin import REJOIN_POLL_S, Absent, Rejoin, idle
 from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards
 from .tcp_link import TcpLink
 
 log = logging.getLogger(__name__)
-REJOIN_POLL_S = 2.0              # how often nodes lost from the ring are asked whether they are back
-REJOIN_AFTER = 2                 # idle answers in a row before such a node is taken back ...
-REJOIN_MAX_AFTER = 32            # ... doubled, up to this, each time it fails again soon after
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
 RECOVERY_WINDOW_S = 60.0
-
-
-async def _idle(http: httpx.AsyncClient, spec: NodeSpec) -> bool:
-    """Does the node answer /health, idle (in no run)?"""
-    try:
-        r = await http.get(spec.url + "/health")
-        return r.status_code == 200 and r.json().get("state") == "idle"
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return False
 
 
 def default_lanes(n_nodes: int, placement: Placement | None) -> int:
@@ -93,16 +72,6 @@ def default_lanes(n_nodes: int, placement: Placement | None) -> int:
     if lanes < n_nodes:
         log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, lanes)
     return lanes
-
-
-class Rejoin(Reform):
-    """Not a failure: nodes lost earlier answer again and the ring has fewer nodes than
-    it was formed with; raised in the scheduler so that the ring is formed again with
-    them through the recovery path (the sequences resume from their tokens)."""
-
-    def __init__(self, back: list[NodeSpec]) -> None:
-        super().__init__(f"{', '.join(s.describe() for s in back)} answer(s) again")
-        self.back = back
 
 
 class RingEngine(PipelineEngine):
@@ -151,13 +120,15 @@ class RingEngine(PipelineEngine):
         self.placement = placement       # the ring's split (placement.py), once planned
         self.recoveries: list[dict] = []  # one per recovery: what failed, the new ring, seconds
         self._recovered_at: list[float] = []
-        self.absent: dict[str, NodeSpec] = {}  # lost in a recovery, asked whether they are back
-        self._rejoined: dict[str, float] = {}  # name -> when it came back (monotonic)
-        self._need: dict[str, int] = {}        # name -> idle answers it needs (REJOIN_AFTER)
-        self._rejoin_pending = False           # a Rejoin waits in the scheduler's inbox
+        self._absent = Absent(RECOVERY_WINDOW_S)  # lost nodes, asked whether they are back
         self._formed_with = len(nodes.secondaries)  # the ring's secondaries once formed
         self._recovering = False
         self._watcher: asyncio.Task | None = None
+
+    @property
+    def absent(self) -> dict[str, NodeSpec]:
+        """Nodes a recovery lost, by name, asked whether they are back (rejoin.py)."""
+        return self._absent.nodes
 
     @property
     def nodes(self) -> NodesConfig:
@@ -271,53 +242,43 @@ class RingEngine(PipelineEngine):
                 async with self.client.http() as http:
                     await self.client.release(http, old_run)
             ok = await self._recover_ring(e)
+            if not ok and isinstance(e, Rejoin):  # never fail the engine for them: as it was
+                log.warning("the ring did not form with %s; going on without", e)
+                self._absent.lost_again({s.name for s in e.back}, force=True)
+                self.client = self.client.with_nodes(old)
+                ok = await self._recover_ring(Reform(f"{e}, but the ring did not form with them"))
             if not ok and self.opts.recovery == "replay" and old_run is not None:
                 async with self.client.http() as http:  # the survivors kept it for a resume
                     await self.client.with_nodes(old).release(http, old_run)
             back = e.back if isinstance(e, Rejoin) else []
-            self._mark_absent([*old.secondaries, *old.spares, *back])
-            now = time.monotonic()
-            for spec in back:
-                if spec.name not in self.absent:
-                    self._rejoined[spec.name] = now
+            left_out = self.placement.left_out if self.placement is not None else set()
+            self._absent.mark([*old.secondaries, *old.spares, *back],
+                              {s.name for s in (*self.nodes.secondaries, *self.nodes.spares)},
+                              left_out)
+            self._absent.came_back(back)
         finally:
             self._recovering = False
-            self._rejoin_pending = False  # handled, or dropped with the inbox by _rewind
+            self._absent.pending = False  # handled, or dropped with the inbox by _rewind
         return ok
 
-    def _mark_absent(self, were: list[NodeSpec]) -> None:
-        """Nodes of `were` in neither the ring nor its spares now, and not left out by the
-        plan (those answer, and the plan did not want them), are absent."""
-        now = {s.name for s in (*self.nodes.secondaries, *self.nodes.spares)}
-        left_out = self.placement.left_out if self.placement is not None else set()
-        for s in were:
-            if s.name not in now and s.name not in left_out:
-                self.absent[s.name] = s
-        for name in now:
-            self.absent.pop(name, None)
-        if self.absent:
-            log.warning("asking %s every %g s whether they are back", ", ".join(self.absent),
-                        REJOIN_POLL_S)
-
     async def _watch_absent(self) -> None:
-        """Ask the absent nodes whether they are back (see the module's docstring)."""
-        idle: dict[str, int] = {}
+        """Ask the absent nodes whether they are back (rejoin.py)."""
+        answers: dict[str, int] = {}  # name -> idle answers in a row
         async with httpx.AsyncClient(timeout=self.client.probe_timeout) as http:
             while not self._closing and self.failure is None:
                 await asyncio.sleep(REJOIN_POLL_S)
-                if self._recovering or self._rejoin_pending or not self.absent:
-                    idle.clear()
+                if self._recovering or self._absent.pending or not self.absent:
+                    answers.clear()
                     continue
                 try:
                     specs = list(self.absent.values())
-                    answers = await asyncio.gather(*(_idle(http, s) for s in specs))
-                    for spec, up in zip(specs, answers):
-                        idle[spec.name] = idle.get(spec.name, 0) + 1 if up else 0
-                    back = [s for s in specs
-                            if idle[s.name] >= self._need.get(s.name, REJOIN_AFTER)]
-                    if back and not (self._recovering or self._rejoin_pending or self._closing):
+                    ups = await asyncio.gather(*(idle(http, s) for s in specs))
+                    for spec, up in zip(specs, ups):
+                        answers[spec.name] = answers.get(spec.name, 0) + 1 if up else 0
+                    back = self._absent.due(answers)
+                    if back and not (self._recovering or self._absent.pending or self._closing):
                         for s in back:
-                            del idle[s.name]
+                            del answers[s.name]
                         self._take_back(back)
                 except Exception as e:  # noqa: BLE001 - the watch goes on; the ring is not at stake
                     log.warning("asking the absent nodes whether they are back failed: %s", e,
@@ -337,7 +298,7 @@ class RingEngine(PipelineEngine):
         if join:  # they stay absent until the ring holds them (a Rejoin can be dropped)
             log.warning("%s answer(s) again: forming the ring with them",
                         ", ".join(s.name for s in join))
-            self._rejoin_pending = True
+            self._absent.pending = True
             self._inbox.put_nowait(Rejoin(join))
 
     async def _recover_ring(self, e: LinkClosed) -> bool:
@@ -345,7 +306,7 @@ class RingEngine(PipelineEngine):
         back = e.back if isinstance(e, Rejoin) else []
         failed: NodeSpec | None = getattr(e, "spec", None)
         lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
-        if not back and not self._lost_again(lost):
+        if not back and not self._absent.lost_again(lost):
             recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
             if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
                 log.error("%d recoveries in %g s: the ring keeps failing; giving up",
@@ -395,17 +356,6 @@ class RingEngine(PipelineEngine):
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
                     " -> ".join(record["ring"]), record["resumed"])
         return True
-
-    def _lost_again(self, lost: set[str]) -> bool:
-        """Were all the `lost` nodes taken back within RECOVERY_WINDOW_S? Each such node
-        must answer twice as many times before it is taken back again."""
-        now = time.monotonic()
-        again = {n for n in lost if now - self._rejoined.get(n, -1e9) < RECOVERY_WINDOW_S}
-        for name in sorted(again):
-            self._need[name] = min(2 * self._need.get(name, REJOIN_AFTER), REJOIN_MAX_AFTER)
-            log.warning("%s failed again soon after it came back; it must answer %d times in a "
-                        "row before it is taken back", name, self._need[name])
-        return bool(lost) and lost <= again
 
     def _plan_json(self) -> dict:
         if self.placement is not None and len(self.nodes.ring) > 1:
