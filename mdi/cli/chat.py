@@ -23,12 +23,11 @@ import contextlib
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..checkpoint import load_model, open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.api import SeqHandle, SeqParams
-from ..generate.chat_template import ChatTemplate, template_for
 from ..generate.sampling import SamplingConfig, sample_seed
 from ..generate.stops import Stops
 from ..model.cache import DEFAULT_MAX_CONTEXT
@@ -36,6 +35,9 @@ from ..tokenizer import Tokenizer
 from .common import (CKPT_HELP, add_model_options, add_sampling_options, check_counts, load_options,
                      sampling_config, set_threads, stops_of)
 from .preflight import check_local_nodes
+
+if TYPE_CHECKING:  # jinja2 is loaded only when a chat starts (not by every mdi command)
+    from ..generate.chat_template import ChatTemplate
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
                   "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}"
@@ -150,6 +152,8 @@ class EngineThread:
 
 def chat_template(tok: Tokenizer) -> tuple[ChatTemplate, tuple[str, ...]]:
     """The model's template, or the plain one with its stop string."""
+    from ..generate.chat_template import ChatTemplate, template_for
+
     template = template_for(tok)
     if template is not None:
         return template, ()
