@@ -209,7 +209,8 @@ def test_the_order_of_eviction():
                   lingering=True)]
     order = sorted(conns, key=lambda c: c._keep_score(100.0))
     assert [c.name for c in order] == [
-        "keyed, answered unread", "old trickler", "old, fast body", "stuck reader", "fresh trickler", "just connected",
+        "keyed, answered unread",
+        "old trickler", "old, fast body", "stuck reader", "fresh trickler", "just connected",
         "answered before, idle", "keyed, slow"]
 
 

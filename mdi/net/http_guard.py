@@ -230,16 +230,16 @@ class GuardedProtocol(H11Protocol):
         now = self.loop.time()
         others = [c for c in among if c is not self and not c.busy and not c._raw.is_closing()]
         victim = min(others, key=lambda c: c._keep_score(now)) if others else self
-        log.debug("evicting %s (not lingering, authenticated, answered, fresh, stuck, bytes/s, last active): %s",
-                  _peer(victim.client), victim._keep_score(now))
+        log.debug("evicting %s (not lingering, authenticated, answered, fresh, stuck, bytes/s, "
+                  "last active): %s", _peer(victim.client), victim._keep_score(now))
         victim._close(why)
 
     def _keep_score(self, now: float) -> tuple:
-        """Lower is evicted first: lingering after an answer; unauthenticated; never answered (a client that completed
-        a request is worth more than one that never did: an attacker that reconnects at
-        once must not outrank it by being fresh); then old before fresh; idle or slow
-        before stuck; the fewest bytes a second (among fresh ones: the oldest); the
-        longest silent."""
+        """Lower is evicted first: lingering after an answer; unauthenticated; never
+        answered (a client that completed a request is worth more than one that never
+        did: an attacker that reconnects at once must not outrank it by being fresh);
+        then old before fresh; idle or slow before stuck; the fewest bytes a second
+        (among fresh ones: the oldest); the longest silent."""
         age = max(now - self.connected_at, 1e-3)
         stuck = self.cycle is not None and not self.cycle.response_complete and self.flow.write_paused
         fresh = age < FRESH_S

@@ -45,7 +45,7 @@ class BackendOptions:
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per step (0: a prompt in one piece)
-    prefill_share: float = DEFAULT_PREFILL_SHARE  # while others decode: decode steps a chunk may cost
+    prefill_share: float = DEFAULT_PREFILL_SHARE  # while others decode: steps a chunk may cost
 
     def __post_init__(self) -> None:
         if self.nodes < 1:

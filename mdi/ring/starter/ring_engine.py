@@ -294,7 +294,8 @@ class RingEngine(PipelineEngine):
             nodes = self.nodes
             self.client = self.client.with_nodes(
                 nodes.reformed(list(nodes.secondaries), [*nodes.spares, *spare]))
-            log.warning("%s answer(s) again: spare(s) of the ring", ", ".join(s.name for s in spare))
+            log.warning("%s answer(s) again: spare(s) of the ring",
+                        ", ".join(s.name for s in spare))
         if join:  # they stay absent until the ring holds them (a Rejoin can be dropped)
             log.warning("%s answer(s) again: forming the ring with them",
                         ", ".join(s.name for s in join))
