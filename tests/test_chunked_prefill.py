@@ -237,20 +237,27 @@ def test_prefill_budget_follows_the_measured_times():
     model = scaled_random_model(FAMILIES["nanogpt"], seed=1)
     engine = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=256)
     engine.prefill_share = 1.0
-    assert engine._prefill_budget() == 256                # nothing decodes
+    lane = engine.lanes[0]
+    long = engine.submit(PROMPT, greedy(5))
+    engine.waiting.remove(long)
+    lane.seqs[1] = long                                   # a prompt to write
+    assert engine._prefill_budget(lane) == 256            # nothing decodes
     seq = engine.submit([1, 2], greedy(5))
     engine.waiting.remove(seq)
-    engine.lanes[0].seqs[0] = seq                         # a sequence past its prompt
+    lane.seqs[0] = seq                                    # a sequence past its prompt
     seq.state.cached = 1
-    assert engine._prefill_budget() == MIN_SHARED_CHUNK   # nothing measured yet
+    assert engine._prefill_budget(lane) == MIN_SHARED_CHUNK   # nothing measured yet
     for step_s, token_s, want in [(0.01, 0.001, MIN_SHARED_CHUNK), (0.1, 0.001, 100),
                                   (1.0, 0.001, 256)]:
         engine.times.decode, engine.times.prefill_token = step_s, token_s
-        assert engine._prefill_budget() == want
+        assert engine._prefill_budget(lane) == want
     engine.prefill_share, engine.times.decode = 2.0, 0.1
-    assert engine._prefill_budget() == 200                # 0.1 s a step, 2 steps' worth
+    assert engine._prefill_budget(lane) == 200            # 0.1 s a step, 2 steps' worth
+    del lane.seqs[1]
+    assert engine._prefill_budget(lane) == 256            # no prompt in this lane: not looked at
+    lane.seqs[1] = long
     engine.prefill_share = 0.0
-    assert engine._prefill_budget() == 256
+    assert engine._prefill_budget(lane) == 256
     engine.prefill_chunk = 0
     engine.prefill_share = 1.0
-    assert engine._prefill_budget() == 0                  # --prefill-chunk 0: one piece
+    assert engine._prefill_budget(lane) == 0              # --prefill-chunk 0: one piece

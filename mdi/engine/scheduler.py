@@ -351,7 +351,7 @@ class PipelineEngine:
         """This step of each of the lane's sequences, in slot order: prefills share
         the step's budget of prefill_chunk tokens (a sequence that gets none waits
         for a later step); a sequence decodes once its cache holds its context."""
-        budget = left = self._prefill_budget()
+        budget = left = self._prefill_budget(lane)
         plans = {}
         for slot in sorted(lane.seqs):
             state = lane.seqs[slot].state
@@ -362,13 +362,15 @@ class PipelineEngine:
             plans[slot] = plan
         return plans
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, lane: Lane) -> int:
         """This step's prefill tokens: prefill_chunk, or with a prefill_share while other
-        sequences decode, about that many decode steps' worth (step_times.py)."""
-        chunk = self.prefill_chunk
+        sequences decode, about that many decode steps' worth (step_times.py). The
+        engine's sequences are looked at only when this lane has a prompt to write."""
+        chunk, ctx = self.prefill_chunk, self.first.context
         if not (chunk and self.prefill_share > 0) or not any(
-                not needs_prefill(seq.state, self.first.context)
-                for lane in self.lanes for seq in lane.seqs.values() if not seq.done):
+                needs_prefill(seq.state, ctx) for seq in lane.seqs.values()) or not any(
+                not needs_prefill(seq.state, ctx)
+                for other in self.lanes for seq in other.seqs.values() if not seq.done):
             return chunk
         return self.times.shared_budget(chunk, self.prefill_share)
 

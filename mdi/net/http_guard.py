@@ -261,6 +261,7 @@ class _LingeringTransport:
 
     def __init__(self, raw: asyncio.Transport, protocol: GuardedProtocol) -> None:
         self._raw, self._protocol = raw, protocol
+        self.write = raw.write  # every streamed token: no __getattr__ on the way
 
     def close(self) -> None:
         if not self._protocol._closing():
