@@ -121,10 +121,10 @@ def test_two_turns_history_reset_and_system(bundled, nodes):
                    {"role": "user", "content": "hi"}]
         assert second == greedy_answer(bundled, history, 20) != first
         term.send("/reset\n")
-        term.expect(r"\(conversation cleared\)")
+        term.expect(r"\(conversation cleared\)\n>>> ")  # the prompt: readline has the terminal
         assert answer_after(term, "hi") == first
         term.send("/system Speak.\n")  # the conversation so far is kept
-        term.expect(r"\(system message set\)")
+        term.expect(r"\(system message set\)\n>>> ")
         assert answer_after(term, "hi") == greedy_answer(
             bundled, [{"role": "system", "content": "Speak."}, *history], 20)
         term.send("\x04")  # Ctrl-D
@@ -145,7 +145,7 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(bundled):
         term.send("\x03")      # Ctrl-C: SIGINT to the chat
         term.expect(r"\[stopped\]\n>>> ", timeout=30)
         term.send("/reset\n")  # the chat goes on
-        term.expect(r"\(conversation cleared\)")
+        term.expect(r"\(conversation cleared\)\n>>> ")  # the prompt: readline has the terminal
         term.send("/bye\n")
         assert term.wait() == 0
     finally:
