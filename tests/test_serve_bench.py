@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from mdi.bench.serve_load import COLUMNS, LoadConfig, run_load, write_csv, write_plot
 from mdi.serve import BackgroundServer, ServeConfig, create_app
 from serve_fakes import FakeEngine
@@ -106,6 +108,7 @@ def test_serve_bench_cli_prompt_tokens(tmp_path, capsys):
     assert [r["prompt_tokens"] for r in got] == ["5", "9"]
 
 
+@pytest.mark.slow  # the attacker is a process of its own
 def test_serve_bench_attack_runs_each_level_beside_an_attack(char_tokenizer, tmp_path, capsys):
     """--attack: each level again while slow-body sockets and never-read streams hit the
     server; both rows in the CSV and the table, and the ratio of their tokens/s."""

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,9 @@ from urllib.parse import urlsplit
 import httpx
 
 ANSWER_S = 2.0     # /health and a completion must answer within this while under attack
+# the headers of a body that then comes a byte at a time
+SLOW_BODY = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 100000\r\n\r\n{")
 
 
 @dataclass
@@ -112,9 +116,7 @@ def open_socks(t: Target, n: int, first: bytes) -> list[socket.socket]:
 
 
 def slow_bodies(t: Target, n: int) -> Case:
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 100000\r\n\r\n{{").encode()
-    case = under_attack(t, open_socks(t, n, head), lambda s: s.send(b" "))
+    case = under_attack(t, open_socks(t, n, SLOW_BODY), lambda s: s.send(b" "))
     case.name, case.expected = f"{n} slow-body sockets", f"/health and a completion < {ANSWER_S:g} s"
     return case
 
@@ -229,48 +231,65 @@ def never_reading(t: Target, n: int) -> list[socket.socket]:
 
 class Attack:
     """While in its `with` block: `slow` sockets sending a 100,000-byte body one byte each
-    0.5 s, and `non_reading` streams that are never read (serve-bench --attack)."""
+    0.5 s, and `non_reading` streams that are never read (serve-bench --attack). The
+    attacker is a process of its own (`python -m mdi.bench.abuse --hold`), as a real one
+    is: it does not take the measuring clients' interpreter lock, only the machine's cores."""
 
     def __init__(self, url: str, api_key: str | None, model: str, slow: int = 140,
                  non_reading: int = 16) -> None:
-        self.t = Target(url, api_key, model)
-        check_loopback(self.t.host)
-        self.slow, self.non_reading = slow, non_reading
-        self.stop = threading.Event()
-        self.trickle: list[socket.socket] = []
-        self.unread: list[socket.socket] = []
+        check_loopback(urlsplit(url).hostname or "")
+        self.argv = [sys.executable, "-m", "mdi.bench.abuse", "--url", url, "--model", model,
+                     "--hold", "--sockets", str(slow), "--unread", str(non_reading)]
+        self.env = {**os.environ, "MDI_API_KEY": api_key or ""}
+        self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Attack":
-        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: 100000\r\n\r\n{{").encode()
-        trickle = self.trickle = open_socks(self.t, self.slow, head)
-        try:
-            self.unread = never_reading(self.t, self.non_reading)
-        except BaseException:
-            self._close()
-            raise
-
-        def feed() -> None:  # a socket the guard closed is opened again: the attack holds
-            while not self.stop.wait(0.5):
-                for i, s in enumerate(trickle):
-                    try:
-                        s.send(b" ")
-                    except OSError:
-                        s.close()
-                        trickle[i:i + 1] = open_socks(self.t, 1, head) or [s]
-
-        self.thread = threading.Thread(target=feed, daemon=True, name="attack")
-        self.thread.start()
-        time.sleep(1.0)  # the never-read streams are admitted and stall
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # once its sockets are open and its streams stall
+        if line.strip() != "holding":
+            self.__exit__()
+            raise RuntimeError(f"the attacker did not start (exit status {self.proc.returncode})")
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._close()
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # its signal to let go
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
-    def _close(self) -> None:
-        for s in self.trickle + self.unread:
+
+def hold(t: Target, slow: int, non_reading: int, until: Callable[[], None]) -> None:
+    """The attack of `Attack`, in this process, until `until` returns."""
+    trickle = open_socks(t, slow, SLOW_BODY)
+    stop = threading.Event()
+
+    def feed() -> None:  # a socket the guard closed is opened again: the attack holds
+        while not stop.wait(0.5):
+            for i, s in enumerate(trickle):
+                try:
+                    s.send(b" ")
+                except OSError:
+                    s.close()
+                    trickle[i:i + 1] = open_socks(t, 1, SLOW_BODY) or [s]
+
+    unread: list[socket.socket] = []
+    thread = threading.Thread(target=feed, daemon=True, name="attack")
+    try:
+        unread = never_reading(t, non_reading)
+        thread.start()
+        time.sleep(1.0)  # the never-read streams are admitted and stall
+        until()
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        for s in trickle + unread:
             s.close()
 
 
@@ -296,12 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=os.environ.get("MDI_API_KEY"))
     p.add_argument("--model", default=None, help="model id (default: the server's)")
     p.add_argument("--sockets", type=int, default=140, help="slow sockets per attack (default 140)")
+    p.add_argument("--hold", action="store_true",
+                   help="only attack (--sockets slow bodies, --unread never-read streams), from "
+                        "printing 'holding' until standard input closes (serve-bench --attack)")
+    p.add_argument("--unread", type=int, default=16, help="with --hold: never-read streams")
     p.add_argument("--stall", type=float, default=None, metavar="S",
                    help="also run 16 never-reading streams, waiting up to S + 30 s for the "
                         "server's --stall-timeout S")
     args = p.parse_args(argv)
     t = Target(args.url, args.api_key, args.model)
     check_loopback(t.host)
+    if args.hold:
+        hold(t, args.sockets, args.unread, lambda: (print("holding", flush=True), sys.stdin.read()))
+        return 0
     cases = [slow_bodies(t, args.sockets), slow_headers(t, args.sockets), large_body(t), *refusals(t)]
     if args.stall is not None:
         cases.append(stalled_streams(t, 16, args.stall))

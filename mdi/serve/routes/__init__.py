@@ -4,6 +4,7 @@ from fastapi import Request
 from ..service import Service
 
 
-def service(request: Request) -> Service:
-    """FastAPI dependency: the Service of the app that got the request."""
+async def service(request: Request) -> Service:
+    """FastAPI dependency: the Service of the app that got the request (a coroutine: FastAPI
+    runs a plain function on its thread pool, a hand-off per request)."""
     return request.app.state.service
