@@ -469,6 +469,31 @@ def test_recovered_sampled_sequence_draws_a_stream_derived_from_its_seed(model):
     assert out[1][0] == alone(model, PROMPTS[1], 20)
 
 
+def test_a_sequence_whose_reader_falls_behind_pauses_and_goes_on_when_read(model):
+    """Issue 25.4: a sequence PAUSE_UNREAD events ahead of its reader leaves the steps (a
+    client that stopped reading costs no compute) while the sequence beside it goes on;
+    read, it resumes, and both equal runs alone."""
+    from mdi.engine.sequence import PAUSE_UNREAD
+
+    async def main():
+        engine, _ = ring_engine(model, max_seqs=2, n_stages=3, delay=0.002)
+        await engine.start()
+        try:
+            behind = engine.submit(PROMPTS[0], greedy(PAUSE_UNREAD * 3))
+            other = await collect(engine.submit(PROMPTS[3], greedy(PAUSE_UNREAD * 3)))
+            await asyncio.sleep(0.1)
+            held = behind.paused, behind.stats.n_generated
+            return other, held, await collect(behind), behind.paused
+        finally:
+            await engine.close()
+
+    other, (paused, n_unread), (toks, _, reason), paused_after = asyncio.run(main())
+    assert paused and PAUSE_UNREAD <= n_unread <= PAUSE_UNREAD + 3  # + steps already sent
+    assert other[0] == alone(model, PROMPTS[3], PAUSE_UNREAD * 3)
+    assert toks == alone(model, PROMPTS[0], PAUSE_UNREAD * 3) and reason == "length"
+    assert not paused_after
+
+
 def test_a_sequence_nobody_reads_is_cancelled_and_its_slots_freed_on_every_stage(model):
     """Issue 25.4: a client that stops reading held its slot for ever while its queue grew.
     With a stall timeout the unread sequence is cancelled (counted in `stalled`), its
@@ -494,6 +519,6 @@ def test_a_sequence_nobody_reads_is_cancelled_and_its_slots_freed_on_every_stage
 
     (toks, _, reason), unread, stalled, active = asyncio.run(main())
     assert unread.finish_reason == "cancelled" and stalled == 1
-    assert unread.stats.n_generated < 100_000
+    assert unread.stats.n_generated < 100  # paused at PAUSE_UNREAD, then cancelled
     assert active == [0, 0, 0]
     assert toks == alone(model, PROMPTS[3], 60) and reason == "length"

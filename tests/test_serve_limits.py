@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -158,6 +159,28 @@ def test_large_bodies_do_not_pause_the_streams(tok):
     assert error(answers[1])["code"] == "context_length_exceeded" and "500000" in error(answers[1])["message"]
     print(f"longest gap between chunks: {max(gaps):.3f} s")
     assert max(gaps) < 0.5, max(gaps)
+
+
+def test_a_stream_nobody_reads_is_held_in_a_small_buffer(tok):
+    """Issue 25.4: Linux grows a send buffer to 4 MB, so the server took ~20,000 events of
+    a stream whose client never read (kernel memory, and compute: a real sequence pauses
+    only once its writes block). The API port keeps a connection's answers in about
+    SEND_BUFFER: the server stops taking the stream's events after ~100 KB of them."""
+    engine = FakeEngine(tok, step_s=0.0005)
+    app = create_app(lambda: engine, tok, ServeConfig(MODEL, context=10 ** 6))
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 10 ** 6 - 8, "stream": True})
+    with BackgroundServer(app) as srv, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((srv.host, srv.port))
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (engine.handles and engine.handles[0].queue.qsize() >= 500):
+            time.sleep(0.05)
+        waiting = engine.handles[0].queue.qsize()
+        taken = engine.handles[0].stats.n_generated - waiting
+    assert waiting >= 500, f"the server took {taken} events and was still taking"
+    assert taken < 3000
 
 
 def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):

@@ -178,6 +178,9 @@ class PipelineEngine:
                     seq.id, unread, idle_s, self.stall_timeout)
         self.cancel_sequence(seq)
 
+    def sequence_resumed(self, seq: Sequence) -> None:
+        self._wake()  # a paused sequence's reader caught up: it is in the next step again
+
     # ---- scheduling ------------------------------------------------------------
     def _wake(self) -> None:
         self._inbox.put_nowait(_WAKE)
@@ -252,11 +255,10 @@ class PipelineEngine:
         return False
 
     def _rewind(self) -> None:
-        """After _recover: the steps in flight are lost. Every live sequence goes back
-        to the head of the queue, to be admitted again and prefilled from its tokens
-        so far (replay.rewind), so a greedy sequence goes on exactly as it would have;
-        but those in the slots _recover kept (`_keep`: a ring healed by replay),
-        which go on from the positions kept."""
+        """After _recover: the steps in flight are lost. Every live sequence goes back to
+        the head of the queue, to be admitted again and prefilled from its tokens so far
+        (replay.rewind; a greedy one goes on exactly as it would have), but those in the
+        slots _recover kept (`_keep`: a ring healed by replay) go on from their positions."""
         if self._reader is not None:
             self._reader.cancel()
         keep, self._keep = self._keep, {}
@@ -354,10 +356,10 @@ class PipelineEngine:
         budget = left = self._prefill_budget(lane)
         plans = {}
         for slot in sorted(lane.seqs):
-            state = lane.seqs[slot].state
-            if budget and not left and needs_prefill(state, self.first.context):
+            seq = lane.seqs[slot]
+            if seq.paused or budget and not left and needs_prefill(seq.state, self.first.context):
                 continue
-            plan = plan_chunk(state, self.first.context, left if budget else 0)
+            plan = plan_chunk(seq.state, self.first.context, left if budget else 0)
             left -= len(plan.prefill)
             plans[slot] = plan
         return plans

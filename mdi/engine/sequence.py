@@ -15,6 +15,11 @@ from .text import TextStream
 # engine's `stall_timeout` seconds while some wait, the sequence is cancelled (a client
 # that stopped reading must not hold a slot, nor make its queue grow, for ever).
 MAX_UNREAD = 8192
+# With this many unread the sequence is paused: the engine leaves it out of its lane's
+# steps (it costs no compute) until its reader has taken all but half of them. A
+# client that reads slowly is kept in step with its reading; one that stopped reading
+# holds its slot, at no cost but its cache, until the stall timeout.
+PAUSE_UNREAD = 64
 
 
 class Owner(Protocol):
@@ -22,6 +27,7 @@ class Owner(Protocol):
     stall_timeout: float
 
     def cancel_sequence(self, seq: "Sequence") -> None: ...
+    def sequence_resumed(self, seq: "Sequence") -> None: ...
     def sequence_stalled(self, seq: "Sequence", unread: int, idle_s: float) -> None: ...
 
 
@@ -39,6 +45,7 @@ class Sequence:
         self.slot: int | None = None
         self.cancelled = False
         self.finish_reason: str | None = None
+        self.paused = False  # its reader is PAUSE_UNREAD events behind: left out of the steps
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self._read_t = time.monotonic()   # when the reader last took an event, or when the
@@ -58,6 +65,9 @@ class Sequence:
         while True:
             ev = await self._queue.get()
             self._read_t = time.monotonic()
+            if self.paused and self._queue.qsize() <= PAUSE_UNREAD // 2:
+                self.paused = False
+                self._engine.sequence_resumed(self)
             if isinstance(ev, BaseException):
                 raise ev
             yield ev
@@ -76,6 +86,20 @@ class Sequence:
                 unread >= MAX_UNREAD or now - self._read_t > self._engine.stall_timeout):
             self._engine.sequence_stalled(self, unread, now - self._read_t)
         self._queue.put_nowait(ev)
+        if unread + 1 >= PAUSE_UNREAD and not (self.paused or self.done or self.cancelled):
+            self.paused = True  # the engine's _plans leave it out until its reader catches up
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        """A paused sequence emits nothing, so nothing else would see that its reader
+        stopped: cancelled once the stall timeout has passed without a read."""
+        if not self.paused or self.done or self.cancelled:
+            return
+        timeout, idle = self._engine.stall_timeout, time.monotonic() - self._read_t
+        if idle >= timeout:
+            self._engine.sequence_stalled(self, self._queue.qsize(), idle)
+        elif timeout < float("inf"):
+            asyncio.get_running_loop().call_later(timeout - idle, self._check_stall)
 
 
 @dataclass

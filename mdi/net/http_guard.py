@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -48,6 +49,12 @@ DRAIN_BYTES = 65536          # a body answered unread is still drained (connecti
 LINGER_S = 1.0               # silence after which a connection answered unread is closed
 LINGER_MAX_S = 10.0          # ... and the longest it is kept after that answer
 FRESH_S = 1.0                # a connection this young is evicted after older idle ones
+# The API port's answers wait in at most about this much buffer per connection: the
+# socket's send buffer (the kernel keeps twice it) and asyncio's before the transport
+# pauses. Linux grows a send buffer left to itself to 4 MB: a client that never reads
+# would pin that much kernel memory and, before the server's writes block (and its
+# sequence pauses, engine/sequence.py), ~20,000 streamed tokens' worth of compute.
+SEND_BUFFER = 32768
 
 
 class GuardedProtocol(H11Protocol):
@@ -61,10 +68,15 @@ class GuardedProtocol(H11Protocol):
     max_per_client: int = MAX_PER_CLIENT
     min_body_rate: float = MIN_BODY_RATE
     secret: bytes | None = None  # the port's bearer credential (node token, API key)
+    send_buffer: int | None = None  # bytes: see SEND_BUFFER (None: the kernel's and asyncio's)
     what: str = "HTTP"           # names the port in the log: "control", "API"
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._raw = transport
+        sock = transport.get_extra_info("socket")
+        if self.send_buffer and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+            transport.set_write_buffer_limits(high=self.send_buffer)
         super().connection_made(_LingeringTransport(transport, self))
         now = self.loop.time()
         self.connected_at = self.last_active = now
@@ -291,7 +303,8 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def guarded(what: str, header_timeout: float = HEADER_TIMEOUT_S,
             max_connections: int = MAX_CONNECTIONS, max_per_client: int = MAX_PER_CLIENT,
-            min_body_rate: float = MIN_BODY_RATE, secret: str | None = None) -> type[GuardedProtocol]:
+            min_body_rate: float = MIN_BODY_RATE, secret: str | None = None,
+            send_buffer: int | None = None) -> type[GuardedProtocol]:
     """A GuardedProtocol with these settings, for uvicorn.Config(http=...)."""
     if not header_timeout > 0 or max_connections < 1 or max_per_client < 1 or not min_body_rate > 0:
         raise ValueError(f"header_timeout and min_body_rate must be > 0, max_connections and "
@@ -300,7 +313,7 @@ def guarded(what: str, header_timeout: float = HEADER_TIMEOUT_S,
     return type(f"Guarded{what.title()}Protocol", (GuardedProtocol,),
                 {"what": what, "header_timeout": header_timeout, "max_connections": max_connections,
                  "max_per_client": max_per_client, "min_body_rate": min_body_rate,
-                 "secret": secret.encode() if secret else None})
+                 "secret": secret.encode() if secret else None, "send_buffer": send_buffer})
 
 
 def _peer(client) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from ..net.http_guard import guarded
+from ..net.http_guard import SEND_BUFFER, guarded
 
 log = logging.getLogger("mdi.serve")
 
@@ -47,7 +47,8 @@ def api_config(app: Any, guard: dict[str, Any] | None = None, **options: Any) ->
     arguments of net/http_guard.guarded; the secret is the app's API key)."""
     service = getattr(getattr(app, "state", None), "service", None)
     secret = service.config.api_key if service is not None else None
-    return uvicorn.Config(app, http=guarded("API", secret=secret, **(guard or {})), **options)
+    guard = {"send_buffer": SEND_BUFFER, **(guard or {})}
+    return uvicorn.Config(app, http=guarded("API", secret=secret, **guard), **options)
 
 
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
