@@ -12,9 +12,8 @@ stage waits for its own previous output.
 
 The first stage runs here (on one worker thread, so the event loop keeps
 serving; a decode step shorter than INLINE_BELOW_S on the loop itself); the
-rest of the pipeline is behind a Link (the TCP ring, or the in-memory fake of
-the tests). Without a link the first stage is the whole
-model and a step ends here: that is single-device generation.
+rest of the pipeline is behind a Link (the TCP ring, or the tests' in-memory
+fake). Without a link the first stage is the whole model: single-device.
 
 Tokens come back per lane in the order the lanes were sent; each becomes an
 Event on its sequence's queue (text released as it becomes final, see
@@ -178,12 +177,11 @@ class PipelineEngine:
                     seq.id, unread, idle_s, self.stall_timeout)
         self.cancel_sequence(seq)
 
-    def sequence_resumed(self, seq: Sequence) -> None:
-        self._wake()  # a paused sequence's reader caught up: it is in the next step again
-
     # ---- scheduling ------------------------------------------------------------
-    def _wake(self) -> None:
+    def _wake(self, seq: Sequence | None = None) -> None:
         self._inbox.put_nowait(_WAKE)
+
+    sequence_resumed = _wake  # a paused sequence's reader caught up: in the next step again
 
     def cancel_sequence(self, seq: Sequence) -> None:
         if seq.done or seq.cancelled:
