@@ -17,9 +17,10 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from .format import CheckpointError
+from .gguf_file import read_str, skip_or_read_value
 from .shipped import SHIPPED, shipped_path
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,6 @@ def _st_dtypes(d: Path) -> str:
     return "+".join(sorted(found)) or "?"
 
 
-# GGUF value types (gguf-py's GGUFValueType) and the struct format of the fixed-size ones.
-_FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-          12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
 def gguf_summary(path: Path) -> tuple[str, str]:
     """(architecture, file type) from a GGUF's metadata, e.g. ("llama", "Q4_1")."""
     meta = gguf_metadata(path, {"general.architecture", "general.file_type"})
@@ -161,9 +156,9 @@ def gguf_metadata(path: Path, keys: set[str]) -> dict:
             if magic != b"GGUF":
                 return out
             for _ in range(n_kv):
-                key = _read_str(f)
+                key = read_str(f)
                 (vtype,) = struct.unpack("<I", f.read(4))
-                value = _read_value(f, vtype)
+                value = skip_or_read_value(f, vtype)
                 if key in keys:
                     out[key] = value
                     if len(out) == len(keys):
@@ -171,26 +166,3 @@ def gguf_metadata(path: Path, keys: set[str]) -> dict:
     except (OSError, struct.error, UnicodeDecodeError, ValueError) as e:
         log.debug("%s: GGUF header unreadable: %s", path, e)
     return out
-
-
-def _read_str(f: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8")
-
-
-def _read_value(f: BinaryIO, vtype: int) -> object:
-    """A value (arrays are skipped over and read as None)."""
-    if vtype in _FIXED:
-        fmt = _FIXED[vtype]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-    if vtype == _STRING:
-        return _read_str(f)
-    if vtype == _ARRAY:
-        etype, count = struct.unpack("<IQ", f.read(12))
-        if etype in _FIXED:
-            f.seek(count * struct.calcsize(_FIXED[etype]), 1)
-        else:
-            for _ in range(count):
-                _read_value(f, etype)
-        return None
-    raise ValueError(f"unknown GGUF value type {vtype}")

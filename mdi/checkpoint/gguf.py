@@ -2,7 +2,7 @@
 
 A GGUF holds the hyper-parameters and the tokenizer as metadata and the
 weights as (often block-quantized) tensors under llama.cpp's names. This reads
-one with the `gguf` package's memory-mapped `GGUFReader` and presents it in
+one (gguf_file.py: plain metadata, tensors memory-mapped) and presents it in
 Hugging Face terms, the way `transformers` does when it loads the same file
 (`from_pretrained(..., gguf_file=...)`, its legacy llama path):
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .format import CheckpointError
+from .gguf_file import GGUFFile
 from .gguf_int4 import INT4_TYPES, int4_from_blocks
 from .gguf_tokenizer import build_tokenizer
 from .hf_source import HFSource
@@ -83,10 +84,9 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def open_reader(path: str | Path) -> Any:
-    """A `GGUFReader` over path, with every way a file can be bad as a CheckpointError."""
-    from gguf import GGUFReader  # runtime dependency; imported here to keep `import mdi` light
-
+def open_reader(path: str | Path) -> GGUFFile:
+    """A GGUF file's metadata and tensor table (gguf_file.py), with every way a file
+    can be bad as a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file not found: {path}")
@@ -95,29 +95,15 @@ def open_reader(path: str | Path) -> Any:
     if magic != b"GGUF":
         raise CheckpointError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        return GGUFFile(path)
+    except (ValueError, OverflowError, UnicodeDecodeError) as e:  # GGUFFormatError is one
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte "
-                                  f"{t.data_offset + t.n_bytes}, the file has {size}")
-    return reader
 
 
-def metadata(reader: Any, *, skip_arrays: bool = True) -> dict[str, Any]:
-    """Scalar and string metadata as Python values (arrays left out unless asked for)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        is_array = field.types and field.types[0].name == "ARRAY"
-        if is_array and skip_arrays:
-            continue
-        value = field.contents()
-        out[key] = value.item() if isinstance(value, np.generic) else value
-    return out
+def metadata(reader: GGUFFile, *, skip_arrays: bool = True) -> dict[str, Any]:
+    """Scalar and string metadata (arrays left out unless asked for)."""
+    return {k: v for k, v in reader.fields.items()
+            if not (skip_arrays and isinstance(v, list))}
 
 
 def _require(meta: dict, key: str, where: Path) -> Any:
@@ -175,6 +161,24 @@ GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k
                  "general.sampling.top_p": "top_p"}
 
 
+ROWS_AT_ONCE = 4096  # rows dequantized at a time: the gguf package's temporaries stay small
+
+
+def _dequantize(dequantize: Any, t: Any) -> np.ndarray:
+    """gguf.quants.dequantize of a block-format tensor, a few thousand rows at a time
+    into the result: whole, its temporaries were twice the float tensor (the load's
+    peak: +226 MB over the 113 MB float table for SmolLM2's Q8_0 embedding)."""
+    data = t.data
+    if data.ndim != 2 or data.dtype != np.uint8 or data.shape[0] <= ROWS_AT_ONCE:
+        return dequantize(data, t.tensor_type)
+    first = dequantize(data[:ROWS_AT_ONCE], t.tensor_type)
+    out = np.empty((data.shape[0], first.shape[1]), dtype=first.dtype)
+    out[:ROWS_AT_ONCE] = first
+    for a in range(ROWS_AT_ONCE, data.shape[0], ROWS_AT_ONCE):
+        out[a:a + ROWS_AT_ONCE] = dequantize(data[a:a + ROWS_AT_ONCE], t.tensor_type)
+    return out
+
+
 def gguf_source(path: str | Path) -> HFSource:
     """A GGUF file in Hugging Face terms; tensors dequantized to float32 on `read(name)`."""
     from gguf.quants import dequantize
@@ -210,15 +214,19 @@ def gguf_source(path: str | Path) -> HFSource:
         if t is None:
             raise KeyError(f"{path}: no tensor {name!r}")
         try:
-            w = dequantize(t.data, t.tensor_type)  # (rows, cols) float32, ne reversed
+            w = _dequantize(dequantize, t)  # (rows, cols) float32, ne reversed
         except NotImplementedError:
             raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, "
                                   "which the gguf package cannot dequantize") from None
         heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else 0
         if heads:
             w = unpermute_rows(w, heads)
-        # np.array copies out of the memory map (F32 "dequantizes" to a view of it)
-        out = torch.from_numpy(np.array(w, dtype=np.float32))
+        # a copy out of the memory map where F32 "dequantizes" to a view of it; a block
+        # format's floats are new already (a second copy was the load's peak: 113 MB
+        # more for SmolLM2's embedding)
+        if w.dtype != np.float32 or np.may_share_memory(w, t.data) or not w.flags.writeable:
+            w = np.array(w, dtype=np.float32)
+        out = torch.from_numpy(w)
         out.mdi_format = t.tensor_type.name  # what --quantize int4 keeps it as (int4_target)
         if t.tensor_type.name in INT4_TYPES and out.dim() == 2:
             # the exact int4 codes ride along for loaders that keep them (--quantize int4)
@@ -229,6 +237,7 @@ def gguf_source(path: str | Path) -> HFSource:
             if heads:
                 q = q.rows(torch.from_numpy(unpermute_rows(np.arange(out.shape[0]), heads)))
             out.mdi_int4 = q
+        reader.release(t)  # copied out: the file's pages leave this process
         return out
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_hf.items()}

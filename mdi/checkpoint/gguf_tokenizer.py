@@ -48,8 +48,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _array(reader: Any, key: str) -> list | None:
-    field = reader.fields.get(key)
-    return None if field is None else list(field.contents())
+    value = reader.fields.get(key)
+    return None if value is None else list(value)
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str | None

@@ -1,0 +1,176 @@
+"""A GGUF file's metadata and tensor table, read lightly; tensor data memory-mapped.
+
+The `gguf` package's GGUFReader keeps every metadata value as numpy views, one
+or two per array element: for SmolLM2's 49,152 tokens and 48,900 merges that is
+~160 MB of Python and numpy objects held for as long as the reader lives (the
+whole run, behind a model's source), and a node's load peaked on them. Here the
+metadata becomes plain Python values (a list of str for the vocabulary) read
+from one pass over the header, and each tensor is a numpy view of the file's
+memory map, shaped as GGUFReader shapes it (so the `gguf` package's own
+`dequantize` takes it): float types (rows, cols) of their dtype, block types
+(rows, bytes per row) of uint8.
+
+Layout (GGUF v2/v3, little-endian): magic, version u32, tensor count u64,
+metadata count u64; each metadata key (string) with its type u32 and value;
+each tensor's name, dimension count u32, dimensions u64 (innermost first), type
+u32 and offset u64; then, aligned to `general.alignment` (32 by default), the
+tensor data, each tensor at its offset from there.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+# GGUF value types (gguf-py's GGUFValueType) and the struct format of the fixed-size ones.
+FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+         12: "<d"}
+STRING, ARRAY = 8, 9
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}  # as FIXED
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
+                 "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class GGUFFormatError(ValueError):
+    """The bytes are not a well-formed GGUF file (truncated, or a value out of range)."""
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    tensor_type: Any           # gguf.GGMLQuantizationType
+    shape: np.ndarray          # dimensions, innermost first (as GGUF stores them)
+    data_offset: int           # from the start of the file
+    n_bytes: int
+    data: np.ndarray           # a view of the file's map
+
+
+class GGUFFile:
+    """`fields`: metadata key -> value (str, int, float, bool, or a list of them).
+    `tensors`: the tensor table, in file order."""
+
+    def __init__(self, path: str | Path) -> None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = memoryview(self._map)
+        self._pos = 0
+        magic, version, n_tensors, n_kv = self._unpack("<4sIQQ", buf)
+        if magic != b"GGUF":
+            raise GGUFFormatError(f"magic {magic!r}, expected b'GGUF'")
+        if version not in (2, 3):
+            raise GGUFFormatError(f"GGUF version {version} (2 and 3 are read)")
+        self.fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string(buf)
+            (vtype,) = self._unpack("<I", buf)
+            self.fields[key] = self._value(buf, vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string(buf)
+            (n_dims,) = self._unpack("<I", buf)
+            dims = self._unpack(f"<{n_dims}Q", buf)
+            qtype, offset = self._unpack("<IQ", buf)
+            infos.append((name, dims, qtype, offset))
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0:
+            raise GGUFFormatError(f"general.alignment is {align!r}")
+        start = -(-self._pos // align) * align
+        self.tensors: list[GGUFTensor] = []
+        size = len(self._map)
+        for name, dims, qtype, offset in infos:
+            try:
+                tt = GGMLQuantizationType(qtype)
+                block, block_bytes = GGML_QUANT_SIZES[tt]
+            except (ValueError, KeyError):
+                raise GGUFFormatError(f"tensor {name!r} has unknown type {qtype}") from None
+            if not dims or dims[0] % block:
+                raise GGUFFormatError(f"tensor {name!r} has shape {dims}, not whole blocks of {block}")
+            rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+            row_bytes = dims[0] // block * block_bytes
+            at, n_bytes = start + offset, rows * row_bytes
+            if at + n_bytes > size:
+                raise GGUFFormatError(f"truncated: tensor {name!r} ends at byte {at + n_bytes}, "
+                                      f"the file has {size}")
+            outer = tuple(int(d) for d in reversed(dims[1:]))
+            if tt.name in _FLOAT_DTYPES:
+                dt = np.dtype(_FLOAT_DTYPES[tt.name])
+                data = np.frombuffer(self._map, dt, rows * dims[0], at).reshape(*outer, dims[0])
+            else:
+                data = np.frombuffer(self._map, np.uint8, n_bytes, at).reshape(*outer, row_bytes)
+            self.tensors.append(GGUFTensor(name, tt, np.array(dims, dtype=np.uint64), at, n_bytes,
+                                           data))
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop t's pages from this process once it has been copied out: they stay in the
+        page cache, and a later read faults them in again. Without this a loaded model
+        kept the whole file's pages in its RSS beside its own copy (SmolLM2: 110 MB)."""
+        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay
+            pass
+
+    def _unpack(self, fmt: str, buf: memoryview) -> tuple:
+        n = struct.calcsize(fmt)
+        if self._pos + n > len(buf):
+            raise GGUFFormatError(f"truncated: the header ends past byte {len(buf)}")
+        out = struct.unpack_from(fmt, buf, self._pos)
+        self._pos += n
+        return out
+
+    def _string(self, buf: memoryview) -> str:
+        (n,) = self._unpack("<Q", buf)
+        if self._pos + n > len(buf):
+            raise GGUFFormatError(f"truncated: a string of {n} bytes at byte {self._pos}")
+        s = str(buf[self._pos:self._pos + n], "utf-8")
+        self._pos += n
+        return s
+
+    def _value(self, buf: memoryview, vtype: int) -> Any:
+        if vtype in FIXED:
+            return self._unpack(FIXED[vtype], buf)[0]
+        if vtype == STRING:
+            return self._string(buf)
+        if vtype == ARRAY:
+            etype, count = self._unpack("<IQ", buf)
+            if etype in _NUMPY:  # numbers: read at once
+                dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
+                if self._pos + count * dt.itemsize > len(buf):
+                    raise GGUFFormatError(f"truncated: an array of {count} at byte {self._pos}")
+                a = np.frombuffer(buf, dt, count, self._pos).tolist()
+                self._pos += count * dt.itemsize
+                return a
+            return [self._value(buf, etype) for _ in range(count)]
+        raise GGUFFormatError(f"unknown GGUF value type {vtype} at byte {self._pos}")
+
+
+def read_str(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8")
+
+
+def skip_or_read_value(f: BinaryIO, vtype: int) -> object:
+    """A value from a file object (arrays are skipped over and read as None): for
+    readers of a few header keys (checkpoint/catalog.py)."""
+    if vtype in FIXED:
+        fmt = FIXED[vtype]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if vtype == STRING:
+        return read_str(f)
+    if vtype == ARRAY:
+        etype, count = struct.unpack("<IQ", f.read(12))
+        if etype in FIXED:
+            f.seek(count * struct.calcsize(FIXED[etype]), 1)
+        else:
+            for _ in range(count):
+                skip_or_read_value(f, etype)
+        return None
+    raise ValueError(f"unknown GGUF value type {vtype}")
