@@ -20,6 +20,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_vs_transformers(args)
     if args.vs_llamacpp:
         return cmd_vs_llamacpp(args)
+    if args.profile:
+        return cmd_profile(args)
     nodes = _counts(args.nodes, "--nodes")
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
@@ -78,6 +80,21 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     for name in ("runs.csv", "summary.csv", "tokens_per_s.png", "peak_rss.png"):
         print(Path(args.out) / name, file=sys.stderr)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ..bench.models import random_checkpoint
+    from ..bench.profile import profile_rows, table, write_csv
+    from ..checkpoint import LoadOptions, load_model
+
+    ckpt = args.ckpt or random_checkpoint(args.model_size, Path(args.out) / "models")
+    model = load_model(ckpt, LoadOptions(quantize=args.quantize, max_context=args.max_context)).model
+    weights = args.quantize or str(model.first_param().dtype).removeprefix("torch.")
+    rows = profile_rows(model, weights, _counts(args.seqs if args.seqs != "1,4,16,64" else "1,16",
+                                                "--seqs"))
+    print(table(rows))
+    print(write_csv(rows, Path(args.out) / "profile.csv"), file=sys.stderr)
     return 0
 
 
@@ -149,6 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mdi variants run beside plain mdi: int8, batch-invariant, dense (the plain "
                         "nn.Linear instead of prepacked weights; comma-separated, "
                         "may be empty)")
+    p.add_argument("--profile", action="store_true",
+                   help="count the aten calls of one decode step at each of --seqs rows (default "
+                        "1,16 here), per layer, with --quantize's weights (profile.csv)")
     ll = p.add_argument_group("comparison with llama.cpp (the same GGUF file, one process each)")
     ll.add_argument("--vs-llamacpp", action="store_true",
                     help="compare single-device mdi with llama.cpp on --ckpt's GGUF file at each of "
