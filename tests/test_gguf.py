@@ -206,6 +206,28 @@ def test_quantized_tensors_equal_the_gguf_package_dequantization(tiny):
     assert {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K} <= seen
 
 
+def test_our_reader_equals_the_gguf_package_reader(tiny):
+    """checkpoint/gguf_file.py reads what gguf.GGUFReader reads: every metadata value
+    and every tensor's name, type, dimensions, offset and bytes; and a tensor whose
+    pages were released reads the same again."""
+    from mdi.checkpoint.gguf_file import GGUFFile
+
+    ours, ref = GGUFFile(tiny), gguf.GGUFReader(tiny)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.fields) == set(want)
+    for k, v in want.items():
+        v = v.item() if isinstance(v, np.generic) else v
+        assert ours.fields[k] == (list(v) if isinstance(v, (list, np.ndarray)) else v), k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.tensor_type, a.shape.tolist(), a.data_offset, a.n_bytes) == \
+            (b.tensor_type, b.shape.tolist(), b.data_offset, b.n_bytes), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        before = a.data.copy()
+        ours.release(a)
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.data, before), a.name
+
+
 def test_config_from_metadata(tiny):
     c = gguf_source(tiny).config
     assert c["model_type"] == "llama" and c["architectures"] == ["LlamaForCausalLM"]
