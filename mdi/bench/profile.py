@@ -11,7 +11,6 @@ the machine's load.
 """
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..generate import step
 from ..model import GPT
+from .report import write_rows
 
 PROMPT = 8  # positions each sequence holds before the profiled step
 FIELDS = ["weights", "rows", "aten_calls", "per_layer", "top"]
@@ -50,12 +50,7 @@ def profile_rows(model: GPT, weights: str, rows: list[int]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_rows(rows, path, FIELDS)
 
 
 def table(rows: list[dict]) -> str:

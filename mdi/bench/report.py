@@ -25,6 +25,16 @@ def _links(rows: list[dict]) -> str:
     return "+".join(kinds) or "none"
 
 
+def write_rows(rows: list[dict], path: Path, fields: list[str]) -> Path:
+    """rows as CSV with these columns (the folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     prefixes = ("peak_rss_mb_node", "cpu_s_node", "hop_us_node")
     node_cols = sorted({k for r in rows for k in r if k.startswith(prefixes)},
