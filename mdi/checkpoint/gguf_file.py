@@ -22,7 +22,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +50,84 @@ class GGUFTensor:
     data: np.ndarray           # a view of the file's map
 
 
+class _Cursor:
+    """Reads GGUF values from a buffer, front to back, checking every length."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str) -> tuple:
+        n = struct.calcsize(fmt)
+        if self.pos + n > len(self.buf):
+            raise GGUFFormatError(f"truncated: the header ends past byte {len(self.buf)}")
+        out = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return out
+
+    def _advance(self, n: int, what: str) -> int:
+        at = self.pos
+        if at + n > len(self.buf):
+            raise GGUFFormatError(f"truncated: {what} at byte {at}")
+        self.pos += n
+        return at
+
+    def string(self, skip: bool = False) -> str | None:
+        (n,) = self.unpack("<Q")
+        at = self._advance(n, f"a string of {n} bytes")
+        return None if skip else str(self.buf[at:at + n], "utf-8")
+
+    def value(self, vtype: int, skip_arrays: bool = False) -> Any:
+        """A value of type vtype; an array is skipped over (None) when skip_arrays."""
+        if vtype in FIXED:
+            return self.unpack(FIXED[vtype])[0]
+        if vtype == STRING:
+            return self.string()
+        if vtype != ARRAY:
+            raise GGUFFormatError(f"unknown GGUF value type {vtype} at byte {self.pos}")
+        etype, count = self.unpack("<IQ")
+        if etype in _NUMPY:  # numbers: read at once
+            dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
+            at = self._advance(count * dt.itemsize, f"an array of {count}")
+            return None if skip_arrays else np.frombuffer(self.buf, dt, count, at).tolist()
+        if skip_arrays and etype == STRING:
+            for _ in range(count):
+                self.string(skip=True)
+            return None
+        items = [self.value(etype, skip_arrays) for _ in range(count)]
+        return None if skip_arrays else items
+
+    def metadata(self, keys: set[str] | None = None, skip_arrays: bool = False
+                 ) -> tuple[dict[str, Any], int]:
+        """(metadata, tensor count) from the file's start; with keys, only those, read
+        as far as needed."""
+        magic, version, n_tensors, n_kv = self.unpack("<4sIQQ")
+        if magic != b"GGUF":
+            raise GGUFFormatError(f"magic {magic!r}, expected b'GGUF'")
+        if version not in (2, 3):
+            raise GGUFFormatError(f"GGUF version {version} (2 and 3 are read)")
+        fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self.string()
+            (vtype,) = self.unpack("<I")
+            value = self.value(vtype, skip_arrays)
+            if keys is None or key in keys:
+                fields[key] = value
+                if keys is not None and len(fields) == len(keys):
+                    break
+        return fields, n_tensors
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def header_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
+    """The metadata `keys` of a GGUF file, reading its header only as far as needed
+    (arrays skipped over): for listings of many files (checkpoint/catalog.py)."""
+    return _Cursor(memoryview(_map(Path(path)))).metadata(keys, skip_arrays=True)[0]
+
+
 class GGUFFile:
     """`fields`: metadata key -> value (str, int, float, bool, or a list of them).
     `tensors`: the tensor table, in file order."""
@@ -58,31 +136,20 @@ class GGUFFile:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = memoryview(self._map)
-        self._pos = 0
-        magic, version, n_tensors, n_kv = self._unpack("<4sIQQ", buf)
-        if magic != b"GGUF":
-            raise GGUFFormatError(f"magic {magic!r}, expected b'GGUF'")
-        if version not in (2, 3):
-            raise GGUFFormatError(f"GGUF version {version} (2 and 3 are read)")
-        self.fields: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._string(buf)
-            (vtype,) = self._unpack("<I", buf)
-            self.fields[key] = self._value(buf, vtype)
+        self._map = _map(self.path)
+        cur = _Cursor(memoryview(self._map))
+        self.fields, n_tensors = cur.metadata()
         infos = []
         for _ in range(n_tensors):
-            name = self._string(buf)
-            (n_dims,) = self._unpack("<I", buf)
-            dims = self._unpack(f"<{n_dims}Q", buf)
-            qtype, offset = self._unpack("<IQ", buf)
+            name = cur.string()
+            (n_dims,) = cur.unpack("<I")
+            dims = cur.unpack(f"<{n_dims}Q")
+            qtype, offset = cur.unpack("<IQ")
             infos.append((name, dims, qtype, offset))
         align = self.fields.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0:
             raise GGUFFormatError(f"general.alignment is {align!r}")
-        start = -(-self._pos // align) * align
+        start = -(-cur.pos // align) * align
         self.tensors: list[GGUFTensor] = []
         size = len(self._map)
         for name, dims, qtype, offset in infos:
@@ -117,60 +184,3 @@ class GGUFFile:
             self._map.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
         except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay
             pass
-
-    def _unpack(self, fmt: str, buf: memoryview) -> tuple:
-        n = struct.calcsize(fmt)
-        if self._pos + n > len(buf):
-            raise GGUFFormatError(f"truncated: the header ends past byte {len(buf)}")
-        out = struct.unpack_from(fmt, buf, self._pos)
-        self._pos += n
-        return out
-
-    def _string(self, buf: memoryview) -> str:
-        (n,) = self._unpack("<Q", buf)
-        if self._pos + n > len(buf):
-            raise GGUFFormatError(f"truncated: a string of {n} bytes at byte {self._pos}")
-        s = str(buf[self._pos:self._pos + n], "utf-8")
-        self._pos += n
-        return s
-
-    def _value(self, buf: memoryview, vtype: int) -> Any:
-        if vtype in FIXED:
-            return self._unpack(FIXED[vtype], buf)[0]
-        if vtype == STRING:
-            return self._string(buf)
-        if vtype == ARRAY:
-            etype, count = self._unpack("<IQ", buf)
-            if etype in _NUMPY:  # numbers: read at once
-                dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
-                if self._pos + count * dt.itemsize > len(buf):
-                    raise GGUFFormatError(f"truncated: an array of {count} at byte {self._pos}")
-                a = np.frombuffer(buf, dt, count, self._pos).tolist()
-                self._pos += count * dt.itemsize
-                return a
-            return [self._value(buf, etype) for _ in range(count)]
-        raise GGUFFormatError(f"unknown GGUF value type {vtype} at byte {self._pos}")
-
-
-def read_str(f: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8")
-
-
-def skip_or_read_value(f: BinaryIO, vtype: int) -> object:
-    """A value from a file object (arrays are skipped over and read as None): for
-    readers of a few header keys (checkpoint/catalog.py)."""
-    if vtype in FIXED:
-        fmt = FIXED[vtype]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-    if vtype == STRING:
-        return read_str(f)
-    if vtype == ARRAY:
-        etype, count = struct.unpack("<IQ", f.read(12))
-        if etype in FIXED:
-            f.seek(count * struct.calcsize(FIXED[etype]), 1)
-        else:
-            for _ in range(count):
-                skip_or_read_value(f, etype)
-        return None
-    raise ValueError(f"unknown GGUF value type {vtype}")
