@@ -24,7 +24,6 @@ import os
 import statistics
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -32,6 +31,7 @@ from ...model import GPT, GPTConfig
 from ...model.dtypes import DTYPES
 from ...model.meta import on_meta
 from ...model.quant import quantize as quantize_stage
+from .cgroups import cgroup_cpu_limit
 from .frame_probe import time_stages
 from .limits import free_memory
 
@@ -144,32 +144,6 @@ class ProbeCache:
 
 
 # ---- device and memory --------------------------------------------------------
-def cgroup_cpu_limit() -> float | None:
-    """CPUs allowed by this process's cgroup CPU quota (v1 or v2), None when unlimited."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        try:
-            if controllers == "":  # cgroup v2
-                quota, period = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().split()
-                if quota != "max":
-                    return int(quota) / int(period)
-            elif "cpu" in controllers.split(","):
-                base = Path("/sys/fs/cgroup") / controllers
-                if not base.exists():
-                    base = Path("/sys/fs/cgroup/cpu")
-                d = base / path.lstrip("/")
-                quota = int((d / "cpu.cfs_quota_us").read_text())
-                if quota > 0:
-                    return quota / int((d / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def effective_cpus() -> float:
     """Cores this process may use: its affinity, capped by a cgroup quota."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

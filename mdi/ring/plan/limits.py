@@ -146,14 +146,21 @@ class DeviceMemory:
 
 def free_memory(device: str) -> DeviceMemory:
     """The memory of a device: CUDA's mem_get_info, else the host's available RAM
-    (CPU and MPS share it)."""
+    (CPU and MPS share it), or what this process's memory cgroup has left where
+    that is less (a container, a capped node: cgroups.py)."""
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(dev)
         return DeviceMemory(int(free), int(total), f"free memory of {device}")
     import psutil
 
+    from .cgroups import cgroup_memory
+
     vm = psutil.virtual_memory()
+    group = cgroup_memory()
+    if group is not None and group.free < vm.available:
+        return DeviceMemory(group.free, min(group.limit, int(vm.total)),
+                            f"memory left under the {group.where} limit")
     return DeviceMemory(int(vm.available), int(vm.total), "free system memory")
 
 
