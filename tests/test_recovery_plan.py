@@ -56,7 +56,10 @@ def test_starter_alone_takes_the_whole_model_and_generates_as_one_device(ckpt):
 
 
 def test_no_room_for_the_whole_model_fails_the_recovery_with_the_numbers(ckpt, monkeypatch, caplog):
-    monkeypatch.setattr(ring_engine, "node_capabilities", lambda device: {"budget_bytes": 0})
+    from mdi.ring.plan import placement
+    from mdi.ring.plan.limits import DeviceMemory
+
+    monkeypatch.setattr(placement, "free_memory", lambda device: DeviceMemory(0, 1, "test"))
     nodes = local_nodes_config(3, free_ports(6))
     engine = RingEngine(nodes, "token", str(ckpt), max_seqs=2)
     assert not asyncio.run(engine._recover(lost_everything(engine)))

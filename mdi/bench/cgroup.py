@@ -1,4 +1,5 @@
-"""Slow devices, emulated for real: a CPU quota per node with cgroup v1's CFS bandwidth.
+"""Slow and small devices, emulated for real: a CPU quota per node with cgroup v1's CFS
+bandwidth (`--node-cpu`) and a memory limit per node (`--node-mem`, below).
 
 `mdi bench --node-cpu 1,1,0.3` puts each node (starter first) in its own cgroup
 under /sys/fs/cgroup/cpu with `cpu.cfs_quota_us / cpu.cfs_period_us` equal to
@@ -22,8 +23,11 @@ PERIOD_US = 10_000
 MIN_SHARE = 0.1   # the kernel's least quota is 1 ms
 
 
-class CpuCapsUnavailable(RuntimeError):
-    """This machine or user cannot cap CPUs with cgroup v1."""
+class CgroupUnavailable(RuntimeError):
+    """This machine or user cannot cap CPUs or memory with cgroup v1."""
+
+
+CpuCapsUnavailable = CgroupUnavailable
 
 
 def parse_shares(text: str) -> list[float]:
@@ -92,3 +96,83 @@ class CpuCaps:
             except OSError as e:
                 log.warning("cannot remove cgroup %s: %s", d, e)
         self.dirs = []
+
+
+# ---- memory -------------------------------------------------------------------
+MEM_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def parse_mem_limits(text: str) -> list[int]:
+    """'700M,700M,1G' -> bytes per node (starter first)."""
+    from ..ring.plan.limits import parse_size
+
+    try:
+        sizes = [parse_size(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--node-mem must be comma-separated sizes, e.g. 700M,700M,700M: {e}") \
+            from None
+    if not sizes or any(s < 64 << 20 for s in sizes):
+        raise ValueError(f"--node-mem: every limit must be at least 64M (a Python process "
+                         f"with torch takes more), got {text!r}")
+    return sizes
+
+
+class MemCaps:
+    """A cgroup v1 memory limit per node process: every process its own group (the
+    clusters of a bench each have a node i; they must not share one limit), so
+    `join(key, i, pid)` makes group `key` with node i's limit. Without swap a
+    process past its limit is killed by the kernel's OOM killer (the run fails
+    and the bench says so); `peak(key)` is the group's high-water mark."""
+
+    def __init__(self, limits: list[int], root: Path = MEM_ROOT) -> None:
+        self.limits, self.root = limits, root
+        self.dirs: dict[str, Path] = {}
+
+    def check(self) -> None:
+        if os.geteuid() != 0:
+            raise CgroupUnavailable(f"--node-mem needs root (it writes cgroup v1 files under "
+                                     f"{self.root})")
+        if not (self.root / "memory.limit_in_bytes").exists():
+            raise CgroupUnavailable(f"--node-mem needs a cgroup v1 memory hierarchy at "
+                                     f"{self.root} (cgroup v2-only systems are not supported)")
+
+    def __enter__(self) -> "MemCaps":
+        self.check()
+        log.info("memory limit per node (starter first): %s MiB",
+                 ",".join(str(x >> 20) for x in self.limits))
+        return self
+
+    def group(self, key: str, i: int) -> Path:
+        """Node i's group named key, made with its limit on first use."""
+        d = self.dirs.get(key)
+        if d is None:
+            d = self.root / f"mdi-bench-{os.getpid()}-{key}"
+            try:
+                d.mkdir(exist_ok=True)
+                (d / "memory.limit_in_bytes").write_text(str(self.limits[i]))
+            except OSError as e:
+                raise CgroupUnavailable(f"--node-mem: cannot set up a cgroup under "
+                                         f"{self.root}: {e}") from None
+            self.dirs[key] = d
+        return d
+
+    def join(self, key: str, i: int, pid: int) -> None:
+        (self.group(key, i) / "cgroup.procs").write_text(str(pid))
+
+    def peak_mb(self, key: str) -> float:
+        d = self.dirs.get(key)
+        try:
+            return int((d / "memory.max_usage_in_bytes").read_text()) / 2**20 if d else float("nan")
+        except OSError:
+            return float("nan")
+
+    def __exit__(self, *exc) -> None:
+        for d in self.dirs.values():
+            try:
+                procs = d / "cgroup.procs"
+                for pid in procs.read_text().split() if procs.exists() else []:
+                    (self.root / "cgroup.procs").write_text(pid)
+                d.rmdir()
+            except OSError as e:
+                log.warning("cannot remove cgroup %s: %s", d, e)
+        self.dirs = {}

@@ -12,6 +12,7 @@ from ..ring.protocol.wire import HEADER_SIZE
 from .latency import LATENCY_FIELDS
 
 CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", "node_cpu",
+              "node_mem_mb",
               "n_nodes", "n_samples", "n_layer", "n_embd", "block_size", "params", "n_tokens",
               "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "links", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
@@ -86,7 +87,9 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
               f"{r0['n_tokens']} tokens; isolate={r0['isolate']}, hosts={r0['hosts']}, "
               f"link rate={r0['link_rate'] or 'unlimited'}, links={_links(rows)}"
               + (f", CPU share per node {r0['node_cpu']} (starter first)" if r0.get("node_cpu")
-                 else "") + ".", ""]
+                 else "")
+              + (f", memory limit per node {r0['node_mem_mb']} MiB (starter first)"
+                 if r0.get("node_mem_mb") else "") + ".", ""]
     path.write_text("\n".join(lines + latency_lines(rows)))
     return path
 

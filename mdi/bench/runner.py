@@ -26,7 +26,7 @@ from ..checkpoint import open_checkpoint
 from ..model.cache import context_length
 from ..ring.protocol.auth import ENV_VAR
 from ..ring.cluster.local_cluster import LocalCluster, child_setup
-from .cgroup import CpuCaps
+from .cgroup import CpuCaps, MemCaps
 from .latency import LATENCY_FIELDS
 from .models import random_checkpoint
 from .netns import NetnsHosts
@@ -53,6 +53,7 @@ class BenchConfig:
     seed: int = 1337
     run_timeout: float = 1800.0
     node_cpu: list[float] | None = None       # CPU share per node, starter first (cgroup v1)
+    node_mem: list[int] | None = None         # memory limit per node in bytes, starter first
     partitions: list[str] = field(default_factory=list)  # "auto", "even"; [] = the starter's default
     micro_batches: int | None = None  # lanes on the ring (None: the starter's default)
     prompt_tokens: list[int] = field(default_factory=list)   # prompt lengths; [] = one newline
@@ -85,6 +86,9 @@ class BenchConfig:
             raise ValueError(f"--temperature must be 0 or positive, got {self.temperature:g}")
         if self.node_cpu is not None and len(self.node_cpu) < max(self.nodes):
             raise ValueError(f"--node-cpu gives {len(self.node_cpu)} share(s); --nodes "
+                             f"{max(self.nodes)} needs one per node, starter first")
+        if self.node_mem is not None and len(self.node_mem) < max(self.nodes):
+            raise ValueError(f"--node-mem gives {len(self.node_mem)} limit(s); --nodes "
                              f"{max(self.nodes)} needs one per node, starter first")
 
 
@@ -178,6 +182,7 @@ class Bench:
                              f"at most the model's {self.info.config.block_size})")
         self.max_nodes = max(v.n_nodes for v in self.variants)
         self.caps: CpuCaps | None = None
+        self.mem: MemCaps | None = None
 
     def run(self) -> list[dict]:
         rows: list[dict] = []
@@ -188,6 +193,9 @@ class Bench:
             self.caps = None
             if self.cfg.node_cpu is not None:
                 self.caps = stack.enter_context(CpuCaps(self.cfg.node_cpu[:self.max_nodes]))
+            self.mem = None
+            if self.cfg.node_mem is not None:
+                self.mem = stack.enter_context(MemCaps(self.cfg.node_mem[:self.max_nodes]))
             clusters: dict[int, LocalCluster] = {}
             for n in sorted({v.n_nodes for v in self.variants if v.n_nodes > 1}):
                 clusters[n] = stack.enter_context(LocalCluster(
@@ -195,9 +203,11 @@ class Bench:
                     node_timeout=60.0, affinity=core_plan(n, self.cfg.isolate, self.max_nodes),
                     addrs=hosts.addrs[:n] if hosts else None,
                     prefixes=[hosts.prefix(i) for i in range(n)] if hosts else None))
-                if self.caps is not None:  # node i of this cluster gets share i
-                    for i, proc in enumerate(clusters[n].procs, start=1):
+                for i, proc in enumerate(clusters[n].procs, start=1):
+                    if self.caps is not None:  # node i of this cluster gets share i
                         self.caps.join(i, proc.pid)
+                    if self.mem is not None:  # and a memory group of its own
+                        self.mem.join(f"ring{n}-node{i}", i, proc.pid)
             total = self.cfg.runs * len(self.variants)
             with tqdm(total=total, unit="run", desc="bench", disable=None) as bar:
                 for r in range(self.cfg.runs):
@@ -254,6 +264,13 @@ class Bench:
             def setup() -> None:
                 base()
                 caps.join_self(0)
+        if self.mem is not None:  # and node 0's memory limit, in a group of this run's own
+            group = self.mem.group(f"{v.name}-run{run}", 0) / "cgroup.procs"
+            base_mem = setup
+
+            def setup() -> None:
+                base_mem()
+                group.write_text(str(os.getpid()))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 preexec_fn=setup)
         try:
@@ -286,6 +303,8 @@ class Bench:
                                     for n in (res.get("plan") or {}).get("nodes", [])),
                "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
                if cfg.node_cpu else "",
+               "node_mem_mb": ",".join(str(x >> 20) for x in cfg.node_mem[:v.n_nodes])
+               if cfg.node_mem else "",
                "gen_time_s": res["gen_time_s"], "tokens_per_s": res["tokens_per_s"],
                "first_token_s": res["first_token_s"],
                "bytes_per_hop_per_token": res.get("bytes_per_hop_per_token", 0.0),

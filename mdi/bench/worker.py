@@ -11,6 +11,8 @@ import sys
 import torch
 
 from ..checkpoint import LoadOptions, load_model, open_checkpoint
+from ..cli.common import UsageError
+from ..cli.preflight import check_fits_here
 from ..ring.protocol.auth import resolve_token
 from ..ring.cluster.nodes_config import load_nodes_config
 from ..ring.starter.driver import Starter
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                                      prefill_chunk=args.prefill_chunk))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
+        try:
+            check_fits_here(ck, len(prompts), "float32", args.max_context, args.quantize)
+        except UsageError as e:
+            print(f"refused: {e}", file=sys.stderr)
+            return 2
         model = load_model(ck, LoadOptions(dtype=torch.float32,  # as the starter's default
                                            quantize=args.quantize, batch_invariant=args.batch_invariant,
                                            max_context=args.max_context)).model

@@ -11,7 +11,7 @@ from .common import BATCH_INVARIANT_HELP, CKPT_HELP, QUANTIZE_HELP, SEED_HELP, a
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench.cgroup import CpuCapsUnavailable, parse_shares
+    from ..bench.cgroup import CgroupUnavailable, parse_mem_limits, parse_shares
     from ..bench.netns import NetnsUnavailable
     from ..bench.report import write_csv, write_plots, write_summary
     from ..bench.runner import Bench, BenchConfig
@@ -29,6 +29,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       resend_context=args.resend_context, seed=args.seed,
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
                       max_context=args.max_context, node_cpu=parse_shares(args.node_cpu) if args.node_cpu else None,
+                      node_mem=parse_mem_limits(args.node_mem) if args.node_mem else None,
                       partitions=[x.strip() for x in (args.partition or "").split(",") if x.strip()],
                       micro_batches=args.micro_batches,
                       prompt_tokens=_counts(args.prompt_tokens or "", "--prompt-tokens"),
@@ -37,7 +38,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         bench = Bench(cfg)
         rows = bench.run()
-    except (NetnsUnavailable, CpuCapsUnavailable) as e:
+    except (NetnsUnavailable, CgroupUnavailable) as e:
         print(f"mdi bench: skipped: {e}", file=sys.stderr)
         return 0
     out = Path(args.out)
@@ -137,6 +138,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-cpu", metavar="SHARES",
                    help="CPU share of one core per node, starter first, e.g. 1,1,0.3: emulates "
                         "slow devices with cgroup v1 CPU quotas (needs root)")
+    p.add_argument("--node-mem", metavar="SIZES",
+                   help="memory limit per node, starter first, e.g. 700M,700M,700M: emulates "
+                        "small devices with cgroup v1 memory limits (needs root); nodes plan with "
+                        "what their group allows, and a process past it is killed by the kernel")
     p.add_argument("--partition", metavar="LIST",
                    help="run each distributed configuration with these partitions side by side, "
                         "e.g. auto,even (default: the starter's own choice)")

@@ -24,3 +24,20 @@ def check_local_nodes(args: argparse.Namespace, ck: Checkpoint) -> None:
             check_local_ring(nodes, c.n_layer, spares, weights, free_memory("cpu").free)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def check_fits_here(ck: Checkpoint, n_samples: int, dtype: str = "float32",
+                    max_context: int | None = None, quantize: str | None = None,
+                    device: str = "cpu") -> None:
+    """One device (this process) against the whole model and its caches, before
+    a byte of weights is read: a UsageError with the numbers instead of an
+    out-of-memory kill part way through the load (a container's or a capped
+    node's memory limit counts: ring/plan/cgroups.py)."""
+    from ..ring.plan.placement import check_fits_alone
+    from ..ring.plan.planner import PlanError
+
+    try:
+        check_fits_alone(ck.config, n_samples, dtype, max_context, quantize, device,
+                         who="this device")
+    except PlanError as e:
+        raise UsageError(str(e)) from None

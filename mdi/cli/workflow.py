@@ -7,13 +7,14 @@ import logging
 
 from tqdm import tqdm
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
 from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, SEED_HELP, THREADS_HELP,
                      UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
                      encode_prompts, load_options, read_prompts, sampling_config, set_threads, stops_of)
+from .preflight import check_fits_here
 
 log = logging.getLogger("mdi")
 
@@ -59,7 +60,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")
     set_threads(args.threads)
     prompts = read_prompts(args.prompt, args.n_samples)
-    loaded = load_model(args.ckpt, load_options(args))
+    ck = open_checkpoint(args.ckpt)
+    check_fits_here(ck, len(prompts), args.dtype, args.max_context, args.quantize, args.device)
+    loaded = load_model(ck, load_options(args))
     model, tok = loaded.model, loaded.tokenizer
     ids = encode_prompts(tok, prompts, chat=args.chat)
     check_prompt_lengths(ids, model.config.block_size, args.max_context, args.truncate)

@@ -33,6 +33,7 @@ import httpx
 from ...model import GPTConfig
 from ..protocol.auth import AuthError
 from .capability import ProbeCache, Speed, node_capabilities, stage_memory
+from .limits import free_memory
 from ..cluster.nodes_config import NodesConfig, NodeSpec
 from .partition import Shard, even_split, manual_split
 from .planner import NodeCost, Plan, PlanError, plan_layers, plan_memory
@@ -251,3 +252,21 @@ def _speed_of(d: dict, spec: NodeSpec) -> Speed:
     except (KeyError, TypeError, ValueError) as e:
         raise RuntimeError(f"{spec.describe()} answered /probe without a valid speed "
                            f"({type(e).__name__}: {e}): {str(d)[:200]}") from None
+
+
+def check_fits_alone(config: GPTConfig, n_samples: int, dtype: str = "float32",
+                     max_context: int | None = None, quantize: str | None = None,
+                     device: str = "cpu", held: int = 0, who: str = "one device") -> None:
+    """PlanError with the numbers when the whole model and every sequence's cache
+    cannot fit what this process may still take (held: what it holds now and
+    will give back). A lower bound: the runtime itself is not counted, so a run
+    refused here would surely have been killed for memory part way."""
+    mem = stage_memory(config, n_samples, dtype, max_context, quantize)
+    need = mem.embed_bytes + mem.head_bytes + config.n_layer * mem.block_bytes
+    budget = free_memory(device)
+    if need > budget.free + held:
+        raise PlanError(f"{who} would need {need / 2**20:.0f} MiB for the whole model and its "
+                        f"caches ({config.n_layer} layers, {n_samples} sequence(s)"
+                        + (f", {quantize}" if quantize else "") + f"); it has "
+                        f"{(budget.free + held) / 2**20:.0f} MiB ({budget.where}): run it on "
+                        "more nodes (--nodes) or with a smaller --quantize")

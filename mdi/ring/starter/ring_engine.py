@@ -48,9 +48,8 @@ from ...model.dtypes import DTYPES
 from ...results import HopStats
 from ...tokenizer import Tokenizer
 from ..cluster.nodes_config import NodeSpec, NodesConfig
-from ..plan.capability import node_capabilities, stage_memory
 from ..plan.partition import Shard
-from ..plan.placement import Placement
+from ..plan.placement import Placement, check_fits_alone
 from ..plan.planner import PlanError
 from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
@@ -391,11 +390,6 @@ class RingEngine(PipelineEngine):
     def _check_fits_alone(self) -> None:
         """The starter left alone must hold the whole model and every sequence's cache
         (what it holds now counts as room): PlanError with the numbers if not."""
-        mem = stage_memory(self.config, self.max_seqs, self.opts.dtype, self.opts.max_context,
-                           self.opts.quantize)
-        need = mem.embed_bytes + mem.head_bytes + self.config.n_layer * mem.block_bytes
         held = sum(t.numel() * t.element_size() for t in self.first.stage.state_dict().values())
-        budget = node_capabilities(self.opts.device)["budget_bytes"]
-        if budget is not None and need > budget + held:
-            raise PlanError(f"the starter alone would need {need / 2**20:.0f} MiB for the whole "
-                            f"model and its caches; it has {(budget + held) / 2**20:.0f} MiB")
+        check_fits_alone(self.config, self.max_seqs, self.opts.dtype, self.opts.max_context,
+                         self.opts.quantize, self.opts.device, held, who="the starter alone")
