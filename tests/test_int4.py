@@ -218,11 +218,12 @@ def test_int4_logits_close_to_fp32(mode, bound):
     assert rel < bound, rel
 
 
-def test_int4_stage_cannot_be_saved_yet(make_model, tmp_path):
+def test_an_int4_stage_is_not_saved_from_its_packed_weights(make_model, tmp_path):
     from mdi.checkpoint.format import save_checkpoint
     m = quantize(make_model(LLAMA, seed=0), "int4")
-    with pytest.raises(CheckpointError, match="int4"):
+    with pytest.raises(CheckpointError, match="packed weights: .*mdi convert --quantize int4"):
         save_checkpoint(tmp_path / "x", m, None)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_gpt_forward_with_int4_is_batch_invariant(make_model):

@@ -166,6 +166,32 @@ def test_a_node_builds_the_gguf_int4_stage_from_the_stream(q4_gguf):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_an_int4_checkpoint_of_a_gguf_keeps_the_files_codes(q4_gguf, tmp_path):
+    """`mdi convert x.gguf --quantize int4` stores the file's Q4 codes as they are (the
+    wider block formats as int8 rows), and its stages, loaded or streamed, equal the
+    GGUF's loaded with --quantize int4."""
+    from safetensors.torch import load_file
+
+    from mdi.checkpoint.gguf_int4 import int4_from_blocks
+    from mdi.checkpoint.sources import convert_to_ours
+
+    ck = open_checkpoint(str(q4_gguf))
+    out = convert_to_ours(ck, tmp_path / "q", quantize="int4")
+    sd = load_file(out / "model.safetensors")
+    t = {t.name: t for t in gguf.GGUFReader(q4_gguf).tensors}["blk.0.ffn_down.weight"]
+    down = int4_from_blocks(t.data, "Q4_K", (64, 256), t.name)  # no permutation
+    p = "transformer.h.0.mlp.c_proj"
+    assert torch.equal(sd[f"{p}.int4_codes"], pack_codes(down.codes))
+    assert torch.equal(sd[f"{p}.int4_scale"], down.scale) and torch.equal(sd[f"{p}.int4_zero"], down.zero)
+    # a Q8_0 matrix: int8 rows, not a requantization to int4
+    assert sd["transformer.h.1.attn.c_proj.weight"].dtype == torch.int8
+    assert "transformer.h.1.attn.c_proj.int4_codes" not in sd
+    for start, stop in [(0, 2), (0, 1), (1, 2)]:
+        want, _ = load_stage(ck, start, stop, quantize="int4")
+        assert_same_stage(load_stage(out, start, stop)[0], want)
+        assert_same_stage(built(ck.config, start, stop, shard_bytes(out, Shard(start, stop, 2))), want)
+
+
 @pytest.mark.slow
 def test_gguf_int4_ring_equals_the_single_device_run(q4_gguf):
     """`mdi run --quantize int4` on a Q4 GGUF: the node gets the file's codes, so the

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from mdi.checkpoint import CheckpointError, LoadOptions, load_model, load_stage, read_info, save_checkpoint
-from mdi.checkpoint.chunks import write_chunks
 from mdi.checkpoint.format import StageBuilder
 from mdi.checkpoint.sources import convert_to_ours
-from mdi.checkpoint.stream import iter_stream, shard_bytes, shard_stream
+from mdi.checkpoint.stream import iter_stream, shard_bytes
 from mdi.model import GPT, GPTConfig
 from mdi.model.quant import Int8Embedding, Int8Linear, configure_stage, weight_bytes
 from mdi.ring.plan.partition import Shard
@@ -146,14 +145,6 @@ def test_int8_checkpoint_gives_the_load_time_quantized_stage(tmp_path, config):
     assert weight_bytes(whole) == weight_bytes(old_way(ck, 0, None))
 
 
-def test_int8_checkpoint_is_refused_by_split_and_stream(tmp_path):
-    out = convert_to_ours(_ckpt(tmp_path, TIED), tmp_path / "int8", quantize="int8")
-    with pytest.raises(CheckpointError, match="int8 checkpoint .*splitting.*--quantize int8"):
-        write_chunks(out, [Shard(0, 2, 4), Shard(2, 4, 4)], tmp_path / "chunks")
-    with pytest.raises(CheckpointError, match="int8 checkpoint .*streaming weights to nodes"):
-        shard_stream(out, Shard(2, 4, 4))
-
-
 def test_int8_checkpoint_is_inspected(tmp_path):
     from mdi.checkpoint.inspect import inspect_checkpoint
 
@@ -169,7 +160,7 @@ def test_int8_checkpoint_is_inspected(tmp_path):
 def test_int8_checkpoint_config_is_checked(tmp_path):
     out = convert_to_ours(_ckpt(tmp_path, TIED), tmp_path / "int8", quantize="int8")
     cfg = json.loads((out / "config.json").read_text())
-    cfg["quantize"] = {"mode": "int4", "dtype": "float32"}
+    cfg["quantize"] = {"mode": "int5", "dtype": "float32"}
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="the quantize field must be"):
         read_info(out)

@@ -6,7 +6,10 @@ weights cross the network when a run starts. A chunk directory holds
 config.json ({"format": "mdi-chunk", "model", "start", "stop", ...}) and
 model.safetensors with exactly the stage's tensors (the finisher's includes
 lm_head.weight, a copy of the tied embedding). Chunks are always in our names
-and layout, whatever the checkpoint's kind (ours, Hugging Face, GGUF).
+and layout, whatever the checkpoint's kind (ours, Hugging Face, GGUF). A
+quantized checkpoint's chunks hold its stage's stored parts (quant_parts.py)
+as they are, and say its mode as the checkpoint does ("quantize": {"mode",
+"dtype"}): a node loading one builds the stage one device builds.
 
 Layer ranges are anything with `.start` and `.stop` (ring.partition.Shard).
 """
@@ -21,8 +24,9 @@ from safetensors.torch import save_file
 
 from ..model import GPT, GPTConfig
 from . import st_io
-from .format import (EMBEDDING, TIED_HEAD, WEIGHTS, CheckpointError, expected_shapes,
-                     read_stage_file, refuse_int8)
+from ..model.dtypes import DTYPES
+from .format import (STORED_MODES, TIED_SOURCES, WEIGHTS, CheckpointError, expected_shapes,
+                     read_stage_file, stored_shapes)
 from .hf import HFCheckpoint
 from .sources import Checkpoint, open_checkpoint
 
@@ -41,12 +45,12 @@ def shard_tensors(ckpt: str | Path | Checkpoint, shard: Span) -> dict[str, torch
     if isinstance(info, HFCheckpoint):
         return {name: hf_tensor(info, name)
                 for name in expected_shapes(info.config, shard.start, shard.stop)}
-    refuse_int8(info, "splitting into per-node chunks")
     out = {}
     try:
         with st_io.open_file(info.weights_path) as f:
-            entries, data_start = st_io.read_header(f)
-            for name, src in stage_sources(entries, info.config, shard, info.weights_path):
+            entries, data_start = st_io.read_header(f, info.quantized is not None)
+            for name, src in stage_sources(entries, info.config, shard, info.weights_path,
+                                           info.quantized):
                 # a fresh read per name: the tied head must not share the embedding's memory
                 out[name] = st_io.read_tensor(f, entries[src], data_start)
     except (st_io.SafetensorsFormatError, OSError) as e:
@@ -63,12 +67,16 @@ def hf_tensor(info: HFCheckpoint, name: str) -> torch.Tensor:
     return t.contiguous()
 
 
-def stage_sources(entries, config: GPTConfig, shard: Span, where) -> list[tuple[str, str]]:
-    """(stage tensor name, name stored in the file) for each tensor of a stage."""
+def stage_sources(entries, config: GPTConfig, shard: Span, where, stored: str | None = None
+                  ) -> list[tuple[str, str]]:
+    """(stage tensor name, name stored in the file) for each tensor of a stage;
+    stored: the mode a quantized checkpoint's file holds (its layers' parts)."""
+    want = (stored_shapes(config, shard.start, shard.stop, stored, set(entries)) if stored
+            else expected_shapes(config, shard.start, shard.stop))
     out = []
-    for name in expected_shapes(config, shard.start, shard.stop):
-        tied = name == TIED_HEAD and config.tie_embeddings
-        src = name if name in entries else (EMBEDDING if tied else None)
+    for name in want:
+        tied = name in TIED_SOURCES and config.tie_embeddings
+        src = name if name in entries else (TIED_SOURCES[name] if tied else None)
         if src is None or src not in entries:
             raise CheckpointError(f"{where}: missing tensor {name!r}")
         out.append((name, src))
@@ -80,8 +88,7 @@ def write_chunks(ckpt: str | Path | Checkpoint, shards: Sequence[Span], out_dir:
     """Write out_dir/node0, node1, ...: one chunk per layer range (see ring.split
     for the even split by node count)."""
     info = open_checkpoint(ckpt)
-    if not isinstance(info, HFCheckpoint):
-        refuse_int8(info, "splitting into per-node chunks")
+    quantized = getattr(info, "quantized", None)
     out = Path(out_dir)
     paths = []
     for i, shard in enumerate(shards):
@@ -91,6 +98,8 @@ def write_chunks(ckpt: str | Path | Checkpoint, shards: Sequence[Span], out_dir:
         meta = {"format": CHUNK_FORMAT, "version": 1, "model": info.config.to_dict(),
                 "start": shard.start, "stop": shard.stop, "node": i, "n_nodes": len(shards),
                 "source": str(info.path.resolve())}
+        if quantized:
+            meta["quantize"] = {"mode": quantized, "dtype": info.float_dtype}
         (d / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         if i == 0:
             _copy_tokenizer(info, d)
@@ -130,15 +139,27 @@ def read_chunk_info(chunk_dir: str | Path) -> dict:
         if not 0 <= start < stop <= config.n_layer:
             raise ValueError(f"layer range [{start}, {stop}) is not a non-empty part of "
                              f"0..{config.n_layer}")
+        quant = meta.get("quantize")
+        if quant is not None and (not isinstance(quant, dict) or quant.get("mode") not in STORED_MODES
+                                  or quant.get("dtype") not in DTYPES):
+            raise ValueError(f"the quantize field must be {{\"mode\": one of "
+                             f"{', '.join(STORED_MODES)}, \"dtype\": one of {', '.join(DTYPES)}}}, "
+                             f"got {quant!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / 'config.json'}: {e}") from None
     if not (d / WEIGHTS).is_file():
         raise CheckpointError(f"{d} has no {WEIGHTS}")
-    return {"start": meta["start"], "stop": meta["stop"], "model": config.to_dict()}
+    out = {"start": meta["start"], "stop": meta["stop"], "model": config.to_dict()}
+    if quant is not None:  # only then: a float chunk's report stays as it was
+        out["quantize"] = quant["mode"]
+    return out
 
 
 def load_chunk(chunk_dir: str | Path, config: GPTConfig, start: int, stop: int,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None) -> GPT:
-    """A chunk's stage; quantize="int8": each weight quantized as it is read."""
-    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype, quantize)
+    """A chunk's stage; quantize="int8": each weight quantized as it is read. A
+    quantized chunk gives its own mode's stage (another `quantize` is an error)."""
+    stored = read_chunk_info(chunk_dir).get("quantize")
+    return read_stage_file(Path(chunk_dir) / WEIGHTS, config, start, stop, device, dtype, quantize,
+                           stored)

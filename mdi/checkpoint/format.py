@@ -6,6 +6,12 @@
     tokenizer.json     the tokenizer (see mdi.tokenizer)
     train_state.pt     optional, for `mdi train --resume`; loads with weights_only=True
 
+A quantized checkpoint (`mdi convert --quantize int8|int4|int4-g64|int4-g128`)
+says so in config.json ("quantize": {"mode", "dtype": its float tensors'}) and
+stores each quantized layer in parts (quant_parts.py: int8 rows with scales,
+int4 codes with scales and zeros), never in a kernel's packed layout; loading
+it builds that mode's stage, and a run of it takes its mode (run_mode).
+
 Stages load only the tensors of their own layer range.
 """
 from __future__ import annotations
@@ -22,8 +28,8 @@ from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES, dtype_name
 from ..model.meta import on_meta
 from ..model.int4 import Int4Linear, Int4Weight, quantize_groups
-from ..model.quant import (Int8Embedding, Int8Linear, check_mode, is_quantized, quantize_linears,
-                           quantize_rows)
+from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, is_quantized,
+                           quantize_linears, quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
 from . import st_io
 from .gguf_int4 import int4_target
@@ -40,8 +46,10 @@ TIED_HEAD = "lm_head.weight"
 EMBEDDING = "transformer.wte.weight"
 TIED_SCALE = "lm_head.scale"            # int8 checkpoints: the tied head's scale, not stored
 EMBEDDING_SCALE = "transformer.wte.scale"
+TIED_SOURCES = {TIED_HEAD: EMBEDDING, TIED_SCALE: EMBEDDING_SCALE}  # a tied head is stored so
 ALIGN = 64  # bytes; what torch's CPU allocator gives
-STORED_MODES = ("int8",)  # quantized checkpoints we write and read (int4 is built at load)
+STORED_MODES = QUANT_MODES  # quantized checkpoints we write and read
+QUANT_FLOATS = (".scale", ".int4_scale", ".int4_zero")  # a quantized layer's float32 parts
 
 
 class CheckpointError(ValueError):
@@ -54,8 +62,8 @@ class CheckpointInfo:
     config: GPTConfig
     training: dict = field(default_factory=dict)
     kind: str = "mdi"
-    quantized: str | None = None     # "int8": weights stored int8 with scales (mdi convert --quantize)
-    float_dtype: str = "float32"     # an int8 checkpoint's activation dtype (its float tensors')
+    quantized: str | None = None     # a --quantize mode: weights stored quantized (mdi convert --quantize)
+    float_dtype: str = "float32"     # a quantized checkpoint's activation dtype (its float tensors')
 
     @property
     def weights_path(self) -> Path:
@@ -83,20 +91,30 @@ def storable_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
                     training: dict | None = None) -> Path:
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        raise CheckpointError("an int4 stage holds only its kernel's packed weights: write an "
+                              "int4 checkpoint from the float source with `mdi convert --quantize "
+                              "int4` (sources.convert_to_ours)")
+    return write_checkpoint(path, storable_state_dict(model), model.config, tokenizer, training,
+                            "int8" if is_quantized(model) else None)
+
+
+def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], config: GPTConfig,
+                     tokenizer: Tokenizer | None, training: dict | None = None,
+                     mode: str | None = None) -> Path:
+    """Write a checkpoint directory from its stored tensors; mode: the --quantize mode
+    they are stored in (quant_parts.py), None for float."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (WEIGHTS + ".tmp")
-    save_file(storable_state_dict(model), str(tmp), metadata={"format": FORMAT})
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
-    cfg = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+    cfg = {"format": FORMAT, "version": VERSION, "model": config.to_dict(),
            "training": training or {}}
-    if any(isinstance(m, Int4Linear) for m in model.modules()):
-        raise CheckpointError("int4 stages cannot be saved yet: convert without --quantize, or "
-                              "with --quantize int8, and load with --quantize int4")
-    if is_quantized(model):  # loaders build the int8 stage straight from the file
-        floats = [t.dtype for k, t in model.state_dict().items()
-                  if t.is_floating_point() and not k.endswith(".scale")]
-        cfg["quantize"] = {"mode": "int8", "dtype": dtype_name(floats[0] if floats else torch.float32)}
+    if mode:  # loaders build the quantized stage straight from the file
+        floats = [t.dtype for k, t in tensors.items()
+                  if t.is_floating_point() and not k.endswith(QUANT_FLOATS)]
+        cfg["quantize"] = {"mode": mode, "dtype": dtype_name(floats[0] if floats else torch.float32)}
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER)
@@ -141,13 +159,17 @@ def read_info(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path, config, training, quantized=quant["mode"], float_dtype=quant["dtype"])
 
 
-def refuse_int8(info: "CheckpointInfo", what: str) -> None:
-    """CheckpointError when info is an int8 checkpoint, which `what` does not take."""
-    if info.quantized:
-        raise CheckpointError(
-            f"{info.path} is an {info.quantized} checkpoint (mdi convert --quantize): {what} "
-            "takes float checkpoints only; convert the source without --quantize and run with "
-            f"--quantize {info.quantized} (each node then quantizes its own stage as it loads)")
+def run_mode(stored: str | None, quantize: str | None, where: object = "the checkpoint") -> str | None:
+    """The --quantize mode a run of a checkpoint stored in `stored` (None: float)
+    takes: a quantized checkpoint's own, which an explicit other `quantize` may not
+    contradict (single device, the starter and its nodes alike); a float one's
+    `quantize`."""
+    quantize = check_mode(quantize)
+    if stored is None or quantize in (None, stored):
+        return stored or quantize
+    raise CheckpointError(f"{where} is an {stored} checkpoint (mdi convert --quantize {stored}), "
+                          f"it cannot run with --quantize {quantize}: leave --quantize out (or give "
+                          f"{stored}), or convert the float source with --quantize {quantize}")
 
 
 def expected_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
@@ -168,10 +190,11 @@ def quantized_skeleton(config: GPTConfig, start: int, stop: int | None, mode: st
     return stage
 
 
-def expected_int8_shapes(config: GPTConfig, start: int = 0, stop: int | None = None
-                         ) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of an int8 stage (`x.weight` int8, `x.scale` float32, ...)."""
-    return {k: tuple(v.shape) for k, v in quantized_skeleton(config, start, stop, True).state_dict().items()}
+def stored_shapes(config: GPTConfig, start: int, stop: int | None, mode: str,
+                  names: set[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a stage of a checkpoint stored in `mode` whose file
+    holds `names`: each quantized layer in the form the file has it (quant_parts.py)."""
+    return StageBuilder(config, start, stop, stored=mode).stream_want(names)
 
 
 class StageBuilder:
@@ -181,41 +204,49 @@ class StageBuilder:
     arrives and its float tensor dropped, so the peak is the int8 stage plus one
     float tensor (quantizing a finished float stage held both whole). The result
     equals building the float stage and quantizing it, bit for bit.
-    stored="int8": the tensors are already int8 with scales (an int8 checkpoint)
-    and are taken as they are. dtype: the float tensors' dtype (None: as stored).
+    stored=mode: the tensors are a quantized checkpoint's (quant_parts.py), taken
+    as they are (int4 codes packed here); call stream_want with the file's names
+    first. A stream may carry quantized layers too (stream_want). dtype: the float
+    tensors' dtype (None: as stored).
     """
 
     def __init__(self, config: GPTConfig, start: int = 0, stop: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  quantize: str | None = None, stored: str | None = None,
                  where: str = "weights") -> None:
-        check_mode(stored)
-        self.mode = check_mode(quantize) or stored
+        self.mode = run_mode(check_mode(stored), quantize, where)
         if self.mode and self.mode.startswith("int4") and torch.device(device).type != "cpu":
             raise CheckpointError(f"--quantize {self.mode} runs on CPU only (torch's int4 kernel "
                                   f"is a CPU one), not on {device}; use int8 there")
         self.int8 = self.mode is not None
-        self.stored_int8 = stored == "int8"
+        self.stored = stored
         self.config, self.device, self.dtype, self.where = config, device, dtype, where
         self.stage = quantized_skeleton(config, start, stop, self.mode)
-        if self.stored_int8:
-            self.want = expected_int8_shapes(config, start, stop)
-        else:
-            self.want = expected_shapes(config, start, stop)
+        self.want = expected_shapes(config, start, stop)
         s = self.stage
         self.tied = config.tie_embeddings and s.has_embeddings and s.has_head
         self.sd: dict[str, torch.Tensor] = {}
-        self.parts: QuantParts | None = None  # a stream's quantized layers (stream_want)
+        self.seen: set[str] = set()
+        self.parts: QuantParts | None = None  # the layers that come quantized (stream_want)
 
     def stream_want(self, names: set[str]) -> dict[str, tuple[int, ...]]:
-        """What a weights stream whose header names `names` must hold: `want`, with
-        the int4 layers it sends quantized in their parts (quant_parts.py)."""
-        int4 = {n: (m.out_features, m.in_features, getattr(m, "group", 0))
-                for n, m in self.stage.named_modules()
-                if self.mode and self.mode.startswith("int4") and isinstance(m, (Int4Linear, Int8Linear))}
-        want, forms = stream_want(self.want, int4, names)
+        """What a weights stream or a file whose header names `names` must hold for
+        this stage (now `want`): the float stage's tensors, with each quantized layer
+        whose parts the header names (every one, from a stored checkpoint) in those
+        parts (quant_parts.py)."""
+        layers = {}
+        for n, m in self.stage.named_modules():
+            if isinstance(m, Int4Linear):
+                layers[n] = (m.out_features, m.in_features, m.group)
+            elif isinstance(m, Int8Linear):
+                layers[n] = (m.out_features, m.in_features, 0)
+            elif isinstance(m, Int8Embedding):
+                layers[n] = (m.num_embeddings, m.embedding_dim, 0)
+        if self.config.tie_embeddings and EMBEDDING_SCALE in names:
+            names = names | {TIED_SCALE}  # a checkpoint stores a tied head as the embedding
+        self.want, forms = stream_want(self.want, layers, names, stored=self.stored is not None)
         self.parts = QuantParts(forms, self.where)
-        return want
+        return self.want
 
     def names(self) -> list[str]:
         """What to put, in order; the tied head is the embedding, never read twice."""
@@ -227,6 +258,12 @@ class StageBuilder:
 
     def put(self, name: str, t: torch.Tensor) -> None:
         """Take tensor `name` (the caller drops its reference afterwards)."""
+        if name not in self.want:
+            raise CheckpointError(f"{self.where}: tensor {name!r} is not part of this stage")
+        if tuple(t.shape) != self.want[name]:
+            raise CheckpointError(f"{self.where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"the config needs {self.want[name]}")
+        self.seen.add(name)
         if self.parts is not None and self.parts.owns(name):
             try:
                 done = self.parts.take(name, t)
@@ -235,34 +272,17 @@ class StageBuilder:
             if done is not None:
                 self._put_parts(*done)
             return
-        if name not in self.want:
-            raise CheckpointError(f"{self.where}: tensor {name!r} is not part of this stage")
-        if tuple(t.shape) != self.want[name]:
-            raise CheckpointError(f"{self.where}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                  f"the config needs {self.want[name]}")
-        module = self._module(name)
-        int8_weight = isinstance(module, (Int8Linear, Int8Embedding)) and name.endswith(".weight")
-        if self.stored_int8 and int8_weight:
-            expect = torch.int8
-        elif self.stored_int8 and name.endswith(".scale"):
-            expect = torch.float32
-        else:
-            expect = None
-        if expect is not None and t.dtype != expect:
-            raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, expected {expect}")
-        if expect is None and not t.is_floating_point():
+        if not t.is_floating_point():
             raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, expected "
                                   "floating point")
+        module = self._module(name)
         if isinstance(module, Int4Linear) and name.endswith(".weight"):
             self._put_int4(name, t, module.group)
             return
-        if expect is None:
-            t = t.to(device=self.device, dtype=self.dtype or t.dtype)
-        else:
-            t = t.to(device=self.device)
-        if isinstance(module, Int8Embedding) and name.endswith(".weight"):
-            module.out_dtype = (self.dtype or torch.float32) if self.stored_int8 else t.dtype
-        if int8_weight and not self.stored_int8:
+        t = t.to(device=self.device, dtype=self.dtype or t.dtype)
+        if isinstance(module, (Int8Linear, Int8Embedding)) and name.endswith(".weight"):
+            if isinstance(module, Int8Embedding):
+                module.out_dtype = t.dtype
             q, scale = quantize_rows(t)
             self._keep(name, q)
             self._keep(name[:-len("weight")] + "scale", scale)
@@ -280,43 +300,44 @@ class StageBuilder:
         fmt = getattr(t, "mdi_format", None)  # a GGUF tensor's block format
         if w is None and fmt is not None and int4_target(fmt) == "int8":
             # a wider block format (Q5_x, Q6_K, Q8_0): int8, not a requantization to int4
-            prefix = name[:-len(".weight")]
-            old = self._module(name)
-            placeholder = Int8Linear(old.in_features, old.out_features, old.bias is not None, "meta")
-            self.stage.set_submodule(prefix, placeholder)
-            q, scale = quantize_rows(t.to(self.device, torch.float32))
-            self._keep(name, q)
-            self._keep(prefix + ".scale", scale)
+            self._put_parts(name[:-len(".weight")], quantize_rows(t.to(self.device, torch.float32)))
             return
         if w is None or w.group != group:
             w = quantize_groups(t, group)
-        packed = Int4Linear.from_weight(w)  # int4 kernels run on CPU: packed there
-        self._keep(name, packed.weight)
-        self._keep(name[:-len("weight")] + "scales_and_zeros", packed.scales_and_zeros)
+        self._put_parts(name[:-len(".weight")], w)
 
     def _put_parts(self, prefix: str, w: Int4Weight | tuple[torch.Tensor, torch.Tensor]) -> None:
-        """A layer that came quantized: int4 codes packed here, or int8 rows."""
+        """A quantized layer: int4 codes (packed by _put_codes), or int8 rows."""
         if isinstance(w, Int4Weight):
-            packed = Int4Linear.from_weight(w)
-            self._keep(prefix + ".weight", packed.weight)
-            self._keep(prefix + ".scales_and_zeros", packed.scales_and_zeros)
+            self._put_codes(prefix, w)
             return
         old = self._module(prefix + ".weight")
-        self.stage.set_submodule(prefix, Int8Linear(old.in_features, old.out_features,
-                                                    old.bias is not None, "meta"))
+        if isinstance(old, Int8Embedding):
+            old.out_dtype = self.dtype or torch.float32
+        elif not isinstance(old, Int8Linear):  # an int4 layer that its source holds as int8
+            self.stage.set_submodule(prefix, Int8Linear(old.in_features, old.out_features,
+                                                        old.bias is not None, "meta"))
         self._keep(prefix + ".weight", w[0].to(self.device))
         self._keep(prefix + ".scale", w[1].to(self.device))
+
+    def _put_codes(self, prefix: str, w: Int4Weight) -> None:
+        packed = Int4Linear.from_weight(w)  # int4 kernels run on CPU: packed there
+        self._keep(prefix + ".weight", packed.weight)
+        self._keep(prefix + ".scales_and_zeros", packed.scales_and_zeros)
 
     def _keep(self, name: str, t: torch.Tensor) -> None:
         self.sd[name] = t
         if self.tied and name in (EMBEDDING, EMBEDDING_SCALE):
             self.sd[TIED_HEAD if name == EMBEDDING else TIED_SCALE] = t  # one tensor, shared
 
-    def finish(self) -> GPT:
-        missing = [n for n in self.want if n not in self.sd]
+    def check_complete(self) -> None:
+        missing = [n for n in self.names() if n not in self.seen]
         if missing:
             raise CheckpointError(f"{self.where}: missing tensor {missing[0]!r}"
                                   + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+    def finish(self) -> GPT:
+        self.check_complete()
         stage = self.stage
         stage.load_state_dict(self.sd, assign=True, strict=True)
         self.sd = {}
@@ -331,24 +352,28 @@ def build_stage(config: GPTConfig, start: int, stop: int | None,
                 get: Callable[[str], torch.Tensor | None], names: set[str] | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 where: str = "weights", quantize: str | None = None,
-                stored: str | None = None) -> GPT:
-    """Build a stage from tensors fetched by name, one at a time (see StageBuilder).
+                stored: str | None = None, make: type[StageBuilder] = StageBuilder):
+    """Build a stage from tensors fetched by name, one at a time (see StageBuilder;
+    make: its class, quant_store.StoreBuilder for the tensors to store).
 
     `get(name)` returns a tensor or None when absent. `names`, when given, is
-    the set of names the source holds: anything the stage does not use but
-    belongs to its layer range is an error (wrong config).
+    the set of names the source holds (a stored checkpoint's must be given):
+    anything the stage does not use but belongs to its layer range is an error
+    (wrong config).
     """
-    b = StageBuilder(config, start, stop, device, dtype, quantize, stored, where)
+    b = make(config, start, stop, device, dtype, quantize, stored, where)
+    if stored:
+        b.stream_want(names)
     if names is not None:
-        whole = (expected_int8_shapes(config) if b.stored_int8 else expected_shapes(config))
+        whole = stored_shapes(config, 0, None, stored, names) if stored else expected_shapes(config)
         unknown = sorted(names - set(whole) - {TIED_HEAD, TIED_SCALE})
         if unknown:
             raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unknown[:5])}")
     with mapped_allocations():  # see malloc.py: freed float tensors go back to the OS
         for name in b.names():
             t = get(name)
-            if t is None and name in (TIED_HEAD, TIED_SCALE) and config.tie_embeddings:
-                t = get(EMBEDDING if name == TIED_HEAD else EMBEDDING_SCALE)  # tied to the embedding
+            if t is None and name in TIED_SOURCES and config.tie_embeddings:
+                t = get(TIED_SOURCES[name])  # tied to the embedding
             if t is None:
                 raise CheckpointError(f"{where}: missing tensor {name!r}")
             b.put(name, t)
@@ -362,12 +387,14 @@ def load_stage_dir(path: str | Path, start: int = 0, stop: int | None = None,
     """Load blocks [start, stop) of the checkpoint at path (the whole model by default).
 
     Only the stage's tensors are read, each once, into fresh buffers (see st_io);
-    with quantize="int8" each weight is quantized as it is read. An int8
-    checkpoint gives its int8 stage whatever `quantize` says (no float step).
+    with quantize="int8" each weight is quantized as it is read. A quantized
+    checkpoint gives the stage of its own mode (no float step); another
+    `quantize` is an error (run_mode).
     """
     info = read_info(path)
     if not info.weights_path.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS}")
+    quantize = run_mode(info.quantized, quantize, info.path)
     if info.quantized:
         dtype = dtype or DTYPES[info.float_dtype]
     return read_stage_file(info.weights_path, info.config, start, stop, device, dtype, quantize,
@@ -376,16 +403,18 @@ def load_stage_dir(path: str | Path, start: int = 0, stop: int | None = None,
 
 def read_stage_file(weights: str | Path, config: GPTConfig, start: int = 0, stop: int | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    quantize: str | None = None, stored: str | None = None) -> GPT:
+                    quantize: str | None = None, stored: str | None = None,
+                    make: type[StageBuilder] = StageBuilder):
     """Build a stage from a safetensors file (a checkpoint's or a chunk's);
-    stored="int8": the file holds int8 weights and scales."""
+    stored: the mode the file holds its layers quantized in (quant_parts.py);
+    make: see build_stage."""
     try:
         with st_io.open_file(weights) as f:
-            entries, data_start = st_io.read_header(f, int8=stored == "int8")
+            entries, data_start = st_io.read_header(f, int8=stored is not None)
             return build_stage(config, start, stop,
                                lambda n: st_io.read_tensor(f, entries[n], data_start) if n in entries else None,
                                names=set(entries), device=device, dtype=dtype, where=str(weights),
-                               quantize=quantize, stored=stored)
+                               quantize=quantize, stored=stored, make=make)
     except (st_io.SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from None
 

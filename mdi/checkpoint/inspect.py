@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..tokenizer import TokenizerError
 from . import st_io
-from .format import CheckpointError, CheckpointInfo
+from .format import QUANT_FLOATS, CheckpointError, CheckpointInfo
 from .gguf_int4 import int4_target
 from .sampling_defaults import SamplingDefaults, sampling_defaults
 from .sources import Checkpoint, open_checkpoint
@@ -51,7 +51,7 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
             raise CheckpointError(f"{ck.path} has no {ck.weights_path.name}")
         try:
             with st_io.open_file(ck.weights_path) as f:
-                entries, data_start = st_io.read_header(f, int8=ck.quantized == "int8")
+                entries, data_start = st_io.read_header(f, int8=ck.quantized is not None)
             ordered = st_io.in_order(entries)
             end = data_start + (ordered[-1].end if ordered else 0)
             if ck.weights_path.stat().st_size < end:
@@ -72,9 +72,10 @@ def inspect_checkpoint(spec: str | Path | Checkpoint) -> Inspection:
         tok_text = f"{tok.kind}, vocabulary {tok.vocab_size}"
     except (CheckpointError, TokenizerError) as e:
         tok, tok_text = None, f"unavailable ({e})"
-    quantized = getattr(ck, "quantized", None)  # an int8 checkpoint's scales are no parameters
-    n_params = sum(math.prod(t.shape) for t in tensors
-                   if not (quantized and t.name.endswith(".scale")))
+    # a quantized checkpoint's scales and zeros are no parameters; int4 codes are two a byte
+    quantized = getattr(ck, "quantized", None)
+    n_params = sum(math.prod(t.shape) * (2 if t.name.endswith(".int4_codes") else 1)
+                   for t in tensors if not (quantized and t.name.endswith(QUANT_FLOATS)))
     return Inspection(ck.path, getattr(ck, "kind", "mdi"), ck.config.to_dict(), tensors,
                       n_params, tok_text, dict(ck.training), source_config,
                       sampling_defaults(ck, tok))

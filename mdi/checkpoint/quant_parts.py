@@ -1,25 +1,25 @@
-"""Quantized weights inside a stage's weights stream: what a GGUF's 4-bit (and
-wider block) tensors travel as to a node of a `--quantize int4` ring, so the
-node holds the file's own numbers, as one device loading the file does
-(format.py:StageBuilder._put_int4), without a float copy crossing the network.
+"""Quantized layers as tensors: the stored form of an int4 or int8 checkpoint
+(`mdi convert --quantize`), of its per-node chunks, and of the layers a weights
+stream carries quantized. One form everywhere, so a stored checkpoint, a chunk
+and a stream hold the same numbers, and whoever builds the stage
+(format.py:StageBuilder) packs them for its kernel itself (the packed int4
+layout is torch's, not a storage format).
 
-For a Linear `p` that the int4 stage holds as `Int4Linear`, the stream carries
-instead of the float `p.weight` (N, K) either
+A quantized layer `p` (N out, K in) is, instead of its float `p.weight`, either
 
-- int4, group 32 (a Q4_0 / Q4_1 / Q4_K tensor, checkpoint/gguf_int4.py):
+- int4, group g (32, 64 or 128: the checkpoint's --quantize mode; a GGUF
+  Q4_0 / Q4_1 / Q4_K tensor's own codes at group 32, checkpoint/gguf_int4.py):
   `p.int4_codes` uint8 (N, K/2), code 2j in the low nibble of byte j and code
-  2j+1 in the high one; `p.int4_scale` and `p.int4_zero` float32 (N, K/32):
-  w = (q - 8) * scale + zero. The node packs them for the kernel itself (the
-  packed layout is torch's, not a wire format);
-- int8 (a wider block format: Q5_x, Q6_K, Q8_0): `p.weight` int8 (N, K) and
-  `p.scale` float32 (N,), the starter's `quantize_rows` of the float tensor.
-  The stage's own int8 Linears (a head tied to the embedding, on the last node;
-  a width the int4 kernel cannot take) travel so too, from any Hugging Face or
-  GGUF source: the starter quantizes them as the node would have.
+  2j+1 in the high one; `p.int4_scale` and `p.int4_zero` float32 (N, K/g):
+  w = (q - 8) * scale + zero;
+- int8: `p.weight` int8 (N, K) and `p.scale` float32 (N,) (model/quant.py's
+  `quantize_rows`): every Linear and Embedding of an int8 stage, and in an int4
+  stage the embedding, a head tied to it, widths the int4 kernel cannot take
+  and a GGUF's wider block formats (Q5_x, Q6_K, Q8_0).
 
-Every other tensor travels as before. The stream's header says which form
-each layer takes; the node checks names and shapes against that
-(`stream_want`), dtypes and finite scales as each part arrives
+Every other tensor (norms, biases) stays float. A file's or stream's header
+says which form each layer takes; the builder checks names and shapes against
+that (`stream_want`), dtypes and finite scales as each part arrives
 (`QuantParts.take`). Pure tensor code: no I/O.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from ..model.int4 import Int4Weight
 
-GROUP = 32  # the block formats' group; other --quantize groups travel as floats
+GROUP = 32  # the GGUF block formats' group
 INT4_PARTS = ("int4_codes", "int4_scale", "int4_zero")
 INT8_PARTS = ("weight", "scale")
 
@@ -48,40 +48,49 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def int4_items(prefix: str, w: Int4Weight) -> list[tuple[str, torch.Tensor]]:
-    """The stream's tensors for an int4 weight (group 32)."""
-    if w.group != GROUP:
-        raise ValueError(f"{prefix}.weight: int4 travels at group {GROUP}, not {w.group}")
+    """The stored tensors of an int4 weight, in part_shapes' order."""
     return [(f"{prefix}.int4_codes", pack_codes(w.codes)),
             (f"{prefix}.int4_scale", w.scale.float().contiguous()),
             (f"{prefix}.int4_zero", w.zero.float().contiguous())]
 
 
-def part_shapes(form: str, N: int, K: int) -> dict[str, tuple[int, ...]]:
-    """Suffix -> shape of a layer's parts in a stream: form "int4" or "int8"."""
+def part_shapes(form: str, N: int, K: int, group: int = GROUP) -> dict[str, tuple[int, ...]]:
+    """Suffix -> shape of a layer's parts: form "int4" (at `group`) or "int8"."""
     if form == "int4":
-        return {"int4_codes": (N, K // 2), "int4_scale": (N, K // GROUP),
-                "int4_zero": (N, K // GROUP)}
+        return {"int4_codes": (N, K // 2), "int4_scale": (N, K // group),
+                "int4_zero": (N, K // group)}
     return {"weight": (N, K), "scale": (N,)}
 
 
-def stream_want(want: dict[str, tuple[int, ...]], int4_layers: dict[str, tuple[int, int, int]],
-                names: set[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """The names and shapes a stream must hold, given the names its header has:
-    `want` (the float stage's) with, for each int4 layer prefix -> (N, K, group)
-    whose quantized parts the header names, those parts in place of its float
-    weight (int4 codes only for a group-32 layer). Returns (that, prefix -> "int4"
-    | "int8" for the layers that come quantized)."""
-    out, forms = dict(want), {}
-    for prefix, (N, K, group) in int4_layers.items():
-        if f"{prefix}.int4_codes" in names and group == GROUP:
+def stream_want(want: dict[str, tuple[int, ...]], layers: dict[str, tuple[int, int, int]],
+                names: set[str], stored: bool = False
+                ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int]]]:
+    """The names and shapes a file or stream must hold, given the names its header
+    has: `want` (the float stage's) with, for each quantized layer prefix ->
+    (N, K, int4 group; 0 for a layer that is int8 only) whose parts the header
+    names, those parts in place of its float weight. stored: the source is a
+    quantized checkpoint, so every such layer comes quantized (int4 where it can
+    be, unless the header names int8 parts). Returns (that, prefix -> (form
+    "int4" | "int8", group) for the layers that come quantized)."""
+    forms: dict[str, tuple[str, int]] = {}
+    for prefix, (N, K, group) in layers.items():
+        if group and f"{prefix}.int4_codes" in names:
             form = "int4"
         elif f"{prefix}.scale" in names:
             form = "int8"
+        elif stored:
+            form = "int4" if group else "int8"
         else:
             continue
-        forms[prefix] = form
-        del out[f"{prefix}.weight"]
-        out.update({f"{prefix}.{s}": shape for s, shape in part_shapes(form, N, K).items()})
+        forms[prefix] = (form, group)
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in want.items():  # the parts where the float weight was
+        prefix = name.removesuffix(".weight")
+        if prefix in forms and name.endswith(".weight"):
+            form, group = forms[prefix]
+            out.update({f"{prefix}.{s}": p for s, p in part_shapes(form, *shape, group).items()})
+        else:
+            out[name] = shape
     return out, forms
 
 
@@ -89,13 +98,13 @@ class QuantParts:
     """Collects the parts of the layers that come quantized, each checked as it
     arrives; `take` returns a layer's finished weight once all its parts are in."""
 
-    def __init__(self, forms: dict[str, str], where: str) -> None:
+    def __init__(self, forms: dict[str, tuple[str, int]], where: str) -> None:
         self.forms, self.where = forms, where
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def owns(self, name: str) -> bool:
         prefix, _, part = name.rpartition(".")
-        form = self.forms.get(prefix)
+        form, _ = self.forms.get(prefix, (None, 0))
         return form is not None and part in (INT4_PARTS if form == "int4" else INT8_PARTS)
 
     def take(self, name: str, t: torch.Tensor) -> tuple[str, Int4Weight | tuple] | None:
@@ -110,11 +119,11 @@ class QuantParts:
             raise QuantPartsError(f"{self.where}: tensor {name!r} holds non-finite values")
         parts = self.pending.setdefault(prefix, {})
         parts[part] = t
-        form = self.forms[prefix]
+        form, group = self.forms[prefix]
         if len(parts) < (3 if form == "int4" else 2):
             return None
         del self.pending[prefix]
         if form == "int8":
             return prefix, (parts["weight"], parts["scale"])
         codes = unpack_codes(parts["int4_codes"])
-        return prefix, Int4Weight(codes, parts["int4_scale"], parts["int4_zero"], GROUP)
+        return prefix, Int4Weight(codes, parts["int4_scale"], parts["int4_zero"], group)

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from ..model.quant import check_mode, configure_stage
+from ..model.quant import configure_stage
 from .format import (CONFIG, CheckpointError, CheckpointInfo, build_stage, expected_shapes, read_info,
-                     save_checkpoint)
+                     run_mode, save_checkpoint)
 from .format import load_stage_dir
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
+from .quant_store import write_quantized
 from .shipped import is_shipped_name, shipped_path
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
     pack: CPU float32 weights prepacked now, not on the first forward).
 
     Weights keep their stored dtype unless `dtype`. quantize="int8": each weight
-    is quantized as it is read (peak: the int8 stage plus one float tensor); an
-    int8 checkpoint (`mdi convert --quantize int8`) is int8 whatever it says.
+    is quantized as it is read (peak: the int8 stage plus one float tensor); a
+    quantized checkpoint (`mdi convert --quantize`) gives its own mode, and
+    another `quantize` is an error (checkpoint_mode).
     """
-    check_mode(quantize)
     ck = open_checkpoint(spec)
+    quantize = checkpoint_mode(ck, quantize)
     if isinstance(ck, CheckpointInfo):
         stage, _ = load_stage_dir(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
     else:  # a GGUF dequantizes, a hub model may be large: a bar on a terminal, a line after
@@ -124,6 +126,14 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
         log.info("loaded %s layers [%d, %d) in %.1f s", ck.source.origin or ck.path, start,
                  ck.config.n_layer if stop is None else stop, time.perf_counter() - t0)
     return configure_stage(stage, quantize, batch_invariant, max_context, pack), ck
+
+
+def checkpoint_mode(spec: str | Path | Checkpoint, quantize: str | None) -> str | None:
+    """The --quantize mode a run of the checkpoint takes, on one device or a ring:
+    a quantized checkpoint's own (an explicit other one is a CheckpointError naming
+    both), else `quantize`."""
+    ck = open_checkpoint(spec)
+    return run_mode(getattr(ck, "quantized", None), quantize, ck.path)
 
 
 @dataclass(frozen=True)
@@ -164,20 +174,25 @@ def convert_to_ours(spec: str | Path | Checkpoint, out_dir: str | Path, overwrit
     """Write any checkpoint (Hugging Face directory, hub name, GGUF, ours) in our format,
     with its tokenizer files; weights keep their stored dtype unless `dtype`.
 
-    quantize="int8": Linear and Embedding weights are stored int8 with a float32
-    scale per row (quantized as read, as at load time), so loading it gives the
-    int8 stage directly; out_dir may then be the source itself (read whole first).
+    quantize (a --quantize mode): the weights are stored quantized as a load with
+    that mode makes them (quant_store.py: int8 rows with scales, int4 codes with
+    scales and zeros), tensor by tensor, so loading it gives that stage directly;
+    out_dir may then be the source itself (read whole first). A quantized source
+    is written in its own mode.
     """
     ck = open_checkpoint(spec)
     out = Path(out_dir)
     if (out / CONFIG).exists() and not overwrite:
         raise CheckpointError(f"{out} already holds a checkpoint; choose another --out "
                               "or pass --force")
-    model = load_model(ck, LoadOptions(dtype=dtype, quantize=quantize, pack=False)).model
+    mode = checkpoint_mode(ck, quantize)
     try:
         tok = ck.tokenizer()
     except CheckpointError as e:
         log.warning("no tokenizer written: %s", e)
         tok = None
+    if mode:
+        return write_quantized(ck, out, mode, tok, dtype)
+    model = load_model(ck, LoadOptions(dtype=dtype, pack=False)).model
     save_checkpoint(out, model, tok, dict(ck.training))
     return out

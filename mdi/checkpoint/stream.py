@@ -8,7 +8,9 @@ before a byte of tensor data is read, then each tensor is read straight into
 its own freshly allocated (aligned) buffer. Peak memory on both sides is about
 one copy of the stage. A Hugging Face (or GGUF) source is streamed in our
 names and layout too: each tensor is made (read, transposed or concatenated)
-when its turn comes, so still only one is in memory at a time.
+when its turn comes, so still only one is in memory at a time. A quantized
+checkpoint of ours streams its stage's stored parts as they are in the file
+(quant_parts.py): the node packs them, nothing is requantized.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from . import st_io
 from .chunks import Span, hf_tensor, stage_sources
 from ..model.int4 import Int4Linear
 from ..model.quant import Int8Linear, check_mode, parse_mode, quantize_rows
-from .format import CheckpointError, expected_shapes, quantized_skeleton, refuse_int8
+from .format import CheckpointError, expected_shapes, quantized_skeleton, run_mode
 from .gguf_int4 import int4_target
 from .malloc import mapped_allocations
 from .quant_parts import GROUP, int4_items, part_shapes
@@ -145,14 +147,15 @@ def shard_stream(ckpt: str | Path | Checkpoint, shard: Span, quantize: str | Non
     """(total length, byte chunks) of a stage's tensors in safetensors layout.
     Pass the opened Checkpoint when streaming to several nodes: a path is opened
     (config.json parsed) on every call. quantize, dtype: the run's --quantize and
-    --dtype (with int4, layers then travel quantized: quantized_layers)."""
+    --dtype (with int4, a GGUF's layers then travel quantized: quantized_layers; a
+    quantized checkpoint's travel as stored, and its mode is the run's)."""
     info = open_checkpoint(ckpt)
     if isinstance(info, HFCheckpoint):
         return _hf_stream(info, shard, quantize, dtype)
-    refuse_int8(info, "streaming weights to nodes")
+    run_mode(info.quantized, quantize, info.path)
     path = info.weights_path
-    entries, data_start = _weights_header(path)
-    order = stage_sources(entries, info.config, shard, path)
+    entries, data_start = _weights_header(path, info.quantized is not None)
+    order = stage_sources(entries, info.config, shard, path, info.quantized)
     head, length = _header([(name, entries[src].dtype_name, entries[src].shape,
                              entries[src].end - entries[src].begin) for name, src in order])
     total = len(head) + length
@@ -174,20 +177,20 @@ def shard_stream(ckpt: str | Path | Checkpoint, shard: Span, quantize: str | Non
     return total, chunks()
 
 
-def _weights_header(path: Path) -> tuple[dict, int]:
+def _weights_header(path: Path, quantized: bool = False) -> tuple[dict, int]:
     """(entries, data start) of a safetensors file, parsed once per version of the
     file: a ring's nodes each stream a stage of the same file."""
     try:
         stat = path.stat()
-        return _parsed_header(path, stat.st_mtime_ns, stat.st_size)
+        return _parsed_header(path, stat.st_mtime_ns, stat.st_size, quantized)
     except (st_io.SafetensorsFormatError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed_header(path: Path, mtime_ns: int, size: int) -> tuple[dict, int]:
+def _parsed_header(path: Path, mtime_ns: int, size: int, quantized: bool) -> tuple[dict, int]:
     with st_io.open_file(path) as f:
-        return st_io.read_header(f)
+        return st_io.read_header(f, quantized)
 
 
 def shard_bytes(ckpt: str | Path | Checkpoint, shard: Span, quantize: str | None = None,

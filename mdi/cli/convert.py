@@ -21,7 +21,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                               quantize=args.quantize)
     else:
         out = convert(args.src, args.out, meta=args.meta, overwrite=args.force)
-        if args.quantize:  # the float checkpoint just written, re-stored int8 in place
+        if args.quantize:  # the float checkpoint just written, re-stored quantized in place
             out = convert_to_ours(out, out, overwrite=True, quantize=args.quantize)
     info = read_info(out)
     print(f"wrote {out}: {info.training.get('imported_from')} checkpoint, {info.config.n_layer} "
@@ -43,8 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cast Hugging Face weights (default: keep their stored dtype)")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8: store Linear and Embedding weights as int8 with a float32 scale per "
-                        "row (a quarter of fp32); loading gives the int8 model directly. Such a "
-                        "checkpoint runs single-device (sample, serve, eval); to split it or "
-                        "stream it to nodes, convert without --quantize and run with --quantize int8")
+                        "row (a quarter of fp32). int4 (group 32; int4-g64, int4-g128): store "
+                        "Linear weights as 4-bit codes with a float32 scale and zero per group (a "
+                        "GGUF's Q4 codes as the file has them), and int8 where a --quantize int4 "
+                        "load makes them int8. Loading gives, bit for bit, the model a load of SRC "
+                        "with the same --quantize gives, and runs in that mode; `mdi split` and a "
+                        "ring's weight upload send each node only its stage's stored parts")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint at --out")
     p.set_defaults(func=cmd_convert)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoint import Checkpoint
+from ..checkpoint.sources import checkpoint_mode
 from ..model.dtypes import DTYPES
 from .common import UsageError
 
@@ -20,7 +21,8 @@ def check_local_nodes(args: argparse.Namespace, ck: Checkpoint) -> None:
     try:
         check_local_ring(nodes, c.n_layer, spares)  # the counts first: no sizes needed
         if nodes > 1:
-            weights = stage_weight_bytes(c, 0, c.n_layer, DTYPES[args.dtype], args.quantize)
+            weights = stage_weight_bytes(c, 0, c.n_layer, DTYPES[args.dtype],
+                                         checkpoint_mode(ck, args.quantize))
             check_local_ring(nodes, c.n_layer, spares, weights, free_memory("cpu").free)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -32,12 +34,13 @@ def check_fits_here(ck: Checkpoint, n_samples: int, dtype: str = "float32",
     """One device (this process) against the whole model and its caches, before
     a byte of weights is read: a UsageError with the numbers instead of an
     out-of-memory kill part way through the load (a container's or a capped
-    node's memory limit counts: ring/plan/cgroups.py)."""
+    node's memory limit counts: ring/plan/cgroups.py). A quantized checkpoint
+    counts in its own mode."""
     from ..ring.plan.placement import check_fits_alone
     from ..ring.plan.planner import PlanError
 
     try:
-        check_fits_alone(ck.config, n_samples, dtype, max_context, quantize, device,
+        check_fits_alone(ck.config, n_samples, dtype, max_context, checkpoint_mode(ck, quantize), device,
                          who="this device")
     except PlanError as e:
         raise UsageError(str(e)) from None
