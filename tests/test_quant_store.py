@@ -16,12 +16,13 @@ from mdi.checkpoint import CheckpointError, LoadOptions, load_model, load_stage,
 from mdi.checkpoint import st_io
 from mdi.checkpoint.chunks import load_chunk, read_chunk_info, write_chunks
 from mdi.checkpoint.format import StageBuilder, stored_shapes
-from mdi.checkpoint.sources import checkpoint_mode, convert_to_ours
+from mdi.checkpoint.sources import checkpoint_mode, convert_to_ours, open_checkpoint
 from mdi.checkpoint.stream import iter_stream, shard_bytes, shard_stream
 from mdi.model import GPTConfig
 from mdi.model.int4 import Int4Linear, int4_kernel_available
 from mdi.model.quant import Int8Linear
 from mdi.ring.plan.partition import Shard
+from mdi.ring.starter.options import RunOptions, with_mode
 from mdi.tokenizer import CharTokenizer
 
 from conftest import scaled_random_model
@@ -149,6 +150,64 @@ def test_a_streamed_stage_of_a_quantized_checkpoint_equals_the_loaded_one(tmp_pa
         assert header["lm_head.int4_codes"].dtype == torch.uint8 and "lm_head.weight" not in header
 
 
+def test_a_node_builds_its_stage_from_an_int4_checkpoints_stream(tmp_path):
+    """NodeRuntime.init + load_weights (the node's own path), told the checkpoint's mode."""
+    from mdi.ring.cluster.nodes_config import NodeSpec
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+
+    out = convert_to_ours(_src(tmp_path, GPT2), tmp_path / "q", quantize="int4")
+    opts = with_mode(RunOptions(), open_checkpoint(out))
+    assert opts.quantize == "int4"
+    spec = NodeSpec(role="finisher", index=0, addr="127.0.0.1", port=3, port_in=1, port_out=2)
+
+    async def main():
+        rt = NodeRuntime(spec, "t" * 32)
+        req = InitRequest(run_id=5, role="finisher", start=1, stop=3, model=GPT2.to_dict(),
+                          groups=[[0, 2]], next={"addr": "127.0.0.1", "port": 9},
+                          prev_addr="127.0.0.1", quantize=opts.quantize,
+                          sampling={"temperature": 0.0, "top_k": None, "seed": 1})
+        await rt.init(req)
+        await rt.load_weights(5, _chunks(shard_bytes(out, Shard(1, 3, 3), opts.quantize), 4096))
+        return rt.run.stage
+
+    stage = asyncio.run(main())
+    assert isinstance(stage.lm_head, Int8Linear)
+    want, _ = load_stage(out, 1, 3)
+    sa, sb = stage.state_dict(), want.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_node_loads_its_stage_from_an_int4_chunk_of_the_runs_mode(tmp_path):
+    """/init with weights "local" on a node started with an int4 chunk: the stage
+    one device loads; a run of another mode is refused naming both."""
+    from mdi.ring.cluster.nodes_config import NodeSpec
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+    from mdi.ring.node.validate import InitError
+
+    out = convert_to_ours(_src(tmp_path, GPT2), tmp_path / "q", quantize="int4")
+    paths = write_chunks(out, [Shard(0, 1, 3), Shard(1, 3, 3)], tmp_path / "chunks")
+    spec = NodeSpec(role="finisher", index=0, addr="127.0.0.1", port=3, port_in=1, port_out=2)
+
+    async def main(quantize):
+        rt = NodeRuntime(spec, "t" * 32, chunk_dir=paths[1])
+        assert rt.chunk["quantize"] == "int4"  # what /health tells the starter
+        req = InitRequest(run_id=5, role="finisher", start=1, stop=3, model=GPT2.to_dict(),
+                          groups=[[0, 2]], next={"addr": "127.0.0.1", "port": 9},
+                          prev_addr="127.0.0.1", quantize=quantize, weights="local",
+                          sampling={"temperature": 0.0, "top_k": None, "seed": 1})
+        await rt.init(req)
+        return rt.run.stage
+
+    stage = asyncio.run(main("int4"))
+    want, _ = load_stage(out, 1, 3)
+    sa, sb = stage.state_dict(), want.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(InitError, match="chunk cannot be loaded: .*is an int4 checkpoint.*--quantize int8"):
+        asyncio.run(main("int8"))
+
+
 def test_a_quantized_checkpoint_sets_the_runs_mode(tmp_path):
     src = _src(tmp_path, GPT2)
     out = convert_to_ours(src, tmp_path / "q", quantize="int4")
@@ -161,8 +220,12 @@ def test_a_quantized_checkpoint_sets_the_runs_mode(tmp_path):
     with pytest.raises(CheckpointError, match=both):
         shard_stream(out, Shard(1, 3, 3), "int8")
     with pytest.raises(CheckpointError, match=both):
+        with_mode(RunOptions(quantize="int8"), open_checkpoint(out))
+    with pytest.raises(CheckpointError, match=both):
         convert_to_ours(out, tmp_path / "again", quantize="int8")
-    assert checkpoint_mode(int8, None) == "int8" and checkpoint_mode(src, "int8") == "int8"
+    assert with_mode(RunOptions(), open_checkpoint(int8)).quantize == "int8"
+    assert with_mode(RunOptions(quantize="int8"), open_checkpoint(src)).quantize == "int8"
+    assert with_mode(RunOptions(), open_checkpoint(src)).quantize is None
     assert checkpoint_mode(out, "int4") == "int4" and checkpoint_mode(src, None) is None
 
 
@@ -237,6 +300,20 @@ def test_convert_quantize_int4_on_the_command_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == stored["samples"]
     assert main(["sample", "--ckpt", str(out), "--quantize", "int8", *gen]) == 1
     assert "cannot run with --quantize int8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_int4_checkpoint_ring_equals_the_single_device_run(tmp_path):
+    """`mdi run` of an int4 checkpoint on 2 local nodes: the node gets its stage's
+    stored parts and the run's mode from the checkpoint; greedy tokens equal one
+    device's."""
+    from test_e2e_ring import DIST, gen_args, mdi_json
+
+    out = convert_to_ours(_src(tmp_path, GPT2), tmp_path / "q", quantize="int4")
+    gen = gen_args(n_samples=2, n_tokens=20, prompts=("ABC",), temperature=0.0, top_k=1, seed=1)
+    base, _ = mdi_json("sample", "--ckpt", out, *gen)
+    ring, _ = mdi_json("run", "--ckpt", out, "--nodes", "2", *DIST, *gen)
+    assert ring["samples"] == base["samples"]
 
 
 def test_an_int4_checkpoint_is_inspected(tmp_path):

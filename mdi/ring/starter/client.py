@@ -190,7 +190,8 @@ class RingClient:
                 peer["local"] = sockets[nxt]
             chunk = health.get("chunk")
             local = bool(chunk and (chunk["start"], chunk["stop"]) == (shard.start, shard.stop)
-                         and chunk["model"] == config.to_dict())
+                         and chunk["model"] == config.to_dict()
+                         and chunk.get("quantize") in (None, self.opts.quantize))
             body = {"run_id": run_id, "role": "finisher" if shard.is_last else "intermediate",
                     "start": shard.start, "stop": shard.stop, "model": config.to_dict(),
                     "dtype": self.opts.dtype, "device": spec.device,

@@ -29,7 +29,7 @@ from ..cluster.nodes_config import NodesConfig
 from ..plan.placement import Placement
 from ..protocol import aio
 from .client import RingClient
-from .options import NodeFailure, RunOptions, failure, first_stage, typical_context
+from .options import NodeFailure, RunOptions, failure, first_stage, typical_context, with_mode
 from .resend import run_resend, run_single
 from .ring_engine import RingEngine
 
@@ -51,6 +51,7 @@ class Starter:
 
     def __post_init__(self) -> None:
         self.checkpoint = open_checkpoint(self.ckpt)
+        self.opts = with_mode(self.opts, self.checkpoint)
         self.client = RingClient(self.nodes, self.token, self.checkpoint, self.opts)
 
     def run(self, prompts: list[list[int]], n_tokens: int, sampling: SamplingConfig,

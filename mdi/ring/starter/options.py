@@ -2,9 +2,10 @@
 how many lanes a run gets, and the split of the layers when nothing is planned."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...checkpoint import Checkpoint, load_stage
+from ...checkpoint.sources import checkpoint_mode
 from ...engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from ...engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ...model import GPT
@@ -37,7 +38,8 @@ class RunOptions:
     connect_retries: int = 5          # health checks at configure time, with backoff
     n_groups: int | None = None       # micro-batches; default min(n_samples, n_nodes)
     resend_context: bool = False      # no KV cache: the whole context crosses every hop
-    quantize: str | None = None       # "int8": every node quantizes its own stage at load
+    quantize: str | None = None       # "int8": every node quantizes its own stage at load (a
+                                      # quantized checkpoint's mode: with_mode)
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
     max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
@@ -57,6 +59,13 @@ def failure(message: str, node: NodeSpec | None) -> Failure:
     failed = None if node is None else FailedNode(node.role, node.index, node.addr, node.port,
                                                   node.port_in)
     return Failure(message, failed)
+
+
+def with_mode(opts: RunOptions, ck: Checkpoint) -> RunOptions:
+    """opts with the run's --quantize mode: a quantized checkpoint's own, which the
+    nodes are told at /init (an explicit other one: CheckpointError naming both, as
+    on one device)."""
+    return replace(opts, quantize=checkpoint_mode(ck, opts.quantize))
 
 
 def first_stage(ck: Checkpoint, stop: int, opts: RunOptions) -> GPT:

@@ -55,7 +55,7 @@ from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
 from .heal import heal
 from .rejoin import REJOIN_POLL_S, Absent, Rejoin, idle
-from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards
+from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards, with_mode
 from .tcp_link import TcpLink
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class RingEngine(PipelineEngine):
         if batch_invariant is not None:
             self.opts = dataclasses.replace(self.opts, batch_invariant=batch_invariant)
         self.ck = open_checkpoint(ckpt)
+        self.opts = with_mode(self.opts, self.ck)
         self._planned = shards is not None
         self._lanes_given = lanes is not None
         self.shards = shards or plan_shards(nodes, self.ck.config.n_layer)
