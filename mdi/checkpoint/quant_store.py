@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..model.dtypes import DTYPES
-from ..model.int4 import Int4Weight
+from ..model.int4 import Int4Weight, quantize_groups
 from ..tokenizer import Tokenizer
 from .format import (TIED_HEAD, TIED_SCALE, CheckpointInfo, StageBuilder, build_stage, read_stage_file,
                      write_checkpoint)
+from .gguf_int4 import int4_target
 from .hf import HFCheckpoint
 from .quant_parts import int4_items
 
@@ -30,6 +31,18 @@ from .quant_parts import int4_items
 class StoreBuilder(StageBuilder):
     """A StageBuilder whose int4 layers stay in their stored parts; finish returns
     the tensors to store (the tied head left out, as a float checkpoint does)."""
+
+    def _put_int4(self, name: str, t: torch.Tensor, group: int) -> None:
+        """StageBuilder._put_int4's choice (the file's own codes at this group, a
+        wider block format as int8 rows, else quantize_groups), the codes kept."""
+        w: Int4Weight | None = getattr(t, "mdi_int4", None)
+        fmt = getattr(t, "mdi_format", None)
+        if w is None and fmt is not None and int4_target(fmt) == "int8":
+            super()._put_int4(name, t, group)  # int8 rows: _put_parts keeps them as they are
+            return
+        if w is None or w.group != group:
+            w = quantize_groups(t, group)
+        self._put_codes(name[:-len(".weight")], w)
 
     def _put_codes(self, prefix: str, w: Int4Weight) -> None:
         for name, t in int4_items(prefix, w):  # (a fused weight's scales may be views: own them)

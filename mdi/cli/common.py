@@ -29,7 +29,8 @@ THREADS_HELP = "torch threads (default: torch's; with --nodes N, per node)"
 QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at load time on "
                  "every node (4x less weight memory than float32); int4 (-g64, -g128): "
                  "linear weights as 4-bit codes per group of 32 (64, 128) inputs, CPU only, a "
-                 "GGUF's Q4 tensors kept as the file's codes (sent so to the nodes)")
+                 "GGUF's Q4 tensors kept as the file's codes (sent so to the nodes); a "
+                 "checkpoint written by `mdi convert --quantize` runs in its own mode")
 BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")
 SEED_HELP = "seed of the random draws"

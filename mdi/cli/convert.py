@@ -24,8 +24,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.quantize:  # the float checkpoint just written, re-stored quantized in place
             out = convert_to_ours(out, out, overwrite=True, quantize=args.quantize)
     info = read_info(out)
-    print(f"wrote {out}: {info.training.get('imported_from')} checkpoint, {info.config.n_layer} "
-          f"layers, n_embd {info.config.n_embd}, vocabulary {info.config.vocab_size}"
+    print(f"wrote {out}: {info.training.get('imported_from') or info.kind} checkpoint, "
+          f"{info.config.n_layer} layers, n_embd {info.config.n_embd}, vocabulary {info.config.vocab_size}"
           + (f", weights {info.quantized}" if info.quantized else ""))
     return 0
 
