@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..model import GPT, GPTConfig
 from ..model.dtypes import DTYPES, dtype_name
 from ..model.meta import on_meta
-from ..model.int4 import Int4Linear, Int4Weight, quantize_groups
+from ..model.int4 import Int4Linear, Int4Weight
 from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, is_quantized,
                            quantize_linears, quantize_rows)
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
@@ -279,14 +279,16 @@ class StageBuilder:
         if isinstance(module, Int4Linear) and name.endswith(".weight"):
             self._put_int4(name, t, module.group)
             return
-        t = t.to(device=self.device, dtype=self.dtype or t.dtype)
         if isinstance(module, (Int8Linear, Int8Embedding)) and name.endswith(".weight"):
             if isinstance(module, Int8Embedding):
-                module.out_dtype = t.dtype
-            q, scale = quantize_rows(t)
+                module.out_dtype = self.dtype or t.dtype
+            # rounded to the run's dtype a block of rows at a time, inside quantize_rows:
+            # a whole float32 copy of a bfloat16 embedding was a node's load peak
+            q, scale = quantize_rows(t.to(self.device), self.dtype or t.dtype)
             self._keep(name, q)
             self._keep(name[:-len("weight")] + "scale", scale)
             return
+        t = t.to(device=self.device, dtype=self.dtype or t.dtype)
         # On some CPUs the per-row GEMM's low bits depend on the operand's
         # address; a tensor inside a file or a stream sits at whatever offset the
         # format gave it. Copy those into allocator-aligned memory (only those:
@@ -302,8 +304,11 @@ class StageBuilder:
             # a wider block format (Q5_x, Q6_K, Q8_0): int8, not a requantization to int4
             self._put_parts(name[:-len(".weight")], quantize_rows(t.to(self.device, torch.float32)))
             return
-        if w is None or w.group != group:
-            w = quantize_groups(t, group)
+        if w is None or w.group != group:  # quantized and packed a block of rows at a time
+            packed = Int4Linear.from_float(t, group)
+            self._keep(name, packed.weight)
+            self._keep(name[:-len("weight")] + "scales_and_zeros", packed.scales_and_zeros)
+            return
         self._put_parts(name[:-len(".weight")], w)
 
     def _put_parts(self, prefix: str, w: Int4Weight | tuple[torch.Tensor, torch.Tensor]) -> None:

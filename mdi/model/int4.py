@@ -96,6 +96,9 @@ def packable(N: int, K: int, group: int) -> bool:
             and N % 16 == 0)
 
 
+PACK_ROWS = 1024  # a multiple of the packed layout's 64-row blocks
+
+
 class Int4Linear(nn.Module):
     """A Linear over packed int4 codes and bfloat16 scales and zeros (see the module doc)."""
 
@@ -116,9 +119,31 @@ class Int4Linear(nn.Module):
     def from_weight(cls, w: Int4Weight, bias: torch.Tensor | None = None) -> "Int4Linear":
         N, K = w.shape
         out = cls(K, N, bias is not None, w.group, device="meta")
-        out.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            w.codes.to(torch.int32), INNER_K_TILES)
+        # packed 1024 rows at a time (the layout packs blocks of 64 rows on their own,
+        # so the pieces equal one call): the kernel's int32 input of a 32k-row head
+        # would be 4x the codes, the peak of a node's load
+        out.weight = torch.empty(N, K // 2, dtype=torch.uint8)
+        for a in range(0, N, PACK_ROWS):
+            out.weight[a:a + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                w.codes[a:a + PACK_ROWS].to(torch.int32), INNER_K_TILES)
         out.scales_and_zeros = torch.stack([w.scale.t(), w.zero.t()], dim=-1).to(torch.bfloat16)
+        if bias is not None:
+            out.bias = bias.detach().clone()
+        return out
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group: int = 32, bias: torch.Tensor | None = None
+                   ) -> "Int4Linear":
+        """from_weight(quantize_groups(w, group)), equal to it, a block of rows at a
+        time: the whole tensor's codes (a byte each) are never held at once."""
+        N, K = w.shape
+        out = cls(K, N, bias is not None, group, device="meta")
+        out.weight = torch.empty(N, K // 2, dtype=torch.uint8)
+        out.scales_and_zeros = torch.empty(K // group, N, 2, dtype=torch.bfloat16)
+        for a in range(0, N, PACK_ROWS):
+            part = cls.from_weight(quantize_groups(w[a:a + PACK_ROWS], group))
+            out.weight[a:a + PACK_ROWS] = part.weight
+            out.scales_and_zeros[:, a:a + PACK_ROWS] = part.scales_and_zeros
         if bias is not None:
             out.bias = bias.detach().clone()
         return out
@@ -127,7 +152,7 @@ class Int4Linear(nn.Module):
     def from_linear(cls, layer: nn.Linear, group: int = 32) -> "Int4Linear":
         if layer.weight.is_meta:  # a loader's skeleton: filled by name later
             return cls(layer.in_features, layer.out_features, layer.bias is not None, group, "meta")
-        return cls.from_weight(quantize_groups(layer.weight, group), layer.bias)
+        return cls.from_float(layer.weight, group, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -55,8 +55,10 @@ def parse_mode(mode: str) -> tuple[str, int]:
 ROWS_AT_ONCE = 1024  # rows quantized per piece: the float temporaries stay a few MB
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,).
+    dtype: quantize w.to(dtype) (rounded to it first), without a whole copy.
 
     Every row on its own, in pieces of ROWS_AT_ONCE rows: a loader quantizing
     tensor by tensor holds the float tensor, the int8 result and a few MB more
@@ -66,7 +68,8 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for a in range(0, w.shape[0], ROWS_AT_ONCE):
-        part = w[a:a + ROWS_AT_ONCE].float()
+        part = w[a:a + ROWS_AT_ONCE]
+        part = (part if dtype is None else part.to(dtype)).float()
         s = (part.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (rows,)
         q[a:a + ROWS_AT_ONCE] = torch.round(part / s[:, None]).clamp_(-127, 127)
         scale[a:a + ROWS_AT_ONCE] = s
