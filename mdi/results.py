@@ -107,6 +107,7 @@ class GenerationResult:
     failure: Failure | None = None      # set on the partial result of a failed run
     plan: dict | None = None            # the ring's split (ring/placement.py), ring runs only
     recoveries: list[dict] = field(default_factory=list)  # nodes lost and resumed from (ring_engine.py)
+    compute: dict | None = None         # dtype (and why), kernels per kind (cli: --json)
     # seconds since start when each sample's token i came ([] where only step_times are known)
     token_times: list[list[float]] = field(default_factory=list)
 
@@ -169,6 +170,8 @@ class GenerationResult:
             out["plan"] = self.plan
         if self.recoveries:
             out["recoveries"] = self.recoveries
+        if self.compute is not None:
+            out["compute"] = self.compute
         if self.failure is not None:
             out["error"] = self.failure.message
             if self.failure.node is not None:

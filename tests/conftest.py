@@ -11,6 +11,9 @@ import subprocess
 # One core: keep the Hugging Face tokenizers (Rust) from starting a thread pool.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
+# --dtype auto (the default of sample, run, chat, serve, eval) is float32 in the
+# suite, whatever the CPU: results must not depend on the CI machine's bfloat16
+os.environ.setdefault("MDI_AUTO_DTYPE", "float32")
 
 from pathlib import Path  # noqa: E402
 from typing import Callable

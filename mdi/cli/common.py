@@ -25,6 +25,10 @@ CKPT_HELP = ("checkpoint: our directory, a Hugging Face model directory, hf:ORG/
 # One help text per option, whichever command has it.
 DEVICE_HELP = "torch device, e.g. cpu, cuda, cuda:1"
 DTYPE_HELP = "dtype the model computes in"
+AUTO_DTYPE_HELP = ("dtype the model computes in; auto: bfloat16 where this device multiplies it "
+                   "natively and a short probe finds it faster at 1 and 16 rows, else float32 "
+                   "(the choice is logged and in --json; MDI_AUTO_DTYPE=NAME fixes it)")
+DTYPE_CHOICES = [*sorted(DTYPES), "auto"]
 THREADS_HELP = "torch threads (default: torch's; with --nodes N, per node)"
 QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at load time on "
                  "every node (4x less weight memory than float32); int4 (-g64, -g128): "
@@ -110,7 +114,7 @@ def add_sampling_options(g, n_tokens: int) -> None:
 def add_model_options(g) -> None:
     """Where and how the model runs (sample, run, starter, chat)."""
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     g.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(g)
@@ -142,6 +146,19 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """How the generation commands load the model (add_generation_options)."""
     return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
                        batch_invariant=args.batch_invariant, max_context=args.max_context)
+
+
+def compute_info(args: argparse.Namespace, stage=None) -> dict:
+    """What --json says of how the run computes: the dtype, why it is that one
+    (--dtype auto: cli/auto_dtype.py) and, for a stage held here, its kernels."""
+    from ..model.quant import kernel_summary
+
+    out = {"dtype": args.dtype, "dtype_from": getattr(args, "dtype_from", "--dtype")}
+    if stage is not None:
+        out["kernels"] = kernel_summary(stage)
+    log.info("computing in %s (%s)%s", out["dtype"], out["dtype_from"], "".join(
+        f"; {n} x {k}" for k, n in out.get("kernels", {}).items()))
+    return out
 
 
 def check_counts(args: argparse.Namespace) -> None:

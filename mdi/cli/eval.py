@@ -11,8 +11,8 @@ from tqdm import tqdm
 from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
 from ..model.quant import QUANT_MODES
-from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, QUANTIZE_HELP, THREADS_HELP,
-                     UsageError, set_threads)
+from .common import (AUTO_DTYPE_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPES,
+                     QUANTIZE_HELP, THREADS_HELP, UsageError, set_threads)
 
 
 
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts "
                    "(default: window // 2; window = non-overlapping)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        if getattr(args, "dtype", None) == "auto":  # one concrete dtype from here on
+            from .auto_dtype import resolve
+
+            args.dtype, args.dtype_from = resolve("auto", getattr(args, "device", "cpu"))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("mdi: interrupted", file=sys.stderr)

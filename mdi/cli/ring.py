@@ -24,8 +24,9 @@ from ..tokenizer import Tokenizer
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from .common import (RECOVERY_HELP, CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
-                     UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
-                     encode_prompts, read_prompts, sampling_config, set_threads, stops_of)
+                     UsageError, add_generation_options, check_counts, check_prompt_lengths,
+                     compute_info, emit, encode_prompts, read_prompts, sampling_config,
+                     set_threads, stops_of)
 from .preflight import check_local_nodes
 from .stream import StreamPrinter
 
@@ -135,6 +136,7 @@ def _generate(args: argparse.Namespace, job: _Job, nodes, token: str) -> int:
             printer.finish()  # what the other samples produced before the failure
     finally:
         bar.close()
+    result.compute = compute_info(args)  # one dtype for every node: the starter's choice
     emit(args, result, printed=printer is not None)
     if not args.json and error is None:
         _print_hops(result)

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..model.dtypes import DTYPES
 from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
-from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_HELP, NO_RECOVER_HELP,
+from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP,
+                     AUTO_DTYPE_HELP, DTYPE_CHOICES, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
                      UsageError, add_max_context, add_prefill_chunk)
@@ -198,7 +198,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
     add_max_context(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)

@@ -12,8 +12,9 @@ from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
 from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, SEED_HELP, THREADS_HELP,
-                     UsageError, add_generation_options, check_counts, check_prompt_lengths, emit,
-                     encode_prompts, load_options, read_prompts, sampling_config, set_threads, stops_of)
+                     UsageError, add_generation_options, check_counts, check_prompt_lengths,
+                     compute_info, emit, encode_prompts, load_options, read_prompts,
+                     sampling_config, set_threads, stops_of)
 from .preflight import check_fits_here
 
 log = logging.getLogger("mdi")
@@ -84,11 +85,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if min(counts) > bar.n:
                 bar.update(min(counts) - bar.n)
 
+    compute = compute_info(args, model)  # logged once the run is sure to start
     with bar:
         result = generate_local(
             lambda: LocalEngine(model, tok, max_seqs=len(ids), lanes=lanes,
                                 prefill_chunk=args.prefill_chunk),
             ids, n_tokens, sampling, on_event, Texts(tok, prompts), stops)
+    result.compute = compute
     emit(args, result, printed=printer is not None)
     return 0
 

@@ -281,3 +281,29 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if pack and not batch_invariant:
         pack_linears(stage)
     return stage
+
+
+def kernel_summary(stage: nn.Module) -> dict[str, int]:
+    """How many layers of a configured stage run which kernel (for logs and --json)."""
+    from .layers import can_pack, has_plain_weight
+
+    out: dict[str, int] = {}
+    for m in stage.modules():
+        if isinstance(m, Int4Linear):
+            kind = f"int4 g{m.group} weight-only (bfloat16 activations)"
+        elif isinstance(m, Int8Linear):
+            kind = ("int8 weight-only (bfloat16 activations)" if m.few_rows >= HEAD_ROWS else
+                    "int8 dynamic (per-row int8 activations)" if m.few_rows <= 0 else
+                    f"int8 weight-only up to {m.few_rows} rows, dynamic above")
+        elif isinstance(m, Int8Embedding):
+            kind = "int8 embedding rows"
+        elif isinstance(m, nn.Linear):
+            w = m.weight
+            packed = not has_plain_weight(m) or (
+                getattr(stage, "packed_linears", False) and not getattr(stage, "batch_invariant", False)
+                and can_pack(m, torch.empty(0, dtype=w.dtype, device=w.device)))
+            kind = "float32 prepacked (oneDNN)" if packed else f"{str(w.dtype).removeprefix('torch.')} dense"
+        else:
+            continue
+        out[kind] = out.get(kind, 0) + 1
+    return out
