@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mdi.engine import LocalEngine, MemoryLink, PipelineEngine, SeqParams
-from mdi.engine.messages import Admit, Decode, Prefill
+from mdi.engine.messages import Admit, Decode, Prefill, Prefills
 from mdi.engine.slots import SlotError, SlotStage, lane_sizes
 from mdi.generate import step
 from mdi.generate.schedule import SampleState, needs_prefill, plan_chunk
@@ -138,10 +138,18 @@ def test_ring_chunks_equal_single_device_and_carry_positions():
     got = asyncio.run(run_all(engine, PROMPTS, [greedy(n) for n in LENGTHS]))
     local = LocalEngine(model, TOK, max_seqs=5, prefill_chunk=6)
     assert got == asyncio.run(run_all(local, PROMPTS, [greedy(n) for n in LENGTHS]))
-    prefills = [m for m in link.sent if isinstance(m, Prefill)]
-    assert max(m.x.shape[1] for m in prefills) == 6
-    first = [(m.start, m.x.shape[1]) for m in prefills if m.slot == 0][:5]
+    chunks = chunks_sent(link)
+    assert max(sum(n for _, _, n in step) for step in chunks) == 6   # tokens a step
+    first = [(a, n) for step in chunks for slot, a, n in step if slot == 0][:5]
     assert first == [(0, 6), (6, 6), (12, 6), (18, 6), (24, 4)]   # 28 = 4 chunks of 6 + 4
+
+
+def chunks_sent(link: MemoryLink) -> list[list[tuple[int, int, int]]]:
+    """(slot, start, length) of each chunk the engine sent, by message: a Prefill's
+    one, a Prefills' several (the chunks of one step, as one frame)."""
+    return [[(m.slot, m.start, m.x.shape[1])] if isinstance(m, Prefill)
+            else list(zip(m.slots, m.starts, m.lengths))
+            for m in link.sent if isinstance(m, (Prefill, Prefills))]
 
 
 def test_a_long_prompt_does_not_hold_the_lane_s_decoding_sequence():

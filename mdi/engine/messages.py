@@ -1,9 +1,10 @@
 """What a lane step sends down the pipeline, and what comes back.
 
 The engine (the first stage) sends, for each step of a lane, in this order:
-Retire for the lane's sequences that finished, Admit + Prefill for the ones that
-join (or re-prefill after a context overflow: Prefill alone), then one Decode
-with the lane's active slots. The last stage answers each Decode with Tokens.
+Retire for the lane's sequences that finished, Admit for the ones that join,
+their prefill chunks (a re-prefill after a context overflow too) as one Prefills
+(one Prefill when a single slot has one), then one Decode with the lane's
+active slots. The last stage answers each Decode with Tokens.
 Every stage handles the messages in the order sent (a FIFO link), so a slot's
 state is the same on every node when its Decode arrives.
 
@@ -56,6 +57,20 @@ class Prefill:
 
 
 @dataclass(frozen=True)
+class Prefills:
+    """Several slots' prefill chunks of one lane step, computed as one forward and
+    sent as one frame (model/packed.py): slot i fills positions starts[i]..
+    starts[i]+lengths[i]-1, each start as a Prefill's. x holds their tokens packed
+    one slot after another: ids (1, N) on the first stage, activations (1, N, C)
+    after it, N = sum(lengths)."""
+    lane: int
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Replay:
     """After a loss (`--recovery replay`): the upstream survivor's log of what it
     sent for `slot`, positions start..start+T-1, activations (1, T, C). The
@@ -84,4 +99,4 @@ class Tokens:
     tokens: tuple[int, ...]
 
 
-Message = Admit | Retire | Prefill | Decode | Replay
+Message = Admit | Retire | Prefill | Prefills | Decode | Replay

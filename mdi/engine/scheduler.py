@@ -38,7 +38,7 @@ from .messages import Admit, Message, Retire, Tokens
 from .replay import Confirmed, rewind
 from .sequence import Lane, Sequence
 from .slots import SlotError, SlotStage, lane_sizes
-from .step_times import DEFAULT_PREFILL_CHUNK, INLINE_BELOW_S, StepTimes
+from .step_times import DEFAULT_PREFILL_CHUNK, INLINE_BELOW_S, StepTimes, prefill_budget
 
 log = logging.getLogger(__name__)
 _WAKE = object()
@@ -57,6 +57,7 @@ class PipelineEngine:
     """
     stall_timeout: float = float("inf")
     prefill_share: float = 0.0  # >0: chunks cut to this many decode steps' time while others decode
+    batch_prefill: bool = True  # a step's prefill chunks as one forward and one frame (False: one each)
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -363,16 +364,9 @@ class PipelineEngine:
         return plans
 
     def _prefill_budget(self, lane: Lane) -> int:
-        """This step's prefill tokens: prefill_chunk, or with a prefill_share while other
-        sequences decode, about that many decode steps' worth (step_times.py). The
-        engine's sequences are looked at only when this lane has a prompt to write."""
-        chunk, ctx = self.prefill_chunk, self.first.context
-        if not (chunk and self.prefill_share > 0) or not any(
-                needs_prefill(seq.state, ctx) for seq in lane.seqs.values()) or not any(
-                not needs_prefill(seq.state, ctx)
-                for other in self.lanes for seq in other.seqs.values() if not seq.done):
-            return chunk
-        return self.times.shared_budget(chunk, self.prefill_share)
+        """This step's prefill tokens (step_times.prefill_budget)."""
+        return prefill_budget(self.prefill_chunk, self.prefill_share, self.times, lane,
+                              self.lanes, self.first.context)
 
     async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
@@ -383,10 +377,11 @@ class PipelineEngine:
         inline = decode_only and ema is not None and ema < INLINE_BELOW_S
         t0 = time.perf_counter()
         if inline:
-            out = self.first.first_step(lane, msgs, plans)
+            out = self.first.first_step(lane, msgs, plans, self.batch_prefill)
         else:
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self._executor, self.first.first_step, lane, msgs, plans)
+            out = await loop.run_in_executor(self._executor, self.first.first_step, lane, msgs,
+                                             plans, self.batch_prefill)
         took = time.perf_counter() - t0
         if inline:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn

@@ -24,7 +24,7 @@ from ..generate import step
 from ..generate.sampling import SamplingConfig, sample_token, seeded_generator
 from ..generate.schedule import StepPlan, make_groups
 from ..model import GPT, KVCache
-from .messages import Admit, Decode, Message, Prefill, Replay, Retire, Tokens
+from .messages import Admit, Decode, Message, Prefill, Prefills, Replay, Retire, Tokens
 from .replay import ActivationLog
 
 
@@ -173,21 +173,54 @@ class SlotStage:
         """Fill the slot at positions m.start..; returns the activations (1, T, C)
         for the next stage, None on the last stage (prefill needs no logits)."""
         s = self._slot(m.slot)
-        if m.slot in self.due:
-            raise SlotError(f"slot {m.slot} awaits its replay")
         t = m.x.shape[1]
-        if not 1 <= t <= self.context - m.start:
-            raise SlotError(f"prefill of {t} tokens at position {m.start}, the context is "
-                            f"{self.context} positions")
-        if m.start and m.start != s.position:
-            raise SlotError(f"prefill chunk at position {m.start}, slot {m.slot} holds "
-                            f"{s.position} positions")
+        self._check_prefill(m.slot, s, m.start, t)
         x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
         h = step.prefill(self.stage, self.caches[s.lane], s.row, x, m.start)
         s.position = m.start + t
         if self.log is not None:
             self.log.record(m.slot, m.start, h[0])
         return None if self.stage.has_head else h
+
+    @torch.inference_mode()
+    def prefills(self, m: Prefills) -> torch.Tensor | None:
+        """Several slots' chunks as one forward (step.prefill_rows), each checked as a
+        Prefill is; returns the activations (1, N, C) packed alike, None on the last stage."""
+        n = len(m.slots)
+        if not n or not n == len(m.starts) == len(m.lengths):
+            raise SlotError(f"prefills of {n} slots with {len(m.starts)} starts and "
+                            f"{len(m.lengths)} lengths")
+        if len(set(m.slots)) != n:
+            raise SlotError(f"prefills name a slot twice: {list(m.slots)}")
+        total = m.x.shape[1] if m.x.dim() >= 2 and m.x.shape[0] == 1 else -1
+        if min(m.lengths) < 1 or sum(m.lengths) != total:
+            raise SlotError(f"prefills of lengths {list(m.lengths)} for {total} packed tokens "
+                            f"(shape {tuple(m.x.shape)})")
+        slots = [self._slot(i) for i in m.slots]
+        for i, s, start, t in zip(m.slots, slots, m.starts, m.lengths):
+            if s.lane != m.lane:
+                raise SlotError(f"prefills for lane {m.lane} name slot {i} of lane {s.lane}")
+            self._check_prefill(i, s, start, t)
+        x = m.x.to(self.device, copy=True)  # aligned memory, whatever the source
+        h = step.prefill_rows(self.stage, self.caches[m.lane], [s.row for s in slots],
+                              m.starts, m.lengths, x)
+        a = 0
+        for i, s, start, t in zip(m.slots, slots, m.starts, m.lengths):
+            s.position = start + t
+            if self.log is not None:
+                self.log.record(i, start, h[0, a:a + t])
+            a += t
+        return None if self.stage.has_head else h
+
+    def _check_prefill(self, slot: int, s: _Slot, start: int, t: int) -> None:
+        if slot in self.due:
+            raise SlotError(f"slot {slot} awaits its replay")
+        if not 1 <= t <= self.context - start:
+            raise SlotError(f"prefill of {t} tokens at position {start}, the context is "
+                            f"{self.context} positions")
+        if start and start != s.position:
+            raise SlotError(f"prefill chunk at position {start}, slot {slot} holds "
+                            f"{s.position} positions")
 
     @torch.inference_mode()
     def decode(self, m: Decode) -> torch.Tensor:
@@ -236,12 +269,13 @@ class SlotStage:
         return tuple(out)
 
     @torch.inference_mode()
-    def first_step(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
-                   ) -> list[Message | Tokens]:
+    def first_step(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan],
+                   batched: bool = True) -> list[Message | Tokens]:
         """The engine's first stage's share of a lane step (on its worker thread):
-        msgs, then each plan's prefill chunk, then one Decode of the plans that decode.
-        Returns what goes down the pipeline (the sampled Tokens last when this stage is
-        the whole model)."""
+        msgs, then the plans' prefill chunks (as one Prefills when several slots have
+        one and `batched`, else one Prefill each), then one Decode of the plans that
+        decode. Returns what goes down the pipeline (the sampled Tokens last when this
+        stage is the whole model)."""
         first = self
         out: list[Message | Tokens] = []
         for m in msgs:
@@ -250,12 +284,20 @@ class SlotStage:
                 out.append(nxt)
         if not plans:
             return out
-        for slot, plan in plans.items():
-            if plan.prefill:
-                ids = torch.tensor([plan.prefill], dtype=torch.long)
-                h = first.prefill(Prefill(slot, ids, plan.start))
-                if h is not None:
-                    out.append(Prefill(slot, h, plan.start))
+        chunks = {slot: plan for slot, plan in plans.items() if plan.prefill}
+        if batched and len(chunks) > 1:
+            ids = torch.tensor([sum((p.prefill for p in chunks.values()), [])], dtype=torch.long)
+            m = Prefills(lane, tuple(chunks), tuple(p.start for p in chunks.values()),
+                         tuple(len(p.prefill) for p in chunks.values()), ids)
+            nxt = first.handle(m)
+            if nxt is not None:
+                out.append(nxt)
+            chunks = {}
+        for slot, plan in chunks.items():
+            ids = torch.tensor([plan.prefill], dtype=torch.long)
+            h = first.prefill(Prefill(slot, ids, plan.start))
+            if h is not None:
+                out.append(Prefill(slot, h, plan.start))
         slots = tuple(s for s, p in plans.items() if p.decodes)
         if not slots:
             return out
@@ -279,6 +321,9 @@ class SlotStage:
         if isinstance(m, Prefill):
             h = self.prefill(m)
             return None if h is None else Prefill(m.slot, h, m.start)
+        if isinstance(m, Prefills):
+            h = self.prefills(m)
+            return None if h is None else Prefills(m.lane, m.slots, m.starts, m.lengths, h)
         if isinstance(m, Replay):
             self.replay(m)
             return None

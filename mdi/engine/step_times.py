@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 
+from ..generate.schedule import needs_prefill
+from .sequence import Lane
+
 log = logging.getLogger(__name__)
 # Decode steps of the first stage whose running mean time is below this run on the
 # event loop itself. Handing a step to the worker thread and back (two wake-ups,
@@ -58,3 +61,16 @@ class StepTimes:
         log.debug("prefill budget %d tokens: decode step %.1f ms, prefill %.3f ms a token",
                   budget, self.decode * 1e3, self.prefill_token * 1e3)
         return budget
+
+
+def prefill_budget(chunk: int, share: float, times: StepTimes, lane: Lane,
+                   lanes: list[Lane], context: int) -> int:
+    """A lane step's prefill tokens: `chunk`, or with a `share` while other sequences
+    decode, about that many decode steps' worth (StepTimes.shared_budget). The
+    engine's sequences are looked at only when this lane has a prompt to write."""
+    if not (chunk and share > 0) or not any(
+            needs_prefill(seq.state, context) for seq in lane.seqs.values()) or not any(
+            not needs_prefill(seq.state, context)
+            for other in lanes for seq in other.seqs.values() if not seq.done):
+        return chunk
+    return times.shared_budget(chunk, share)

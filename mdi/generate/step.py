@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ..model import GPT, KVCache
+from ..model.packed import pack_rows
 
 Inputs = Sequence[int] | torch.Tensor  # token ids (first stage) or activations (later stages)
 
@@ -39,6 +40,29 @@ def prefill(stage: GPT, cache: KVCache, row: int, x: Inputs, start: int = 0) -> 
         x = torch.tensor([list(x)], dtype=torch.long, device=dev)  # (1, T)
     pos = torch.arange(start, start + x.shape[1], device=dev)[None]  # (1, T)
     return stage(x, pos, cache.rows(row, row + 1), logits=False)
+
+
+def prefill_rows(stage: GPT, cache: KVCache, rows: Sequence[int], starts: Sequence[int],
+                 lengths: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """Several sequences' prefills (the prompts that join a lane at one step) as one
+    forward: sequence i writes row rows[i] at positions starts[i]..+lengths[i]-1.
+
+    x: their tokens packed one sequence after another, ids (1, N) or activations
+    (1, N, n_embd), N = sum(lengths). Returns the activations (1, N, n_embd), packed
+    alike. With --batch-invariant (stage.batch_invariant) each sequence runs its own
+    `prefill`, so its numbers are a lone prefill's; otherwise one forward over the
+    packed row (model/packed.py), equal to those up to float rounding.
+    """
+    if len(rows) == 1 or stage.batch_invariant:
+        outs, a = [], 0
+        for row, start, n in zip(rows, starts, lengths):
+            outs.append(prefill(stage, cache, row, x[:, a:a + n], start))
+            a += n
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    lo = min(rows)  # the cache rows lo..hi-1 that hold the sequences, as one view
+    view = cache.rows(lo, max(rows) + 1)
+    packed = pack_rows([r - lo for r in rows], starts, lengths, _device(stage))
+    return stage(x, None, view, logits=False, packed=packed)
 
 
 def decode(stage: GPT, cache: KVCache, x: Inputs, positions: Sequence[int]) -> torch.Tensor:

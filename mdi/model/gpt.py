@@ -26,7 +26,9 @@ import torch.nn as nn
 
 from .cache import KVCache, context_length
 from .config import GPTConfig
-from .layers import Block, LinearMode, cached_step, linear, make_norm, rope_inv_freq, rope_table
+from .layers import (Block, CachedStep, LinearMode, cached_step, linear, make_norm,
+                     rope_inv_freq, rope_table)
+from .packed import PackedRows
 
 __all__ = ["GPT", "linear"]
 
@@ -121,23 +123,31 @@ class GPT(nn.Module):
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits: bool = True) -> torch.Tensor:
+                cache: KVCache | None = None, logits: bool = True,
+                packed: PackedRows | None = None) -> torch.Tensor:
         """x: ids (B, T) or activations (B, T, C); input_pos: (B, T) positions.
 
         Without a cache, input_pos defaults to 0..T-1 for every row. With
         logits=False the last stage returns the final activations (prefill
-        needs no logits).
+        needs no logits). packed (with a cache, B == 1): the row holds several
+        sequences' tokens, each written to its own cache row at its own positions
+        (packed.py: a batched prefill); input_pos is then packed.input_pos.
         """
         if self.has_embeddings:
             B, T = x.shape
         else:
             B, T, _ = x.shape
+        if packed is not None:
+            if cache is None or B != 1 or T != packed.n_tokens:
+                raise ValueError(f"packed rows need a cache and one row of their "
+                                 f"{packed.n_tokens} tokens, got shape {tuple(x.shape)}")
+            input_pos = packed.input_pos
         if input_pos is None:
             if cache is not None:
                 raise ValueError("a cached forward needs input_pos")
             input_pos = torch.arange(T, device=x.device).expand(B, T)
         if self.has_embeddings:
-            if T > self.config.block_size:
+            if T > self.config.block_size and packed is None:  # packed: positions are checked
                 raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
             x = self.transformer.wte(x)
             if "wpe" in self.transformer:
@@ -152,7 +162,10 @@ class GPT(nn.Module):
         per_row = cache is not None and self.batch_invariant
         mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
         step = None
-        if cache is not None:
+        if packed is not None:
+            step = CachedStep(input_pos, None, packed.length, None, packed=packed)
+            cache.reserve(step.length)
+        elif cache is not None:
             step = cached_step(input_pos, per_row)
             cache.reserve(step.length)  # the buffers reach the step's last position
         for i, block in enumerate(self.transformer.h.values()):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import GPTConfig
+from .packed import PackedRows, packed_attention
 
 
 # How a linear runs (GPT.forward picks one per forward and passes it down):
@@ -282,7 +283,8 @@ class CachedStep:
     input_pos[b, t]; None when every key below `length` is visible to every
     query (a decode whose rows are all at one position), `causal` when the mask
     is the plain causal one (a prefill from position 0). rows: with
-    --batch-invariant, one step per row, each with its own length.
+    --batch-invariant, one step per row, each with its own length. packed: several
+    sequences' tokens in the one row of the step (packed.py; a batched prefill).
     """
     input_pos: torch.Tensor
     start: int | None
@@ -290,6 +292,7 @@ class CachedStep:
     mask: torch.Tensor | None
     causal: bool = False
     rows: tuple["CachedStep", ...] = ()
+    packed: PackedRows | None = None
 
 
 def cached_step(input_pos: torch.Tensor, per_row: bool = False) -> CachedStep:
@@ -338,6 +341,9 @@ class CausalSelfAttention(nn.Module):
             y = y.transpose(1, 2)
         else:
             assert step is not None
+            if step.packed is not None:  # several sequences in one row: their own rows, masks
+                y = packed_attention(qkv, cache, layer, step.packed, nh, gqa)
+                return linear(self.c_proj, y.reshape(B, T, nh * hs), mode)
             kv = qkv[:, :, nh:].view(B, T, 2, nkv, hs).permute(2, 0, 3, 1, 4)  # (2, B, nkv, T, hs)
             k, v = cache.update(layer, step.input_pos, kv, step.start)  # (B, nkv, T_max, hs)
             y = cached_attention(qkv[:, :, :nh], k, v, step, gqa)  # (B, T, nh, hs)

@@ -40,7 +40,7 @@ from .validate import InitError
 
 log = logging.getLogger(__name__)
 INPUT_KINDS = frozenset({Kind.PREFILL, Kind.DECODE, Kind.CONTEXT, Kind.ADMIT, Kind.RETIRE,
-                         Kind.SEQ_DECODE, Kind.REPLAY})
+                         Kind.SEQ_DECODE, Kind.REPLAY, Kind.PREFILLS})
 OUTPUT_DECODE_KINDS = frozenset({Kind.DECODE, Kind.TOKENS, Kind.CONTEXT, Kind.SEQ_DECODE,
                                  Kind.SEQ_TOKENS})
 
@@ -136,7 +136,7 @@ class NodeRun:
         if frame.kind in OUTPUT_DECODE_KINDS:
             self.stats.decode_bytes_out += n
             self.stats.decode_tokens_out += frame.tensor.shape[0]
-        elif frame.kind == Kind.PREFILL:
+        elif frame.kind in (Kind.PREFILL, Kind.PREFILLS):
             self.stats.prefill_bytes_out += n
 
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 """The engine's messages (engine/messages.py) as data-plane frames (docs/wire.md).
 
-Admit -> ADMIT, Retire -> RETIRE, Prefill -> PREFILL (sample = slot),
+Admit -> ADMIT, Retire -> RETIRE, Prefill -> PREFILL (sample = slot), Prefills ->
+PREFILLS (a row table of (slot, start, length), the tokens packed),
 Decode -> SEQ_DECODE, Tokens <- SEQ_TOKENS, Replay -> REPLAY (a recovery's); a Decode / Tokens of a whole lane
 travels as DECODE / TOKENS (no slot table: a fixed batch through the engine
 costs the same bytes as before). The lane of a decode is not on the wire:
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.messages import Admit, Decode, Message, Prefill, Replay, Retire, Tokens
+from ...engine.messages import Admit, Decode, Message, Prefill, Prefills, Replay, Retire, Tokens
 from ...engine.slots import SlotStage
 from .wire import Frame, Kind, WireError, admit_frame
 
@@ -23,6 +24,9 @@ def to_frame(m: Message | Tokens, run_id: int, slots: SlotStage) -> Frame:
         return Frame(Kind.RETIRE, run_id, m.slot)
     if isinstance(m, Prefill):
         return Frame(Kind.PREFILL, run_id, m.slot, m.start, m.x)
+    if isinstance(m, Prefills):
+        return Frame(Kind.PREFILLS, run_id, m.slots[0], len(m.slots), m.x, m.slots,
+                     spans=tuple(zip(m.starts, m.lengths)))
     if isinstance(m, Replay):
         return Frame(Kind.REPLAY, run_id, m.slot, m.start, m.x)
     whole = slots.is_whole_lane(m.slots)
@@ -50,6 +54,9 @@ def to_message(f: Frame, slots: SlotStage) -> Message | Tokens:
     assert f.tensor is not None
     if f.kind == Kind.PREFILL:
         return Prefill(f.sample, f.tensor, f.position)
+    if f.kind == Kind.PREFILLS:  # the slots' lane and positions: SlotStage.prefills checks them
+        return Prefills(slots.lane_of(f.slots[0]), f.slots, tuple(a for a, _ in f.spans),
+                        tuple(n for _, n in f.spans), f.tensor)
     if f.kind == Kind.REPLAY:
         return Replay(f.sample, f.tensor, f.position)
     table = f.slots

@@ -19,8 +19,9 @@ import struct
 
 import torch
 
-from .wire import (SLOT_TABLE_KINDS, TORCH_DTYPES, DType, Frame, Limits, WireError,
-                   check_header, finish_frame, frame_parts, parse_header, read_slot_table)
+from .wire import (SLOT_TABLE_KINDS, TORCH_DTYPES, DType, Frame, Kind, Limits, WireError,
+                   check_header, finish_frame, frame_parts, parse_header, read_row_table,
+                   read_slot_table, table_bytes)
 
 
 class SockStream:
@@ -132,15 +133,19 @@ def recv_frame(sock: socket.socket, lim: Limits, header: bytearray) -> Frame:
     h = parse_header(header)
     check_header(h, lim)
     slots: tuple[int, ...] = ()
-    if h.kind in SLOT_TABLE_KINDS:
-        table = bytearray(4 * h.shape[0])
+    spans: tuple[tuple[int, int], ...] = ()
+    if table_bytes(h):
+        table = bytearray(table_bytes(h))
         _recv_into(sock, memoryview(table), "payload")
-        slots = read_slot_table(h, table, lim.n_samples)
+        if h.kind in SLOT_TABLE_KINDS:
+            slots = read_slot_table(h, table, lim.n_samples)
+        elif h.kind == Kind.PREFILLS:
+            slots, spans = read_row_table(h, table, lim)
     tensor = None
     if h.dtype != DType.NONE:
         tensor = torch.empty(h.shape, dtype=TORCH_DTYPES[h.dtype])  # aligned, as torch allocates
         _recv_into(sock, memoryview(tensor.view(-1).view(torch.uint8).numpy()), "payload")
-    return finish_frame(h, slots, tensor)
+    return finish_frame(h, slots, tensor, spans)
 
 
 def send_frame(sock: socket.socket, f: Frame) -> int:

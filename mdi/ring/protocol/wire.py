@@ -30,7 +30,11 @@ slots, Limits.sequences); each refuses the other's own kinds. SEQ_DECODE and
 SEQ_TOKENS carry some slots of a lane: their payload starts with a slot
 table, B uint32 slot ids (network order, strictly ascending, the first equal to
 `sample`), then the tensor bytes. A step of a whole lane needs no table: it
-travels as DECODE/TOKENS.
+travels as DECODE/TOKENS. PREFILLS carries several slots' prefill chunks packed in
+one (1, N, C) tensor: `position` is the number of slots B, and the payload starts
+with a row table, B (slot, start, length) uint32 triples (slots strictly
+ascending, the first equal to `sample`, lengths summing to N, start + length
+within block_size).
 """
 from __future__ import annotations
 
@@ -73,11 +77,13 @@ class Kind(enum.IntEnum):
     REPLAY = 12      # activations (1, T, C) of slot `sample`, positions position..+T-1, from
                      # the upstream survivor's log to a lost stage's replacement, which
                      # fills its cache and sends nothing on (--recovery replay)
+    PREFILLS = 13    # row table + activations (1, N, C): several slots' prefill chunks of one
+                     # lane step packed one after another (position = number of slots)
 
 
 FIXED_KINDS = frozenset({Kind.CONTEXT})  # refused in sequence runs
 SEQUENCE_KINDS = frozenset({Kind.ADMIT, Kind.RETIRE, Kind.SEQ_DECODE, Kind.SEQ_TOKENS,
-                            Kind.REPLAY})  # refused in fixed runs
+                            Kind.REPLAY, Kind.PREFILLS})  # refused in fixed runs
 SLOT_TABLE_KINDS = frozenset({Kind.SEQ_DECODE, Kind.SEQ_TOKENS})
 ADMIT_FIELDS = 4   # seed, top_k (0: none), temperature and top_p as float64 bit patterns
 
@@ -117,6 +123,7 @@ class Frame:
     tensor: torch.Tensor | None = None
     slots: tuple[int, ...] = ()      # SEQ_DECODE / SEQ_TOKENS: the slot of each row
     sampling: SamplingConfig | None = None  # a received ADMIT: its parameters, checked
+    spans: tuple[tuple[int, int], ...] = ()  # PREFILLS: each slot's (start, length)
 
     def encode(self) -> bytes:
         return encode_frame(self)
@@ -159,6 +166,12 @@ def frame_parts(f: Frame) -> list:
         if not shape or len(f.slots) != shape[0]:
             raise WireError(f"{f.kind.name} needs one slot per row, got {len(f.slots)} for {shape}")
         parts.append(struct.pack(f"!{len(f.slots)}I", *f.slots))
+    elif f.kind == Kind.PREFILLS:
+        if not len(f.slots) == len(f.spans) == f.position:
+            raise WireError(f"PREFILLS of {f.position} slots lists {len(f.slots)} slots and "
+                            f"{len(f.spans)} spans")
+        parts.append(struct.pack(f"!{3 * len(f.slots)}I", *(
+            v for slot, (start, n) in zip(f.slots, f.spans) for v in (slot, start, n))))
     if payload is not None:
         parts.append(payload)
     dims = list(shape) + [0] * (3 - len(shape))
@@ -255,6 +268,14 @@ def check_header(h: Header, lim: Limits | None) -> None:
                 _expect(h.position + t <= lim.block_size,
                         lambda: f"{name} of {t} tokens at position {h.position} passes "
                                 f"block_size {lim.block_size}")
+        elif h.kind == Kind.PREFILLS:
+            rows = h.position
+            _expect(batch == 1, lambda: f"PREFILLS carries one packed row, got batch {batch}")
+            _expect(2 <= rows <= min(lim.n_samples, t),
+                    lambda: f"PREFILLS of {rows} slots with {t} tokens (at least 2 slots, one "
+                            f"token each, at most the run's {lim.n_samples} slots)")
+            _expect(t <= rows * lim.block_size,
+                    lambda: f"PREFILLS of {t} tokens for {rows} slots of block_size {lim.block_size}")
         elif h.kind == Kind.SEQ_DECODE:
             _expect(t == 1, lambda: f"SEQ_DECODE carries one token per slot, got {t}")
             _expect(h.position == 0, lambda: f"SEQ_DECODE must have position 0, got {h.position}")
@@ -268,8 +289,35 @@ def check_header(h: Header, lim: Limits | None) -> None:
         _expect(h.sample + batch <= lim.n_samples,
                 f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
     itemsize = ITEMSIZE[h.dtype]
-    want = math.prod(h.shape) * itemsize + (4 * batch if h.kind in SLOT_TABLE_KINDS else 0)
+    want = math.prod(h.shape) * itemsize + table_bytes(h)
     _expect(h.length == want, lambda: f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
+
+
+def table_bytes(h: Header) -> int:
+    """The bytes of a checked header's slot or row table, before its tensor's."""
+    if h.kind in SLOT_TABLE_KINDS:
+        return 4 * h.shape[0]
+    return 12 * h.position if h.kind == Kind.PREFILLS else 0
+
+
+def read_row_table(h: Header, table: bytes | bytearray, lim: Limits | None
+                   ) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """The slots and (start, length) spans of a PREFILLS payload's row table."""
+    v = struct.unpack_from(f"!{3 * h.position}I", table)
+    slots, spans = v[0::3], tuple(zip(v[1::3], v[2::3]))
+    _expect(slots[0] == h.sample, lambda: f"PREFILLS: first slot {slots[0]} != header sample {h.sample}")
+    _expect(all(x < y for x, y in zip(slots, slots[1:])),
+            lambda: f"PREFILLS: slots must be strictly ascending, got {list(slots)}")
+    _expect(sum(n for _, n in spans) == h.shape[1] and all(n >= 1 for _, n in spans),
+            lambda: f"PREFILLS: lengths {[n for _, n in spans]} (each at least 1) must add up "
+                    f"to the {h.shape[1]} tokens carried")
+    if lim is not None:
+        _expect(slots[-1] < lim.n_samples,
+                lambda: f"PREFILLS: slot {slots[-1]} outside the run's {lim.n_samples}")
+        bad = [(a, n) for a, n in spans if a + n > lim.block_size]
+        _expect(not bad, lambda: f"PREFILLS: {bad[0][1]} tokens at position {bad[0][0]} pass "
+                                 f"block_size {lim.block_size}")
+    return slots, spans
 
 
 def read_slot_table(h: Header, table: bytes | bytearray, n_slots: int | None) -> tuple[int, ...]:
@@ -288,19 +336,23 @@ def build_frame(h: Header, payload: bytes, lim: Limits | None = None) -> Frame:
     if len(payload) != h.length:
         raise WireError(f"truncated payload: {len(payload)} of {h.length} bytes")
     slots: tuple[int, ...] = ()
+    spans: tuple[tuple[int, int], ...] = ()
     if h.kind in SLOT_TABLE_KINDS:
         slots = read_slot_table(h, payload, lim.n_samples if lim else None)
-        payload = payload[4 * len(slots):]
+    elif h.kind == Kind.PREFILLS:
+        slots, spans = read_row_table(h, payload, lim)
+    payload = payload[table_bytes(h):]
     tensor = None
     if h.dtype != DType.NONE:
         buf = bytearray(payload)  # writable copy owned by the tensor
         tensor = torch.frombuffer(buf, dtype=TORCH_DTYPES[h.dtype]) if buf else torch.empty(
             0, dtype=TORCH_DTYPES[h.dtype])
         tensor = tensor.reshape(h.shape)
-    return finish_frame(h, slots, tensor)
+    return finish_frame(h, slots, tensor, spans)
 
 
-def finish_frame(h: Header, slots: tuple[int, ...], tensor: torch.Tensor | None) -> Frame:
+def finish_frame(h: Header, slots: tuple[int, ...], tensor: torch.Tensor | None,
+                 spans: tuple[tuple[int, int], ...] = ()) -> Frame:
     """The frame of a checked header, its slot table and its tensor; an ADMIT's
     sampling parameters are decoded and checked here, on receipt, at every node:
     nothing forwards what the finisher refuses."""
@@ -311,7 +363,7 @@ def finish_frame(h: Header, slots: tuple[int, ...], tensor: torch.Tensor | None)
             sampling = SamplingConfig(*_admit_fields(tensor))
         except ValueError as e:
             raise WireError(f"ADMIT for slot {h.sample}: {e}") from None
-    return Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots, sampling)
+    return Frame(h.kind, h.run_id, h.sample, h.position, tensor, slots, sampling, spans)
 
 
 def decode_frame(data: bytes, lim: Limits | None) -> Frame:

@@ -52,6 +52,7 @@ class RunOptions:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERY_CHOICES)}, "
                              f"got {self.recovery!r}")
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
+    batch_prefill: bool = True        # a step's prefill chunks as one frame (False: one each)
 
 
 def failure(message: str, node: NodeSpec | None) -> Failure:

@@ -111,6 +111,7 @@ class RingEngine(PipelineEngine):
                          n_stages=lanes or default_lanes(len(nodes.ring), placement),
                          link=None, max_queue=max_queue, retry_after=retry_after,
                          prefill_chunk=self.opts.prefill_chunk)
+        self.batch_prefill = self.opts.batch_prefill
         self.tokenizer = tokenizer
         self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
         self.run_id: int | None = None

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from ...engine.link import LinkClosed
-from ...engine.messages import Decode, Message, Prefill, Tokens
+from ...engine.messages import Decode, Message, Prefill, Prefills, Tokens
 from ...engine.slots import SlotError, SlotStage
 from ...results import HopStats
 from ..cluster.nodes_config import NodeSpec
@@ -76,7 +76,7 @@ class TcpLink:
             if self.outstanding == 0:
                 self.progress = time.monotonic()
             self.outstanding += 1
-        elif isinstance(msg, Prefill):
+        elif isinstance(msg, (Prefill, Prefills)):
             self.hop.prefill_bytes += n
 
     async def recv(self) -> Tokens:
