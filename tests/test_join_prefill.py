@@ -408,3 +408,20 @@ def test_a_real_ring_joins_in_one_frame_with_the_tokens_of_one_frame_each(tmp_pa
     assert [len(t) for t in local] == lengths
     frames, frames_each = out[True][1][1:], out[False][1][1:]   # the nodes' (not the starter's)
     assert len(frames) == 2 and all(a < b for a, b in zip(frames, frames_each)), (frames, frames_each)
+
+
+def test_bench_runs_batched_and_one_frame_each_side_by_side(tmp_path):
+    """mdi.bench: BenchConfig.join_prefills makes each configuration a variant per mode,
+    its worker started with --join-prefill."""
+    from mdi.bench.runner import Bench, BenchConfig, variants
+
+    cfg = BenchConfig(model_size="tiny", nodes=[1, 2], prompt_tokens=[16], out=str(tmp_path),
+                      prefill_chunks=[0], join_prefills=["batched", "each"])
+    vs = variants(cfg)
+    assert [v.name for v in vs] == [
+        "single-chunk0-join-batched-p16", "single-chunk0-join-each-p16",
+        "mdi-2-chunk0-join-batched-p16", "mdi-2-chunk0-join-each-p16"]
+    cmd = Bench(cfg)._worker_cmd(vs[1], 0, None)
+    assert cmd[cmd.index("--join-prefill") + 1] == "each"
+    with pytest.raises(ValueError, match="batched and/or each"):
+        BenchConfig(model_size="tiny", join_prefills=["packed"])

@@ -58,6 +58,7 @@ class BenchConfig:
     micro_batches: int | None = None  # lanes on the ring (None: the starter's default)
     prompt_tokens: list[int] = field(default_factory=list)   # prompt lengths; [] = one newline
     prefill_chunks: list[int] = field(default_factory=list)  # side by side; [] = the default
+    join_prefills: list[str] = field(default_factory=list)  # "batched", "each" side by side
     temperature: float = 0.8          # 0: greedy (tokens comparable across configurations)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class BenchConfig:
             if any(x < low for x in xs) or len(set(xs)) != len(xs):
                 raise ValueError(f"{flag} must list distinct counts of at least {low}, got "
                                  f"{','.join(map(str, xs))}")
+        if any(j not in ("batched", "each") for j in self.join_prefills):
+            raise ValueError(f"join_prefills must list batched and/or each, got {self.join_prefills}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be 0 or positive, got {self.temperature:g}")
         if self.node_cpu is not None and len(self.node_cpu) < max(self.nodes):
@@ -99,6 +102,7 @@ class Variant:
     partition: str = ""   # "", "auto" or "even" (distributed variants only)
     prefill_chunk: int | None = None  # None: the default (not in the name)
     prompt_tokens: int | None = None  # None: the one-newline prompt (not in the name)
+    join_prefill: str | None = None   # "batched" | "each" (worker --join-prefill); None: default
 
     @property
     def series(self) -> str:
@@ -106,7 +110,8 @@ class Variant:
         base = "single" if self.n_nodes == 1 else (
             f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
             + (f"-{self.partition}" if self.partition else ""))
-        return base + ("" if self.prefill_chunk is None else f"-chunk{self.prefill_chunk}")
+        return (base + ("" if self.prefill_chunk is None else f"-chunk{self.prefill_chunk}")
+                + ("" if self.join_prefill is None else f"-join-{self.join_prefill}"))
 
     @property
     def name(self) -> str:
@@ -124,8 +129,9 @@ def variants(cfg: BenchConfig) -> list[Variant]:
     ns = sorted(set(cfg.nodes))
     chunks: list[int | None] = list(cfg.prefill_chunks) or [None]
     lens: list[int | None] = list(cfg.prompt_tokens) or [None]
-    out = [Variant(n, False, p, c, t) for t in lens for n in ns
-           for p in (parts if n > 1 else [""]) for c in chunks]
+    joins: list[str | None] = list(cfg.join_prefills) or [None]
+    out = [Variant(n, False, p, c, t, j) for t in lens for n in ns
+           for p in (parts if n > 1 else [""]) for c in chunks for j in joins]
     if cfg.resend_context:
         out += [Variant(n, True, p, None, t) for t in lens for n in ns if n > 1 for p in parts]
     return out
@@ -234,6 +240,8 @@ class Bench:
             cmd += ["--prompt-tokens", str(v.prompt_tokens)]
         if v.prefill_chunk is not None:
             cmd += ["--prefill-chunk", str(v.prefill_chunk)]
+        if v.join_prefill is not None:
+            cmd += ["--join-prefill", v.join_prefill]
         cmd += ["--temperature", f"{cfg.temperature:g}"]
         if cfg.micro_batches is not None and cluster is not None:
             cmd += ["--micro-batches", str(cfg.micro_batches)]

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompts of this many tokens (default: one newline)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--join-prefill", choices=["batched", "each"], default="batched",
+                   help="a step's prefill chunks as one frame (batched) or one frame each")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                                      quantize=args.quantize, batch_invariant=args.batch_invariant,
                                      max_context=args.max_context, partition=args.partition,
                                      n_groups=args.micro_batches,
-                                     prefill_chunk=args.prefill_chunk))
+                                     prefill_chunk=args.prefill_chunk,
+                                     batch_prefill=args.join_prefill == "batched"))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         try:
@@ -81,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(ck, LoadOptions(dtype=torch.float32,  # as the starter's default
                                            quantize=args.quantize, batch_invariant=args.batch_invariant,
                                            max_context=args.max_context)).model
-        # as `mdi sample`: the engine on one device, the same prefill chunks as the ring's
-        result = generate_local(lambda: LocalEngine(model, tok, max_seqs=len(prompts),
-                                                    prefill_chunk=args.prefill_chunk),
-                                prompts, args.n_tokens, sampling)
+        def engine() -> LocalEngine:  # as `mdi sample`, with the ring's prefill chunks
+            e = LocalEngine(model, tok, max_seqs=len(prompts), prefill_chunk=args.prefill_chunk)
+            e.batch_prefill = args.join_prefill == "batched"
+            return e
+        result = generate_local(engine, prompts, args.n_tokens, sampling)
         result.hops = []  # the same keys as a ring run's
     out = result.to_json()
     out.pop("samples", None)
