@@ -121,7 +121,7 @@ def test_a_run_larger_than_free_memory_is_refused_before_allocation():
     detail = r.json()["detail"]
     kv = limits.kv_cache_bytes(GPTConfig(**huge), 1, 1, torch.float32, 2**31 - 1)
     assert detail.startswith("memory: the run needs ")
-    assert f"KV caches {limits.format_size(kv)} for 1 samples of 2147483647 positions" in detail
+    assert f"KV caches {limits.format_size(kv)} in float32 for 1 samples of 2147483647 positions" in detail
     assert "(free system memory)" in detail
     assert rt.run is None and psutil.Process().memory_info().rss - rss < 50 * 2**20
 
@@ -156,7 +156,7 @@ def test_max_memory_caps_a_run_and_names_both_numbers():
     assert r.json()["detail"] == (
         f"memory: the run needs {limits.format_size(weights + kv)} on cpu (weights "
         f"{limits.format_size(weights)} for layers [20, 30) in float32, KV caches "
-        f"{limits.format_size(kv)} for 8192 samples of 128 positions), this node has 2.00 GB "
+        f"{limits.format_size(kv)} in float32 for 8192 samples of 128 positions), this node has 2.00 GB "
         "(--max-memory); ask for fewer samples, a smaller --max-context or fewer layers")
     # the same run with 4 samples fits, and the current run's memory counts as free again
     ok = run(post(rt, "/init", json={**req, "groups": [[0, 4]]}))

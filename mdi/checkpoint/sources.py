@@ -99,7 +99,8 @@ def _not_found(spec: str) -> str:
 def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None, batch_invariant: bool = False,
-               max_context: int | None = None, pack: bool = True) -> tuple[GPT, Checkpoint]:
+               max_context: int | None = None, pack: bool = True,
+               kv_dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
     """Blocks [start, stop) of any checkpoint (the whole model by default), reading
     only that stage's tensors, configured for the run (model/quant.py:configure_stage;
     pack: CPU float32 weights prepacked now, not on the first forward).
@@ -125,7 +126,8 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
                                 where=ck.source.origin, quantize=quantize)
         log.info("loaded %s layers [%d, %d) in %.1f s", ck.source.origin or ck.path, start,
                  ck.config.n_layer if stop is None else stop, time.perf_counter() - t0)
-    return configure_stage(stage, quantize, batch_invariant, max_context, pack), ck
+    return configure_stage(stage, quantize, batch_invariant, max_context, pack,
+                           kv_dtype=kv_dtype), ck
 
 
 def checkpoint_mode(spec: str | Path | Checkpoint, quantize: str | None) -> str | None:
@@ -146,6 +148,7 @@ class LoadOptions:
     batch_invariant: bool = False
     max_context: int | None = None
     pack: bool = True                   # CPU float32 weights prepacked at load
+    kv_dtype: torch.dtype | None = None  # what the KV caches store (None: the compute dtype)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,8 @@ def load_model(spec: str | Path | Checkpoint, options: LoadOptions = LoadOptions
     ck = open_checkpoint(spec)
     o = options
     model, _ = load_stage(ck, 0, None, device=o.device, dtype=o.dtype, quantize=o.quantize,
-                          batch_invariant=o.batch_invariant, max_context=o.max_context, pack=o.pack)
+                          batch_invariant=o.batch_invariant, max_context=o.max_context, pack=o.pack,
+                          kv_dtype=o.kv_dtype)
     return Loaded(model, ck)
 
 

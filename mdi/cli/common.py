@@ -111,12 +111,20 @@ def add_sampling_options(g, n_tokens: int) -> None:
                    help="generate --n-tokens even past the model's end-of-sequence token")
 
 
+def add_kv_dtype(g) -> None:
+    g.add_argument("--kv-dtype", choices=sorted(DTYPES), default=None,
+                   help="what the KV caches store (default: the compute dtype); bfloat16 or "
+                        "float16 halve a float32 run's cache (read back in the compute dtype "
+                        "each step: a little slower, results close but not equal)")
+
+
 def add_model_options(g) -> None:
     """Where and how the model runs (sample, run, starter, chat)."""
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     g.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    add_kv_dtype(g)
     add_max_context(g)
     add_prefill_chunk(g)
     g.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
@@ -145,7 +153,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 def load_options(args: argparse.Namespace) -> LoadOptions:
     """How the generation commands load the model (add_generation_options)."""
     return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                       batch_invariant=args.batch_invariant, max_context=args.max_context)
+                       batch_invariant=args.batch_invariant, max_context=args.max_context,
+                       kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
 
 
 def compute_info(args: argparse.Namespace, stage=None) -> dict:

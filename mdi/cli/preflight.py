@@ -30,7 +30,7 @@ def check_local_nodes(args: argparse.Namespace, ck: Checkpoint) -> None:
 
 def check_fits_here(ck: Checkpoint, n_samples: int, dtype: str = "float32",
                     max_context: int | None = None, quantize: str | None = None,
-                    device: str = "cpu") -> None:
+                    device: str = "cpu", kv_dtype: str | None = None) -> None:
     """One device (this process) against the whole model and its caches, before
     a byte of weights is read: a UsageError with the numbers instead of an
     out-of-memory kill part way through the load (a container's or a capped
@@ -40,7 +40,8 @@ def check_fits_here(ck: Checkpoint, n_samples: int, dtype: str = "float32",
     from ..ring.plan.planner import PlanError
 
     try:
-        check_fits_alone(ck.config, n_samples, dtype, max_context, checkpoint_mode(ck, quantize), device,
-                         who="this device")
+        check_fits_alone(ck.config, n_samples, dtype, max_context,
+                         checkpoint_mode(ck, quantize), device, who="this device",
+                         kv_dtype=kv_dtype)
     except PlanError as e:
         raise UsageError(str(e)) from None

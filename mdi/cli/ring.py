@@ -111,7 +111,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       n_groups=getattr(args, "micro_batches", None),
                       resend_context=getattr(args, "resend_context", False),
                       quantize=args.quantize, batch_invariant=args.batch_invariant,
-                      max_context=args.max_context, partition=args.partition,
+                      max_context=args.max_context, kv_dtype=args.kv_dtype,
+                      partition=args.partition,
                       recover=not args.no_recover, prefill_chunk=args.prefill_chunk,
                       recovery=args.recovery)
 

@@ -17,7 +17,7 @@ from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, DEVICE_HELP
                      AUTO_DTYPE_HELP, DTYPE_CHOICES, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
-                     UsageError, add_max_context, add_prefill_chunk)
+                     UsageError, add_kv_dtype, add_max_context, add_prefill_chunk)
 from .preflight import check_local_nodes
 
 log = logging.getLogger("mdi")
@@ -112,6 +112,7 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
             recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
             recovery=getattr(args, "recovery", DEFAULT_RECOVERY),
             max_context=getattr(args, "max_context", None),
+            kv_dtype=getattr(args, "kv_dtype", None),
             stall_timeout=getattr(args, "stall_timeout", 30.0),
             prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
             prefill_share=getattr(args, "prefill_share", DEFAULT_PREFILL_SHARE))
@@ -200,6 +201,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    add_kv_dtype(p)
     add_max_context(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--timeout", type=float, default=10.0, help=RING_TIMEOUT_HELP)

@@ -62,7 +62,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     prompts = read_prompts(args.prompt, args.n_samples)
     ck = open_checkpoint(args.ckpt)
-    check_fits_here(ck, len(prompts), args.dtype, args.max_context, args.quantize, args.device)
+    check_fits_here(ck, len(prompts), args.dtype, args.max_context, args.quantize, args.device,
+                    args.kv_dtype)
     loaded = load_model(ck, load_options(args))
     model, tok = loaded.model, loaded.tokenizer
     ids = encode_prompts(tok, prompts, chat=args.chat)

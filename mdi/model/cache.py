@@ -98,6 +98,8 @@ class KVCache:
         once per forward), so a slice copy does instead of a scatter.
         """
         buf = self.kv[layer]
+        if kv.dtype != buf.dtype:  # a narrower cache (--kv-dtype): rounded as it is stored
+            kv = kv.to(buf.dtype)
         if start is not None:
             buf[:, :, :, start:start + kv.shape[3]] = kv
         else:

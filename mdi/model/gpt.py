@@ -71,6 +71,9 @@ class GPT(nn.Module):
         # Another: the positions a run keeps (--max-context; None: the default
         # cap, see cache.context_length). Caches and the window follow `context`.
         self.max_context: int | None = None
+        # And the dtype its KV caches store (--kv-dtype; None: the compute dtype).
+        # Attention reads a narrower cache back in the compute dtype.
+        self.kv_dtype: torch.dtype | None = None
         # Also a runtime choice: CPU float32 inference runs every nn.Linear on a
         # oneDNN-prepacked copy of its weight (layers.packed_weight; faster, but
         # a second copy of the float32 weights). False: the plain nn.Linear.
@@ -120,7 +123,7 @@ class GPT(nn.Module):
         p = self.first_param()
         c = self.config
         return KVCache(self.n_blocks, batch, c.kv_heads, self.context, c.head_size,
-                       dtype=dtype or p.dtype, device=device or p.device)
+                       dtype=dtype or self.kv_dtype or p.dtype, device=device or p.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits: bool = True,

@@ -367,7 +367,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Ca
         return torch.cat([cached_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], row, gqa)
                           for b, row in enumerate(step.rows)])
     L = step.length
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, :, :L], v[:, :, :L],
+    k, v = k[:, :, :L], v[:, :, :L]
+    if k.dtype != q.dtype:  # a narrower cache (--kv-dtype): read back in the compute dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v,
                                        attn_mask=step.mask, is_causal=step.causal, enable_gqa=gqa)
     return y.transpose(1, 2)
 

@@ -90,9 +90,11 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
     """
     _, N, heads, hs = qkv.shape
     nkv = (heads - n_head) // 2
-    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs)
+    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs).to(cache.kv[layer].dtype)  # (--kv-dtype)
     cache.kv[layer][:, p.token_rows, :, p.input_pos[0]] = kv  # (N, 2, nkv, hs): real tokens only
     k, v = cache.k[layer][:, :, :p.length], cache.v[layer][:, :, :p.length]
+    if k.dtype != qkv.dtype:  # a narrower cache (--kv-dtype): read back in the compute dtype
+        k, v = k.to(qkv.dtype), v.to(qkv.dtype)
     if p.attend_rows is not None:
         k, v = k.index_select(0, p.attend_rows), v.index_select(0, p.attend_rows)
     B, t_max = p.mask.shape[0], p.mask.shape[2]

@@ -261,13 +261,15 @@ def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
 
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
                     batch_invariant: bool = False, max_context: int | None = None,
-                    pack: bool = True, few_rows: int | str | None = None) -> nn.Module:
+                    pack: bool = True, few_rows: int | str | None = None,
+                    kv_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
     node alike. A stage already int8 (quantized while loading) stays as it is.
     pack: prepack the CPU float32 weights now (layers.pack_linears) rather than on
     the first forward; False for a stage that computes on the plain weights
-    (a node without room for the packed copy). few_rows: see choose_kernels."""
+    (a node without room for the packed copy). few_rows: see choose_kernels.
+    kv_dtype: what its KV caches store (--kv-dtype; None: the compute dtype)."""
     if not is_quantized(stage):
         quantize(stage, quantize_mode)
     else:
@@ -276,6 +278,7 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if max_context is not None:
         context_length(1, max_context)  # a ValueError naming a bad value, here
         stage.max_context = max_context
+    stage.kv_dtype = kv_dtype
     choose_kernels(stage, few_rows, batch_invariant)
     stage.packed_linears = pack
     if pack and not batch_invariant:

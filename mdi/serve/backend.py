@@ -43,6 +43,7 @@ class BackendOptions:
     recovery: str = DEFAULT_RECOVERY  # ring: "replay" or "reprefill" (RunOptions.recovery)
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
+    kv_dtype: str | None = None       # what the KV caches store (None: dtype)
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per step (0: a prompt in one piece)
     prefill_share: float = DEFAULT_PREFILL_SHARE  # while others decode: steps a chunk may cost
@@ -122,7 +123,8 @@ def local_backend(opts: BackendOptions) -> Backend:
 
     loaded = load_model(opts.ckpt, LoadOptions(  # any --ckpt spec
         device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
-        batch_invariant=opts.batch_invariant, max_context=opts.max_context))
+        batch_invariant=opts.batch_invariant, max_context=opts.max_context,
+        kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None))
     model, tok = loaded.model, loaded.tokenizer
     kwargs = _local_kwargs(opts)
 
@@ -180,7 +182,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           partition=opts.partition, recover=opts.recover,
                           recovery=opts.recovery,
-                          max_context=opts.max_context, prefill_chunk=opts.prefill_chunk)
+                          max_context=opts.max_context, kv_dtype=opts.kv_dtype,
+                          prefill_chunk=opts.prefill_chunk)
     kwargs = _engine_kwargs(opts)
 
     def build() -> Engine:

@@ -54,7 +54,8 @@ async def stage_from_chunk(run: NodeRun, chunk: dict | None, chunk_dir: Path | N
                                            req.start, req.stop, run.device, DTYPES[req.dtype],
                                            req.quantize)
         return await loop.run_in_executor(executor, configure_stage, stage, req.quantize,
-                                          req.batch_invariant, req.max_context, run.pack)
+                                          req.batch_invariant, req.max_context, run.pack, None,
+                                          kv_dtype_of(req))
     except CheckpointError as e:
         raise InitError(f"weights: this node's chunk cannot be loaded: {e}") from None
 
@@ -75,11 +76,16 @@ async def stage_from_stream(run: NodeRun, body: bytes | AsyncIterator[bytes],
                 del t
         return await loop.run_in_executor(executor, configure_stage, build.finish(),
                                           req.quantize, req.batch_invariant, req.max_context,
-                                          run.pack)
+                                          run.pack, None, kv_dtype_of(req))
     except WeightsStreamError as e:
         raise InitError(f"weights: {e}") from None
     except CheckpointError as e:
         raise InitError(str(e)) from None
+
+
+def kv_dtype_of(req) -> torch.dtype | None:
+    """The run's --kv-dtype (None: the caches store the compute dtype)."""
+    return DTYPES[req.kv_dtype] if req.kv_dtype else None
 
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:

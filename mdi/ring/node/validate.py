@@ -158,8 +158,8 @@ def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: st
     current run holds (a new /init drops it)."""
     dtype = DTYPES[req.dtype]
     weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
-    kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples, dtype,
-                            limits.block_size)
+    kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples,
+                            DTYPES[req.kv_dtype or req.dtype], limits.block_size)
     if req.recovery == "replay" and req.role != "finisher":  # the log of what goes downstream
         kv += ActivationLog.max_bytes(limits.n_samples, limits.block_size, config.n_embd,
                                       torch.empty(0, dtype=dtype).element_size())
@@ -169,7 +169,8 @@ def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: st
             f"memory: the run needs {mem.format_size(weights + kv)} on {device} (weights "
             f"{mem.format_size(weights)} for layers [{req.start}, {req.stop}) in "
             f"{req.quantize or req.dtype}, "
-            f"KV caches {mem.format_size(kv)} for {limits.n_samples} samples of "
+            f"KV caches {mem.format_size(kv)} in {req.kv_dtype or req.dtype} for "
+            f"{limits.n_samples} samples of "
             f"{limits.block_size} positions), this node has {mem.format_size(have)} "
             f"({where}); ask for fewer samples, a smaller --max-context or fewer layers")
     extra = mem.packed_copy_bytes(config, req.start, req.stop, dtype, req.quantize, device)

@@ -75,16 +75,18 @@ def _nbytes(module: torch.nn.Module) -> int:
 
 
 def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
-                 max_context: int | None = None, quantize: str | None = None) -> StageMemory:
+                 max_context: int | None = None, quantize: str | None = None,
+                 kv_dtype: str | None = None) -> StageMemory:
     """What blocks and end stages need, computed on the meta device (no memory used).
 
     n_samples: KV cache rows for the whole run (every group's cache lives on
-    every node); max_context, quantize: the run's (--max-context, --quantize)."""
+    every node); max_context, quantize, kv_dtype: the run's (--max-context,
+    --quantize, --kv-dtype; None: the caches store dtype)."""
     c3 = _three_layer(config)
     with on_meta():
         stages = [quantize_stage(GPT(c3, i, i + 1).to(DTYPES[dtype]), quantize) for i in range(3)]
         stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
-        cache = stages[1].new_cache(n_samples)
+        cache = stages[1].new_cache(n_samples, dtype=DTYPES[kv_dtype] if kv_dtype else None)
     kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for t in list(cache.k) + list(cache.v))
     block = _nbytes(stages[1])

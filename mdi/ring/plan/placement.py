@@ -75,11 +75,12 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
                        n_samples: int, batch: int, dtype: str = "float32",
                        device: str = "cpu", timeout: float = 10.0, retries: int = 5,
                        max_context: int | None = None, quantize: str | None = None,
-                       context: int | None = None) -> Placement:
+                       context: int | None = None, kv_dtype: str | None = None) -> Placement:
     """Decide the run's split (see the module doc); PlanError when it cannot fit.
 
     n_samples: KV cache rows per node (the whole run); batch: rows of one group;
-    max_context, quantize: the run's --max-context and --quantize (memory follows them);
+    max_context, quantize, kv_dtype: the run's --max-context, --quantize and
+    --kv-dtype (memory follows them);
     context: the positions a sequence typically holds, where the run knows it
     (the probes time blocks there; None: a quarter of the cache)."""
     if partition not in (None, *PARTITIONS):
@@ -98,7 +99,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
-                                 batch, dtype, device, max_context, quantize, context)
+                                 batch, dtype, device, max_context, quantize, context, kv_dtype)
     gone = placement.left_out
     for x in placement.plan.left_out:
         log.info("%s is left out of the ring: %s", x.name, x.reason())
@@ -110,8 +111,8 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
 
 
 async def _place(http, ring, caps, config, partition, shards, even, n_samples, batch, dtype,
-                 device, max_context, quantize, context) -> Placement:
-    mem = stage_memory(config, n_samples, dtype, max_context, quantize)
+                 device, max_context, quantize, context, kv_dtype=None) -> Placement:
+    mem = stage_memory(config, n_samples, dtype, max_context, quantize, kv_dtype)
     if shards is not None:
         return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
     if partition == "even":
@@ -256,12 +257,13 @@ def _speed_of(d: dict, spec: NodeSpec) -> Speed:
 
 def check_fits_alone(config: GPTConfig, n_samples: int, dtype: str = "float32",
                      max_context: int | None = None, quantize: str | None = None,
-                     device: str = "cpu", held: int = 0, who: str = "one device") -> None:
+                     device: str = "cpu", held: int = 0, who: str = "one device",
+                     kv_dtype: str | None = None) -> None:
     """PlanError with the numbers when the whole model and every sequence's cache
     cannot fit what this process may still take (held: what it holds now and
     will give back). A lower bound: the runtime itself is not counted, so a run
     refused here would surely have been killed for memory part way."""
-    mem = stage_memory(config, n_samples, dtype, max_context, quantize)
+    mem = stage_memory(config, n_samples, dtype, max_context, quantize, kv_dtype)
     need = mem.embed_bytes + mem.head_bytes + config.n_layer * mem.block_bytes
     budget = free_memory(device)
     if need > budget.free + held:

@@ -108,7 +108,7 @@ class RingClient:
         placement = await place_layers(
             self.nodes, config, self.token, o.partition, n_samples, batch, o.dtype, o.device,
             o.timeout, o.connect_retries, max_context=o.max_context, quantize=o.quantize,
-            context=context)
+            context=context, kv_dtype=o.kv_dtype)
         log.info("%s", placement.describe())
         return placement.shards, placement
 
@@ -206,6 +206,8 @@ class RingClient:
                 body["prev_local"] = True
             if self.opts.max_context is not None:  # else the node's default cap: the same
                 body["max_context"] = self.opts.max_context
+            if self.opts.kv_dtype is not None:  # else the caches store the compute dtype
+                body["kv_dtype"] = self.opts.kv_dtype
             if sequences and self.opts.recovery == "replay":
                 body["recovery"] = "replay"
             body.update(extras[i - 1] if extras else {})

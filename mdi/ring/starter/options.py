@@ -42,6 +42,7 @@ class RunOptions:
                                       # quantized checkpoint's mode: with_mode)
     batch_invariant: bool = False     # per-row compute on every node (exact across groupings)
     max_context: int | None = None    # positions a run keeps (None: model/cache.py's default cap)
+    kv_dtype: str | None = None       # what every node's KV caches store (None: dtype)
     partition: str | None = None      # "auto" | "even"; None: auto when nodes differ (placement.py)
     recover: bool = True              # on a node's failure: re-plan over the rest and resume
     recovery: str = DEFAULT_RECOVERY  # how: "replay" (a spare takes the lost range, rebuilt
@@ -73,7 +74,8 @@ def first_stage(ck: Checkpoint, stop: int, opts: RunOptions) -> GPT:
     """The starter's stage, blocks [0, stop), loaded with the run's choices."""
     stage, _ = load_stage(ck, 0, stop, device=opts.device, dtype=DTYPES[opts.dtype],
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
-                          max_context=opts.max_context)
+                          max_context=opts.max_context,
+                          kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None)
     return stage
 
 

@@ -394,4 +394,5 @@ class RingEngine(PipelineEngine):
         (what it holds now counts as room): PlanError with the numbers if not."""
         held = sum(t.numel() * t.element_size() for t in self.first.stage.state_dict().values())
         check_fits_alone(self.config, self.max_seqs, self.opts.dtype, self.opts.max_context,
-                         self.opts.quantize, self.opts.device, held, who="the starter alone")
+                         self.opts.quantize, self.opts.device, held, who="the starter alone",
+                         kv_dtype=self.opts.kv_dtype)
