@@ -40,54 +40,61 @@ FAMILIES = {
 }
 TOK = CharTokenizer([chr(ord("a") + i) for i in range(26)] + [chr(ord("A") + i) for i in range(22)])
 
-# Cache rows 0..4: rows 1 and 3 already hold 6 and 9 positions (a chunk goes on there, a
-# decode reads them later); the joining rows are out of order, of lengths 1..13.
-HELD = {1: 6, 3: 9}
-JOIN = [(4, 0, 13), (1, 6, 5), (0, 0, 1), (3, 9, 8)]   # (row, start, length)
+# (positions some cache rows of 0..4 hold already, the rows that join: (row, start, length)).
+# "mixed": rows 1 and 3 go on with a chunk, two new ones start, out of order, of lengths 1..13
+# (one SDPA per sequence); "uniform": same starts and lengths (one SDPA for all), from
+# position 0 in another row order, or chunks from position 6.
+CASES = {
+    "mixed": ({1: 6, 3: 9}, [(4, 0, 13), (1, 6, 5), (0, 0, 1), (3, 9, 8)]),
+    "uniform": ({1: 6}, [(4, 0, 6), (2, 0, 6), (0, 0, 6)]),
+    "uniform-chunks": ({1: 6, 3: 6}, [(3, 6, 5), (1, 6, 5)]),
+}
 
 
 def ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 48, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def filled_caches(stage, x_of):
-    """Two caches with HELD written the same way; x_of(row, start, n): the stage's input."""
+def filled_caches(stage, held, x_of):
+    """Two caches with `held` written the same way; x_of(row, start, n): the stage's input."""
     caches = [stage.new_cache(5), stage.new_cache(5)]
     for cache in caches:
-        for row, n in HELD.items():
+        for row, n in held.items():
             step.prefill(stage, cache, row, x_of(row, 0, n), 0)
     return caches
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_packed_prefill_equals_one_prefill_per_sequence(family):
+def test_packed_prefill_equals_one_prefill_per_sequence(family, case):
     """Every stage of a split model (ids in on the first, activations after): outputs,
     the whole cache (nothing written where no token went) and the next decode's
     logits of every row equal one step.prefill per sequence within ATOL."""
     model = scaled_random_model(FAMILIES[family], seed=11)
     stages = split_model(model, [1])
     tokens = {row: ids(48, row) for row in range(5)}
-    rows, starts, lengths = zip(*JOIN)
+    held, join = CASES[case]
+    rows, starts, lengths = zip(*join)
     with torch.inference_mode():
         x_first = lambda row, a, n: tokens[row][a:a + n]  # noqa: E731
-        caches = [filled_caches(s, x_first) for s in stages[:1]]
+        caches = [filled_caches(s, held, x_first) for s in stages[:1]]
         acts = {row: step.prefill(stages[0], stages[0].new_cache(5), row, tokens[row][:n], 0)
-                for row, n in HELD.items()}   # what stage 0 sent for the held positions
+                for row, n in held.items()}   # what stage 0 sent for the held positions
         one = caches[0][0]
-        outs = [step.prefill(stages[0], one, r, tokens[r][a:a + n], a) for r, a, n in JOIN]
-        packed_ids = torch.tensor([sum((tokens[r][a:a + n] for r, a, n in JOIN), [])])
+        outs = [step.prefill(stages[0], one, r, tokens[r][a:a + n], a) for r, a, n in join]
+        packed_ids = torch.tensor([sum((tokens[r][a:a + n] for r, a, n in join), [])])
         got = step.prefill_rows(stages[0], caches[0][1], rows, starts, lengths, packed_ids)
         torch.testing.assert_close(got, torch.cat(outs, 1), rtol=0, atol=ATOL)
         for kw, kp in zip(one.kv, caches[0][1].kv):
             torch.testing.assert_close(kp, kw, rtol=0, atol=ATOL)
         # stage 1 takes stage 0's activations: the held rows' and the joining ones'
-        c1 = filled_caches(stages[1], lambda row, a, n: acts[row])
-        outs1 = [step.prefill(stages[1], c1[0], r, o, a) for (r, a, _), o in zip(JOIN, outs)]
+        c1 = filled_caches(stages[1], held, lambda row, a, n: acts[row])
+        outs1 = [step.prefill(stages[1], c1[0], r, o, a) for (r, a, _), o in zip(join, outs)]
         got1 = step.prefill_rows(stages[1], c1[1], rows, starts, lengths, got)
         torch.testing.assert_close(got1, torch.cat(outs1, 1), rtol=0, atol=ATOL)
         for kw, kp in zip(c1[0].kv, c1[1].kv):
             torch.testing.assert_close(kp, kw, rtol=0, atol=ATOL)
-        ends = {r: a + n for r, a, n in JOIN}
+        ends = {r: a + n for r, a, n in join}
         positions = [ends.get(r, 0) for r in range(5)]   # row 2 holds nothing: position 0
         h0 = [step.decode(stages[0], c, [0, 1, 2, 3, 4], positions) for c in caches[0]]
         want = step.decode(stages[1], c1[0], h0[0], positions)
@@ -134,7 +141,9 @@ def test_pack_rows_refuses_what_it_cannot_place():
         pack_rows([0, 1], [0], [2, 2])
     p = pack_rows([2, 0], [3, 0], [2, 3])
     assert p.input_pos.tolist() == [[3, 4, 0, 1, 2]] and p.token_rows.tolist() == [2, 2, 0, 0, 0]
-    assert p.dest.tolist() == [0, 1, 3, 4, 5] and p.length == 5
+    assert p.offsets == (0, 2) and p.length == 5 and p.uniform is None
+    assert p.masks[0].tolist() == [[[[True] * 4 + [False], [True] * 5]]] and p.masks[1] is None
+    assert pack_rows([1, 0], [4, 4], [2, 2]).uniform.tolist() == [1, 0]   # one SDPA for both
 
 
 # ---- through the engine -----------------------------------------------------------------

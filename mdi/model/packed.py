@@ -4,17 +4,17 @@ The prompts that join a lane at one step (engine/slots.py) are written by one
 forward of the stage instead of one forward each: their N tokens, one sequence
 after another, make a single (1, N) row of ids or (1, N, C) activations. Every
 row-wise operation (embeddings, norms, RoPE, the linears, the MLP) runs on the
-packed row as it is, so no GEMM row is spent on padding; only attention needs
-the sequences apart. There the queries are scattered into a right-padded
-(B, T_max) layout, each sequence attends to its own cache row under a causal
-mask at its own positions, and the outputs are gathered back into the packed
-row. Pad queries sit at their sequence's last position (a finite softmax: they
-see at least that key) and their outputs are dropped; pad keys do not exist:
-each layer writes exactly the N real tokens' keys and values into the cache
-(one index_put), nothing at any other position.
+packed row as it is, so no GEMM row is spent on padding and the weights are read
+once for all the sequences. Only attention needs the sequences apart: each layer
+writes exactly the N real tokens' keys and values into their cache rows (one
+index_put, nothing at any other position), then each sequence's queries (a slice
+of the row) attend to its own cache row, causally, at its own positions: one SDPA
+per sequence, causal from position 0 as a lone prefill's, or one batched SDPA when
+every sequence has the same start and length. Nothing is padded, so nothing needs
+masking or dropping.
 
 Pure PyTorch: no I/O. The numbers equal one prefill per sequence up to float
-rounding (other GEMM shapes, a masked SDPA for the causal one): tests/test_join_prefill.py.
+rounding (the linears' GEMMs have other shapes): tests/test_join_prefill.py.
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ class PackedRows:
     rows: tuple[int, ...]
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
+    offsets: tuple[int, ...]
     input_pos: torch.Tensor           # (1, N) each token's position
     token_rows: torch.Tensor          # (N,) each token's cache row
-    dest: torch.Tensor                # (N,) each token's index in the padded (B * T_max) layout
-    mask: torch.Tensor                # (B, 1, T_max, length): key j visible to query t of i
+    masks: tuple[torch.Tensor | None, ...]  # per sequence (1, 1, T_i, start_i + T_i); None: causal
     length: int                       # keys read: the largest position written + 1
-    attend_rows: torch.Tensor | None  # (B,) cache rows to read, None: rows 0..B-1 in order
+    uniform: torch.Tensor | None      # (B,) the rows, when every start and length is the same
 
     @property
     def batch(self) -> int:
@@ -50,6 +50,14 @@ class PackedRows:
     @property
     def n_tokens(self) -> int:
         return int(self.input_pos.shape[1])
+
+
+def _chunk_mask(start: int, n: int, device: torch.device | str) -> torch.Tensor | None:
+    """Query t (position start + t) sees keys 0..start + t; None from position 0 (causal)."""
+    if start == 0:
+        return None
+    keys = torch.arange(start + n, device=device)
+    return (keys[None, :] <= start + torch.arange(n, device=device)[:, None])[None, None]
 
 
 def pack_rows(rows: list[int] | tuple[int, ...], starts: list[int] | tuple[int, ...],
@@ -66,20 +74,16 @@ def pack_rows(rows: list[int] | tuple[int, ...], starts: list[int] | tuple[int, 
     if min(lengths) < 1 or min(starts) < 0:
         raise ValueError(f"packed rows need lengths >= 1 and starts >= 0, got lengths "
                          f"{list(lengths)}, starts {list(starts)}")
-    t_max = max(lengths)
-    t = torch.arange(t_max, device=device)
-    start = torch.tensor(starts, device=device)[:, None]
-    n = torch.tensor(lengths, device=device)[:, None]
-    real = t[None] < n                                           # (B, T_max)
-    padded_pos = start + torch.minimum(t[None], n - 1)           # pads: the last position
-    length = max(s + k for s, k in zip(starts, lengths))
-    key_pos = torch.arange(length, device=device)
-    mask = key_pos[None, None, None, :] <= padded_pos[:, None, :, None]  # (B, 1, T_max, L)
-    flat = torch.arange(len(rows) * t_max, device=device).view(len(rows), t_max)
-    attend = None if rows == tuple(range(len(rows))) else torch.tensor(rows, device=device)
-    return PackedRows(rows, starts, lengths, padded_pos[real][None], torch.tensor(
-        rows, device=device).repeat_interleave(torch.tensor(lengths, device=device)),
-        flat[real], mask, length, attend)
+    offsets = tuple(sum(lengths[:i]) for i in range(len(rows)))
+    pos = torch.cat([torch.arange(a, a + n, device=device) for a, n in zip(starts, lengths)])
+    token_rows = torch.tensor(rows, device=device).repeat_interleave(
+        torch.tensor(lengths, device=device))
+    uniform = len(set(starts)) == 1 and len(set(lengths)) == 1
+    masks = (_chunk_mask(starts[0], lengths[0], device),) if uniform else tuple(
+        _chunk_mask(a, n, device) for a, n in zip(starts, lengths))
+    return PackedRows(rows, starts, lengths, offsets, pos[None], token_rows, masks,
+                      max(a + n for a, n in zip(starts, lengths)),
+                      torch.tensor(rows, device=device) if uniform else None)
 
 
 def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRows, n_head: int,
@@ -90,16 +94,24 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
     """
     _, N, heads, hs = qkv.shape
     nkv = (heads - n_head) // 2
-    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs).to(cache.kv[layer].dtype)  # (--kv-dtype)
+    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs)
     cache.kv[layer][:, p.token_rows, :, p.input_pos[0]] = kv  # (N, 2, nkv, hs): real tokens only
-    k, v = cache.k[layer][:, :, :p.length], cache.v[layer][:, :, :p.length]
-    if k.dtype != qkv.dtype:  # a narrower cache (--kv-dtype): read back in the compute dtype
-        k, v = k.to(qkv.dtype), v.to(qkv.dtype)
-    if p.attend_rows is not None:
-        k, v = k.index_select(0, p.attend_rows), v.index_select(0, p.attend_rows)
-    B, t_max = p.mask.shape[0], p.mask.shape[2]
-    q = qkv.new_zeros(B * t_max, n_head, hs)
-    q[p.dest] = qkv[0, :, :n_head]
-    y = F.scaled_dot_product_attention(q.view(B, t_max, n_head, hs).transpose(1, 2), k, v,
-                                       attn_mask=p.mask, enable_gqa=gqa)  # (B, nh, T_max, hs)
-    return y.transpose(1, 2).reshape(B * t_max, n_head, hs)[p.dest][None]
+    keys, values = cache.k[layer], cache.v[layer]              # (B_cache, nkv, T_cache, hs)
+    if p.uniform is not None:  # one SDPA for all: (B, nh, T, hs) against their rows
+        B, T = p.batch, p.lengths[0]
+        q = qkv[0, :, :n_head].reshape(B, T, n_head, hs).transpose(1, 2)
+        k, v = keys[:B, :, :p.length], values[:B, :, :p.length]
+        if p.rows != tuple(range(B)):  # other rows, or another order: gathered
+            k = keys[:, :, :p.length].index_select(0, p.uniform)
+            v = values[:, :, :p.length].index_select(0, p.uniform)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=p.masks[0],
+                                           is_causal=p.masks[0] is None, enable_gqa=gqa)
+        return y.transpose(1, 2).reshape(1, N, n_head, hs)
+    out = []
+    for row, start, n, a, mask in zip(p.rows, p.starts, p.lengths, p.offsets, p.masks):
+        q = qkv[:, a:a + n, :n_head].transpose(1, 2)            # (1, nh, T_i, hs)
+        k, v = keys[row:row + 1, :, :start + n], values[row:row + 1, :, :start + n]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=gqa)
+        out.append(y.transpose(1, 2))                            # (1, T_i, nh, hs)
+    return torch.cat(out, dim=1)
