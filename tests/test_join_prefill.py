@@ -120,6 +120,23 @@ def test_pad_queries_and_rows_are_not_written():
         assert torch.equal(untouched, ~written)
 
 
+def test_packed_prefill_into_a_narrower_cache():
+    """--kv-dtype bfloat16: the packed row's keys and values are stored rounded and read
+    back in float32, as a lone prefill's are."""
+    model = scaled_random_model(FAMILIES["mistral"], seed=7)
+    model.kv_dtype = torch.bfloat16
+    one, many = model.new_cache(3), model.new_cache(3)
+    assert one.kv[0].dtype == torch.bfloat16
+    toks = [ids(9, 3), ids(4, 4)]
+    with torch.inference_mode():
+        want = torch.cat([step.prefill(model, one, r, t, 0) for r, t in zip([2, 0], toks)], 1)
+        got = step.prefill_rows(model, many, [2, 0], [0, 0], [9, 4],
+                                torch.tensor([toks[0] + toks[1]]))
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    for a, b in zip(one.kv, many.kv):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-2)
+
+
 def test_batch_invariant_rows_equal_a_lone_prefill_exactly():
     model = scaled_random_model(FAMILIES["qwen2"], seed=4)
     model.batch_invariant = True

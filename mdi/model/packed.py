@@ -94,9 +94,10 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
     """
     _, N, heads, hs = qkv.shape
     nkv = (heads - n_head) // 2
-    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs)
+    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs).to(cache.kv[layer].dtype)  # (--kv-dtype)
     cache.kv[layer][:, p.token_rows, :, p.input_pos[0]] = kv  # (N, 2, nkv, hs): real tokens only
     keys, values = cache.k[layer], cache.v[layer]              # (B_cache, nkv, T_cache, hs)
+    read = _compute_dtype(qkv.dtype)
     if p.uniform is not None:  # one SDPA for all: (B, nh, T, hs) against their rows
         B, T = p.batch, p.lengths[0]
         q = qkv[0, :, :n_head].reshape(B, T, n_head, hs).transpose(1, 2)
@@ -104,14 +105,19 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
         if p.rows != tuple(range(B)):  # other rows, or another order: gathered
             k = keys[:, :, :p.length].index_select(0, p.uniform)
             v = values[:, :, :p.length].index_select(0, p.uniform)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=p.masks[0],
+        y = F.scaled_dot_product_attention(q, read(k), read(v), attn_mask=p.masks[0],
                                            is_causal=p.masks[0] is None, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(1, N, n_head, hs)
     out = []
     for row, start, n, a, mask in zip(p.rows, p.starts, p.lengths, p.offsets, p.masks):
         q = qkv[:, a:a + n, :n_head].transpose(1, 2)            # (1, nh, T_i, hs)
         k, v = keys[row:row + 1, :, :start + n], values[row:row + 1, :, :start + n]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, read(k), read(v), attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=gqa)
         out.append(y.transpose(1, 2))                            # (1, T_i, nh, hs)
     return torch.cat(out, dim=1)
+
+
+def _compute_dtype(dtype: torch.dtype):
+    """A narrower cache (--kv-dtype) is read back in the compute dtype."""
+    return lambda t: t if t.dtype == dtype else t.to(dtype)
