@@ -239,6 +239,26 @@ def test_engine_batch_invariant_tokens_equal_exactly_through_the_wire():
     assert sum(isinstance(m, Prefills) for m in link.sent) >= 2
 
 
+def test_long_chunks_go_in_packs_of_at_most_pack_tokens():
+    """A step's chunks in slot order, packed up to pack_tokens tokens (a longer one
+    alone, a pack of one as a Prefill); the cache ends as one prefill each."""
+    from mdi.engine.slots import packs
+    from mdi.generate.schedule import StepPlan
+
+    plans = {s: StepPlan(ids(n, s), None, n) for s, n in [(0, 4), (1, 4), (2, 5), (3, 12), (4, 1)]}
+    assert [list(p) for p in packs(plans, 10)] == [[0, 1], [2], [3], [4]]
+    assert [list(p) for p in packs(plans, 0)] == [[0], [1], [2], [3], [4]]
+    assert [list(p) for p in packs(plans, 512)] == [[0, 1, 2, 3, 4]]
+    model = scaled_random_model(FAMILIES["llama"], seed=9)
+    stage = SlotStage(split_model(model, [1])[0], [5])
+    for slot in plans:
+        stage.admit(Admit(slot, 0.0, None, None, 0))
+    out = stage.first_step(0, [], plans, pack_tokens=10)
+    assert [(type(m).__name__, getattr(m, "slots", None)) for m in out] == [
+        ("Prefills", (0, 1)), ("Prefill", None), ("Prefill", None), ("Prefill", None)]
+    assert [s.position for s in stage.slots] == [4, 4, 5, 12, 1]
+
+
 def stage_limits(stage: SlotStage) -> Limits:
     c = stage.stage.config
     return Limits(3, c.n_embd, c.block_size, stage.n_slots, DTYPE_CODES[torch.float32],

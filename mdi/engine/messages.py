@@ -3,8 +3,8 @@
 The engine (the first stage) sends, for each step of a lane, in this order:
 Retire for the lane's sequences that finished, Admit for the ones that join,
 their prefill chunks (a re-prefill after a context overflow too) as one Prefills
-(one Prefill when a single slot has one), then one Decode with the lane's
-active slots. The last stage answers each Decode with Tokens.
+(in packs of at most PACK_TOKENS tokens; one Prefill when a pack holds a single
+slot's), then one Decode with the lane's active slots. The last stage answers each Decode with Tokens.
 Every stage handles the messages in the order sent (a FIFO link), so a slot's
 state is the same on every node when its Decode arrives.
 

@@ -26,6 +26,7 @@ from ..generate.schedule import StepPlan, make_groups
 from ..model import GPT, KVCache
 from .messages import Admit, Decode, Message, Prefill, Prefills, Replay, Retire, Tokens
 from .replay import ActivationLog
+from .step_times import PACK_TOKENS
 
 
 class SlotError(ValueError):
@@ -270,12 +271,13 @@ class SlotStage:
 
     @torch.inference_mode()
     def first_step(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan],
-                   batched: bool = True) -> list[Message | Tokens]:
+                   batched: bool = True, pack_tokens: int = PACK_TOKENS
+                   ) -> list[Message | Tokens]:
         """The engine's first stage's share of a lane step (on its worker thread):
-        msgs, then the plans' prefill chunks (as one Prefills when several slots have
-        one and `batched`, else one Prefill each), then one Decode of the plans that
-        decode. Returns what goes down the pipeline (the sampled Tokens last when this
-        stage is the whole model)."""
+        msgs, then the plans' prefill chunks (`batched`: packed, in slot order, into
+        Prefills of at most pack_tokens tokens, a pack of one a Prefill; else one
+        Prefill each), then one Decode of the plans that decode. Returns what goes down
+        the pipeline (the sampled Tokens last when this stage is the whole model)."""
         first = self
         out: list[Message | Tokens] = []
         for m in msgs:
@@ -284,20 +286,17 @@ class SlotStage:
                 out.append(nxt)
         if not plans:
             return out
-        chunks = {slot: plan for slot, plan in plans.items() if plan.prefill}
-        if batched and len(chunks) > 1:
-            ids = torch.tensor([sum((p.prefill for p in chunks.values()), [])], dtype=torch.long)
-            m = Prefills(lane, tuple(chunks), tuple(p.start for p in chunks.values()),
-                         tuple(len(p.prefill) for p in chunks.values()), ids)
+        for pack in packs({s: p for s, p in plans.items() if p.prefill},
+                          pack_tokens if batched else 0):
+            ids = torch.tensor([sum((p.prefill for p in pack.values()), [])], dtype=torch.long)
+            m: Message = Prefills(lane, tuple(pack), tuple(p.start for p in pack.values()),
+                                  tuple(len(p.prefill) for p in pack.values()), ids)
+            if len(pack) == 1:
+                (slot, plan), = pack.items()
+                m = Prefill(slot, ids, plan.start)
             nxt = first.handle(m)
             if nxt is not None:
                 out.append(nxt)
-            chunks = {}
-        for slot, plan in chunks.items():
-            ids = torch.tensor([plan.prefill], dtype=torch.long)
-            h = first.prefill(Prefill(slot, ids, plan.start))
-            if h is not None:
-                out.append(Prefill(slot, h, plan.start))
         slots = tuple(s for s, p in plans.items() if p.decodes)
         if not slots:
             return out
@@ -333,3 +332,18 @@ class SlotStage:
                 return Tokens(m.lane, m.slots, self.sample(m.slots, out))
             return Decode(m.lane, m.slots, out, m.position)
         raise SlotError(f"unexpected message {type(m).__name__}")
+
+
+def packs(chunks: dict[int, StepPlan], limit: int) -> list[dict[int, StepPlan]]:
+    """The chunks, in slot order, grouped into packs of at most `limit` tokens (a longer
+    chunk alone; limit 0: one pack each)."""
+    out: list[dict[int, StepPlan]] = []
+    size = 0
+    for slot, plan in chunks.items():
+        n = len(plan.prefill)
+        if not out or not limit or size + n > limit:
+            out.append({})
+            size = 0
+        out[-1][slot] = plan
+        size += n
+    return out
