@@ -34,6 +34,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       micro_batches=args.micro_batches,
                       prompt_tokens=_counts(args.prompt_tokens or "", "--prompt-tokens"),
                       prefill_chunks=_counts(args.prefill_chunk or "", "--prefill-chunk"),
+                      join_prefills=[x.strip() for x in (args.join_prefill or "").split(",")
+                                     if x.strip()],
                       temperature=args.temperature)
     try:
         bench = Bench(cfg)
@@ -155,6 +157,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", metavar="LIST",
                    help="run every configuration with each of these --prefill-chunk values side "
                         "by side, e.g. 0,256 (0: a prompt in one frame; default: the engine's)")
+    p.add_argument("--join-prefill", metavar="LIST",
+                   help="run every configuration with sequences that join a lane together "
+                        "prefilled as one packed frame (batched) and/or one frame each (each), "
+                        "side by side, e.g. batched,each (default: batched)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature (default 0.8; 0: greedy, so the summary's check "
                         "that tokens equal across configurations is exact)")

@@ -47,13 +47,13 @@ class RunOptions:
     recover: bool = True              # on a node's failure: re-plan over the rest and resume
     recovery: str = DEFAULT_RECOVERY  # how: "replay" (a spare takes the lost range, rebuilt
                                       # from its upstream's log) or "reprefill" (all anew)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
+    batch_prefill: bool = True        # a step's prefill chunks as one frame (False: one each)
 
     def __post_init__(self) -> None:
         if self.recovery not in RECOVERY_CHOICES:
             raise ValueError(f"recovery must be one of {', '.join(RECOVERY_CHOICES)}, "
                              f"got {self.recovery!r}")
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
-    batch_prefill: bool = True        # a step's prefill chunks as one frame (False: one each)
 
 
 def failure(message: str, node: NodeSpec | None) -> Failure:
