@@ -26,6 +26,12 @@ def context_length(block_size: int, max_context: int | None = None) -> int:
     return min(block_size, cap)
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cache entries as attention reads them: a narrower cache (--kv-dtype) is read
+    back in the compute dtype; a cache in the compute dtype is read as it is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class KVCache:
     """Keys and values of a stage, one buffer per layer: (2, B, nh, T, hs), keys at
     [0] and values at [1], so a step writes both with one copy. `k[layer]` and

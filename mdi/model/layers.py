@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import KVCache
+from .cache import KVCache, in_dtype
 from .config import GPTConfig
 from .packed import PackedRows, packed_attention
 
@@ -367,9 +367,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Ca
         return torch.cat([cached_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], row, gqa)
                           for b, row in enumerate(step.rows)])
     L = step.length
-    k, v = k[:, :, :L], v[:, :, :L]
-    if k.dtype != q.dtype:  # a narrower cache (--kv-dtype): read back in the compute dtype
-        k, v = k.to(q.dtype), v.to(q.dtype)
+    k, v = in_dtype(k[:, :, :L], q.dtype), in_dtype(v[:, :, :L], q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v,
                                        attn_mask=step.mask, is_causal=step.causal, enable_gqa=gqa)
     return y.transpose(1, 2)

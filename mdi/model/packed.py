@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
+from .cache import KVCache, in_dtype
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,9 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
     kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs).to(cache.kv[layer].dtype)  # (--kv-dtype)
     cache.kv[layer][:, p.token_rows, :, p.input_pos[0]] = kv  # (N, 2, nkv, hs): real tokens only
     keys, values = cache.k[layer], cache.v[layer]              # (B_cache, nkv, T_cache, hs)
-    read = _compute_dtype(qkv.dtype)
+    def read(t: torch.Tensor) -> torch.Tensor:
+        return in_dtype(t, qkv.dtype)
+
     if p.uniform is not None:  # one SDPA for all: (B, nh, T, hs) against their rows
         B, T = p.batch, p.lengths[0]
         q = qkv[0, :, :n_head].reshape(B, T, n_head, hs).transpose(1, 2)
@@ -117,7 +119,3 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
         out.append(y.transpose(1, 2))                            # (1, T_i, nh, hs)
     return torch.cat(out, dim=1)
 
-
-def _compute_dtype(dtype: torch.dtype):
-    """A narrower cache (--kv-dtype) is read back in the compute dtype."""
-    return lambda t: t if t.dtype == dtype else t.to(dtype)
