@@ -87,15 +87,20 @@ class CpuCaps:
         self.join(i, os.getpid())
 
     def __exit__(self, *exc) -> None:
-        for d in self.dirs:
-            try:
-                procs = d / "cgroup.procs"
-                for pid in procs.read_text().split() if procs.exists() else []:
-                    (self.root / "cgroup.procs").write_text(pid)  # still running: back to root
-                d.rmdir()
-            except OSError as e:
-                log.warning("cannot remove cgroup %s: %s", d, e)
+        remove_groups(self.dirs, self.root)
         self.dirs = []
+
+
+def remove_groups(dirs, root: Path) -> None:
+    """Remove our cgroup directories, moving any process still in one back to root's."""
+    for d in dirs:
+        try:
+            procs = d / "cgroup.procs"
+            for pid in procs.read_text().split() if procs.exists() else []:
+                (root / "cgroup.procs").write_text(pid)  # still running: back to root
+            d.rmdir()
+        except OSError as e:
+            log.warning("cannot remove cgroup %s: %s", d, e)
 
 
 # ---- memory -------------------------------------------------------------------
@@ -167,12 +172,5 @@ class MemCaps:
             return float("nan")
 
     def __exit__(self, *exc) -> None:
-        for d in self.dirs.values():
-            try:
-                procs = d / "cgroup.procs"
-                for pid in procs.read_text().split() if procs.exists() else []:
-                    (self.root / "cgroup.procs").write_text(pid)
-                d.rmdir()
-            except OSError as e:
-                log.warning("cannot remove cgroup %s: %s", d, e)
+        remove_groups(self.dirs.values(), self.root)
         self.dirs = {}
