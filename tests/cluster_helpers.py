@@ -331,6 +331,52 @@ async def finisher_and_fake_starter(ckpt: Path, start: int = 1, local_next: bool
         await rt.close()
 
 
+@contextlib.asynccontextmanager
+async def intermediate_and_fake_finisher(ckpt: Path):
+    """An intermediate NodeRuntime in this process (layer 1 of ckpt's 3, a sequence run
+    of one group of two slots) and a listener in the finisher's place. Yields
+    (runtime, nodes config, model config, start_run); `await start_run(run_id,
+    **init_fields)` configures (init_fields override /init's), loads and connects a
+    run and returns the finisher's end of the link; with connect=False it only /inits
+    and returns None."""
+    from mdi.checkpoint import read_info
+    from mdi.ring.node.control_messages import InitRequest
+    from mdi.ring.node.runtime import NodeRuntime
+
+    cfg = local_nodes_config(3, free_ports(6))
+    inter, fin = cfg.intermediate[0], cfg.finisher
+    config = read_info(ckpt).config
+    weights = shard_bytes(ckpt, Shard(1, 2, 3))
+    rt = NodeRuntime(inter, TOKEN, timeout=2.0)
+    await rt.start_data_server()
+    got: asyncio.Queue = asyncio.Queue()
+    current: dict[str, int] = {}
+
+    async def next_node(reader, writer):  # the finisher's data port
+        await challenge(reader, writer, TOKEN, current["run_id"], 2.0)
+        await got.put((reader, writer))
+
+    server = await asyncio.start_server(next_node, "127.0.0.1", fin.port_in)
+
+    async def start_run(run_id: int, connect: bool = True, **init_fields):
+        current["run_id"] = run_id
+        fields = dict(run_id=run_id, role="intermediate", start=1, stop=2,
+                      model=config.to_dict(), groups=[[0, 2]], sequences=True,
+                      next={"addr": "127.0.0.1", "port": fin.port_in}, prev_addr="127.0.0.1")
+        await rt.init(InitRequest(**{**fields, **init_fields}))
+        if not connect:
+            return None
+        await rt.load_weights(run_id, weights)
+        await rt.connect(run_id)
+        return await asyncio.wait_for(got.get(), 5)
+
+    try:
+        yield rt, cfg, config, start_run
+    finally:
+        server.close()
+        await rt.close()
+
+
 # ---- data plane: the test as the finisher's previous node and next node ---------
 @contextlib.asynccontextmanager
 async def fake_upstream(ring: Ring, run_id: int, token: str = TOKEN, **init_over):

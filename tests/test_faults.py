@@ -343,41 +343,16 @@ def test_a_bad_admit_is_refused_by_an_intermediate(ckpt, field, bad):
     them (top_k had no bound) and not on receipt: an intermediate forwarded what the
     finisher refuses. An intermediate now refuses the frame when it reads it, names the
     field in /status's last_run, forwards nothing, and takes the next run."""
-    from cluster_helpers import closed_by_peer, open_data
-    from mdi.checkpoint import read_info
-    from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.protocol.auth import challenge
-    from mdi.ring.node.control_messages import InitRequest
-    from mdi.ring.node.runtime import NodeRuntime
-    from mdi.ring.plan.partition import Shard
+    from cluster_helpers import closed_by_peer, intermediate_and_fake_finisher, open_data
     from mdi.ring.protocol.wire import Kind, admit_frame, read_frame
 
-    cfg = local_nodes_config(3, free_ports(6))
-    inter, fin = cfg.intermediate[0], cfg.finisher
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 2, 3))
     good = dict(temperature=0.5, top_k=0, top_p=1.0, seed=7)
 
     async def scenario() -> None:
-        rt = NodeRuntime(inter, TOKEN, timeout=2.0)
-        await rt.start_data_server()
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def next_node(reader, writer):  # the finisher's data port
-            await challenge(reader, writer, TOKEN, run_id, 2.0)
-            await got.put((reader, writer))
-
-        server = await asyncio.start_server(next_node, "127.0.0.1", fin.port_in)
-        try:
+        async with intermediate_and_fake_finisher(ckpt) as (rt, cfg, config, start_run):
             for run_id, params in ((21, {**good, field: bad}), (22, good)):
-                await rt.init(InitRequest(run_id=run_id, role="intermediate", start=1, stop=2,
-                                          model=config.to_dict(), groups=[[0, 2]], sequences=True,
-                                          next={"addr": "127.0.0.1", "port": fin.port_in},
-                                          prev_addr="127.0.0.1"))
-                await rt.load_weights(run_id, weights)
-                await rt.connect(run_id)
-                back_r, back_w = await asyncio.wait_for(got.get(), 5)
-                reader, writer = await open_data(inter, run_id)
+                back_r, back_w = await start_run(run_id)
+                reader, writer = await open_data(cfg.intermediate[0], run_id)
                 writer.write(admit_frame(run_id, 1, **params).encode())
                 if params is good:  # forwarded as it came
                     f = await asyncio.wait_for(read_frame(back_r, rt.run.limits), 5)
@@ -391,9 +366,6 @@ def test_a_bad_admit_is_refused_by_an_intermediate(ckpt, field, bad):
                     assert back_r.at_eof() or await closed_by_peer(back_r)  # nothing forwarded
                 writer.close()
                 back_w.close()
-        finally:
-            server.close()
-            await rt.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 

@@ -350,42 +350,17 @@ def test_a_node_refuses_a_bad_prefills_frame_by_name_and_takes_the_next_run(tmp_
     position its cache does not hold drops the run with the reason in /status's
     last_run, nothing forwarded; the next run's good PREFILLS is computed and forwarded
     as one frame with the same row table."""
-    from cluster_helpers import TOKEN, build_tiny_ckpt, closed_by_peer, open_data
-    from mdi.checkpoint import read_info
-    from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.cluster.local_cluster import free_ports
-    from mdi.ring.cluster.nodes_config import local_nodes_config
-    from mdi.ring.node.control_messages import InitRequest
-    from mdi.ring.node.runtime import NodeRuntime
-    from mdi.ring.plan.partition import Shard
-    from mdi.ring.protocol.auth import challenge
+    from cluster_helpers import (build_tiny_ckpt, closed_by_peer, intermediate_and_fake_finisher,
+                                 open_data)
     from mdi.ring.protocol.wire import Frame, admit_frame, read_frame
 
     ckpt = build_tiny_ckpt(tmp_path / "tiny")
-    cfg = local_nodes_config(3, free_ports(6))
-    inter, fin = cfg.intermediate[0], cfg.finisher
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 2, 3))
 
     async def scenario() -> None:
-        rt = NodeRuntime(inter, TOKEN, timeout=2.0)
-        await rt.start_data_server()
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def next_node(reader, writer):
-            await challenge(reader, writer, TOKEN, run_id, 2.0)
-            await got.put((reader, writer))
-
-        server = await asyncio.start_server(next_node, "127.0.0.1", fin.port_in)
-        try:
+        async with intermediate_and_fake_finisher(ckpt) as (rt, cfg, config, start_run):
+            inter = cfg.intermediate[0]
             for run_id, second in ((41, (1, 3, 2)), (42, (1, 0, 3))):
-                await rt.init(InitRequest(run_id=run_id, role="intermediate", start=1, stop=2,
-                                          model=config.to_dict(), groups=[[0, 2]], sequences=True,
-                                          next={"addr": "127.0.0.1", "port": fin.port_in},
-                                          prev_addr="127.0.0.1"))
-                await rt.load_weights(run_id, weights)
-                await rt.connect(run_id)
-                back_r, back_w = await asyncio.wait_for(got.get(), 5)
+                back_r, back_w = await start_run(run_id)
                 reader, writer = await open_data(inter, run_id)
                 x = torch.randn(1, 2 + second[2], config.n_embd)
                 for slot in (0, 1):
@@ -407,9 +382,6 @@ def test_a_node_refuses_a_bad_prefills_frame_by_name_and_takes_the_next_run(tmp_
                         "holds 0 positions")
                 writer.close()
                 back_w.close()
-        finally:
-            server.close()
-            await rt.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 

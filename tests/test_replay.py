@@ -261,52 +261,23 @@ def test_node_replay_fills_its_slot_forwards_nothing_and_refuses_bad_frames(tmp_
     slot that awaits none, and a truncated one, are refused naming the frame (the run is
     parked, the node takes the next /init); good REPLAY frames fill the slot and go no
     further, and the next DECODE goes on as usual. The log counts in the run's memory."""
-    from cluster_helpers import TOKEN, build_tiny_ckpt, closed_by_peer, open_data
-    from mdi.checkpoint import read_info
-    from mdi.checkpoint.stream import shard_bytes
-    from mdi.ring.cluster.local_cluster import free_ports
-    from mdi.ring.cluster.nodes_config import local_nodes_config
-    from mdi.ring.node.control_messages import InitRequest
-    from mdi.ring.node.runtime import NodeRuntime
-    from mdi.ring.plan.partition import Shard
-    from mdi.ring.protocol.auth import challenge
+    from cluster_helpers import (build_tiny_ckpt, closed_by_peer, intermediate_and_fake_finisher,
+                                 open_data)
     from mdi.ring.protocol.wire import read_frame
 
     ckpt = build_tiny_ckpt(tmp_path / "ckpt")
-    cfg = local_nodes_config(3, free_ports(6))
-    inter, fin = cfg.intermediate[0], cfg.finisher
-    config = read_info(ckpt).config
-    weights = shard_bytes(ckpt, Shard(1, 2, 3))
-    x = torch.randn(1, 3, config.n_embd)
-
-    def init(run_id: int, recovery: str = "replay") -> InitRequest:
-        return InitRequest(run_id=run_id, role="intermediate", start=1, stop=2,
-                           model=config.to_dict(), groups=[[0, 2]], sequences=True,
-                           next={"addr": "127.0.0.1", "port": fin.port_in},
-                           prev_addr="127.0.0.1", recovery=recovery,
-                           replayed=[{"slot": 1, "positions": 3, "temperature": 0.0, "seed": 1}]
-                           if recovery == "replay" else [])
+    replayed = [{"slot": 1, "positions": 3, "temperature": 0.0, "seed": 1}]
 
     async def scenario() -> None:
-        rt = NodeRuntime(inter, TOKEN, timeout=2.0)
-        await rt.start_data_server()
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def next_node(reader, writer):
-            await challenge(reader, writer, TOKEN, run_id, 2.0)
-            await got.put((reader, writer))
-
-        server = await asyncio.start_server(next_node, "127.0.0.1", fin.port_in)
-        try:
-            await rt.init(init(50, "reprefill"))
+        async with intermediate_and_fake_finisher(ckpt) as (rt, cfg, config, start_run):
+            inter = cfg.intermediate[0]
+            x = torch.randn(1, 3, config.n_embd)
+            await start_run(50, connect=False, recovery="reprefill")
             plain = rt.run.mem_bytes
             for run_id in (51, 52, 53):
-                await rt.init(init(run_id))
+                back_r, back_w = await start_run(run_id, recovery="replay", replayed=replayed)
                 assert rt.run.mem_bytes - plain == ActivationLog.max_bytes(
                     2, config.block_size, config.n_embd, 4)
-                await rt.load_weights(run_id, weights)
-                await rt.connect(run_id)
-                back_r, back_w = await asyncio.wait_for(got.get(), 5)
                 reader, writer = await open_data(inter, run_id)
                 if run_id == 51:
                     writer.write(Frame(Kind.REPLAY, run_id, 0, 0, x).encode())
@@ -332,8 +303,5 @@ def test_node_replay_fills_its_slot_forwards_nothing_and_refuses_bad_frames(tmp_
                     reason
                 writer.close()
                 back_w.close()
-        finally:
-            server.close()
-            await rt.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
