@@ -12,6 +12,7 @@ from mdi.cli.main import HelpFormatter, build_parser
 # Options whose name is shared by commands where they mean different things (the reason).
 DIFFERENT_MEANINGS = {
     "--api-key": "serve requires it of clients; serve-bench sends it",
+    "--compile": "bench: off,on run side by side; elsewhere a flag",
     "--data": "train: a prepared data directory; eval: a text file",
     "--dtype": "convert casts the stored weights; elsewhere the compute dtype",
     "--json": "one object, or (models) one list",

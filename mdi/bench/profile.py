@@ -54,7 +54,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'weights':<10} {'rows':>5} {'aten calls':>11} {'per layer':>10}  most called"]
-    lines += [f"{r['weights']:<10} {r['rows']:>5} {r['aten_calls']:>11} {r['per_layer']:>10}  {r['top']}"
+    lines = [f"{'weights':<17} {'rows':>5} {'aten calls':>11} {'per layer':>10}  most called"]
+    lines += [f"{r['weights']:<17} {r['rows']:>5} {r['aten_calls']:>11} {r['per_layer']:>10}  {r['top']}"
               for r in rows]
     return "\n".join(lines)

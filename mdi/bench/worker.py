@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompts of this many tokens (default: one newline)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--compile", action="store_true", help="decode through a compiled step")
     p.add_argument("--join-prefill", choices=["batched", "each"], default="batched",
                    help="a step's prefill chunks as one frame (batched) or one frame each")
     args = p.parse_args(argv)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model = load_model(ck, LoadOptions(dtype=torch.float32,  # as the starter's default
                                            quantize=args.quantize, batch_invariant=args.batch_invariant,
-                                           max_context=args.max_context)).model
+                                           max_context=args.max_context,
+                                           compile=args.compile)).model
         def engine() -> LocalEngine:  # as `mdi sample`, with the ring's prefill chunks
             e = LocalEngine(model, tok, max_seqs=len(prompts), prefill_chunk=args.prefill_chunk)
             e.batch_prefill = args.join_prefill == "batched"
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # this process is the starter node
     out["peak_rss_mb"] = _peak_rss_mb(usage)
     out["cpu_s"] = usage.ru_utime + usage.ru_stime
+    if args.compile and not args.nodes_config:  # the first call of each graph: compile or cache load
+        out["compile_s"] = round(sum(model.compiled_decode.shapes.values()), 3)
+        out["graphs"] = len(model.compiled_decode.shapes)
     json.dump(out, sys.stdout)
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..model.compiled import cache_dir as compiled_cache_dir
 from ..model.quant import configure_stage
 from .format import (CONFIG, CheckpointError, CheckpointInfo, build_stage, expected_shapes, read_info,
                      run_mode, save_checkpoint)
@@ -100,7 +102,8 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                quantize: str | None = None, batch_invariant: bool = False,
                max_context: int | None = None, pack: bool = True,
-               kv_dtype: torch.dtype | None = None) -> tuple[GPT, Checkpoint]:
+               kv_dtype: torch.dtype | None = None, compile: bool = False
+               ) -> tuple[GPT, Checkpoint]:
     """Blocks [start, stop) of any checkpoint (the whole model by default), reading
     only that stage's tensors, configured for the run (model/quant.py:configure_stage;
     pack: CPU float32 weights prepacked now, not on the first forward).
@@ -112,6 +115,8 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
     """
     ck = open_checkpoint(spec)
     quantize = checkpoint_mode(ck, quantize)
+    if compile:  # Inductor's graphs kept on disk for the next start (before any compile)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compiled_cache_dir(os.environ))
     if isinstance(ck, CheckpointInfo):
         stage, _ = load_stage_dir(ck.path, start, stop, device=device, dtype=dtype, quantize=quantize)
     else:  # a GGUF dequantizes, a hub model may be large: a bar on a terminal, a line after
@@ -126,8 +131,17 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
                                 where=ck.source.origin, quantize=quantize)
         log.info("loaded %s layers [%d, %d) in %.1f s", ck.source.origin or ck.path, start,
                  ck.config.n_layer if stop is None else stop, time.perf_counter() - t0)
-    return configure_stage(stage, quantize, batch_invariant, max_context, pack,
-                           kv_dtype=kv_dtype), ck
+    stage = configure_stage(stage, quantize, batch_invariant, max_context, pack,
+                            kv_dtype=kv_dtype, compile=compile)
+    if compile:
+        stage.compiled_decode.on_graph = _log_graph
+    return stage, ck
+
+
+def _log_graph(rows: int, uniform: bool, seconds: float) -> None:
+    log.info("--compile: the decode step for %d rows%s ready in %.1f s (compiled, or read from "
+             "%s)", rows, "" if uniform else " at several positions", seconds,
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
 
 def checkpoint_mode(spec: str | Path | Checkpoint, quantize: str | None) -> str | None:
@@ -149,6 +163,7 @@ class LoadOptions:
     max_context: int | None = None
     pack: bool = True                   # CPU float32 weights prepacked at load
     kv_dtype: torch.dtype | None = None  # what the KV caches store (None: the compute dtype)
+    compile: bool = False               # decode through a compiled step (model/compiled.py)
 
 
 @dataclass(frozen=True)
@@ -169,7 +184,7 @@ def load_model(spec: str | Path | Checkpoint, options: LoadOptions = LoadOptions
     o = options
     model, _ = load_stage(ck, 0, None, device=o.device, dtype=o.dtype, quantize=o.quantize,
                           batch_invariant=o.batch_invariant, max_context=o.max_context, pack=o.pack,
-                          kv_dtype=o.kv_dtype)
+                          kv_dtype=o.kv_dtype, compile=o.compile)
     return Loaded(model, ck)
 
 

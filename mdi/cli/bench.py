@@ -22,6 +22,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_vs_llamacpp(args)
     if args.profile:
         return cmd_profile(args)
+    if args.compile:
+        return cmd_compile_bench(args)
     nodes = _counts(args.nodes, "--nodes")
     cfg = BenchConfig(ckpt=args.ckpt, model_size=args.model_size, nodes=nodes,
                       n_samples=args.n_samples, n_tokens=args.n_tokens or 500, runs=args.runs, out=args.out,
@@ -86,14 +88,34 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile_bench(args: argparse.Namespace) -> int:
+    from ..bench.compile_bench import CompileBenchConfig, format_summary, run_compile_bench
+    from ..bench.models import random_checkpoint
+
+    ckpt = args.ckpt or random_checkpoint(args.model_size, Path(args.out) / "models")
+    cfg = CompileBenchConfig(ckpt=str(ckpt), modes=[m.strip() for m in args.compile.split(",")],
+                             seqs=_counts(args.seqs if args.seqs != "1,4,16,64" else "1,16",
+                                          "--seqs"),
+                             n_tokens=args.n_tokens or 64, threads=args.threads or 2,
+                             quantize=args.quantize, out=args.out)
+    print(format_summary(run_compile_bench(cfg)))
+    print(Path(args.out) / "runs.csv", file=sys.stderr)
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from ..bench.models import random_checkpoint
     from ..bench.profile import profile_rows, table, write_csv
     from ..checkpoint import LoadOptions, load_model
 
     ckpt = args.ckpt or random_checkpoint(args.model_size, Path(args.out) / "models")
-    model = load_model(ckpt, LoadOptions(quantize=args.quantize, max_context=args.max_context)).model
+    compiled = (args.compile or "off") == "on"
+    if args.compile not in (None, "off", "on"):
+        raise ValueError(f"--profile takes --compile off or on, got {args.compile!r}")
+    model = load_model(ckpt, LoadOptions(quantize=args.quantize, max_context=args.max_context,
+                                         compile=compiled)).model
     weights = args.quantize or str(model.first_param().dtype).removeprefix("torch.")
+    weights += " compiled" if compiled else ""
     rows = profile_rows(model, weights, _counts(args.seqs if args.seqs != "1,4,16,64" else "1,16",
                                                 "--seqs"))
     print(table(rows))
@@ -180,6 +202,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true",
                    help="count the aten calls of one decode step at each of --seqs rows (default "
                         "1,16 here), per layer, with --quantize's weights (profile.csv)")
+    p.add_argument("--compile", metavar="LIST",
+                   help="off,on: single-device runs at each of --seqs (default 1,16 here), eager "
+                        "and with the decode step compiled, this twice (a cold start with an empty "
+                        "Inductor cache under --out, then a cached start), greedy, --n-tokens "
+                        "(default 64); with --profile: on counts the calls of a compiled step")
     ll = p.add_argument_group("comparison with llama.cpp (the same GGUF file, one process each)")
     ll.add_argument("--vs-llamacpp", action="store_true",
                     help="compare single-device mdi with llama.cpp on --ckpt's GGUF file at each of "

@@ -33,8 +33,8 @@ from ..generate.sampling import SamplingConfig, sample_seed
 from ..generate.stops import Stops
 from ..model.cache import DEFAULT_MAX_CONTEXT
 from ..tokenizer import Tokenizer
-from .common import (CKPT_HELP, add_model_options, add_sampling_options, check_counts, load_options,
-                     sampling_config, set_threads, stops_of)
+from .common import (CKPT_HELP, add_model_options, add_sampling_options, check_compile, check_counts,
+                     load_options, sampling_config, set_threads, stops_of)
 from .preflight import check_local_nodes
 
 if TYPE_CHECKING:  # jinja2 is loaded only when a chat starts (not by every mdi command)
@@ -172,6 +172,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     check_counts(args)
     ck = open_checkpoint(args.ckpt)
     ring = args.nodes_config is not None or args.nodes != 1
+    if ring:
+        from .ring import run_options
+
+        run_options(args)  # --compile refused before a node starts
+    else:
+        check_compile(args)
     if args.nodes_config is None:
         check_local_nodes(args, ck)
         if args.nodes > 1:  # as mdi run: the machine's cores divided among the local nodes

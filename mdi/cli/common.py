@@ -38,6 +38,11 @@ QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at lo
 BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")
 SEED_HELP = "seed of the random draws"
+COMPILE_HELP = ("compile the decode step with torch.compile (Inductor; needs a C++ compiler): one "
+                "graph per row bucket, kept in ~/.cache/mdi/inductor; a first start pays minutes "
+                "per bucket on a small CPU, a later one reads the graphs back (dynamo still traces "
+                "the model: seconds to tens of seconds). Prefill stays eager. Single-device only; "
+                "not with --batch-invariant (docs/benchmarks.md has its figures)")
 NODES_HELP = ("nodes of the ring, the starter (this process) included, each a local process; "
               "1: one device, no ring")
 NODES_CONFIG_HELP = "the nodes JSON file of a cluster started by hand (`mdi node`)"
@@ -128,6 +133,7 @@ def add_model_options(g) -> None:
     add_max_context(g)
     add_prefill_chunk(g)
     g.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -154,7 +160,17 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """How the generation commands load the model (add_generation_options)."""
     return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
                        batch_invariant=args.batch_invariant, max_context=args.max_context,
-                       kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None)
+                       kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None,
+                       compile=check_compile(args))
+
+
+def check_compile(args: argparse.Namespace) -> bool:
+    """--compile, refused (before anything loads) with --batch-invariant."""
+    on = getattr(args, "compile", False)
+    if on and args.batch_invariant:
+        raise UsageError("--compile with --batch-invariant: a compiled step's sums are Inductor's "
+                         "choice, not one row at a time; use one or the other")
+    return on
 
 
 def compute_info(args: argparse.Namespace, stage=None) -> dict:

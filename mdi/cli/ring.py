@@ -88,6 +88,7 @@ def _prepare(args: argparse.Namespace, ck: Checkpoint) -> _Job:
     """Everything a run needs that no node does: the tokenizer, the sampling settings,
     the prompts encoded, the stops (each bad value one UsageError)."""
     check_counts(args)
+    run_options(args)  # --compile refused before a node starts
     prompts = read_prompts(args.prompt, args.n_samples)
     tok = ck.tokenizer()
     ids = encode_prompts(tok, prompts, chat=args.chat)
@@ -107,6 +108,9 @@ def _prepare(args: argparse.Namespace, ck: Checkpoint) -> _Job:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The ring's options from the command line (run, starter, chat)."""
+    if getattr(args, "compile", False):
+        raise UsageError("--compile is single-device only for now (mdi sample, mdi chat, mdi serve "
+                         "without --nodes): the ring's stages decode eagerly")
     return RunOptions(device=args.device, dtype=args.dtype, timeout=args.timeout,
                       n_groups=getattr(args, "micro_batches", None),
                       resend_context=getattr(args, "resend_context", False),

@@ -12,8 +12,8 @@ from ..checkpoint.sampling_defaults import sampling_defaults
 from ..model import GPTConfig
 from ..results import Texts
 from .common import (CKPT_HELP, DEVICE_HELP, DTYPE_HELP, DTYPES, SEED_HELP, THREADS_HELP,
-                     UsageError, add_generation_options, check_counts, check_prompt_lengths,
-                     compute_info, emit, encode_prompts, load_options, read_prompts,
+                     UsageError, add_generation_options, check_compile, check_counts,
+                     check_prompt_lengths, compute_info, emit, encode_prompts, load_options, read_prompts,
                      sampling_config, set_threads, stops_of)
 from .preflight import check_fits_here
 
@@ -56,6 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .stream import StreamPrinter
 
     check_counts(args)
+    check_compile(args)
     lanes = 1 if args.micro_batches is None else args.micro_batches
     if lanes <= 0:
         raise UsageError(f"the number of micro-batches must be positive, got {lanes}")

@@ -74,8 +74,12 @@ def decode(stage: GPT, cache: KVCache, x: Inputs, positions: Sequence[int]) -> t
     dev = _device(stage)
     if not isinstance(x, torch.Tensor):
         x = torch.tensor(list(x), dtype=torch.long, device=dev)[:, None]  # (B, 1)
-    pos = torch.tensor(list(positions), dtype=torch.long, device=dev)[:, None]  # (B, 1)
-    out = stage(x, pos, cache)
+    compiled = getattr(stage, "compiled_decode", None)  # --compile (model/compiled.py)
+    if compiled is not None:
+        out = compiled(cache, x, list(positions))
+    else:
+        pos = torch.tensor(list(positions), dtype=torch.long, device=dev)[:, None]  # (B, 1)
+        out = stage(x, pos, cache)
     return out[:, -1] if stage.has_head else out
 
 

@@ -78,6 +78,9 @@ class GPT(nn.Module):
         # oneDNN-prepacked copy of its weight (layers.packed_weight; faster, but
         # a second copy of the float32 weights). False: the plain nn.Linear.
         self.packed_linears = True
+        # --compile: decode steps go through this compiled step (model/compiled.py;
+        # generate/step.py:decode calls it); None: the eager forward.
+        self.compiled_decode = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scaled init of residual projections (GPT-2)
@@ -149,9 +152,27 @@ class GPT(nn.Module):
             if cache is not None:
                 raise ValueError("a cached forward needs input_pos")
             input_pos = torch.arange(T, device=x.device).expand(B, T)
+        if self.has_embeddings and T > self.config.block_size and packed is None:
+            # (packed: its positions are checked)
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        per_row = cache is not None and self.batch_invariant
+        mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
+        step = None
+        if packed is not None:
+            step = CachedStep(input_pos, None, packed.length, None, packed=packed)
+            cache.reserve(step.length)
+        elif cache is not None:
+            step = cached_step(input_pos, per_row)
+            cache.reserve(step.length)  # the buffers reach the step's last position
+        return self.forward_step(x, input_pos, step, cache, logits, mode)
+
+    def forward_step(self, x: torch.Tensor, input_pos: torch.Tensor, step: CachedStep | None,
+                     cache: KVCache | None, logits: bool = True,
+                     mode: LinearMode = "dense") -> torch.Tensor:
+        """The forward's computation once its step is built (forward does that): no
+        Python reads of tensors, so that compiled.py can trace it with a step of its
+        own (positions and mask as tensors, the cache's whole length)."""
         if self.has_embeddings:
-            if T > self.config.block_size and packed is None:  # packed: positions are checked
-                raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
             x = self.transformer.wte(x)
             if "wpe" in self.transformer:
                 x = x + self.transformer.wpe(input_pos)
@@ -162,15 +183,6 @@ class GPT(nn.Module):
             c = self.config  # (B, T, heads, hs) each: q and k heads rotated, v heads kept
             rope = rope_table(self._inv_freq(x.device), input_pos, x.dtype,
                               c.n_head + c.kv_heads, c.kv_heads)
-        per_row = cache is not None and self.batch_invariant
-        mode: LinearMode = "per_row" if per_row else "packed" if self.packed_linears else "dense"
-        step = None
-        if packed is not None:
-            step = CachedStep(input_pos, None, packed.length, None, packed=packed)
-            cache.reserve(step.length)
-        elif cache is not None:
-            step = cached_step(input_pos, per_row)
-            cache.reserve(step.length)  # the buffers reach the step's last position
         for i, block in enumerate(self.transformer.h.values()):
             x = block(x, step, cache, i, rope, mode)
         if not self.has_head or not logits:

@@ -262,14 +262,16 @@ def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
                     batch_invariant: bool = False, max_context: int | None = None,
                     pack: bool = True, few_rows: int | str | None = None,
-                    kv_dtype: torch.dtype | None = None) -> nn.Module:
+                    kv_dtype: torch.dtype | None = None, compile: bool = False) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
     node alike. A stage already int8 (quantized while loading) stays as it is.
     pack: prepack the CPU float32 weights now (layers.pack_linears) rather than on
     the first forward; False for a stage that computes on the plain weights
     (a node without room for the packed copy). few_rows: see choose_kernels.
-    kv_dtype: what its KV caches store (--kv-dtype; None: the compute dtype)."""
+    kv_dtype: what its KV caches store (--kv-dtype; None: the compute dtype).
+    compile: decode through a compiled step (--compile, model/compiled.py); the
+    float32 weights stay plain (the compiled graph reads them, not oneDNN's copy)."""
     if not is_quantized(stage):
         quantize(stage, quantize_mode)
     else:
@@ -280,6 +282,11 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
         stage.max_context = max_context
     stage.kv_dtype = kv_dtype
     choose_kernels(stage, few_rows, batch_invariant)
+    if compile:
+        from .compiled import CompiledDecode  # a ValueError for --batch-invariant, here
+
+        stage.compiled_decode = CompiledDecode(stage)
+        pack = False
     stage.packed_linears = pack
     if pack and not batch_invariant:
         pack_linears(stage)

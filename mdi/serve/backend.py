@@ -44,6 +44,7 @@ class BackendOptions:
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     kv_dtype: str | None = None       # what the KV caches store (None: dtype)
+    compile: bool = False             # single device: decode through a compiled step
     stall_timeout: float = 30.0       # s a sequence's events may wait unread before it is cancelled
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per step (0: a prompt in one piece)
     prefill_share: float = DEFAULT_PREFILL_SHARE  # while others decode: steps a chunk may cost
@@ -64,6 +65,9 @@ class BackendOptions:
                              f"{self.prefill_share}")
         if not self.stall_timeout > 0:
             raise ValueError(f"--stall-timeout must be positive, got {self.stall_timeout}")
+        if self.compile and (self.distributed or self.batch_invariant):
+            raise ValueError("--compile is single-device only (no --nodes, --nodes-config) and "
+                             "not with --batch-invariant")
         if self.spares < 0 or (self.spares and (self.nodes < 2 or self.nodes_config)):
             raise ValueError(f"--spares must be 0, or positive with --nodes 2 or more (a nodes "
                              f"file lists its own spares), got {self.spares}")
@@ -124,7 +128,7 @@ def local_backend(opts: BackendOptions) -> Backend:
     loaded = load_model(opts.ckpt, LoadOptions(  # any --ckpt spec
         device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
         batch_invariant=opts.batch_invariant, max_context=opts.max_context,
-        kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None))
+        kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
     model, tok = loaded.model, loaded.tokenizer
     kwargs = _local_kwargs(opts)
 

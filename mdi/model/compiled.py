@@ -1,0 +1,166 @@
+"""`--compile`: the decode step of a stage compiled with Inductor (the gpt-fast recipe).
+
+One graph serves every decode step of a row bucket: the positions and the
+mask are tensors (no Python reads of them, no graph break), the rows of a step
+are padded to a bucket (1, 2, 4, 8, 16, ...), and two sizes are marked dynamic:
+the keys attention reads (the step's largest position + 1, as the eager step
+reads only the filled part) and the cache's allocated length (it grows in
+blocks, cache.py), so neither a longer context nor a grown cache compiles
+again. A bucket has two graphs at most: rows at one position (no mask, as the
+eager step) and rows at several. Everything else is static (`dynamic=False`).
+A decode with every row at position 0 (a one-token prompt) runs eagerly: dynamo
+would give a size of 1 a graph of its own. Prefill stays eager.
+
+Padding uses rows of the cache itself: a step over rows [a, b) runs on the
+rows [a, a + bucket) (or the last `bucket` rows at the cache's end); the rows
+it adds are not live: each writes back, at the step's first position, the key
+and value that were there (an exact no-op, whatever they hold: another sequence's cache, or
+one decoded or prefilled earlier in the same step), and their outputs are
+dropped.
+
+The linears run on the plain weights ("dense"; Inductor chooses the kernels),
+so a compiled float32 stage keeps its plain weights (loaded with pack=False).
+The int8 and int4 kernels are aten operators, traced as they are.
+Inductor's on-disk caches (FX graph, AOT autograd) live where
+TORCHINDUCTOR_CACHE_DIR says; the loader (checkpoint/sources.py:load_stage) sets
+it to ~/.cache/mdi/inductor (`cache_dir`) unless the user did, so a second start
+of the same model and shapes compiles nothing. What this module changes in the
+process is torch's own settings for it: dynamo's recompile limit (one graph per
+bucket) and Inductor's FX graph cache (on).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cache import KVCache
+from .layers import CachedStep
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def cache_dir(environ: dict[str, str]) -> Path:
+    """Where Inductor keeps its compiled graphs: environ's TORCHINDUCTOR_CACHE_DIR,
+    else ~/.cache/mdi/inductor."""
+    env = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "mdi" / "inductor"
+
+
+def compile_unavailable() -> str | None:
+    """Why this process cannot compile a decode step (None: it can)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return "no C++ compiler on PATH (Inductor's CPU backend builds C++: install g++)"
+    return None
+
+
+def bucket(rows: int, limit: int) -> int:
+    """Rows a step of `rows` runs as: the smallest bucket >= rows, at most `limit`
+    (the cache's rows: a smaller cache pads only to its own size)."""
+    for b in BUCKETS:
+        if b >= rows:
+            return min(b, limit)
+    return min(rows, limit)
+
+
+class _Buffers(KVCache):
+    """The per-layer cache buffers a compiled step reads and writes (views of rows
+    of a KVCache, their whole allocated length): a KVCache for the blocks."""
+
+    def __init__(self, kv: list[torch.Tensor], live: torch.Tensor) -> None:  # noqa: D107
+        self.kv, self.live = kv, live
+        self.max_len, self.grow_by = kv[0].shape[3] if kv else 0, None
+        self._bind()
+
+    def update(self, layer: int, input_pos: torch.Tensor, kv: torch.Tensor,
+               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write kv (2, n, nkv, 1, hs) at input_pos (n, 1), the rows that are not
+        live writing back what their position held."""
+        buf = self.kv[layer]
+        rows, pos = torch.arange(buf.shape[1], device=buf.device), input_pos[:, 0]
+        new = kv.to(buf.dtype)[:, :, :, 0].transpose(0, 1)  # (n, 2, nkv, hs), as buf[:, rows, :, pos]
+        # an index_put on the input buffer, which Inductor writes in place (a scatter
+        # or gather on it costs a whole copy of the buffer and another back)
+        buf[:, rows, :, pos] = torch.where(self.live[:, None, None, None], new, buf[:, rows, :, pos])
+        return self.k[layer], self.v[layer]
+
+
+class CompiledDecode:
+    """A stage's decode step, compiled per row bucket (and mask or none) on first use;
+    `shapes` holds each graph's first-call seconds (a compile, or a read from disk)."""
+
+    def __init__(self, stage: torch.nn.Module,
+                 on_graph: Callable[[int, bool, float], None] | None = None) -> None:
+        why = compile_unavailable()
+        if why is not None:
+            raise RuntimeError(f"--compile: {why}")
+        if getattr(stage, "batch_invariant", False):
+            raise ValueError("--compile with --batch-invariant: the compiled step is not "
+                             "batch-invariant (Inductor's kernels sum rows as they choose); "
+                             "use one or the other")
+        # one graph per bucket and mask, which may be more than dynamo's default 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._inductor.config.fx_graph_cache = True
+        self.stage = stage
+        self.shapes: dict[tuple, float] = {}  # (rows, dtype, uniform) -> first call's seconds
+        self.on_graph = on_graph  # (rows, uniform, seconds) of each graph's first call
+        self._fn = torch.compile(self._step, dynamic=False, fullgraph=True)
+
+    def _step(self, x: torch.Tensor, pos: torch.Tensor, live: torch.Tensor, keys: torch.Tensor,
+              kv: list[torch.Tensor], uniform: bool) -> torch.Tensor:
+        """x ids (n, 1) or activations (n, 1, C); pos (n, 1) int64; live (n,) bool:
+        the rows whose key and value are written; keys (L,): the positions attention
+        reads, 0..L-1 (L: the step's largest position + 1, a dynamic size); kv the
+        layers' buffers (2, n, nkv, T, hs). uniform: every row at one position, so
+        every key read is visible (no mask, as the eager step)."""
+        mask = None if uniform else keys[None, None, None, :] <= pos[:, None, :, None]  # (n,1,1,L)
+        step = CachedStep(pos, None, keys.shape[0], mask)
+        return self.stage.forward_step(x, pos, step, _Buffers(kv, live), True, "dense")
+
+    def __call__(self, cache: KVCache, x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One decode step as step.decode takes it: x (B, 1) ids or (B, 1, C)
+        activations for the rows of `cache` (a KVCache or rows of one), row b at
+        positions[b]. Returns what the stage returns for those B rows."""
+        B, L = len(positions), max(positions) + 1
+        if L == 1:  # every row at position 0 (a one-token prompt): dynamo would give a
+            # size of 1 a graph of its own; one eager step costs less than that compile
+            pos = torch.zeros((B, 1), dtype=torch.long, device=x.device)
+            return self.stage(x, pos, cache)
+        whole = getattr(cache, "whole", cache)
+        a = getattr(cache, "span", (0, cache.batch))[0]
+        cache.reserve(L)
+        n = bucket(B, whole.batch)
+        lo = min(a, whole.batch - n)  # pad with the rows after these, or before them at the end
+        r = a - lo  # the step's first row in the window
+        uniform = min(positions) == L - 1
+        # padding rows sit at the first row's position: with every row at one
+        # position the step needs no mask; their key/value writes are no-ops (live)
+        pos = torch.full((n, 1), positions[0], dtype=torch.long, device=x.device)
+        pos[r:r + B, 0] = torch.tensor(positions, dtype=torch.long)
+        live = torch.zeros(n, dtype=torch.bool, device=x.device)
+        live[r:r + B] = True
+        if n != B:
+            pad = x.new_zeros((n, *x.shape[1:]))
+            pad[r:r + B] = x
+            x = pad
+        keys = torch.arange(L, device=x.device)
+        kv = [buf[:, lo:lo + n] for buf in whole.kv]
+        torch._dynamo.mark_dynamic(keys, 0)
+        for b in kv:  # the allocated length: dynamic too, so growth compiles nothing
+            torch._dynamo.mark_dynamic(b, 3)
+        key = (n, x.dtype, uniform)
+        t0 = time.perf_counter()
+        out = self._fn(x, pos, live, keys, kv, uniform)
+        if key not in self.shapes:
+            self.shapes[key] = time.perf_counter() - t0
+            if self.on_graph is not None:
+                self.on_graph(n, uniform, self.shapes[key])
+        return out[r:r + B]

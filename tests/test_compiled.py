@@ -1,0 +1,101 @@
+"""`--compile`: the decode step compiled with Inductor (model/compiled.py).
+
+The compiled step is float maths in another order (Inductor fuses the norms,
+RoPE and the cache write; the GEMMs and attention stay aten's), so its logits
+may differ from the eager step's in the last bits: asserted within
+LOGIT_ATOL, and the greedy tokens equal. Compiling takes a minute or more on
+two cores: those tests are slow, one tiny model per form.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdi.bench.compile_bench import CompileBenchConfig, decode_rate
+from mdi.generate import step
+from mdi.model import compiled as compiled_mod
+from mdi.model.compiled import CompiledDecode, bucket, compile_unavailable
+from mdi.model.config import GPTConfig
+from mdi.model.quant import configure_stage
+
+LLAMA = dict(norm="rmsnorm", positions="rope", activation="swiglu", n_kv_head=1, bias=False)
+LOGIT_ATOL = 1e-4  # measured: 2e-6 (float32, both forms); int8 and int4 were equal bit for bit
+PROMPTS = [[3, 1, 4, 1], [5, 9, 2, 6, 5], [3, 5, 8, 9, 7, 9]]  # rows at three positions
+needs_compiler = pytest.mark.skipif(compile_unavailable() is not None,
+                                    reason=f"cannot compile here: {compile_unavailable()}")
+
+
+def _greedy(model, n_tokens: int, cache_rows: int) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Prefill PROMPTS into rows 0..2 of a cache of cache_rows rows, decode greedily;
+    returns the logits of every step, the tokens, and the cache's last row."""
+    cache = model.new_cache(cache_rows)
+    if cache_rows > len(PROMPTS):  # a row the step does not hold: padding must not touch it
+        step.prefill(model, cache, cache_rows - 1, [7, 7, 7])
+    logits, tokens = [], []
+    with torch.inference_mode():
+        for row, p in enumerate(PROMPTS):
+            step.prefill(model, cache, row, p[:-1])
+        tok, pos = [p[-1] for p in PROMPTS], [len(p) - 1 for p in PROMPTS]
+        for _ in range(n_tokens):
+            out = step.decode(model, cache.rows(0, len(PROMPTS)), tok, pos)
+            logits.append(out)
+            tok = out.argmax(-1).tolist()
+            tokens.append(tok)
+            pos = [p + 1 for p in pos]
+    return torch.stack(logits), tokens, cache.kv[0][:, -1].clone()
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("form", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_compiled_decode_gives_the_eager_tokens(make_model, form, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64, **form)
+    eager = configure_stage(make_model(config, seed=1), pack=False)
+    compiled = configure_stage(make_model(config, seed=1), pack=True, compile=True)
+    assert compiled.compiled_decode is not None and not compiled.packed_linears
+    # 3 rows of a 4-row cache: the step runs as the 4-row bucket, its 4th row padding
+    want, want_tokens, want_last = _greedy(eager, 8, 4)
+    got, got_tokens, got_last = _greedy(compiled, 8, 4)
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    assert torch.equal(got_last, want_last)  # the padding row's cache: not written
+    assert list(compiled.compiled_decode.shapes) == [(4, torch.int64, False)]  # one graph (ids in)
+
+
+def test_compile_refuses_batch_invariant(make_model):
+    config = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    with pytest.raises(ValueError, match="--batch-invariant"):
+        configure_stage(make_model(config, seed=1), batch_invariant=True, compile=True)
+
+
+def test_the_cli_refuses_compile_with_batch_invariant_and_on_a_ring(capsys):
+    from mdi.cli.main import main
+
+    for argv, what in ((["sample", "--compile", "--batch-invariant"], "--batch-invariant"),
+                       (["run", "--compile"], "single-device")):
+        assert main([*argv, "--ckpt", "models/shakespeare-char", "--n-tokens", "2"]) != 0
+        assert f"{argv[0]}: error: --compile" in (err := capsys.readouterr().err) and what in err
+
+
+def test_compile_without_a_cxx_compiler_names_what_is_missing(make_model, monkeypatch):
+    monkeypatch.setattr(compiled_mod.shutil, "which", lambda name: None)
+    assert "C++ compiler" in compile_unavailable()
+    config = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    with pytest.raises(RuntimeError, match="--compile: no C\\+\\+ compiler"):
+        CompiledDecode(make_model(config, seed=1))
+
+
+@pytest.mark.parametrize("rows, limit, want", [
+    (1, 8, 1), (2, 8, 2), (3, 8, 4), (5, 8, 8), (8, 8, 8), (3, 3, 3), (9, 12, 12),
+    (17, 64, 32), (65, 100, 65),
+])
+def test_rows_pad_to_a_bucket_within_the_cache(rows, limit, want):
+    assert bucket(rows, limit) == want
+
+
+def test_bench_compile_rates_and_modes():
+    # 4 steps ending at 1, 2, 3, 5 s: after the first two, 2 steps of 2 rows in 3 s
+    assert decode_rate([1.0, 2.0, 3.0, 5.0], 2) == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match="off and on"):
+        CompileBenchConfig(ckpt="x", modes=["of"])
