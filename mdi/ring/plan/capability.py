@@ -130,11 +130,12 @@ class ProbeCache:
         self._speeds: dict[tuple, Speed] = {}
 
     def get(self, config: GPTConfig, batch: int, dtype: str, device: str,
-            context: int | None = None) -> tuple[Speed, bool]:
-        """(speed, whether it came from the cache)."""
+            context: int | None = None, fresh: bool = False) -> tuple[Speed, bool]:
+        """(speed, whether it came from the cache); fresh: time it again (a re-plan:
+        the device may have slowed since), and keep that."""
         key = (tuple(sorted(config.to_dict().items())), batch, dtype, device, context)
         with self._lock:
-            if key in self._speeds:
+            if key in self._speeds and not fresh:
                 return self._speeds[key], True
         speed = probe_speed(config, batch, dtype, device, self.min_time, context=context)
         with self._lock:

@@ -3,7 +3,7 @@
 Plans are made once, from probes, before a run. A device that slows down mid-run
 (thermal throttling, a neighbour process, a phone on battery) would otherwise
 drag the ring until the run ends. The ring engine polls the nodes' /status
-"stats" (compute and overhead seconds, frames) every POLL_S, and takes its own
+"stats" (compute and overhead seconds, frames) every `poll_s`, and takes its own
 first stage's step times (engine/step_times.py), as per-stage seconds per step
 over each poll's window; `Drift` decides when to re-plan:
 
@@ -40,8 +40,6 @@ from ..plan.partition import Shard
 from ..plan.planner import NodeCost, plan_layers, plan_memory, step_ms
 
 log = logging.getLogger(__name__)
-POLL_S = 0.5          # how often the engine reads the nodes' statistics while a ring runs
-REPLAN_CHOICES = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,12 @@ class ReplanPolicy:
     warmup_steps: int = 32     # steps measured for the prediction once the ring formed
     min_gap_steps: int = 128   # no re-plan sooner after a ring formed
     min_gain: float = 1.2      # the new plan must predict the ring this much faster
+    poll_s: float = 0.5        # how often the engine reads the nodes' statistics
 
     def __post_init__(self) -> None:
-        if self.ratio < 1.0 or self.min_gain < 0:
-            raise ValueError(f"replan: ratio must be >= 1 and min_gain >= 0, got {self.ratio}, "
-                             f"{self.min_gain}")
+        if self.ratio < 1.0 or self.min_gain < 0 or self.poll_s <= 0:
+            raise ValueError(f"replan: ratio must be >= 1, min_gain >= 0 and poll_s > 0, got "
+                             f"{self.ratio}, {self.min_gain}, {self.poll_s}")
         if min(self.hold_steps, self.warmup_steps, self.min_gap_steps) < 1:
             raise ValueError("replan: hold_steps, warmup_steps and min_gap_steps must be >= 1")
 
