@@ -348,15 +348,17 @@ class RingClient:
         await asyncio.gather(*(stop(s) for s in self.nodes.secondaries if s.name not in skip))
 
     async def collect_hops(self, http: httpx.AsyncClient, run_id: int, ring_no: int = 0,
-                           timeout: float | None = None) -> list[HopStats]:
+                           timeout: float | None = None, skip: tuple[str, ...] = ()
+                           ) -> list[HopStats]:
         """Each node's hop (bytes, frames and their times) for run `run_id`, from /status;
-        ring_no: which of the run's rings it was (a recovery or re-plan forms another)."""
+        ring_no: which of the run's rings it was (a recovery or re-plan forms another);
+        nodes in `skip` (lost) are not asked."""
         ring = self.nodes.ring
         hops = []
         for i, spec in enumerate(ring[1:], start=1):
             nxt = ring[(i + 1) % len(ring)]
-            last = await self._last_run(http, spec, timeout)
-            if last.get("run_id") != run_id:
+            last = {} if spec.name in skip else await self._last_run(http, spec, timeout)
+            if last.get("run_id") != run_id and spec.name not in skip:
                 log.warning("%s reported no statistics for this run", spec.describe())
                 last = {}
             hops.append(HopStats(spec.name, nxt.name, last.get("decode_bytes_out", 0),

@@ -25,11 +25,9 @@ fits does the engine fail as before, naming the node that failed first.
 `recoveries` records each one (what failed, the new ring and plan, seconds).
 
 Nodes that a recovery lost are asked whether they are back, and taken back into
-the ring or as spares (rejoin.py). With RunOptions.replan, a ring whose stage
-times drift from the plan is planned again on fresh probes and formed anew at a
-step boundary (replan.py, replan_watch.py), through the same recovery path;
-`recoveries` records it as `"recovery": "replan"`, with why and the layers moved.
-`hops` cover every ring the run used (HopStats.ring).
+the ring or as spares (rejoin.py). With RunOptions.replan a ring that drifts from
+its plan is planned and formed anew through the same path (replan.py), recorded
+as `"recovery": "replan"`. `hops` cover every ring the run used (HopStats.ring).
 """
 from __future__ import annotations
 
@@ -263,7 +261,8 @@ class RingEngine(PipelineEngine):
                     await self.client.release(http, old_run)
             ok = await self._recover_ring(e)
             if ok and isinstance(link, TcpLink) and old_run is not None:
-                await self._keep_hops(old_client, link, old_run)
+                lost = (*getattr(e, "silent", ()), getattr(getattr(e, "spec", None), "name", ""))
+                await self._keep_hops(old_client, link, old_run, lost)
             if not ok and isinstance(e, (Rejoin, Replan)):  # never fail the engine: as it was
                 log.warning("the ring did not form %s; going on as before", e)
                 if isinstance(e, Rejoin):
@@ -285,12 +284,13 @@ class RingEngine(PipelineEngine):
             self.replan_pending = False
         return ok
 
-    async def _keep_hops(self, client: RingClient, link: TcpLink, run_id: int) -> None:
-        """The hops of a ring the run leaves (what its nodes say they did, where they
-        answer: a node that failed reports nothing)."""
+    async def _keep_hops(self, client: RingClient, link: TcpLink, run_id: int,
+                         lost: tuple[str, ...]) -> None:
+        """The hops of a ring the run leaves (what its nodes say, but the `lost`)."""
         link.hop.ring = self._ring_no
         async with client.http() as http:
-            hops = await client.collect_hops(http, run_id, self._ring_no, client.probe_timeout)
+            hops = await client.collect_hops(http, run_id, self._ring_no, client.probe_timeout,
+                                             lost)
         self._past_hops += [link.hop] + hops
         self._ring_no += 1
 
@@ -348,7 +348,7 @@ class RingEngine(PipelineEngine):
         replan = isinstance(e, Replan)
         failed: NodeSpec | None = getattr(e, "spec", None)
         lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
-        was = list(zip([n.name for n in self.nodes.ring], self.shards))
+        was = list(zip([n.name for n in self.nodes.ring], self.shards))  # for `moved`
         if not back and not replan and not self._absent.lost_again(lost):
             recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
             if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
