@@ -19,7 +19,7 @@ from mdi.ring.starter.replan import ReplanPolicy
 pytestmark = pytest.mark.slow
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "shakespeare-char"
 GREEDY = SamplingConfig(temperature=0.0, top_k=None, seed=1)
-FORCED = ReplanPolicy(ratio=1.0, hold_steps=1, warmup_steps=1, min_gap_steps=100, min_gain=0.0,
+FORCED = ReplanPolicy(ratio=1.0, hold_steps=1, warmup_steps=1, min_gap_steps=60, min_gain=0.0,
                       poll_s=0.02)
 
 

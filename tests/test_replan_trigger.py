@@ -114,3 +114,38 @@ def test_moved_layers_names_runs_of_blocks_and_their_holders():
     gone = [("starter", Shard(0, 3, 6)), ("a", Shard(3, 6, 6))]  # b left out
     assert moved_layers(old, gone) == [{"layers": [2, 3], "from": "a", "to": "starter"},
                                        {"layers": [4, 6], "from": "b", "to": "a"}]
+
+
+def test_a_window_is_seconds_a_step_per_stage_and_unknown_without_frames():
+    from mdi.ring.starter.replan_watch import Sample, window
+
+    a = Sample(10, [10, 20, 30], [0.1, 0.2, 0.3])
+    b = Sample(20, [20, 30, 30], [0.2, 0.5, 0.3])
+    steps, times = window(a, b)
+    assert steps == 10 and times[:2] == pytest.approx([0.01, 0.03]) and math.isnan(times[2])
+
+
+def _engine(policy: ReplanPolicy):
+    from types import SimpleNamespace
+
+    ring = [SimpleNamespace(name=n) for n in ("starter", "intermediate[0]", "finisher")]
+    return SimpleNamespace(shards=EVEN, sizes=[1, 1, 1], placement=None,
+                           nodes=SimpleNamespace(ring=ring), opts=SimpleNamespace(
+                               replan_policy=policy))
+
+
+def test_decide_replans_only_for_a_predicted_gain():
+    from mdi.ring.starter.replan import Replan
+    from mdi.ring.starter.replan_watch import decide
+
+    d = Drift(POLICY, 3)
+    feed(d, [(5, [0.002, 0.002, 0.002])] * 2 + [(5, [0.002, 0.002, 0.010])] * 10)
+    r = decide(_engine(POLICY), d)
+    assert isinstance(r, Replan) and r.drift == [1.0, 1.0, 5.0]
+    assert r.why.startswith("finisher runs 5.00x slower") and "[2, 3, 1]" in r.why
+    assert "2.00x faster than [2, 2, 2]" in r.why
+    greedy = ReplanPolicy(ratio=1.3, hold_steps=20, warmup_steps=10, min_gap_steps=50,
+                          min_gain=2.5)  # the same drift, but more gain asked
+    d = Drift(greedy, 3)
+    feed(d, [(5, [0.002, 0.002, 0.002])] * 2 + [(5, [0.002, 0.002, 0.010])] * 10)
+    assert decide(_engine(greedy), d) is None
