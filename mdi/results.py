@@ -37,6 +37,7 @@ class HopStats:
     other_cpu_s: float = 0.0
     send_s: float = 0.0
     link: str = ""  # "unix" (a local socket, ring/local_link.py) or "tcp"; "" unknown
+    ring: int = 0   # which of the run's rings (0: the first; each recovery or re-plan forms one)
 
     @property
     def bytes_per_token(self) -> float:
@@ -56,7 +57,7 @@ class HopStats:
                 "wait_us": self.per_frame_us(self.wait_s),
                 "compute_us": self.per_frame_us(self.compute_s), "overhead_us": self.overhead_us,
                 "overhead_cpu_us": self.per_frame_us(self.other_cpu_s),
-                "send_us": self.per_frame_us(self.send_s), "link": self.link}
+                "send_us": self.per_frame_us(self.send_s), "link": self.link, "ring": self.ring}
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,58 @@ def test_bench_node_cpu_auto_and_even_side_by_side(tmp_path):
     assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))
 
 
+# ---- a node slowed mid-run, live re-planning on and off side by side ----------------
+def test_replan_variants_and_slow_at_checks():
+    from mdi.bench.cgroup import parse_slow_at
+
+    cfg = BenchConfig(model_size="tiny", nodes=[1, 3], replans=["on", "off"])
+    assert [v.name for v in variants(cfg)] == ["single", "mdi-3-replan-on", "mdi-3-replan-off"]
+    with pytest.raises(ValueError, match="--replan must list on and/or off"):
+        BenchConfig(model_size="tiny", nodes=[3], replans=["maybe"])
+    assert parse_slow_at("100:2:0.2") == (100, 2, 0.2)
+    for bad in ("100:2", "x:2:0.2", "100:2:0.2:1", "0:2:0.2", "100:2:0.01"):
+        with pytest.raises(ValueError, match="--slow-at"):
+            parse_slow_at(bad)
+    with pytest.raises(ValueError, match="--slow-at needs --node-cpu"):
+        BenchConfig(model_size="tiny", nodes=[3], slow_at=(100, 2, 0.2))
+    with pytest.raises(ValueError, match="below every --nodes count, got node 3"):
+        BenchConfig(model_size="tiny", nodes=[3], node_cpu=[1.0] * 3, slow_at=(100, 3, 0.2))
+
+
+def test_cpu_caps_restore_every_share_after_a_slowed_run(tmp_path, monkeypatch):
+    from mdi.bench.cgroup import CpuCaps, quota_us
+    from mdi.bench.worker import _slow_at
+
+    (tmp_path / "cpu.cfs_quota_us").write_text("-1")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with CpuCaps([1.0, 0.5], root=tmp_path) as caps:
+        on_step = _slow_at(f"3:{caps.quota_file(1)}:{quota_us(0.2)}")
+        for k in range(2):  # steps 0 and 1: every sample has 1, then 2 tokens
+            on_step(k)
+        assert caps.quota_file(1).read_text() == str(quota_us(0.5))
+        on_step(2)          # 3 tokens: slowed
+        assert caps.quota_file(1).read_text() == str(quota_us(0.2)) == "2000"
+        caps.restore()
+        assert [caps.quota_file(i).read_text() for i in (0, 1)] == ["10000", "5000"]
+        for x in caps.dirs:
+            for f in x.iterdir():
+                f.unlink()
+
+
+@pytest.mark.slow
+def test_bench_slow_at_with_replan_on_and_off_side_by_side(tmp_path):
+    _cgroup_v1_or_skip()
+    rows, err = run_bench(tmp_path, "--nodes", "3", "--node-cpu", "1,1,1", "--slow-at", "3:2:0.5",
+                          "--replan", "on,off", "--temperature", "0")
+    by = {r["config"]: r for r in rows}
+    assert set(by) == {"mdi-3-replan-on", "mdi-3-replan-off"}
+    assert {r["slow_at"] for r in rows} == {"3:2:0.5"}
+    assert by["mdi-3-replan-on"]["tokens_sha"] == by["mdi-3-replan-off"]["tokens_sha"]
+    assert by["mdi-3-replan-off"]["replans"] == "0"
+    assert "## Re-planning" in (tmp_path / "bench" / "summary.md").read_text()
+    assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))
+
+
 # ---- time to first token and inter-token latency by prompt length -------------------
 def test_prompt_ids_are_the_models_tokens_at_the_length_asked(char_tokenizer):
     from mdi.bench.latency import PASSAGE, prompt_ids

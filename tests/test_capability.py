@@ -90,6 +90,21 @@ def test_probe_cache_keys_on_shape_batch_dtype(monkeypatch):
                      (32, 2, "bfloat16", None), (32, 2, "float32", 10)]
 
 
+def test_a_fresh_probe_times_again_briefly_and_is_kept(monkeypatch):
+    times = []
+
+    def fake(config, batch, dtype, device, min_time, context=None):
+        times.append(min_time)
+        return Speed(float(len(times)), 0.1, 0.2)
+
+    monkeypatch.setattr("mdi.ring.plan.capability.probe_speed", fake)
+    cache = ProbeCache()
+    assert cache.get(TINY, 2, "float32", "cpu") == (Speed(1.0, 0.1, 0.2), False)
+    assert cache.get(TINY, 2, "float32", "cpu", None, True) == (Speed(2.0, 0.1, 0.2), False)
+    assert cache.get(TINY, 2, "float32", "cpu") == (Speed(2.0, 0.1, 0.2), True)  # kept
+    assert times == [capability.MIN_TIME_S, capability.FRESH_MIN_TIME_S]
+
+
 def test_a_probe_times_blocks_at_the_context_it_is_given(monkeypatch):
     seen = []
     real = capability.GPT.forward
@@ -171,6 +186,8 @@ def test_endpoints_need_the_token_and_cache_the_probe():
         assert first["block_ms"] > 0 and first["cached"] is False
         again = client.post("/probe", json=body, headers=auth).json()
         assert again["cached"] is True and again["block_ms"] == first["block_ms"]
+        fresh = client.post("/probe", json={**body, "fresh": True}, headers=auth).json()
+        assert fresh["cached"] is False  # a live re-plan: timed again
         short = client.post("/probe", json={**body, "context": 3}, headers=auth).json()
         assert short["cached"] is False and short["context"] == 3
         r = client.post("/probe", json={**body, "context": 0}, headers=auth)

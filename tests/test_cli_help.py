@@ -27,6 +27,7 @@ DIFFERENT_MEANINGS = {
     "--prompt": "serve-bench: one request's prompt",
     "--prompt-tokens": "bench: each length a configuration; serve-bench: each length every level",
     "--quantize": "convert stores int8; elsewhere weights are quantized at load",
+    "--replan": "run, starter, chat, serve: on or off; bench: a list run side by side",
     "--resend-context": "bench: also run that mode",
     "--temperature": "bench: every run's, with its own default",
     "--threads": "bench: its own default",

@@ -18,7 +18,7 @@ def _slow(monkeypatch, slow: set[int]) -> None:
     """The probes' answers, as if the nodes at `slow` (ring order) spent 50 ms on
     every frame whatever their layers (a device at a sliver of a core): a test hook
     in the starter, in place of timing real nodes."""
-    async def speeds(http, ring, config, batch, dtype, device, context=None):
+    async def speeds(http, ring, config, batch, dtype, device, context=None, fresh=False):
         return [Speed(0.2, 0.05, 0.05, 50.0 if i in slow else 0.3) for i in range(len(ring))]
 
     monkeypatch.setattr("mdi.ring.plan.placement._speeds", speeds)

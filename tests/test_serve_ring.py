@@ -28,12 +28,13 @@ def ckpt(tmp_path_factory, char_tokenizer):
                            char_tokenizer, {"note": "random weights for the serve ring tests"})
 
 
-def greedy(srv, prompts: list[str], concurrent: bool) -> list[str]:
+def greedy(srv, prompts: list[str], concurrent: bool, max_tokens: int = 16) -> list[str]:
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
     def one(p: str) -> str:
         return "".join(ch.choices[0].text for ch in c.completions.create(
-            model=MODEL, prompt=p, max_tokens=16, temperature=0, stream=True) if ch.choices)
+            model=MODEL, prompt=p, max_tokens=max_tokens, temperature=0, stream=True)
+            if ch.choices)
 
     if not concurrent:
         return [one(p) for p in prompts]
@@ -71,3 +72,27 @@ def test_ring_streams_equal_single_device_and_survive_a_dead_node(ckpt):
             assert health["absent"] == [] and ring.cluster.restarts == 1
             assert greedy(srv, PROMPTS[4:8], concurrent=True) == alone[4:8]
             assert "mdi_ring_recoveries 2.0" in httpx.get(srv.url + "/metrics").text
+
+
+def test_a_replan_mid_stream_fails_no_request_and_keeps_the_text(ckpt):
+    """8 streams in flight while the ring is re-planned (a policy with no threshold, as in
+    test_replan_ring.py): every request completes with the single device's text, and
+    /health records the re-plan."""
+    from mdi.ring.starter.replan import ReplanPolicy
+
+    forced = ReplanPolicy(ratio=1.0, hold_steps=1, warmup_steps=1, min_gap_steps=40,
+                          min_gain=0.0, poll_s=0.02)
+    prompts = PROMPTS[:8]
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, batch_invariant=True)) as local:
+        with BackgroundServer(create_app(local.factory, local.tokenizer, ServeConfig(MODEL))) as srv:
+            alone = greedy(srv, prompts, concurrent=False, max_tokens=40)
+    with open_backend(BackendOptions(ckpt=str(ckpt), nodes=2, max_seqs=8, timeout=5, threads=1,
+                                     batch_invariant=True, replan_policy=forced)) as ring:
+        app = create_app(ring.factory, ring.tokenizer, ServeConfig(MODEL))
+        with BackgroundServer(app, start_timeout_s=120) as srv:
+            assert greedy(srv, prompts, concurrent=True, max_tokens=40) == alone
+            health = httpx.get(srv.url + "/health").json()
+    replans = [r for r in health["recoveries"] if r["recovery"] == "replan"]
+    assert replans and health["engine_builds"] == 1, health
+    assert "slower than the plan predicted" in replans[0]["why"], replans[0]
+    assert replans[0]["resumed"] > 0  # requests were in flight: paused, resumed

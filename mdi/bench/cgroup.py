@@ -1,6 +1,10 @@
 """Slow and small devices, emulated for real: a CPU quota per node with cgroup v1's CFS
 bandwidth (`--node-cpu`) and a memory limit per node (`--node-mem`, below).
 
+`--slow-at TOKEN:NODE:SHARE` changes node NODE's quota to SHARE once every
+sample has TOKEN tokens (the worker writes it; the bench restores the shares
+before the next run): a device that slows down mid-run.
+
 `mdi bench --node-cpu 1,1,0.3` puts each node (starter first) in its own cgroup
 under /sys/fs/cgroup/cpu with `cpu.cfs_quota_us / cpu.cfs_period_us` equal to
 its share of one core: 0.3 runs 3 ms in every 10 ms. The period is 10 ms, not
@@ -45,6 +49,27 @@ def parse_shares(text: str) -> list[float]:
     return shares
 
 
+def parse_slow_at(text: str) -> tuple[int, int, float]:
+    """'100:2:0.2' -> (token 100, node 2, share 0.2): `--slow-at`, node 0 the starter."""
+    parts = text.split(":")
+    try:
+        token, node, share = int(parts[0]), int(parts[1]), float(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"--slow-at must be TOKEN:NODE:SHARE, e.g. 100:2:0.2 (at token 100, "
+                         f"node 2's CPU share becomes 0.2 of a core); got {text!r}") from None
+    if token < 1 or node < 0 or not MIN_SHARE <= share <= len(os.sched_getaffinity(0)):
+        raise ValueError(f"--slow-at {text}: the token must be >= 1, the node >= 0 (0: the "
+                         f"starter) and the share between {MIN_SHARE} and this machine's cores")
+    return token, node, share
+
+
+def quota_us(share: float) -> int:
+    """A share of one core as cpu.cfs_quota_us over PERIOD_US."""
+    return int(round(share * PERIOD_US))
+
+
 class CpuCaps:
     """One cgroup per node; `with CpuCaps([1, 1, 0.3]) as caps: caps.join(i, pid)`."""
 
@@ -70,13 +95,22 @@ class CpuCaps:
                 d.mkdir(exist_ok=True)
                 self.dirs.append(d)
                 (d / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-                (d / "cpu.cfs_quota_us").write_text(str(int(round(share * PERIOD_US))))
+                (d / "cpu.cfs_quota_us").write_text(str(quota_us(share)))
         except OSError as e:
             self.__exit__()
             raise CpuCapsUnavailable(f"--node-cpu: cannot set up a cgroup under {self.root}: "
                                      f"{e}") from None
         log.info("CPU shares per node (starter first): %s", self.shares)
         return self
+
+    def quota_file(self, i: int) -> Path:
+        """Node i's cpu.cfs_quota_us (`--slow-at`: the worker writes it mid-run)."""
+        return self.dirs[i] / "cpu.cfs_quota_us"
+
+    def restore(self) -> None:
+        """Every node back at its own share (after a run that slowed one)."""
+        for i, share in enumerate(self.shares):
+            self.quota_file(i).write_text(str(quota_us(share)))
 
     def join(self, i: int, pid: int) -> None:
         """Move process pid (all its threads) into node i's group."""

@@ -17,7 +17,8 @@ CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", 
               "quantize", "batch_invariant", "isolate", "hosts", "link_rate", "links", "run",
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
               "hop_overhead_us", "tokens_total", "prompt_tokens", "prefill_chunk", "temperature",
-              *LATENCY_FIELDS, "tokens_sha"]
+              *LATENCY_FIELDS, "tokens_sha", "replan", "slow_at", "tail_tokens_per_s", "replans",
+              "paused_s", "moved"]
 
 
 def _links(rows: list[dict]) -> str:
@@ -90,8 +91,32 @@ def write_summary(rows: list[dict], path: Path, title: str) -> Path:
                  else "")
               + (f", memory limit per node {r0['node_mem_mb']} MiB (starter first)"
                  if r0.get("node_mem_mb") else "") + ".", ""]
-    path.write_text("\n".join(lines + latency_lines(rows)))
+    path.write_text("\n".join(lines + replan_lines(rows) + latency_lines(rows)))
     return path
+
+
+def replan_lines(rows: list[dict]) -> list[str]:
+    """With --slow-at or --replan: tokens/s over the last half of each run's steps, the
+    re-plans and recoveries, how long the ring paused and which layers moved."""
+    if not any(r.get("slow_at") or r.get("replan") for r in rows):
+        return []
+    slow = rows[0].get("slow_at")
+    lines = ["## Re-planning", "",
+             (f"`--slow-at {slow}` (token:node:share): " if slow else "")
+             + "tokens/s over the last half of each run's steps (all samples), re-plans per "
+             "run, seconds the ring paused (until tokens came again), layers at the end "
+             "(the usual plan) and the layers moved (the last run's).", "",
+             "| config | replan | tokens/s, last half | tokens/s, whole run | re-plans | paused (s) "
+             "| layers at the end | moved |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in _by_config(rows).items():
+        layers = statistics.mode([r.get("layers") or "-" for r in rs])
+        lines.append(f"| {name} | {rs[0].get('replan') or 'default'} "
+                     f"| {_stat([r['tail_tokens_per_s'] for r in rs])} "
+                     f"| {_stat([r['tokens_per_s'] for r in rs])} "
+                     f"| {statistics.median(r['replans'] for r in rs):g} "
+                     f"| {_stat([r['paused_s'] for r in rs])} | {layers} "
+                     f"| {rs[-1].get('moved') or '-'} |")
+    return lines + [""]
 
 
 def _med(rs: list[dict], key: str) -> float:

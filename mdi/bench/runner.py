@@ -26,7 +26,7 @@ from ..checkpoint import open_checkpoint
 from ..model.cache import context_length
 from ..ring.protocol.auth import ENV_VAR
 from ..ring.cluster.local_cluster import LocalCluster, child_setup
-from .cgroup import CpuCaps, MemCaps
+from .cgroup import CpuCaps, MemCaps, quota_us
 from .latency import LATENCY_FIELDS
 from .models import random_checkpoint
 from .netns import NetnsHosts
@@ -60,6 +60,8 @@ class BenchConfig:
     prefill_chunks: list[int] = field(default_factory=list)  # side by side; [] = the default
     join_prefills: list[str] = field(default_factory=list)  # "batched", "each" side by side
     temperature: float = 0.8          # 0: greedy (tokens comparable across configurations)
+    slow_at: tuple[int, int, float] | None = None  # (token, node, share): a node slowed mid-run
+    replans: list[str] = field(default_factory=list)  # "on", "off" side by side; [] = default
 
     def __post_init__(self) -> None:
         if (self.ckpt is None) == (self.model_size is None):
@@ -90,6 +92,13 @@ class BenchConfig:
         if self.node_cpu is not None and len(self.node_cpu) < max(self.nodes):
             raise ValueError(f"--node-cpu gives {len(self.node_cpu)} share(s); --nodes "
                              f"{max(self.nodes)} needs one per node, starter first")
+        if any(r not in ("on", "off") for r in self.replans) or \
+                len(set(self.replans)) != len(self.replans):
+            raise ValueError(f"--replan must list on and/or off once each, got {self.replans}")
+        if self.slow_at is not None and (self.node_cpu is None
+                                         or self.slow_at[1] >= min(self.nodes)):
+            raise ValueError("--slow-at needs --node-cpu (the node's CPU group) and a node "
+                             f"below every --nodes count, got node {self.slow_at[1]}")
         if self.node_mem is not None and len(self.node_mem) < max(self.nodes):
             raise ValueError(f"--node-mem gives {len(self.node_mem)} limit(s); --nodes "
                              f"{max(self.nodes)} needs one per node, starter first")
@@ -103,6 +112,7 @@ class Variant:
     prefill_chunk: int | None = None  # None: the default (not in the name)
     prompt_tokens: int | None = None  # None: the one-newline prompt (not in the name)
     join_prefill: str | None = None   # "batched" | "each" (worker --join-prefill); None: default
+    replan: str | None = None         # "on" | "off" (worker --replan); None: the default
 
     @property
     def series(self) -> str:
@@ -111,7 +121,8 @@ class Variant:
             f"mdi-{self.n_nodes}" + ("-resend" if self.resend else "")
             + (f"-{self.partition}" if self.partition else ""))
         return (base + ("" if self.prefill_chunk is None else f"-chunk{self.prefill_chunk}")
-                + ("" if self.join_prefill is None else f"-join-{self.join_prefill}"))
+                + ("" if self.join_prefill is None else f"-join-{self.join_prefill}")
+                + ("" if self.replan is None else f"-replan-{self.replan}"))
 
     @property
     def name(self) -> str:
@@ -130,8 +141,10 @@ def variants(cfg: BenchConfig) -> list[Variant]:
     chunks: list[int | None] = list(cfg.prefill_chunks) or [None]
     lens: list[int | None] = list(cfg.prompt_tokens) or [None]
     joins: list[str | None] = list(cfg.join_prefills) or [None]
-    out = [Variant(n, False, p, c, t, j) for t in lens for n in ns
-           for p in (parts if n > 1 else [""]) for c in chunks for j in joins]
+    replans: list[str | None] = list(cfg.replans) or [None]
+    out = [Variant(n, False, p, c, t, j, r if n > 1 else None) for t in lens for n in ns
+           for p in (parts if n > 1 else [""]) for c in chunks for j in joins
+           for r in (replans if n > 1 else [None])]
     if cfg.resend_context:
         out += [Variant(n, True, p, None, t) for t in lens for n in ns if n > 1 for p in parts]
     return out
@@ -158,6 +171,21 @@ def threads_for(n_nodes: int, isolate: bool, max_nodes: int) -> int:
         per = cores // max_nodes
         return per * max_nodes if n_nodes == 1 else per
     return max(1, cores // n_nodes)
+
+
+def replan_fields(res: dict, cfg: BenchConfig) -> dict:
+    """A run's re-plans and recoveries, and its tokens/s over the last half of its steps
+    (with --slow-at: the stretch after the slow-down, once a re-plan had its chance)."""
+    recs = res.get("recoveries") or []
+    t, half = res["step_times"], len(res["step_times"]) // 2
+    tail = (cfg.n_samples * (len(t) - 1 - half) / (t[-1] - t[half])
+            if half and t[-1] > t[half] else float("nan"))
+    return {"slow_at": ":".join(f"{x:g}" for x in cfg.slow_at) if cfg.slow_at else "",
+            "tail_tokens_per_s": round(tail, 2),
+            "replans": sum(r.get("recovery") == "replan" for r in recs),
+            "paused_s": round(sum(r.get("paused_s") or r.get("recovery_s") or 0 for r in recs), 3),
+            "moved": ";".join(f"{m['layers'][0]}-{m['layers'][1]}:{m['from']}>{m['to']}"
+                              for r in recs for m in r.get("moved") or [])}
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -245,6 +273,11 @@ class Bench:
         cmd += ["--temperature", f"{cfg.temperature:g}"]
         if cfg.micro_batches is not None and cluster is not None:
             cmd += ["--micro-batches", str(cfg.micro_batches)]
+        if v.replan is not None:
+            cmd += ["--replan", v.replan]
+        if cfg.slow_at is not None and self.caps is not None:
+            token, node, share = cfg.slow_at
+            cmd += ["--slow-at", f"{token}:{self.caps.quota_file(node)}:{quota_us(share)}"]
         if cluster is not None:
             cmd += ["--nodes-config", str(cluster.dir / "nodes.json")]
             if v.resend:
@@ -263,6 +296,8 @@ class Bench:
         if hosts is not None:
             cmd = hosts.prefix(0) + cmd
         cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
+        if cfg.slow_at is not None and self.caps is not None:
+            self.caps.restore()  # the last run slowed a node
         node_pids = [p.pid for p in cluster.procs] if cluster else []
         cpu_before = [_cpu_s(p) for p in node_pids]
         setup = child_setup(cpus[0] if cpus else None)
@@ -321,6 +356,7 @@ class Bench:
                "series": v.series, "prompt_tokens": res["prompt_tokens"],
                "prefill_chunk": "" if v.prefill_chunk is None else v.prefill_chunk,
                "temperature": cfg.temperature, "tokens_sha": res["tokens_sha"],
+               "replan": v.replan or "", **replan_fields(res, cfg),
                **{k: res[k] for k in LATENCY_FIELDS}}
         hops = res.get("hops") or []
         for i in range(self.max_nodes):

@@ -38,6 +38,19 @@ def _peak_rss_mb(usage) -> float:
     return usage.ru_maxrss / 1024
 
 
+def _slow_at(spec: str | None):
+    """The on_step callback of --slow-at (None without it)."""
+    if not spec:
+        return None
+    token, path, quota = spec.split(":")
+
+    def on_step(k: int) -> None:
+        if k + 1 == int(token):  # step k done: every sample has k + 1 tokens
+            with open(path, "w") as f:
+                f.write(quota)
+    return on_step
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mdi.bench.worker")
     p.add_argument("--ckpt", required=True)
@@ -60,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="decode through a compiled step")
     p.add_argument("--join-prefill", choices=["batched", "each"], default="batched",
                    help="a step's prefill chunks as one frame (batched) or one frame each")
+    p.add_argument("--replan", choices=["on", "off"], default="on")
+    p.add_argument("--slow-at", metavar="TOKEN:FILE:QUOTA_US",
+                   help="once every sample has TOKEN tokens, write QUOTA_US to FILE (a node's "
+                        "cpu.cfs_quota_us; the bench's --slow-at)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(temperature=args.temperature, top_k=200, seed=args.seed)
@@ -74,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                      max_context=args.max_context, partition=args.partition,
                                      n_groups=args.micro_batches,
                                      prefill_chunk=args.prefill_chunk,
-                                     batch_prefill=args.join_prefill == "batched"))
+                                     batch_prefill=args.join_prefill == "batched",
+                                     replan=args.replan == "on"),
+                          on_step=_slow_at(args.slow_at))
         result = starter.run(prompts, args.n_tokens, sampling)
     else:
         try:

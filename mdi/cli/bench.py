@@ -11,7 +11,7 @@ from .common import BATCH_INVARIANT_HELP, CKPT_HELP, QUANTIZE_HELP, SEED_HELP, a
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench.cgroup import CgroupUnavailable, parse_mem_limits, parse_shares
+    from ..bench.cgroup import CgroupUnavailable, parse_mem_limits, parse_shares, parse_slow_at
     from ..bench.netns import NetnsUnavailable
     from ..bench.report import write_csv, write_plots, write_summary
     from ..bench.runner import Bench, BenchConfig
@@ -38,7 +38,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       prefill_chunks=_counts(args.prefill_chunk or "", "--prefill-chunk"),
                       join_prefills=[x.strip() for x in (args.join_prefill or "").split(",")
                                      if x.strip()],
-                      temperature=args.temperature)
+                      temperature=args.temperature,
+                      slow_at=parse_slow_at(args.slow_at) if args.slow_at else None,
+                      replans=[x.strip() for x in (args.replan or "").split(",") if x.strip()])
     try:
         bench = Bench(cfg)
         rows = bench.run()
@@ -166,6 +168,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory limit per node, starter first, e.g. 700M,700M,700M: emulates "
                         "small devices with cgroup v1 memory limits (needs root); nodes plan with "
                         "what their group allows, and a process past it is killed by the kernel")
+    p.add_argument("--slow-at", metavar="TOKEN:NODE:SHARE",
+                   help="once every sample has TOKEN tokens, node NODE's CPU share (0: the "
+                        "starter) becomes SHARE of a core, e.g. 100:2:0.2: a device that slows "
+                        "down mid-run (needs --node-cpu; restored before the next run)")
+    p.add_argument("--replan", metavar="LIST",
+                   help="run every distributed configuration with live re-planning on and/or "
+                        "off side by side, e.g. on,off (default: the starter's, on)")
     p.add_argument("--partition", metavar="LIST",
                    help="run each distributed configuration with these partitions side by side, "
                         "e.g. auto,even (default: the starter's own choice)")

@@ -22,7 +22,7 @@ from ..ring.starter.options import NodeFailure, RunOptions
 from ..results import GenerationResult, Texts
 from ..tokenizer import Tokenizer
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
-from .common import (RECOVERY_HELP, CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
+from .common import (RECOVERY_HELP, REPLAN_CHOICES, REPLAN_HELP, CKPT_HELP, NO_RECOVER_HELP, NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
                      UsageError, add_generation_options, check_counts, check_prompt_lengths,
                      compute_info, emit, encode_prompts, read_prompts, sampling_config,
@@ -118,7 +118,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       max_context=args.max_context, kv_dtype=args.kv_dtype,
                       partition=args.partition,
                       recover=not args.no_recover, prefill_chunk=args.prefill_chunk,
-                      recovery=args.recovery)
+                      recovery=args.recovery, replan=args.replan == "on")
 
 
 def _generate(args: argparse.Namespace, job: _Job, nodes, token: str) -> int:
@@ -255,6 +255,7 @@ def _fault_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
     p.add_argument("--recovery", choices=RECOVERY_CHOICES, default=DEFAULT_RECOVERY,
                    help=RECOVERY_HELP)
+    p.add_argument("--replan", choices=REPLAN_CHOICES, default="on", help=REPLAN_HELP)
     p.add_argument("--partition", choices=["auto", "even"], default=None, help=PARTITION_HELP)
 
 

@@ -13,7 +13,8 @@ from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
-from .common import (RECOVERY_HELP, BATCH_INVARIANT_HELP, CKPT_HELP, COMPILE_HELP, DEVICE_HELP,
+from .common import (RECOVERY_HELP, REPLAN_CHOICES, REPLAN_HELP, BATCH_INVARIANT_HELP, CKPT_HELP,
+                     COMPILE_HELP, DEVICE_HELP,
                      AUTO_DTYPE_HELP, DTYPE_CHOICES, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
@@ -111,6 +112,7 @@ def backend_options(args: argparse.Namespace):  # -> BackendOptions
             partition=getattr(args, "partition", None),
             recover=not getattr(args, "no_recover", False), spares=getattr(args, "spares", 0),
             recovery=getattr(args, "recovery", DEFAULT_RECOVERY),
+            replan=getattr(args, "replan", "on") == "on",
             max_context=getattr(args, "max_context", None),
             kv_dtype=getattr(args, "kv_dtype", None),
             compile=getattr(args, "compile", False),
@@ -210,6 +212,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-recover", action="store_true", help=NO_RECOVER_HELP)
     p.add_argument("--recovery", choices=RECOVERY_CHOICES, default=DEFAULT_RECOVERY,
                    help=RECOVERY_HELP)
+    p.add_argument("--replan", choices=REPLAN_CHOICES, default="on", help=REPLAN_HELP)
     p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_prefill_chunk(p)

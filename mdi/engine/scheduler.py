@@ -383,6 +383,8 @@ class PipelineEngine:
             out = await loop.run_in_executor(self._executor, self.first.first_step, lane, msgs,
                                              plans, self.batch_prefill)
         took = time.perf_counter() - t0
+        if plans:
+            self.times.stepped(took, not decode_only)
         if inline:
             await asyncio.sleep(0)  # the loop's other tasks (readers of the events) get a turn
         if decode_only and plans:

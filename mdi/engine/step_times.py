@@ -48,6 +48,14 @@ class StepTimes:
     def __init__(self) -> None:
         self.decode: float | None = None
         self.prefill_token: float | None = None
+        self.steps = 0          # steps computed (decode, prefill or both), and their seconds:
+        self.busy_s = 0.0       # the first stage's per-step time for a live re-plan's windows
+        self.prefill_steps = 0  # steps with a prefill chunk (such windows are not compared)
+
+    def stepped(self, took: float, prefill: bool) -> None:
+        self.steps += 1
+        self.busy_s += took
+        self.prefill_steps += prefill
 
     def decoded(self, took: float) -> None:
         self.decode = took if self.decode is None else KEEP * self.decode + (1 - KEEP) * took

@@ -41,6 +41,8 @@ class BackendOptions:
     partition: str | None = None      # ring: "auto" | "even"; None: auto when the nodes differ
     recover: bool = True              # ring: a failed node is replaced (re-plan, resume)
     recovery: str = DEFAULT_RECOVERY  # ring: "replay" or "reprefill" (RunOptions.recovery)
+    replan: bool = True               # ring: a drifting stage re-plans live (RunOptions.replan)
+    replan_policy: Any = None         # ring: when (a ReplanPolicy; None: its defaults; tests)
     spares: int = 0                   # ring with --nodes N: local spare nodes
     max_context: int | None = None    # positions a sequence keeps (None: the default cap)
     kv_dtype: str | None = None       # what the KV caches store (None: dtype)
@@ -185,7 +187,8 @@ def _form_ring(backend: Backend, opts: BackendOptions, RingEngine: type, RunOpti
     run_opts = RunOptions(device=opts.device, dtype=opts.dtype, timeout=opts.timeout,
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           partition=opts.partition, recover=opts.recover,
-                          recovery=opts.recovery,
+                          recovery=opts.recovery, replan=opts.replan,
+                          **({"replan_policy": opts.replan_policy} if opts.replan_policy else {}),
                           max_context=opts.max_context, kv_dtype=opts.kv_dtype,
                           prefill_chunk=opts.prefill_chunk)
     kwargs = _engine_kwargs(opts)

@@ -94,3 +94,4 @@ class ProbeRequest(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str | None = None
     context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # positions held mid-generation
+    fresh: bool = False                 # time it again, not from the cache (a live re-plan)

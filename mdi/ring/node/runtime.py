@@ -131,7 +131,8 @@ class NodeRuntime:
                             f"{mem.format_size(have)} ({where})")
         loop = asyncio.get_running_loop()
         speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
-                                                   req.batch, req.dtype, device, req.context)
+                                                   req.batch, req.dtype, device, req.context,
+                                                   req.fresh)
         return {**speed.to_dict(), "cached": cached, "device": device, "batch": req.batch,
                 "dtype": req.dtype, "context": req.context}
 

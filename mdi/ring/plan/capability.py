@@ -37,6 +37,10 @@ from .limits import free_memory
 
 log = logging.getLogger(__name__)
 MIN_TIME_S = 0.25   # per timed stage; several CFS periods (100 ms by default)
+# A live re-plan's probes (fresh): the ring waits for them, and they took 4.5 of a re-plan's
+# 5 s pause on the bundled model's 3-node ring at MIN_TIME_S; 0.1 s still spans ten of
+# `mdi bench --node-cpu`'s 10 ms periods (one of the kernel's default 100 ms).
+FRESH_MIN_TIME_S = 0.1
 PROBE_STAGES = ((0, 1), (1, 2), (1, 3), (3, 4))  # of 4 blocks: first, middle (1 and 2), last
 
 
@@ -130,13 +134,15 @@ class ProbeCache:
         self._speeds: dict[tuple, Speed] = {}
 
     def get(self, config: GPTConfig, batch: int, dtype: str, device: str,
-            context: int | None = None) -> tuple[Speed, bool]:
-        """(speed, whether it came from the cache)."""
+            context: int | None = None, fresh: bool = False) -> tuple[Speed, bool]:
+        """(speed, whether it came from the cache); fresh: time it again, for
+        FRESH_MIN_TIME_S (a re-plan: the device may have slowed since), and keep that."""
         key = (tuple(sorted(config.to_dict().items())), batch, dtype, device, context)
         with self._lock:
-            if key in self._speeds:
+            if key in self._speeds and not fresh:
                 return self._speeds[key], True
-        speed = probe_speed(config, batch, dtype, device, self.min_time, context=context)
+        min_time = min(self.min_time, FRESH_MIN_TIME_S) if fresh else self.min_time
+        speed = probe_speed(config, batch, dtype, device, min_time, context=context)
         with self._lock:
             self._speeds[key] = speed
         log.info("probed %d-dim blocks at batch %d, %s on %s, context %s: %.3f ms per block "

@@ -75,14 +75,16 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
                        n_samples: int, batch: int, dtype: str = "float32",
                        device: str = "cpu", timeout: float = 10.0, retries: int = 5,
                        max_context: int | None = None, quantize: str | None = None,
-                       context: int | None = None, kv_dtype: str | None = None) -> Placement:
+                       context: int | None = None, kv_dtype: str | None = None,
+                       fresh: bool = False) -> Placement:
     """Decide the run's split (see the module doc); PlanError when it cannot fit.
 
     n_samples: KV cache rows per node (the whole run); batch: rows of one group;
     max_context, quantize, kv_dtype: the run's --max-context, --quantize and
     --kv-dtype (memory follows them);
     context: the positions a sequence typically holds, where the run knows it
-    (the probes time blocks there; None: a quarter of the cache)."""
+    (the probes time blocks there; None: a quarter of the cache); fresh: every
+    node is timed again, no probe from a cache (a live re-plan)."""
     if partition not in (None, *PARTITIONS):
         raise ValueError(f"--partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
     ring = nodes.ring
@@ -99,7 +101,8 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,
-                                 batch, dtype, device, max_context, quantize, context, kv_dtype)
+                                 batch, dtype, device, max_context, quantize, context, kv_dtype,
+                                 fresh)
     gone = placement.left_out
     for x in placement.plan.left_out:
         log.info("%s is left out of the ring: %s", x.name, x.reason())
@@ -111,7 +114,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
 
 
 async def _place(http, ring, caps, config, partition, shards, even, n_samples, batch, dtype,
-                 device, max_context, quantize, context, kv_dtype=None) -> Placement:
+                 device, max_context, quantize, context, kv_dtype=None, fresh=False) -> Placement:
     mem = stage_memory(config, n_samples, dtype, max_context, quantize, kv_dtype)
     if shards is not None:
         return _fixed("manual", "layers from the nodes file", shards, ring, caps, mem)
@@ -128,7 +131,7 @@ async def _place(http, ring, caps, config, partition, shards, even, n_samples, b
         reason = f"default: {differ}"
     else:
         reason = "--partition auto"
-    speeds = await _speeds(http, ring, config, batch, dtype, device, context)
+    speeds = await _speeds(http, ring, config, batch, dtype, device, context, fresh)
     # only when asked for: the default turns to auto for the nodes' differences, and
     # keeps every node of the nodes file as before
     plan = plan_layers(config.n_layer, _costs(ring, caps, mem, speeds),
@@ -219,11 +222,15 @@ async def _capabilities(http: httpx.AsyncClient, spec: NodeSpec, timeout: float,
 
 
 async def _speeds(http: httpx.AsyncClient, ring: list[NodeSpec], config: GPTConfig, batch: int,
-                  dtype: str, device: str, context: int | None = None) -> list[Speed]:
+                  dtype: str, device: str, context: int | None = None, fresh: bool = False
+                  ) -> list[Speed]:
     """Time every node on the run's shape, one after the other (the starter locally)."""
-    local, _ = await asyncio.to_thread(_LOCAL_PROBES.get, config, batch, dtype, device, context)
+    local, _ = await asyncio.to_thread(_LOCAL_PROBES.get, config, batch, dtype, device, context,
+                                       fresh)
     out = [local]
     body = {"model": config.to_dict(), "batch": batch, "dtype": dtype}
+    if fresh:  # only then: a node from before `fresh` refuses unknown fields
+        body["fresh"] = True
     if context is not None:
         body["context"] = context
     for spec in ring[1:]:

@@ -94,11 +94,13 @@ class RingClient:
 
     # ---- planning ----------------------------------------------------------------
     async def place(self, config: GPTConfig, n_samples: int, batch: int,
-                    context: int | None = None) -> tuple[list[Shard], Placement | None]:
+                    context: int | None = None, fresh: bool = False
+                    ) -> tuple[list[Shard], Placement | None]:
         """The run's split (placement.py) and the placement that chose it (None for a
         ring of one): logged, and refused if it cannot fit, before any weights move.
         context: the positions a sequence typically holds (where the probes time
-        blocks), when the run knows it."""
+        blocks), when the run knows it. fresh (a live re-plan, replan.py): every node
+        timed again and the layers planned on those times (--partition auto)."""
         if len(self.nodes.ring) == 1:
             return plan_shards(self.nodes, config.n_layer), None
         async with httpx.AsyncClient(timeout=self.opts.timeout) as http:
@@ -106,9 +108,9 @@ class RingClient:
                 await self.await_health(http, spec)
         o = self.opts
         placement = await place_layers(
-            self.nodes, config, self.token, o.partition, n_samples, batch, o.dtype, o.device,
-            o.timeout, o.connect_retries, max_context=o.max_context, quantize=o.quantize,
-            context=context, kv_dtype=o.kv_dtype)
+            self.nodes, config, self.token, "auto" if fresh else o.partition, n_samples, batch,
+            o.dtype, o.device, o.timeout, o.connect_retries, max_context=o.max_context,
+            quantize=o.quantize, context=context, kv_dtype=o.kv_dtype, fresh=fresh)
         log.info("%s", placement.describe())
         return placement.shards, placement
 
@@ -345,14 +347,18 @@ class RingClient:
 
         await asyncio.gather(*(stop(s) for s in self.nodes.secondaries if s.name not in skip))
 
-    async def collect_hops(self, http: httpx.AsyncClient, run_id: int) -> list[HopStats]:
-        """Each node's hop (bytes, frames and their times) for run `run_id`, from /status."""
+    async def collect_hops(self, http: httpx.AsyncClient, run_id: int, ring_no: int = 0,
+                           timeout: float | None = None, skip: tuple[str, ...] = ()
+                           ) -> list[HopStats]:
+        """Each node's hop (bytes, frames and their times) for run `run_id`, from /status;
+        ring_no: which of the run's rings it was (a recovery or re-plan forms another);
+        nodes in `skip` (lost) are not asked."""
         ring = self.nodes.ring
         hops = []
         for i, spec in enumerate(ring[1:], start=1):
             nxt = ring[(i + 1) % len(ring)]
-            last = await self._last_run(http, spec, None)
-            if last.get("run_id") != run_id:
+            last = {} if spec.name in skip else await self._last_run(http, spec, timeout)
+            if last.get("run_id") != run_id and spec.name not in skip:
                 log.warning("%s reported no statistics for this run", spec.describe())
                 last = {}
             hops.append(HopStats(spec.name, nxt.name, last.get("decode_bytes_out", 0),
@@ -360,7 +366,7 @@ class RingClient:
                                  last.get("frames_timed", 0), last.get("wait_s", 0.0),
                                  last.get("compute_s", 0.0), last.get("other_s", 0.0),
                                  last.get("other_cpu_s", 0.0), last.get("send_s", 0.0),
-                                 last.get("link", "")))
+                                 last.get("link", ""), ring_no))
         return hops
 
     async def answering(self, specs: list[NodeSpec]) -> list[NodeSpec]:

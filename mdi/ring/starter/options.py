@@ -2,7 +2,7 @@
 how many lanes a run gets, and the split of the layers when nothing is planned."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ...checkpoint import Checkpoint, load_stage
 from ...checkpoint.sources import checkpoint_mode
@@ -13,6 +13,7 @@ from ...model.dtypes import DTYPES
 from ...results import FailedNode, Failure, GenerationResult
 from ..cluster.nodes_config import NodeSpec, NodesConfig
 from ..plan.partition import Shard, even_split, manual_split
+from .replan import ReplanPolicy
 
 EXIT_NODE_FAILURE = 3
 
@@ -49,6 +50,8 @@ class RunOptions:
                                       # from its upstream's log) or "reprefill" (all anew)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prefill tokens per lane step (0: one piece)
     batch_prefill: bool = True        # a step's prefill chunks as one frame (False: one each)
+    replan: bool = True               # a stage that drifts from the plan: plan again (replan.py)
+    replan_policy: ReplanPolicy = field(default_factory=ReplanPolicy)  # when (tests: sooner)
 
     def __post_init__(self) -> None:
         if self.recovery not in RECOVERY_CHOICES:

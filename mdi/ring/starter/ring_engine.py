@@ -25,7 +25,9 @@ fits does the engine fail as before, naming the node that failed first.
 `recoveries` records each one (what failed, the new ring and plan, seconds).
 
 Nodes that a recovery lost are asked whether they are back, and taken back into
-the ring or as spares (rejoin.py).
+the ring or as spares (rejoin.py). With RunOptions.replan a ring that drifts from
+its plan is planned and formed anew through the same path (replan.py), recorded
+as `"recovery": "replan"`. `hops` cover every ring the run used (HopStats.ring).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
 from .heal import heal
 from .rejoin import REJOIN_POLL_S, Absent, Rejoin, idle
+from .replan import Replan, moved_layers
+from .replan_watch import watch
 from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards, with_mode
 from .tcp_link import TcpLink
 
@@ -125,6 +129,13 @@ class RingEngine(PipelineEngine):
         self._formed_with = len(nodes.secondaries)  # the ring's secondaries once formed
         self._recovering = False
         self._watcher: asyncio.Task | None = None
+        self._drift_watch: asyncio.Task | None = None
+        self.replan_pending = False      # a Replan waits in the scheduler's inbox
+        self._fresh = False              # the next plan probes every node again (a re-plan)
+        self._ring_no = 0                # rings formed so far, less one (HopStats.ring)
+        self._past_hops: list[HopStats] = []  # the hops of the rings before this one
+        self._t0 = time.perf_counter()
+        self._pause: tuple[float, dict] | None = None  # a recovery's start, until tokens flow
 
     @property
     def absent(self) -> dict[str, NodeSpec]:
@@ -140,7 +151,7 @@ class RingEngine(PipelineEngine):
         """Plan the current ring (RingClient.place: logged, refused if it cannot fit);
         the first stage is loaded again when its range moved."""
         shards, self.placement = await self.client.place(self.config, self.max_seqs,
-                                                         max(self.sizes))
+                                                         max(self.sizes), fresh=self._fresh)
         if self.placement is not None and self.placement.left_out:  # a ring without them
             assert self.placement.nodes is not None
             self.client = self.client.with_nodes(self.placement.nodes)
@@ -167,18 +178,24 @@ class RingEngine(PipelineEngine):
         await super().start()
         if self.opts.recover and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch_absent())
+        if self.opts.replan and self._drift_watch is None and len(self.nodes.ring) > 1:
+            self._drift_watch = asyncio.create_task(watch(self))
 
     async def close(self) -> None:
         """Cancel what still runs, STOP around the ring, collect the hops' statistics."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._drift_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             await super().close()
             link = self.link
+            self.hops = list(self._past_hops)
             if isinstance(link, TcpLink) and link.failed is None and self._http is not None:
                 assert self.run_id is not None
-                self.hops = [link.hop] + await self.client.collect_hops(self._http, self.run_id)
+                link.hop.ring = self._ring_no
+                self.hops += [link.hop] + await self.client.collect_hops(
+                    self._http, self.run_id, self._ring_no)
         finally:
             await self._close_transport()
 
@@ -234,18 +251,22 @@ class RingEngine(PipelineEngine):
 
     # ---- recovery ------------------------------------------------------------------
     async def _recover(self, e: LinkClosed) -> bool:
-        if not self.opts.recover:
+        if not self.opts.recover and not isinstance(e, Replan):  # a re-plan is no failure
             return False
-        old, old_run = self.nodes, self.run_id
+        old, old_run, old_client, link = self.nodes, self.run_id, self.client, self.link
         self._recovering = True
         try:
-            if isinstance(e, Rejoin) and old_run is not None:  # the old ring is whole: end its run
+            if isinstance(e, (Rejoin, Replan)) and old_run is not None:  # the ring is whole: end it
                 async with self.client.http() as http:
                     await self.client.release(http, old_run)
             ok = await self._recover_ring(e)
-            if not ok and isinstance(e, Rejoin):  # never fail the engine for them: as it was
-                log.warning("the ring did not form with %s; going on without", e)
-                self._absent.lost_again({s.name for s in e.back}, force=True)
+            if ok and isinstance(link, TcpLink) and old_run is not None:
+                lost = (*getattr(e, "silent", ()), getattr(getattr(e, "spec", None), "name", ""))
+                await self._keep_hops(old_client, link, old_run, lost)
+            if not ok and isinstance(e, (Rejoin, Replan)):  # never fail the engine: as it was
+                log.warning("the ring did not form %s; going on as before", e)
+                if isinstance(e, Rejoin):
+                    self._absent.lost_again({s.name for s in e.back}, force=True)
                 self.client = self.client.with_nodes(old)
                 ok = await self._recover_ring(Reform(f"{e}, but the ring did not form with them"))
             if not ok and self.opts.recovery == "replay" and old_run is not None:
@@ -260,7 +281,25 @@ class RingEngine(PipelineEngine):
         finally:
             self._recovering = False
             self._absent.pending = False  # handled, or dropped with the inbox by _rewind
+            self.replan_pending = False
         return ok
+
+    async def _keep_hops(self, client: RingClient, link: TcpLink, run_id: int,
+                         lost: tuple[str, ...]) -> None:
+        """The hops of a ring the run leaves (what its nodes say, but the `lost`)."""
+        link.hop.ring = self._ring_no
+        async with client.http() as http:
+            hops = await client.collect_hops(http, run_id, self._ring_no, client.probe_timeout,
+                                             lost)
+        self._past_hops += [link.hop] + hops
+        self._ring_no += 1
+
+    def _arrive(self, tokens) -> None:
+        super()._arrive(tokens)
+        if self._pause is not None:  # the first tokens since a recovery: the ring flows again
+            t0, record = self._pause
+            record["paused_s"] = round(time.perf_counter() - t0, 3)
+            self._pause = None
 
     async def _watch_absent(self) -> None:
         """Ask the absent nodes whether they are back (rejoin.py)."""
@@ -306,9 +345,11 @@ class RingEngine(PipelineEngine):
     async def _recover_ring(self, e: LinkClosed) -> bool:
         t0 = time.perf_counter()
         back = e.back if isinstance(e, Rejoin) else []
+        replan = isinstance(e, Replan)
         failed: NodeSpec | None = getattr(e, "spec", None)
         lost = set(getattr(e, "silent", ())) | ({failed.name} if failed else set())
-        if not back and not self._absent.lost_again(lost):
+        was = list(zip([n.name for n in self.nodes.ring], self.shards))  # for `moved`
+        if not back and not replan and not self._absent.lost_again(lost):
             recent = [r for r in self._recovered_at if t0 - r < RECOVERY_WINDOW_S]
             if len(recent) >= MAX_RECOVERIES_IN_WINDOW:
                 log.error("%d recoveries in %g s: the ring keeps failing; giving up",
@@ -326,7 +367,7 @@ class RingEngine(PipelineEngine):
         n_lost = max(0, len(old.secondaries) - len(pool))
         log.warning("%s: %s", "taking nodes back" if back else "recovering from", e)
         plan = None
-        if self.opts.recovery == "replay" and isinstance(link, TcpLink) and not back:
+        if self.opts.recovery == "replay" and isinstance(link, TcpLink) and not back and not replan:
             pool, spares = await self.client.answering(pool), await self.client.answering(spares)
             try:
                 plan = await heal(self, old, link.limits.run_id, lost, pool, spares)
@@ -336,6 +377,7 @@ class RingEngine(PipelineEngine):
         while plan is None:
             pool, spares = await self.client.answering(pool), await self.client.answering(spares)
             try:
+                self._fresh = replan  # every node timed again: the drift is in the times
                 await self._reform_fitting(pool, spares, n_lost)
                 plan = self._plan_json()
                 break
@@ -350,10 +392,20 @@ class RingEngine(PipelineEngine):
                 pool = [s for s in pool if s.name != bad.name]  # once more, without it
                 spares = [s for s in spares if s.name != bad.name]
                 n_lost += 1
-        how = "rejoin" if back else "replay" if plan.get("partition") == "replay" else "reprefill"
+            finally:
+                self._fresh = False
+        how = "rejoin" if back else "replan" if replan else \
+            "replay" if plan.get("partition") == "replay" else "reprefill"
         record = {"failed": failed.describe() if failed else None, "error": str(e),
+                  "at_s": round(t0 - self._t0, 3), "why": str(e),
                   "ring": [n.name for n in self.nodes.ring], "plan": plan, "recovery": how,
-                  "resumed": self.running, "recovery_s": round(time.perf_counter() - t0, 3)}
+                  "moved": moved_layers(was, list(zip([n.name for n in self.nodes.ring],
+                                                      self.shards))),
+                  "resumed": self.running, "recovery_s": round(time.perf_counter() - t0, 3),
+                  "paused_s": None}
+        if replan:
+            record["drift"] = e.drift
+        self._pause = (t0, record) if self.running else None
         self.recoveries.append(record)
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
                     " -> ".join(record["ring"]), record["resumed"])
