@@ -161,26 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-rate", help="cap every link with tc tbf, e.g. 100mbit (with --hosts netns)")
     p.add_argument("--resend-context", action="store_true",
                    help="also run the original system's no-cache mode for comparison")
-    p.add_argument("--node-cpu", metavar="SHARES",
-                   help="CPU share of one core per node, starter first, e.g. 1,1,0.3: emulates "
-                        "slow devices with cgroup v1 CPU quotas (needs root)")
-    p.add_argument("--node-mem", metavar="SIZES",
-                   help="memory limit per node, starter first, e.g. 700M,700M,700M: emulates "
-                        "small devices with cgroup v1 memory limits (needs root); nodes plan with "
-                        "what their group allows, and a process past it is killed by the kernel")
-    p.add_argument("--slow-at", metavar="TOKEN:NODE:SHARE",
-                   help="once every sample has TOKEN tokens, node NODE's CPU share (0: the "
-                        "starter) becomes SHARE of a core, e.g. 100:2:0.2: a device that slows "
-                        "down mid-run (needs --node-cpu; restored before the next run)")
-    p.add_argument("--replan", metavar="LIST",
-                   help="run every distributed configuration with live re-planning on and/or "
-                        "off side by side, e.g. on,off (default: the starter's, on)")
-    p.add_argument("--partition", metavar="LIST",
-                   help="run each distributed configuration with these partitions side by side, "
-                        "e.g. auto,even (default: the starter's own choice)")
-    p.add_argument("--micro-batches", type=int, default=None,
-                   help="lanes in flight on the ring (default: as many as the nodes can compute "
-                        "at once, at most one per node)")
+    _ring_scenario_options(p)
     p.add_argument("--prompt-tokens", metavar="LIST",
                    help="prompts of these token lengths, each a configuration of its own, e.g. "
                         "128,2048 (a fixed passage in the model's tokenizer, repeated; default: "
@@ -225,3 +206,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="llama.cpp's llama-bench (llama-batched-bench beside it), built by you; "
                          "see docs/benchmarks.md")
     p.set_defaults(func=cmd_bench)
+
+
+def _ring_scenario_options(p: argparse.ArgumentParser) -> None:
+    """The distributed runs' devices and plans: slow or small nodes, partitions."""
+    p.add_argument("--node-cpu", metavar="SHARES",
+                   help="CPU share of one core per node, starter first, e.g. 1,1,0.3: emulates "
+                        "slow devices with cgroup v1 CPU quotas (needs root)")
+    p.add_argument("--node-mem", metavar="SIZES",
+                   help="memory limit per node, starter first, e.g. 700M,700M,700M: emulates "
+                        "small devices with cgroup v1 memory limits (needs root); nodes plan with "
+                        "what their group allows, and a process past it is killed by the kernel")
+    p.add_argument("--slow-at", metavar="TOKEN:NODE:SHARE",
+                   help="once every sample has TOKEN tokens, node NODE's CPU share (0: the "
+                        "starter) becomes SHARE of a core, e.g. 100:2:0.2: a device that slows "
+                        "down mid-run (needs --node-cpu; restored before the next run)")
+    p.add_argument("--replan", metavar="LIST",
+                   help="run every distributed configuration with live re-planning on and/or "
+                        "off side by side, e.g. on,off (default: the starter's, on)")
+    p.add_argument("--partition", metavar="LIST",
+                   help="run each distributed configuration with these partitions side by side, "
+                        "e.g. auto,even (default: the starter's own choice)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="lanes in flight on the ring (default: as many as the nodes can compute "
+                        "at once, at most one per node)")
