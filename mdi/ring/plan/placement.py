@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from ...model import GPTConfig
+from ...net.peer_http import node_client
 from ..protocol.auth import AuthError
 from .capability import ProbeCache, Speed, node_capabilities, stage_memory
 from .limits import free_memory
@@ -96,8 +97,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
             raise ValueError("give 'layers' for every node or for none")
         shards = manual_split(n_layer, manual)  # type: ignore[arg-type]
     even = even_split(n_layer, len(ring))
-    async with httpx.AsyncClient(timeout=timeout,
-                                 headers={"Authorization": f"Bearer {token}"}) as http:
+    async with node_client(timeout, token) as http:
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
         placement = await _place(http, ring, caps, config, partition, shards, even, n_samples,

@@ -29,6 +29,7 @@ from ...checkpoint.stream import shard_stream
 from ...model.dtypes import DTYPES
 from ...generate.sampling import SamplingConfig
 from ...model.config import GPTConfig
+from ...net.peer_http import node_client
 from ...results import HopStats
 from ..cluster.nodes_config import NodeSpec, NodesConfig
 from ..plan.partition import Shard
@@ -89,8 +90,7 @@ class RingClient:
 
     def http(self) -> httpx.AsyncClient:
         """A client that carries the cluster token (the caller closes it)."""
-        return httpx.AsyncClient(timeout=self.opts.timeout,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        return node_client(self.opts.timeout, self.token)
 
     # ---- planning ----------------------------------------------------------------
     async def place(self, config: GPTConfig, n_samples: int, batch: int,
@@ -103,7 +103,7 @@ class RingClient:
         timed again and the layers planned on those times (--partition auto)."""
         if len(self.nodes.ring) == 1:
             return plan_shards(self.nodes, config.n_layer), None
-        async with httpx.AsyncClient(timeout=self.opts.timeout) as http:
+        async with node_client(self.opts.timeout) as http:
             for spec in self.nodes.secondaries:  # a node that is not up is named here
                 await self.await_health(http, spec)
         o = self.opts
@@ -373,7 +373,7 @@ class RingClient:
         """The nodes of `specs` that answer a health check now, in order."""
         if not specs:
             return []
-        async with httpx.AsyncClient(timeout=self.probe_timeout) as http:
+        async with node_client(self.probe_timeout) as http:
             answers = await asyncio.gather(*(_alive(http, s, self.probe_timeout) for s in specs))
         for spec, up in zip(specs, answers):
             if not up:
@@ -387,7 +387,7 @@ class RingClient:
             kw = {} if timeout is None else {"timeout": timeout}
             r = await http.get(spec.url + "/status", **kw)
             return (r.json().get("last_run") or {}) if r.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (httpx.HTTPError, ValueError):
             return {}
 
 

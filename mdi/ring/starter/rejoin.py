@@ -44,7 +44,7 @@ async def idle(http: httpx.AsyncClient, spec: NodeSpec) -> bool:
     try:
         r = await http.get(spec.url + "/health")
         return r.status_code == 200 and r.json().get("state") == "idle"
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except (httpx.HTTPError, ValueError):
         return False
 
 

@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure
 from ...engine.link import LinkClosed, Reform
 from ...engine.scheduler import PipelineEngine
 from ...engine.slots import SlotStage
+from ...net.peer_http import node_client
 from ...model.dtypes import DTYPES
 from ...results import HopStats
 from ...tokenizer import Tokenizer
@@ -119,7 +119,7 @@ class RingEngine(PipelineEngine):
         self.tokenizer = tokenizer
         self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
         self.run_id: int | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._http: Any = None  # node_client() while the ring runs
         self._servers: list[asyncio.base_events.Server] = []
         self.hops: list[HopStats] = []   # per hop, after close()
         self.placement = placement       # the ring's split (placement.py), once planned
@@ -304,7 +304,7 @@ class RingEngine(PipelineEngine):
     async def _watch_absent(self) -> None:
         """Ask the absent nodes whether they are back (rejoin.py)."""
         answers: dict[str, int] = {}  # name -> idle answers in a row
-        async with httpx.AsyncClient(timeout=self.client.probe_timeout) as http:
+        async with node_client(self.client.probe_timeout) as http:
             while not self._closing and self.failure is None:
                 await asyncio.sleep(REJOIN_POLL_S)
                 if self._recovering or self._absent.pending or not self.absent:
