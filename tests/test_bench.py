@@ -9,6 +9,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,15 +21,23 @@ from mdi.ring.protocol.wire import HEADER_SIZE
 TINY_EMBD = 32  # mdi.bench.models.SIZES["tiny"].n_embd
 
 
-def run_bench(tmp_path, *extra: str) -> tuple[list[dict], str]:
+def run_bench(tmp_path, *extra: str, pids: list[int] | None = None) -> tuple[list[dict], str]:
+    """The bench in a process of its own (its pid appended to `pids`)."""
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "mdi.cli.main", "bench", "--model-size", "tiny", "--n-samples", "2",
            "--n-tokens", "6", "--runs", "1", "--out", str(out), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        if pids is not None:
+            pids.append(proc.pid)
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, stderr[-3000:]
     with (out / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
-    return rows, r.stderr
+    return rows, stderr
 
 
 def check_outputs(out, rows: list[dict]) -> None:
@@ -168,8 +177,9 @@ def _cgroup_v1_or_skip() -> None:
 @pytest.mark.slow
 def test_bench_node_cpu_auto_and_even_side_by_side(tmp_path):
     _cgroup_v1_or_skip()
+    pids: list[int] = []
     rows, err = run_bench(tmp_path, "--nodes", "3", "--node-cpu", "1,1,0.3",
-                          "--partition", "auto,even")
+                          "--partition", "auto,even", pids=pids)
     check_outputs(tmp_path / "bench", rows)
     by = {r["config"]: r for r in rows}
     assert set(by) == {"mdi-3-auto", "mdi-3-even"}
@@ -178,7 +188,8 @@ def test_bench_node_cpu_auto_and_even_side_by_side(tmp_path):
     assert sum(int(x) for x in by["mdi-3-auto"]["layers"].split("+")) == 4
     assert {r["node_cpu"] for r in rows} == {"1,1,0.3"}
     assert "mdi-3-auto" in (tmp_path / "bench" / "summary.md").read_text()
-    assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))
+    # its own groups are gone (another bench on the machine may hold groups of its own)
+    assert not list(Path("/sys/fs/cgroup/cpu").glob(f"mdi-bench-{pids[0]}-*"))
 
 
 # ---- a node slowed mid-run, live re-planning on and off side by side ----------------
@@ -222,15 +233,17 @@ def test_cpu_caps_restore_every_share_after_a_slowed_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_bench_slow_at_with_replan_on_and_off_side_by_side(tmp_path):
     _cgroup_v1_or_skip()
+    pids: list[int] = []
     rows, err = run_bench(tmp_path, "--nodes", "3", "--node-cpu", "1,1,1", "--slow-at", "3:2:0.5",
-                          "--replan", "on,off", "--temperature", "0")
+                          "--replan", "on,off", "--temperature", "0", pids=pids)
     by = {r["config"]: r for r in rows}
     assert set(by) == {"mdi-3-replan-on", "mdi-3-replan-off"}
     assert {r["slow_at"] for r in rows} == {"3:2:0.5"}
     assert by["mdi-3-replan-on"]["tokens_sha"] == by["mdi-3-replan-off"]["tokens_sha"]
     assert by["mdi-3-replan-off"]["replans"] == "0"
     assert "## Re-planning" in (tmp_path / "bench" / "summary.md").read_text()
-    assert not list(__import__("pathlib").Path("/sys/fs/cgroup/cpu").glob("mdi-bench-*"))
+    # its own groups are gone (another bench on the machine may hold groups of its own)
+    assert not list(Path("/sys/fs/cgroup/cpu").glob(f"mdi-bench-{pids[0]}-*"))
 
 
 # ---- time to first token and inter-token latency by prompt length -------------------
