@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -95,7 +94,8 @@ class EngineThread:
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="mdi-chat-engine", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mdi-chat-engine",
+                                       daemon=True)
         self.thread.start()
         self.engine = None
         self._current: SeqHandle | None = None
@@ -109,14 +109,6 @@ class EngineThread:
         except BaseException:
             self.close()
             raise
-
-    def _run(self) -> None:
-        # Ctrl-C must reach the main thread, blocked in fut.result(): a SIGINT the kernel
-        # hands to another thread sets Python's flag but leaves that wait asleep, and the
-        # answer streams on. This thread and every thread it starts (torch's compute
-        # pool included) block SIGINT, so the kernel picks the main thread.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        self.loop.run_forever()
 
     def answer(self, ids: list[int], params: SeqParams, write: Callable[[str], None]
                ) -> tuple[str, str | None]:
