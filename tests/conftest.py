@@ -6,6 +6,7 @@ a few KB of text): the tests run on one shared CPU core.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 # One core: keep the Hugging Face tokenizers (Rust) from starting a thread pool.
@@ -14,6 +15,11 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 # --dtype auto (the default of sample, run, chat, serve, eval) is float32 in the
 # suite, whatever the CPU: results must not depend on the CI machine's bfloat16
 os.environ.setdefault("MDI_AUTO_DTYPE", "float32")
+# A suite started in the background by a script (`cmd &`, no job control) inherits
+# SIGINT ignored, and so would every process it starts: the tests that stop a
+# chat, a run or a node with Ctrl-C (SIGINT) would then wait in vain.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from pathlib import Path  # noqa: E402
 from typing import Callable
