@@ -263,8 +263,9 @@ class LocalCluster:
             code = proc.wait()
             if self.stopping:
                 return
-            log.warning("local node %s (pid %d) exited with code %d; its log: %s", spec.name,
-                        proc.pid, code, self.dir / f"node{k + 1}.log")
+            log.warning("local node %s (pid %d) exited with code %d; its log: %s%s", spec.name,
+                        proc.pid, code, self.dir / f"node{k + 1}.log",
+                        f", ending:\n{self.log_tail(k + 1, 8)}" if code > 0 else "")
             if not self.restart:
                 return
             delay = RESTART_DELAY_S if time.monotonic() - t0 >= RESTART_STABLE_S else delay
