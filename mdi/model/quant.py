@@ -67,6 +67,11 @@ def quantize_rows(w: torch.Tensor, dtype: torch.dtype | None = None
     w = w.detach()
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    if w.is_meta:
+        # a skeleton's placeholder: nothing to compute, and arithmetic on the meta device
+        # runs torch's Python meta kernels, whose first use imports sympy, torch._dynamo
+        # and torch._inductor (+68 MB of RSS in every process that loads int8/int4)
+        return q, scale
     for a in range(0, w.shape[0], ROWS_AT_ONCE):
         part = w[a:a + ROWS_AT_ONCE]
         part = (part if dtype is None else part.to(dtype)).float()
