@@ -98,3 +98,16 @@ def test_the_tokenizer_built_at_open_is_the_one_its_text_describes(tied):
     fields = src.read.__self__.reader.fields
     assert fields["general.architecture"] == "llama"
     assert not [k for k, v in fields.items() if isinstance(v, list)]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_stored_quantized_checkpoint_from_rows_equals_one_from_whole_tensors(mode, untied):
+    """`mdi convert --quantize` reads Rows too: the tensors it stores are unchanged."""
+    from mdi.checkpoint.quant_store import StoreBuilder, quantized_tensors
+
+    ck = open_checkpoint(untied)
+    got = quantized_tensors(ck, mode)
+    ref = build_stage(ck.config, 0, None, ck.get, quantize=mode, make=StoreBuilder)
+    assert got.keys() == ref.keys()
+    for k in got:
+        assert torch.equal(got[k], ref[k]), k
