@@ -135,7 +135,7 @@ def test_gguf_int4_stage_keeps_the_files_codes(q4_gguf):
 def test_gguf_with_a_truncated_q4_tensor_is_refused_by_name(q4_gguf, monkeypatch):
     from mdi.checkpoint import gguf_int4
     real = gguf_int4.int4_from_blocks
-    monkeypatch.setattr("mdi.checkpoint.gguf.int4_from_blocks",
+    monkeypatch.setattr("mdi.checkpoint.gguf_tensors.int4_from_blocks",
                         lambda data, q, shape, name: real(data[:, :-2], q, shape, name))
     from mdi.checkpoint.gguf import gguf_source
     src = gguf_source(q4_gguf)

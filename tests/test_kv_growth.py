@@ -48,3 +48,19 @@ def test_a_growing_cache_gives_the_same_tokens_as_one_allocated_whole(grow_by, m
     monkeypatch.setattr(GPT, "new_cache", new_cache)
     assert model.new_cache(1).allocated == (64 if grow_by is None else grow_by)
     assert generate(model, prompts, 40, sampling) == whole
+
+
+def test_growth_gives_each_old_layer_buffer_up_before_growing_the_next():
+    """The old buffer of a layer goes as soon as its rows are copied (views of it kept to
+    the end of the growth held the whole old cache beside the new one)."""
+    import weakref
+
+    cache = KVCache(3, 2, 2, 64, 4, grow_by=8)
+    rows = cache.rows(0, 2)
+    freed = []
+    for i, b in enumerate(cache.kv):
+        weakref.finalize(b, lambda i=i: freed.append((i, sum(t.shape[3] > 8 for t in cache.kv))))
+    del b
+    rows.reserve(12)
+    assert freed == [(0, 1), (1, 2), (2, 3)]  # (layer, layers grown when it went)
+    assert rows.allocated == cache.allocated == 16 and rows.k[2].shape == (2, 2, 16, 4)

@@ -61,3 +61,20 @@ def test_sizing_a_stage_does_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_a_quantized_skeleton_computes_nothing_on_the_meta_device():
+    """quantize_rows of a skeleton's placeholder returns placeholders: arithmetic on the
+    meta device imports sympy, torch._dynamo and torch._inductor (+68 MB of RSS in every
+    process that loaded or sized an int8/int4 stage)."""
+    code = ("import sys\nfrom mdi.model import GPTConfig\nfrom mdi.checkpoint.format import "
+            "quantized_skeleton\nfrom mdi.ring.plan.capability import stage_memory\n"
+            "c = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32)\n"
+            "for mode in ('int8', 'int4'):\n"
+            "    s = quantized_skeleton(c, 0, None, mode)\n"
+            "    stage_memory(c, 2, quantize=mode)\n"
+            "print(s.transformer.wte.weight.dtype, s.transformer.wte.scale.is_meta,\n"
+            "      sorted(m for m in ('sympy', 'torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.int8 True []"

@@ -42,6 +42,7 @@ class LlamaCppConfig:
     threads: int = 2
     quantize: str | None = "auto"      # mdi's --quantize; "auto": from the file's type
     out: str = "bench-vs-llamacpp"
+    kv_dtype: str | None = None        # mdi's --kv-dtype (None: its compute dtype)
 
     def tools(self) -> tuple[Path, Path]:
         p = Path(self.llama_bench)
@@ -125,6 +126,8 @@ def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None) -> tuple[fl
            "--max-context", str(max(256, cfg.n_tokens + 64))]
     if quantize:
         cmd += ["--quantize", quantize]
+    if cfg.kv_dtype:
+        cmd += ["--kv-dtype", cfg.kv_dtype]
     out, rss = measured(cmd)
     result = json.loads(out[out.index("{"):])
     return float(result["tokens_per_s"]), rss

@@ -33,6 +33,7 @@ from ..model.quant import (QUANT_MODES, Int8Embedding, Int8Linear, check_mode, i
 from ..tokenizer import Tokenizer, TokenizerError, load_tokenizer, save_tokenizer
 from . import st_io
 from .gguf_int4 import int4_target
+from .hf_source import Rows
 from .malloc import mapped_allocations
 from .quant_parts import QuantParts, QuantPartsError, stream_want
 
@@ -256,13 +257,27 @@ class StageBuilder:
     def _module(self, name: str) -> torch.nn.Module:
         return self.stage.get_submodule(name.rpartition(".")[0])
 
-    def put(self, name: str, t: torch.Tensor) -> None:
-        """Take tensor `name` (the caller drops its reference afterwards)."""
+    def row_quantized(self, name: str, fmt: str | None = None) -> bool:
+        """Is tensor `name` stored as int8 rows here (quantize_rows)? Those may come as
+        Rows (hf_source.py), never whole in float. fmt: its GGUF block format."""
+        if not self.int8 or not name.endswith(".weight") or name not in self.want:
+            return False
+        module = self._module(name)
+        if isinstance(module, Int4Linear):  # a wider block format goes to int8 rows
+            return fmt is not None and int4_target(fmt) == "int8"
+        return isinstance(module, (Int8Linear, Int8Embedding))
+
+    def put(self, name: str, t: torch.Tensor | Rows) -> None:
+        """Take tensor `name` (the caller drops its reference afterwards); Rows are
+        quantized a block of rows at a time where row_quantized, else read whole."""
         if name not in self.want:
             raise CheckpointError(f"{self.where}: tensor {name!r} is not part of this stage")
         if tuple(t.shape) != self.want[name]:
             raise CheckpointError(f"{self.where}: tensor {name!r} has shape {tuple(t.shape)}, "
                                   f"the config needs {self.want[name]}")
+        if isinstance(t, Rows) and (self.parts is not None and self.parts.owns(name)
+                                    or not self.row_quantized(name, t.mdi_format)):
+            t = t.whole()
         self.seen.add(name)
         if self.parts is not None and self.parts.owns(name):
             try:
@@ -284,9 +299,10 @@ class StageBuilder:
                 module.out_dtype = self.dtype or t.dtype
             # rounded to the run's dtype a block of rows at a time, inside quantize_rows:
             # a whole float32 copy of a bfloat16 embedding was a node's load peak
-            q, scale = quantize_rows(t.to(self.device), self.dtype or t.dtype)
-            self._keep(name, q)
-            self._keep(name[:-len("weight")] + "scale", scale)
+            q, scale = quantize_rows(t if isinstance(t, Rows) else t.to(self.device),
+                                     self.dtype or t.dtype)
+            self._keep(name, q.to(self.device))
+            self._keep(name[:-len("weight")] + "scale", scale.to(self.device))
             return
         t = t.to(device=self.device, dtype=self.dtype or t.dtype)
         # On some CPUs the per-row GEMM's low bits depend on the operand's
@@ -302,7 +318,8 @@ class StageBuilder:
         fmt = getattr(t, "mdi_format", None)  # a GGUF tensor's block format
         if w is None and fmt is not None and int4_target(fmt) == "int8":
             # a wider block format (Q5_x, Q6_K, Q8_0): int8, not a requantization to int4
-            self._put_parts(name[:-len(".weight")], quantize_rows(t.to(self.device, torch.float32)))
+            rows = t if isinstance(t, Rows) else t.to(self.device, torch.float32)
+            self._put_parts(name[:-len(".weight")], quantize_rows(rows))
             return
         if w is None or w.group != group:  # quantized and packed a block of rows at a time
             packed = Int4Linear.from_float(t, group)

@@ -31,9 +31,10 @@ import torch
 
 from .format import CheckpointError
 from .gguf_file import GGUFFile
-from .gguf_int4 import INT4_TYPES, int4_from_blocks
+from .gguf_tensors import GGUFTensors, unpermute_rows  # noqa: F401 (unpermute_rows: tests)
 from .gguf_tokenizer import build_tokenizer
 from .hf_source import HFSource
+from .malloc import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,6 @@ def hf_name(gguf_name: str) -> str | None:
     if m and m.group(2) in _BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
     return None
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's `permute` of q/k rows (its converter's interleaved RoPE order).
-
-    Rows of one head are stored as (dim, 2) pairs; Hugging Face's rotate-half
-    layout wants (2, dim). Same reshape/swap as transformers'
-    `LlamaTensorProcessor._reverse_permute_weights`; works for biases (1-D) too.
-    """
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
 def open_reader(path: str | Path) -> GGUFFile:
@@ -161,28 +151,9 @@ GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k
                  "general.sampling.top_p": "top_p"}
 
 
-ROWS_AT_ONCE = 4096  # rows dequantized at a time: the gguf package's temporaries stay small
-
-
-def _dequantize(dequantize: Any, t: Any) -> np.ndarray:
-    """gguf.quants.dequantize of a block-format tensor, a few thousand rows at a time
-    into the result: whole, its temporaries were twice the float tensor (the load's
-    peak: +226 MB over the 113 MB float table for SmolLM2's Q8_0 embedding)."""
-    data = t.data
-    if data.ndim != 2 or data.dtype != np.uint8 or data.shape[0] <= ROWS_AT_ONCE:
-        return dequantize(data, t.tensor_type)
-    first = dequantize(data[:ROWS_AT_ONCE], t.tensor_type)
-    out = np.empty((data.shape[0], first.shape[1]), dtype=first.dtype)
-    out[:ROWS_AT_ONCE] = first
-    for a in range(ROWS_AT_ONCE, data.shape[0], ROWS_AT_ONCE):
-        out[a:a + ROWS_AT_ONCE] = dequantize(data[a:a + ROWS_AT_ONCE], t.tensor_type)
-    return out
-
-
 def gguf_source(path: str | Path) -> HFSource:
-    """A GGUF file in Hugging Face terms; tensors dequantized to float32 on `read(name)`."""
-    from gguf.quants import dequantize
-
+    """A GGUF file in Hugging Face terms; tensors dequantized to float32 on `read(name)`
+    (or a block of rows at a time: `rows(name)`, gguf_tensors.py)."""
     path = Path(path)
     reader = open_reader(path)
     meta = metadata(reader)
@@ -202,43 +173,18 @@ def gguf_source(path: str | Path) -> HFSource:
         raise CheckpointError(f"{path}: tensor(s) {', '.join(unknown[:5])} have no Llama "
                               "equivalent here (not supported)")
 
-    tok_json, tok_config, ids = build_tokenizer(reader, meta, path)
+    tok, tok_config, ids = build_tokenizer(reader, meta, path)
     config = llama_config(meta, {t.name for t in reader.tensors}, len(ids.get("tokens", ())), path)
+    # the vocabulary and merges are in the tokenizer now: the header's arrays as Python
+    # lists were ~11 MB kept for the run (the reader lives on in `read`)
+    reader.fields = metadata(reader)
+    ids.pop("tokens", None)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         if ids.get(k) is not None:
             config[k] = ids[k]
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
 
-    def read(name: str) -> torch.Tensor:
-        t = by_hf.get(name)
-        if t is None:
-            raise KeyError(f"{path}: no tensor {name!r}")
-        try:
-            w = _dequantize(dequantize, t)  # (rows, cols) float32, ne reversed
-        except NotImplementedError:
-            raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, "
-                                  "which the gguf package cannot dequantize") from None
-        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else 0
-        if heads:
-            w = unpermute_rows(w, heads)
-        # a copy out of the memory map where F32 "dequantizes" to a view of it; a block
-        # format's floats are new already (a second copy was the load's peak: 113 MB
-        # more for SmolLM2's embedding)
-        if w.dtype != np.float32 or np.may_share_memory(w, t.data) or not w.flags.writeable:
-            w = np.array(w, dtype=np.float32)
-        out = torch.from_numpy(w)
-        out.mdi_format = t.tensor_type.name  # what --quantize int4 keeps it as (int4_target)
-        if t.tensor_type.name in INT4_TYPES and out.dim() == 2:
-            # the exact int4 codes ride along for loaders that keep them (--quantize int4)
-            try:
-                q = int4_from_blocks(t.data, t.tensor_type.name, tuple(out.shape), t.name)
-            except ValueError as e:
-                raise CheckpointError(f"{path}: {e}") from None
-            if heads:
-                q = q.rows(torch.from_numpy(unpermute_rows(np.arange(out.shape[0]), heads)))
-            out.mdi_int4 = q
-        reader.release(t)  # copied out: the file's pages leave this process
-        return out
+    tensors = GGUFTensors(reader, by_hf, n_head, n_kv, path)
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_hf.items()}
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
@@ -246,8 +192,10 @@ def gguf_source(path: str | Path) -> HFSource:
     log.info("GGUF %s: %s, %d tensors (%s)", path.name, meta.get("general.name", arch), len(by_hf),
              ", ".join(sorted({t.tensor_type.name for t in reader.tensors})))
     src = HFSource(config=config, shapes=shapes, dtypes={n: torch.float32 for n in shapes},
-                   read=read, tokenizer_json=tok_json, tokenizer_config=tok_config,
-                   generation_config=gen, origin=str(path))
+                   read=tensors.read, tokenizer_json=tok and tok.to_str(), tokenizer_config=tok_config,
+                   generation_config=gen, origin=str(path), rows=tensors.rows)
     src.formats = {name: t.tensor_type.name for name, t in by_hf.items()}  # for mdi inspect
+    src.tokenizer_built = tok
+    release_free_memory()  # what building the tokenizer freed (~11 MB kept by malloc)
     return src
 

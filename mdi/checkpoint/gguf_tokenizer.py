@@ -87,8 +87,8 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     return tok, vocab
 
 
-def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, dict, dict]:
-    """(tokenizer.json text, tokenizer_config, ids) from a GGUF's metadata.
+def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[Any, dict, dict]:
+    """(tokenizers.Tokenizer, tokenizer_config, ids) from a GGUF's metadata.
 
     ids holds `tokens` and the special ids; (None, {}, {}) when the file has no tokenizer.
     """
@@ -144,4 +144,4 @@ def build_tokenizer(reader: Any, meta: dict, path: Path) -> tuple[str | None, di
     template = meta.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return tok.to_str(), config, ids
+    return tok, config, ids

@@ -11,8 +11,9 @@ GPT-2-small shape, an int8 load then peaked 0.5 GB above the runtime for
 freed), the peak is the int8 stage plus one float tensor.
 
 After loading the threshold is left at glibc's own ceiling (32 MB): what a
-long-running process reaches anyway, so compute allocations behave as before.
-Elsewhere (macOS, musl) this does nothing.
+long-running process reaches anyway, so compute allocations behave as before,
+and the heap's free pages are given back (malloc_trim). Elsewhere (macOS, musl)
+this does nothing.
 """
 from __future__ import annotations
 
@@ -33,15 +34,24 @@ _lock = threading.Lock()
 _depth = 0
 
 
-def _mallopt():
+def _libc(name: str):
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt
+        return getattr(libc, name)
     except (OSError, AttributeError):
         return None
 
 
-_MALLOPT = _mallopt()
+_MALLOPT = _libc("mallopt")
+_MALLOC_TRIM = _libc("malloc_trim")
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim(0)). malloc keeps
+    what a phase freed for later use; after a load or a tokenizer's build that is tens
+    of MB (their Python and Rust temporaries) that this process would hold for good."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @contextmanager
@@ -59,3 +69,5 @@ def mapped_allocations() -> Iterator[None]:
             _depth -= 1
             if _depth == 0 and _MALLOPT is not None:
                 _MALLOPT(M_MMAP_THRESHOLD, AFTER)
+            if _depth == 0:
+                release_free_memory()

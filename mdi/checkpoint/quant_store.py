@@ -61,8 +61,9 @@ def quantized_tensors(ck: CheckpointInfo | HFCheckpoint, mode: str,
     """The stored tensors of `ck`'s whole model in `mode` (a quantized checkpoint of
     ours: its own mode, copied; format.run_mode has been asked)."""
     if isinstance(ck, HFCheckpoint):
-        return build_stage(ck.config, 0, None, ck.get, dtype=dtype, where=ck.source.origin,
-                           quantize=mode, make=StoreBuilder)
+        # int8 rows of a GGUF's block-format matrices made a block of rows at a time
+        return build_stage(ck.config, 0, None, lambda name: ck.get(name, rows=True), dtype=dtype,
+                           where=ck.source.origin, quantize=mode, make=StoreBuilder)
     if ck.quantized:
         dtype = dtype or DTYPES[ck.float_dtype]
     return read_stage_file(ck.weights_path, ck.config, 0, None, "cpu", dtype, mode, ck.quantized,

@@ -36,6 +36,7 @@ from .format import (CONFIG, CheckpointError, CheckpointInfo, build_stage, expec
                      run_mode, save_checkpoint)
 from .format import load_stage_dir
 from .hf import HFCheckpoint, hf_dir_source, hub_snapshot, is_hf_dir
+from .hf_source import Rows
 from .quant_store import write_quantized
 from .shipped import is_shipped_name, shipped_path
 
@@ -123,8 +124,8 @@ def load_stage(spec: str | Path | Checkpoint, start: int = 0, stop: int | None =
         t0 = time.perf_counter()
         with tqdm(total=len(expected_shapes(ck.config, start, stop)), unit="tensor", leave=False,
                   desc=f"loading {Path(ck.source.origin or ck.path).name}", disable=None) as bar:
-            def get(name: str) -> torch.Tensor | None:
-                t = ck.get(name)
+            def get(name: str) -> torch.Tensor | Rows | None:
+                t = ck.get(name, rows=True)  # int8 rows made a block of rows at a time
                 bar.update(1)
                 return t
             stage = build_stage(ck.config, start, stop, get, device=device, dtype=dtype,

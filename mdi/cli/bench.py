@@ -81,7 +81,8 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
     cfg = LlamaCppConfig(gguf=str(gguf), llama_bench=args.llama_bench,
                          seqs=_counts(args.seqs if args.seqs != "1,4,16,64" else "1,4,16", "--seqs"),
                          n_tokens=args.n_tokens or 64, runs=min(args.runs, 2),
-                         threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out)
+                         threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out,
+                         kv_dtype=args.llama_kv_dtype)
     cfg.tools()  # named now, before anything runs
     summary = run_vs_llamacpp(cfg)
     print(format_summary(summary))
@@ -202,6 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="compare single-device mdi with llama.cpp on --ckpt's GGUF file at each of "
                          "--seqs (default 1,4,16 here): tokens/s and peak RSS, with plots; mdi keeps "
                          "the file's precision (--quantize int4 for Q4 files, int8 for Q8_0)")
+    ll.add_argument("--llama-kv-dtype", metavar="DTYPE", choices=("bfloat16", "float16"),
+                    help="mdi's --kv-dtype in the comparison (llama.cpp's cache is float16; "
+                         "default: mdi's compute dtype)")
     ll.add_argument("--llama-bench", metavar="PATH",
                     help="llama.cpp's llama-bench (llama-batched-bench beside it), built by you; "
                          "see docs/benchmarks.md")

@@ -87,8 +87,11 @@ class KVCache:
             new = old.new_empty((*old.shape[:3], grown, old.shape[4]))
             new[:, :, :, :n] = old
             new[:, :, :, n:].zero_()
-            self.kv[i] = new
-        self._bind()
+            # the layer's views move too, so the old buffer goes now: views kept to the
+            # end of the loop held the whole old cache beside the new one (16 SmolLM2
+            # rows in bfloat16 from 256 to 512 positions: 94 MB more at that step)
+            self.kv[i], self.k[i], self.v[i] = new, new[0], new[1]
+            del old, new
 
     def rows(self, start: int, stop: int) -> "CacheRows":
         """A cache over rows [start, stop) that shares storage with this one."""
@@ -137,8 +140,11 @@ class CacheRows(KVCache):
 
     def reserve(self, length: int) -> None:
         if length > self.allocated:
-            self.whole.reserve(length)
-            self._follow()
+            self.kv, self.k, self.v = [], [], []  # not keeping the old buffers through it
+            try:
+                self.whole.reserve(length)
+            finally:
+                self._follow()
 
     def rows(self, start: int, stop: int) -> "CacheRows":
         base = self.span[0]

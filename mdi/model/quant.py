@@ -59,14 +59,20 @@ def quantize_rows(w: torch.Tensor, dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: w (out, in) -> q int8 (out, in), scale float32 (out,).
     dtype: quantize w.to(dtype) (rounded to it first), without a whole copy.
+    w may be anything sliced by rows into float tensors (checkpoint/hf_source.Rows).
 
     Every row on its own, in pieces of ROWS_AT_ONCE rows: a loader quantizing
     tensor by tensor holds the float tensor, the int8 result and a few MB more
     (a 50k-row embedding's float temporaries would be as large as the tensor).
     """
-    w = w.detach()
+    w = w.detach() if isinstance(w, torch.Tensor) else w  # or hf_source.Rows
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    if w.is_meta:
+        # a skeleton's placeholder: nothing to compute, and arithmetic on the meta device
+        # runs torch's Python meta kernels, whose first use imports sympy, torch._dynamo
+        # and torch._inductor (+68 MB of RSS in every process that loads int8/int4)
+        return q, scale
     for a in range(0, w.shape[0], ROWS_AT_ONCE):
         part = w[a:a + ROWS_AT_ONCE]
         part = (part if dtype is None else part.to(dtype)).float()
