@@ -178,6 +178,10 @@ def test_nodes_left_out_become_spares_only_where_the_run_has_spares():
     ring = spared.leaving_out({"intermediate[0]"})
     assert [s.name for s in ring.ring] == ["starter", "finisher"]
     assert [s.name for s in ring.spares] == ["spare[0]", "intermediate[0]"]
+    # a live re-plan keeps the nodes it leaves out as spares, spares or not
+    ring = nodes.leaving_out({"finisher"}, keep=True)
+    assert [s.name for s in ring.ring] == ["starter", "intermediate[0]"]
+    assert [s.name for s in ring.spares] == ["finisher"]
 
 
 def test_nodes_sharing_cores_leave_a_stage_out():

@@ -30,7 +30,9 @@ def test_a_forced_replan_keeps_the_greedy_tokens_and_is_reported():
         def run(replan: bool):
             opts = RunOptions(timeout=5.0, batch_invariant=True, replan=replan,
                               replan_policy=FORCED)
-            return Starter(c.nodes, c.token, str(BUNDLED), opts).run(prompts, 60, GREEDY)
+            # 100 tokens: twice the steps the first re-plan waits for (min_gap_steps), so
+            # that a slow watch on a loaded machine still sees it
+            return Starter(c.nodes, c.token, str(BUNDLED), opts).run(prompts, 100, GREEDY)
 
         fixed = run(False)
         moved = run(True)

@@ -80,7 +80,7 @@ def test_a_replan_mid_stream_fails_no_request_and_keeps_the_text(ckpt):
     /health records the re-plan."""
     from mdi.ring.starter.replan import ReplanPolicy
 
-    forced = ReplanPolicy(ratio=1.0, hold_steps=1, warmup_steps=1, min_gap_steps=40,
+    forced = ReplanPolicy(ratio=1.0, hold_steps=1, warmup_steps=1, min_gap_steps=25,
                           min_gain=0.0, poll_s=0.02)
     prompts = PROMPTS[:8]
     with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, batch_invariant=True)) as local:

@@ -81,11 +81,11 @@ def one_run(cfg: CompileBenchConfig, n_seqs: int, compiled: bool, cache_dir: Pat
 def run_compile_bench(cfg: CompileBenchConfig) -> list[dict]:
     """Every sequence count: off, on (cold), on (cached); runs.csv under cfg.out."""
     out = Path(cfg.out)
-    cache_dir = out / "inductor-cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)  # the first compiled run starts cold
-    cache_dir.mkdir(parents=True)
     rows = []
     for n in cfg.seqs:
+        cache_dir = out / f"inductor-cache-seqs{n}"  # each count's first compiled run is cold
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cache_dir.mkdir(parents=True)
         runs = [("off", False)] if "off" in cfg.modes else []
         if "on" in cfg.modes:
             runs += [("on (cold)", True), ("on (cached)", True)]

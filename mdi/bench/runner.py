@@ -359,6 +359,8 @@ class Bench:
                "replan": v.replan or "", **replan_fields(res, cfg),
                **{k: res[k] for k in LATENCY_FIELDS}}
         hops = res.get("hops") or []
+        last = max((h.get("ring", 0) for h in hops), default=0)  # after a re-plan: the last ring's
+        hops = [h for h in hops if h.get("ring", 0) == last]
         for i in range(self.max_nodes):
             row[f"hop_us_node{i}"] = hops[i].get("overhead_us", "") if i < len(hops) else ""
             row[f"peak_rss_mb_node{i}"] = round(rss[i], 1) if i < len(rss) else ""

@@ -300,8 +300,11 @@ class LocalCluster:
         log.info("%d local node process(es) answer after %.1f s", len(members), time.monotonic() - t0)
 
     def log_tail(self, i: int, lines: int = 20) -> str:
-        p = self.dir / f"node{i}.log"
-        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else ""
+        try:  # (the directory may be going with the cluster)
+            text = (self.dir / f"node{i}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     @property
     def pids(self) -> list[int]:

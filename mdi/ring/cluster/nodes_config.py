@@ -75,15 +75,16 @@ class NodesConfig:
             return NodesConfig(starter, (), None, tuple(spares))
         return NodesConfig(starter, tuple(ring[:-1]), ring[-1], tuple(spares))
 
-    def leaving_out(self, names: set[str]) -> "NodesConfig":
+    def leaving_out(self, names: set[str], keep: bool = False) -> "NodesConfig":
         """The ring without the nodes `names` (a plan gave them no layers): they
-        join the spares when the run has spares (a recovery may take them back),
-        else they stay idle. Unchanged when `names` is empty."""
+        join the spares when the run has spares or `keep` (a live re-plan: nodes that
+        were in the ring; a recovery may take them back), else they stay idle.
+        Unchanged when `names` is empty."""
         if not names:
             return self
         gone = [s for s in self.secondaries if s.name in names]
         kept = [s for s in self.secondaries if s.name not in names]
-        spares = [*self.spares, *gone] if self.spares else []
+        spares = [*self.spares, *gone] if self.spares or keep else []
         return self.reformed(kept, spares)
 
     def find(self, role: str, index: int = 0) -> NodeSpec:

@@ -109,7 +109,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
     caps = [c for s, c in zip(ring, caps) if s.name not in gone]  # the ring's, in its order
     placement.parallel = compute_units(caps)
     placement.caps = caps
-    placement.nodes = nodes.leaving_out(gone)
+    placement.nodes = nodes.leaving_out(gone, keep=fresh)  # fresh: a live re-plan
     return placement
 
 

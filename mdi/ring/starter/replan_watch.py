@@ -5,7 +5,7 @@ and their compute and overhead seconds) and the first stage's own step times,
 and hands each window (steps, seconds a step per stage) to a Drift of the ring
 now running; a new ring (recovery, rejoin, re-plan) starts a new one. When the
 Drift fires and the drifted plan predicts a gain, a Replan goes into the
-scheduler's inbox; the engine re-plans at the next step boundary.
+scheduler's inbox; the engine re-plans when it takes it (steps in flight are computed again).
 """
 from __future__ import annotations
 

@@ -178,15 +178,15 @@ class RingEngine(PipelineEngine):
         await super().start()
         if self.opts.recover and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch_absent())
-        if self.opts.replan and self._drift_watch is None and len(self.nodes.ring) > 1:
-            self._drift_watch = asyncio.create_task(watch(self))
+        fixed = self.opts.partition == "even" or any(n.layers is not None for n in self.nodes.ring)
+        if self.opts.replan and not (self._drift_watch or fixed) and len(self.nodes.ring) > 1:
+            self._drift_watch = asyncio.create_task(watch(self))  # (a split the user fixed stays)
 
     async def close(self) -> None:
         """Cancel what still runs, STOP around the ring, collect the hops' statistics."""
-        for task in (self._watcher, self._drift_watch):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        for task in filter(None, (self._watcher, self._drift_watch)):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         try:
             await super().close()
             link = self.link
