@@ -149,3 +149,20 @@ def test_decide_replans_only_for_a_predicted_gain():
     d = Drift(greedy, 3)
     feed(d, [(5, [0.002, 0.002, 0.002])] * 2 + [(5, [0.002, 0.002, 0.010])] * 10)
     assert decide(_engine(greedy), d) is None
+
+
+def test_a_replan_whose_ring_did_not_form_counts_as_failed():
+    """The watch waits twice as long after each re-plan that went back to the old ring
+    (a node that cannot be probed afresh would otherwise pause the ring every few
+    hundred steps, and use up the recovery budget)."""
+    from types import SimpleNamespace
+
+    from mdi.ring.starter.replan_watch import failed_replans
+
+    formed = SimpleNamespace(recoveries=[{"recovery": "replan"}])
+    assert failed_replans(formed, asked=1, failed=0) == 0
+    back = SimpleNamespace(recoveries=[{"recovery": "replan"}, {"recovery": "reprefill"}])
+    assert failed_replans(back, asked=2, failed=0) == 1
+    assert failed_replans(back, asked=2, failed=1) == 1   # counted once
+    lost = SimpleNamespace(recoveries=[{"recovery": "reprefill"}])  # a node failure, no ask
+    assert failed_replans(lost, asked=0, failed=0) == 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -90,12 +90,20 @@ def decide(engine: Any, drift: Drift) -> Replan | None:
     return Replan(why, [round(x, 3) for x in drift.drift])
 
 
+def failed_replans(engine: Any, asked: int, failed: int) -> int:
+    """`failed` plus one when the watch asked for re-plans and the engine's last
+    recovery is not one that formed (it went back to the old ring)."""
+    done = sum(1 for r in engine.recoveries if r.get("recovery") == "replan")
+    return failed + 1 if asked > done + failed else failed
+
+
 async def watch(engine: Any) -> None:
     """Poll the ring while the engine runs (see the module doc); cancelled by close()."""
     policy = engine.opts.replan_policy
     drift: Drift | None = None
     run: int | None = None
     last: Sample | None = None
+    asked, failed = 0, 0  # re-plans put in the inbox, and those whose ring did not form
     timeout = engine.client.probe_timeout
     async with engine.client.http() as http:
         while not engine._closing and engine.failure is None:
@@ -106,7 +114,10 @@ async def watch(engine: Any) -> None:
             try:
                 if engine.run_id != run:
                     run, last = engine.run_id, None
-                    drift = Drift(policy, len(engine.nodes.ring))
+                    failed = failed_replans(engine, asked, failed)
+                    # after a re-plan that did not form, wait twice as long each time
+                    gap = policy.min_gap_steps * 2 ** min(failed, 10)
+                    drift = Drift(replace(policy, min_gap_steps=gap), len(engine.nodes.ring))
                 now = await sample(http, engine, timeout)
                 if now is None or run != engine.run_id:
                     last = None
@@ -120,6 +131,7 @@ async def watch(engine: Any) -> None:
                         if replan is not None and not (engine._recovering or engine._closing):
                             engine.replan_pending = True
                             engine._inbox.put_nowait(replan)
+                            asked += 1
                 last = now
             except Exception as e:  # noqa: BLE001 - the watch goes on; the ring is not at stake
                 log.warning("watching the ring's stage times failed: %s", e, exc_info=e)
