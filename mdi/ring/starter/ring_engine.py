@@ -135,7 +135,7 @@ class RingEngine(PipelineEngine):
         self._ring_no = 0                # rings formed so far, less one (HopStats.ring)
         self._past_hops: list[HopStats] = []  # the hops of the rings before this one
         self._t0 = time.perf_counter()
-        self._pause: tuple[float, dict] | None = None  # a recovery's start, until tokens flow
+        self._pause: list[tuple[float, dict]] = []  # recoveries' starts, until tokens flow
 
     @property
     def absent(self) -> dict[str, NodeSpec]:
@@ -296,10 +296,9 @@ class RingEngine(PipelineEngine):
 
     def _arrive(self, tokens) -> None:
         super()._arrive(tokens)
-        if self._pause is not None:  # the first tokens since a recovery: the ring flows again
-            t0, record = self._pause
+        for t0, record in self._pause:  # the first tokens since a recovery: the ring flows
             record["paused_s"] = round(time.perf_counter() - t0, 3)
-            self._pause = None
+        self._pause.clear()
 
     async def _watch_absent(self) -> None:
         """Ask the absent nodes whether they are back (rejoin.py)."""
@@ -405,7 +404,7 @@ class RingEngine(PipelineEngine):
                   "paused_s": None}
         if replan:
             record["drift"] = e.drift
-        self._pause = (t0, record) if self.running else None
+        self._pause += [(t0, record)] if self.running else []  # (one before it may wait too)
         self.recoveries.append(record)
         log.warning("recovered in %.2f s: ring %s; resuming %d sequence(s)", record["recovery_s"],
                     " -> ".join(record["ring"]), record["resumed"])
