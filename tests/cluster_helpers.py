@@ -319,9 +319,7 @@ async def finisher_and_fake_starter(ckpt: Path, start: int = 1, local_next: bool
                                   stop=config.n_layer, model=config.to_dict(), groups=[[0, 1]],
                                   next=nxt, prev_addr="127.0.0.1", prev_local=prev_local,
                                   sampling={"temperature": 0.0, "top_k": None, "seed": 1}))
-        await rt.load_weights(run_id, weights)
-        await rt.connect(run_id)
-        return await asyncio.wait_for(got.get(), 5)
+        return await _load_and_connect(rt, run_id, weights, got)
 
     try:
         yield rt, cfg, config, start_run
@@ -329,6 +327,14 @@ async def finisher_and_fake_starter(ckpt: Path, start: int = 1, local_next: bool
         for server in servers:
             server.close()
         await rt.close()
+
+
+async def _load_and_connect(rt, run_id: int, weights: bytes, got: asyncio.Queue):
+    """Load an /init-ed run's weights into rt, connect it, and return the link the test's
+    listener accepted in the next node's place."""
+    await rt.load_weights(run_id, weights)
+    await rt.connect(run_id)
+    return await asyncio.wait_for(got.get(), 5)
 
 
 @contextlib.asynccontextmanager
@@ -364,11 +370,7 @@ async def intermediate_and_fake_finisher(ckpt: Path):
                       model=config.to_dict(), groups=[[0, 2]], sequences=True,
                       next={"addr": "127.0.0.1", "port": fin.port_in}, prev_addr="127.0.0.1")
         await rt.init(InitRequest(**{**fields, **init_fields}))
-        if not connect:
-            return None
-        await rt.load_weights(run_id, weights)
-        await rt.connect(run_id)
-        return await asyncio.wait_for(got.get(), 5)
+        return await _load_and_connect(rt, run_id, weights, got) if connect else None
 
     try:
         yield rt, cfg, config, start_run

@@ -21,11 +21,11 @@ def ckpt(tmp_path_factory, tokenizer) -> Path:  # noqa: F811
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt4"), tokenizer, n_layer=4, seed=0)
 
 
-@pytest.mark.parametrize("extra", [["--max-context", "12"],
-                                   ["--max-context", "12", "--quantize", "int8"],
-                                   ["--quantize", "int8"]],
-                         ids=["cap12", "cap12-int8", "int8"])
-@pytest.mark.parametrize("n_nodes", [2, 3])
+# each option set on one ring size (the suite's time: every case starts a ring)
+@pytest.mark.parametrize("n_nodes, extra", [(2, ["--max-context", "12"]),
+                                            (3, ["--max-context", "12", "--quantize", "int8"]),
+                                            (2, ["--quantize", "int8"])],
+                         ids=["2-cap12", "3-cap12-int8", "2-int8"])
 def test_run_equals_sample_with_a_cap_and_int8(ckpt, n_nodes, extra):
     # 40 new tokens over a cap of 12 positions: the window moves on several times
     gen = dict(n_samples=3, n_tokens=40, prompts=("ROMEO:",), temperature=0.8, top_k=200, seed=5)
