@@ -153,3 +153,12 @@ def test_growth_gives_each_old_layer_buffer_up_before_growing_the_next():
     rows.reserve(12)
     assert freed == [(0, 1), (1, 2), (2, 3)]  # (layer, layers grown when it went)
     assert rows.allocated == cache.allocated == 16 and rows.k[2].shape == (2, 2, 16, 4)
+
+
+def test_the_lane_bench_sees_growths_only_without_pages():
+    from mdi.bench.kv_steps import lane_steps
+
+    stage = GPT(replace(ROPE, block_size=1024), 1, 2).eval()   # a stage after the first
+    steps, growths = lane_steps(stage, paged=False, prompt=300, chunk=100, context=1024)
+    assert len(steps) == 3 and [(a, b) for a, b, _ in growths] == [(256, 512)]
+    assert lane_steps(stage, paged=True, prompt=300, chunk=100, context=1024)[1] == []
