@@ -269,3 +269,44 @@ def test_prefill_budget_follows_the_measured_times():
     engine.prefill_chunk = 0
     engine.prefill_share = 1.0
     assert engine._prefill_budget(lane) == 0              # --prefill-chunk 0: one piece
+
+
+def test_a_prompt_alone_in_its_lane_sends_a_chunk_per_step_of_the_decoding_lane():
+    """Two lanes on a fake 2-stage ring: one decodes, a 100-token prompt joins the
+    other alone, in chunks of 4. A chunks-only step gets nothing back, but while the
+    other lane is in flight the prompt's lane waits for the next arrival instead of
+    sending its next chunk at once: one chunk per step of the decoding lane, not a
+    queue of chunks ahead of it at every stage (the streams' 6-8-step gaps of mdi
+    serve during a long prefill); the tokens are those of one device."""
+    config = GPTConfig(vocab_size=48, block_size=128, n_layer=3, n_head=2, n_embd=32)
+    model = scaled_random_model(config, seed=4)
+    model.batch_invariant = True
+    long = [(5 * i + 1) % 48 for i in range(100)]
+    stages = split_model(model, [1])
+    link = MemoryLink([SlotStage(stages[1], lane_sizes(2, 2))])
+    engine = PipelineEngine(stages[0], TOK.decode, 2, 2, link, prefill_chunk=4)
+
+    async def main(engine):
+        await engine.start()
+        try:
+            a = engine.submit([1, 2], greedy(60))
+            events = a.events()
+            await events.__anext__()                   # a decodes in lane 0
+            b = engine.submit(long, greedy(3))          # b alone in lane 1
+            async for _ in events:
+                pass
+            async for _ in b.events():
+                pass
+            return [list(a.generated), list(b.generated)]
+        finally:
+            await engine.close()
+
+    got = asyncio.run(main(engine))
+    kinds = [type(m).__name__ for m in link.sent   # b's chunks (slot 1) and a's decodes
+             if isinstance(m, Decode) or isinstance(m, Prefill) and m.slot == 1]
+    first, last = kinds.index("Prefill"), len(kinds) - kinds[::-1].index("Prefill")
+    during = kinds[first:last]
+    assert during.count("Prefill") == 25               # 100 tokens, 4 a chunk
+    steady = during[during.index("Decode"):]           # once a's lane is in flight
+    assert "Prefill, Prefill" not in ", ".join(steady), during
+    assert got == asyncio.run(main(LocalEngine(model, TOK, max_seqs=2, prefill_chunk=4)))

@@ -345,7 +345,9 @@ class PipelineEngine:
             assert isinstance(tokens, Tokens)
             self._inbox.put_nowait(tokens)
         await self._send(out)
-        if not slots:  # chunks alone: nothing comes back, the lane goes on at once
+        # chunks alone: nothing comes back; the lane goes on at the next arrival while another
+        # lane is in flight (not at once: its chunks queued ahead of that lane at every stage)
+        if not slots and not any(other.in_flight for other in self.lanes if other is not lane):
             self._wake()
 
     def _plans(self, lane: Lane) -> dict[int, StepPlan]:

@@ -1,10 +1,13 @@
-"""Per-sample KV cache, its buffers grown as the positions in use grow.
+"""Per-sample KV cache, its memory taken as the positions in use grow.
 
 One cache serves a group of samples (a micro-batch): row b holds sample b's keys
 and values for every layer of a stage. Rows are independent; a sample can be
 reset and re-filled without touching its neighbours.
 """
 from __future__ import annotations
+
+import mmap
+import sys
 
 import torch
 
@@ -26,6 +29,35 @@ def context_length(block_size: int, max_context: int | None = None) -> int:
     return min(block_size, cap)
 
 
+# Linux's MAP_NORESERVE (Python < 3.13 does not name it): the mapping's size is
+# not charged against the commit limit up front, only the pages written are.
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A CPU tensor of zeros over a fresh anonymous mapping, or None where none can be
+    made (no mmap flags, as on Windows; an empty shape; a refused mapping).
+
+    The OS gives such a mapping's pages, zero-filled, only when they are first
+    written (reading an unwritten page reads the shared zero page), so a buffer of
+    a whole context holds only the memory of the positions its rows have written,
+    page by page, and never needs to grow. Huge pages are turned off for it: one
+    2 MB page would commit the positions of many rows at the first write.
+    """
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    try:
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+    except (AttributeError, OSError, ValueError, OverflowError):
+        return None
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: nothing to turn off
+            pass
+    # the tensor holds the mapping (the buffer's export) until its storage goes
+    return torch.frombuffer(m, dtype=dtype).view(shape)
+
+
 def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cache entries as attention reads them: a narrower cache (--kv-dtype) is read
     back in the compute dtype; a cache in the compute dtype is read as it is."""
@@ -37,25 +69,45 @@ class KVCache:
     [0] and values at [1], so a step writes both with one copy. `k[layer]` and
     `v[layer]` are views of it, (B, nh, T, hs).
 
-    The buffers grow with use: T starts at min(max_len, grow_by) positions and
-    doubles (in whole grow_by blocks, at most max_len) when a step reaches past it
-    (`reserve`), so a short conversation does not hold a whole context of cache per
-    sequence. `max_len` is what a row can reach; `nbytes()` counts that, the
-    memory a run must plan for; `allocated_nbytes()` what is held now. grow_by=None
-    allocates max_len at once. Growth keeps what the rows hold (a copy into the
-    larger buffers); nothing is given back before the cache is dropped.
+    A short conversation must not hold a whole context of cache per sequence. On
+    the CPU (paged=True, the default) each buffer is max_len positions of a
+    mapping whose pages the OS commits as the rows first write them
+    (`mapped_zeros`): memory follows each row's own positions (a page holds 16
+    positions of a float32 head of 64), and nothing is ever grown or copied. A
+    growth was a stall of the lane's step: every layer of the stage copied at once,
+    all of the lane's rows for one long sequence (0.4-0.5 s for 8 SmolLM2 rows on 18
+    layers from 1024 to 2048 positions, the ~1 s gaps of the streams beside a
+    long prompt). Elsewhere (another device, paged=False, a mapping refused), the
+    buffers grow with use: T starts at min(max_len, grow_by) positions and doubles
+    (in whole grow_by blocks, at most max_len) when a step reaches past it
+    (`reserve`); grow_by=None allocates max_len at once. `max_len` is what a row
+    can reach; `nbytes()` counts that, the memory a run must plan for;
+    `allocated_nbytes()` the buffers' size now (of a paged cache, its address
+    space: the memory held is the pages written). Nothing is given back before the
+    cache is dropped.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 grow_by: int | None = GROW_BY) -> None:
+                 grow_by: int | None = GROW_BY, paged: bool = True) -> None:
         if grow_by is not None and grow_by < 1:
             raise ValueError(f"grow_by must be a positive number of positions, got {grow_by}")
         self.max_len = max_len
         self.grow_by = grow_by
-        length = max_len if grow_by is None else min(max_len, grow_by)
-        shape = (2, batch, n_head, length, head_size)  # (k|v, B, nh, T, hs)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.kv = []
+        if paged and torch.device(device).type == "cpu":
+            whole = (2, batch, n_head, max_len, head_size)
+            for _ in range(n_layer):
+                buf = mapped_zeros(whole, dtype)
+                if buf is None:  # no such mapping here: the growing buffers below
+                    self.kv = []
+                    break
+                self.kv.append(buf)
+        self.paged = bool(self.kv)
+        if not self.paged:
+            length = max_len if grow_by is None else min(max_len, grow_by)
+            shape = (2, batch, n_head, length, head_size)  # (k|v, B, nh, T, hs)
+            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self._bind()
 
     def _bind(self) -> None:
@@ -130,7 +182,7 @@ class CacheRows(KVCache):
 
     def __init__(self, whole: KVCache, start: int, stop: int) -> None:  # noqa: D107
         self.whole, self.span = whole, (start, stop)
-        self.max_len, self.grow_by = whole.max_len, whole.grow_by
+        self.max_len, self.grow_by, self.paged = whole.max_len, whole.grow_by, whole.paged
         self._follow()
 
     def _follow(self) -> None:

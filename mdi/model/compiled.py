@@ -76,7 +76,7 @@ class _Buffers(KVCache):
 
     def __init__(self, kv: list[torch.Tensor], live: torch.Tensor) -> None:  # noqa: D107
         self.kv, self.live = kv, live
-        self.max_len, self.grow_by = kv[0].shape[3] if kv else 0, None
+        self.max_len, self.grow_by, self.paged = kv[0].shape[3] if kv else 0, None, False
         self._bind()
 
     def update(self, layer: int, input_pos: torch.Tensor, kv: torch.Tensor,
