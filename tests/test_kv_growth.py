@@ -162,3 +162,37 @@ def test_the_lane_bench_sees_growths_only_without_pages():
     steps, growths = lane_steps(stage, paged=False, prompt=300, chunk=100, context=1024)
     assert len(steps) == 3 and [(a, b) for a, b, _ in growths] == [(256, 512)]
     assert lane_steps(stage, paged=True, prompt=300, chunk=100, context=1024)[1] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_a_released_row_gives_its_pages_back_and_reads_zeros():
+    """A row's sequence ended (KVCache.release, called by SlotStage.retire): the
+    process gives its pages back, the row reads as zeros, its neighbour keeps its own."""
+    cache = KVCache(2, 3, 4, 2048, 64)
+    ones, pos = torch.ones(2, 1, 4, 1024, 64), torch.arange(1024)[None]  # made before `before`
+    before = _resident()
+    for row in (0, 1):
+        for layer in range(2):
+            cache.rows(row, row + 1).update(layer, pos, ones, start=0)
+    row_bytes = 2 * 2 * 4 * 1024 * 64 * 4    # 4.2 MB a row
+    assert _resident() - before > 1.8 * row_bytes
+    freed = cache.release(0)
+    assert 0.9 * row_bytes < freed <= 2 * 2 * 4 * 2048 * 64 * 4
+    assert _resident() - before < 1.3 * row_bytes
+    assert all(float(b[:, 0].abs().sum()) == 0 for b in cache.kv)
+    assert all(float(b[:, 1, :, :, :1024].sum()) == 2 * 4 * 1024 * 64 for b in cache.kv)
+    assert KVCache(1, 2, 1, 64, 4, paged=False).release(0) == 0   # growing buffers: held
+
+
+def test_a_retired_slot_releases_its_row(monkeypatch):
+    from mdi.engine.messages import Admit, Retire
+    model = scaled_random_model(GPT2, seed=1).eval()
+    stage = SlotStage(model, [2])
+    released = []
+    monkeypatch.setattr(KVCache, "release", lambda self, row: released.append(row) or 0)
+    stage.admit(Admit(1, 0.0, None, None, 0))
+    stage.retire(Retire(1))
+    stage.admit(Admit(0, 0.0, None, None, 0))
+    stage.admit(Admit(0, 0.0, None, None, 0))  # re-admitted: reset
+    stage.clear()
+    assert released == [1, 0, 0]

@@ -71,6 +71,9 @@ class SlotStage:
     def clear(self) -> None:
         """Free every slot (the caches' stale rows are never read: a slot reads
         only the positions written since its admission)."""
+        for s in self.slots:
+            if s.active:
+                self.caches[s.lane].release(s.row)
         self.slots = [_Slot(s.lane, s.row) for s in self.slots]
         self.due = {}
         if self.log is not None:
@@ -154,6 +157,8 @@ class SlotStage:
     # ---- messages -----------------------------------------------------------
     def admit(self, m: Admit) -> None:
         s = self._slot(m.slot, active=None)  # re-admitting a slot resets it
+        if s.active:
+            self.caches[s.lane].release(s.row)
         s.active, s.position = True, 0
         self.due.pop(m.slot, None)
         if self.log is not None:
@@ -165,6 +170,7 @@ class SlotStage:
     def retire(self, m: Retire) -> None:
         s = self._slot(m.slot)
         s.active, s.sampling, s.generator = False, None, None
+        self.caches[s.lane].release(s.row)  # its pages go back to the OS (a paged cache)
         self.due.pop(m.slot, None)
         if self.log is not None:
             self.log.free(m.slot)

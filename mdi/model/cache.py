@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from .pages import drop_pages
+
 # Positions a run keeps when --max-context is not given: a model's whole
 # block_size up to this (GPT-2's 1024 and TinyLlama's 2048 are kept whole),
 # never SmolLM2's 8192 (377 MB of fp32 cache per sequence) by default.
@@ -167,6 +169,14 @@ class KVCache:
             idx = input_pos[None, :, None, :, None].expand(2, -1, kv.shape[2], -1, kv.shape[4])
             buf.scatter_(3, idx, kv)
         return self.k[layer], self.v[layer]
+
+    def release(self, row: int) -> int:
+        """Row `row`'s sequence ended: give its pages back to the OS (a paged cache;
+        the row reads as zeros again). Returns the bytes freed; 0 for growing buffers,
+        which are held whole until the cache goes."""
+        if not self.paged:
+            return 0
+        return sum(drop_pages(buf[i, row]) for buf in self.kv for i in range(buf.shape[0]))
 
     def nbytes(self) -> int:
         """Bytes of the buffers grown to max_len: what a run's rows can reach."""
