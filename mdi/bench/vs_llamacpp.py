@@ -15,6 +15,11 @@ sequences' positions and no more (-c = sequences x (8 + new tokens)), so
 N adds llama-bench's ppN beside mdi's first token of an N-token prompt (one
 sequence, N / time to first token, the sampling of that token included).
 
+On a machine shared with other work run it under OMP_WAIT_POLICY=passive (both
+engines' children inherit it): llama.cpp's OpenMP threads otherwise spin at
+every barrier and lose their cores (SmolLM2 Q4_1, 2 threads, load ~7 on 2
+cores: 1.3-7 tokens/s spinning, 43 passive).
+
 The llama.cpp tools are the user's own build (see docs/benchmarks.md); without
 them this compares nothing and says so. Nothing is downloaded.
 """
