@@ -23,7 +23,7 @@ def test_native_flags_read_from_cpuinfo(tmp_path):
 def test_no_native_bf16_is_float32_without_a_probe(monkeypatch):
     monkeypatch.delenv("MDI_AUTO_DTYPE", raising=False)
     monkeypatch.setattr(auto_dtype, "native_bf16_flags", lambda: [])
-    monkeypatch.setattr(auto_dtype, "probe_ms", lambda *a: pytest.fail("probed"))
+    monkeypatch.setattr(auto_dtype, "probe_ms", lambda: pytest.fail("probed"))
     name, why = resolve("auto")
     assert name == "float32" and "no native bfloat16" in why
 
@@ -39,16 +39,22 @@ def test_native_bf16_is_chosen_by_the_probe_and_kept(tmp_path, monkeypatch, ms, 
     monkeypatch.setattr(auto_dtype, "native_bf16_flags", lambda: ["amx_bf16"])
     calls = []
 
-    def probe(rows, dtype, reps=5):
-        calls.append((rows, dtype))
-        return ms[rows][0 if dtype.is_floating_point and dtype.itemsize == 4 else 1]
+    def probe():
+        calls.append(1)
+        return {f"{name}_{rows}": ms[rows][i] for rows in (1, 16)
+                for i, name in enumerate(("fp32", "bf16"))}
 
     monkeypatch.setattr(auto_dtype, "probe_ms", probe)
     name, why = resolve("auto")
-    assert name == want and "amx_bf16" in why and len(calls) == 4
+    assert name == want and "amx_bf16" in why and len(calls) == 1
     kept = json.loads((tmp_path / "auto_dtype.json").read_text())
     assert len(kept) == 1 and set(next(iter(kept.values()))) == {"fp32_1", "bf16_1", "fp32_16", "bf16_16"}
-    assert resolve("auto")[0] == want and len(calls) == 4  # the second start does not probe
+    assert resolve("auto")[0] == want and len(calls) == 1  # the second start does not probe
+
+
+def test_the_probe_times_all_four_products():
+    ms = auto_dtype.probe_ms(rounds=2)
+    assert set(ms) == {"fp32_1", "bf16_1", "fp32_16", "bf16_16"} and all(v > 0 for v in ms.values())
 
 
 def test_env_fixes_the_answer_and_names_pass_through(monkeypatch):

@@ -68,6 +68,20 @@ def test_summary_takes_each_engine_s_best_run_and_the_memory_over_mdi_s_runtime(
     assert "0.80" in format_summary([s]).splitlines()[1]
 
 
+def test_each_mdi_dtype_and_the_prefill_get_a_row_beside_llamacpp_s_best():
+    def row(engine, phase, n, t, dtype=""):
+        return dict(engine=engine, weights="F32", phase=phase, n_seqs=n, tokens_per_s=t,
+                    dtype=dtype, peak_rss_mb=500.0, baseline_rss_mb="" if dtype == "" else 250.0)
+    rows = [row("llama.cpp", "decode", 1, 40.0), row("llama.cpp", "decode", 1, 50.0),
+            row("mdi", "decode", 1, 60.0, "auto: bfloat16"), row("mdi", "decode", 1, 30.0, "float32"),
+            row("llama.cpp", "prefill", 1, 500.0), row("mdi", "prefill", 1, 250.0, "float32"),
+            row("llama.cpp", "decode", 4, 100.0), row("mdi", "decode", 4, 150.0, "float32")]
+    got = [(s["phase"], s["n_seqs"], s["mdi_dtype"], s["llamacpp_tokens_per_s"], s["speed_ratio"])
+           for s in summarize(rows)]
+    assert got == [("decode", 1, "auto: bfloat16", 50.0, 1.2), ("decode", 1, "float32", 50.0, 0.6),
+                   ("decode", 4, "float32", 100.0, 1.5), ("prefill", 1, "float32", 500.0, 0.5)]
+
+
 @pytest.mark.slow
 def test_a_whole_comparison_on_the_shipped_model(tmp_path):
     """mdi runs for real on the shipped Q4_1 file beside the stand-in tools: the CSVs,
@@ -79,12 +93,17 @@ def test_a_whole_comparison_on_the_shipped_model(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "mdi.cli.main", "bench", "--vs-llamacpp",
                         "--ckpt", str(gguf), "--llama-bench", str(tools), "--seqs", "1,4",
-                        "--n-tokens", "4", "--runs", "1", "--out", str(out)],
+                        "--n-tokens", "4", "--runs", "1", "--out", str(out),
+                        "--llama-dtypes", "auto,float32", "--llama-prefill", "16"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert [int(x["n_seqs"]) for x in rows] == [1, 4]
-    assert [float(x["llamacpp_tokens_per_s"]) for x in rows] == [97.5, 150.25]
+    assert [(x["phase"], int(x["n_seqs"])) for x in rows] == [
+        ("decode", 1), ("decode", 1), ("decode", 4), ("decode", 4), ("prefill", 1), ("prefill", 1)]
+    assert [float(x["llamacpp_tokens_per_s"]) for x in rows] == [97.5] * 2 + [150.25] * 2 + [97.5] * 2
+    assert [x["mdi_dtype"] for x in rows[:2]] == ["auto: float32", "float32"]  # MDI_AUTO_DTYPE
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert {int(r["n_prompt"]) for r in runs if r["phase"] == "prefill"} == {16}
     for x in rows:
         assert x["mdi_weights"] == "int4" and float(x["mdi_tokens_per_s"]) > 0
         assert float(x["mdi_peak_rss_mb"]) > float(x["mdi_rss_over_runtime_mb"]) > 0

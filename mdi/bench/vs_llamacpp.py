@@ -8,7 +8,17 @@ Q4 file, int8 for Q8_0, none for F32/F16). The rows interleave engine by
 engine within each sequence count, so a machine that slows down slows both.
 mdi's row also says the memory of a process that has only imported torch and
 mdi (the runtime's own weight, `baseline_rss_mb`): peak minus that is what the
-model and its caches cost.
+model and its caches cost. `dtypes` runs mdi at each --dtype (auto, float32: a
+row each beside the same llama.cpp figure). llama.cpp's cache holds the
+sequences' positions and no more (-c = sequences x (8 + new tokens)), so
+`--seqs 16 --n-tokens 504` compares 16 sequences of 512 positions. `prefill`
+N adds llama-bench's ppN beside mdi's first token of an N-token prompt (one
+sequence, N / time to first token, the sampling of that token included).
+
+On a machine shared with other work run it under OMP_WAIT_POLICY=passive (both
+engines' children inherit it): llama.cpp's OpenMP threads otherwise spin at
+every barrier and lose their cores (SmolLM2 Q4_1, 2 threads, load ~7 on 2
+cores: 1.3-7 tokens/s spinning, 43 passive).
 
 The llama.cpp tools are the user's own build (see docs/benchmarks.md); without
 them this compares nothing and says so. Nothing is downloaded.
@@ -27,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-CSV_FIELDS = ["timestamp", "engine", "weights", "n_seqs", "run", "n_tokens", "threads",
-              "tokens_per_s", "peak_rss_mb", "baseline_rss_mb"]
+CSV_FIELDS = ["timestamp", "engine", "weights", "dtype", "phase", "n_seqs", "run", "n_prompt",
+              "n_tokens", "threads", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb"]
 PROMPT = "The history of the city begins"
+NPP = 8  # llama-batched-bench's prompt tokens per sequence (mdi's PROMPT: 6 in SmolLM2's tokenizer)
 
 
 @dataclass
@@ -43,6 +54,8 @@ class LlamaCppConfig:
     quantize: str | None = "auto"      # mdi's --quantize; "auto": from the file's type
     out: str = "bench-vs-llamacpp"
     kv_dtype: str | None = None        # mdi's --kv-dtype (None: its compute dtype)
+    dtypes: list[str] = field(default_factory=lambda: ["auto"])  # mdi's --dtype, a row each
+    prefill: int = 0                   # >0: also a prompt of this many tokens, 1 sequence
 
     def tools(self) -> tuple[Path, Path]:
         p = Path(self.llama_bench)
@@ -99,17 +112,19 @@ def mdi_quantize(weights: str) -> str | None:
     return None
 
 
-def llamacpp_rate(cfg: LlamaCppConfig, n_seqs: int) -> tuple[float, float]:
-    """llama.cpp's generation tokens/s over all sequences and its peak RSS (MB)."""
+def llamacpp_rate(cfg: LlamaCppConfig, n_seqs: int, prefill: int = 0) -> tuple[float, float]:
+    """llama.cpp's generation tokens/s over all sequences (prefill > 0: its prompt
+    processing of that many tokens) and its peak RSS (MB)."""
     bench, batched = cfg.tools()
-    if n_seqs == 1:
-        out, rss = measured([str(bench), "-m", cfg.gguf, "-t", str(cfg.threads), "-p", "0",
-                             "-n", str(cfg.n_tokens), "-r", "1", "-o", "json"])
+    if n_seqs == 1 or prefill:
+        out, rss = measured([str(bench), "-m", cfg.gguf, "-t", str(cfg.threads),
+                             "-p", str(prefill), "-n", "0" if prefill else str(cfg.n_tokens),
+                             "-r", "1", "-o", "json"])
         rows = json.loads(out)
         return float(rows[0]["avg_ts"]), rss
-    ctx = n_seqs * (cfg.n_tokens + 16)
+    ctx = n_seqs * (NPP + cfg.n_tokens)
     out, rss = measured([str(batched), "-m", cfg.gguf, "-t", str(cfg.threads), "-c", str(ctx),
-                         "-b", "2048", "-ub", "512", "-npp", "8", "-ntg", str(cfg.n_tokens),
+                         "-b", "2048", "-ub", "512", "-npp", str(NPP), "-ntg", str(cfg.n_tokens),
                          "-npl", str(n_seqs), "--output-format", "jsonl"])
     for line in out.splitlines():
         if line.startswith("{"):
@@ -118,19 +133,36 @@ def llamacpp_rate(cfg: LlamaCppConfig, n_seqs: int) -> tuple[float, float]:
     raise RuntimeError(f"llama-batched-bench printed no result: {out[-400:]}")
 
 
-def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None) -> tuple[float, float]:
-    """mdi sample's tokens/s over all sequences and its peak RSS (MB)."""
+def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None, dtype: str = "auto",
+             prompt: tuple[str, int] | None = None) -> tuple[float, float, str]:
+    """mdi sample's tokens/s over all sequences (prompt (text, its token count): that
+    prompt's tokens / time to first token), its peak RSS (MB) and its compute dtype."""
+    text, n_tokens = (prompt[0], 1) if prompt else (PROMPT, cfg.n_tokens)
     cmd = [sys.executable, "-m", "mdi.cli.main", "sample", "--ckpt", cfg.gguf, "--json",
-           "--n-samples", str(n_seqs), "--n-tokens", str(cfg.n_tokens), "--temperature", "0",
-           "--ignore-eos", "--threads", str(cfg.threads), "--prompt", PROMPT,
-           "--max-context", str(max(256, cfg.n_tokens + 64))]
+           "--n-samples", str(n_seqs), "--n-tokens", str(n_tokens), "--temperature", "0",
+           "--ignore-eos", "--threads", str(cfg.threads), "--prompt", text, "--dtype", dtype,
+           "--max-context", str(max(256, n_tokens + 64 + (prompt[1] if prompt else 0)))]
     if quantize:
         cmd += ["--quantize", quantize]
     if cfg.kv_dtype:
         cmd += ["--kv-dtype", cfg.kv_dtype]
     out, rss = measured(cmd)
     result = json.loads(out[out.index("{"):])
-    return float(result["tokens_per_s"]), rss
+    ran = (result.get("compute") or {}).get("dtype", dtype)
+    if prompt:
+        return prompt[1] / float(result["first_token_s"]), rss, ran
+    return float(result["tokens_per_s"]), rss, ran
+
+
+def prefill_prompt(gguf: str, n: int) -> tuple[str, int]:
+    """A prompt text of about n tokens in the file's tokenizer (latency.PASSAGE repeated)
+    and its token count as mdi encodes it."""
+    from ..checkpoint.sources import open_checkpoint
+    from .latency import prompt_ids
+
+    tok = open_checkpoint(gguf).tokenizer()
+    text = tok.decode(prompt_ids(tok, n))
+    return text, len(tok.encode(text))
 
 
 def baseline_rss(threads: int) -> float:
@@ -141,8 +173,9 @@ def baseline_rss(threads: int) -> float:
 
 
 def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
-    """Both engines at every sequence count, `runs` times, interleaved; writes
-    runs.csv, summary.csv and tokens_per_s.png / peak_rss.png under cfg.out."""
+    """Both engines at every sequence count (and mdi at every dtype), `runs` times,
+    interleaved, then the prefill rows; writes runs.csv, summary.csv and
+    tokens_per_s.png / peak_rss.png under cfg.out."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = file_weights(cfg.gguf)
@@ -150,23 +183,27 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     base = baseline_rss(cfg.threads)
     log.info("%s: %s weights; mdi runs with --quantize %s; an idle mdi process: %.0f MB",
              Path(cfg.gguf).name, weights, quantize or "none", base)
+    prompt = prefill_prompt(cfg.gguf, cfg.prefill) if cfg.prefill else None
+    plan = [("decode", n, run) for n in cfg.seqs for run in range(cfg.runs)]
+    plan += [("prefill", 1, run) for run in range(cfg.runs if prompt else 0)]
     rows = []
-    for n in cfg.seqs:
-        for run in range(cfg.runs):
-            for engine in ("llama.cpp", "mdi"):
-                t0 = time.time()
-                if engine == "mdi":
-                    rate, rss = mdi_rate(cfg, n, quantize)
-                else:
-                    rate, rss = llamacpp_rate(cfg, n)
-                rows.append({"timestamp": round(t0, 1), "engine": engine,
-                             "weights": quantize or "float" if engine == "mdi" else weights,
-                             "n_seqs": n, "run": run, "n_tokens": cfg.n_tokens,
-                             "threads": cfg.threads, "tokens_per_s": round(rate, 2),
-                             "peak_rss_mb": round(rss, 1),
-                             "baseline_rss_mb": round(base, 1) if engine == "mdi" else ""})
-                log.info("%-9s %2d seq(s) run %d: %7.1f tokens/s, peak RSS %.0f MB", engine, n,
-                         run, rate, rss)
+    for phase, n, run in plan:
+        pre = prompt if phase == "prefill" else None
+        for engine, dtype in [("llama.cpp", ""), *(("mdi", d) for d in cfg.dtypes)]:
+            t0 = time.time()
+            if engine == "mdi":
+                rate, rss, ran = mdi_rate(cfg, n, quantize, dtype, pre)
+            else:
+                (rate, rss), ran = llamacpp_rate(cfg, n, cfg.prefill if pre else 0), ""
+            rows.append({"timestamp": round(t0, 1), "engine": engine,
+                         "weights": quantize or "float" if engine == "mdi" else weights,
+                         "dtype": f"auto: {ran}" if dtype == "auto" else dtype, "phase": phase,
+                         "n_seqs": n, "run": run, "n_prompt": pre[1] if pre else "",
+                         "n_tokens": 1 if pre else cfg.n_tokens, "threads": cfg.threads,
+                         "tokens_per_s": round(rate, 2), "peak_rss_mb": round(rss, 1),
+                         "baseline_rss_mb": round(base, 1) if engine == "mdi" else ""})
+            log.info("%-9s %-8s %-7s %2d seq(s) run %d: %7.1f tokens/s, peak RSS %.0f MB", engine,
+                     ran, phase, n, run, rate, rss)
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
@@ -181,19 +218,25 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per sequence count: each engine's best tokens/s and its peak RSS, and the ratios."""
+    """Per phase, sequence count and mdi dtype: each engine's best tokens/s and its
+    peak RSS, and the ratios (llama.cpp's best of the same phase and count)."""
     out = []
-    for n in sorted({r["n_seqs"] for r in rows}):
-        best = {e: max((r for r in rows if r["n_seqs"] == n and r["engine"] == e),
-                       key=lambda r: r["tokens_per_s"]) for e in ("llama.cpp", "mdi")}
-        m, l = best["mdi"], best["llama.cpp"]
-        over = m["peak_rss_mb"] - m["baseline_rss_mb"]
-        out.append({"n_seqs": n, "llamacpp_weights": l["weights"], "mdi_weights": m["weights"],
-                    "llamacpp_tokens_per_s": l["tokens_per_s"], "mdi_tokens_per_s": m["tokens_per_s"],
-                    "speed_ratio": round(m["tokens_per_s"] / l["tokens_per_s"], 3),
-                    "llamacpp_peak_rss_mb": l["peak_rss_mb"], "mdi_peak_rss_mb": m["peak_rss_mb"],
-                    "mdi_rss_over_runtime_mb": round(over, 1),
-                    "memory_ratio": round(over / l["peak_rss_mb"], 3)})
+    key = lambda r: (r.get("phase", "decode") != "decode", r["n_seqs"])  # noqa: E731
+    for phase_n in sorted({key(r) for r in rows}):
+        here = [r for r in rows if key(r) == phase_n]
+        l = max((r for r in here if r["engine"] == "llama.cpp"), key=lambda r: r["tokens_per_s"])
+        for dtype in dict.fromkeys(r.get("dtype", "") for r in here if r["engine"] == "mdi"):
+            m = max((r for r in here if r["engine"] == "mdi" and r.get("dtype", "") == dtype),
+                    key=lambda r: r["tokens_per_s"])
+            over = m["peak_rss_mb"] - m["baseline_rss_mb"]
+            out.append({"phase": m.get("phase", "decode"), "n_seqs": m["n_seqs"],
+                        "llamacpp_weights": l["weights"], "mdi_weights": m["weights"],
+                        "mdi_dtype": dtype, "llamacpp_tokens_per_s": l["tokens_per_s"],
+                        "mdi_tokens_per_s": m["tokens_per_s"],
+                        "speed_ratio": round(m["tokens_per_s"] / l["tokens_per_s"], 3),
+                        "llamacpp_peak_rss_mb": l["peak_rss_mb"], "mdi_peak_rss_mb": m["peak_rss_mb"],
+                        "mdi_rss_over_runtime_mb": round(over, 1),
+                        "memory_ratio": round(over / l["peak_rss_mb"], 3)})
     return out
 
 
@@ -202,19 +245,28 @@ def plot(summary: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = [s["n_seqs"] for s in summary]
+    decode = [s for s in summary if s.get("phase", "decode") == "decode"]
+    if not decode:
+        return
+    by = {d: [s for s in decode if s.get("mdi_dtype", "") == d]
+          for d in dict.fromkeys(s.get("mdi_dtype", "") for s in decode)}
+    first = next(iter(by.values()))
     for key, what, name in (("tokens_per_s", "tokens/s (all sequences)", "tokens_per_s.png"),
                             ("peak_rss_mb", "peak RSS (MB)", "peak_rss.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for engine, col in (("llama.cpp", "llamacpp_"), ("mdi", "mdi_")):
-            ax.plot(ns, [s[col + key] for s in summary], marker="o", label=engine)
-        if key == "peak_rss_mb":
-            ax.plot(ns, [s["mdi_rss_over_runtime_mb"] for s in summary], marker="o",
-                    linestyle="--", label="mdi minus its idle runtime")
+        ax.plot([s["n_seqs"] for s in first], [s["llamacpp_" + key] for s in first], marker="o",
+                label="llama.cpp")
+        for d, ss in by.items():
+            label = f"mdi {d}".strip()
+            ax.plot([s["n_seqs"] for s in ss], [s["mdi_" + key] for s in ss], marker="o",
+                    label=label)
+            if key == "peak_rss_mb":
+                ax.plot([s["n_seqs"] for s in ss], [s["mdi_rss_over_runtime_mb"] for s in ss],
+                        marker="o", linestyle="--", label=f"{label} minus its idle runtime")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent sequences")
         ax.set_ylabel(what)
-        ax.set_title(f"{summary[0]['llamacpp_weights']} file: mdi vs llama.cpp")
+        ax.set_title(f"{first[0]['llamacpp_weights']} file: mdi vs llama.cpp")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -222,12 +274,13 @@ def plot(summary: list[dict], out: Path) -> None:
 
 
 def format_summary(summary: list[dict]) -> str:
-    lines = [f"{'seqs':>4}  {'llama.cpp tok/s':>15}  {'mdi tok/s':>9}  {'ratio':>5}  "
-             f"{'llama.cpp RSS':>13}  {'mdi RSS':>7}  {'mdi-runtime':>11}  {'ratio':>5}"]
+    lines = [f"{'phase':>7}  {'seqs':>4}  {'mdi dtype':>15}  {'llama.cpp tok/s':>15}  "
+             f"{'mdi tok/s':>9}  {'ratio':>5}  {'llama.cpp RSS':>13}  {'mdi RSS':>7}  "
+             f"{'mdi-runtime':>11}  {'ratio':>5}"]
     for s in summary:
-        lines.append(f"{s['n_seqs']:>4}  {s['llamacpp_tokens_per_s']:>15.1f}  "
+        lines.append(f"{s.get('phase', 'decode'):>7}  {s['n_seqs']:>4}  "
+                     f"{s.get('mdi_dtype', ''):>15}  {s['llamacpp_tokens_per_s']:>15.1f}  "
                      f"{s['mdi_tokens_per_s']:>9.1f}  {s['speed_ratio']:>5.2f}  "
                      f"{s['llamacpp_peak_rss_mb']:>10.0f} MB  {s['mdi_peak_rss_mb']:>4.0f} MB  "
                      f"{s['mdi_rss_over_runtime_mb']:>8.0f} MB  {s['memory_ratio']:>5.2f}")
     return "\n".join(lines)
-

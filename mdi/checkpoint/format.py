@@ -100,22 +100,23 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
                             "int8" if is_quantized(model) else None)
 
 
-def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], config: GPTConfig,
+def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor] | None, config: GPTConfig,
                      tokenizer: Tokenizer | None, training: dict | None = None,
-                     mode: str | None = None) -> Path:
-    """Write a checkpoint directory from its stored tensors; mode: the --quantize mode
-    they are stored in (quant_parts.py), None for float."""
+                     mode: str | None = None, float_dtype: torch.dtype = torch.float32) -> Path:
+    """Write a checkpoint directory from its stored tensors (None: WEIGHTS is written, its
+    floats in float_dtype); mode: their --quantize mode (quant_parts.py), None: float."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
+    if tensors is not None:
+        tmp = path / (WEIGHTS + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
+        float_dtype = next((t.dtype for k, t in tensors.items()
+                            if t.is_floating_point() and not k.endswith(QUANT_FLOATS)), float_dtype)
     cfg = {"format": FORMAT, "version": VERSION, "model": config.to_dict(),
            "training": training or {}}
     if mode:  # loaders build the quantized stage straight from the file
-        floats = [t.dtype for k, t in tensors.items()
-                  if t.is_floating_point() and not k.endswith(QUANT_FLOATS)]
-        cfg["quantize"] = {"mode": mode, "dtype": dtype_name(floats[0] if floats else torch.float32)}
+        cfg["quantize"] = {"mode": mode, "dtype": dtype_name(float_dtype)}
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER)

@@ -7,7 +7,7 @@ matrix product the size of a small model's MLP; else float32. Without native
 bfloat16 a CPU converts every element: on the AVX2 machine this project is
 measured on, bfloat16 reads half the bytes and wins at 1 row (1.7x) but is 3x
 slower at 16 rows, so one dtype for the whole run cannot be bfloat16 there.
-The probe (~0.3 s) runs once per CPU model, torch version and thread count and
+The probe (~0.3 s idle, ~1 s on a loaded machine) runs once per CPU model, torch version and thread count and
 is kept in ~/.cache/mdi/auto_dtype.json (MDI_CACHE_DIR moves it).
 CUDA: bfloat16 where the GPU supports it, else float32. Others: float32.
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ENV = "MDI_AUTO_DTYPE"
 PROBE_SHAPE = (1024, 4096)  # (in, out) of the probe's weight: 16 MB in float32
 WIN = 1.1  # bfloat16 must be this much faster at both row counts
+ROUNDS = 20  # each configuration timed this many times, interleaved (best kept)
 
 
 def native_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
@@ -49,20 +50,30 @@ def native_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return sorted(found)
 
 
-def probe_ms(rows: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """Best time of one (rows, in) @ (in, out) product in dtype, milliseconds."""
+def probe_ms(rounds: int = ROUNDS) -> dict[str, float]:
+    """Best time (ms) of one (rows, in) @ (in, out) product per dtype and row count,
+    keys fp32_1, bf16_1, fp32_16, bf16_16. The four are timed in turn, `rounds`
+    times over: on a shared machine a burst of other work then slows all four
+    rather than one (five runs of one, then five of the next, gave float32 or
+    bfloat16 by chance on the loaded 2-core Sapphire Rapids machine)."""
     k, n = PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g)
+    cases = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        wt = w.to(dtype)
+        for rows in (1, 16):
+            cases[f"{name}_{rows}"] = (torch.randn(rows, k, generator=g).to(dtype), wt)
+    best = dict.fromkeys(cases, float("inf"))
     with torch.inference_mode():
-        torch.nn.functional.linear(x, w)  # warm
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-    return best * 1e3
+        for x, wt in cases.values():
+            torch.nn.functional.linear(x, wt)  # warm
+        for _ in range(rounds):
+            for key, (x, wt) in cases.items():
+                t = time.perf_counter()
+                torch.nn.functional.linear(x, wt)
+                best[key] = min(best[key], time.perf_counter() - t)
+    return {key: round(v * 1e3, 4) for key, v in best.items()}
 
 
 def _cache_path() -> Path:
@@ -95,9 +106,7 @@ def cpu_choice(cache: Path | None = None) -> tuple[str, str]:
     ms = known.get(key) if isinstance(known, dict) else None
     if not (isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float))
                                          for k in ("fp32_1", "bf16_1", "fp32_16", "bf16_16"))):
-        ms = {f"{name}_{rows}": round(probe_ms(rows, dtype), 4)
-              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-              for rows in (1, 16)}
+        ms = probe_ms()
         known = known if isinstance(known, dict) else {}
         known[key] = ms
         try:

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..model.quant import QUANT_MODES
-from .common import BATCH_INVARIANT_HELP, CKPT_HELP, QUANTIZE_HELP, SEED_HELP, add_max_context
+from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DTYPE_CHOICES, QUANTIZE_HELP, SEED_HELP,
+                     add_max_context)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -82,7 +83,11 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
                          seqs=_counts(args.seqs if args.seqs != "1,4,16,64" else "1,4,16", "--seqs"),
                          n_tokens=args.n_tokens or 64, runs=min(args.runs, 2),
                          threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out,
-                         kv_dtype=args.llama_kv_dtype)
+                         kv_dtype=args.llama_kv_dtype, prefill=args.llama_prefill,
+                         dtypes=[d.strip() for d in args.llama_dtypes.split(",") if d.strip()])
+    bad = [d for d in cfg.dtypes if d not in DTYPE_CHOICES]
+    if bad or not cfg.dtypes:
+        raise ValueError(f"--llama-dtypes: {bad or 'none'} (choose from {', '.join(DTYPE_CHOICES)})")
     cfg.tools()  # named now, before anything runs
     summary = run_vs_llamacpp(cfg)
     print(format_summary(summary))
@@ -206,6 +211,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ll.add_argument("--llama-kv-dtype", metavar="DTYPE", choices=("bfloat16", "float16"),
                     help="mdi's --kv-dtype in the comparison (llama.cpp's cache is float16; "
                          "default: mdi's compute dtype)")
+    ll.add_argument("--llama-dtypes", metavar="LIST", default="auto",
+                    help="mdi's --dtype in the comparison, each a row of its own beside the same "
+                         "llama.cpp figure, e.g. auto,float32 (default: auto)")
+    ll.add_argument("--llama-prefill", metavar="N", type=int, default=0,
+                    help="also prompt processing, one sequence: llama-bench's ppN beside mdi's "
+                         "N-token prompt (N / time to its first token), e.g. 128")
     ll.add_argument("--llama-bench", metavar="PATH",
                     help="llama.cpp's llama-bench (llama-batched-bench beside it), built by you; "
                          "see docs/benchmarks.md")
