@@ -291,6 +291,10 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if compile:
         from .compiled import CompiledDecode  # a ValueError for --batch-invariant, here
 
+        if kv_dtype == torch.int8:
+            raise ValueError("--compile with --kv-dtype int8: the compiled step writes the "
+                             "cache's float buffers; use one or the other")
+
         stage.compiled_decode = CompiledDecode(stage)
         pack = False
     stage.packed_linears = pack
