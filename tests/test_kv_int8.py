@@ -156,3 +156,23 @@ def test_eval_scores_through_the_cache_it_is_given(capsys):
     plain, f32, i8 = ppl(), ppl("--kv-dtype", "float32"), ppl("--kv-dtype", "int8")
     assert abs(f32 / plain - 1) < 1e-5, (f32, plain)
     assert abs(i8 / plain - 1) < 0.01 and i8 != f32, (i8, plain)
+
+
+@pytest.mark.parametrize("lengths", [(4, 4), (3, 6)], ids=["uniform", "ragged"])
+def test_a_packed_prefill_into_an_int8_cache_equals_lone_prefills(lengths):
+    """Several prompts prefilled as one packed frame (rows out of order: the gathered
+    reads) store and read what each prompt's own prefill does."""
+    model = scaled_random_model(ROPE, seed=4).eval()
+    configure_stage(model, kv_dtype=torch.int8)
+    prompts = [list(range(1, 1 + lengths[0])), list(range(10, 10 + lengths[1]))]
+    with torch.inference_mode():
+        packed = model.new_cache(2)
+        x = torch.tensor([prompts[0] + prompts[1]])
+        out = step.prefill_rows(model, packed, [1, 0], [0, 0], lengths, x)
+        alone = model.new_cache(2)
+        ref = torch.cat([step.prefill(model, alone, r, p) for r, p in zip([1, 0], prompts)], dim=1)
+        assert torch.allclose(out, ref, atol=1e-4)
+        for r in (0, 1):
+            n = lengths[1 - r]
+            assert torch.allclose(packed.k[0][r:r + 1, :, :n].dequantize(torch.float32),
+                                  alone.k[0][r:r + 1, :, :n].dequantize(torch.float32), atol=1e-4)

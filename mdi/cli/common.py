@@ -128,7 +128,7 @@ def add_kv_dtype(g) -> None:
     g.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
                    help="what the KV caches store (default: the compute dtype); bfloat16 or "
                         "float16 halve a float32 run's cache, int8 (a float32 scale per "
-                        "position and head) takes 0.27x of it (read back in the compute dtype "
+                        "position and head) takes about a quarter (read back in the compute dtype "
                         "each step: a little slower, results close but not equal)")
 
 
