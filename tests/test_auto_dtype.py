@@ -75,5 +75,5 @@ def test_json_says_the_dtype_and_the_kernels(tiny_ckpt, capsys):
     assert out["compute"]["dtype"] == "float32"
     assert out["compute"]["dtype_from"] == "auto, fixed by MDI_AUTO_DTYPE"
     kernels = out["compute"]["kernels"]
-    assert kernels["int8 weight-only up to 4 rows, dynamic above"] == 8  # 2 blocks x 4 linears
+    assert kernels["int8 weight-only up to 16 rows, bfloat16 GEMM above"] == 8  # 2 blocks x 4
     assert sum(kernels.values()) == 8 + 1 + 2  # the head; token and position embeddings

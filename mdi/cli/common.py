@@ -14,7 +14,7 @@ from ..checkpoint.sampling_defaults import SamplingDefaults
 from ..generate.sampling import SamplingConfig
 from ..generate.stops import Stops
 from ..model.cache import context_length
-from ..model.dtypes import DTYPES
+from ..model.dtypes import DTYPES, KV_DTYPES
 from ..model.quant import QUANT_MODES
 from ..results import GenerationResult, append_time_run, dump_json, write_plots
 from ..tokenizer import Tokenizer
@@ -125,9 +125,10 @@ def add_sampling_options(g, n_tokens: int) -> None:
 
 
 def add_kv_dtype(g) -> None:
-    g.add_argument("--kv-dtype", choices=sorted(DTYPES), default=None,
+    g.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
                    help="what the KV caches store (default: the compute dtype); bfloat16 or "
-                        "float16 halve a float32 run's cache (read back in the compute dtype "
+                        "float16 halve a float32 run's cache, int8 (a float32 scale per "
+                        "position and head) takes about a quarter (read back in the compute dtype "
                         "each step: a little slower, results close but not equal)")
 
 
@@ -168,7 +169,7 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
     """How the generation commands load the model (add_generation_options)."""
     return LoadOptions(device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
                        batch_invariant=args.batch_invariant, max_context=args.max_context,
-                       kv_dtype=DTYPES[args.kv_dtype] if args.kv_dtype else None,
+                       kv_dtype=KV_DTYPES[args.kv_dtype] if args.kv_dtype else None,
                        compile=check_compile(args))
 
 

@@ -6,13 +6,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
 from ..model.quant import QUANT_MODES
-from .common import (AUTO_DTYPE_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPES,
-                     QUANTIZE_HELP, THREADS_HELP, UsageError, set_threads)
+from .common import (AUTO_DTYPE_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPES, KV_DTYPES,
+                     QUANTIZE_HELP, THREADS_HELP, UsageError, add_kv_dtype, set_threads)
 
 
 
@@ -23,8 +24,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = Path(args.data).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --data {args.data}: {e}") from None
+    kv_dtype = KV_DTYPES[args.kv_dtype] if args.kv_dtype else None
     loaded = load_model(args.ckpt, LoadOptions(device=args.device, dtype=DTYPES[args.dtype],
-                                               quantize=args.quantize))
+                                               quantize=args.quantize, kv_dtype=kv_dtype))
     model, tok, context = loaded.model, loaded.tokenizer, loaded.model.config.block_size
     ids = tok.encode(text)
     if args.max_tokens is not None:
@@ -41,18 +43,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.total = n
             bar.update(1)
         try:
-            result = perplexity(model, ids, window, stride, device=args.device, on_window=progress)
+            result = perplexity(model if kv_dtype is None else through_cache(model), ids, window,
+                                stride, device=args.device, on_window=progress)
         except ValueError as e:
             raise UsageError(str(e)) from None
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({**result.to_dict(), "seconds": seconds, "ckpt": args.ckpt,
-                          "data": args.data, "dtype": args.dtype}))
+                          "data": args.data, "dtype": args.dtype,
+                          "kv_dtype": args.kv_dtype}))
     else:
         print(f"perplexity {result.ppl:.4f} (nll {result.nll:.4f} nats/token) over "
               f"{result.n_scored} tokens of {args.data}; window {window}, stride {stride}, "
               f"{result.n_windows} forwards, {seconds:.1f} s")
     return 0
+
+
+def through_cache(model):
+    """--kv-dtype: each window is a prefill into a fresh cache of that dtype, so
+    attention reads the keys and values as the cache stores them."""
+    def logits(x):
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        return model(x, pos, model.new_cache(1))
+    return logits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    add_kv_dtype(p)  # given: each window is scored through a cache of that dtype
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -62,8 +62,23 @@ def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
 
 def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cache entries as attention reads them: a narrower cache (--kv-dtype) is read
-    back in the compute dtype; a cache in the compute dtype is read as it is."""
-    return t if t.dtype == dtype else t.to(dtype)
+    back in the compute dtype (an int8 one, cache_int8.QuantizedKV, dequantized); a
+    cache in the compute dtype is read as it is."""
+    if t.dtype == dtype:
+        return t
+    return t.dequantize(dtype) if t.dtype == torch.int8 else t.to(dtype)
+
+
+def grown_buffer(old: torch.Tensor, grown: int) -> torch.Tensor:
+    """old (2, B, nh, T, x) with T grown to `grown` positions: what the rows hold, then
+    zeros (finite: a masked position's value still enters attention's sums, times 0).
+    Empty + two writes, not zeros + copy: 3-7x faster (a stage of SmolLM2, 8 rows,
+    1024 -> 2048: ~150 ms, not 0.4-1 s)."""
+    n = old.shape[3]
+    new = old.new_empty((*old.shape[:3], grown, old.shape[4]))
+    new[:, :, :, :n] = old
+    new[:, :, :, n:].zero_()
+    return new
 
 
 class KVCache:
@@ -129,27 +144,31 @@ class KVCache:
         """Make positions [0, length) writable: grow every layer's buffer if needed."""
         if length <= self.allocated:
             return
-        if length > self.max_len:
-            raise ValueError(f"position {length - 1} is past the cache's {self.max_len} positions")
-        step = self.grow_by or self.max_len
-        grown = min(self.max_len, -(-max(length, 2 * self.allocated) // step) * step)
+        grown = self._grown_length(length)
         for i, old in enumerate(self.kv):
-            # what the rows hold, then zeros (finite: a masked position's value still
-            # enters attention's sums, times 0); empty + two writes, not zeros + copy:
-            # 3-7x faster (a stage of SmolLM2, 8 rows, 1024 -> 2048: ~150 ms, not 0.4-1 s)
-            n = old.shape[3]
-            new = old.new_empty((*old.shape[:3], grown, old.shape[4]))
-            new[:, :, :, :n] = old
-            new[:, :, :, n:].zero_()
+            new = grown_buffer(old, grown)
             # the layer's views move too, so the old buffer goes now: views kept to the
             # end of the loop held the whole old cache beside the new one (16 SmolLM2
             # rows in bfloat16 from 256 to 512 positions: 94 MB more at that step)
             self.kv[i], self.k[i], self.v[i] = new, new[0], new[1]
             del old, new
 
+    def _grown_length(self, length: int) -> int:
+        """The allocation that holds positions [0, length): doubled, in whole grow_by blocks."""
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the cache's {self.max_len} positions")
+        step = self.grow_by or self.max_len
+        return min(self.max_len, -(-max(length, 2 * self.allocated) // step) * step)
+
     def rows(self, start: int, stop: int) -> "CacheRows":
         """A cache over rows [start, stop) that shares storage with this one."""
         return CacheRows(self, start, stop)
+
+    def store(self, layer: int, index: tuple, kv: torch.Tensor) -> None:
+        """Write kv at `index` of the layer's buffer (2, B, nh, T, hs) (e.g. packed
+        tokens' rows and positions), in the cache's dtype."""
+        buf = self.kv[layer]
+        buf[index] = kv.to(buf.dtype)
 
     def update(self, layer: int, input_pos: torch.Tensor, kv: torch.Tensor,
                start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,4 +229,4 @@ class CacheRows(KVCache):
 
     def rows(self, start: int, stop: int) -> "CacheRows":
         base = self.span[0]
-        return CacheRows(self.whole, base + start, base + stop)
+        return type(self)(self.whole, base + start, base + stop)

@@ -16,3 +16,7 @@ def dtype_name(dtype: torch.dtype) -> str:
         if d == dtype:
             return name
     raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+
+# what a KV cache may store (--kv-dtype): the float dtypes, or int8 with a scale per
+# (position, head) (model/cache_int8.py)
+KV_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8}

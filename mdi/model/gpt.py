@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .cache import KVCache, context_length
+from .cache_int8 import make_cache
 from .config import GPTConfig
 from .layers import (Block, CachedStep, LinearMode, cached_step, linear, make_norm,
                      rope_inv_freq, rope_table)
@@ -125,8 +126,8 @@ class GPT(nn.Module):
                   device: torch.device | str | None = None) -> KVCache:
         p = self.first_param()
         c = self.config
-        return KVCache(self.n_blocks, batch, c.kv_heads, self.context, c.head_size,
-                       dtype=dtype or self.kv_dtype or p.dtype, device=device or p.device)
+        return make_cache(self.n_blocks, batch, c.kv_heads, self.context, c.head_size,
+                          dtype=dtype or self.kv_dtype or p.dtype, device=device or p.device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits: bool = True,

@@ -1,49 +1,43 @@
 """Which kernel an int8 layer runs for the rows of a step.
 
-Two kernels read the same stored int8 weight (one copy serves both):
-- weight-only `torch._weight_int8pack_mm` with bfloat16 activations: no
-  activation quantization, few aten calls; fastest for a few rows (decode of
-  one or a few sequences), where the weight read is the cost;
-- dynamic int8 (`int8_matmul`: per-row int8 activations, `torch._int_mm`,
-  exact integer sums), VNNI-fast for many rows.
-An Int8Linear runs the first up to `few_rows` rows (0: never). The default is
-the fixed FEW_ROWS, so that every process of a ring (and a single-device run)
-makes the same choice for the same rows and their tokens stay equal; a measured
-threshold (`probe_few_rows`, cached per weight shape) is available where one
-process computes alone, or for a starter to measure once and hand to its nodes.
-`--batch-invariant` takes the dynamic kernel in the blocks (the choice would
-otherwise depend on how many rows share a step); the head always runs weight-only.
+Two kernels read the same stored int8 weight (one copy serves both), both on
+bfloat16 activations:
+- weight-only `torch._weight_int8pack_mm`: few aten calls, fastest for a few
+  rows (decode of one or a few sequences), where the weight read is the cost;
+- the weight converted to bfloat16 for one bfloat16 GEMM (`dequantized_matmul`;
+  float32 on CPUs without native bfloat16, `GEMM_DTYPE`)
+  for more rows (larger batches, prefill, eval's windows): the conversion is
+  paid once for all of them.
+An Int8Linear runs the first up to `few_rows` rows, the second from
+`many_rows`. The thresholds are fixed, so every process of a ring (and a
+single-device run) makes the same choice for the same rows and their tokens
+stay equal. The head and `--batch-invariant` stages take the weight-only kernel
+at every row count (its rows are independent, checked in tests/test_quant.py).
+
+The dynamic int8 kernel (`int8_matmul`: per-row int8 activations, `torch._int_mm`)
+was the one above 4 rows until 2026-12-07 and is faster at 16-512 rows on this
+project's CPUs (1.6x at 16 rows here), but rounding the activations to 8 bits
+per row cost SmolLM2 +1.9% perplexity on top of the weights' +0.5% (two thirds
+of it in the MLP's down projection, whose input has a few channels far larger
+than the rest), and keeping it on the other layers left +0.9% to +1.7% by
+details of the down projection's kernel (docs/benchmarks.md section 7). It is
+kept for layers built outside configure_stage (its rows are exact integer sums).
 """
 from __future__ import annotations
 
-import time
-from typing import Callable
-
 import torch
 
-# rows up to which the weight-only kernel runs by default (issue 15's figures on
-# this project's AVX-512 BF16 CPU: weight-only 1.4-2.4x faster at 1-4 rows, the
-# dynamic int8 GEMM faster at 16)
-FEW_ROWS = 4
-PROBE_ROWS = (1, 2, 4, 8, 16)
-# the head: weight-only at every row count (quant.choose_kernels says why); its
-# rows are independent (checked bit for bit in tests/test_quant.py)
+# rows up to which the weight-only kernel runs, the bfloat16 GEMM above (2026-12-07,
+# Sapphire Rapids with AMX, 2 threads, SmolLM2's 120 block matrices, ms, weight-only /
+# bfloat16 GEMM / dynamic int8: 13.8 / 44.1 / 21.0 at 1 row, 45.2 / 46.6 / 28.4 at 16,
+# 73.8 / 51.5 / 41.6 at 32, 2021 / 1032 / 507 at 512; a loaded machine)
+FEW_ROWS = 16
+# the head, and --batch-invariant: weight-only at every row count
 HEAD_ROWS = 1 << 62
 
 
 def weight_only_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
-
-
-def _best_time(fn: Callable[[], object], reps: int = 3, calls: int = 5) -> float:
-    fn()  # warm
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -59,24 +53,26 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return acc.float() * (xs * scale)
 
 
-def probe_few_rows(weight: torch.Tensor, scale: torch.Tensor,
-                   cache: dict[tuple[int, int], int] | None = None) -> int:
-    """The largest row count of PROBE_ROWS up to which the weight-only kernel beat
-    the dynamic one at every count, timed on this CPU (best of 3 x 5 calls each);
-    cached in `cache` per weight shape (a stage's layers share their shapes)."""
-    key = tuple(weight.shape)
-    if cache is not None and key in cache:
-        return cache[key]
-    scale_bf16 = scale.to(torch.bfloat16)
-    few = 0
-    for rows in PROBE_ROWS:
-        x = torch.randn(rows, weight.shape[1])
-        xb = x.to(torch.bfloat16)
-        wo = _best_time(lambda: torch._weight_int8pack_mm(xb, weight, scale_bf16))
-        dyn = _best_time(lambda: int8_matmul(x, weight, scale))
-        if wo >= dyn:
-            break
-        few = rows
-    if cache is not None:
-        cache[key] = few
-    return few
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (AVX-512 BF16 or AMX tiles)? Without,
+    every bfloat16 element is converted in software: a bfloat16 GEMM of many rows ran
+    3x slower than float32 on the AVX2 machine of docs/benchmarks.md."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+# the many-rows GEMM's dtype: bfloat16 where the CPU has it natively, else float32
+# (exact for the int8 codes either way; only the activations' rounding differs)
+GEMM_DTYPE = torch.bfloat16 if native_bf16() else torch.float32
+
+
+def dequantized_matmul(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (N, in) @ dequant(q, scale).T -> (N, out) in `dtype` (None: GEMM_DTYPE): the int8
+    weight converted to it (exact: |q| <= 127), one GEMM (in bfloat16 as the weight-only
+    kernel, bfloat16 activations), the channel scales applied to its result."""
+    dtype = dtype or GEMM_DTYPE
+    return torch.mm(x.to(dtype), q.t().to(dtype)) * scale_bf16.to(dtype)

@@ -94,8 +94,9 @@ def packed_attention(qkv: torch.Tensor, cache: KVCache, layer: int, p: PackedRow
     """
     _, N, heads, hs = qkv.shape
     nkv = (heads - n_head) // 2
-    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs).to(cache.kv[layer].dtype)  # (--kv-dtype)
-    cache.kv[layer][:, p.token_rows, :, p.input_pos[0]] = kv  # (N, 2, nkv, hs): real tokens only
+    kv = qkv[0, :, n_head:].reshape(N, 2, nkv, hs)  # in the cache's dtype as it is stored
+    # the real tokens only: (N, 2, nkv, hs) at their rows and positions
+    cache.store(layer, (slice(None), p.token_rows, slice(None), p.input_pos[0]), kv)
     keys, values = cache.k[layer], cache.v[layer]              # (B_cache, nkv, T_cache, hs)
     def read(t: torch.Tensor) -> torch.Tensor:
         return in_dtype(t, qkv.dtype)

@@ -5,22 +5,17 @@ Storage: every `nn.Linear` weight (out, in) becomes int8 `q` and a float32
 q in [-127, 127]); every `nn.Embedding` table (vocab, C) likewise, one scale
 per row. Weights take 1 byte instead of 4 (plus 4 bytes per row for the scale).
 
-Compute on CPU (`torch._int_mm`, int8 x int8 -> int32): each input row is
-quantized to int8 on the fly with its own scale (amax / 127), multiplied with
-the int8 weight in exact integer arithmetic, and rescaled by row scale x
-channel scale. Measured on this project's 2-core AVX-512 machine, a GPT-2-small
-block's four projections cost ~0.3 ms at one row against ~2.4 ms in fp32
-(the weight read dominates decode; int8 reads 4x fewer bytes), and stay 2-3x
-faster at 16-64 rows (VNNI). The alternatives measured: dequantize-per-call
-(`x @ (q.float() * scale).t()`, 6x slower than fp32 at one row: it writes a
-fresh fp32 weight every call), `torch._weight_int8pack_mm` (fp32 activations:
->10x slower than fp32; bf16 activations: faster but erratic at one row) and
-`torch.ao` dynamic quantization (fbgemm; as fast, but one activation scale per
-*tensor*, so a row's numbers depend on its step-mates, and the API is
-deprecated). Per-row activation scales plus exact integer accumulation make
-`Int8Linear` batch-invariant by construction: a row's output does not depend
-on the other rows, so no per-row loop is needed for `--batch-invariant`.
-Other devices dequantize per call (weight-only): correct, not tuned.
+Compute on CPU: one of three kernels by the rows of the call (kernels.py):
+the weight-only `torch._weight_int8pack_mm` (bfloat16 activations) for a few
+rows, a bfloat16 GEMM on the weight converted to bfloat16 for more (float32 on
+a CPU without native bfloat16); no 8-bit
+rounding of the activations (it cost SmolLM2 +1.9% perplexity). The dynamic int8
+kernel (`torch._int_mm`, each input row quantized to int8 with its own scale)
+serves layers that no configure_stage has set. Rows
+are independent in the first two, so `--batch-invariant` takes the weight-only
+kernel at every row count. `torch.ao` dynamic quantization was measured and not
+taken: one activation scale per *tensor*, so a row's numbers depend on its
+step-mates. Other devices dequantize per call (weight-only): correct, not tuned.
 
 Tied head: the embedding and the head are the same matrix. Both are quantized
 from the same fp32 tensor with the same rule (one scale per vocabulary row), so
@@ -39,7 +34,9 @@ import torch.nn.functional as F
 
 from .cache import context_length
 from .int4 import Int4Linear, packable
-from .kernels import FEW_ROWS, HEAD_ROWS, int8_matmul, probe_few_rows, weight_only_available
+from .dtypes import dtype_name
+from .kernels import (FEW_ROWS, GEMM_DTYPE, HEAD_ROWS, dequantized_matmul, int8_matmul,
+                      weight_only_available)
 from .layers import pack_linears
 
 # "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
@@ -112,17 +109,21 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)[:, None]
 
-    # rows up to which the weight-only kernel runs (kernels.py); set by configure_stage
+    # rows up to which the weight-only kernel runs, and from which the dequantized GEMM
+    # does (kernels.py); set by configure_stage
     few_rows = 0
+    many_rows = HEAD_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        if x.device.type == "cpu" and x2.shape[0] <= self.few_rows:
-            sb = self.__dict__.get("_scale_bf16")  # the kernel's operand; not state
+        n = x2.shape[0]
+        if x.device.type == "cpu" and (n <= self.few_rows or n >= self.many_rows):
+            sb = self.__dict__.get("_scale_bf16")  # the kernels' operand; not state
             if sb is None or sb.shape != self.scale.shape:
                 sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb).to(x.dtype)
+            y = (torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb)
+                 if n <= self.few_rows else dequantized_matmul(x2, self.weight, sb)).to(x.dtype)
         elif x.device.type == "cpu":
             y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
         else:
@@ -242,32 +243,28 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-def choose_kernels(stage: nn.Module, few_rows: int | str | None = None,
+def choose_kernels(stage: nn.Module, few_rows: int | None = None,
                    batch_invariant: bool = False) -> None:
-    """Set every Int8Linear's kernel threshold (kernels.py): None: FEW_ROWS;
-    "probe": measured here, per weight shape; an int: that. --batch-invariant: 0.
-    The head always takes the weight-only kernel (HEAD_ROWS): int8 activations
-    before the vocabulary cost SmolLM2 +1.2% perplexity, and no switch means
-    nothing depends on the rows of a step."""
-    cache: dict[tuple[int, int], int] = {}
+    """Set every Int8Linear's kernel thresholds (kernels.py): weight-only up to
+    few_rows (None: FEW_ROWS) rows, the bfloat16 GEMM above. The head and
+    --batch-invariant stages take the weight-only kernel at every row count: int8
+    activations before the vocabulary cost SmolLM2 +1.2% perplexity, and its rows
+    are independent, so nothing depends on the rows of a step."""
     for name, m in stage.named_modules():
         if not isinstance(m, Int8Linear):
             continue
         if not weight_only_available():  # (other devices: Int8Linear checks x's device)
-            m.few_rows = 0
-        elif name == "lm_head":
-            m.few_rows = HEAD_ROWS
-        elif batch_invariant:
-            m.few_rows = 0
-        elif few_rows == "probe":
-            m.few_rows = probe_few_rows(m.weight, m.scale, cache)
+            m.few_rows, m.many_rows = 0, HEAD_ROWS
+        elif name == "lm_head" or batch_invariant:
+            m.few_rows = m.many_rows = HEAD_ROWS
         else:
             m.few_rows = FEW_ROWS if few_rows is None else int(few_rows)
+            m.many_rows = m.few_rows + 1
 
 
 def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
                     batch_invariant: bool = False, max_context: int | None = None,
-                    pack: bool = True, few_rows: int | str | None = None,
+                    pack: bool = True, few_rows: int | None = None,
                     kv_dtype: torch.dtype | None = None, compile: bool = False) -> nn.Module:
     """Apply the runtime choices every loader of a stage takes (`--quantize`,
     `--batch-invariant`, `--max-context`): single-device, the starter and each
@@ -291,6 +288,10 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
     if compile:
         from .compiled import CompiledDecode  # a ValueError for --batch-invariant, here
 
+        if kv_dtype == torch.int8:
+            raise ValueError("--compile with --kv-dtype int8: the compiled step writes the "
+                             "cache's float buffers; use one or the other")
+
         stage.compiled_decode = CompiledDecode(stage)
         pack = False
     stage.packed_linears = pack
@@ -310,6 +311,8 @@ def kernel_summary(stage: nn.Module) -> dict[str, int]:
         elif isinstance(m, Int8Linear):
             kind = ("int8 weight-only (bfloat16 activations)" if m.few_rows >= HEAD_ROWS else
                     "int8 dynamic (per-row int8 activations)" if m.few_rows <= 0 else
+                    f"int8 weight-only up to {m.few_rows} rows, {dtype_name(GEMM_DTYPE)} GEMM above"
+                    if m.many_rows <= m.few_rows + 1 else
                     f"int8 weight-only up to {m.few_rows} rows, dynamic above")
         elif isinstance(m, Int8Embedding):
             kind = "int8 embedding rows"

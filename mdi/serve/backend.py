@@ -121,7 +121,7 @@ def _local_kwargs(opts: BackendOptions) -> dict:
 
 def local_backend(opts: BackendOptions) -> Backend:
     from ..checkpoint import LoadOptions, load_model
-    from ..model.dtypes import DTYPES
+    from ..model.dtypes import DTYPES, KV_DTYPES
     try:
         from ..engine.local import LocalEngine
     except ImportError as e:
@@ -130,7 +130,7 @@ def local_backend(opts: BackendOptions) -> Backend:
     loaded = load_model(opts.ckpt, LoadOptions(  # any --ckpt spec
         device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
         batch_invariant=opts.batch_invariant, max_context=opts.max_context,
-        kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
+        kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
     model, tok = loaded.model, loaded.tokenizer
     kwargs = _local_kwargs(opts)
 

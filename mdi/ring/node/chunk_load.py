@@ -19,7 +19,7 @@ from ...checkpoint.format import CheckpointError, StageBuilder
 from ...checkpoint.malloc import mapped_allocations
 from ...checkpoint.stream import WeightsStreamError, iter_stream
 from ...model import GPT, GPTConfig
-from ...model.dtypes import DTYPES
+from ...model.dtypes import DTYPES, KV_DTYPES
 from ...model.quant import configure_stage
 from .data_plane import NodeRun
 from .validate import InitError
@@ -85,7 +85,7 @@ async def stage_from_stream(run: NodeRun, body: bytes | AsyncIterator[bytes],
 
 def kv_dtype_of(req) -> torch.dtype | None:
     """The run's --kv-dtype (None: the caches store the compute dtype)."""
-    return DTYPES[req.kv_dtype] if req.kv_dtype else None
+    return KV_DTYPES[req.kv_dtype] if req.kv_dtype else None
 
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:

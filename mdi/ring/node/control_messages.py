@@ -75,7 +75,7 @@ class InitRequest(Strict):
     quantize: Literal["int8", "int4", "int4-g64", "int4-g128"] | None = None
     batch_invariant: bool = False            # per-row compute (see GPT.batch_invariant)
     max_context: int | None = Field(default=None, ge=1, le=2**31 - 1)  # --max-context (None: default cap)
-    kv_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # --kv-dtype (None: dtype)
+    kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] | None = None  # --kv-dtype (None: dtype)
     # replay: keep the activations sent downstream per slot (a lost next node is rebuilt
     # from them) and keep the run (stage, caches) when a link fails, for a resume
     recovery: Literal["reprefill", "replay"] = "reprefill"

@@ -17,7 +17,7 @@ from ...engine.replay import ActivationLog
 from ...generate.sampling import SamplingConfig
 from ...model import GPTConfig
 from ...model.cache import context_length
-from ...model.dtypes import DTYPES
+from ...model.dtypes import DTYPES, KV_DTYPES
 from ..plan import limits as mem
 from ..protocol.wire import DTYPE_CODES, Limits
 from .control_messages import InitRequest
@@ -159,7 +159,7 @@ def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: st
     dtype = DTYPES[req.dtype]
     weights = mem.stage_weight_bytes(config, req.start, req.stop, dtype, req.quantize)
     kv = mem.kv_cache_bytes(config, req.stop - req.start, limits.n_samples,
-                            DTYPES[req.kv_dtype or req.dtype], limits.block_size)
+                            KV_DTYPES[req.kv_dtype or req.dtype], limits.block_size)
     if req.recovery == "replay" and req.role != "finisher":  # the log of what goes downstream
         kv += ActivationLog.max_bytes(limits.n_samples, limits.block_size, config.n_embd,
                                       torch.empty(0, dtype=dtype).element_size())

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...model import GPT, GPTConfig
-from ...model.dtypes import DTYPES
+from ...model.dtypes import DTYPES, KV_DTYPES
 from ...model.meta import on_meta
 from ...model.quant import quantize as quantize_stage
 from .cgroups import cgroup_cpu_limit
@@ -90,7 +90,7 @@ def stage_memory(config: GPTConfig, n_samples: int, dtype: str = "float32",
     with on_meta():
         stages = [quantize_stage(GPT(c3, i, i + 1).to(DTYPES[dtype]), quantize) for i in range(3)]
         stages[1].max_context = max_context  # the caches' length: min(block_size, the cap)
-        cache = stages[1].new_cache(n_samples, dtype=DTYPES[kv_dtype] if kv_dtype else None)
+        cache = stages[1].new_cache(n_samples, dtype=KV_DTYPES[kv_dtype] if kv_dtype else None)
     kv = cache.nbytes() if hasattr(cache, "nbytes") else sum(
         t.numel() * t.element_size() for t in list(cache.k) + list(cache.v))
     block = _nbytes(stages[1])

@@ -55,12 +55,16 @@ def kv_cache_bytes(config, n_layers: int, n_samples: int, dtype: torch.dtype,
 
     Each block keeps k and v of shape (samples, n_kv_head, context, head_size),
     as KVCache holds them once grown to the whole context (what a run's rows can reach); context is min(block_size, max_context), with
-    max_context's default cap (model/cache.py:context_length) when None.
+    max_context's default cap (model/cache.py:context_length) when None;
+    int8 (--kv-dtype int8, model/cache_int8.py): 1 byte a number plus a float32
+    scale per position and head.
     """
     n_kv_head, head_size = config.kv_heads, config.head_size
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    vector = head_size * torch.empty(0, dtype=dtype).element_size()
+    if dtype == torch.int8:
+        vector += 4  # its scale
     context = context_length(config.block_size, max_context)
-    return 2 * n_layers * n_samples * n_kv_head * context * head_size * itemsize
+    return 2 * n_layers * n_samples * n_kv_head * context * vector
 
 
 def stage_weight_bytes(config, start: int, stop: int, dtype: torch.dtype,

@@ -9,7 +9,7 @@ from ...checkpoint.sources import checkpoint_mode
 from ...engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from ...engine.scheduler import DEFAULT_PREFILL_CHUNK
 from ...model import GPT
-from ...model.dtypes import DTYPES
+from ...model.dtypes import DTYPES, KV_DTYPES
 from ...results import FailedNode, Failure, GenerationResult
 from ..cluster.nodes_config import NodeSpec, NodesConfig
 from ..plan.partition import Shard, even_split, manual_split
@@ -78,7 +78,7 @@ def first_stage(ck: Checkpoint, stop: int, opts: RunOptions) -> GPT:
     stage, _ = load_stage(ck, 0, stop, device=opts.device, dtype=DTYPES[opts.dtype],
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           max_context=opts.max_context,
-                          kv_dtype=DTYPES[opts.kv_dtype] if opts.kv_dtype else None)
+                          kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None)
     return stage
 
 
