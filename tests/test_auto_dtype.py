@@ -7,6 +7,8 @@ import pytest
 
 from mdi.cli import auto_dtype
 from mdi.cli.auto_dtype import native_bf16_flags, resolve
+from mdi.model.dtypes import dtype_name
+from mdi.model.kernels import GEMM_DTYPE
 
 
 def test_native_flags_read_from_cpuinfo(tmp_path):
@@ -75,5 +77,6 @@ def test_json_says_the_dtype_and_the_kernels(tiny_ckpt, capsys):
     assert out["compute"]["dtype"] == "float32"
     assert out["compute"]["dtype_from"] == "auto, fixed by MDI_AUTO_DTYPE"
     kernels = out["compute"]["kernels"]
-    assert kernels["int8 weight-only up to 16 rows, bfloat16 GEMM above"] == 8  # 2 blocks x 4
+    gemm = dtype_name(GEMM_DTYPE)  # bfloat16 where the CPU has it natively, else float32
+    assert kernels[f"int8 weight-only up to 16 rows, {gemm} GEMM above"] == 8  # 2 blocks x 4
     assert sum(kernels.values()) == 8 + 1 + 2  # the head; token and position embeddings

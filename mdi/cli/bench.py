@@ -85,6 +85,8 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
                          threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out,
                          kv_dtype=args.llama_kv_dtype, prefill=args.llama_prefill,
                          dtypes=[d.strip() for d in args.llama_dtypes.split(",") if d.strip()])
+    if cfg.prefill < 0:
+        raise ValueError(f"--llama-prefill must be 0 (none) or a prompt length, got {cfg.prefill}")
     bad = [d for d in cfg.dtypes if d not in DTYPE_CHOICES]
     if bad or not cfg.dtypes:
         raise ValueError(f"--llama-dtypes: {bad or 'none'} (choose from {', '.join(DTYPE_CHOICES)})")

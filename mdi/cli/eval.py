@@ -37,6 +37,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if window > context:
         raise UsageError(f"--window {window} exceeds the model's context of {context} tokens")
     stride = args.stride or max(1, window // 2)
+    if kv_dtype is not None:  # each window goes through a cache: one as long as the window
+        model.max_context = window
     t0 = time.perf_counter()
     with tqdm(unit="window", disable=None, desc="perplexity", leave=False) as bar:
         def progress(i: int, n: int) -> None:

@@ -100,8 +100,9 @@ class KVCache:
     (`reserve`); grow_by=None allocates max_len at once. `max_len` is what a row
     can reach; `nbytes()` counts that, the memory a run must plan for;
     `allocated_nbytes()` the buffers' size now (of a paged cache, its address
-    space: the memory held is the pages written). Nothing is given back before the
-    cache is dropped.
+    space: the memory held is the pages written). A paged cache gives a row's pages
+    back when its sequence ends (`release`); growing buffers hold everything until
+    the cache is dropped.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_size: int,
@@ -191,8 +192,9 @@ class KVCache:
 
     def release(self, row: int) -> int:
         """Row `row`'s sequence ended: give its pages back to the OS (a paged cache;
-        the row reads as zeros again). Returns the bytes freed; 0 for growing buffers,
-        which are held whole until the cache goes."""
+        the row reads as zeros again). Returns the bytes of the whole pages given back
+        (advised: pages the row never wrote count too); 0 for growing buffers, which
+        are held whole until the cache goes."""
         if not self.paged:
             return 0
         return sum(drop_pages(buf[i, row]) for buf in self.kv for i in range(buf.shape[0]))

@@ -89,9 +89,12 @@ class Int8KVCache(KVCache):
             return
         grown = self._grown_length(length)
         for i in range(len(self.kv)):
+            # the layer's views go with its old buffers, as in KVCache.reserve: views kept
+            # to the end held the whole old cache beside the new one
             self.kv[i] = grown_buffer(self.kv[i], grown)
             self.sc[i] = grown_buffer(self.sc[i], grown)
-        self._bind()
+            self.k[i] = QuantizedKV(self.kv[i][0], self.sc[i][0])
+            self.v[i] = QuantizedKV(self.kv[i][1], self.sc[i][1])
 
     def rows(self, start: int, stop: int) -> "Int8CacheRows":
         return Int8CacheRows(self, start, stop)

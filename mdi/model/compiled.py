@@ -4,9 +4,9 @@ One graph serves every decode step of a row bucket: the positions and the
 mask are tensors (no Python reads of them, no graph break), the rows of a step
 are padded to a bucket (1, 2, 4, 8, 16, ...), and two sizes are marked dynamic:
 the keys attention reads (the step's largest position + 1, as the eager step
-reads only the filled part) and the cache's allocated length (it grows in
-blocks, cache.py), so neither a longer context nor a grown cache compiles
-again. A bucket has two graphs at most: rows at one position (no mask, as the
+reads only the filled part) and the cache's allocated length (whole on the
+CPU, where the cache is paged; grown in blocks elsewhere, cache.py), so neither a
+longer context nor a grown cache compiles again. A bucket has two graphs at most: rows at one position (no mask, as the
 eager step) and rows at several. Everything else is static (`dynamic=False`).
 A decode with every row at position 0 (a one-token prompt) runs eagerly: dynamo
 would give a size of 1 a graph of its own. Prefill stays eager.
@@ -154,7 +154,7 @@ class CompiledDecode:
         keys = torch.arange(L, device=x.device)
         kv = [buf[:, lo:lo + n] for buf in whole.kv]
         torch._dynamo.mark_dynamic(keys, 0)
-        for b in kv:  # the allocated length: dynamic too, so growth compiles nothing
+        for b in kv:  # the allocated length: dynamic too (a growing cache compiles nothing)
             torch._dynamo.mark_dynamic(b, 3)
         key = (n, x.dtype, uniform)
         t0 = time.perf_counter()

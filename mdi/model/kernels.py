@@ -11,7 +11,9 @@ bfloat16 activations:
 An Int8Linear runs the first up to `few_rows` rows, the second from
 `many_rows`. The thresholds are fixed, so every process of a ring (and a
 single-device run) makes the same choice for the same rows and their tokens
-stay equal. The head and `--batch-invariant` stages take the weight-only kernel
+stay equal; on one kind of CPU: the many-rows GEMM runs in bfloat16 or float32
+by the CPU (`GEMM_DTYPE`), so a ring mixing a CPU with native bfloat16 and one
+without computes prefills and steps of more than `few_rows` rows in two ways. The head and `--batch-invariant` stages take the weight-only kernel
 at every row count (its rows are independent, checked in tests/test_quant.py).
 
 The dynamic int8 kernel (`int8_matmul`: per-row int8 activations, `torch._int_mm`)
@@ -73,6 +75,8 @@ def dequantized_matmul(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tenso
                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """x (N, in) @ dequant(q, scale).T -> (N, out) in `dtype` (None: GEMM_DTYPE): the int8
     weight converted to it (exact: |q| <= 127), one GEMM (in bfloat16 as the weight-only
-    kernel, bfloat16 activations), the channel scales applied to its result."""
+    kernel, bfloat16 activations), the channel scales applied to its result. The
+    converted weight is a temporary of out x in x 2 (4) bytes per call (TinyLlama's
+    MLP: 23 (46) MB), which the memory plan does not count."""
     dtype = dtype or GEMM_DTYPE
     return torch.mm(x.to(dtype), q.t().to(dtype)) * scale_bf16.to(dtype)
