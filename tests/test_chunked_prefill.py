@@ -196,6 +196,24 @@ def test_a_chunk_at_the_wrong_position_is_refused(tiny_config, make_model):
     stage.decode(Decode(0, (0,), torch.zeros(1, 1, tiny_config.n_embd), 8))
 
 
+async def decoding_while_a_long_prompt_joins(engine, long: list[int]) -> list[list[int]]:
+    """Greedy tokens of a sequence that decodes 60 tokens and of `long`, submitted once
+    the first one decodes (3 tokens)."""
+    await engine.start()
+    try:
+        a = engine.submit([1, 2], greedy(60))
+        events = a.events()
+        await events.__anext__()                   # a decodes
+        b = engine.submit(long, greedy(3))
+        async for _ in events:
+            pass
+        async for _ in b.events():
+            pass
+        return [list(a.generated), list(b.generated)]
+    finally:
+        await engine.close()
+
+
 def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
     """mdi serve's engines (prefill_share): while a sequence decodes, a joining
     100-token prompt goes in chunks cut to about a decode step's time (the first one,
@@ -212,21 +230,7 @@ def test_adaptive_prefill_cuts_chunks_to_a_decode_step_while_others_decode():
         engine, link = ring(model, 2, prefill_chunk)
         engine.prefill_share = 1.0 if adaptive else 0.0
 
-        async def main():
-            await engine.start()
-            try:
-                a = engine.submit([1, 2], greedy(60))
-                events = a.events()
-                await events.__anext__()                   # a decodes
-                b = engine.submit(long, greedy(3))
-                async for _ in events:
-                    pass
-                async for _ in b.events():
-                    pass
-                return [list(a.generated), list(b.generated)]
-            finally:
-                await engine.close()
-        tokens = asyncio.run(main())
+        tokens = asyncio.run(decoding_while_a_long_prompt_joins(engine, long))
         sizes = [m.x.shape[1] for m in link.sent if isinstance(m, Prefill) and m.x.shape[1] > 2]
         return tokens, sizes
 
@@ -286,22 +290,7 @@ def test_a_prompt_alone_in_its_lane_sends_a_chunk_per_step_of_the_decoding_lane(
     link = MemoryLink([SlotStage(stages[1], lane_sizes(2, 2))])
     engine = PipelineEngine(stages[0], TOK.decode, 2, 2, link, prefill_chunk=4)
 
-    async def main(engine):
-        await engine.start()
-        try:
-            a = engine.submit([1, 2], greedy(60))
-            events = a.events()
-            await events.__anext__()                   # a decodes in lane 0
-            b = engine.submit(long, greedy(3))          # b alone in lane 1
-            async for _ in events:
-                pass
-            async for _ in b.events():
-                pass
-            return [list(a.generated), list(b.generated)]
-        finally:
-            await engine.close()
-
-    got = asyncio.run(main(engine))
+    got = asyncio.run(decoding_while_a_long_prompt_joins(engine, long))  # b alone in lane 1
     kinds = [type(m).__name__ for m in link.sent   # b's chunks (slot 1) and a's decodes
              if isinstance(m, Decode) or isinstance(m, Prefill) and m.slot == 1]
     first, last = kinds.index("Prefill"), len(kinds) - kinds[::-1].index("Prefill")
@@ -309,4 +298,5 @@ def test_a_prompt_alone_in_its_lane_sends_a_chunk_per_step_of_the_decoding_lane(
     assert during.count("Prefill") == 25               # 100 tokens, 4 a chunk
     steady = during[during.index("Decode"):]           # once a's lane is in flight
     assert "Prefill, Prefill" not in ", ".join(steady), during
-    assert got == asyncio.run(main(LocalEngine(model, TOK, max_seqs=2, prefill_chunk=4)))
+    one = LocalEngine(model, TOK, max_seqs=2, prefill_chunk=4)
+    assert got == asyncio.run(decoding_while_a_long_prompt_joins(one, long))

@@ -79,10 +79,11 @@ def _json(*args) -> dict:
 
 
 @pytest.mark.slow
-def test_a_ring_with_a_bfloat16_cache_equals_one_device():
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_a_ring_with_a_narrower_cache_equals_one_device(kv_dtype):
     gen = ["--ckpt", "models/shakespeare-char", "--n-samples", "2", "--n-tokens", "40",
            "--temperature", "0", "--batch-invariant", "--threads", "1", "--prompt", "ROMEO:",
-           "--kv-dtype", "bfloat16"]
+           "--kv-dtype", kv_dtype]
     one = _json("sample", *gen)
     ring = _json("run", *gen, "--nodes", "2", "--timeout", "30")
     assert ring["samples"] == one["samples"] and ring["n_nodes"] == 2

@@ -145,12 +145,18 @@ def test_a_split_ring_over_paged_caches_gives_the_tokens_of_one_device_over_whol
     assert all(c.paged for c in ring[0].caches)
 
 
-def test_growth_gives_each_old_layer_buffer_up_before_growing_the_next():
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_growth_gives_each_old_layer_buffer_up_before_growing_the_next(kind):
     """The old buffer of a layer goes as soon as its rows are copied (views of it kept to
-    the end of the growth held the whole old cache beside the new one)."""
+    the end of the growth held the whole old cache beside the new one); an int8 cache's
+    too, with its scales."""
     import weakref
 
-    cache = KVCache(3, 2, 2, 64, 4, grow_by=8, paged=False)
+    from mdi.model.cache_int8 import Int8KVCache
+
+    cls = Int8KVCache if kind == "int8" else KVCache
+    dtype = torch.int8 if kind == "int8" else torch.float32
+    cache = cls(3, 2, 2, 64, 4, dtype=dtype, grow_by=8, paged=False)
     rows = cache.rows(0, 2)
     freed = []
     for i, b in enumerate(cache.kv):

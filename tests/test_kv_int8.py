@@ -1,8 +1,8 @@
 """--kv-dtype int8 (model/cache_int8.py): keys and values stored as int8 with a float32
 scale per (position, head), read back in the compute dtype. Logits stay within a
 stated tolerance of a float32 cache's, a growing cache gives the tokens of one
-allocated whole, the plan and a node's memory check count the scales, and a ring
-with the option equals one device."""
+allocated whole, the plan and a node's memory check count the scales (a ring with
+the option equals one device: tests/test_kv_dtype.py)."""
 from __future__ import annotations
 
 import sys
@@ -16,7 +16,7 @@ from mdi.model.cache_int8 import Int8KVCache, QuantizedKV, quantize_vectors
 from mdi.model.quant import configure_stage
 
 from conftest import scaled_random_model
-from test_kv_dtype import GPT2, ROPE, _json, _logits
+from test_kv_dtype import GPT2, ROPE, _logits
 
 
 def test_vectors_round_to_nearest_with_their_own_scale():
@@ -133,16 +133,6 @@ def test_decode_over_an_int8_cache_equals_prefill_of_the_same_tokens():
         assert torch.allclose(step.decode(model, alone, [11], [4]), together[1:], atol=1e-5)
 
 
-@pytest.mark.slow
-def test_a_ring_with_an_int8_cache_equals_one_device():
-    gen = ["--ckpt", "models/shakespeare-char", "--n-samples", "2", "--n-tokens", "40",
-           "--temperature", "0", "--batch-invariant", "--threads", "1", "--prompt", "ROMEO:",
-           "--kv-dtype", "int8"]
-    one = _json("sample", *gen)
-    ring = _json("run", *gen, "--nodes", "2", "--timeout", "30")
-    assert ring["samples"] == one["samples"] and ring["n_nodes"] == 2
-
-
 def test_eval_scores_through_the_cache_it_is_given(capsys, monkeypatch):
     """`mdi eval --kv-dtype`: a float32 cache scores as no cache does (up to float
     rounding); an int8 one within 1% of its perplexity (measured +0.02%)."""
@@ -200,16 +190,3 @@ def test_a_released_int8_row_gives_back_values_and_scales():
     assert freed >= 0.95 * (2 * 2 * 2 * 4096 * 64) * (1 + 1 / 16)
     assert all(float(b[:, 0].abs().sum()) == 0 for b in cache.kv + cache.sc)
 
-
-def test_an_int8_growth_gives_each_old_layer_buffer_up_before_growing_the_next():
-    import weakref
-
-    cache = Int8KVCache(3, 2, 2, 64, 4, grow_by=8, paged=False)
-    rows = cache.rows(0, 2)
-    freed = []
-    for i, b in enumerate(cache.kv):
-        weakref.finalize(b, lambda i=i: freed.append((i, sum(t.shape[3] > 8 for t in cache.kv))))
-    del b
-    rows.reserve(12)
-    assert freed == [(0, 1), (1, 2), (2, 3)]  # (layer, layers grown when it went)
-    assert rows.allocated == cache.allocated == 16 and rows.k[2].shape == (2, 2, 16, 4)
