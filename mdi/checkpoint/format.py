@@ -10,9 +10,8 @@ A quantized checkpoint (`mdi convert --quantize int8|int4|int4-g64|int4-g128`)
 says so in config.json ("quantize": {"mode", "dtype": its float tensors'}) and
 stores each quantized layer in parts (quant_parts.py: int8 rows with scales,
 int4 codes with scales and zeros), never in a kernel's packed layout; loading
-it builds that mode's stage, and a run of it takes its mode (run_mode).
-
-Stages load only the tensors of their own layer range.
+it builds that mode's stage, and a run of it takes its mode (run_mode). Stages
+load only the tensors of their own layer range.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from . import st_io
 from .gguf_int4 import int4_target
 from .hf_source import Rows
 from .malloc import mapped_allocations
-from .quant_parts import QuantParts, QuantPartsError, stream_want
+from .quant_parts import QUANT_FLOATS, QuantParts, QuantPartsError, stored_float_dtype, stream_want
 
 FORMAT = "mdi-checkpoint"
 VERSION = 1
@@ -50,7 +49,6 @@ EMBEDDING_SCALE = "transformer.wte.scale"
 TIED_SOURCES = {TIED_HEAD: EMBEDDING, TIED_SCALE: EMBEDDING_SCALE}  # a tied head is stored so
 ALIGN = 64  # bytes; what torch's CPU allocator gives
 STORED_MODES = QUANT_MODES  # quantized checkpoints we write and read
-QUANT_FLOATS = (".scale", ".int4_scale", ".int4_zero")  # a quantized layer's float32 parts
 
 
 class CheckpointError(ValueError):
@@ -102,7 +100,7 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer | None,
 
 def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor] | None, config: GPTConfig,
                      tokenizer: Tokenizer | None, training: dict | None = None,
-                     mode: str | None = None, float_dtype: torch.dtype = torch.float32) -> Path:
+                     mode: str | None = None, float_dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint directory from its stored tensors (None: WEIGHTS is written, its
     floats in float_dtype); mode: their --quantize mode (quant_parts.py), None: float."""
     path = Path(path)
@@ -111,12 +109,11 @@ def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor] | None, 
         tmp = path / (WEIGHTS + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         tmp.replace(path / WEIGHTS)  # atomic: a crash never leaves half a file
-        float_dtype = next((t.dtype for k, t in tensors.items()
-                            if t.is_floating_point() and not k.endswith(QUANT_FLOATS)), float_dtype)
+        float_dtype = stored_float_dtype({k: t.dtype for k, t in tensors.items()})
     cfg = {"format": FORMAT, "version": VERSION, "model": config.to_dict(),
            "training": training or {}}
     if mode:  # loaders build the quantized stage straight from the file
-        cfg["quantize"] = {"mode": mode, "dtype": dtype_name(float_dtype)}
+        cfg["quantize"] = {"mode": mode, "dtype": dtype_name(float_dtype or torch.float32)}
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, path / TOKENIZER)

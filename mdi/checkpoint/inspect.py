@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..tokenizer import TokenizerError
 from . import st_io
-from .format import QUANT_FLOATS, CheckpointError, CheckpointInfo
+from .format import CheckpointError, CheckpointInfo
 from .gguf_int4 import int4_target
+from .quant_parts import QUANT_FLOATS
 from .sampling_defaults import SamplingDefaults, sampling_defaults
 from .sources import Checkpoint, open_checkpoint
 

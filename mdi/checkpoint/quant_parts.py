@@ -31,6 +31,13 @@ from ..model.int4 import Int4Weight
 GROUP = 32  # the GGUF block formats' group
 INT4_PARTS = ("int4_codes", "int4_scale", "int4_zero")
 INT8_PARTS = ("weight", "scale")
+QUANT_FLOATS = (".scale", ".int4_scale", ".int4_zero")  # a quantized layer's float32 parts
+
+
+def stored_float_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
+    """The dtype of a checkpoint's float tensors, a quantized layer's own parts aside."""
+    return next((d for k, d in dtypes.items()
+                 if d.is_floating_point and not k.endswith(QUANT_FLOATS)), None)
 
 
 class QuantPartsError(ValueError):

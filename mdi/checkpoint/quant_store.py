@@ -26,11 +26,11 @@ import torch
 from ..model.dtypes import DTYPES
 from ..model.int4 import Int4Weight, quantize_groups
 from ..tokenizer import Tokenizer
-from .format import (FORMAT, QUANT_FLOATS, TIED_HEAD, TIED_SCALE, WEIGHTS, CheckpointInfo,
-                     StageBuilder, build_stage, read_stage_file, write_checkpoint)
+from .format import (FORMAT, TIED_HEAD, TIED_SCALE, WEIGHTS, CheckpointInfo, StageBuilder,
+                     build_stage, read_stage_file, write_checkpoint)
 from .gguf_int4 import int4_target
 from .hf import HFCheckpoint
-from .quant_parts import int4_items
+from .quant_parts import int4_items, stored_float_dtype
 from .st_write import TensorFileWriter
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -62,16 +62,19 @@ class StoreBuilder(StageBuilder):
         for name, t in int4_items(prefix, w):  # (a fused weight's scales may be views: own them)
             self._keep(name, t if self.sink else t.clone())
 
+    def _stored(self, name: str) -> bool:
+        """Is `name` written to the checkpoint (a tied head is not: the embedding is it)?"""
+        return not (self.tied and name in (TIED_HEAD, TIED_SCALE))
+
     def _keep(self, name: str, t: torch.Tensor) -> None:
         if self.sink is None:
             super()._keep(name, t)
-        elif not (self.tied and name in (TIED_HEAD, TIED_SCALE)):
+        elif self._stored(name):
             self.sink(name, t)
 
     def finish(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
         self.check_complete()  # (with a sink: every tensor is written already)
-        out = {k: v.contiguous() for k, v in self.sd.items()
-               if not (self.tied and k in (TIED_HEAD, TIED_SCALE))}
+        out = {k: v.contiguous() for k, v in self.sd.items() if self._stored(k)}
         self.sd = {}
         return out
 
@@ -103,6 +106,5 @@ def write_quantized(ck: CheckpointInfo | HFCheckpoint, out: str | Path, mode: st
     out.mkdir(parents=True, exist_ok=True)
     with TensorFileWriter(out / WEIGHTS, {"format": FORMAT}) as w:
         _build(ck, mode, dtype, lambda *a: StoreBuilder(*a, sink=w.add))
-    floats = [d for n, d in w.dtypes.items() if d.is_floating_point and not n.endswith(QUANT_FLOATS)]
     return write_checkpoint(out, None, ck.config, tokenizer, dict(ck.training), mode,
-                            float_dtype=floats[0] if floats else torch.float32)
+                            float_dtype=stored_float_dtype(w.dtypes))
