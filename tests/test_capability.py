@@ -1,11 +1,13 @@
 """Node capabilities: memory from the model's shape, a timed probe, and the endpoints."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdi.model import GPT, GPTConfig
+from mdi.model import GPT, GPTConfig, KVCache
 from mdi.ring.plan import capability
 from mdi.ring.plan.capability import (ProbeCache, Speed, effective_cpus, node_capabilities,
                                  probe_speed, stage_memory)
@@ -198,3 +200,19 @@ def test_endpoints_need_the_token_and_cache_the_probe():
                         headers=auth)
         assert r.status_code == 400 and r.json()["detail"].startswith("model:")
     rt.executor.shutdown()
+
+
+def test_a_running_node_counts_its_paged_caches_unwritten_pages_once():
+    """budget = free memory + what the current run holds: a paged cache's pages no row
+    wrote are in free memory already, so they are not the run's held bytes too."""
+    rt = NodeRuntime(NodeSpec("finisher", 0, "127.0.0.1", 1, 2, 3), TOKEN)
+    cache = KVCache(2, 2, 2, 4096, 64)              # 8 MB planned, nothing written
+    weights = 5 << 20
+    rt.run = SimpleNamespace(mem_bytes=weights + cache.nbytes(), slots=SimpleNamespace(caches=[cache]))
+    assert rt._held() == weights
+    cache.rows(0, 1).update(0, torch.arange(4096)[None], torch.ones(2, 1, 2, 4096, 64), start=0)
+    assert rt._held() == weights + 2 * 2 * 4096 * 64 * 4   # row 0 of layer 0, k and v
+    rt.run = SimpleNamespace(mem_bytes=weights, slots=None)  # a fixed-batch run: as planned
+    assert rt._held() == weights
+    rt.run = None
+    assert rt._held() == 0

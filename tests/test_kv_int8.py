@@ -185,8 +185,11 @@ def test_a_released_int8_row_gives_back_values_and_scales():
     kv = torch.randn(2, 1, 2, 4096, 64)
     for layer in range(2):
         cache.rows(0, 1).update(layer, torch.arange(4096)[None], kv, start=0)
+    written = cache.nbytes() - cache.unwritten_nbytes()   # values and scales both counted
+    assert 0.95 * cache.nbytes() / 2 <= written <= cache.nbytes() / 2 + 4 * 4096
     freed = cache.release(0)
     # values 2 layers x 2 x 2 heads x 4096 x 64 bytes, scales a 16th of that
     assert freed >= 0.95 * (2 * 2 * 2 * 4096 * 64) * (1 + 1 / 16)
+    assert cache.unwritten_nbytes() >= cache.nbytes() - 4 * 4096  # at most the edge pages
     assert all(float(b[:, 0].abs().sum()) == 0 for b in cache.kv + cache.sc)
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .pages import drop_pages
+from .pages import drop_pages, resident_bytes
 
 # Positions a run keeps when --max-context is not given: a model's whole
 # block_size up to this (GPT-2's 1024 and TinyLlama's 2048 are kept whole),
@@ -205,6 +205,27 @@ class KVCache:
 
     def allocated_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the cache allocated (what nbytes() counts)."""
+        return list(self.kv)
+
+    def unwritten_nbytes(self) -> int:
+        """Of nbytes(), what the OS does not hold: a paged cache's pages no row has
+        written (or given back), 0 for growing buffers or where it cannot be told. A
+        node's memory budget counts a run's planned bytes as its own, less these:
+        free memory already includes them. A page only read (attention reads a short
+        row's positions up to its lane's longest) maps the OS's shared zero page,
+        which mincore reports as held: the figure errs towards held, by those."""
+        if not self.paged:
+            return 0
+        unwritten = 0
+        for t in self.buffers():
+            held = resident_bytes(t)
+            if held is None:
+                return 0
+            unwritten += max(0, t.numel() * t.element_size() - held)
+        return unwritten
 
 
 class CacheRows(KVCache):

@@ -126,6 +126,9 @@ class Int8KVCache(KVCache):
     def allocated_nbytes(self) -> int:
         return super().allocated_nbytes() + sum(s.numel() * 4 for s in self.sc)
 
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.kv, *self.sc]
+
 
 class Int8CacheRows(CacheRows, Int8KVCache):
     """Rows [start, stop) of an Int8KVCache (CacheRows: views that follow growth)."""

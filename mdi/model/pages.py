@@ -26,6 +26,7 @@ if sys.platform.startswith("linux"):
     try:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
     except (OSError, AttributeError):  # no madvise to call: pages stay held until the cache goes
         _libc = None
 
@@ -46,3 +47,20 @@ def drop_pages(t: torch.Tensor) -> int:
         log.debug("madvise(DONTNEED) refused: errno %d", ctypes.get_errno())
         return 0
     return last - first
+
+
+def resident_bytes(t: torch.Tensor) -> int | None:
+    """Bytes of the pages under a contiguous CPU tensor's bytes that the OS holds in
+    memory (mincore): of a paged cache, the pages its rows have written and not
+    given back. None where that cannot be asked (no mincore, another device)."""
+    if _libc is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return None
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    end = t.data_ptr() + t.numel() * t.element_size()
+    n = -(-(end - start) // page)
+    vec = ctypes.create_string_buffer(n)
+    if _libc.mincore(start, n * page, vec) != 0:
+        log.debug("mincore refused: errno %d", ctypes.get_errno())
+        return None
+    return sum(b & 1 for b in vec.raw) * page

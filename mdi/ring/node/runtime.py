@@ -112,7 +112,14 @@ class NodeRuntime:
         return caps
 
     def _held(self) -> int:
-        return self.run.mem_bytes if self.run is not None else 0
+        """What the current run holds of free memory's complement: its planned bytes
+        less the paged caches' pages no row has written (free memory counts those
+        already, so counting them again would promise them twice)."""
+        if self.run is None:
+            return 0
+        slots = self.run.slots
+        unwritten = sum(c.unwritten_nbytes() for c in slots.caches) if slots is not None else 0
+        return max(0, self.run.mem_bytes - unwritten)
 
     async def probe(self, req: ProbeRequest) -> dict:
         """Time this node on a run's shape, on the compute thread (cached per shape)."""
