@@ -4,6 +4,7 @@ tools (shell scripts that print what the real ones print) on the shipped model."
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,11 +92,12 @@ def test_a_whole_comparison_on_the_shipped_model(tmp_path):
     gguf = shipped_path("smollm2-135m-instruct")
     tools = fake_tools(tmp_path)
     out = tmp_path / "out"
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
     r = subprocess.run([sys.executable, "-m", "mdi.cli.main", "bench", "--vs-llamacpp",
                         "--ckpt", str(gguf), "--llama-bench", str(tools), "--seqs", "1,4",
                         "--n-tokens", "4", "--runs", "1", "--out", str(out),
                         "--llama-dtypes", "auto,float32", "--llama-prefill", "16"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [(x["phase"], int(x["n_seqs"])) for x in rows] == [
@@ -104,6 +106,8 @@ def test_a_whole_comparison_on_the_shipped_model(tmp_path):
     assert [x["mdi_dtype"] for x in rows[:2]] == ["auto: float32", "float32"]  # MDI_AUTO_DTYPE
     runs = list(csv.DictReader(open(out / "runs.csv")))
     assert {int(r["n_prompt"]) for r in runs if r["phase"] == "prefill"} == {16}
+    assert {r["omp_wait_policy"] for r in runs} == {"passive"}   # what both engines ran under
+    assert all(float(r["load_avg"]) >= 0 for r in runs)
     for x in rows:
         assert x["mdi_weights"] == "int4" and float(x["mdi_tokens_per_s"]) > 0
         assert float(x["mdi_peak_rss_mb"]) > float(x["mdi_rss_over_runtime_mb"]) > 0

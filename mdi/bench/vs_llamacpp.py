@@ -15,10 +15,14 @@ sequences' positions and no more (-c = sequences x (8 + new tokens)), so
 N adds llama-bench's ppN beside mdi's first token of an N-token prompt (one
 sequence, N / time to first token, the sampling of that token included).
 
-On a machine shared with other work run it under OMP_WAIT_POLICY=passive (both
-engines' children inherit it): llama.cpp's OpenMP threads otherwise spin at
-every barrier and lose their cores (SmolLM2 Q4_1, 2 threads, load ~7 on 2
-cores: 1.3-7 tokens/s spinning, 43 passive).
+OMP_WAIT_POLICY decides llama.cpp's speed, both ways. Its OpenMP threads spin at
+every barrier by default: on a quiet machine that is its speed (SmolLM2 Q4_1, one
+sequence, 2 threads, Sapphire Rapids: 101.7 tokens/s spinning, 33.0 under
+`passive`), on a machine shared with other work they lose their cores (load ~7 on
+2 cores: 1.3-7 tokens/s spinning, 43 passive). Both engines' children inherit the
+variable; every row records it and the load average when it started
+(`omp_wait_policy`, `load_avg`), and a `passive` run on a quiet machine is
+warned about: it compares mdi with a slowed llama.cpp.
 
 The llama.cpp tools are the user's own build (see docs/benchmarks.md); without
 them this compares nothing and says so. Nothing is downloaded.
@@ -38,7 +42,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ["timestamp", "engine", "weights", "dtype", "phase", "n_seqs", "run", "n_prompt",
-              "n_tokens", "threads", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb"]
+              "n_tokens", "threads", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
+              "omp_wait_policy", "load_avg"]
 PROMPT = "The history of the city begins"
 NPP = 8  # llama-batched-bench's prompt tokens per sequence (mdi's PROMPT: 6 in SmolLM2's tokenizer)
 
@@ -183,6 +188,11 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     base = baseline_rss(cfg.threads)
     log.info("%s: %s weights; mdi runs with --quantize %s; an idle mdi process: %.0f MB",
              Path(cfg.gguf).name, weights, quantize or "none", base)
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    if policy.lower() == "passive" and os.getloadavg()[0] < (os.cpu_count() or 1):
+        log.warning("OMP_WAIT_POLICY=passive on a machine with little other work: llama.cpp's "
+                    "threads sleep at every barrier and it runs up to 3x slower than it would "
+                    "(leave the variable unset where nothing else runs)")
     prompt = prefill_prompt(cfg.gguf, cfg.prefill) if cfg.prefill else None
     plan = [("decode", n, run) for n in cfg.seqs for run in range(cfg.runs)]
     plan += [("prefill", 1, run) for run in range(cfg.runs if prompt else 0)]
@@ -190,7 +200,7 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     for phase, n, run in plan:
         pre = prompt if phase == "prefill" else None
         for engine, dtype in [("llama.cpp", ""), *(("mdi", d) for d in cfg.dtypes)]:
-            t0 = time.time()
+            t0, load = time.time(), os.getloadavg()[0]
             if engine == "mdi":
                 rate, rss, ran = mdi_rate(cfg, n, quantize, dtype, pre)
             else:
@@ -201,7 +211,8 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
                          "n_seqs": n, "run": run, "n_prompt": pre[1] if pre else "",
                          "n_tokens": 1 if pre else cfg.n_tokens, "threads": cfg.threads,
                          "tokens_per_s": round(rate, 2), "peak_rss_mb": round(rss, 1),
-                         "baseline_rss_mb": round(base, 1) if engine == "mdi" else ""})
+                         "baseline_rss_mb": round(base, 1) if engine == "mdi" else "",
+                         "omp_wait_policy": policy, "load_avg": round(load, 2)})
             log.info("%-9s %-8s %-7s %2d seq(s) run %d: %7.1f tokens/s, peak RSS %.0f MB", engine,
                      ran, phase, n, run, rate, rss)
     with open(out / "runs.csv", "w", newline="") as f:
