@@ -224,3 +224,38 @@ def test_the_many_rows_gemm_in_either_dtype_equals_the_dequantized_weights(dtype
     assert got.dtype == dtype
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 6e-3), err
+
+
+def test_the_head_recomputes_its_best_candidates_in_float32():
+    """kernels.refine_top: the weight-only kernel rounds its output to bfloat16 (steps of
+    0.125 near 25), so two logits 0.03 apart tie; the head's top candidates come back
+    in float32 from the exact int8 rows, the others as the kernel gave them, row by row."""
+    from mdi.model.kernels import REFINE_TOP, refine_top, weight_only_available
+
+    if not weight_only_available():
+        pytest.skip("no weight-only int8 kernel")
+    g = torch.Generator().manual_seed(0)
+    head = Int8Linear(64, 200, bias=False)
+    head.weight = torch.randint(-127, 128, (200, 64), generator=g, dtype=torch.int8)
+    head.scale = torch.full((200,), 0.01)
+    x = torch.randn(5, 64, generator=g)
+    head.weight[7] = head.weight[3]                    # logit 7 = logit 3 ...
+    head.weight[7, 0] += 3 if x[0, 0] > 0 else -3      # ... plus 0.03 x |x00|: row 0 ranks 7 first
+    head.weight[7, 0] = head.weight[7, 0].clamp(-127, 127)
+    exact = x @ (head.weight.float() * 0.01).t()
+    sb = head.scale.to(torch.bfloat16)
+    rounded = torch._weight_int8pack_mm(x.to(torch.bfloat16), head.weight, sb)
+    got = refine_top(rounded, x, head.weight, head.scale)
+    top = rounded.float().topk(REFINE_TOP, dim=1).indices
+    for r in range(5):
+        t = top[r]
+        assert torch.allclose(got[r, t], exact[r, t], rtol=0, atol=1e-5)   # float32, exactly
+        rest = torch.ones(200, dtype=torch.bool)
+        rest[t] = False
+        assert torch.equal(got[r, rest], rounded[r, rest].float())       # the kernel's values
+        assert torch.equal(refine_top(rounded[r:r + 1], x[r:r + 1], head.weight, head.scale),
+                           got[r:r + 1])                                  # rows on their own
+    assert got.argmax(1).tolist() == exact.argmax(1).tolist()
+    head.few_rows = head.many_rows = 1 << 62                             # as configure_stage sets
+    head.refine = True
+    assert torch.equal(head(x), got) and head(x.bfloat16()).dtype == torch.bfloat16

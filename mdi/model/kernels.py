@@ -80,3 +80,27 @@ def dequantized_matmul(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tenso
     MLP: 23 (46) MB), which the memory plan does not count."""
     dtype = dtype or GEMM_DTYPE
     return torch.mm(x.to(dtype), q.t().to(dtype)) * scale_bf16.to(dtype)
+
+
+# logits the head recomputes in float32 (per row, its best candidates by the bfloat16
+# product), at steps of up to REFINE_ROWS rows (decode, a prompt's last position)
+REFINE_TOP = 16
+REFINE_ROWS = 64
+
+
+def refine_top(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+               k: int = REFINE_TOP) -> torch.Tensor:
+    """The weight-only kernel's output, y (N, out) bfloat16, as float32 with each row's
+    k largest entries recomputed exactly in float32 from x (N, in) and the int8 rows
+    (q (out, in), scale (out,)). The kernel rounds its output to bfloat16: logits near
+    25 come out in steps of 0.125, so two candidates 0.03 apart tie, and greedy
+    decoding took the wrong one of SmolLM2's first answer (docs/benchmarks.md). The
+    candidates a sampler can draw are the top ones; the rest keep the kernel's value.
+    Each row depends on itself alone: the sums are elementwise products summed
+    along the row (a batched GEMM's sums changed with the number of rows)."""
+    y = y.float()
+    k = min(k, y.shape[1])
+    idx = y.topk(k, dim=1, sorted=False).indices                         # (N, k)
+    w = q[idx].float() * scale[idx].float()[..., None]                   # (N, k, in)
+    exact = (w * x.float()[:, None, :]).sum(-1)                          # (N, k)
+    return y.scatter_(1, idx, exact)

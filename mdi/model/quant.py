@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from .cache import context_length
 from .int4 import Int4Linear, packable
 from .dtypes import dtype_name
-from .kernels import (FEW_ROWS, GEMM_DTYPE, HEAD_ROWS, dequantized_matmul, int8_matmul,
-                      weight_only_available)
+from .kernels import (FEW_ROWS, GEMM_DTYPE, HEAD_ROWS, REFINE_ROWS, dequantized_matmul,
+                      int8_matmul, refine_top, weight_only_available)
 from .layers import pack_linears
 
 # "int4" is group 32; "int4-g64" and "int4-g128" the coarser groups (--quantize values)
@@ -113,6 +113,7 @@ class Int8Linear(nn.Module):
     # does (kernels.py); set by configure_stage
     few_rows = 0
     many_rows = HEAD_ROWS
+    refine = False  # the head: its best candidates recomputed in float32 (kernels.refine_top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -122,8 +123,13 @@ class Int8Linear(nn.Module):
             sb = self.__dict__.get("_scale_bf16")  # the kernels' operand; not state
             if sb is None or sb.shape != self.scale.shape:
                 sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
-            y = (torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb)
-                 if n <= self.few_rows else dequantized_matmul(x2, self.weight, sb)).to(x.dtype)
+            if n <= self.few_rows:
+                y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb)
+                if self.refine and n <= REFINE_ROWS and x.dtype == torch.float32:
+                    y = refine_top(y, x2, self.weight, self.scale)
+                y = y.to(x.dtype)
+            else:
+                y = dequantized_matmul(x2, self.weight, sb).to(x.dtype)
         elif x.device.type == "cpu":
             y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
         else:
@@ -257,6 +263,7 @@ def choose_kernels(stage: nn.Module, few_rows: int | None = None,
             m.few_rows, m.many_rows = 0, HEAD_ROWS
         elif name == "lm_head" or batch_invariant:
             m.few_rows = m.many_rows = HEAD_ROWS
+            m.refine = name == "lm_head"
         else:
             m.few_rows = FEW_ROWS if few_rows is None else int(few_rows)
             m.many_rows = m.few_rows + 1
