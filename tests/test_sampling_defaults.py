@@ -115,5 +115,8 @@ def test_smollm2_says_paris_without_sampling_flags():
     rc, out, err = run_cli("sample", "--ckpt", "smollm2-135m-instruct", "--chat", "--prompt",
                            "What is the capital of France?", "--n-tokens", "40", "--json")
     assert rc == 0, err
-    samples = json.loads(out)["samples"]
+    result = json.loads(out)
+    samples = result["samples"]
     assert len(samples) == 3 and all("Paris" in s for s in samples), samples
+    # the file's precision: its Q4_1 codes as int4 (the head's best logits in float32)
+    assert any(k.startswith("int4") for k in result["compute"]["kernels"]), result["compute"]

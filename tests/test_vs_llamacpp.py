@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mdi.bench.vs_llamacpp import (LlamaCppConfig, format_summary, llamacpp_rate, measured,
-                                   mdi_quantize, summarize)
+                                   summarize)
 
 
 @pytest.mark.slow
@@ -28,12 +28,6 @@ def test_measured_reports_the_child_s_own_peak_not_this_process_s():
 def test_a_failing_command_is_named():
     with pytest.raises(RuntimeError, match="false failed"):
         measured(["false"])
-
-
-@pytest.mark.parametrize("weights,want", [("Q4_1", "int4"), ("Q4_K", "int4"), ("Q8_0", "int8"),
-                                          ("Q6_K", "int8"), ("F32", None), ("BF16", None)])
-def test_mdi_keeps_the_file_s_precision(weights, want):
-    assert mdi_quantize(weights) == want
 
 
 def fake_tools(folder: Path) -> Path:

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.gguf_precision import main_weight_type, mode_for
+
 log = logging.getLogger(__name__)
 CSV_FIELDS = ["timestamp", "engine", "weights", "dtype", "phase", "n_seqs", "run", "n_prompt",
               "n_tokens", "threads", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
@@ -95,26 +97,6 @@ def measured(cmd: list[str], timeout: float = 1800) -> tuple[str, float]:
     if not found:
         raise RuntimeError(f"{Path(cmd[0]).name}: no peak memory reported")
     return r.stdout, int(found[-1]) / 1024
-
-
-def file_weights(gguf: str) -> str:
-    """The GGUF file's main weight type (the type of most of its tensor bytes)."""
-    from gguf import GGUFReader
-
-    sizes: dict[str, int] = {}
-    for t in GGUFReader(gguf).tensors:
-        name = t.tensor_type.name
-        sizes[name] = sizes.get(name, 0) + int(t.n_bytes)
-    return max(sizes, key=sizes.get)
-
-
-def mdi_quantize(weights: str) -> str | None:
-    """mdi's --quantize that keeps a file's precision."""
-    if weights.startswith("Q4") or weights.startswith("IQ4"):
-        return "int4"
-    if weights.startswith(("Q8", "Q5", "Q6")):
-        return "int8"
-    return None
 
 
 def llamacpp_rate(cfg: LlamaCppConfig, n_seqs: int, prefill: int = 0) -> tuple[float, float]:
@@ -183,8 +165,8 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     tokens_per_s.png / peak_rss.png under cfg.out."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = file_weights(cfg.gguf)
-    quantize = mdi_quantize(weights) if cfg.quantize == "auto" else cfg.quantize
+    weights = main_weight_type(cfg.gguf)
+    quantize = mode_for(weights) if cfg.quantize == "auto" else cfg.quantize
     base = baseline_rss(cfg.threads)
     log.info("%s: %s weights; mdi runs with --quantize %s; an idle mdi process: %.0f MB",
              Path(cfg.gguf).name, weights, quantize or "none", base)

@@ -117,6 +117,17 @@ class _Cursor:
                     break
         return fields, n_tensors
 
+    def tensor_infos(self, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+        """The tensor table after the metadata: (name, dims innermost first, type, offset)."""
+        infos = []
+        for _ in range(n_tensors):
+            name = self.string()
+            (n_dims,) = self.unpack("<I")
+            dims = self.unpack(f"<{n_dims}Q")
+            qtype, offset = self.unpack("<IQ")
+            infos.append((name, dims, qtype, offset))
+        return infos
+
 
 def _map(path: Path) -> mmap.mmap:
     with open(path, "rb") as f:
@@ -127,6 +138,25 @@ def header_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
     """The metadata `keys` of a GGUF file, reading its header only as far as needed
     (arrays skipped over): for listings of many files (checkpoint/catalog.py)."""
     return _Cursor(memoryview(_map(Path(path)))).metadata(keys, skip_arrays=True)[0]
+
+
+def bytes_by_type(path: str | Path) -> dict[str, int]:
+    """Tensor bytes per GGML type name, from the header alone (metadata arrays skipped):
+    what a file mostly holds, without reading its vocabulary."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    cur = _Cursor(memoryview(_map(Path(path))))
+    _, n_tensors = cur.metadata(set(), skip_arrays=True)
+    sizes: dict[str, int] = {}
+    for name, dims, qtype, _ in cur.tensor_infos(n_tensors):
+        try:
+            tt = GGMLQuantizationType(qtype)
+            block, block_bytes = GGML_QUANT_SIZES[tt]
+        except (ValueError, KeyError):
+            raise GGUFFormatError(f"tensor {name!r} has unknown type {qtype}") from None
+        n = int(np.prod(dims, dtype=np.int64)) // block * block_bytes
+        sizes[tt.name] = sizes.get(tt.name, 0) + n
+    return sizes
 
 
 class GGUFFile:
@@ -140,13 +170,7 @@ class GGUFFile:
         self._map = _map(self.path)
         cur = _Cursor(memoryview(self._map))
         self.fields, n_tensors = cur.metadata()
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            (n_dims,) = cur.unpack("<I")
-            dims = cur.unpack(f"<{n_dims}Q")
-            qtype, offset = cur.unpack("<IQ")
-            infos.append((name, dims, qtype, offset))
+        infos = cur.tensor_infos(n_tensors)
         align = self.fields.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0:
             raise GGUFFormatError(f"general.alignment is {align!r}")

@@ -85,11 +85,11 @@ def source_for(ckpt: str | Path) -> HFSource | None:
     if is_shipped_name(str(ckpt)):
         return gguf_source(shipped_path(str(ckpt)))
     path = Path(ckpt)
-    if path.suffix.lower() == ".gguf" or (path.is_file() and _has_gguf_magic(path)):
+    if path.suffix.lower() == ".gguf" or (path.is_file() and has_gguf_magic(path)):
         return gguf_source(path)
     return None
 
 
-def _has_gguf_magic(path: Path) -> bool:
+def has_gguf_magic(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"

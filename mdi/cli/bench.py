@@ -6,9 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..model.quant import QUANT_MODES
-from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DTYPE_CHOICES, QUANTIZE_HELP, SEED_HELP,
-                     add_max_context)
+from .common import (BATCH_INVARIANT_HELP, CKPT_HELP, DTYPE_CHOICES, QUANTIZE_CHOICES,
+                     QUANTIZE_HELP, SEED_HELP, add_max_context)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -185,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampling temperature (default 0.8; 0: greedy, so the summary's check "
                         "that tokens equal across configurations is exact)")
     p.add_argument("--seed", type=int, default=1337, help=SEED_HELP)
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     add_max_context(p)
     v = p.add_argument_group("comparison with Hugging Face transformers (same weights, one process)")

@@ -33,8 +33,11 @@ THREADS_HELP = "torch threads (default: torch's; with --nodes N, per node)"
 QUANTIZE_HELP = ("int8: weights as int8 with per-channel scales, quantized at load time on "
                  "every node (4x less weight memory than float32); int4 (-g64, -g128): "
                  "linear weights as 4-bit codes per group of 32 (64, 128) inputs, CPU only, a "
-                 "GGUF's Q4 tensors kept as the file's codes (sent so to the nodes); a "
+                 "GGUF's Q4 tensors kept as the file's codes (sent so to the nodes); none: "
+                 "float weights. Default: a GGUF file's own precision on a CPU (int4 for Q4 "
+                 "files, int8 for Q8_0, Q5 and Q6, float for F32/F16/BF16), float otherwise; a "
                  "checkpoint written by `mdi convert --quantize` runs in its own mode")
+QUANTIZE_CHOICES = [*QUANT_MODES, "none"]
 BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")
 SEED_HELP = "seed of the random draws"
@@ -137,7 +140,7 @@ def add_model_options(g) -> None:
     g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     g.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add_kv_dtype(g)
     add_max_context(g)
     add_prefill_chunk(g)
@@ -163,6 +166,23 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--time-run", metavar="CSV", help="append one row of timings to this CSV")
     o.add_argument("--plots", metavar="DIR", help="write tokens-vs-time CSV and PNG to DIR")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def resolve_quantize(args: argparse.Namespace) -> None:
+    """--quantize as a run takes it: "none" is float (None); no --quantize on a CPU
+    is a GGUF file's own precision (checkpoint/gguf_precision.py), logged."""
+    if args.quantize == "none":
+        args.quantize = None
+        return
+    ckpt = getattr(args, "ckpt", None)
+    if args.quantize is not None or not ckpt or torch.device(getattr(args, "device", "cpu")).type != "cpu":
+        return
+    from ..checkpoint.gguf_precision import file_mode
+
+    args.quantize, weights = file_mode(ckpt)
+    if args.quantize:
+        log.info("%s holds %s weights: running them as --quantize %s, the file's precision "
+                 "(--quantize none: float)", Path(str(ckpt)).name, weights, args.quantize)
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:

@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from ..checkpoint import LoadOptions, load_model
 from ..eval import perplexity
-from ..model.quant import QUANT_MODES
 from .common import (AUTO_DTYPE_HELP, CKPT_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPES, KV_DTYPES,
-                     QUANTIZE_HELP, THREADS_HELP, UsageError, add_kv_dtype, set_threads)
+                     QUANTIZE_CHOICES, QUANTIZE_HELP, THREADS_HELP, UsageError, add_kv_dtype,
+                     set_threads)
 
 
 
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: window // 2; window = non-overlapping)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add_kv_dtype(p)  # given: each window is scored through a cache of that dtype
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")

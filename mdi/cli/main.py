@@ -7,6 +7,7 @@ import sys
 
 from . import bench, chat, convert, models, ring, serve, workflow
 from . import eval as eval_cmd
+from .common import resolve_quantize
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             from .auto_dtype import resolve
 
             args.dtype, args.dtype_from = resolve("auto", getattr(args, "device", "cpu"))
+        if hasattr(args, "quantize") and args.command != "convert":
+            resolve_quantize(args)  # a GGUF's own precision unless told
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("mdi: interrupted", file=sys.stderr)

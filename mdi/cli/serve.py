@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..model.quant import QUANT_MODES
 from ..checkpoint import open_checkpoint
 from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
@@ -16,7 +15,7 @@ from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from .common import (RECOVERY_HELP, REPLAN_CHOICES, REPLAN_HELP, BATCH_INVARIANT_HELP, CKPT_HELP,
                      COMPILE_HELP, DEVICE_HELP,
                      AUTO_DTYPE_HELP, DTYPE_CHOICES, NO_RECOVER_HELP,
-                     NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_HELP,
+                     NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
                      UsageError, add_kv_dtype, add_max_context, add_prefill_chunk)
 from .preflight import check_local_nodes
@@ -203,7 +202,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add_kv_dtype(p)
     add_max_context(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
