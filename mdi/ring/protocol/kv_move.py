@@ -80,7 +80,8 @@ def encode(expect: Expect, rows: Rows) -> Iterator[bytes]:
     for layer in range(expect.start, expect.stop):
         for slot, n in expect.positions:
             t = rows[(layer, slot)]
-            if tuple(t.shape) != (2, expect.kv_heads, n, expect.head_size) or t.dtype != expect.dtype:
+            shape = (2, expect.kv_heads, n, expect.head_size)
+            if tuple(t.shape) != shape or t.dtype != expect.dtype:
                 raise MoveError(f"layer {layer} slot {slot}: rows of shape {tuple(t.shape)} "
                                 f"{t.dtype}, the move says {n} positions of {expect.dtype}")
             raw = t.contiguous().view(torch.uint8).numpy().tobytes()
