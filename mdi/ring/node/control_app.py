@@ -232,6 +232,24 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
         """Keep run N (park it, not drop it) when its links end: layers move next."""
         return await rt.hold(ref.run_id)
 
+    move_routes(rt, router, private)
+
+    @router.post("/stop", **private)
+    async def stop(ref: RunRef | None = None) -> dict:
+        """Drop the current run; with {"run_id": N}, only if run N is the current one."""
+        return await rt.stop(ref.run_id if ref is not None else None)
+
+    @router.post("/shutdown", **private)
+    async def shutdown() -> dict:
+        if on_shutdown is not None:
+            on_shutdown()
+        return {"state": "shutting down"}
+
+    return router
+
+
+def move_routes(rt: NodeRuntime, router: APIRouter, private: dict) -> None:
+    """A live re-plan's layer moves (layer_move.py)."""
     @router.post("/move/export", **private)
     async def move_export(spec: MoveSpec) -> Response:
         """The KV rows of layers the parked run gives (protocol/kv_move.py)."""
@@ -252,19 +270,6 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
         check_weights_size(request.headers.get("content-length"),
                            weights_limit(run.config, start, stop))
         return await layer_move.take_weights(rt, run_id, start, stop, request.stream())
-
-    @router.post("/stop", **private)
-    async def stop(ref: RunRef | None = None) -> dict:
-        """Drop the current run; with {"run_id": N}, only if run N is the current one."""
-        return await rt.stop(ref.run_id if ref is not None else None)
-
-    @router.post("/shutdown", **private)
-    async def shutdown() -> dict:
-        if on_shutdown is not None:
-            on_shutdown()
-        return {"state": "shutting down"}
-
-    return router
 
 
 def check_weights_size(declared: str | None, limit: int) -> None:
