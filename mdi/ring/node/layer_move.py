@@ -43,11 +43,14 @@ class Incoming:
     blocks: GPT | None = None
 
 
-async def park_now(run: NodeRun, why: str, timeout: float) -> None:
-    """Stop the run's data thread now, keeping its state (no-op once parked)."""
+async def park_now(rt, run: NodeRun, why: str) -> None:
+    """Stop the run's data thread now, keeping its state (no-op once parked); its
+    statistics become /status's last_run, as when a link failure parks it."""
     if run.parked:
         return
     park(run, why)
+    rt.last_stats = {"run_id": run.run_id, "reason": why, **run.stats.to_dict()}
+    timeout = rt.timeout
     if run.link is not None:
         run.link.close()
         await asyncio.get_running_loop().run_in_executor(None, run.link.join, timeout)
@@ -77,7 +80,7 @@ def expect_of(run: NodeRun, spec: MoveSpec) -> Expect:
 async def export(rt, spec: MoveSpec) -> bytes:
     """The move stream of layers [start, stop) of the parked run; the run unchanged."""
     run = held(rt, spec.run_id)
-    await park_now(run, "giving layers to a neighbour", rt.timeout)
+    await park_now(rt, run, "giving layers to a neighbour")
     expect = expect_of(run, spec)
     assert run.slots is not None
 
@@ -96,7 +99,7 @@ async def export(rt, spec: MoveSpec) -> bytes:
 async def expect(rt, spec: MoveSpec) -> dict:
     """Arm the parked run for layers [start, stop) at one end of its range."""
     run = held(rt, spec.run_id)
-    await park_now(run, "taking layers from a neighbour", rt.timeout)
+    await park_now(rt, run, "taking layers from a neighbour")
     if spec.stop != run.req.start and spec.start != run.req.stop:
         raise InitError(f"move: layers [{spec.start}, {spec.stop}) are not next to this "
                         f"node's [{run.req.start}, {run.req.stop})")

@@ -392,7 +392,7 @@ class NodeRuntime:
             raise InitError(f"start/stop: the kept run holds layers [{old.req.start}, "
                             f"{old.req.stop})")  # (a held run's layers may move: take)
         # the failure has not reached this node yet: stop it here
-        await park_now(old, "taken over by a resume", self.timeout)
+        await park_now(self, old, "taken over by a resume")
         return old
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
@@ -127,6 +128,11 @@ async def shift(engine: Any, run_id: int, shards: list[Shard]) -> dict:
     if shards[0] != engine.shards[0]:
         splice(first, 0, shards[0].stop, blocks, rows, kept)
     engine.shards = list(shards)
+    p = engine.placement
+    if p is not None:  # what --json reports as the run's plan: the ring's split now
+        engine.placement = replace(p, mode="moved", reason="layers moved, planned from the "
+                                   "measured step times", shards=list(shards),
+                                   plan=replace(p.plan, shards=list(shards)))
     resume = {"run_id": run_id, "slots": [[s, n] for s, n in slots], "replay": False}
     await engine.form_ring([{"weights": "kept", "resume": resume} for _ in ring[1:]])
     engine._keep = kept
