@@ -325,6 +325,8 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{v.name} run {run} failed:\n{err.decode(errors='replace')[-2000:]}")
         res = json.loads(out)
+        (self.out / "logs").mkdir(exist_ok=True)  # what the run warned of (re-plans, recoveries)
+        (self.out / "logs" / f"{v.name}-run{run}.txt").write_bytes(err)
         if (res.get("plan") or {}).get("partition") == "auto":  # the probes' figures, for the log
             log.info("%s run %d: plan %s", v.name, run, json.dumps(res["plan"]["nodes"]))
         rss = [res["peak_rss_mb"]] + [_peak_rss_mb(p) for p in node_pids]
