@@ -2,7 +2,7 @@
 loopback (ring/starter/layer_shift.py, ring/node/layer_move.py), with the bundled
 model: re-plans put in the engine's inbox mid-run move the boundaries every way
 (the starter takes and gives layers, an intermediate takes them from the finisher
-and gives them back) and the greedy text equals the undisturbed run's, with no
+and gives them back, and gives all its layers upstream while it takes one) and the greedy text equals the undisturbed run's, with no
 re-prefill (each record says `moved`, with the rows' bytes); a move whose stream
 is cut or damaged on its way is refused by the taker with the reason, and the ring
 is formed anew (the rebuild), the text still the undisturbed one."""
@@ -68,14 +68,15 @@ def run_moving(monkeypatch, prompts, splits: dict[int, list[int]]):
 
 def test_layers_move_every_way_with_their_cache(monkeypatch, bundled):
     prompts, want = bundled
-    splits = {30: [3, 2, 1], 70: [2, 3, 1], 110: [2, 2, 2]}
+    splits = {30: [3, 2, 1], 70: [2, 3, 1], 110: [2, 2, 2], 140: [4, 1, 1]}
     result = run_moving(monkeypatch, prompts, splits)
     assert result.tokens == want
     recs = result.recoveries
-    assert [r["recovery"] for r in recs] == ["replan"] * 3
-    assert [r["plan"]["partition"] for r in recs] == ["moved"] * 3, recs
-    assert [[n["layers"] for n in r["plan"]["nodes"]] for r in recs] == [
-        [[0, 3], [3, 5], [5, 6]], [[0, 2], [2, 5], [5, 6]], [[0, 2], [2, 4], [4, 6]]]
+    assert [r["recovery"] for r in recs] == ["replan"] * 4
+    assert [r["plan"]["partition"] for r in recs] == ["moved"] * 4, recs
+    assert [[n["layers"] for n in r["plan"]["nodes"]] for r in recs] == [  # the last: the
+        [[0, 3], [3, 5], [5, 6]], [[0, 2], [2, 5], [5, 6]], [[0, 2], [2, 4], [4, 6]],
+        [[0, 4], [4, 5], [5, 6]]]  # intermediate gives all its layers and takes another
     assert recs[0]["moved"] == [{"layers": [2, 3], "from": "intermediate[0]", "to": "starter"},
                                 {"layers": [4, 5], "from": "finisher", "to": "intermediate[0]"}]
     for r in recs:  # the live sequences kept their caches: rows moved, nothing re-prefilled

@@ -9,8 +9,9 @@ buffers), the layers it gives go, the layers it takes come with their blocks
 before anything changes: a refused splice leaves the stage as it was.
 
 A stage keeps its ends: the first stage keeps the embeddings, the last the
-head, so only the boundaries between stages move (a stage that would give all
-its layers is a leave-out: the ring is formed anew instead).
+head, so only the boundaries between stages move. A stage may give all its
+layers and take others (its new range need not overlap the old one), but never
+end with none (a leave-out: the ring is formed anew instead).
 """
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def rows_of(slots: SlotStage, start: int, stop: int, positions: dict[int, int]
     if why:
         raise SpliceError(f"layers cannot move: {why}")
     if not (stage.start <= start < stop <= stage.stop) or \
-            (start != stage.start and stop != stage.stop) or stop - start == stage.n_blocks:
+            (start != stage.start and stop != stage.stop):
         raise SpliceError(f"layers [{start}, {stop}) are not at an end of the stage's "
-                          f"[{stage.start}, {stage.stop}), or are all of them")
+                          f"[{stage.start}, {stage.stop})")
     for slot, n in positions.items():
         s = slots._slot(slot, active=None)
         if n < 1 or not s.active or s.position < n:
@@ -81,9 +82,8 @@ def splice(slots: SlotStage, start: int, stop: int, blocks: dict[int, nn.Module]
     why = why_not_movable(slots)
     if why:
         raise SpliceError(f"layers cannot move: {why}")
-    if not (0 <= start < stop <= n_layer) or start >= old.stop or stop <= old.start:
-        raise SpliceError(f"layers [{start}, {stop}) do not overlap the stage's "
-                          f"[{old.start}, {old.stop})")
+    if not 0 <= start < stop <= n_layer:
+        raise SpliceError(f"layers [{start}, {stop}) are not a range of the model's {n_layer}")
     if (start == 0) != stage.has_embeddings or (stop == n_layer) != stage.has_head:
         raise SpliceError(f"layers [{start}, {stop}): a stage keeps its embeddings or head")
     gained = [i for i in new if i not in old]

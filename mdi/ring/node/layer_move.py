@@ -97,12 +97,13 @@ async def export(rt, spec: MoveSpec) -> bytes:
 
 
 async def expect(rt, spec: MoveSpec) -> dict:
-    """Arm the parked run for layers [start, stop) at one end of its range."""
+    """Arm the parked run for layers [start, stop) it does not hold (the resuming
+    /init checks that they and the layers it keeps make its new range)."""
     run = held(rt, spec.run_id)
     await park_now(rt, run, "taking layers from a neighbour")
-    if spec.stop != run.req.start and spec.start != run.req.stop:
-        raise InitError(f"move: layers [{spec.start}, {spec.stop}) are not next to this "
-                        f"node's [{run.req.start}, {run.req.stop})")
+    if spec.start < run.req.stop and spec.stop > run.req.start:
+        raise InitError(f"move: layers [{spec.start}, {spec.stop}) overlap this node's "
+                        f"[{run.req.start}, {run.req.stop})")
     ex = expect_of(run, spec)
     run.incoming[(spec.start, spec.stop)] = Incoming(ex)
     return {"bytes": ex.nbytes}

@@ -49,10 +49,6 @@ def why_not(engine: Any, shards: list[Shard] | None) -> str | None:
         return "no split planned from the measured times"
     if len(shards) != len(engine.nodes.ring):
         return "the new split leaves a node out"
-    far = [n.name for n, a, b in zip(engine.nodes.ring, engine.shards, shards)
-           if b.stop <= a.start or b.start >= a.stop]
-    if far:
-        return f"{', '.join(far)} would keep none of its layers"
     if engine.opts.recovery == "replay":
         return "--recovery replay keeps logs a move would invalidate"
     return why_not_movable(engine.first)
