@@ -11,7 +11,8 @@ Life of a run: /init (config, validate.py) -> /weights (unless the node has the
 chunk on disk; chunk_load.py) -> /connect (open the downstream link) -> the
 upstream peer connects and proves the token -> frames until STOP -> back to
 idle. Any failure on either link drops the run's state (caches, connections)
-and the node waits for the next starter; it never needs a restart.
+and the node waits for the next starter; it never needs a restart. A live
+re-plan holds the run instead and moves layers with their KV rows (layer_move.py).
 
 What ends a run early, and is logged with its reason: the previous node closing
 its link, a bad frame (any header field off, an unknown sample, a frame that
