@@ -96,3 +96,4 @@ def test_a_replan_mid_stream_fails_no_request_and_keeps_the_text(ckpt):
     assert replans and health["engine_builds"] == 1, health
     assert "slower than the plan predicted" in replans[0]["why"], replans[0]
     assert replans[0]["resumed"] > 0  # requests were in flight: paused, resumed
+    assert replans[0]["plan"]["partition"] == "moved"  # with their caches: no re-prefill

@@ -286,13 +286,16 @@ class Bench:
                 cmd += ["--partition", v.partition]
         return cmd
 
+    def _keep_log(self, name: str, err: bytes) -> None:
+        """What a run warned of (re-plans, moves, recoveries): OUT/logs/NAME.txt."""
+        (self.out / "logs").mkdir(exist_ok=True)
+        (self.out / "logs" / f"{name}.txt").write_bytes(err)
+
     def _one(self, v: Variant, run: int, cluster: LocalCluster | None,
              hosts: NetnsHosts | None) -> dict:
         cfg = self.cfg
         cmd = self._worker_cmd(v, run, cluster)
-        env = dict(os.environ)
-        if cluster is not None:
-            env[ENV_VAR] = cluster.token
+        env = {**os.environ, **({ENV_VAR: cluster.token} if cluster is not None else {})}
         if hosts is not None:
             cmd = hosts.prefix(0) + cmd
         cpus = core_plan(v.n_nodes, cfg.isolate, self.max_nodes)
@@ -325,6 +328,7 @@ class Bench:
         if proc.returncode != 0:
             raise RuntimeError(f"{v.name} run {run} failed:\n{err.decode(errors='replace')[-2000:]}")
         res = json.loads(out)
+        self._keep_log(f"{v.name}-run{run}", err)
         if (res.get("plan") or {}).get("partition") == "auto":  # the probes' figures, for the log
             log.info("%s run %d: plan %s", v.name, run, json.dumps(res["plan"]["nodes"]))
         rss = [res["peak_rss_mb"]] + [_peak_rss_mb(p) for p in node_pids]

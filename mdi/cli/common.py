@@ -65,11 +65,12 @@ RECOVERY_HELP = ("how the ring recovers from a lost node: replay (a spare takes 
 REPLAN_CHOICES = ("on", "off")  # --replan (ring/starter/replan.py)
 REPLAN_HELP = ("on (default for a ring): when a stage stays 1.3x slower than the plan predicted "
                "(its own time a step once the ring formed, against the other stages') and a new "
-               "split predicts the ring 1.2x faster, the nodes are timed again and the ring is "
-               "planned and formed anew between steps (steps in flight are computed again); the "
-               "sequences resume by prefilling their tokens so far (greedy text unchanged). A "
-               "split the user fixed (--partition even, layers in the nodes file) is not "
-               "re-planned. off: the plan stays fixed")
+               "split planned from the measured step times predicts the ring 1.2x faster, the "
+               "boundary layers move between neighbours with their KV cache between steps "
+               "(steps in flight are computed again; no re-prefill); where they cannot, the "
+               "nodes are timed again and the ring formed anew, the sequences re-prefilled "
+               "(greedy text unchanged either way). A split the user fixed (--partition even, "
+               "layers in the nodes file) is not re-planned. off: the plan stays fixed")
 PARTITION_HELP = ("how layers are split: auto times every node on the model's shape and "
                   "minimises the slowest stage under each node's memory; even gives equal "
                   "shares (default: auto when the nodes report different devices, CPUs or "

@@ -61,17 +61,19 @@ async def stage_from_chunk(run: NodeRun, chunk: dict | None, chunk_dir: Path | N
 
 
 async def stage_from_stream(run: NodeRun, body: bytes | AsyncIterator[bytes],
-                            executor: Executor) -> GPT:
-    """The run's stage from a safetensors stream (PUT /weights), built as it arrives."""
+                            executor: Executor, span: tuple[int, int] | None = None) -> GPT:
+    """The run's stage from a safetensors stream (PUT /weights), built as it arrives;
+    span: other layers than the run's (the blocks a live re-plan moves here)."""
     req = run.req
+    start, stop = span or (req.start, req.stop)
     chunks = _one_chunk(body) if isinstance(body, (bytes, bytearray)) else body
     try:
-        build = StageBuilder(run.config, req.start, req.stop, run.device, DTYPES[req.dtype],
+        build = StageBuilder(run.config, start, stop, run.device, DTYPES[req.dtype],
                              req.quantize)
         loop = asyncio.get_running_loop()
         with mapped_allocations():
             async for name, t in iter_stream(chunks, build.stream_want,
-                                             f"layers [{req.start}, {req.stop})"):
+                                             f"layers [{start}, {stop})"):
                 await loop.run_in_executor(executor, build.put, name, t)
                 del t
         return await loop.run_in_executor(executor, configure_stage, build.finish(),

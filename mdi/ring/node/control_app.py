@@ -23,17 +23,19 @@ from typing import Callable
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ...net.log_limit import printable
 from ..protocol.auth import check_bearer
-from .control_messages import InitRequest, ProbeRequest, RunRef
+from . import layer_move
+from .control_messages import InitRequest, MoveSpec, ProbeRequest, RunRef
 from .runtime import NodeRuntime
 from .validate import InitError
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
 PUBLIC_PATHS = ("/health",)
+STREAMED = ("/weights/", "/move/kv/", "/move/weights/")  # binary bodies, sized by their route
 # After a refusal whose body has no declared length (or more bytes than declared):
 # close rather than read on. A declared length h11 reads and discards itself.
 CLOSE = (b"connection", b"close")
@@ -46,8 +48,9 @@ class BodyTooLarge(Exception):
 class Guard:
     """ASGI middleware: token (401), then body size (413/411), before the app runs.
 
-    /weights/{run_id} is let through with its Content-Length: the route checks it
-    against what the run's layer range can need before reading the body.
+    /weights/{run_id} (and a move's /move/kv/..., /move/weights/...) is let through
+    with its Content-Length: the route checks it against what the run's layer range
+    (the move's rows) can need before reading the body.
     """
 
     def __init__(self, app, token: str, json_limit: int = MAX_JSON_BYTES) -> None:
@@ -82,7 +85,7 @@ class Guard:
         if length is not None and not length.isdigit():
             await _respond(send, 400, "body: Content-Length is not a number", [CLOSE])
             return
-        if scope["path"].startswith("/weights/"):
+        if scope["path"].startswith(STREAMED):
             # the route checks the declared size against the stage; count what arrives
             await self.app(scope, _counted(receive, int(length or 0)), send)
             return
@@ -224,6 +227,13 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
     async def connect(ref: RunRef) -> dict:
         return await rt.connect(ref.run_id)
 
+    @router.post("/hold", **private)
+    async def hold(ref: RunRef) -> dict:
+        """Keep run N (park it, not drop it) when its links end: layers move next."""
+        return await rt.hold(ref.run_id)
+
+    move_routes(rt, router, private)
+
     @router.post("/stop", **private)
     async def stop(ref: RunRef | None = None) -> dict:
         """Drop the current run; with {"run_id": N}, only if run N is the current one."""
@@ -236,6 +246,30 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
         return {"state": "shutting down"}
 
     return router
+
+
+def move_routes(rt: NodeRuntime, router: APIRouter, private: dict) -> None:
+    """A live re-plan's layer moves (layer_move.py)."""
+    @router.post("/move/export", **private)
+    async def move_export(spec: MoveSpec) -> Response:
+        """The KV rows of layers the parked run gives (protocol/kv_move.py)."""
+        return Response(await layer_move.export(rt, spec), media_type="application/octet-stream")
+
+    @router.post("/move/expect", **private)
+    async def move_expect(spec: MoveSpec) -> dict:
+        return await layer_move.expect(rt, spec)
+
+    @router.put("/move/kv/{run_id}/{start}/{stop}", **private)
+    async def move_kv(run_id: int, start: int, stop: int, request: Request) -> dict:
+        return await layer_move.take_rows(rt, run_id, start, stop,
+                                          request.headers.get("content-length"), request.stream())
+
+    @router.put("/move/weights/{run_id}/{start}/{stop}", **private)
+    async def move_weights(run_id: int, start: int, stop: int, request: Request) -> dict:
+        run, _ = layer_move.incoming(rt, run_id, start, stop)
+        check_weights_size(request.headers.get("content-length"),
+                           weights_limit(run.config, start, stop))
+        return await layer_move.take_weights(rt, run_id, start, stop, request.stream())
 
 
 def check_weights_size(declared: str | None, limit: int) -> None:

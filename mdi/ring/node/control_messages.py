@@ -83,6 +83,18 @@ class InitRequest(Strict):
     replayed: list[ReplayedSlot] = Field(default_factory=list, max_length=MAX_LIST)
 
 
+class MoveSpec(Strict):
+    """Layers [start, stop) of the parked run `run_id` change node in a live re-plan
+    (layer_move.py): /move/export reads their KV rows for `slots` ([slot, positions]),
+    /move/expect arms the node that takes them."""
+    run_id: int = Field(ge=0, lt=2**32)
+    start: int = Field(ge=0, le=2**31 - 1)
+    stop: int = Field(ge=1, le=2**31 - 1)
+    slots: list[Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)] | SampleId],
+                          Field(min_length=2, max_length=2)]] = \
+        Field(default_factory=list, max_length=MAX_LIST)  # [slot, positions (>= 1)]
+
+
 class RunRef(Strict):
     run_id: int = Field(ge=0, lt=2**32)
 

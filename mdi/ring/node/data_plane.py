@@ -69,6 +69,8 @@ class NodeRun:
     pack: bool = True                            # room for the packed copy of fp32 weights
     stopping: bool = False                       # STOP forwarded or run dropped: links may close
     parked: bool = False                         # a link failed; kept for a resume (resume.py)
+    hold: bool = False                           # park, not drop, when a link ends (/hold)
+    incoming: dict = field(default_factory=dict)  # (start, stop) -> layers moved here (layer_move.py)
     completed: bool = False                      # STOP went through (on_complete called)
     stats: Stats = field(default_factory=Stats)
     compute_s: float = 0.0               # the last frame's stage + sampling time

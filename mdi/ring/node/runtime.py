@@ -11,7 +11,8 @@ Life of a run: /init (config, validate.py) -> /weights (unless the node has the
 chunk on disk; chunk_load.py) -> /connect (open the downstream link) -> the
 upstream peer connects and proves the token -> frames until STOP -> back to
 idle. Any failure on either link drops the run's state (caches, connections)
-and the node waits for the next starter; it never needs a restart.
+and the node waits for the next starter; it never needs a restart. A live
+re-plan holds the run instead and moves layers with their KV rows (layer_move.py).
 
 What ends a run early, and is logged with its reason: the previous node closing
 its link, a bad frame (any header field off, an unknown sample, a frame that
@@ -50,6 +51,7 @@ from ..protocol.wire import WireError
 from .chunk_load import load_chunk_info, stage_from_chunk, stage_from_stream
 from .control_messages import InitRequest, ProbeRequest
 from .data_link import DataLink
+from .layer_move import held, park_now, take
 from .resume import expect_replays, park, replay_first, resume
 from .data_plane import (NodeRun, fmt_peer, link_failure, peer_allowed, reason, resolve,
                          watchdog)
@@ -194,6 +196,8 @@ class NodeRuntime:
         if req.weights == "local":
             self._arm(run, await stage_from_chunk(run, self.chunk, self.chunk_dir, self.executor))
         elif kept is not None:
+            if (req.start, req.stop) != (kept.req.start, kept.req.stop):  # layers moved
+                take(kept, req.start, req.stop, dict(req.resume.slots))
             resume(run, kept)  # the kept run's stage and caches, cut back to the positions
         await self.drop_run("a new run was configured")
         self.run = run
@@ -278,6 +282,11 @@ class NodeRuntime:
                             on_end=lambda error: self._link_ended(run, error, loop),
                             name=f"mdi-data-{run_id}")
         run.last_active = time.monotonic()
+        return {"state": self.state}
+
+    async def hold(self, run_id: int) -> dict:
+        """Keep the run when its links end: layers move next (layer_move.py)."""
+        held(self, run_id).hold = True
         return {"state": self.state}
 
     async def stop(self, run_id: int | None = None) -> dict:
@@ -370,7 +379,7 @@ class NodeRuntime:
     async def _drop_if(self, run: NodeRun, why: str, failed: bool = False) -> None:
         if self.run is not run:
             return
-        if failed and run.req.recovery == "replay" and run.slots is not None:
+        if failed and (run.req.recovery == "replay" or run.hold) and run.slots is not None:
             park(run, why)  # its stage and caches wait for a resume (or a new /init)
             self.last_stats = {"run_id": run.run_id, "reason": why, **run.stats.to_dict()}
         else:
@@ -387,15 +396,11 @@ class NodeRuntime:
         if [[a, b] for a, b in req.groups] != [[f, f + n] for f, n in
                                                 zip(old.slots.first, old.slots.sizes)]:
             raise InitError("groups: a resumed run keeps the lanes of the run it takes over")
-        if (req.start, req.stop) != (old.req.start, old.req.stop):
+        if (req.start, req.stop) != (old.req.start, old.req.stop) and not old.hold:
             raise InitError(f"start/stop: the kept run holds layers [{old.req.start}, "
-                            f"{old.req.stop})")
-        if not old.parked:  # the failure has not reached this node yet: stop it here
-            park(old, "taken over by a resume")
-            if old.link is not None:
-                old.link.close()
-                await asyncio.get_running_loop().run_in_executor(None, old.link.join,
-                                                                 self.timeout)
+                            f"{old.req.stop})")  # (a held run's layers may move: take)
+        # the failure has not reached this node yet: stop it here
+        await park_now(self, old, "taken over by a resume")
         return old
 
     async def close(self) -> None:

@@ -62,12 +62,15 @@ def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits, SamplingConfig |
 
 
 def check_recovery(req: InitRequest, limits: Limits) -> None:
-    """A resume (survivor) or replayed slots (replacement) fit the run: an engine
-    run that keeps its log, slots inside the run, positions inside the context,
-    each slot listed once; a resume takes no weights, a replacement's do come."""
-    if (req.resume is not None or req.replayed) and (not req.sequences or
-                                                     req.recovery != "replay"):
-        raise InitError("resume/replayed: only an engine run with recovery 'replay' resumes")
+    """A resume (survivor, or a node whose layers moved) or replayed slots
+    (replacement) fit the run: an engine run (that keeps its log, for a replay),
+    slots inside the run, positions inside the context, each slot listed once; a
+    resume takes no weights, a replacement's do come."""
+    if (req.resume is not None or req.replayed) and not req.sequences:
+        raise InitError("resume/replayed: only an engine run resumes")
+    if (req.replayed or (req.resume is not None and req.resume.replay)) \
+            and req.recovery != "replay":
+        raise InitError("resume/replayed: only an engine run with recovery 'replay' replays")
     if (req.resume is not None) != (req.weights == "kept"):
         raise InitError("weights: 'kept' goes with a resume, and a resume with 'kept'")
     if req.resume is not None and req.replayed:

@@ -21,13 +21,19 @@ over each poll's window; `Drift` decides when to re-plan:
   blocks) are planned again; only when the best plan predicts the ring at least
   `min_gain` times faster than the current split does the engine pause.
 
-The engine then puts a `Replan` in the scheduler's inbox; it goes through the
-recovery path (ring_engine.py) as a Rejoin does: the run is released at a step
-boundary, every live node is probed again (no cached probe), the ring is planned
-over them (`--partition auto`: a node may be left out) and formed anew, and
-every sequence resumes by prefilling its tokens so far (a greedy sequence's
-text is the undisturbed one). Layers do not yet move with their KV rows between
-neighbours: this first version rebuilds the ring and re-prefills.
+The gain is planned from the measured times (`measured`: no probe), and the
+split it found travels in the `Replan` that goes into the scheduler's inbox. The
+engine takes it at a step boundary through the recovery path (ring_engine.py):
+- *moved* (layer_shift.py): every node keeps its run, only the boundary layers
+  change node, each with its weights and its KV rows for the live sequences
+  (docs/wire.md, "Moving layers"); the sequences go on from the positions every
+  stage holds, no probe and no re-prefill;
+- *rebuilt*, when layers cannot move (a compiled step, an int8 cache,
+  `--recovery replay`) or a move fails: the run is released, every live node
+  is probed again (no cached probe), the ring is planned over them
+  (`--partition auto`: a node may be left out) and formed anew, and every
+  sequence resumes by prefilling its tokens so far.
+Either way a greedy sequence's text is the undisturbed one.
 """
 from __future__ import annotations
 
@@ -64,10 +70,11 @@ class Replan(Reform):
     """Not a failure: the ring drifted from its plan; raised in the scheduler so that
     the ring is planned and formed again through the recovery path."""
 
-    def __init__(self, why: str, drift: list[float]) -> None:
+    def __init__(self, why: str, drift: list[float], shards: list[Shard] | None = None) -> None:
         super().__init__(why)
         self.why = why
         self.drift = drift
+        self.shards = shards  # the split planned from the measured times (layer_shift.py)
 
 
 class Drift:
@@ -118,11 +125,13 @@ class Drift:
 
 
 def drifted_costs(costs: list[NodeCost], shards: list[Shard], predicted: list[float],
-                  drift: list[float]) -> list[NodeCost]:
+                  drift: list[float], measured: bool = False) -> list[NodeCost]:
     """The ring's costs with each stage slowed by its drift. The probes' figures when
-    every one is known; else the measured prediction spread over the stage's blocks
-    (no per-frame cost: it cannot be told apart from the blocks' there)."""
-    known = all(math.isfinite(c.block_ms) and math.isfinite(c.frame_ms) for c in costs)
+    every one is known (and not `measured`); else the measured prediction spread over
+    the stage's blocks (no per-frame cost: it cannot be told apart from the blocks'
+    there). Memory figures stay the probes'."""
+    known = not measured and all(math.isfinite(c.block_ms) and math.isfinite(c.frame_ms)
+                                 for c in costs)
     out = []
     for c, s, q, f in zip(costs, shards, predicted, drift):
         if known:

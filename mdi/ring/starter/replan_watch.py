@@ -71,7 +71,8 @@ def decide(engine: Any, drift: Drift) -> Replan | None:
     """A Replan when the drifted plan predicts a gain worth a pause (else None, logged)."""
     shards, policy = engine.shards, drift.policy
     assert drift.predicted is not None
-    costs = drifted_costs(ring_costs(engine), shards, drift.predicted, drift.drift)
+    costs = drifted_costs(ring_costs(engine), shards, drift.predicted, drift.drift,
+                          measured=True)
     try:
         gain, best = predicted_gain(costs, shards, len(engine.sizes))
     except ValueError as e:  # PlanError: the drifted costs fit no split (memory)
@@ -87,7 +88,7 @@ def decide(engine: Any, drift: Drift) -> Replan | None:
         log.info("not re-planning: %s (below the %.2fx a pause must gain)", why, policy.min_gain)
         return None
     log.warning("re-planning: %s", why)
-    return Replan(why, [round(x, 3) for x in drift.drift])
+    return Replan(why, [round(x, 3) for x in drift.drift], best)
 
 
 def failed_replans(engine: Any, asked: int, failed: int) -> int:

@@ -24,10 +24,10 @@ With no node left the starter runs the whole model alone. Only when no plan
 fits does the engine fail as before, naming the node that failed first.
 `recoveries` records each one (what failed, the new ring and plan, seconds).
 
-Nodes that a recovery lost are asked whether they are back, and taken back into
-the ring or as spares (rejoin.py). With RunOptions.replan a ring that drifts from
-its plan is planned and formed anew through the same path (replan.py), recorded
-as `"recovery": "replan"`. `hops` cover every ring the run used (HopStats.ring).
+Nodes that a recovery lost are asked whether they are back (rejoin.py). With
+RunOptions.replan a ring that drifts from its plan moves its boundary layers with
+their KV rows (layer_shift.py) or, failing that, is planned and formed anew through
+the same path (replan.py): `"recovery": "replan"`. `hops` cover every ring the run used.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ import random
 import time
 from pathlib import Path
 from typing import Any
-
 
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure
@@ -56,6 +55,7 @@ from ..plan.planner import PlanError
 from ..protocol.wire import DTYPE_CODES, Limits
 from .client import RingClient
 from .heal import heal
+from .layer_shift import end_ring, try_shift
 from .rejoin import REJOIN_POLL_S, Absent, Rejoin, idle
 from .replan import Replan, moved_layers
 from .replan_watch import watch
@@ -257,8 +257,7 @@ class RingEngine(PipelineEngine):
         self._recovering = True
         try:
             if isinstance(e, (Rejoin, Replan)) and old_run is not None:  # the ring is whole: end it
-                async with self.client.http() as http:
-                    await self.client.release(http, old_run)
+                await end_ring(self, e, old_run)  # (held, for a re-plan that moves layers)
             ok = await self._recover_ring(e)
             if ok and isinstance(link, TcpLink) and old_run is not None:
                 lost = (*getattr(e, "silent", ()), getattr(getattr(e, "spec", None), "name", ""))
@@ -373,6 +372,8 @@ class RingEngine(PipelineEngine):
             except (NodeFailure, RuntimeError, OSError, ValueError) as err:
                 log.warning("recovery by replay failed (%s); forming the ring anew", err)
                 self._keep = {}
+        if replan and isinstance(link, TcpLink):  # the boundary layers move, if they can
+            plan = await try_shift(self, link.limits.run_id, e)
         while plan is None:
             pool, spares = await self.client.answering(pool), await self.client.answering(spares)
             try:
@@ -411,10 +412,9 @@ class RingEngine(PipelineEngine):
         return True
 
     def _plan_json(self) -> dict:
-        if self.placement is not None and len(self.nodes.ring) > 1:
-            return self.placement.to_json()
-        return {"partition": "single", "reason": "no node left",
-                "nodes": [{"node": "starter", "layers": [0, self.config.n_layer]}]}
+        return self.placement.to_json() if self.placement is not None and len(self.nodes.ring) > 1 \
+            else {"partition": "single", "reason": "no node left",
+                  "nodes": [{"node": "starter", "layers": [0, self.config.n_layer]}]}
 
     async def _reform_fitting(self, pool: list[NodeSpec], spares: list[NodeSpec], n_lost: int
                               ) -> None:
