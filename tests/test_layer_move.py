@@ -7,6 +7,7 @@ giving stage keeps its state and goes on computing the same numbers."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,6 +126,32 @@ def test_a_stage_may_give_all_its_layers_and_take_others(model):
             assert torch.equal(x, y)
 
 
+def test_a_stage_may_give_its_end_to_two_stages():
+    """[0, 3) [3, 4) [4, 5) -> [0, 1) [1, 2) [2, 5) (a re-plan on a loaded machine did
+    this): the first stage gives [1, 2) to the middle one and [2, 3), a run inside
+    its old range, to the last; the middle gives its only layer to the last."""
+    model = scaled_random_model(replace(CONFIG, n_layer=5), seed=6)
+    configure_stage(model, None, batch_invariant=True)
+    ref = pipeline(model, [3, 4])
+    moved = pipeline(model, [3, 4])
+    first, mid, last = moved
+    positions = {s: first.slots[s].position for s in PROMPTS}
+    given = {}
+    for giver, a, b in ((first, 1, 2), (first, 2, 3), (mid, 3, 4)):  # read before any change
+        ex = expect_of(giver, a, b, positions)
+        given[(a, b)] = decode(b"".join(encode(ex, rows_of(giver, a, b, positions))), ex)
+    blocks = {i: copy.deepcopy(model.transformer.h[str(i)]) for i in (1, 2, 3)}
+    splice(first, 0, 1, {}, {}, positions)
+    splice(mid, 1, 2, {1: blocks[1]}, given[(1, 2)], positions)
+    splice(last, 2, 5, {2: blocks[2], 3: blocks[3]}, {**given[(2, 3)], **given[(3, 4)]},
+           positions)
+    assert [(s.stage.start, s.stage.stop) for s in moved] == [(0, 1), (1, 2), (2, 5)]
+    for step in range(3):
+        toks = [8, 9 + step, 10]
+        for x, y in zip(step_all(ref, toks), step_all(moved, toks)):
+            assert torch.equal(x, y)
+
+
 def bad(data: bytes) -> list[tuple[bytes, str]]:
     """Streams broken in every way the decoder names, each with the words it must say."""
     row0 = HEAD.size
@@ -161,8 +188,8 @@ def test_bad_or_truncated_streams_are_refused_and_the_giver_keeps_serving(model)
         splice(live[1], 1, 4, {1: copy.deepcopy(model.transformer.h["1"])}, {}, positions)
     with pytest.raises(SpliceError, match="blocks of layers"):
         splice(live[1], 1, 4, {}, decode(data, expect), positions)
-    with pytest.raises(SpliceError, match="not at an end"):  # a middle layer: no split gives it
-        rows_of(pipeline(model, 1)[1], 2, 3, positions)
+    with pytest.raises(SpliceError, match="not in the stage's"):  # layers it does not hold
+        rows_of(pipeline(model, 2)[1], 1, 3, positions)
     for step in range(2):  # nothing changed: the same numbers as the reference
         toks = [5, 6 + step, 7]
         for x, y in zip(step_all(ref, toks), step_all(live, toks)):

@@ -46,7 +46,9 @@ def test_a_forced_replan_keeps_the_greedy_tokens_and_is_reported(recovery, how):
     assert replans and len(replans) == len(out["recoveries"])
     sizes = [3] + [len(r["ring"]) for r in replans]  # a re-plan may leave a node out
     for r, size in zip(replans, sizes):  # each one's drift: a stage of the ring it left
-        assert "slower than the plan predicted" in r["why"] and r["plan"]["partition"] == how
+        assert "slower than the plan predicted" in r["why"]
+        # layers move, except where the new split leaves a node out (formed anew)
+        assert r["plan"]["partition"] == how or (how == "moved" and len(r["ring"]) < size)
         assert r["paused_s"] is None or r["paused_s"] >= r["recovery_s"]
         assert isinstance(r["moved"], list) and len(r["drift"]) == size
     rings = sorted({h["ring"] for h in out["hops"]})
