@@ -95,6 +95,23 @@ def test_a_torn_package_is_built_again(make_model, tmp_path, monkeypatch):
     assert package.stat().st_size > 1000  # built and stored again
 
 
+@pytest.mark.slow
+@needs_compiler
+def test_a_package_serves_another_checkpoint_of_the_same_shapes(make_model, tmp_path, monkeypatch):
+    # int8: the head's bfloat16 scales are made from its weights on first use, an
+    # attribute the package reads from the stage it is loaded for, not the builder's
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=64, **LLAMA)
+    for seed in (1, 2):  # the second loads the first's package
+        eager = configure_stage(make_model(config, seed=seed), "int8", pack=False)
+        compiled = configure_stage(make_model(config, seed=seed), "int8", pack=True, compile=True)
+        want, want_tokens, _ = _greedy(eager, 4, 4)
+        got, got_tokens, _ = _greedy(compiled, 4, 4)
+        assert got_tokens == want_tokens
+        torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    assert len(list((tmp_path / "inductor" / "mdi-aoti").glob("*.pt2"))) == 1
+
+
 def test_a_package_key_follows_the_shapes_not_the_weights(make_model):
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
     a, b = make_model(config, seed=1), make_model(config, seed=2)

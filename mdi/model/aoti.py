@@ -94,11 +94,19 @@ def build_package(stage: nn.Module, args: tuple, uniform: bool, path: Path,
     t1 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
-    with _constants_made(lifted):  # and those Inductor makes (the int4 kernel's group size)
+    made: dict[str, torch.Tensor] = {}
+    with _constants_made(made):  # and those Inductor makes (the int4 kernel's group size)
         torch._inductor.aoti_compile_and_package(
             ep, package_path=str(tmp),
             inductor_configs={**(options or {}), "aot_inductor.package_constants_in_so": False})
-    torch.save(lifted, f"{tmp}.consts")
+    own, keep = _own(stage), {}
+    for name in torch._inductor.aoti_load_package(str(tmp)).get_constant_fqns():
+        if name not in own:  # saved: only what the stage does not hold (a few scalars)
+            t = lifted.get(name, made.get(name))
+            if t is None:
+                raise RuntimeError(f"AOTInductor's package needs a constant {name!r} of unknown value")
+            keep[name] = t.detach().clone()
+    torch.save(keep, f"{tmp}.consts")
     os.replace(f"{tmp}.consts", f"{path}.consts")
     os.replace(tmp, path)  # last: a package on disk has its constants
     log.debug("exported in %.1f s, compiled in %.1f s: %s", t1 - t0, time.perf_counter() - t1, path)
@@ -115,7 +123,7 @@ def _constants_made(into: dict[str, torch.Tensor]):
 
     def recorded(self, data: torch.Tensor, name: str | None = None):
         box = add(self, data, name)
-        into[box.get_name()] = data.detach().clone()
+        into.setdefault(box.get_name(), data)  # (the weights too: by reference)
         return box
 
     GraphLowering.add_tensor_constant = recorded
@@ -141,15 +149,37 @@ def as_buffers(ep) -> dict[str, torch.Tensor]:
     return made
 
 
+def _own(stage: nn.Module) -> dict[str, torch.Tensor]:
+    """The stage's parameters and buffers by their names in a DecodeGraph."""
+    return {f"stage.{n}": t for n, t in [*stage.named_parameters(remove_duplicate=False),
+                                          *stage.named_buffers(remove_duplicate=False)]}
+
+
+def _attribute(module: nn.Module, path: str) -> torch.Tensor | None:
+    """module's tensor at a dotted path (submodules, then a plain attribute), or None."""
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
 def load_package(stage: nn.Module, path: Path):
-    """The package's runner with the stage's tensors as its constants (used in place)."""
+    """The package's runner with the stage's tensors as its constants (used in place).
+    The stage must have run an eager step (its lazy attributes made, as at the build):
+    a constant that is an attribute of the stage (e.g. an int8 head's bfloat16 scales,
+    made from its weights) is taken from it, so that a package built from another
+    checkpoint of the same shapes computes with this one's; the saved ones are made
+    from the config (the norms' scalars) or by Inductor (the int4 group size)."""
     run = torch._inductor.aoti_load_package(str(path))
     lifted = torch.load(f"{path}.consts", weights_only=True)
-    own = {f"stage.{n}": t for n, t in [*stage.named_parameters(remove_duplicate=False),
-                                         *stage.named_buffers(remove_duplicate=False)]}
+    own = _own(stage)
     consts = {}
     for name in run.get_constant_fqns():
-        t = own.get(name, lifted.get(name))
+        t = own.get(name)
+        if t is None:  # a plain tensor attribute of the stage (made by its warm step): its value
+            t = _attribute(stage, name.removeprefix("stage."))  # now, not the builder's
+        if t is None:  # made by the trace or by Inductor from the config and shapes alone
+            t = lifted.get(name)
         if t is None:
             raise RuntimeError(f"compiled package {path} needs a constant {name!r} that neither the "
                                f"stage nor its saved constants hold; delete the package to rebuild it")

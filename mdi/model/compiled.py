@@ -1,15 +1,24 @@
 """`--compile`: the decode step of a stage compiled with Inductor (the gpt-fast recipe).
 
+Two ways to run the graph (`CompiledDecode.how`): ahead of time (AOTInductor,
+model/aoti.py, the default on the CPU): each graph is exported once, compiled
+into a package stored beside Inductor's cache and loaded by every later start
+(1-2 s, no dynamo), and called without Python between its kernels; or through
+torch.compile (dynamo traces the model at every start, 10-50 s even with
+Inductor's graphs on disk), which a cache that grows (another device) takes.
+
 One graph serves every decode step of a row bucket: the positions and the
 mask are tensors (no Python reads of them, no graph break), the rows of a step
-are padded to a bucket (1, 2, 4, 8, 16, ...), and two sizes are marked dynamic:
-the keys attention reads (the step's largest position + 1, as the eager step
-reads only the filled part) and the cache's allocated length (whole on the
-CPU, where the cache is paged; grown in blocks elsewhere, cache.py), so neither a
-longer context nor a grown cache compiles again. A bucket has two graphs at most: rows at one position (no mask, as the
-eager step) and rows at several. Everything else is static (`dynamic=False`).
-A decode with every row at position 0 (a one-token prompt) runs eagerly: dynamo
-would give a size of 1 a graph of its own. Prefill stays eager.
+are padded to a bucket (1, 2, 4, 8, 16, ...), and the keys attention reads (the
+step's largest position + 1, as the eager step reads only the filled part) are
+a dynamic size. The cache's length is fixed for a package (the CPU's paged
+cache is whole from the start, cache.py) and dynamic for torch.compile (a grown
+cache compiles nothing again). A bucket has two graphs at most: rows at one
+position (no mask, as the eager step) and rows at several. Everything else is
+static. A decode with every row at position 0 (a one-token prompt) runs
+eagerly: a size of 1 would be a graph of its own; so does, with a package, a
+step whose keys are the whole cache (the context's last position). Prefill
+stays eager.
 
 Padding uses rows of the cache itself: a step over rows [a, b) runs on the
 rows [a, a + bucket) (or the last `bucket` rows at the cache's end); the rows
@@ -21,12 +30,13 @@ dropped.
 The linears run on the plain weights ("dense"; Inductor chooses the kernels),
 so a compiled float32 stage keeps its plain weights (loaded with pack=False).
 The int8 and int4 kernels are aten operators, traced as they are.
-Inductor's on-disk caches (FX graph, AOT autograd) live where
-TORCHINDUCTOR_CACHE_DIR says; the loader (checkpoint/sources.py:load_stage) sets
-it to ~/.cache/mdi/inductor (`cache_dir`) unless the user did, so a second start
-of the same model and shapes compiles nothing. What this module changes in the
-process is torch's own settings for it: dynamo's recompile limit (one graph per
-bucket) and Inductor's FX graph cache (on).
+Inductor's on-disk caches (FX graph, AOT autograd) and the packages (in
+`mdi-aoti` under it) live where TORCHINDUCTOR_CACHE_DIR says; the loader
+(checkpoint/sources.py:load_stage) sets it to ~/.cache/mdi/inductor
+(`cache_dir`) unless the user did, so a second start of the same model and
+shapes compiles nothing. What this module changes in the process is torch's
+own settings for it: dynamo's recompile limit (one graph per bucket) and
+Inductor's FX graph cache (on).
 """
 from __future__ import annotations
 
@@ -156,15 +166,15 @@ class CompiledDecode:
             x, kv = args[0], args[4]
             base = self.package_dir or cache_dir(os.environ) / "mdi-aoti"
             path = base / f"decode-{aoti.package_key(self.stage, x, kv, uniform, self.options)}.pt2"
+            with torch.inference_mode():  # the stage's lazy state made eagerly, not in the trace
+                one = self.stage.new_cache(1)
+                self.stage(x[:1], torch.ones((1, 1), dtype=torch.long, device=x.device), one)
             if path.exists():
                 try:
                     run = aoti.load_package(self.stage, path)
                 except (RuntimeError, OSError, ValueError) as e:  # a torn or foreign file
                     log.warning("--compile: cannot load %s (%s): building it again", path, e)
             if run is None:
-                with torch.inference_mode():  # make the stage's lazy state eagerly, not in the trace
-                    one = self.stage.new_cache(1)
-                    self.stage(x[:1], torch.ones((1, 1), dtype=torch.long, device=x.device), one)
                 with torch.inference_mode(False):
                     aoti.build_package(self.stage, args, uniform, path, self.options)
                 run = aoti.load_package(self.stage, path)
