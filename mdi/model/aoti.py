@@ -3,8 +3,9 @@
 torch.compile traces the model with dynamo at every start, even when Inductor's
 graphs are on disk (15-53 s of a cached start, docs/benchmarks.md). AOTInductor
 compiles an exported graph (torch.export) ahead of time into a shared library
-packaged as a .pt2 file; a later start loads that library (milliseconds) and
-skips dynamo, its guards and the Python wrapper of every call.
+packaged as a .pt2 file; a later start loads that library (1.4 s of a cached
+SmolLM2 start, its imports included) and skips dynamo, its guards and the
+Python wrapper of every call.
 
 One package per graph: (rows of the bucket, the cache's rows and length, mask or
 none, the input's dtype) of a stage's shapes. The weights are not in it
@@ -13,13 +14,15 @@ tensors (`user_managed`: used in place, no copy), so a package holds code only
 (a few MB), the weights are in memory once, and one package serves every
 checkpoint of the same shapes. The few constants the trace made itself (the
 norms' scalars, RoPE's frequencies; `lifted_tensor_*`) and those Inductor made
-(the int4 kernel's group size) are saved beside it.
+(the int4 kernel's group size) are saved beside it; a constant that is an
+attribute of the stage (an int8 head's bfloat16 scales, made from its weights)
+is read from the stage being loaded, not from the saved file.
 
 The cache buffers are inputs that the graph writes in place (their index_put is
 a user-input mutation, which AOTInductor writes into the caller's tensor), as
 views of the lane's whole cache: their strides follow the cache's rows and
 length, which are part of the key. The keys read (L) is the one dynamic size,
-in [2, length - 1] (export proves nothing for L == length: that last position,
+in [2, length - 1] (export's guards leave L == length out: that last position,
 like L == 1, runs eagerly).
 
 The key hashes the torch version, the stage's config and range, every
