@@ -112,7 +112,7 @@ def test_a_package_serves_another_checkpoint_of_the_same_shapes(make_model, tmp_
     assert len(list((tmp_path / "inductor" / "mdi-aoti").glob("*.pt2"))) == 1
 
 
-def test_a_package_key_follows_the_shapes_not_the_weights(make_model):
+def test_a_package_key_follows_the_shapes_not_the_weights(make_model, monkeypatch):
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
     a, b = make_model(config, seed=1), make_model(config, seed=2)
     x, kv = torch.zeros(4, 1, dtype=torch.long), a.new_cache(4).kv
@@ -125,6 +125,8 @@ def test_a_package_key_follows_the_shapes_not_the_weights(make_model):
               aoti.package_key(make_model(GPTConfig(**{**config.__dict__, "n_layer": 2}), seed=1),
                                x, kv, False)]
     assert len({key, *others}) == 1 + len(others)
+    monkeypatch.setattr(aoti, "source_digest", lambda: "an edited layers.py")
+    assert aoti.package_key(a, x, kv, False) != key  # the model's code changed: built again
 
 
 def test_compiled_decode_names_an_unknown_way(make_model):

@@ -25,14 +25,15 @@ length, which are part of the key. The keys read (L) is the one dynamic size,
 in [2, length - 1] (export's guards leave L == length out: that last position,
 like L == 1, runs eagerly).
 
-The key hashes the torch version, the stage's config and range, every
-parameter's and buffer's name, shape and dtype, the graph's shapes and
-`GRAPH_VERSION` (bumped when the traced code changes); a package whose key
-differs is never loaded, it is built again.
+The key hashes the torch version, the source of mdi/model (the traced code),
+the stage's config and range, every parameter's and buffer's name, shape and
+dtype, the graph's shapes and `GRAPH_VERSION` (for a change the others do not
+show); a package whose key differs is never loaded, it is built again.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -46,8 +47,8 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
-# bump when the traced step (compiled.decode_graph, the model's forward_step) changes
-# in a way the key's shapes do not show
+# bump when what a package computes changes in a way neither the key's shapes nor
+# mdi/model's source show
 GRAPH_VERSION = 1
 
 
@@ -66,13 +67,24 @@ class DecodeGraph(nn.Module):
         return decode_graph(self.stage, x, pos, live, keys, kv, self.uniform)
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A digest of the model code a package traced (every module of mdi/model): an edit
+    of a layer builds new packages instead of loading the old code's."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def package_key(stage: nn.Module, x: torch.Tensor, kv: list[torch.Tensor], uniform: bool,
                 options: dict | None = None) -> str:
     """A hex digest of what the package's code depends on (not the weights' values)."""
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in
                [*stage.named_parameters(remove_duplicate=False),
                 *stage.named_buffers(remove_duplicate=False)]]
-    what = {"torch": torch.__version__, "graph": GRAPH_VERSION, "config": asdict(stage.config),
+    what = {"torch": torch.__version__, "graph": GRAPH_VERSION, "source": source_digest(),
+            "config": asdict(stage.config),
             "range": [stage.start, stage.stop], "tensors": tensors, "uniform": uniform,
             "x": [list(x.shape), str(x.dtype)],
             "kv": [[list(b.shape), list(b.stride()), str(b.dtype)] for b in kv[:1]], "layers": len(kv),
