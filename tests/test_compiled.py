@@ -13,6 +13,7 @@ import torch
 
 from mdi.bench.compile_bench import CompileBenchConfig, decode_rate
 from mdi.generate import step
+from mdi.model import aoti
 from mdi.model import compiled as compiled_mod
 from mdi.model.compiled import CompiledDecode, bucket, compile_unavailable
 from mdi.model.config import GPTConfig
@@ -21,6 +22,7 @@ from mdi.model.quant import configure_stage
 LLAMA = dict(norm="rmsnorm", positions="rope", activation="swiglu", n_kv_head=1, bias=False)
 LOGIT_ATOL = 1e-4  # measured: 2e-6 (float32, both forms); int8 and int4 were equal bit for bit
 PROMPTS = [[3, 1, 4, 1], [5, 9, 2, 6, 5], [3, 5, 8, 9, 7, 9]]  # rows at three positions
+N_TOKENS = 11  # the last row reaches position 15, the last of a 16-position cache
 needs_compiler = pytest.mark.skipif(compile_unavailable() is not None,
                                     reason=f"cannot compile here: {compile_unavailable()}")
 
@@ -47,20 +49,90 @@ def _greedy(model, n_tokens: int, cache_rows: int) -> tuple[torch.Tensor, list, 
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.parametrize("form", [{}, LLAMA], ids=["gpt2", "llama"])
-def test_compiled_decode_gives_the_eager_tokens(make_model, form, tmp_path, monkeypatch):
+@pytest.mark.parametrize("form, how", [({}, "aoti"), (LLAMA, "aoti"), (LLAMA, "inductor")],
+                         ids=["gpt2-aoti", "llama-aoti", "llama-inductor"])
+def test_compiled_decode_gives_the_eager_tokens(make_model, form, how, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    config = GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64, **form)
+    # 16 positions: the last step's row at position 15 reads the whole cache (L == T),
+    # which no AOTInductor package covers: that step runs eagerly
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=64, **form)
     eager = configure_stage(make_model(config, seed=1), pack=False)
     compiled = configure_stage(make_model(config, seed=1), pack=True, compile=True)
     assert compiled.compiled_decode is not None and not compiled.packed_linears
+    compiled.compiled_decode.how = how
     # 3 rows of a 4-row cache: the step runs as the 4-row bucket, its 4th row padding
-    want, want_tokens, want_last = _greedy(eager, 8, 4)
-    got, got_tokens, got_last = _greedy(compiled, 8, 4)
+    want, want_tokens, want_last = _greedy(eager, N_TOKENS, 4)
+    got, got_tokens, got_last = _greedy(compiled, N_TOKENS, 4)
     assert got_tokens == want_tokens
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
     assert torch.equal(got_last, want_last)  # the padding row's cache: not written
     assert list(compiled.compiled_decode.shapes) == [(4, torch.int64, False)]  # one graph (ids in)
+    packages = sorted((tmp_path / "inductor" / "mdi-aoti").glob("*.pt2"))
+    assert len(packages) == (how == "aoti")
+    if how == "aoti":  # a second start loads the package: nothing built, the same tokens
+        def no_build(*args, **kwargs):
+            raise AssertionError("built again")
+        monkeypatch.setattr(aoti, "build_package", no_build)
+        again = configure_stage(make_model(config, seed=1), pack=True, compile=True)
+        got, got_tokens, _ = _greedy(again, N_TOKENS, 4)
+        assert got_tokens == want_tokens
+        torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_torn_package_is_built_again(make_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    eager = configure_stage(make_model(config, seed=1), pack=False)
+    compiled = configure_stage(make_model(config, seed=1), pack=True, compile=True)
+    want = _greedy(eager, 3, 4)[1]
+    assert _greedy(compiled, 3, 4)[1] == want
+    (package,) = (tmp_path / "inductor" / "mdi-aoti").glob("*.pt2")
+    package.write_bytes(b"not a package")
+    again = configure_stage(make_model(config, seed=1), pack=True, compile=True)
+    assert _greedy(again, 3, 4)[1] == want
+    assert package.stat().st_size > 1000  # built and stored again
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_package_serves_another_checkpoint_of_the_same_shapes(make_model, tmp_path, monkeypatch):
+    # int8: the head's bfloat16 scales are made from its weights on first use, an
+    # attribute the package reads from the stage it is loaded for, not the builder's
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=64, **LLAMA)
+    for seed in (1, 2):  # the second loads the first's package
+        eager = configure_stage(make_model(config, seed=seed), "int8", pack=False)
+        compiled = configure_stage(make_model(config, seed=seed), "int8", pack=True, compile=True)
+        want, want_tokens, _ = _greedy(eager, 4, 4)
+        got, got_tokens, _ = _greedy(compiled, 4, 4)
+        assert got_tokens == want_tokens
+        torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    assert len(list((tmp_path / "inductor" / "mdi-aoti").glob("*.pt2"))) == 1
+
+
+def test_a_package_key_follows_the_shapes_not_the_weights(make_model, monkeypatch):
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    a, b = make_model(config, seed=1), make_model(config, seed=2)
+    x, kv = torch.zeros(4, 1, dtype=torch.long), a.new_cache(4).kv
+    key = aoti.package_key(a, x, kv, False)
+    assert aoti.package_key(b, x, kv, False) == key  # other weights, the same code
+    wide = a.new_cache(8).kv  # the same 4 rows as views of a cache of 8: other strides
+    others = [aoti.package_key(a, x[:2], kv, False), aoti.package_key(a, x, kv, True),
+              aoti.package_key(a, x, [t[:, :4] for t in wide], False),
+              aoti.package_key(a, x, kv, False, {"cpp_wrapper": True}),
+              aoti.package_key(make_model(GPTConfig(**{**config.__dict__, "n_layer": 2}), seed=1),
+                               x, kv, False)]
+    assert len({key, *others}) == 1 + len(others)
+    monkeypatch.setattr(aoti, "source_digest", lambda: "an edited layers.py")
+    assert aoti.package_key(a, x, kv, False) != key  # the model's code changed: built again
+
+
+def test_compiled_decode_names_an_unknown_way(make_model):
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    with pytest.raises(ValueError, match="aoti or inductor"):
+        CompiledDecode(make_model(config, seed=1), how="dynamo")
 
 
 def test_compile_refuses_batch_invariant(make_model):

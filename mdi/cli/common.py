@@ -41,11 +41,11 @@ QUANTIZE_CHOICES = [*QUANT_MODES, "none"]
 BATCH_INVARIANT_HELP = ("compute every sequence on its own (per-row GEMMs): its tokens then do "
                         "not depend on which sequences share its step, at a cost in speed")
 SEED_HELP = "seed of the random draws"
-COMPILE_HELP = ("compile the decode step with torch.compile (Inductor; needs a C++ compiler): one "
-                "graph per row bucket, kept in ~/.cache/mdi/inductor; a first start pays minutes "
-                "per bucket on a small CPU, a later one reads the graphs back (dynamo still traces "
-                "the model: seconds to tens of seconds). Prefill stays eager. Single-device only; "
-                "not with --batch-invariant (docs/benchmarks.md has its figures)")
+COMPILE_HELP = ("compile the decode step ahead of time (AOTInductor; needs a C++ compiler): one "
+                "package per row bucket, kept in ~/.cache/mdi/inductor/mdi-aoti; a first start "
+                "pays a minute or more per bucket on a small CPU, a later one loads the package "
+                "in a second or two. Prefill stays eager. Single-device only; not with "
+                "--batch-invariant (docs/benchmarks.md has its figures)")
 NODES_HELP = ("nodes of the ring, the starter (this process) included, each a local process; "
               "1: one device, no ring")
 NODES_CONFIG_HELP = "the nodes JSON file of a cluster started by hand (`mdi node`)"

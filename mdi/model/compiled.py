@@ -1,15 +1,24 @@
 """`--compile`: the decode step of a stage compiled with Inductor (the gpt-fast recipe).
 
+Two ways to run the graph (`CompiledDecode.how`): ahead of time (AOTInductor,
+model/aoti.py, the default on the CPU): each graph is exported once, compiled
+into a package stored beside Inductor's cache and loaded by every later start
+(1-2 s, no dynamo), and called without Python between its kernels; or through
+torch.compile (dynamo traces the model at every start, 10-50 s even with
+Inductor's graphs on disk), which a cache that grows (another device) takes.
+
 One graph serves every decode step of a row bucket: the positions and the
 mask are tensors (no Python reads of them, no graph break), the rows of a step
-are padded to a bucket (1, 2, 4, 8, 16, ...), and two sizes are marked dynamic:
-the keys attention reads (the step's largest position + 1, as the eager step
-reads only the filled part) and the cache's allocated length (whole on the
-CPU, where the cache is paged; grown in blocks elsewhere, cache.py), so neither a
-longer context nor a grown cache compiles again. A bucket has two graphs at most: rows at one position (no mask, as the
-eager step) and rows at several. Everything else is static (`dynamic=False`).
-A decode with every row at position 0 (a one-token prompt) runs eagerly: dynamo
-would give a size of 1 a graph of its own. Prefill stays eager.
+are padded to a bucket (1, 2, 4, 8, 16, ...), and the keys attention reads (the
+step's largest position + 1, as the eager step reads only the filled part) are
+a dynamic size. The cache's length is fixed for a package (the CPU's paged
+cache is whole from the start, cache.py) and dynamic for torch.compile (a grown
+cache compiles nothing again). A bucket has two graphs at most: rows at one
+position (no mask, as the eager step) and rows at several. Everything else is
+static. A decode with every row at position 0 (a one-token prompt) runs
+eagerly: a size of 1 would be a graph of its own; so does, with a package, a
+step whose keys are the whole cache (the context's last position). Prefill
+stays eager.
 
 Padding uses rows of the cache itself: a step over rows [a, b) runs on the
 rows [a, a + bucket) (or the last `bucket` rows at the cache's end); the rows
@@ -21,15 +30,17 @@ dropped.
 The linears run on the plain weights ("dense"; Inductor chooses the kernels),
 so a compiled float32 stage keeps its plain weights (loaded with pack=False).
 The int8 and int4 kernels are aten operators, traced as they are.
-Inductor's on-disk caches (FX graph, AOT autograd) live where
-TORCHINDUCTOR_CACHE_DIR says; the loader (checkpoint/sources.py:load_stage) sets
-it to ~/.cache/mdi/inductor (`cache_dir`) unless the user did, so a second start
-of the same model and shapes compiles nothing. What this module changes in the
-process is torch's own settings for it: dynamo's recompile limit (one graph per
-bucket) and Inductor's FX graph cache (on).
+Inductor's on-disk caches (FX graph, AOT autograd) and the packages (in
+`mdi-aoti` under it) live where TORCHINDUCTOR_CACHE_DIR says; the loader
+(checkpoint/sources.py:load_stage) sets it to ~/.cache/mdi/inductor
+(`cache_dir`) unless the user did, so a second start of the same model and
+shapes compiles nothing. What this module changes in the process is torch's
+own settings for it: dynamo's recompile limit (one graph per bucket) and
+Inductor's FX graph cache (on).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -42,6 +53,7 @@ from .cache import KVCache
 from .layers import CachedStep
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+log = logging.getLogger(__name__)
 
 
 def cache_dir(environ: dict[str, str]) -> Path:
@@ -92,12 +104,34 @@ class _Buffers(KVCache):
         return self.k[layer], self.v[layer]
 
 
+def decode_graph(stage: torch.nn.Module, x: torch.Tensor, pos: torch.Tensor, live: torch.Tensor,
+                 keys: torch.Tensor, kv: list[torch.Tensor], uniform: bool) -> torch.Tensor:
+    """The step a graph holds. x ids (n, 1) or activations (n, 1, C); pos (n, 1) int64;
+    live (n,) bool: the rows whose key and value are written; keys (L,): the positions
+    attention reads, 0..L-1 (L: the step's largest position + 1, a dynamic size); kv
+    the layers' buffers (2, n, nkv, T, hs). uniform: every row at one position, so
+    every key read is visible (no mask, as the eager step)."""
+    mask = None if uniform else keys[None, None, None, :] <= pos[:, None, :, None]  # (n,1,1,L)
+    step = CachedStep(pos, None, keys.shape[0], mask)
+    return stage.forward_step(x, pos, step, _Buffers(kv, live), True, "dense")
+
+
 class CompiledDecode:
     """A stage's decode step, compiled per row bucket (and mask or none) on first use;
-    `shapes` holds each graph's first-call seconds (a compile, or a read from disk)."""
+    `shapes` holds each graph's first-call seconds (a compile, or a read from disk).
+
+    how: "aoti" (the default): an AOTInductor package per graph (model/aoti.py), kept
+    in `package_dir` and loaded from there by later starts, for a CPU stage whose
+    cache is paged (its length fixed); other stages, and how="inductor", go through
+    torch.compile (dynamo at every start; Inductor's graphs cached on disk). A package
+    covers keys read 2 <= L < T (the cache's length): a step with a row at the
+    context's last position, as one with every row at position 0, runs eagerly.
+    options: Inductor settings for either (e.g. {"cpp_wrapper": True})."""
 
     def __init__(self, stage: torch.nn.Module,
-                 on_graph: Callable[[int, bool, float], None] | None = None) -> None:
+                 on_graph: Callable[[int, bool, float], None] | None = None,
+                 how: str = "aoti", package_dir: Path | None = None,
+                 options: dict | None = None) -> None:
         why = compile_unavailable()
         if why is not None:
             raise RuntimeError(f"--compile: {why}")
@@ -105,36 +139,61 @@ class CompiledDecode:
             raise ValueError("--compile with --batch-invariant: the compiled step is not "
                              "batch-invariant (Inductor's kernels sum rows as they choose); "
                              "use one or the other")
+        if how not in ("aoti", "inductor"):
+            raise ValueError(f"compiled decode: how is aoti or inductor, got {how!r}")
         # one graph per bucket and mask, which may be more than dynamo's default 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._inductor.config.fx_graph_cache = True
-        self.stage = stage
+        self.stage, self.how, self.options = stage, how, dict(options or {})
+        self.package_dir = package_dir
         self.shapes: dict[tuple, float] = {}  # (rows, dtype, uniform) -> first call's seconds
         self.on_graph = on_graph  # (rows, uniform, seconds) of each graph's first call
-        self._fn = torch.compile(self._step, dynamic=False, fullgraph=True)
+        self._runners: dict[tuple, Callable] = {}  # AOTInductor: key -> loaded package
+        self._fn = torch.compile(self._step, dynamic=False, fullgraph=True,
+                                 options=self.options or None)
 
     def _step(self, x: torch.Tensor, pos: torch.Tensor, live: torch.Tensor, keys: torch.Tensor,
               kv: list[torch.Tensor], uniform: bool) -> torch.Tensor:
-        """x ids (n, 1) or activations (n, 1, C); pos (n, 1) int64; live (n,) bool:
-        the rows whose key and value are written; keys (L,): the positions attention
-        reads, 0..L-1 (L: the step's largest position + 1, a dynamic size); kv the
-        layers' buffers (2, n, nkv, T, hs). uniform: every row at one position, so
-        every key read is visible (no mask, as the eager step)."""
-        mask = None if uniform else keys[None, None, None, :] <= pos[:, None, :, None]  # (n,1,1,L)
-        step = CachedStep(pos, None, keys.shape[0], mask)
-        return self.stage.forward_step(x, pos, step, _Buffers(kv, live), True, "dense")
+        return decode_graph(self.stage, x, pos, live, keys, kv, uniform)
+
+    def _runner(self, key: tuple, args: tuple, uniform: bool) -> Callable:
+        """The loaded package of this graph: from package_dir, else built there."""
+        from . import aoti
+
+        run = self._runners.get(key)
+        if run is None:
+            x, kv = args[0], args[4]
+            base = self.package_dir or cache_dir(os.environ) / "mdi-aoti"
+            path = base / f"decode-{aoti.package_key(self.stage, x, kv, uniform, self.options)}.pt2"
+            with torch.inference_mode():  # the stage's lazy state made eagerly, not in the trace
+                one = self.stage.new_cache(1)
+                self.stage(x[:1], torch.ones((1, 1), dtype=torch.long, device=x.device), one)
+            if path.exists():
+                try:
+                    run = aoti.load_package(self.stage, path)
+                except (RuntimeError, OSError, ValueError) as e:  # a torn or foreign file
+                    log.warning("--compile: cannot load %s (%s): building it again", path, e)
+            if run is None:
+                with torch.inference_mode(False):
+                    aoti.build_package(self.stage, args, uniform, path, self.options)
+                run = aoti.load_package(self.stage, path)
+            self._runners[key] = run
+        return run
 
     def __call__(self, cache: KVCache, x: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """One decode step as step.decode takes it: x (B, 1) ids or (B, 1, C)
         activations for the rows of `cache` (a KVCache or rows of one), row b at
         positions[b]. Returns what the stage returns for those B rows."""
         B, L = len(positions), max(positions) + 1
-        if L == 1:  # every row at position 0 (a one-token prompt): dynamo would give a
-            # size of 1 a graph of its own; one eager step costs less than that compile
-            pos = torch.zeros((B, 1), dtype=torch.long, device=x.device)
-            return self.stage(x, pos, cache)
         whole = getattr(cache, "whole", cache)
+        aot = self.how == "aoti" and whole.paged and whole.kv[0].device.type == "cpu"
+        if L == 1 or (aot and L >= whole.kv[0].shape[3]):
+            # every row at position 0 (a one-token prompt): dynamo would give a size of 1
+            # a graph of its own, one eager step costs less than that compile; a row at
+            # the context's last position: no package covers it (aoti.py)
+            pos = torch.tensor(positions, dtype=torch.long, device=x.device)[:, None]
+            return self.stage(x, pos, cache)
         a = getattr(cache, "span", (0, cache.batch))[0]
         cache.reserve(L)
         n = bucket(B, whole.batch)
@@ -153,12 +212,17 @@ class CompiledDecode:
             x = pad
         keys = torch.arange(L, device=x.device)
         kv = [buf[:, lo:lo + n] for buf in whole.kv]
-        torch._dynamo.mark_dynamic(keys, 0)
-        for b in kv:  # the allocated length: dynamic too (a growing cache compiles nothing)
-            torch._dynamo.mark_dynamic(b, 3)
         key = (n, x.dtype, uniform)
         t0 = time.perf_counter()
-        out = self._fn(x, pos, live, keys, kv, uniform)
+        if aot:
+            # a package is for one layout of the cache (its rows and length: the views' strides)
+            layout = (*key, tuple(kv[0].shape), tuple(kv[0].stride()))
+            out = self._runner(layout, (x, pos, live, keys, kv), uniform)(x, pos, live, keys, kv)
+        else:
+            torch._dynamo.mark_dynamic(keys, 0)
+            for b in kv:  # the allocated length: dynamic too (a growing cache compiles nothing)
+                torch._dynamo.mark_dynamic(b, 3)
+            out = self._fn(x, pos, live, keys, kv, uniform)
         if key not in self.shapes:
             self.shapes[key] = time.perf_counter() - t0
             if self.on_graph is not None:
