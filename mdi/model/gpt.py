@@ -185,7 +185,7 @@ class GPT(nn.Module):
             rope = rope_table(self._inv_freq(x.device), input_pos, x.dtype,
                               c.n_head + c.kv_heads, c.kv_heads)
         for i, block in enumerate(self.transformer.h.values()):
-            x = block(x, step, cache, i, rope, mode)
+            x = block.forward(x, step, cache, i, rope, mode)  # (no hooks: see Block.forward)
         if not self.has_head or not logits:
             return x
         return self.head(x, mode)
