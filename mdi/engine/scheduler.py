@@ -58,13 +58,8 @@ class PipelineEngine:
     stall_timeout: float = float("inf")
     prefill_share: float = 0.0  # >0: chunks cut to this many decode steps' time while others decode
     batch_prefill: bool = True  # a step's prefill chunks as one forward and one frame (False: one each)
-    # Every step (prefills too) on the event loop's own thread, none on the worker: for a
-    # caller whose loop serves nobody else (a fixed batch, generate_local) and runs on the
-    # thread that loaded the model. Then one thread runs all of the process's OpenMP work:
-    # once a second thread has run a parallel region, libgomp finds more of its threads
-    # than cores and stops spinning between regions, so every region of either thread
-    # sleeps and wakes its helper (2 context switches; SmolLM2 int4 decode 13 -> 21 ms a
-    # step on 2 cores, docs/benchmarks.md "One thread for OpenMP").
+    # every step on the loop's thread (the one that loaded the model), none on the worker:
+    # one thread runs OpenMP, so libgomp keeps spinning between regions (step_times.py)
     compute_inline: bool = False
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
