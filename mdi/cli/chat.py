@@ -189,15 +189,9 @@ def _engine(args: argparse.Namespace, ck: Any, tok: Tokenizer, ring: bool) -> It
     if not ring:
         from ..engine.local import LocalEngine
 
-        def local() -> LocalEngine:
-            # on the engine's thread, which loads the model and computes every step itself
-            # (compute_inline): one thread runs OpenMP, so libgomp keeps spinning between
-            # parallel regions instead of sleeping and waking at each (scheduler.py)
-            model = load_model(ck, load_options(args)).model
-            engine = LocalEngine(model, tok, max_seqs=1, prefill_chunk=args.prefill_chunk)
-            engine.compute_inline = True
-            return engine
-        with EngineThread(local) as engine:
+        model = load_model(ck, load_options(args)).model
+        with EngineThread(lambda: LocalEngine(model, tok, max_seqs=1,
+                                                   prefill_chunk=args.prefill_chunk)) as engine:
             yield engine
         return
     from ..ring.starter.ring_engine import RingEngine

@@ -76,9 +76,6 @@ def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[l
     """Run a fixed batch on an engine made inside the event loop (sync entry point)."""
     async def main() -> GenerationResult:
         engine = engine_factory()
-        # nothing else on this loop, which runs on the caller's thread (the one that loaded
-        # the model): a single device computes here, on one thread (scheduler.compute_inline)
-        engine.compute_inline = engine.link is None
         seqs, t0, elapsed = await run_sequences(
             engine, prompts, batch_params(len(prompts), n_tokens, sampling, stops), on_event)
         c = engine.config

@@ -23,13 +23,6 @@ log = logging.getLogger(__name__)
 # one lane). The loop is held at most this long by a step; prefills always go
 # to the worker.
 INLINE_BELOW_S = 0.02
-# PipelineEngine.compute_inline (set where the loop serves nobody else: generate_local,
-# mdi chat on one device) runs every step there, prefills too, so that one thread runs
-# all of the process's OpenMP work: once a second thread has run a parallel region,
-# libgomp counts more of its threads than cores and stops spinning between regions,
-# so every region of either thread sleeps and wakes its helper (2 context switches;
-# a SmolLM2 int4 step 10-13 ms became 20-23 on 2 cores; docs/benchmarks.md, "One
-# thread for OpenMP").
 # Prefill tokens a lane step carries at most (--prefill-chunk; 0: a whole prompt
 # in one piece). A longer prompt crosses the pipeline in chunks over successive
 # steps: stage k computes chunk i while stage k+1 computes chunk i-1, and the
