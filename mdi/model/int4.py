@@ -97,7 +97,7 @@ def packable(N: int, K: int, group: int) -> bool:
 
 
 # the kernel's OpOverload, looked up once: `torch.ops.aten.X(...)` resolves two
-# attributes and an overload packet on every call (~2 us a call, 120 calls a step)
+# attributes and an overload packet on every call (0.3 us a call, 120 calls a step)
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 _INT4_MM = _INT4_MM.default if _INT4_MM is not None else None
 
