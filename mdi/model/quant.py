@@ -124,19 +124,21 @@ class Int8Linear(nn.Module):
             if sb is None or sb.shape != self.scale.shape:
                 sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
             if n <= self.few_rows:
-                y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, sb)
+                y = torch._weight_int8pack_mm(
+                    x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self.weight, sb)
                 if self.refine and n <= REFINE_ROWS and x.dtype == torch.float32:
                     y = refine_top(y, x2, self.weight, self.scale)
-                y = y.to(x.dtype)
             else:
-                y = dequantized_matmul(x2, self.weight, sb).to(x.dtype)
+                y = dequantized_matmul(x2, self.weight, sb)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         elif x.device.type == "cpu":
             y = int8_matmul(x2, self.weight, self.scale).to(x.dtype)
         else:
             y = x2 @ self.dequantized(x.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return y.view(shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
