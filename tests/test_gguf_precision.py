@@ -23,8 +23,10 @@ def shipped():
 
 
 @pytest.mark.parametrize("weights,want", [("Q4_1", "int4"), ("Q4_K", "int4"), ("IQ4_NL", "int4"),
-                                          ("Q8_0", "int8"), ("Q6_K", "int8"), ("Q5_0", "int8"),
-                                          ("F32", None), ("F16", None), ("BF16", None)])
+                                          ("Q3_K", "int4"), ("Q2_K", "int4"), ("IQ2_XS", "int4"),
+                                          ("TQ1_0", "int4"), ("Q8_0", "int8"), ("Q6_K", "int8"),
+                                          ("Q5_0", "int8"), ("F32", None), ("F16", None),
+                                          ("BF16", None)])
 def test_each_weight_type_keeps_its_precision(weights, want):
     assert mode_for(weights) == want
 
@@ -39,6 +41,8 @@ def test_the_header_alone_gives_the_bytes_of_each_type_as_the_gguf_package_reads
     for t in GGUFReader(path).tensors:
         want[t.tensor_type.name] = want.get(t.tensor_type.name, 0) + int(t.n_bytes)
     assert bytes_by_type(path) == want
+    blocks = bytes_by_type(path, prefix="blk.")       # the embedding (Q8_0) left out
+    assert blocks and sum(blocks.values()) < sum(want.values()) and "Q4_1" in blocks
     assert file_mode("smollm2-135m-instruct") == ("int4", "Q4_1")
     assert gguf_path(BUNDLED) is None and file_mode(BUNDLED) == (None, None)
 

@@ -239,13 +239,15 @@ def test_the_head_recomputes_its_best_candidates_in_float32():
     head.weight = torch.randint(-127, 128, (200, 64), generator=g, dtype=torch.int8)
     head.scale = torch.full((200,), 0.01)
     x = torch.randn(5, 64, generator=g)
-    head.weight[7] = head.weight[3]                    # logit 7 = logit 3 ...
-    head.weight[7, 0] += 3 if x[0, 0] > 0 else -3      # ... plus 0.03 x |x00|: row 0 ranks 7 first
-    head.weight[7, 0] = head.weight[7, 0].clamp(-127, 127)
+    x[0] = 1.0                                         # row 0: logit 3 = 32.00, logit 7 = 32.03
+    head.weight[3] = head.weight[7] = 50
+    head.weight[7, 0] = 53
     exact = x @ (head.weight.float() * 0.01).t()
     sb = head.scale.to(torch.bfloat16)
     rounded = torch._weight_int8pack_mm(x.to(torch.bfloat16), head.weight, sb)
     got = refine_top(rounded, x, head.weight, head.scale)
+    assert rounded[0, 3] == rounded[0, 7] and int(rounded[0].argmax()) == 3   # a tie, lost
+    assert int(got[0].argmax()) == 7                                            # found again
     top = rounded.float().topk(REFINE_TOP, dim=1).indices
     for r in range(5):
         t = top[r]

@@ -129,8 +129,7 @@ def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None, dtype: str 
            "--n-samples", str(n_seqs), "--n-tokens", str(n_tokens), "--temperature", "0",
            "--ignore-eos", "--threads", str(cfg.threads), "--prompt", text, "--dtype", dtype,
            "--max-context", str(max(256, n_tokens + 64 + (prompt[1] if prompt else 0)))]
-    if quantize:
-        cmd += ["--quantize", quantize]
+    cmd += ["--quantize", quantize or "none"]  # said outright: the default is the file's
     if cfg.kv_dtype:
         cmd += ["--kv-dtype", cfg.kv_dtype]
     out, rss = measured(cmd)
@@ -167,6 +166,7 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     weights = main_weight_type(cfg.gguf)
     quantize = mode_for(weights) if cfg.quantize == "auto" else cfg.quantize
+    quantize = None if quantize == "none" else quantize
     base = baseline_rss(cfg.threads)
     log.info("%s: %s weights; mdi runs with --quantize %s; an idle mdi process: %.0f MB",
              Path(cfg.gguf).name, weights, quantize or "none", base)

@@ -140,15 +140,18 @@ def header_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
     return _Cursor(memoryview(_map(Path(path)))).metadata(keys, skip_arrays=True)[0]
 
 
-def bytes_by_type(path: str | Path) -> dict[str, int]:
-    """Tensor bytes per GGML type name, from the header alone (metadata arrays skipped):
-    what a file mostly holds, without reading its vocabulary."""
+def bytes_by_type(path: str | Path, prefix: str = "") -> dict[str, int]:
+    """Tensor bytes per GGML type name (of the tensors whose name starts with
+    `prefix`), from the header alone (metadata arrays skipped): what a file mostly
+    holds, without reading its vocabulary."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     cur = _Cursor(memoryview(_map(Path(path))))
     _, n_tensors = cur.metadata(set(), skip_arrays=True)
     sizes: dict[str, int] = {}
     for name, dims, qtype, _ in cur.tensor_infos(n_tensors):
+        if not name.startswith(prefix):
+            continue
         try:
             tt = GGMLQuantizationType(qtype)
             block, block_bytes = GGML_QUANT_SIZES[tt]

@@ -8,24 +8,28 @@ asks for the float weights (every tensor dequantized) instead. The library's
 loaders (`load_model`, `load_stage`) take no such default: they load what they
 are told.
 
-The file's type is the type of most of its tensor bytes (a Q4_K_M file keeps a
-few tensors in Q6_K; it is a Q4 file).
+The file's type is the type of most of its blocks' tensor bytes (a Q4_K_M file
+keeps a few tensors in Q6_K; it is a Q4 file). Types under 4 bits (Q2_K, Q3_K,
+IQ2, IQ3, ...) run as int4: float would take 8-16x the file's memory.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-# GGUF tensor types (by the name's start) and the mode that keeps them: 4-bit types as
-# int4 (group 32); 5- to 8-bit ones as int8
-INT4_TYPES = ("Q4", "IQ4")
-INT8_TYPES = ("Q8", "Q5", "Q6")
+# GGUF tensor types by the name's start: float ones run in float; 5- to 8-bit ones
+# as int8; every other quantized type (Q4, the 1- to 3-bit K and I quants, ternary)
+# as int4: the closest our kernels hold without inflating the file
+FLOAT_TYPES = ("F", "BF")
+INT8_TYPES = ("Q8", "Q5", "Q6", "IQ5", "IQ6")
 
 
 def main_weight_type(path: str | Path) -> str:
-    """The GGUF file's main weight type: the type of most of its tensor bytes."""
+    """The GGUF file's main weight type: the type of most of its blocks' tensor bytes
+    (the embedding and head, often kept wider, left out: a small model's vocabulary
+    can outweigh its blocks)."""
     from .gguf_file import bytes_by_type
 
-    sizes = bytes_by_type(path)
+    sizes = bytes_by_type(path, prefix="blk.") or bytes_by_type(path)
     if not sizes:
         raise ValueError(f"{path} holds no tensors")
     return max(sizes, key=sizes.get)
@@ -33,11 +37,9 @@ def main_weight_type(path: str | Path) -> str:
 
 def mode_for(weights: str) -> str | None:
     """The --quantize mode that keeps a weight type's precision (None: float)."""
-    if weights.startswith(INT4_TYPES):
-        return "int4"
-    if weights.startswith(INT8_TYPES):
-        return "int8"
-    return None
+    if weights.startswith(FLOAT_TYPES):
+        return None
+    return "int8" if weights.startswith(INT8_TYPES) else "int4"
 
 
 def gguf_path(ckpt: str | Path) -> Path | None:

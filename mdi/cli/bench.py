@@ -58,6 +58,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llama_quantize(args: argparse.Namespace) -> str:
+    """mdi's --quantize beside llama.cpp: "none" when asked outright, the file's
+    precision ("auto") when not given."""
+    return "none" if getattr(args, "quantize_none", False) else args.quantize or "auto"
+
+
 def _counts(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -81,7 +87,7 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
     cfg = LlamaCppConfig(gguf=str(gguf), llama_bench=args.llama_bench,
                          seqs=_counts(args.seqs if args.seqs != "1,4,16,64" else "1,4,16", "--seqs"),
                          n_tokens=args.n_tokens or 64, runs=min(args.runs, 2),
-                         threads=args.threads or 2, quantize=args.quantize or "auto", out=args.out,
+                         threads=args.threads or 2, quantize=_llama_quantize(args), out=args.out,
                          kv_dtype=args.llama_kv_dtype, prefill=args.llama_prefill,
                          dtypes=[d.strip() for d in args.llama_dtypes.split(",") if d.strip()])
     if cfg.prefill < 0:

@@ -172,7 +172,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 def resolve_quantize(args: argparse.Namespace) -> None:
     """--quantize as a run takes it: "none" is float (None); no --quantize on a CPU
     is a GGUF file's own precision (checkpoint/gguf_precision.py), logged."""
-    if args.quantize == "none":
+    args.quantize_none = args.quantize == "none"  # asked for float outright
+    if args.quantize_none:
         args.quantize = None
         return
     ckpt = getattr(args, "ckpt", None)

@@ -83,7 +83,7 @@ def dequantized_matmul(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tenso
 
 
 # logits the head recomputes in float32 (per row, its best candidates by the bfloat16
-# product), at steps of up to REFINE_ROWS rows (decode, a prompt's last position)
+# product), REFINE_ROWS rows at a time (the gathered weights stay ~2 MB for SmolLM2)
 REFINE_TOP = 16
 REFINE_ROWS = 64
 
@@ -100,7 +100,9 @@ def refine_top(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.T
     along the row (a batched GEMM's sums changed with the number of rows)."""
     y = y.float()
     k = min(k, y.shape[1])
-    idx = y.topk(k, dim=1, sorted=False).indices                         # (N, k)
-    w = q[idx].float() * scale[idx].float()[..., None]                   # (N, k, in)
-    exact = (w * x.float()[:, None, :]).sum(-1)                          # (N, k)
-    return y.scatter_(1, idx, exact)
+    for a in range(0, y.shape[0], REFINE_ROWS):
+        part = y[a:a + REFINE_ROWS]
+        idx = part.topk(k, dim=1, sorted=False).indices                  # (n, k)
+        w = q[idx].float() * scale[idx].float()[..., None]               # (n, k, in)
+        part.scatter_(1, idx, (w * x[a:a + REFINE_ROWS].float()[:, None, :]).sum(-1))
+    return y

@@ -63,4 +63,4 @@ def resident_bytes(t: torch.Tensor) -> int | None:
     if _libc.mincore(start, n * page, vec) != 0:
         log.debug("mincore refused: errno %d", ctypes.get_errno())
         return None
-    return sum(b & 1 for b in vec.raw) * page
+    return (n - vec.raw.count(0)) * page  # a byte a page, bit 0 set when resident

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .cache import context_length
 from .int4 import Int4Linear, packable
 from .dtypes import dtype_name
-from .kernels import (FEW_ROWS, GEMM_DTYPE, HEAD_ROWS, REFINE_ROWS, dequantized_matmul,
+from .kernels import (FEW_ROWS, GEMM_DTYPE, HEAD_ROWS, dequantized_matmul,
                       int8_matmul, refine_top, weight_only_available)
 from .layers import pack_linears
 
@@ -126,7 +126,7 @@ class Int8Linear(nn.Module):
             if n <= self.few_rows:
                 y = torch._weight_int8pack_mm(
                     x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self.weight, sb)
-                if self.refine and n <= REFINE_ROWS and x.dtype == torch.float32:
+                if self.refine and x.dtype == torch.float32:
                     y = refine_top(y, x2, self.weight, self.scale)
             else:
                 y = dequantized_matmul(x2, self.weight, sb)
