@@ -208,11 +208,14 @@ def test_a_running_node_counts_its_paged_caches_unwritten_pages_once():
     rt = NodeRuntime(NodeSpec("finisher", 0, "127.0.0.1", 1, 2, 3), TOKEN)
     cache = KVCache(2, 2, 2, 4096, 64)              # 8 MB planned, nothing written
     weights = 5 << 20
-    rt.run = SimpleNamespace(mem_bytes=weights + cache.nbytes(), slots=SimpleNamespace(caches=[cache]))
+    rt.run = SimpleNamespace(mem_bytes=weights + cache.nbytes(), slots=SimpleNamespace(caches=[cache]),
+                             incoming={})
     assert rt._held() == weights
     cache.rows(0, 1).update(0, torch.arange(4096)[None], torch.ones(2, 1, 2, 4096, 64), start=0)
     assert rt._held() == weights + 2 * 2 * 4096 * 64 * 4   # row 0 of layer 0, k and v
-    rt.run = SimpleNamespace(mem_bytes=weights, slots=None)  # a fixed-batch run: as planned
+    rt.run = SimpleNamespace(mem_bytes=weights, slots=None, incoming={})  # a fixed batch
     assert rt._held() == weights
+    rt.run.incoming = {(2, 4): SimpleNamespace(nbytes=7)}   # a move's layers, arrived
+    assert rt._held() == weights + 7
     rt.run = None
     assert rt._held() == 0

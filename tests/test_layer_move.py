@@ -194,3 +194,26 @@ def test_bad_or_truncated_streams_are_refused_and_the_giver_keeps_serving(model)
         toks = [5, 6 + step, 7]
         for x, y in zip(step_all(ref, toks), step_all(live, toks)):
             assert torch.equal(x, y)
+
+
+def test_a_node_bounds_what_a_move_asks_before_it_takes_a_byte(model):
+    """/move/expect (layer_move.expect_of): layers outside the model, slots it does not
+    hold, more positions than a slot has, or a slot twice are refused by name, so a
+    stream's size is bounded by the run's own cache."""
+    from types import SimpleNamespace
+
+    from mdi.ring.node.control_messages import MoveSpec
+    from mdi.ring.node.layer_move import expect_of
+    from mdi.ring.node.validate import InitError
+
+    stage = pipeline(model, 2)[1]
+    run = SimpleNamespace(slots=stage, config=CONFIG)
+    n0 = stage.slots[0].position
+    ok = expect_of(run, MoveSpec(run_id=1, start=1, stop=2, slots=[[0, n0], [2, 1]]))
+    assert ok.nbytes == HEAD.size + 2 * ROW.size + ok.row_bytes(n0) + ok.row_bytes(1) + END.size
+    for start, stop, slots, words in [(2, 2**31 - 1, [[0, 1]], "not a range of the model"),
+                                      (1, 2, [[9, 1]], "slot 9 outside"),
+                                      (1, 2, [[0, n0 + 1]], f"holds {n0} positions"),
+                                      (1, 2, [[0, 1], [0, 1]], "each slot once")]:
+        with pytest.raises(InitError, match=words):
+            expect_of(run, MoveSpec(run_id=1, start=start, stop=stop, slots=slots))

@@ -39,6 +39,18 @@ def why_not_movable(slots: SlotStage) -> str | None:
     return None
 
 
+def check_positions(slots: SlotStage, positions: dict[int, int]) -> None:
+    """Every slot of `positions` is in use and holds at least its n >= 1 positions
+    (SpliceError naming the first that does not)."""
+    for slot, n in positions.items():
+        if not 0 <= slot < len(slots.slots):
+            raise SpliceError(f"slot {slot} outside 0..{len(slots.slots) - 1}")
+        s = slots.slots[slot]
+        if not s.active or s.position < n or n < 1:
+            raise SpliceError(f"slot {slot} holds {s.position if s.active else 0} positions, "
+                              f"{n} asked for")
+
+
 def kv_dtype(slots: SlotStage) -> torch.dtype:
     """What the stage's caches store."""
     return slots.caches[0].kv[0].dtype
@@ -56,11 +68,7 @@ def rows_of(slots: SlotStage, start: int, stop: int, positions: dict[int, int]
         # neighbours gives a run inside it too: splice checks the range that stays)
         raise SpliceError(f"layers [{start}, {stop}) are not in the stage's "
                           f"[{stage.start}, {stage.stop})")
-    for slot, n in positions.items():
-        s = slots._slot(slot, active=None)
-        if n < 1 or not s.active or s.position < n:
-            raise SpliceError(f"slot {slot} holds {s.position if s.active else 0} positions, "
-                              f"{n} asked for")
+    check_positions(slots, positions)
     out = {}
     for layer in range(start, stop):
         for slot, n in sorted(positions.items()):
@@ -89,11 +97,7 @@ def splice(slots: SlotStage, start: int, stop: int, blocks: dict[int, nn.Module]
     gained = [i for i in new if i not in old]
     if sorted(blocks) != gained:
         raise SpliceError(f"blocks of layers {sorted(blocks)} for the {gained} gained")
-    for slot, n in positions.items():
-        s = slots._slot(slot, active=None)
-        if not s.active or s.position < n or n < 1:
-            raise SpliceError(f"slot {slot} holds {s.position if s.active else 0} positions, "
-                              f"{n} kept")
+    check_positions(slots, positions)
     ref = slots.caches[0].kv[0]  # (2, B, nh, T, hs): every new layer's shape but B
     for layer in gained:
         for slot, n in positions.items():
@@ -103,9 +107,11 @@ def splice(slots: SlotStage, start: int, stop: int, blocks: dict[int, nn.Module]
                 got = "none" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise SpliceError(f"layer {layer} slot {slot}: rows {got}, expected {want} "
                                   f"{ref.dtype}")
-    # checked: now change it
+    # checked: the new buffers made and filled first (an allocation that fails leaves the
+    # stage as it was), then swapped in by assignments that cannot fail
     lane_rows = [[(slots.slots[s].row, n, s) for s, n in positions.items()
                   if slots.slots[s].lane == lane] for lane in range(len(slots.caches))]
+    lanes_kv = []
     for lane, cache in enumerate(slots.caches):
         kv = []
         for layer in new:
@@ -118,6 +124,8 @@ def splice(slots: SlotStage, start: int, stop: int, blocks: dict[int, nn.Module]
             for row, n, slot in lane_rows[lane]:
                 buf[:, row, :, :n, :] = rows[(layer, slot)]
             kv.append(buf)
+        lanes_kv.append(kv)
+    for cache, kv in zip(slots.caches, lanes_kv):
         cache.kv = kv
         cache._bind()
     h = stage.transformer["h"]

@@ -77,9 +77,31 @@ def source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def machine() -> dict:
+    """What the compiled code was built for: the CPU's vector ISA Inductor picked, the
+    machine and the C++ compiler (a cache in a home directory shared by the nodes of a
+    cluster must not hand an AVX-512 package to an AVX2 CPU: SIGILL)."""
+    import platform
+
+    try:
+        from torch._inductor import cpu_vec_isa
+        isa = str(cpu_vec_isa.pick_vec_isa())
+    except Exception:  # noqa: BLE001 - an Inductor without it: the flags stand in
+        isa = ""
+    try:
+        from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
+        compiler = get_compiler_version_info(get_cpp_compiler())
+    except Exception:  # noqa: BLE001
+        compiler = ""
+    return {"isa": isa, "machine": platform.machine(), "compiler": compiler,
+            "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
 def package_key(stage: nn.Module, x: torch.Tensor, kv: list[torch.Tensor], uniform: bool,
                 options: dict | None = None) -> str:
-    """A hex digest of what the package's code depends on (not the weights' values)."""
+    """A hex digest of what the package's code depends on (not the weights' values): the
+    code, the shapes, the CPU it was built for and the kernel choices traced into it."""
     tensors = [(n, list(t.shape), str(t.dtype)) for n, t in
                [*stage.named_parameters(remove_duplicate=False),
                 *stage.named_buffers(remove_duplicate=False)]]
@@ -88,7 +110,10 @@ def package_key(stage: nn.Module, x: torch.Tensor, kv: list[torch.Tensor], unifo
             "range": [stage.start, stage.stop], "tensors": tensors, "uniform": uniform,
             "x": [list(x.shape), str(x.dtype)],
             "kv": [[list(b.shape), list(b.stride()), str(b.dtype)] for b in kv[:1]], "layers": len(kv),
-            "options": options or {}}
+            "options": options or {}, "machine": machine(),
+            "kernels": [[n, getattr(m, "few_rows", None), getattr(m, "many_rows", None),
+                         getattr(m, "refine", None)] for n, m in stage.named_modules()
+                        if hasattr(m, "few_rows")]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

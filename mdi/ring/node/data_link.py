@@ -86,6 +86,9 @@ class DataLink:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")

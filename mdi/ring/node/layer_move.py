@@ -23,8 +23,12 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ...engine.layer_splice import SpliceError, kv_dtype, rows_of, splice, why_not_movable
+from ...engine.layer_splice import (SpliceError, check_positions, kv_dtype, rows_of, splice,
+                                    why_not_movable)
+from ...engine.slots import SlotError
 from ...model import GPT
+from ...model.dtypes import DTYPES
+from ..plan import limits as mem
 from ..protocol.kv_move import Expect, MoveError, Rows, decode, encode
 from .chunk_load import stage_from_stream
 from .control_messages import MoveSpec
@@ -41,6 +45,7 @@ class Incoming:
     expect: Expect
     rows: Rows | None = None
     blocks: GPT | None = None
+    nbytes: int = 0  # rows and weights: held beside the run (runtime._held)
 
 
 async def park_now(rt, run: NodeRun, why: str) -> None:
@@ -54,6 +59,9 @@ async def park_now(rt, run: NodeRun, why: str) -> None:
     if run.link is not None:
         run.link.close()
         await asyncio.get_running_loop().run_in_executor(None, run.link.join, timeout)
+        if run.link.alive():  # still computing: its stage and caches are not ours to touch
+            raise InitError(f"move: run {run.run_id}'s data thread did not stop within "
+                            f"{timeout:g} s")
 
 
 def held(rt, run_id: int) -> NodeRun:
@@ -68,12 +76,22 @@ def held(rt, run_id: int) -> NodeRun:
 
 
 def expect_of(run: NodeRun, spec: MoveSpec) -> Expect:
+    """The stream a move of spec's layers and slots carries, checked against the run:
+    layers of the model, slots it holds with at least those positions (every stage
+    holds the same positions), so that its size is bounded by the run's own cache."""
     assert run.slots is not None
     c = run.config
+    if not 0 <= spec.start < spec.stop <= c.n_layer:
+        raise InitError(f"move: layers [{spec.start}, {spec.stop}) are not a range of the "
+                        f"model's {c.n_layer}")
+    positions = tuple(sorted((s, n) for s, n in spec.slots))
     try:
-        return Expect(spec.start, spec.stop, tuple(sorted((s, n) for s, n in spec.slots)),
-                      kv_dtype(run.slots), c.kv_heads, c.head_size)
-    except MoveError as e:
+        check_positions(run.slots, dict(positions))
+        if len(dict(positions)) != len(positions):
+            raise MoveError(f"slots {list(positions)}: each slot once")
+        return Expect(spec.start, spec.stop, positions, kv_dtype(run.slots), c.kv_heads,
+                      c.head_size)
+    except (MoveError, SpliceError) as e:
         raise InitError(f"move: {e}") from None
 
 
@@ -89,7 +107,7 @@ async def export(rt, spec: MoveSpec) -> bytes:
                                                dict(expect.positions))))
     try:
         data = await asyncio.get_running_loop().run_in_executor(rt.executor, read)
-    except (SpliceError, MoveError) as e:
+    except (SpliceError, MoveError, SlotError) as e:
         raise InitError(f"move: {e}") from None
     log.info("run %d: layers [%d, %d) given, %d slot(s), %d bytes of KV rows", run.run_id,
              spec.start, spec.stop, len(expect.positions), len(data))
@@ -105,7 +123,17 @@ async def expect(rt, spec: MoveSpec) -> dict:
         raise InitError(f"move: layers [{spec.start}, {spec.stop}) overlap this node's "
                         f"[{run.req.start}, {run.req.stop})")
     ex = expect_of(run, spec)
-    run.incoming[(spec.start, spec.stop)] = Incoming(ex)
+    req = run.req
+    need = ex.nbytes + mem.stage_weight_bytes(run.config, spec.start, spec.stop,
+                                              DTYPES[req.dtype], req.quantize)
+    taken = rt._held()  # the run's, and what other moves brought
+    total, where = mem.available(run.device, rt.max_memory, taken)
+    have = total - taken
+    if need > have:
+        raise InitError(f"memory: layers [{spec.start}, {spec.stop}) with their KV rows need "
+                        f"{mem.format_size(need)}, this node has {mem.format_size(have)} "
+                        f"({where})")
+    run.incoming[(spec.start, spec.stop)] = Incoming(ex, nbytes=need)
     return {"bytes": ex.nbytes}
 
 
@@ -164,7 +192,7 @@ def take(kept: NodeRun, start: int, stop: int, positions: dict[int, int]) -> Non
         rows.update(inc.rows)
     try:
         splice(kept.slots, start, stop, blocks, rows, positions)
-    except SpliceError as e:
+    except (SpliceError, SlotError) as e:
         raise InitError(f"move: {e}") from None
     kept.incoming = {}
     log.info("run %d: layers now [%d, %d) (were [%d, %d)), %d taken with their KV rows",

@@ -121,7 +121,8 @@ class NodeRuntime:
             return 0
         slots = self.run.slots
         unwritten = sum(c.unwritten_nbytes() for c in slots.caches) if slots is not None else 0
-        return max(0, self.run.mem_bytes - unwritten)
+        incoming = sum(inc.nbytes for inc in self.run.incoming.values())  # a move's, on its way
+        return max(0, self.run.mem_bytes - unwritten) + incoming
 
     async def probe(self, req: ProbeRequest) -> dict:
         """Time this node on a run's shape, on the compute thread (cached per shape)."""

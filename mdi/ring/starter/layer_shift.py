@@ -82,6 +82,8 @@ async def try_shift(engine: Any, run_id: int, e: Replan) -> dict | None:
                     exc_info=err if not isinstance(err, (NodeFailure, RuntimeError, OSError,
                                                          ValueError)) else None)
         engine._keep = {}
+        async with engine.client.http() as http:  # the held runs (and what came) go now
+            await engine.client.release(http, run_id)
         return None
 
 
