@@ -46,6 +46,17 @@ def test_replay_compute_raises_the_threads_and_sets_them_back(threads):
     assert torch.get_num_threads() == 4
 
 
+def test_the_replay_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MDI_REPLAY_THREADS", "3")
+    assert replay_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MDI_REPLAY_THREADS", bad)
+        with pytest.raises(ValueError, match="MDI_REPLAY_THREADS"):
+            replay_threads()
+    monkeypatch.delenv("MDI_REPLAY_THREADS")
+    assert replay_threads() >= 1
+
+
 def test_a_replay_frame_computes_on_more_threads_other_frames_do_not(threads, monkeypatch):
     stage = split_model(scaled_random_model(CONFIG, seed=1), [1, 2])[1]
     configure_stage(stage, None, batch_invariant=True)
