@@ -58,8 +58,14 @@ class TcpLink:
 
     async def send(self, msg: Message) -> None:
         if self.replay:
-            for m in self.replay.before(msg):
-                await self._send(m)
+            held = self.replay.before(msg)
+            if held:  # buffered, not waited for: the engine reads the other lanes'
+                data = [encode_frame(to_frame(m, self.limits.run_id, self.slots)) for m in held]
+                transport = self.writer.transport  # tokens while the spare replays
+                low, high = transport.get_write_buffer_limits()
+                transport.set_write_buffer_limits(high=high + sum(map(len, data)), low=low)
+                for d in data:
+                    self.writer.write(d)
         await self._send(msg)
 
     async def _send(self, msg: Message) -> None:
