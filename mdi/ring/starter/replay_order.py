@@ -11,7 +11,9 @@ the engine steps lane after lane, so the first lane's sequences decode while
 the spare still prefills the next lane's, and the longest wait for a token is
 that of one lane's replay, not all of them. Frames cross the link in the order
 they are sent and the spare computes them in that order, so each slot's cache
-is filled before its step, as before; the caches are the same.
+is filled before its step, as before; the caches are the same. The link
+(tcp_link.py) puts a slot's held frames in its buffer without waiting for the
+spare to take them, so that the engine goes on reading the other lanes' tokens.
 """
 from __future__ import annotations
 
