@@ -23,9 +23,11 @@ import time
 import torch
 
 from ..checkpoint import open_checkpoint
+from ..cli.common import QUANTIZE_CHOICES, resolve_quantize
 from ..engine.replay import RECOVERY_CHOICES
 from ..generate.sampling import SamplingConfig
 from ..ring.cluster.local_cluster import LocalCluster
+from ..ring.node.replay_threads import ENV_VAR as REPLAY_THREADS
 from ..ring.starter.driver import Starter
 from ..ring.starter.options import RunOptions
 
@@ -49,9 +51,11 @@ def prompts_of(tok, n_samples: int, prompt_len: int) -> list[list[int]]:
 
 def killed_run(args, ck, prompts, greedy, recovery: str) -> dict:
     """The run on a fresh cluster with args.victim signalled at token args.at."""
-    opts = RunOptions(timeout=args.timeout, batch_invariant=True, recovery=recovery)
+    opts = RunOptions(timeout=args.timeout, batch_invariant=True, recovery=recovery,
+                      quantize=args.quantize)
+    env = {REPLAY_THREADS: str(args.replay_threads)} if args.replay_threads else None
     with LocalCluster(args.nodes, threads=args.threads, node_timeout=args.timeout,
-                      spares=args.spares) as cluster:
+                      spares=args.spares, extra_env=env) as cluster:
         pids = {s.name: pid for s, pid in zip(cluster.members, cluster.pids)}
         made, after = 0, []  # the signal's time, then the events' that follow it
 
@@ -97,22 +101,29 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated modes to measure, of {', '.join(RECOVERY_CHOICES)}")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="as the commands' (default: a GGUF file's own precision; none: float)")
+    p.add_argument("--replay-threads", type=int, default=0,
+                   help="threads of the spare's replay (0: every CPU it may use; 1: its --threads)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.recovery.split(",") if m.strip()]
     if not modes or any(m not in RECOVERY_CHOICES for m in modes):
         p.error(f"--recovery: modes of {', '.join(RECOVERY_CHOICES)}, got {args.recovery!r}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)  # the starter is a node like the others
+    resolve_quantize(args)
 
     ck = open_checkpoint(args.ckpt)
     prompts = prompts_of(ck.tokenizer(), args.n_samples, args.prompt_len)
     greedy = SamplingConfig(temperature=0.0, top_k=None, seed=1)
     with LocalCluster(args.nodes, threads=args.threads, node_timeout=args.timeout) as cluster:
         base = Starter(cluster.nodes, cluster.token, ck,
-                       RunOptions(timeout=args.timeout, batch_invariant=True)).run(
+                       RunOptions(timeout=args.timeout, batch_invariant=True,
+                                  quantize=args.quantize)).run(
             prompts, args.n_tokens, greedy)
     runs = {m: killed_run(args, ck, prompts, greedy, m) for m in modes}
-    out = {"ckpt": args.ckpt, "nodes": args.nodes, "spares": args.spares,
+    out = {"ckpt": args.ckpt, "quantize": args.quantize or "none",
+           "replay_threads": args.replay_threads or "all CPUs", "nodes": args.nodes, "spares": args.spares,
            "victim": args.victim, "signal": args.signal, "at_token": args.at,
            "n_samples": args.n_samples, "prompt_len": [len(q) for q in prompts][0],
            "uninterrupted_tokens_per_s": round(base.tokens_per_s, 2), "runs": {}}

@@ -35,6 +35,7 @@ from ..protocol.sock_io import recv_frame, send_frame
 from ..protocol.wire import HEADER_SIZE, Frame, Kind, Limits, WireError
 from .control_messages import InitRequest
 from .data_link import DataLink, DownstreamError
+from .replay_threads import replay_compute
 from .stats import Stats
 from .validate import InitError
 
@@ -167,7 +168,11 @@ class NodeRun:
     def _compute_seq(self, slots: SlotStage, frame: Frame) -> Frame | None:
         """A sequence run: the frame as a message for this stage's slots."""
         try:
-            out = self._timed(slots.handle, to_message(frame, slots))
+            if frame.kind == Kind.REPLAY:  # the ring waits for it: every core (replay_threads.py)
+                with replay_compute():
+                    out = self._timed(slots.handle, to_message(frame, slots))
+            else:
+                out = self._timed(slots.handle, to_message(frame, slots))
         except SlotError as e:
             raise WireError(str(e)) from None
         return None if out is None else to_frame(out, self.run_id, slots)

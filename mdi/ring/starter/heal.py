@@ -10,7 +10,9 @@ is listed, the spare takes the lost node's layer range and nothing else moves:
 - the node upstream of it (the starter itself when the lost node was the first
   secondary) sends its log of those positions as REPLAY frames: the spare
   prefills only its own layers and sends nothing on, since the stages after it
-  hold those positions already.
+  hold those positions already. The starter sends each slot's just before the
+  slot's first frame (replay_order.py), so that the first lane decodes while
+  the spare replays the next; a node sends them all before serving.
 The engine then goes on from the step boundary (PipelineEngine._rewind with the
 slots kept); what lies past the kept positions is prefilled as an ordinary chunk.
 
@@ -72,9 +74,13 @@ async def heal(engine: Any, old: NodesConfig, old_run: int, lost: set[str],
                                                          "replay": j == i - 1}})
     engine.client = engine.client.with_nodes(nodes)
     await engine.form_ring(extras)
-    if i == 1:  # the starter is upstream of the replacement
-        for m in engine.first.replay_of(kept):
-            await engine.link.send(m)
+    if i == 1:  # the starter is upstream of the replacement: each slot's replay goes
+        msgs = engine.first.replay_of(kept)  # before its first step (replay_order.py)
+        if hasattr(engine.link, "hold_replay"):
+            engine.link.hold_replay(msgs)
+        else:
+            for m in msgs:
+                await engine.link.send(m)
     engine._keep = kept
     log.warning("healed by replay: %s took layers [%d, %d) of %s; %d slot(s) replayed, "
                 "%d positions", spare.name, engine.shards[i].start, engine.shards[i].stop,

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from ...engine.link import LinkClosed
-from ...engine.messages import Decode, Message, Prefill, Prefills, Tokens
+from ...engine.messages import Decode, Message, Prefill, Prefills, Replay, Tokens
 from ...engine.slots import SlotError, SlotStage
 from ...results import HopStats
 from ..cluster.nodes_config import NodeSpec
@@ -20,6 +20,7 @@ from ..protocol.local_link import link_kind
 from ..protocol.seq_frames import to_frame, to_message
 from ..protocol.wire import Frame, Kind, Limits, WireError, encode_frame, read_frame, write_frame
 from .client import FormedRing, RingClient
+from .replay_order import HeldReplay
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,29 @@ class TcpLink:
         self.progress = time.monotonic()     # last Decode out while idle, or answer in
         self.failed: LinkClosed | None = None
         self.hop = HopStats("starter", self.first.name, link=link_kind(self.writer))
+        self.replay: HeldReplay | None = None  # a heal's replay, sent as slots need it
+
+    def hold_replay(self, msgs: list[Replay]) -> None:
+        """Send each slot's replay just before the slot's first frame (replay_order.py)."""
+        self.replay = HeldReplay(msgs)
 
     @property
     def first(self) -> NodeSpec:
         return self.client.nodes.ring[1]
 
     async def send(self, msg: Message) -> None:
+        if self.replay:
+            held = self.replay.before(msg)
+            if held:  # buffered, not waited for: the engine reads the other lanes'
+                data = [encode_frame(to_frame(m, self.limits.run_id, self.slots)) for m in held]
+                transport = self.writer.transport  # tokens while the spare replays
+                low, high = transport.get_write_buffer_limits()
+                transport.set_write_buffer_limits(high=high + sum(map(len, data)), low=low)
+                for d in data:
+                    self.writer.write(d)
+        await self._send(msg)
+
+    async def _send(self, msg: Message) -> None:
         if self.failed is not None:
             raise self.failed
         frame = to_frame(msg, self.limits.run_id, self.slots)
