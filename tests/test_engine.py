@@ -87,6 +87,24 @@ def test_local_fixed_batch_equals_generate(model):
         assert len(got.step_times) == 40 and got.step_times == sorted(got.step_times)
 
 
+def test_a_fixed_batch_on_one_device_computes_on_the_callers_thread(model, monkeypatch):
+    """generate_local (mdi sample) runs every prefill and decode on the thread that called
+    it, so one thread runs the process's OpenMP work (scheduler.compute_inline)."""
+    import threading
+
+    from mdi.engine import slots
+
+    seen = set()
+    for name in ("prefill", "decode"):
+        def spy(*a, _f=getattr(slots.step, name), **k):
+            seen.add(threading.get_ident())
+            return _f(*a, **k)
+        monkeypatch.setattr(slots.step, name, spy)
+    want = generate(model, PROMPTS[:3], 6, GREEDY)
+    got = generate_local(lambda: LocalEngine(model, TOK, max_seqs=3), PROMPTS[:3], 6, GREEDY)
+    assert got.tokens == want and seen == {threading.get_ident()}
+
+
 def test_relane_before_admission_keeps_the_tokens(model):
     """Lanes regrouped before any sequence holds a slot (RingEngine does it once the
     nodes say how many stages compute at once): same tokens, the new lane sizes;

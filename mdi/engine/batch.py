@@ -76,6 +76,13 @@ def generate_local(engine_factory: Callable[[], PipelineEngine], prompts: list[l
     """Run a fixed batch on an engine made inside the event loop (sync entry point)."""
     async def main() -> GenerationResult:
         engine = engine_factory()
+        # Nothing else on this loop, which runs on the caller's thread (the one that loaded
+        # the model): a single device computes every step here, prefills too, so that one
+        # thread runs all of the process's OpenMP work. Once a second thread has run a
+        # parallel region, libgomp finds more of its threads than cores and stops spinning
+        # between regions: every region sleeps and wakes its helper (SmolLM2 int4, one
+        # sequence, quiet 2-core machine: 26-30 -> 46-47 tokens/s; docs/benchmarks.md)
+        engine.compute_inline = engine.link is None
         seqs, t0, elapsed = await run_sequences(
             engine, prompts, batch_params(len(prompts), n_tokens, sampling, stops), on_event)
         c = engine.config

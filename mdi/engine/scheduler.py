@@ -58,6 +58,7 @@ class PipelineEngine:
     stall_timeout: float = float("inf")
     prefill_share: float = 0.0  # >0: chunks cut to this many decode steps' time while others decode
     batch_prefill: bool = True  # a step's prefill chunks as one forward and one frame (False: one each)
+    compute_inline: bool = False  # every step on the loop's thread (batch.generate_local)
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -376,7 +377,7 @@ class PipelineEngine:
         ema = self.times.decode
         # A short step runs right here: the hand-off to the worker thread and back
         # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
-        inline = decode_only and ema is not None and ema < INLINE_BELOW_S
+        inline = self.compute_inline or (decode_only and ema is not None and ema < INLINE_BELOW_S)
         t0 = time.perf_counter()
         if inline:
             out = self.first.first_step(lane, msgs, plans, self.batch_prefill)
