@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .decode_graph import decode_graph
+
 log = logging.getLogger(__name__)
 
 # bump when what a package computes changes in a way neither the key's shapes nor
@@ -62,8 +64,6 @@ class DecodeGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, live: torch.Tensor,
                 keys: torch.Tensor, kv: list[torch.Tensor]) -> torch.Tensor:
-        from .compiled import decode_graph  # (compiled.py imports this module lazily)
-
         return decode_graph(self.stage, x, pos, live, keys, kv, self.uniform)
 
 
