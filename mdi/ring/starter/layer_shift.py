@@ -29,15 +29,14 @@ from typing import Any, AsyncIterator, Iterator
 
 import httpx
 
-from ...checkpoint.sources import load_stage
 from ...checkpoint.stream import shard_stream
 from ...engine.layer_splice import kv_dtype, rows_of, splice, why_not_movable
-from ...model.dtypes import DTYPES, KV_DTYPES
+from ...model.dtypes import DTYPES
 from ..cluster.nodes_config import NodeSpec
 from ..plan.partition import Shard
 from ..protocol.kv_move import Expect, decode, encode
 from .client import _check
-from .options import NodeFailure
+from .options import NodeFailure, first_stage
 from .replan import Replan, moved_layers
 
 log = logging.getLogger(__name__)
@@ -112,8 +111,8 @@ async def shift(engine: Any, run_id: int, shards: list[Shard]) -> dict:
             nbytes += len(data)
             if m["to"] == me:
                 rows.update(decode(data, expect))
-                stage = await asyncio.get_running_loop().run_in_executor(None, _blocks,
-                                                                         engine, a, b)
+                stage = await asyncio.get_running_loop().run_in_executor(
+                    None, first_stage, engine.ck, b, engine.opts, a)
                 blocks.update({i: stage.transformer["h"][str(i)] for i in range(a, b)})
                 continue
             spec = specs[m["to"]]
@@ -143,16 +142,6 @@ async def shift(engine: Any, run_id: int, shards: list[Shard]) -> dict:
             "nodes": [{"node": n.name, "layers": [s.start, s.stop]} for n, s in zip(ring, shards)],
             "kept_slots": len(kept), "kept_positions": sum(kept.values()),
             "moved_kv_bytes": nbytes, "move_s": round(moved_s, 3)}
-
-
-def _blocks(engine: Any, a: int, b: int):
-    """Blocks [a, b) for the starter's own stage, loaded as its first stage was."""
-    o = engine.opts
-    stage, _ = load_stage(engine.ck, a, b, device=o.device, dtype=DTYPES[o.dtype],
-                          quantize=o.quantize, batch_invariant=o.batch_invariant,
-                          max_context=o.max_context,
-                          kv_dtype=KV_DTYPES[o.kv_dtype] if o.kv_dtype else None)
-    return stage
 
 
 async def _export(http: httpx.AsyncClient, spec: NodeSpec, body: dict) -> bytes:

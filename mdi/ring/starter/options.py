@@ -73,9 +73,10 @@ def with_mode(opts: RunOptions, ck: Checkpoint) -> RunOptions:
     return replace(opts, quantize=checkpoint_mode(ck, opts.quantize))
 
 
-def first_stage(ck: Checkpoint, stop: int, opts: RunOptions) -> GPT:
-    """The starter's stage, blocks [0, stop), loaded with the run's choices."""
-    stage, _ = load_stage(ck, 0, stop, device=opts.device, dtype=DTYPES[opts.dtype],
+def first_stage(ck: Checkpoint, stop: int, opts: RunOptions, start: int = 0) -> GPT:
+    """The starter's stage, blocks [start, stop) (0: its first stage; more: blocks a
+    live re-plan moves to it), loaded with the run's choices."""
+    stage, _ = load_stage(ck, start, stop, device=opts.device, dtype=DTYPES[opts.dtype],
                           quantize=opts.quantize, batch_invariant=opts.batch_invariant,
                           max_context=opts.max_context,
                           kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None)
