@@ -139,6 +139,16 @@ class GenerationResult:
     def first_token_s(self) -> float:
         return self.step_times[0] if self.step_times else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """New tokens per second after each sample's first two (the prefill's token and
+        the first decode step, which loads a compiled graph where there is one): what
+        llama-bench's tgN measures. None for runs of fewer than 4 steps."""
+        t = self.step_times
+        if len(t) < 4 or t[-1] <= t[1]:
+            return None
+        return sum(max(0, len(x) - 2) for x in self.tokens) / (t[-1] - t[1])
+
     def sample_token_times(self) -> list[list[float]]:
         """Each sample's token times (s since start): its own where the run kept them, else
         the lockstep steps' (sample s has token i when step i ends)."""
@@ -162,6 +172,8 @@ class GenerationResult:
         out = {"samples": self.samples, "n_samples": self.n_samples, "n_tokens": self.n_tokens,
                "gen_time_s": round(self.gen_time_s, 6), "tokens_per_s": round(self.tokens_per_s, 3),
                "first_token_s": round(self.first_token_s, 6), "mode": self.mode,
+               "decode_tokens_per_s": (None if self.decode_tokens_per_s is None
+                                       else round(self.decode_tokens_per_s, 3)),
                "n_nodes": self.n_nodes}
         if self.hops is not None:
             out["bytes_per_hop_per_token"] = self.bytes_per_hop_per_token

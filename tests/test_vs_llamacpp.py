@@ -115,3 +115,24 @@ def test_without_llama_cpp_it_says_so(tmp_path):
                         "--ckpt", "x.gguf", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no llama.cpp given" in r.stderr
+
+
+def test_compiled_runs_are_rows_of_their_own_beside_the_eager_ones():
+    def row(engine, t, compiled=""):
+        return dict(engine=engine, weights="Q4_1", phase="decode", n_seqs=1, tokens_per_s=t,
+                    dtype="" if engine == "llama.cpp" else "auto: float32", compile=compiled,
+                    peak_rss_mb=400.0, baseline_rss_mb="" if engine == "llama.cpp" else 300.0)
+    rows = [row("llama.cpp", 100.0), row("mdi", 60.0, "off"), row("mdi", 104.0, "on"),
+            row("mdi", 98.0, "on")]
+    got = [(s["mdi_dtype"], s["mdi_tokens_per_s"], s["speed_ratio"]) for s in summarize(rows)]
+    assert got == [("auto: float32", 60.0, 0.6), ("auto: float32 compiled", 104.0, 1.04)]
+
+
+def test_the_decode_rate_leaves_out_each_sample_s_first_two_tokens():
+    from mdi.results import GenerationResult
+
+    r = GenerationResult(tokens=[[1] * 6, [2] * 6], n_tokens=6, gen_time_s=3.0,
+                         step_times=[1.0, 2.0, 2.5, 3.0, 3.5, 4.0], n_layers=2, block_size=16)
+    assert r.decode_tokens_per_s == 2 * 4 / 2.0 and r.to_json()["decode_tokens_per_s"] == 4.0
+    assert GenerationResult(tokens=[[1] * 3], n_tokens=3, gen_time_s=1.0, step_times=[0.1, 0.2, 0.3],
+                            n_layers=2, block_size=16).decode_tokens_per_s is None

@@ -14,6 +14,13 @@ sequences' positions and no more (-c = sequences x (8 + new tokens)), so
 `--seqs 16 --n-tokens 504` compares 16 sequences of 512 positions. `prefill`
 N adds llama-bench's ppN beside mdi's first token of an N-token prompt (one
 sequence, N / time to first token, the sampling of that token included).
+mdi's decode rate is its tokens after each sequence's first two over their
+time (`decode_tokens_per_s` of `mdi sample --json`), as llama.cpp's tgN counts
+generated tokens only; the whole run's rate, prefill included, is in runs.csv
+beside it (`run_tokens_per_s`). `compile` [False, True] adds mdi with
+`--compile` (AOTInductor packages, model/aoti.py) as rows of their own: one
+untimed run per sequence count first builds or loads the packages, so the
+timed runs find them on disk, as every start after a user's first does.
 
 OMP_WAIT_POLICY decides llama.cpp's speed, both ways. Its OpenMP threads spin at
 every barrier by default: on a quiet machine that is its speed (SmolLM2 Q4_1, one
@@ -44,8 +51,8 @@ from ..checkpoint.gguf_precision import main_weight_type, mode_for
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ["timestamp", "engine", "weights", "dtype", "phase", "n_seqs", "run", "n_prompt",
-              "n_tokens", "threads", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
-              "omp_wait_policy", "load_avg"]
+              "n_tokens", "threads", "tokens_per_s", "run_tokens_per_s", "peak_rss_mb",
+              "baseline_rss_mb", "compile", "omp_wait_policy", "load_avg"]
 PROMPT = "The history of the city begins"
 NPP = 8  # llama-batched-bench's prompt tokens per sequence (mdi's PROMPT: 6 in SmolLM2's tokenizer)
 
@@ -63,6 +70,7 @@ class LlamaCppConfig:
     kv_dtype: str | None = None        # mdi's --kv-dtype (None: its compute dtype)
     dtypes: list[str] = field(default_factory=lambda: ["auto"])  # mdi's --dtype, a row each
     prefill: int = 0                   # >0: also a prompt of this many tokens, 1 sequence
+    compile: list[bool] = field(default_factory=lambda: [False])  # mdi eager and/or --compile
 
     def tools(self) -> tuple[Path, Path]:
         p = Path(self.llama_bench)
@@ -121,9 +129,11 @@ def llamacpp_rate(cfg: LlamaCppConfig, n_seqs: int, prefill: int = 0) -> tuple[f
 
 
 def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None, dtype: str = "auto",
-             prompt: tuple[str, int] | None = None) -> tuple[float, float, str]:
-    """mdi sample's tokens/s over all sequences (prompt (text, its token count): that
-    prompt's tokens / time to first token), its peak RSS (MB) and its compute dtype."""
+             prompt: tuple[str, int] | None = None, compiled: bool = False
+             ) -> tuple[float, float, float, str]:
+    """mdi sample's decode tokens/s over all sequences (prompt (text, its token count):
+    that prompt's tokens / time to first token), the whole run's tokens/s, its peak RSS
+    (MB) and its compute dtype."""
     text, n_tokens = (prompt[0], 1) if prompt else (PROMPT, cfg.n_tokens)
     cmd = [sys.executable, "-m", "mdi.cli.main", "sample", "--ckpt", cfg.gguf, "--json",
            "--n-samples", str(n_seqs), "--n-tokens", str(n_tokens), "--temperature", "0",
@@ -132,12 +142,15 @@ def mdi_rate(cfg: LlamaCppConfig, n_seqs: int, quantize: str | None, dtype: str 
     cmd += ["--quantize", quantize or "none"]  # said outright: the default is the file's
     if cfg.kv_dtype:
         cmd += ["--kv-dtype", cfg.kv_dtype]
+    if compiled:
+        cmd.append("--compile")
     out, rss = measured(cmd)
     result = json.loads(out[out.index("{"):])
     ran = (result.get("compute") or {}).get("dtype", dtype)
+    whole = float(result["tokens_per_s"])
     if prompt:
-        return prompt[1] / float(result["first_token_s"]), rss, ran
-    return float(result["tokens_per_s"]), rss, ran
+        return prompt[1] / float(result["first_token_s"]), whole, rss, ran
+    return float(result.get("decode_tokens_per_s") or whole), whole, rss, ran
 
 
 def prefill_prompt(gguf: str, n: int) -> tuple[str, int]:
@@ -178,25 +191,34 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     prompt = prefill_prompt(cfg.gguf, cfg.prefill) if cfg.prefill else None
     plan = [("decode", n, run) for n in cfg.seqs for run in range(cfg.runs)]
     plan += [("prefill", 1, run) for run in range(cfg.runs if prompt else 0)]
+    variants = [("llama.cpp", "", False), *(("mdi", d, c) for c in cfg.compile for d in cfg.dtypes)]
+    for n in cfg.seqs if True in cfg.compile else []:  # packages built or loaded, not timed
+        for d in cfg.dtypes:
+            log.info("mdi --compile, %d seq(s), dtype %s: an untimed run first (a package not "
+                     "on disk is built now: about a minute per row bucket)", n, d)
+            mdi_rate(cfg, n, quantize, d, compiled=True)
     rows = []
     for phase, n, run in plan:
         pre = prompt if phase == "prefill" else None
-        for engine, dtype in [("llama.cpp", ""), *(("mdi", d) for d in cfg.dtypes)]:
+        for engine, dtype, compiled in variants:
             t0, load = time.time(), os.getloadavg()[0]
             if engine == "mdi":
-                rate, rss, ran = mdi_rate(cfg, n, quantize, dtype, pre)
+                rate, whole, rss, ran = mdi_rate(cfg, n, quantize, dtype, pre, compiled)
             else:
                 (rate, rss), ran = llamacpp_rate(cfg, n, cfg.prefill if pre else 0), ""
+                whole = rate
             rows.append({"timestamp": round(t0, 1), "engine": engine,
                          "weights": quantize or "float" if engine == "mdi" else weights,
                          "dtype": f"auto: {ran}" if dtype == "auto" else dtype, "phase": phase,
                          "n_seqs": n, "run": run, "n_prompt": pre[1] if pre else "",
                          "n_tokens": 1 if pre else cfg.n_tokens, "threads": cfg.threads,
-                         "tokens_per_s": round(rate, 2), "peak_rss_mb": round(rss, 1),
+                         "tokens_per_s": round(rate, 2), "run_tokens_per_s": round(whole, 2),
+                         "peak_rss_mb": round(rss, 1),
                          "baseline_rss_mb": round(base, 1) if engine == "mdi" else "",
+                         "compile": ("on" if compiled else "off") if engine == "mdi" else "",
                          "omp_wait_policy": policy, "load_avg": round(load, 2)})
-            log.info("%-9s %-8s %-7s %2d seq(s) run %d: %7.1f tokens/s, peak RSS %.0f MB", engine,
-                     ran, phase, n, run, rate, rss)
+            log.info("%-9s %-8s%-9s %-7s %2d seq(s) run %d: %7.1f tokens/s, peak RSS %.0f MB",
+                     engine, ran, " compiled" if compiled else "", phase, n, run, rate, rss)
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS)
         w.writeheader()
@@ -210,6 +232,12 @@ def run_vs_llamacpp(cfg: LlamaCppConfig) -> list[dict]:
     return summary
 
 
+def variant(row: dict) -> str:
+    """mdi's row label: its dtype, with "compiled" for --compile runs."""
+    dtype = row.get("dtype", "")
+    return f"{dtype} compiled" if row.get("compile") == "on" else dtype
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per phase, sequence count and mdi dtype: each engine's best tokens/s and its
     peak RSS, and the ratios (llama.cpp's best of the same phase and count)."""
@@ -218,8 +246,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for phase_n in sorted({key(r) for r in rows}):
         here = [r for r in rows if key(r) == phase_n]
         l = max((r for r in here if r["engine"] == "llama.cpp"), key=lambda r: r["tokens_per_s"])
-        for dtype in dict.fromkeys(r.get("dtype", "") for r in here if r["engine"] == "mdi"):
-            m = max((r for r in here if r["engine"] == "mdi" and r.get("dtype", "") == dtype),
+        for dtype in dict.fromkeys(variant(r) for r in here if r["engine"] == "mdi"):
+            m = max((r for r in here if r["engine"] == "mdi" and variant(r) == dtype),
                     key=lambda r: r["tokens_per_s"])
             over = m["peak_rss_mb"] - m["baseline_rss_mb"]
             out.append({"phase": m.get("phase", "decode"), "n_seqs": m["n_seqs"],
@@ -267,12 +295,12 @@ def plot(summary: list[dict], out: Path) -> None:
 
 
 def format_summary(summary: list[dict]) -> str:
-    lines = [f"{'phase':>7}  {'seqs':>4}  {'mdi dtype':>15}  {'llama.cpp tok/s':>15}  "
+    lines = [f"{'phase':>7}  {'seqs':>4}  {'mdi dtype':>24}  {'llama.cpp tok/s':>15}  "
              f"{'mdi tok/s':>9}  {'ratio':>5}  {'llama.cpp RSS':>13}  {'mdi RSS':>7}  "
              f"{'mdi-runtime':>11}  {'ratio':>5}"]
     for s in summary:
         lines.append(f"{s.get('phase', 'decode'):>7}  {s['n_seqs']:>4}  "
-                     f"{s.get('mdi_dtype', ''):>15}  {s['llamacpp_tokens_per_s']:>15.1f}  "
+                     f"{s.get('mdi_dtype', ''):>24}  {s['llamacpp_tokens_per_s']:>15.1f}  "
                      f"{s['mdi_tokens_per_s']:>9.1f}  {s['speed_ratio']:>5.2f}  "
                      f"{s['llamacpp_peak_rss_mb']:>10.0f} MB  {s['mdi_peak_rss_mb']:>4.0f} MB  "
                      f"{s['mdi_rss_over_runtime_mb']:>8.0f} MB  {s['memory_ratio']:>5.2f}")

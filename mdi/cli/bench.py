@@ -90,6 +90,10 @@ def cmd_vs_llamacpp(args: argparse.Namespace) -> int:
                          threads=args.threads or 2, quantize=_llama_quantize(args), out=args.out,
                          kv_dtype=args.llama_kv_dtype, prefill=args.llama_prefill,
                          dtypes=[d.strip() for d in args.llama_dtypes.split(",") if d.strip()])
+    modes = [m.strip() for m in (args.compile or "off").split(",") if m.strip()]
+    if not modes or set(modes) - {"off", "on"}:
+        raise ValueError(f"--vs-llamacpp takes --compile off, on or off,on, got {args.compile!r}")
+    cfg.compile = [m == "on" for m in dict.fromkeys(modes)]
     if cfg.prefill < 0:
         raise ValueError(f"--llama-prefill must be 0 (none) or a prompt length, got {cfg.prefill}")
     bad = [d for d in cfg.dtypes if d not in DTYPE_CHOICES]
@@ -209,7 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="off,on: single-device runs at each of --seqs (default 1,16 here), eager "
                         "and with the decode step compiled, this twice (a cold start with an empty "
                         "Inductor cache under --out, then a cached start), greedy, --n-tokens "
-                        "(default 64); with --profile: on counts the calls of a compiled step")
+                        "(default 64); with --profile: on counts the calls of a compiled step; "
+                        "with --vs-llamacpp: mdi's rows eager and/or compiled (packages built "
+                        "in an untimed run first)")
     ll = p.add_argument_group("comparison with llama.cpp (the same GGUF file, one process each)")
     ll.add_argument("--vs-llamacpp", action="store_true",
                     help="compare single-device mdi with llama.cpp on --ckpt's GGUF file at each of "
