@@ -171,3 +171,28 @@ def test_bench_compile_rates_and_modes():
     assert decode_rate([1.0, 2.0, 3.0, 5.0], 2) == pytest.approx(4 / 3)
     with pytest.raises(ValueError, match="off and on"):
         CompileBenchConfig(ckpt="x", modes=["of"])
+
+
+def test_packages_unused_for_a_month_are_deleted_when_one_is_built(tmp_path):
+    import os
+    import time
+
+    old, recent, new = (tmp_path / f"decode-{n}.pt2" for n in ("old", "recent", "new"))
+    for p in (old, recent, new):
+        p.write_bytes(b"x")
+        p.with_name(p.name + ".consts").write_bytes(b"c")
+    month = time.time() - 31 * 86400
+    os.utime(old, (month, month))
+    os.utime(new, (month, month))  # the one just built is never deleted
+    os.utime(recent, (time.time() - 86400,) * 2)
+    assert aoti.prune(tmp_path, keep=new) == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "decode-new.pt2", "decode-new.pt2.consts", "decode-recent.pt2", "decode-recent.pt2.consts"]
+
+
+def test_the_cache_follows_torchinductor_then_mdi_cache_dir(tmp_path):
+    from pathlib import Path
+
+    assert compiled_mod.cache_dir({"TORCHINDUCTOR_CACHE_DIR": "/a", "MDI_CACHE_DIR": "/b"}) == Path("/a")
+    assert compiled_mod.cache_dir({"MDI_CACHE_DIR": "/b"}) == Path("/b/inductor")
+    assert compiled_mod.cache_dir({}) == Path.home() / ".cache" / "mdi" / "inductor"

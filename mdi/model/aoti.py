@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # bump when what a package computes changes in a way neither the key's shapes nor
 # mdi/model's source show
 GRAPH_VERSION = 1
+# a package nobody loaded for this long is deleted when another is built (an edit of
+# mdi/model or a new torch makes every older package unreachable: new keys)
+UNUSED_DAYS = 30
 
 
 class DecodeGraph(nn.Module):
@@ -150,6 +153,25 @@ def build_package(stage: nn.Module, args: tuple, uniform: bool, path: Path,
     os.replace(f"{tmp}.consts", f"{path}.consts")
     os.replace(tmp, path)  # last: a package on disk has its constants
     log.debug("exported in %.1f s, compiled in %.1f s: %s", t1 - t0, time.perf_counter() - t1, path)
+    prune(path.parent, keep=path)
+
+
+def prune(folder: Path, keep: Path, days: float = UNUSED_DAYS) -> list[Path]:
+    """Delete the packages in folder (and their constants) not loaded or built for `days`
+    (a load touches its package), all but `keep`; returns those deleted."""
+    cutoff, gone = time.time() - days * 86400, []
+    for pt2 in folder.glob("decode-*.pt2"):
+        try:
+            if pt2 != keep and pt2.stat().st_mtime < cutoff:
+                pt2.unlink()
+                Path(f"{pt2}.consts").unlink(missing_ok=True)
+                gone.append(pt2)
+        except OSError as e:  # another process's, or already gone: not ours to insist on
+            log.debug("left %s: %s", pt2, e)
+    if gone:
+        log.info("--compile: deleted %d package(s) unused for %d days from %s", len(gone), days,
+                 folder)
+    return gone
 
 
 @contextlib.contextmanager
@@ -212,6 +234,8 @@ def load_package(stage: nn.Module, path: Path):
     from the config (the norms' scalars) or by Inductor (the int4 group size)."""
     run = torch._inductor.aoti_load_package(str(path))
     lifted = torch.load(f"{path}.consts", weights_only=True)
+    with contextlib.suppress(OSError):  # used now: kept by prune() (a read-only cache is fine)
+        os.utime(path)
     own = _own(stage)
     consts = {}
     for name in run.get_constant_fqns():

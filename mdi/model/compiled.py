@@ -32,8 +32,8 @@ so a compiled float32 stage keeps its plain weights (loaded with pack=False).
 The int8 and int4 kernels are aten operators, traced as they are.
 Inductor's on-disk caches (FX graph, AOT autograd) and the packages (in
 `mdi-aoti` under it) live where TORCHINDUCTOR_CACHE_DIR says; the loader
-(checkpoint/sources.py:load_stage) sets it to ~/.cache/mdi/inductor
-(`cache_dir`) unless the user did, so a second start of the same model and
+(checkpoint/sources.py:load_stage) sets it to ~/.cache/mdi/inductor (or
+MDI_CACHE_DIR/inductor: `cache_dir`) unless the user did, so a second start of the same model and
 shapes compiles nothing. What this module changes in the process is torch's
 own settings for it: dynamo's recompile limit (one graph per bucket) and
 Inductor's FX graph cache (on).
@@ -57,10 +57,12 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir(environ: dict[str, str]) -> Path:
-    """Where Inductor keeps its compiled graphs: environ's TORCHINDUCTOR_CACHE_DIR,
-    else ~/.cache/mdi/inductor."""
+    """Where Inductor keeps its compiled graphs: environ's TORCHINDUCTOR_CACHE_DIR, else
+    `inductor` in MDI_CACHE_DIR (mdi's other caches' folder), else ~/.cache/mdi/inductor."""
     env = environ.get("TORCHINDUCTOR_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "mdi" / "inductor"
+    if env:
+        return Path(env)
+    return Path(environ.get("MDI_CACHE_DIR") or Path.home() / ".cache" / "mdi") / "inductor"
 
 
 def compile_unavailable() -> str | None:
