@@ -1,6 +1,7 @@
-"""The API server over a 2-node ring (real node processes): 32 concurrent greedy streams
+"""The API server over a ring of real node processes: 32 concurrent greedy streams
 equal the single-device engine's texts; a node that dies is replaced (the starter alone
-here), started again and taken back into the ring, and later requests are served the same."""
+here), started again and taken back into the ring, and later requests are served the same;
+a node killed while 8 streams decode fails none of them (a spare replays its layers)."""
 from __future__ import annotations
 
 import time
@@ -97,3 +98,48 @@ def test_a_replan_mid_stream_fails_no_request_and_keeps_the_text(ckpt):
     assert "slower than the plan predicted" in replans[0]["why"], replans[0]
     assert replans[0]["resumed"] > 0  # requests were in flight: paused, resumed
     assert replans[0]["plan"]["partition"] == "moved"  # with their caches: no re-prefill
+
+
+def test_a_node_killed_with_8_streams_in_flight_fails_no_request_and_keeps_the_text(ckpt):
+    """Issue 22's serve case: 8 streaming requests (the openai client, which raises on an
+    error event) while the ring's intermediate node is SIGKILLed mid-decode: a spare
+    takes its layers over from the starter's replay log, every stream completes with the undisturbed text
+    (--batch-invariant), and /health records the recovery, no engine rebuilt."""
+    import threading
+
+    prompts = PROMPTS[8:16]
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=8, batch_invariant=True)) as local:
+        with BackgroundServer(create_app(local.factory, local.tokenizer, ServeConfig(MODEL))) as srv:
+            alone = greedy(srv, prompts, concurrent=False, max_tokens=48)
+    with open_backend(BackendOptions(ckpt=str(ckpt), nodes=3, spares=1, max_seqs=8, timeout=5,
+                                     threads=1, batch_invariant=True, replan=False,
+                                     recovery="replay")) as ring:
+        app = create_app(ring.factory, ring.tokenizer, ServeConfig(MODEL))
+        with BackgroundServer(app, start_timeout_s=120) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            lock, started, chunks = threading.Lock(), threading.Event(), [0] * len(prompts)
+
+            def one(i: int) -> str:
+                parts = []
+                for ch in c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=48,
+                                               temperature=0, stream=True):
+                    parts += [x.text for x in ch.choices]
+                    with lock:
+                        chunks[i] += 1
+                        if min(chunks) >= 4:  # every stream is decoding: kill now
+                            started.set()
+                return "".join(parts)
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                futures = [pool.submit(one, i) for i in range(len(prompts))]
+                assert started.wait(120), chunks
+                victim = ring.cluster.procs[0]  # the first secondary: the intermediate
+                victim.kill()
+                victim.wait()
+                texts = [f.result() for f in futures]  # an error event would raise here
+            health = httpx.get(srv.url + "/health").json()
+    assert texts == alone
+    assert health["engine_builds"] == 1, health
+    (rec,) = [r for r in health["recoveries"] if r["recovery"] != "rejoin"]
+    assert rec["failed"].startswith("intermediate") and rec["resumed"] == 8, rec
+    assert rec["recovery"] == "replay" and rec["ring"] == ["starter", "spare[0]", "finisher"], rec
