@@ -32,7 +32,7 @@ demo-chat: $(STAMP)
 		--prompt "Name three colours of the rainbow." --prompt "Write a haiku about the sea."
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
