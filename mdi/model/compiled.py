@@ -143,6 +143,9 @@ class CompiledDecode:
                 except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuilt
                     log.warning("--compile: cannot load %s (%s): building it again", path, e)
             if run is None:
+                log.info("--compile: building the decode step for %d row(s)%s, once (about a "
+                         "minute on 2 cores; later starts load it from %s)", x.shape[0],
+                         "" if uniform else " at several positions", base)
                 with torch.inference_mode(False):
                     aoti.build_package(self.stage, args, uniform, path, self.options)
                 run = aoti.load_package(self.stage, path)
