@@ -13,7 +13,11 @@ sample` and `mdi chat` compute on the thread of the engine's event loop
 (`PipelineEngine.compute_inline`); `mdi serve` cannot, since a step there would
 pause every stream and /health for its whole length, so it loads the model,
 builds each engine and runs every step, short or long, on a ComputeThread
-(`PipelineEngine.compute_thread`), and the loop only waits for it.
+(`PipelineEngine.compute_thread`), and the loop only waits for it. The ring's
+starter does the same with its stage (RingEngine: load, steps, the re-loads and
+layer moves of a re-plan). Not yet on it: the starter's own probe when a ring is
+planned `--partition auto` (placement.py, a thread of asyncio's), and the weights
+a GGUF or Hugging Face source converts for the nodes as it streams them.
 """
 from __future__ import annotations
 
