@@ -17,6 +17,7 @@ import pytest
 
 from mdi.checkpoint import load_model
 from mdi.cli.chat import PLAIN_STOP, PLAIN_TEMPLATE, Conversation
+from mdi.engine.api import SeqParams
 from mdi.engine.batch import generate_local
 from mdi.engine.local import LocalEngine
 from mdi.generate.chat_template import ChatTemplate
@@ -180,3 +181,41 @@ def test_smollm2_answers_paris_without_sampling_flags():
         assert term.wait() == 0
     finally:
         term.close()
+
+
+def test_one_device_loads_and_computes_on_the_engine_s_thread(bundled, monkeypatch):
+    """Issue 21: once two threads of a process have run OpenMP regions, libgomp stops
+    spinning between them (~310 context switches a token). The chat loaded the model on
+    the terminal's thread and computed on the engine's (decodes on its loop, prefills on
+    a worker): now the engine's thread loads, builds the caches and computes every step,
+    and the answer is still the greedy one."""
+    import threading
+
+    from mdi.cli import chat
+    from mdi.cli.main import build_parser
+    from mdi.engine import slots
+
+    seen: dict[str, set[int]] = {"load": set(), "caches": set(), "step": set()}
+
+    def spy(what, f):
+        def wrapped(*a, **k):
+            seen[what].add(threading.get_ident())
+            return f(*a, **k)
+        return wrapped
+    monkeypatch.setattr(chat, "load_model", spy("load", chat.load_model))
+    monkeypatch.setattr(slots.SlotStage, "__init__", spy("caches", slots.SlotStage.__init__))
+    monkeypatch.setattr(slots.SlotStage, "first_step", spy("step", slots.SlotStage.first_step))
+    args = build_parser().parse_args(["chat", "--ckpt", str(BUNDLED), "--dtype", "float32",
+                                      "--temperature", "0", "--prefill-chunk", "8"])
+    ids = bundled.tokenizer.encode(ChatTemplate(PLAIN_TEMPLATE).render(
+        [{"role": "user", "content": "Who goes there?"}]))
+    params = SeqParams(max_tokens=12, temperature=0.0, top_k=None)
+    with chat._engine(args, str(BUNDLED), bundled.tokenizer, ring=False) as engine:
+        answer, reason = engine.answer(ids, params, lambda text: None)
+        engine_thread = engine.thread.ident
+    threads = {what: set(idents) for what, idents in seen.items()}
+    want = generate_local(lambda: LocalEngine(bundled.model, bundled.tokenizer, max_seqs=1), [ids],
+                          12, SamplingConfig(temperature=0.0, top_k=None))
+    assert (answer, reason) == (bundled.tokenizer.decode(want.tokens[0]), "length")
+    assert threads == {"load": {engine_thread}, "caches": {engine_thread}, "step": {engine_thread}}
+    assert engine_thread != threading.get_ident()

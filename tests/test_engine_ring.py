@@ -91,6 +91,37 @@ def test_ring_8_concurrent_sequences_equal_single_device(ckpt, cluster):
     assert results[3][1] == want_text and results[3][2] == "stop"
 
 
+def test_the_starter_loads_and_computes_its_stage_on_one_thread(ckpt, cluster, monkeypatch):
+    """The starter's stage 0 is loaded, given its caches and computed (prefill chunks
+    and decodes) on one thread that is not the event loop's (engine/compute_thread.py):
+    libgomp spins between parallel regions only while one thread runs them."""
+    import threading
+
+    from mdi.ring.starter import ring_engine
+    from test_compute_thread import threads_seen
+
+    model = load_model(ckpt).model
+    tok = load_model(ckpt).checkpoint.tokenizer()
+    prompts = [tok.encode(p) for p in ["First Citizen:", "Be", "hear me, hear me"]]
+    seen = threads_seen(monkeypatch, ring_engine, "first_stage")
+
+    async def run():
+        engine = RingEngine(cluster.nodes, cluster.token, str(ckpt), max_seqs=3,
+                            opts=RunOptions(timeout=30.0, prefill_chunk=4))
+        await engine.start()
+        try:
+            seqs = [engine.submit(p, SeqParams(max_tokens=10, temperature=0.0)) for p in prompts]
+            return await asyncio.gather(*(collect(s) for s in seqs)), threading.get_ident()
+        finally:
+            await engine.close()
+
+    results, loop = asyncio.run(run())
+    assert [toks for toks, _, _ in results] == [generate(model, [p], 10, GREEDY)[0] for p in prompts]
+    (compute,) = seen["load"]
+    assert seen == {"load": {compute}, "caches": {compute}, "step": {compute}}
+    assert compute != loop
+
+
 def test_ring_failure_reaches_the_sequences_and_names_the_node(ckpt):
     with LocalCluster(2, threads=1, node_timeout=5.0) as c:
         async def fail():

@@ -3,6 +3,8 @@ streams equal requests run alone, stop strings, disconnects free slots; and one 
 `mdi serve` process on the bundled model."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import signal
@@ -117,8 +119,49 @@ def test_batch_invariant_is_applied_once_where_stages_load(ckpt, tmp_path, monke
                  BackendOptions(ckpt=str(ckpt), batch_invariant=flag, nodes_config=str(nodes),
                                 token="t" * 32)):
         with open_backend(opts) as backend:
-            backend.factory()
+            engine = backend.factory()
+            if inspect.isawaitable(engine):  # the local engine is built on its compute thread
+                asyncio.run(engine)
     assert len(made) == 2 and all("batch_invariant" not in kw for kw in made), made
+
+
+def test_one_thread_loads_and_computes_every_step_off_the_event_loop(ckpt, monkeypatch):
+    """Issue 21: once two threads of a process have run OpenMP regions, libgomp stops
+    spinning between them (~310 context switches a token). The server loaded the model on
+    the caller's thread, decoded on the event loop and prefilled on the engine's worker:
+    now one compute thread loads it, builds the engine's caches and runs every step,
+    short or long, and it is not the event loop's."""
+    import threading
+
+    import mdi.checkpoint
+    from mdi.engine import slots
+
+    seen: dict[str, set[int]] = {"load": set(), "caches": set(), "step": set()}
+
+    def spy(what, f):
+        def wrapped(*a, **k):
+            seen[what].add(threading.get_ident())
+            return f(*a, **k)
+        return wrapped
+    monkeypatch.setattr(mdi.checkpoint, "load_model", spy("load", mdi.checkpoint.load_model))
+    monkeypatch.setattr(slots.SlotStage, "__init__", spy("caches", slots.SlotStage.__init__))
+    monkeypatch.setattr(slots.SlotStage, "first_step", spy("step", slots.SlotStage.first_step))
+    with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=4, prefill_chunk=8)) as backend:
+        with BackgroundServer(create_app(backend.factory, backend.tokenizer,
+                                         ServeConfig(MODEL))) as srv:
+            c = client(srv)
+            kw = dict(model=MODEL, max_tokens=20, temperature=0)
+            with ThreadPoolExecutor(4) as pool:  # long prompts (chunks) beside decodes
+                answers = list(pool.map(lambda p: c.completions.create(prompt=p, **kw),
+                                        ["ROMEO: " * 5, "a", "Prompt ab:", "b" * 30]))
+            streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+                prompt="a", stream=True, **kw) if ch.choices)
+            loop_thread = srv.thread.ident
+    assert all(r.usage.completion_tokens == 20 for r in answers)
+    assert streamed == answers[1].choices[0].text
+    (compute,) = seen["load"]
+    assert seen == {"load": {compute}, "caches": {compute}, "step": {compute}}
+    assert compute not in (loop_thread, threading.get_ident())
 
 
 @pytest.mark.slow

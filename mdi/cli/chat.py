@@ -13,7 +13,9 @@ starts the user's next line.
 
 The engine runs on an event loop of its own thread (EngineThread): the terminal's
 thread reads lines and receives Ctrl-C, which cancels the sequence being generated
-(the engine frees its KV slot, on every node) and leaves the engine running.
+(the engine frees its KV slot, on every node) and leaves the engine running. On one
+device that thread also loads the model and computes every step, so that a single
+thread runs torch's work (engine/compute_thread.py says why).
 """
 from __future__ import annotations
 
@@ -189,9 +191,15 @@ def _engine(args: argparse.Namespace, ck: Any, tok: Tokenizer, ring: bool) -> It
     if not ring:
         from ..engine.local import LocalEngine
 
-        model = load_model(ck, load_options(args)).model
-        with EngineThread(lambda: LocalEngine(model, tok, max_seqs=1,
-                                                   prefill_chunk=args.prefill_chunk)) as engine:
+        def local() -> LocalEngine:
+            # on the engine's thread, which loads the model and computes every step itself
+            # (compute_inline): one thread runs torch's OpenMP work, so libgomp keeps its
+            # helpers spinning between parallel regions (engine/compute_thread.py)
+            model = load_model(ck, load_options(args)).model
+            engine = LocalEngine(model, tok, max_seqs=1, prefill_chunk=args.prefill_chunk)
+            engine.compute_inline = True
+            return engine
+        with EngineThread(local) as engine:
             yield engine
         return
     from ..ring.starter.ring_engine import RingEngine

@@ -10,10 +10,10 @@ sends one Decode for all the lane's active sequences. Recurrent pipelining:
 every lane with work is in flight at once, so with as many lanes as stages no
 stage waits for its own previous output.
 
-The first stage runs here (on one worker thread, so the event loop keeps
-serving; a decode step shorter than INLINE_BELOW_S on the loop itself); the
-rest of the pipeline is behind a Link (the TCP ring, or the tests' in-memory
-fake). Without a link the first stage is the whole model: single-device.
+The first stage runs here, on one worker thread so that the loop keeps serving
+(a decode shorter than INLINE_BELOW_S on the loop itself), or every step on the
+loop (`compute_inline`) or on `compute_thread` (compute_thread.py says why). The
+rest is behind a Link (the TCP ring, or the tests' fake); no link: one device.
 
 Tokens come back per lane in the order the lanes were sent; each becomes an
 Event on its sequence's queue (text released as it becomes final, see
@@ -27,12 +27,12 @@ import logging
 import secrets
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from ..generate.schedule import StepPlan, accept, needs_prefill, plan_chunk
 from ..model import GPT
 from .api import EngineBusy, EngineFailure, Event, SeqParams
+from .compute_thread import ComputeThread
 from .link import Link, LinkClosed, Reform
 from .messages import Admit, Message, Retire, Tokens
 from .replay import Confirmed, rewind
@@ -59,6 +59,7 @@ class PipelineEngine:
     prefill_share: float = 0.0  # >0: chunks cut to this many decode steps' time while others decode
     batch_prefill: bool = True  # a step's prefill chunks as one forward and one frame (False: one each)
     compute_inline: bool = False  # every step on the loop's thread (batch.generate_local)
+    compute_thread: ComputeThread | None = None  # every step there (serve; the caller owns it)
 
     def __init__(self, first: GPT, decode: Callable[[list[int]], str], max_seqs: int,
                  n_stages: int = 1, link: Link | None = None, max_queue: int | None = None,
@@ -91,7 +92,7 @@ class PipelineEngine:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-engine")
+        self._executor = ComputeThread("mdi-engine")  # started by a first step
         self.times = StepTimes()             # the first stage's decode step, prefill token
         self.stalled = 0                     # sequences cancelled because nobody read them
         self._progress_t = time.monotonic()  # last tokens back, or a send into an idle pipeline
@@ -128,7 +129,7 @@ class PipelineEngine:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self.link is not None:
             await self.link.close()
-        self._executor.shutdown(wait=True)
+        self._executor.close()
 
     def submit(self, prompt: list[int], params: SeqParams) -> Sequence:
         if self.failure is not None:
@@ -374,17 +375,16 @@ class PipelineEngine:
     async def _compute(self, lane: int, msgs: list[Message], plans: dict[int, StepPlan]
                        ) -> list[Message | Tokens]:
         decode_only = not any(p.prefill for p in plans.values())
-        ema = self.times.decode
         # A short step runs right here: the hand-off to the worker thread and back
         # costs more than it computes, and blocks the loop for less than INLINE_BELOW_S.
+        ema = None if self.compute_thread else self.times.decode  # given one: always there
         inline = self.compute_inline or (decode_only and ema is not None and ema < INLINE_BELOW_S)
         t0 = time.perf_counter()
         if inline:
             out = self.first.first_step(lane, msgs, plans, self.batch_prefill)
         else:
-            loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self._executor, self.first.first_step, lane, msgs,
-                                             plans, self.batch_prefill)
+            out = await (self.compute_thread or self._executor).run(
+                self.first.first_step, lane, msgs, plans, self.batch_prefill)
         took = time.perf_counter() - t0
         if plans:
             self.times.stepped(took, not decode_only)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.api import Engine
+from ..engine.compute_thread import ComputeThread
 from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY
 from ..tokenizer import Tokenizer
@@ -127,19 +128,30 @@ def local_backend(opts: BackendOptions) -> Backend:
     except ImportError as e:
         raise ValueError(f"the local engine is not in this build ({e})") from None
 
-    loaded = load_model(opts.ckpt, LoadOptions(  # any --ckpt spec
-        device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
-        batch_invariant=opts.batch_invariant, max_context=opts.max_context,
-        kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
+    # One thread of the process runs all of its torch work: the load, each engine's KV
+    # caches and every step (engine/compute_thread.py); the event loop only waits for it
+    compute = ComputeThread("mdi-compute")
+    try:
+        loaded = compute.call(load_model, opts.ckpt, LoadOptions(  # any --ckpt spec
+            device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
+            batch_invariant=opts.batch_invariant, max_context=opts.max_context,
+            kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
+    except BaseException:
+        compute.close()
+        raise
     model, tok = loaded.model, loaded.tokenizer
     kwargs = _local_kwargs(opts)
 
-    def build() -> Engine:
-        engine = LocalEngine(model, tok, **kwargs)
+    async def build() -> Engine:
+        engine = await compute.run(LocalEngine, model, tok, **kwargs)
+        engine.compute_thread = compute
         engine.stall_timeout = opts.stall_timeout
         engine.prefill_share = 0.0 if opts.batch_invariant else opts.prefill_share
         return engine
-    return Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, {opts.max_seqs} sequence slot(s)")
+    backend = Backend(build, tok, f"{Path(opts.ckpt).name} on {opts.device}, "
+                                  f"{opts.max_seqs} sequence slot(s)")
+    backend.resources.callback(compute.close)  # after the server, which closes the engines
+    return backend
 
 
 def ring_backend(opts: BackendOptions) -> Backend:

@@ -104,15 +104,15 @@ async def shift(engine: Any, run_id: int, shards: list[Shard]) -> dict:
             a, b = m["layers"]
             expect = Expect(a, b, tuple(slots), kv_dtype(first), c.kv_heads, c.head_size)
             body = {"run_id": run_id, "start": a, "stop": b, "slots": [[s, n] for s, n in slots]}
-            if m["from"] == me:
-                data = b"".join(encode(expect, rows_of(first, a, b, kept)))
+            if m["from"] == me:  # (torch work on the engine's compute thread: compute_thread.py)
+                data = await engine._executor.run(
+                    lambda: b"".join(encode(expect, rows_of(first, a, b, kept))))
             else:
                 data = await _export(http, specs[m["from"]], body)
             nbytes += len(data)
             if m["to"] == me:
                 rows.update(decode(data, expect))
-                stage = await asyncio.get_running_loop().run_in_executor(
-                    None, first_stage, engine.ck, b, engine.opts, a)
+                stage = await engine._executor.run(first_stage, engine.ck, b, engine.opts, a)
                 blocks.update({i: stage.transformer["h"][str(i)] for i in range(a, b)})
                 continue
             spec = specs[m["to"]]
@@ -123,7 +123,7 @@ async def shift(engine: Any, run_id: int, shards: list[Shard]) -> dict:
             await _put(http, spec, f"/move/weights/{run_id}/{a}/{b}", chunks, total, engine)
     moved_s = time.perf_counter() - t0
     if shards[0] != engine.shards[0]:
-        splice(first, 0, shards[0].stop, blocks, rows, kept)
+        await engine._executor.run(splice, first, 0, shards[0].stop, blocks, rows, kept)
     engine.shards = list(shards)
     p = engine.placement
     if p is not None:  # what --json reports as the run's plan: the ring's split now

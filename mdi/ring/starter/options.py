@@ -2,7 +2,9 @@
 how many lanes a run gets, and the split of the layers when nothing is planned."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ...checkpoint import Checkpoint, load_stage
 from ...checkpoint.sources import checkpoint_mode
@@ -15,6 +17,10 @@ from ..cluster.nodes_config import NodeSpec, NodesConfig
 from ..plan.partition import Shard, even_split, manual_split
 from .replan import ReplanPolicy
 
+if TYPE_CHECKING:
+    from ..plan.placement import Placement
+
+log = logging.getLogger(__name__)
 EXIT_NODE_FAILURE = 3
 
 
@@ -92,6 +98,16 @@ def lane_count(n_nodes: int, asked: int | None, parallel: int) -> int:
     if asked is not None:
         return asked
     return min(n_nodes, parallel) if parallel > 0 else n_nodes
+
+
+def default_lanes(n_nodes: int, placement: Placement | None) -> int:
+    """One lane per node, but no more than the nodes can compute at once
+    (lane_count; unknown before the ring is planned)."""
+    parallel = placement.parallel if placement is not None else 0
+    lanes = lane_count(n_nodes, None, parallel)
+    if lanes < n_nodes:
+        log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, lanes)
+    return lanes
 
 
 def typical_context(prompts: list[list[int]], n_tokens: int) -> int:

@@ -41,6 +41,7 @@ from typing import Any
 
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure
+from ...engine.compute_thread import ComputeThread
 from ...engine.link import LinkClosed, Reform
 from ...engine.scheduler import PipelineEngine
 from ...engine.slots import SlotStage
@@ -59,22 +60,12 @@ from .layer_shift import end_ring, try_shift
 from .rejoin import REJOIN_POLL_S, Absent, Rejoin, idle
 from .replan import Replan, moved_layers
 from .replan_watch import watch
-from .options import NodeFailure, RunOptions, first_stage, lane_count, plan_shards, with_mode
+from .options import NodeFailure, RunOptions, default_lanes, first_stage, plan_shards, with_mode
 from .tcp_link import TcpLink
 
 log = logging.getLogger(__name__)
 MAX_RECOVERIES_IN_WINDOW = 3     # more recoveries than this within the window: the ring keeps failing
 RECOVERY_WINDOW_S = 60.0
-
-
-def default_lanes(n_nodes: int, placement: Placement | None) -> int:
-    """One lane per node, but no more than the nodes can compute at once
-    (options.lane_count; unknown before the ring is planned)."""
-    parallel = placement.parallel if placement is not None else 0
-    lanes = lane_count(n_nodes, None, parallel)
-    if lanes < n_nodes:
-        log.info("%d nodes share the cores of %d: %d lanes", n_nodes, parallel, lanes)
-    return lanes
 
 
 class RingEngine(PipelineEngine):
@@ -109,12 +100,21 @@ class RingEngine(PipelineEngine):
         self._planned = shards is not None
         self._lanes_given = lanes is not None
         self.shards = shards or plan_shards(nodes, self.ck.config.n_layer)
-        stage = first_stage(self.ck, self.shards[0].stop, self.opts)
         tokenizer = tokenizer or self.ck.tokenizer()
-        super().__init__(stage, tokenizer.decode, max_seqs,
+        # One thread runs the starter's torch work: the load, the caches, every step and
+        # re-load (engine/compute_thread.py); the loop only reads and writes the links
+        compute = ComputeThread("mdi-stage0")
+        try:
+            stage = compute.call(first_stage, self.ck, self.shards[0].stop, self.opts)
+            compute.call(super().__init__, stage, tokenizer.decode, max_seqs,
                          n_stages=lanes or default_lanes(len(nodes.ring), placement),
                          link=None, max_queue=max_queue, retry_after=retry_after,
                          prefill_chunk=self.opts.prefill_chunk)
+        except BaseException:
+            compute.close()
+            raise
+        self._executor.close()  # the engine's own worker (never started): this one instead
+        self._executor = self.compute_thread = compute
         self.batch_prefill = self.opts.batch_prefill
         self.tokenizer = tokenizer
         self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
@@ -159,9 +159,8 @@ class RingEngine(PipelineEngine):
         if not self._lanes_given and lanes != len(self.sizes) and not self.running:
             self._relane(lanes)
         if shards[0].stop != self.shards[0].stop:  # off the loop: serve keeps answering /health
-            stage = await asyncio.get_running_loop().run_in_executor(
-                None, first_stage, self.ck, shards[0].stop, self.opts)
-            self.first = SlotStage(stage, self.sizes)
+            self.first = await self._executor.run(
+                lambda: SlotStage(first_stage(self.ck, shards[0].stop, self.opts), self.sizes))
         self.shards = shards
 
     async def start(self) -> None:
