@@ -176,3 +176,21 @@ def test_handshake_over_raw_sockets():
         b.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                                   torch.uint8])
+def test_a_tensors_bytes_are_its_memory_whatever_the_path(dtype):
+    """tensor_view's fast path (a numpy view) and the general one (a uint8 view,
+    bfloat16, strided or needing grad) give the bytes the tensor holds, flat."""
+    from mdi.ring.protocol.wire import byte_view, tensor_view
+    t = (torch.arange(24) * 3 % 11).to(dtype).reshape(2, 3, 4)
+    want = t.contiguous().view(torch.uint8).numpy().tobytes()
+    for view in (tensor_view(t), byte_view(t), tensor_view(t.transpose(0, 1).contiguous()
+                                                           .transpose(0, 1))):
+        assert view.ndim == 1 and view.itemsize == 1 and bytes(view) == want
+    if dtype.is_floating_point:
+        assert bytes(tensor_view(t.clone().requires_grad_())) == want
+    out = torch.empty_like(t)
+    byte_view(out)[:] = want  # a received payload lands in the tensor itself
+    assert torch.equal(out, t)

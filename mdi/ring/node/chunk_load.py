@@ -1,7 +1,7 @@
 """A run's stage on a node: built from the starter's weights stream as it
 arrives, or loaded from the pre-split chunk this node was started with (--chunk).
 
-Both run on the node's compute thread (an executor) and end in
+Both run on the node's compute thread (compute_thread.py) and end in
 model/quant.py:configure_stage with the run's options. The stream is parsed as it
 arrives and each tensor put in place at once (int8: quantized at once), so the
 node never holds the received tensors and the built stage both.

@@ -1,8 +1,10 @@
 """A run's data plane on a node: one thread, two blocking sockets.
 
-The thread starts at /connect with the link to the next node, and takes the
-previous node's link once its handshake has passed on the event loop
-(`attach`). It then waits on both links (and a wake-up socket) with poll:
+The loop starts at /connect with the link to the next node, on the node's
+compute thread (compute_thread.py: the thread that also loaded the stage), and
+takes the previous node's link once its handshake has passed on the event loop
+(`attach`). It then waits on both links (and a wake-up socket, and the compute
+thread's jobs) with poll:
 
 - a frame from the previous node is read (sock_io.recv_frame: header checked
   before any payload byte), handed to `on_frame`, which computes it on this
@@ -11,7 +13,9 @@ previous node's link once its handshake has passed on the event loop
 - anything from the next node (which never sends on this link), or its EOF,
   means it is gone;
 - `close()` (the event loop dropping the run) wakes the thread and shuts both
-  sockets down, so a thread blocked in a send or a read returns at once.
+  sockets down, so a thread blocked in a send or a read returns at once;
+- jobs submitted to the compute thread meanwhile (a probe, another run's load)
+  run between two frames.
 
 The thread alone closes the sockets it was given, once it ends, after it
 reported why through `on_end(error)` (unless it was closed). Nothing here
@@ -27,6 +31,7 @@ import time
 from typing import Callable
 
 from ..protocol.sock_io import set_send_timeout
+from .compute_thread import NodeComputeThread
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
@@ -40,12 +45,14 @@ class DataLink:
     reads, computes and forwards one frame (False after STOP; waiting_since: the
     perf_counter time the thread began to wait for it); on_end(error) hears why
     the thread ended (None: STOP went through) unless close() came first.
-    `where` names the next node in errors."""
+    `where` names the next node in errors. runner: the node's compute thread, which
+    runs the loop (None: a thread of its own)."""
 
     def __init__(self, down: socket.socket, send_timeout: float, where: str,
                  on_frame: Callable[[socket.socket, float], bool],
                  on_end: Callable[[BaseException | None], None], name: str,
-                 before: Callable[[socket.socket], None] | None = None) -> None:
+                 before: Callable[[socket.socket], None] | None = None,
+                 runner: NodeComputeThread | None = None) -> None:
         set_send_timeout(down, send_timeout)
         self.down = down
         self.up: socket.socket | None = None
@@ -57,8 +64,12 @@ class DataLink:
         self._ended = False
         self._lock = threading.Lock()   # attach/close against the thread's end
         self._wake_r, self._wake_w = socket.socketpair()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._done = threading.Event()
+        self.runner = runner
+        if runner is None:
+            threading.Thread(target=self._main, name=name, daemon=True).start()
+        else:
+            runner.serve(self._main)
 
     def attach(self, up: socket.socket) -> None:
         """The previous node's link, authenticated (event loop): served from now on."""
@@ -84,10 +95,10 @@ class DataLink:
                     pass
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        self._done.wait(timeout)
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._done.is_set()
 
     def _wake(self) -> None:
         try:
@@ -113,12 +124,17 @@ class DataLink:
             for sock in socks:
                 if sock is not None:
                     sock.close()
+            self._done.set()
 
     def _serve(self) -> None:
         poller = select.poll()
         poller.register(self.down, _READ)
         poller.register(self._wake_r, select.POLLIN)
         down, wake = self.down.fileno(), self._wake_r.fileno()
+        jobs = -2
+        if self.runner is not None:
+            jobs = self.runner.wake_fd
+            poller.register(jobs, select.POLLIN)
         up = -1
         while not self.closed:
             waiting = time.perf_counter()
@@ -138,6 +154,9 @@ class DataLink:
                 gone = self._downstream_gone()
                 if gone is not None:
                     raise DownstreamError(gone)
+            if jobs in ready:  # after the frame: the ring waits for it, a load can wait a frame
+                assert self.runner is not None
+                self.runner.run_jobs()
 
     def _downstream_gone(self) -> str | None:
         """Why the next node's link is readable: it is gone (None: nothing there)."""

@@ -5,7 +5,8 @@ connections and runs their handshakes. A run's frames are read, computed and
 forwarded on the run's own data thread (data_link.py, data_plane.py:NodeRun)
 with blocking sockets, so the loop keeps answering health checks and stop
 requests while a stage computes, and a frame costs no event-loop round trip.
-Loading weights and timing probes run on one worker thread.
+Loading weights, timing probes and every run's frames run on one compute thread
+(compute_thread.py): one thread of the process runs all its torch compute.
 
 Life of a run: /init (config, validate.py) -> /weights (unless the node has the
 chunk on disk; chunk_load.py) -> /connect (open the downstream link) -> the
@@ -30,7 +31,6 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -48,6 +48,7 @@ from ..protocol.auth import AuthError, answer, challenge
 from ..protocol.local_link import is_local, link_scope, listen_local, new_name, open_link
 from ..protocol.sock_io import SockStream, listen_sockets, no_delay
 from ..protocol.wire import WireError
+from .compute_thread import NodeComputeThread
 from .chunk_load import load_chunk_info, stage_from_chunk, stage_from_stream
 from .control_messages import InitRequest, ProbeRequest
 from .data_link import DataLink
@@ -78,7 +79,7 @@ class NodeRuntime:
         self.run: NodeRun | None = None
         self.last_stats: dict = {}
         self.runs_completed = 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdi-compute")
+        self.executor = NodeComputeThread("mdi-compute")  # loads, probes and the runs' frames
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
         self.handshakes: set[asyncio.Task] = set()
@@ -281,7 +282,7 @@ class NodeRuntime:
         run.link = DataLink(sock, self.timeout, f"{nxt.addr}:{nxt.port}",
                             on_frame=run.on_frame, before=replay_first(run),
                             on_end=lambda error: self._link_ended(run, error, loop),
-                            name=f"mdi-data-{run_id}")
+                            name=f"mdi-data-{run_id}", runner=self.executor)
         run.last_active = time.monotonic()
         return {"state": self.state}
 

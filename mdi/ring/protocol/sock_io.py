@@ -20,7 +20,7 @@ import struct
 import torch
 
 from .wire import (SLOT_TABLE_KINDS, TORCH_DTYPES, DType, Frame, Kind, Limits, WireError,
-                   check_header, finish_frame, frame_parts, parse_header, read_row_table,
+                   byte_view, check_header, finish_frame, frame_parts, parse_header, read_row_table,
                    read_slot_table, table_bytes)
 
 
@@ -144,7 +144,7 @@ def recv_frame(sock: socket.socket, lim: Limits, header: bytearray) -> Frame:
     tensor = None
     if h.dtype != DType.NONE:
         tensor = torch.empty(h.shape, dtype=TORCH_DTYPES[h.dtype])  # aligned, as torch allocates
-        _recv_into(sock, memoryview(tensor.view(-1).view(torch.uint8).numpy()), "payload")
+        _recv_into(sock, byte_view(tensor), "payload")
     return finish_frame(h, slots, tensor, spans)
 
 

@@ -145,9 +145,22 @@ class Limits:
             raise WireError(f"activation dtype must be floating point, got {self.act_dtype!r}")
 
 
+# dtypes numpy holds: their tensors' bytes are a view of .numpy() (bfloat16 goes through uint8)
+NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.int64, torch.uint8})
+
+
 def tensor_view(t: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy where it is a contiguous CPU tensor."""
+    if t.is_cpu and not t.requires_grad and t.dtype in NUMPY_DTYPES and t.is_contiguous():
+        return byte_view(t)  # the common case, in a quarter of the time of the chain below
     return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (no grad) as a flat, writable view."""
+    if t.dtype in NUMPY_DTYPES:
+        return memoryview(t.numpy()).cast("B")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def frame_parts(f: Frame) -> list:
@@ -254,7 +267,7 @@ def check_header(h: Header, lim: Limits | None) -> None:
         batch = h.shape[0]
     else:
         _expect(h.dtype == lim.act_dtype,
-                f"activation dtype {h.dtype.name}, the run uses {lim.act_dtype.name}")
+                lambda: f"activation dtype {h.dtype.name}, the run uses {lim.act_dtype.name}")
         _expect(len(h.shape) == 3, lambda: f"{h.kind.name} activations must be 3-D, got shape {h.shape}")
         batch, t, c = h.shape
         _expect(c == lim.n_embd, lambda: f"activation width {c}, the model's n_embd is {lim.n_embd}")
@@ -287,7 +300,8 @@ def check_header(h: Header, lim: Limits | None) -> None:
         _expect(h.sample < lim.n_samples, lambda: f"slot {h.sample} outside the run's {lim.n_samples}")
     else:
         _expect(h.sample + batch <= lim.n_samples,
-                f"samples {h.sample}..{h.sample + batch - 1} outside the run's {lim.n_samples}")
+                lambda: f"samples {h.sample}..{h.sample + batch - 1} outside the run's "
+                        f"{lim.n_samples}")
     itemsize = ITEMSIZE[h.dtype]
     want = math.prod(h.shape) * itemsize + table_bytes(h)
     _expect(h.length == want, lambda: f"payload length {h.length} != {want} for shape {h.shape} {h.dtype.name}")
