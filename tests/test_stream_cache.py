@@ -124,13 +124,16 @@ def test_the_spares_upload_sends_the_kept_stream_not_a_new_one(monkeypatch):
     http = FakeHttp()
     spec = client.nodes.ring[1]
     asyncio.run(client.upload(http, spec, 1, shard))
-    healed = client.with_nodes(nodes(1))  # heal.py's client: the same cache
+    healed = client.with_nodes(nodes(0))  # heal.py's client (the last spare taken): the cache
     asyncio.run(healed.upload(http, spec, 2, shard))
     assert len(made) == 1 and http.bodies[0] == http.bodies[1] == shard_bytes(ck, shard)
+    assert not client.uploaded[spec.name][1] and healed.uploaded[spec.name][1]
 
-    # reprefill keeps nothing; a ring without spares drops what was kept
+    # reprefill keeps nothing; a ring without spares keeps nothing and drops what was kept
+    # once it is configured (configure: keep_only)
     assert RingClient(nodes(1), "t", ck, RunOptions()).streams is None
-    assert client.with_nodes(nodes(0)).streams.nbytes == 0
     fresh = RingClient(nodes(0), "t", ck, RunOptions(recovery="replay"))
     asyncio.run(fresh.upload(http, spec, 3, shard))
     assert fresh.streams.nbytes == 0
+    alone = NodesConfig(client.nodes.starter, (), None, ())
+    assert client.streams.nbytes > 0 and client.with_nodes(alone).streams.nbytes == 0

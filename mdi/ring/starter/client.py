@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Iterator, TypeVar
 
@@ -82,8 +83,9 @@ class RingClient:
         # the secondaries' weights streams, kept for a spare (stream_cache.py): replay only
         self.streams = streams if streams is not None else \
             StreamCache(device=self.opts.device) if self.opts.recovery == "replay" else None
-        if self.streams is not None and not nodes.spares:
-            self.streams.clear()  # no spare left to take a range
+        self.uploaded: dict[str, tuple[float, bool]] = {}  # node -> (seconds, from the cache)
+        if self.streams is not None and len(nodes.ring) == 1:
+            self.streams.clear()  # the starter alone: its memory is the whole model's now
 
     def with_nodes(self, nodes: NodesConfig) -> "RingClient":
         """The same run over another ring (recovery); the kept streams go along."""
@@ -225,14 +227,15 @@ class RingClient:
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
                      {"local": "from its local chunk", "kept": "kept (resumed)"}.get(
                          body["weights"], "uploaded"))
-        if self.streams is not None:  # the ranges this ring no longer has
+        if self.streams is not None:  # the ranges this ring no longer has; all, with no spare
             self.streams.keep_only({(s.start, s.stop, self.opts.quantize, self.opts.dtype)
-                                    for s in shards[1:]})
+                                    for s in shards[1:]} if self.nodes.spares else set())
 
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:
         """Stream a node its stage's weights, one tensor in memory at a time (or, for a
         spare taking a range, as kept when the ring formed: stream_cache.py)."""
+        t0 = time.perf_counter()
         key = (shard.start, shard.stop, self.opts.quantize, self.opts.dtype)
         kept = self.streams.get(key) if self.streams is not None else None
         if kept is not None:
@@ -255,6 +258,7 @@ class RingClient:
             raise NodeFailure(f"{spec.describe()} did not take its weights: "
                               f"{e or type(e).__name__}", node=spec) from None
         _check(r, spec, "/weights")
+        self.uploaded[spec.name] = (round(time.perf_counter() - t0, 3), kept is not None)
 
     async def local_links(self, http: httpx.AsyncClient, placement: Placement | None
                           ) -> list[str | None]:

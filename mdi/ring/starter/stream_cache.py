@@ -16,9 +16,11 @@ travels (the int4 codes, for a quantized run: about the node's weights). Each
 stream is kept only if free memory (plan/limits.py:free_memory, what the nodes'
 own memory checks read) still leaves at least as much again after it, and if
 the cache stays under its `limit` (MDI_STREAM_CACHE_MB, default 1024 MiB);
-otherwise it is made afresh at recovery, as before. `nbytes` is counted as
-held where the starter checks that the whole model fits it alone
-(ring_engine.py), and the cache is dropped when no spare is left to use it.
+otherwise it is made afresh at recovery, as before. The ranges a ring formed
+anew no longer has are dropped, and everything once a ring is configured with
+no spare left (after the spare's own upload, from the cache) or the starter is
+left alone (RingClient.with_nodes: before it checks that the whole model fits
+its free memory, ring_engine.py).
 """
 from __future__ import annotations
 
@@ -80,8 +82,8 @@ class StreamCache:
         return None
 
     def tee(self, key: Key, total: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """chunks as they are, kept under `key` once all of them went through (and
-        the room is there: room_for); a stream cut short keeps nothing."""
+        """chunks as they are, kept under `key` once they hold `total` bytes (and the
+        room is there: room_for); a stream cut short keeps nothing."""
         why = self.room_for(total) if key not in self.streams else "kept already"
         if why is not None:
             if why != "kept already":
@@ -94,11 +96,13 @@ class StreamCache:
         for chunk in chunks:
             kept.append(chunk)
             n += len(chunk)
+            if n == total:  # kept before the last chunk goes: the consumer (httpx) may stop
+                self.streams[key] = (total, kept)  # reading once it has the length
+                log.info("kept the weights of layers [%d, %d) for a spare: %.1f MiB (%.1f MiB "
+                         "in all)", key[0], key[1], total / 2**20, self.nbytes / 2**20)
+            elif n > total:
+                self.streams.pop(key, None)  # longer than announced: not the stream
             yield chunk
-        if n == total:
-            self.streams[key] = (total, kept)
-            log.info("kept the weights of layers [%d, %d) for a spare: %.1f MiB (%.1f MiB in all)",
-                     key[0], key[1], total / 2**20, self.nbytes / 2**20)
 
     def keep_only(self, keys: set[Key]) -> None:
         """Drop the streams of ranges the ring no longer has."""
