@@ -75,6 +75,19 @@ def test_streamed_gguf_int4_stage_equals_the_single_device_one(q4_gguf, start, s
     assert len(data) < 0.5 * len(shard_bytes(ck, Shard(start, stop, 2)))
 
 
+def test_a_stream_kept_for_a_spare_equals_a_fresh_one(q4_gguf):
+    """What the starter keeps for a spare (ring/starter/stream_cache.py) is the stream."""
+    from mdi.checkpoint.stream import shard_stream
+    from mdi.ring.starter.stream_cache import StreamCache
+    ck = open_checkpoint(str(q4_gguf))
+    shard = Shard(1, 2, ck.config.n_layer)
+    cache = StreamCache(limit=1 << 30)
+    total, chunks = shard_stream(ck, shard, "int4")
+    assert b"".join(cache.tee((1, 2), total, chunks)) == shard_bytes(ck, shard, "int4")
+    kept_total, kept = cache.get((1, 2))
+    assert kept_total == total and b"".join(kept) == shard_bytes(ck, shard, "int4")
+
+
 def test_other_modes_and_float_sources_stream_floats(q4_gguf, tmp_path, make_model):
     from mdi.checkpoint.format import save_checkpoint
     ck = open_checkpoint(str(q4_gguf))

@@ -4,8 +4,10 @@ once; what was never asked for is given by rest(); the order in which the spare
 then computes them fills each slot's cache before its step."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from mdi.engine.link import LinkClosed
 from mdi.engine.messages import Admit, Decode, Prefill, Replay, Retire
 from mdi.ring.starter.replay_order import HeldReplay, slots_of
 
@@ -51,7 +53,7 @@ def test_the_link_buffers_a_slot_replay_before_its_frame_without_waiting():
 
     class Transport:
         def __init__(self):
-            self.limits, self.buffered = (16, 64), 0
+            self.limits, self.buffered, self.closing = (16, 64), 0, False
 
         def get_write_buffer_limits(self):
             return self.limits
@@ -61,6 +63,9 @@ def test_the_link_buffers_a_slot_replay_before_its_frame_without_waiting():
 
         def get_write_buffer_size(self):
             return 0
+
+        def is_closing(self):
+            return self.closing
 
     class Writer:
         def __init__(self):
@@ -81,7 +86,7 @@ def test_the_link_buffers_a_slot_replay_before_its_frame_without_waiting():
     link.hop = SimpleNamespace(decode_bytes=0, decode_tokens=0, prefill_bytes=0)
     link.timeout = 1.0
     link.client = SimpleNamespace(nodes=SimpleNamespace(ring=[None, SimpleNamespace(
-        name="spare[0]", addr="127.0.0.1", port_in=1)]))
+        name="spare[0]", addr="127.0.0.1", port_in=1, describe=lambda: "spare[0]")]))
     link.hold_replay(replays(0, 3, 2) + replays(2, 2, 2))
     asyncio.run(link.send(Decode(0, (0, 1), torch.zeros(2, 1, 4), 3)))
     kinds = [decode_frame(d, link.limits) for d in link.writer.data]
@@ -93,3 +98,15 @@ def test_the_link_buffers_a_slot_replay_before_its_frame_without_waiting():
     assert [decode_frame(d, link.limits).kind.name for d in link.writer.data[3:]] == \
         ["REPLAY", "RETIRE"]
     assert not link.replay
+
+    # the first node killed as a frame goes: its link is closing (uvloop then raises
+    # RuntimeError on a write), the send fails as the link's failure, naming the node
+    async def diagnose(http, run_id):
+        return None, None, ()
+    link.client.diagnose = diagnose
+    link.client.opts = SimpleNamespace(recover=True, recovery="replay")
+    link.http, link.writer.transport.closing = None, True
+    link.hold_replay(replays(0, 3, 2))
+    with pytest.raises(LinkClosed, match="spare.0. at 127.0.0.1:1 failed: the link is closed"):
+        asyncio.run(link.send(Decode(0, (0, 1), torch.zeros(2, 1, 4), 3)))
+    assert len(link.writer.data) == 5  # nothing more written

@@ -6,7 +6,8 @@ same run on a fresh cluster with one node killed (or frozen) after a given numbe
 of tokens. Prints one JSON object: the runs' tokens/s, whether each text equals
 the uninterrupted one, the pause (the longest wait for a token among the 3 x
 n_samples that follow the signal: detection, recovery and the first step of the
-healed ring), and the
+healed ring; per sequence too: the longest wait for one of its own next 3 tokens,
+and their mean), and the
 recovery record (failed node, new ring and plan, how, seconds to recover).
 `--prompt-len N` gives every sample a prompt of N tokens (distinct per sample),
 so the context a recovery must rebuild is long.
@@ -58,12 +59,16 @@ def killed_run(args, ck, prompts, greedy, recovery: str) -> dict:
                       spares=args.spares, extra_env=env) as cluster:
         pids = {s.name: pid for s, pid in zip(cluster.members, cluster.pids)}
         made, after = 0, []  # the signal's time, then the events' that follow it
+        per_seq: dict[int, list[float]] = {}  # sample -> the signal's time, its next 3 tokens'
 
         def on_event(i, ev) -> None:
             nonlocal made
             made += 1
+            now = time.perf_counter()
             if after and len(after) <= 3 * len(prompts):
-                after.append(time.perf_counter())
+                after.append(now)
+            if after and len(per_seq.setdefault(i, [after[0]])) <= 3:
+                per_seq[i].append(now)
             if made == args.at:
                 os.kill(pids[args.victim], SIGNALS[args.signal])
                 after.append(time.perf_counter())
@@ -82,8 +87,11 @@ def killed_run(args, ck, prompts, greedy, recovery: str) -> dict:
     # the pause: the longest wait for a token from the signal on (tokens of steps past
     # the lost node still arrive at once; the ring's recovery is the long wait after)
     pause = max((b - a for a, b in zip(after, after[1:])), default=None)
+    # per sequence: the longest wait for one of its own next 3 tokens (lanes resume in turn)
+    seq = [round(max(b - a for a, b in zip(t, t[1:])), 3) for _, t in sorted(per_seq.items())
+           if len(t) > 1]
     return {"result": hit, "wall_s": round(wall, 2),
-            "pause_s": round(pause, 3) if pause is not None else None}
+            "pause_s": round(pause, 3) if pause is not None else None, "seq_pause_s": seq}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in runs.items():
         hit = r["result"]
         out["runs"][m] = {
-            "pause_s": r["pause_s"], "wall_s": r["wall_s"], "equal": hit.tokens == base.tokens,
+            "pause_s": r["pause_s"], "seq_pause_s": r["seq_pause_s"],
+            "seq_pause_mean_s": round(sum(r["seq_pause_s"]) / len(r["seq_pause_s"]), 3)
+            if r["seq_pause_s"] else None,
+            "wall_s": r["wall_s"], "equal": hit.tokens == base.tokens,
             "with_failure_tokens_per_s": round(hit.tokens_per_s, 2),
             "longest_step_s": round(max(b - a for a, b in zip([0.0, *hit.step_times],
                                                               hit.step_times)), 3),
@@ -138,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     pauses = {m: r["pause_s"] for m, r in out["runs"].items()}
     if pauses.get("replay") and pauses.get("reprefill"):
         out["pause_replay_over_reprefill"] = round(pauses["replay"] / pauses["reprefill"], 3)
+    means = {m: r["seq_pause_mean_s"] for m, r in out["runs"].items()}
+    if means.get("replay") and means.get("reprefill"):
+        out["seq_pause_mean_replay_over_reprefill"] = round(means["replay"] / means["reprefill"], 3)
     print(json.dumps(out, indent=1))
     return 0 if all(r["equal"] for r in out["runs"].values()) else 1
 

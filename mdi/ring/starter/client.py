@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Iterator, TypeVar
 
@@ -39,6 +40,7 @@ from ..protocol.auth import AuthError, answer, challenge
 from ..protocol.local_link import link_scope, listen_local, local_links, new_name, open_link, open_streams
 from ..protocol.wire import WireError
 from .options import NodeFailure, RunOptions, plan_shards
+from .stream_cache import StreamCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,16 +74,22 @@ class RingClient:
     token, the opened checkpoint the nodes' stages stream from, the run's options."""
 
     def __init__(self, nodes: NodesConfig, token: str, ckpt: Checkpoint,
-                 opts: RunOptions | None = None) -> None:
+                 opts: RunOptions | None = None, streams: StreamCache | None = None) -> None:
         self.nodes = nodes
         self.token = token
         self.ckpt = ckpt
         self.opts = opts or RunOptions()
         self.local_name = new_name()  # the starter's Unix socket, when one is used
+        # the secondaries' weights streams, kept for a spare (stream_cache.py): replay only
+        self.streams = streams if streams is not None else \
+            StreamCache(device=self.opts.device) if self.opts.recovery == "replay" else None
+        self.uploaded: dict[str, tuple[float, bool]] = {}  # node -> (seconds, from the cache)
+        if self.streams is not None and len(nodes.ring) == 1:
+            self.streams.clear()  # the starter alone: its memory is the whole model's now
 
     def with_nodes(self, nodes: NodesConfig) -> "RingClient":
-        """The same run over another ring (recovery)."""
-        return RingClient(nodes, self.token, self.ckpt, self.opts)
+        """The same run over another ring (recovery); the kept streams go along."""
+        return RingClient(nodes, self.token, self.ckpt, self.opts, self.streams)
 
     @property
     def probe_timeout(self) -> float:
@@ -219,11 +227,24 @@ class RingClient:
             log.info("%s: layers [%d, %d), weights %s", spec.describe(), shard.start, shard.stop,
                      {"local": "from its local chunk", "kept": "kept (resumed)"}.get(
                          body["weights"], "uploaded"))
+        if self.streams is not None:  # the ranges this ring no longer has; all, with no spare
+            self.streams.keep_only({(s.start, s.stop, self.opts.quantize, self.opts.dtype)
+                                    for s in shards[1:]} if self.nodes.spares else set())
 
     async def upload(self, http: httpx.AsyncClient, spec: NodeSpec, run_id: int,
                      shard: Shard) -> None:
-        """Stream a node its stage's weights, one tensor in memory at a time."""
-        total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize, DTYPES[self.opts.dtype])
+        """Stream a node its stage's weights, one tensor in memory at a time (or, for a
+        spare taking a range, as kept when the ring formed: stream_cache.py)."""
+        t0 = time.perf_counter()
+        key = (shard.start, shard.stop, self.opts.quantize, self.opts.dtype)
+        kept = self.streams.get(key) if self.streams is not None else None
+        if kept is not None:
+            total, chunks = kept
+        else:
+            total, chunks = shard_stream(self.ckpt, shard, self.opts.quantize,
+                                         DTYPES[self.opts.dtype])
+            if self.streams is not None and self.nodes.spares:
+                chunks = self.streams.tee(key, total, chunks)
         # bytes sent, on a terminal (a large stage over a slow link takes minutes)
         bar = tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None,
                    desc=f"weights to {spec.name}")
@@ -237,6 +258,7 @@ class RingClient:
             raise NodeFailure(f"{spec.describe()} did not take its weights: "
                               f"{e or type(e).__name__}", node=spec) from None
         _check(r, spec, "/weights")
+        self.uploaded[spec.name] = (round(time.perf_counter() - t0, 3), kept is not None)
 
     async def local_links(self, http: httpx.AsyncClient, placement: Placement | None
                           ) -> list[str | None]:

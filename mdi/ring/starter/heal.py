@@ -82,10 +82,13 @@ async def heal(engine: Any, old: NodesConfig, old_run: int, lost: set[str],
             for m in msgs:
                 await engine.link.send(m)
     engine._keep = kept
+    took = engine.client.uploaded.get(spare.name)  # (seconds, from the stream kept for it)
     log.warning("healed by replay: %s took layers [%d, %d) of %s; %d slot(s) replayed, "
                 "%d positions", spare.name, engine.shards[i].start, engine.shards[i].stop,
                 names[i - 1], len(kept), sum(kept.values()))
     return {"partition": "replay", "reason": f"{spare.name} took the layers of {names[i - 1]}",
             "nodes": [{"node": n.name, "layers": [s.start, s.stop]}
                       for n, s in zip(nodes.ring, engine.shards)],
-            "replayed_slots": len(kept), "replayed_positions": sum(kept.values())}
+            "replayed_slots": len(kept), "replayed_positions": sum(kept.values()),
+            "spare_weights_s": took[0] if took else None,
+            "spare_weights_kept": took[1] if took else None}

@@ -365,7 +365,8 @@ class RingEngine(PipelineEngine):
         log.warning("%s: %s", "taking nodes back" if back else "recovering from", e)
         plan = None
         if self.opts.recovery == "replay" and isinstance(link, TcpLink) and not back and not replan:
-            pool, spares = await self.client.answering(pool), await self.client.answering(spares)
+            up = {s.name for s in await self.client.answering(pool + spares)}  # one round
+            pool, spares = [s for s in pool if s.name in up], [s for s in spares if s.name in up]
             try:
                 plan = await heal(self, old, link.limits.run_id, lost, pool, spares)
             except (NodeFailure, RuntimeError, OSError, ValueError) as err:

@@ -59,9 +59,10 @@ class TcpLink:
     async def send(self, msg: Message) -> None:
         if self.replay:
             held = self.replay.before(msg)
-            if held:  # buffered, not waited for: the engine reads the other lanes'
+            if held and not self.writer.transport.is_closing():  # buffered, not waited for:
                 data = [encode_frame(to_frame(m, self.limits.run_id, self.slots)) for m in held]
-                transport = self.writer.transport  # tokens while the spare replays
+                transport = self.writer.transport  # the engine reads the other lanes' tokens
+                # while the spare replays (a closing link: _send below raises)
                 low, high = transport.get_write_buffer_limits()
                 transport.set_write_buffer_limits(high=high + sum(map(len, data)), low=low)
                 for d in data:
@@ -76,6 +77,8 @@ class TcpLink:
         try:
             data = encode_frame(frame)
             n = len(data)
+            if self.writer.transport.is_closing():  # (uvloop's write would raise RuntimeError)
+                raise ConnectionResetError("the link is closed")
             self.writer.write(data)
             if self.writer.transport.get_write_buffer_size():  # the socket did not take it all
                 await bounded(self.writer.drain(), self.timeout)
