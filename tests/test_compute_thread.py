@@ -53,11 +53,16 @@ def threads_seen(monkeypatch, module, name: str) -> dict[str, set[int]]:
     return seen
 
 
-def test_the_starter_alone_loads_and_computes_on_one_thread_off_the_loop(tmp_path, monkeypatch):
+@pytest.mark.parametrize("teams", [True, False], ids=["threads", "one-thread"])
+def test_the_starter_alone_loads_and_computes_on_one_thread_off_the_loop(tmp_path, monkeypatch,
+                                                                         teams):
     """A ring of one node (the starter alone, as after every node is lost): the whole
     model is the starter's stage, loaded, given its caches and computed (prefill
-    chunks, decodes) on the engine's compute thread; greedy texts as one device's."""
+    chunks, decodes) on the engine's compute thread; greedy texts as one device's.
+    With one torch thread (no OpenMP teams) a short decode may run on the loop."""
     from mdi.ring.starter import ring_engine
+
+    monkeypatch.setattr(ring_engine, "has_teams", lambda: teams)
 
     ckpt = build_tiny_ckpt(tmp_path / "tiny")
     loaded = load_model(ckpt)
@@ -79,5 +84,5 @@ def test_the_starter_alone_loads_and_computes_on_one_thread_off_the_loop(tmp_pat
     got, loop = asyncio.run(main())
     assert [toks for toks, _, _ in got] == want
     (compute,) = seen["load"]
-    assert seen == {"load": {compute}, "caches": {compute}, "step": {compute}}
-    assert compute != loop
+    assert compute != loop and seen["caches"] == {compute}
+    assert seen["step"] == {compute} if teams else seen["step"] <= {compute, loop}

@@ -104,6 +104,7 @@ def test_the_starter_loads_and_computes_its_stage_on_one_thread(ckpt, cluster, m
     tok = load_model(ckpt).checkpoint.tokenizer()
     prompts = [tok.encode(p) for p in ["First Citizen:", "Be", "hear me, hear me"]]
     seen = threads_seen(monkeypatch, ring_engine, "first_stage")
+    monkeypatch.setattr(ring_engine, "has_teams", lambda: True)  # as with --threads 2
 
     async def run():
         engine = RingEngine(cluster.nodes, cluster.token, str(ckpt), max_seqs=3,

@@ -58,3 +58,12 @@ class ComputeThread:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def has_teams() -> bool:
+    """Whether torch computes with OpenMP teams here (more than one thread): only then
+    does it matter which thread runs a step. With one, a step short enough runs on the
+    event loop itself and saves the hand-off (the ring's starter: ring_engine.py)."""
+    import torch
+
+    return torch.get_num_threads() > 1

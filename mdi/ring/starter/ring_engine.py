@@ -41,7 +41,7 @@ from typing import Any
 
 from ...checkpoint import Checkpoint, open_checkpoint
 from ...engine.api import EngineFailure
-from ...engine.compute_thread import ComputeThread
+from ...engine.compute_thread import ComputeThread, has_teams
 from ...engine.link import LinkClosed, Reform
 from ...engine.scheduler import PipelineEngine
 from ...engine.slots import SlotStage
@@ -102,7 +102,8 @@ class RingEngine(PipelineEngine):
         self.shards = shards or plan_shards(nodes, self.ck.config.n_layer)
         tokenizer = tokenizer or self.ck.tokenizer()
         # One thread runs the starter's torch work: the load, the caches, every step and
-        # re-load (engine/compute_thread.py); the loop only reads and writes the links
+        # re-load (engine/compute_thread.py). With one torch thread there is no OpenMP team
+        # to keep spinning: a short decode then runs on the loop (no hand-off per step)
         compute = ComputeThread("mdi-stage0")
         try:
             stage = compute.call(first_stage, self.ck, self.shards[0].stop, self.opts)
@@ -114,7 +115,7 @@ class RingEngine(PipelineEngine):
             compute.close()
             raise
         self._executor.close()  # the engine's own worker (never started): this one instead
-        self._executor = self.compute_thread = compute
+        self._executor, self.compute_thread = compute, compute if has_teams() else None
         self.batch_prefill = self.opts.batch_prefill
         self.tokenizer = tokenizer
         self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
