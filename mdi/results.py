@@ -147,6 +147,8 @@ class GenerationResult:
         t = self.step_times
         if len(t) < 4 or t[-1] <= t[1]:
             return None
+        if self.token_times:  # staggered samples: only the tokens that came inside the window
+            return sum(1 for ts in self.token_times for x in ts[2:] if x > t[1]) / (t[-1] - t[1])
         return sum(max(0, len(x) - 2) for x in self.tokens) / (t[-1] - t[1])
 
     def sample_token_times(self) -> list[list[float]]:

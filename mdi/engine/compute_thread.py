@@ -15,7 +15,9 @@ pause every stream and /health for its whole length, so it loads the model,
 builds each engine and runs every step, short or long, on a ComputeThread
 (`PipelineEngine.compute_thread`), and the loop only waits for it. The ring's
 starter does the same with its stage (RingEngine: load, steps, the re-loads and
-layer moves of a re-plan). Not yet on it: the starter's own probe when a ring is
+layer moves of a re-plan, a heal's replay read from the log) when torch computes
+with more than one thread (`has_teams`); with one, a short decode runs on the
+loop, saving the hand-off (there is no team to keep spinning). Not yet on it: the starter's own probe when a ring is
 planned `--partition auto` (placement.py, a thread of asyncio's), and the weights
 a GGUF or Hugging Face source converts for the nodes as it streams them.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 
@@ -39,8 +39,10 @@ def load_chunk_stage(chunk_dir: Path, config: GPTConfig, start: int, stop: int, 
 
 
 async def stage_from_chunk(run: NodeRun, chunk: dict | None, chunk_dir: Path | None,
-                           executor: Executor) -> GPT:
-    """The run's stage from this node's chunk (/init with weights "local")."""
+                           executor: Executor,
+                           before: Callable[[], Awaitable[None]] | None = None) -> GPT:
+    """The run's stage from this node's chunk (/init with weights "local"); before():
+    awaited once the request is checked, before the load (runtime.py drops the old run)."""
     req, config = run.req, run.config
     if chunk is None or chunk_dir is None:
         raise InitError("weights: 'local' asked, but this node was started without --chunk")
@@ -48,6 +50,8 @@ async def stage_from_chunk(run: NodeRun, chunk: dict | None, chunk_dir: Path | N
             or chunk["model"] != config.to_dict():
         raise InitError(f"weights: this node's chunk holds layers {chunk['start']}.."
                         f"{chunk['stop']} of another model or split")
+    if before is not None:
+        await before()
     loop = asyncio.get_running_loop()
     try:
         stage = await loop.run_in_executor(executor, load_chunk_stage, chunk_dir, config,

@@ -2,11 +2,11 @@
 
 One asyncio loop serves the FastAPI control app (control_app.py), accepts data
 connections and runs their handshakes. A run's frames are read, computed and
-forwarded on the run's own data thread (data_link.py, data_plane.py:NodeRun)
-with blocking sockets, so the loop keeps answering health checks and stop
-requests while a stage computes, and a frame costs no event-loop round trip.
-Loading weights, timing probes and every run's frames run on one compute thread
-(compute_thread.py): one thread of the process runs all its torch compute.
+forwarded by its data loop (data_link.py, data_plane.py:NodeRun) with blocking
+sockets, so the loop keeps answering health checks and stop requests while a
+stage computes, and a frame costs no event-loop round trip. That data loop,
+loading weights, timing probes and a resumed run's cache rows all run on one
+compute thread (compute_thread.py): one thread of the process runs its torch work.
 
 Life of a run: /init (config, validate.py) -> /weights (unless the node has the
 chunk on disk; chunk_load.py) -> /connect (open the downstream link) -> the
@@ -27,6 +27,7 @@ serve between requests) is not timed. The node keeps serving either way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -195,12 +196,18 @@ class NodeRuntime:
                       on_complete=self._completed,
                       prev_ips=await resolve(req.prev_addr, "prev_addr", self.timeout),
                       device=device, mem_bytes=need, pack=pack)
-        if req.weights == "local":
-            self._arm(run, await stage_from_chunk(run, self.chunk, self.chunk_dir, self.executor))
-        elif kept is not None:
+        loop = asyncio.get_running_loop()
+        if req.weights == "local":  # the old run dropped before the load (unless kept): its
+            # loop, stuck mid-frame, would hold the compute thread the load needs
+            drop = None if kept is not None else (lambda: self.drop_run("a new run was configured"))
+            self._arm(run, await stage_from_chunk(run, self.chunk, self.chunk_dir, self.executor,
+                                                  drop))
+        elif kept is not None:  # torch work, on the compute thread (the kept run's loop ended)
             if (req.start, req.stop) != (kept.req.start, kept.req.stop):  # layers moved
-                take(kept, req.start, req.stop, dict(req.resume.slots))
-            resume(run, kept)  # the kept run's stage and caches, cut back to the positions
+                await loop.run_in_executor(self.executor, take, kept, req.start, req.stop,
+                                           dict(req.resume.slots))
+            # the kept run's stage and caches, cut back to the positions
+            await loop.run_in_executor(self.executor, resume, run, kept)
         await self.drop_run("a new run was configured")
         self.run = run
         if self.idle_timeout > 0:
@@ -414,6 +421,9 @@ class NodeRuntime:
         for sock in self.listeners:
             sock.close()
         self.accepting, self.listeners = [], []
+        loop = asyncio.get_running_loop()
         if run is not None and run.link is not None:  # a compute in progress ends first
-            await asyncio.get_running_loop().run_in_executor(None, run.link.join, self.timeout)
-        self.executor.shutdown(wait=True, cancel_futures=True)
+            await loop.run_in_executor(None, run.link.join, self.timeout)
+        # joined off the loop: a data loop ending may wait for the loop (_link_ended)
+        await loop.run_in_executor(None, functools.partial(self.executor.shutdown, wait=True,
+                                                           cancel_futures=True))

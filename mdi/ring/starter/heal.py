@@ -75,7 +75,8 @@ async def heal(engine: Any, old: NodesConfig, old_run: int, lost: set[str],
     engine.client = engine.client.with_nodes(nodes)
     await engine.form_ring(extras)
     if i == 1:  # the starter is upstream of the replacement: each slot's replay goes
-        msgs = engine.first.replay_of(kept)  # before its first step (replay_order.py)
+        msgs = await engine._executor.run(engine.first.replay_of, kept)  # before its first
+        # step (replay_order.py); read from the log on the compute thread (compute_thread.py)
         if hasattr(engine.link, "hold_replay"):
             engine.link.hold_replay(msgs)
         else:

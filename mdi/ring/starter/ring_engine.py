@@ -101,6 +101,7 @@ class RingEngine(PipelineEngine):
         self._lanes_given = lanes is not None
         self.shards = shards or plan_shards(nodes, self.ck.config.n_layer)
         tokenizer = tokenizer or self.ck.tokenizer()
+        self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
         # One thread runs the starter's torch work: the load, the caches, every step and
         # re-load (engine/compute_thread.py). With one torch thread there is no OpenMP team
         # to keep spinning: a short decode then runs on the loop (no hand-off per step)
@@ -118,7 +119,6 @@ class RingEngine(PipelineEngine):
         self._executor, self.compute_thread = compute, compute if has_teams() else None
         self.batch_prefill = self.opts.batch_prefill
         self.tokenizer = tokenizer
-        self.client = RingClient(nodes, token, self.ck, self.opts)  # the control plane
         self.run_id: int | None = None
         self._http: Any = None  # node_client() while the ring runs
         self._servers: list[asyncio.base_events.Server] = []
