@@ -136,3 +136,13 @@ def test_the_decode_rate_leaves_out_each_sample_s_first_two_tokens():
     assert r.decode_tokens_per_s == 2 * 4 / 2.0 and r.to_json()["decode_tokens_per_s"] == 4.0
     assert GenerationResult(tokens=[[1] * 3], n_tokens=3, gen_time_s=1.0, step_times=[0.1, 0.2, 0.3],
                             n_layers=2, block_size=16).decode_tokens_per_s is None
+
+
+def test_the_decode_rate_of_staggered_samples_counts_only_tokens_inside_its_window():
+    from mdi.results import GenerationResult
+
+    # sample 0 made tokens 2 and 3 before step 1 ended (at 2.0 s): left out
+    r = GenerationResult(tokens=[[1] * 5, [2] * 5], n_tokens=5, gen_time_s=4.0,
+                         step_times=[1.0, 2.0, 3.0, 4.0], n_layers=2, block_size=16,
+                         token_times=[[0.5, 0.8, 1.2, 1.5, 3.5], [1.0, 2.0, 2.5, 3.0, 4.0]])
+    assert r.decode_tokens_per_s == 4 / 2.0
