@@ -193,18 +193,9 @@ def test_one_device_loads_and_computes_on_the_engine_s_thread(bundled, monkeypat
 
     from mdi.cli import chat
     from mdi.cli.main import build_parser
-    from mdi.engine import slots
+    from test_compute_thread import threads_seen
 
-    seen: dict[str, set[int]] = {"load": set(), "caches": set(), "step": set()}
-
-    def spy(what, f):
-        def wrapped(*a, **k):
-            seen[what].add(threading.get_ident())
-            return f(*a, **k)
-        return wrapped
-    monkeypatch.setattr(chat, "load_model", spy("load", chat.load_model))
-    monkeypatch.setattr(slots.SlotStage, "__init__", spy("caches", slots.SlotStage.__init__))
-    monkeypatch.setattr(slots.SlotStage, "first_step", spy("step", slots.SlotStage.first_step))
+    seen = threads_seen(monkeypatch, chat, "load_model")
     args = build_parser().parse_args(["chat", "--ckpt", str(BUNDLED), "--dtype", "float32",
                                       "--temperature", "0", "--prefill-chunk", "8"])
     ids = bundled.tokenizer.encode(ChatTemplate(PLAIN_TEMPLATE).render(

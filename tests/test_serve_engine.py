@@ -134,18 +134,9 @@ def test_one_thread_loads_and_computes_every_step_off_the_event_loop(ckpt, monke
     import threading
 
     import mdi.checkpoint
-    from mdi.engine import slots
+    from test_compute_thread import threads_seen
 
-    seen: dict[str, set[int]] = {"load": set(), "caches": set(), "step": set()}
-
-    def spy(what, f):
-        def wrapped(*a, **k):
-            seen[what].add(threading.get_ident())
-            return f(*a, **k)
-        return wrapped
-    monkeypatch.setattr(mdi.checkpoint, "load_model", spy("load", mdi.checkpoint.load_model))
-    monkeypatch.setattr(slots.SlotStage, "__init__", spy("caches", slots.SlotStage.__init__))
-    monkeypatch.setattr(slots.SlotStage, "first_step", spy("step", slots.SlotStage.first_step))
+    seen = threads_seen(monkeypatch, mdi.checkpoint, "load_model")
     with open_backend(BackendOptions(ckpt=str(ckpt), max_seqs=4, prefill_chunk=8)) as backend:
         with BackgroundServer(create_app(backend.factory, backend.tokenizer,
                                          ServeConfig(MODEL))) as srv:
