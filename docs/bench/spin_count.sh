@@ -1,7 +1,6 @@
 #!/bin/bash
 # GOMP_SPINCOUNT vs OMP_WAIT_POLICY: mdi sample, SmolLM2 int4, 1 sequence, 64 tokens; quiet, then with 2 CPU hogs
-cd /work/llama/s6/spin
-MDI=/work/main/.venv/bin/mdi
+MDI=${MDI:-mdi}  # the mdi command to time
 one() {  # label, env...
   local label=$1; shift
   r=$(env "$@" $MDI sample --ckpt smollm2-135m-instruct --n-samples 1 --n-tokens 64 --temperature 0 --ignore-eos --json --prompt "The history of the city begins" 2>/dev/null | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print(d['decode_tokens_per_s'])")
