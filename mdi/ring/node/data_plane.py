@@ -15,6 +15,7 @@ watchdog that drops a run gone silent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -168,10 +169,8 @@ class NodeRun:
     def _compute_seq(self, slots: SlotStage, frame: Frame) -> Frame | None:
         """A sequence run: the frame as a message for this stage's slots."""
         try:
-            if frame.kind == Kind.REPLAY:  # the ring waits for it: every core (replay_threads.py)
-                with replay_compute():
-                    out = self._timed(slots.handle, to_message(frame, slots))
-            else:
+            # a REPLAY frame: the ring waits for it, so every core (replay_threads.py)
+            with replay_compute() if frame.kind == Kind.REPLAY else contextlib.nullcontext():
                 out = self._timed(slots.handle, to_message(frame, slots))
         except SlotError as e:
             raise WireError(str(e)) from None
