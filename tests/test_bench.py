@@ -87,13 +87,18 @@ def test_bench_netns(tmp_path):
         check_netns()
     except NetnsUnavailable as e:
         pytest.skip(f"network namespaces not permitted here: {e}")
-    rows, _ = run_bench(tmp_path, "--nodes", "1,2", "--hosts", "netns", "--link-rate", "100mbit")
+    pids: list[int] = []
+    rows, _ = run_bench(tmp_path, "--nodes", "1,2", "--hosts", "netns", "--link-rate", "100mbit", pids=pids)
     assert {r["links"] for r in rows if r["config"] != "single"} == {"tcp/tcp"}  # other namespaces
     check_outputs(tmp_path / "bench", rows)
     assert {r["hosts"] for r in rows} == {"netns"}
     assert {r["link_rate"] for r in rows} == {"100mbit"}
-    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "mdi" not in leftovers
+    # only this bench's own namespaces and bridge (named by its pid): another suite may run beside
+    tag = pids[0] % 10000
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [n for n in namespaces if n.startswith(f"mdi{tag}h")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert f"mdibr{tag}:" not in links
 
 
 def test_variants_and_core_plan():
