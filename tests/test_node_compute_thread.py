@@ -1,17 +1,20 @@
 """A node's one compute thread (ring/node/compute_thread.py): its stage is loaded and
 its frames computed by the same thread, and jobs submitted while a run's data loop
-serves frames run between them, on that thread, in order."""
+serves frames run between them, on that thread, in order; a job queued behind a
+frame its sender cut short runs once the node's timeout gives up on that frame."""
 from __future__ import annotations
 
 import asyncio
 import socket
 import threading
 
+import httpx
 import pytest
 import torch
 
 from cluster_helpers import TOKEN, finisher_and_fake_starter
 from mdi.ring.node import chunk_load, data_plane
+from mdi.ring.node.control_app import create_control_app
 from mdi.ring.node.compute_thread import NodeComputeThread
 from mdi.ring.node.data_link import DataLink
 from mdi.ring.protocol.auth import answer
@@ -109,3 +112,62 @@ def test_a_nodes_stage_is_loaded_and_computed_by_one_thread(tiny_ckpt, monkeypat
             back_w.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_job_queued_behind_a_frame_cut_short_runs_once_the_node_gives_up_on_it(
+        tiny_ckpt, monkeypatch):
+    """A previous node that sends half a frame and stalls (frozen, or hostile with the
+    token) held the data loop, and every job queued on the compute thread behind it,
+    for good: the read inside a frame now fails after the node's --timeout without a
+    byte, the run is dropped naming why, the queued job runs, and the node serves
+    the next run with the same tokens as before."""
+    reads: list[int] = []
+    second = threading.Event()  # the data loop has begun to read the second frame
+    real_recv = data_plane.recv_frame
+
+    def recv(sock, limits, header):
+        reads.append(1)
+        if len(reads) == 2:
+            second.set()
+        return real_recv(sock, limits, header)
+
+    monkeypatch.setattr(data_plane, "recv_frame", recv)
+
+    async def scenario() -> None:
+        async with finisher_and_fake_starter(tiny_ckpt) as (rt, cfg, config, start_run):
+            x = torch.randn(1, 3, config.n_embd, generator=torch.Generator().manual_seed(5))
+            back_r, back_w = await start_run(9)
+            reader, writer = await asyncio.open_connection("127.0.0.1", cfg.finisher.port_in)
+            await answer(reader, writer, TOKEN, 9, 3.0)
+            writer.write(Frame(Kind.CONTEXT, 9, 0, 0, x).encode())
+            first = await asyncio.wait_for(read_frame(back_r, rt.run.limits), 5)
+            data = Frame(Kind.CONTEXT, 9, 0, 0, x).encode()
+            writer.write(data[:len(data) // 2])  # the header and part of the payload: no more
+            await writer.drain()
+            assert await asyncio.to_thread(second.wait, 5)  # the loop is inside that frame
+            job = asyncio.get_running_loop().run_in_executor(rt.executor, threading.get_ident)
+            transport = httpx.ASGITransport(app=create_control_app(rt))
+            async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
+                assert (await http.get("/health")).json()["state"] == "running"
+            # the node's timeout (2 s) passes without a byte; this bound only keeps a
+            # regression from hanging the suite
+            assert await asyncio.wait_for(job, 10 * rt.timeout) == rt.executor.ident
+            assert rt.run is None
+            assert rt.last_stats["run_id"] == 9
+            assert rt.last_stats["reason"].startswith("the previous node stalled")
+            assert "stopped inside a frame" in rt.last_stats["reason"]
+            assert await reader.read() == b""  # the stalled link was closed
+            writer.close()
+            back_w.close()
+
+            back_r, back_w = await start_run(10)  # the node serves on
+            reader, writer = await asyncio.open_connection("127.0.0.1", cfg.finisher.port_in)
+            await answer(reader, writer, TOKEN, 10, 3.0)
+            writer.write(Frame(Kind.CONTEXT, 10, 0, 0, x).encode())
+            again = await asyncio.wait_for(read_frame(back_r, rt.run.limits), 5)
+            assert again.kind == first.kind == Kind.TOKENS
+            assert again.tensor.tolist() == first.tensor.tolist()
+            writer.close()
+            back_w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -7,8 +7,9 @@ node buffer a large request. The size cap counts the bytes actually received
 (a JSON body is read by the guard, at most MAX_JSON_BYTES; /weights at most
 its Content-Length), and Transfer-Encoding is refused, so no header can lift
 it. Bad requests get 4xx with a message that names the field; the node's
-state does not change. Bodies are JSON (parsed by pydantic into strict types)
-or a safetensors stream: nothing is unpickled.
+state does not change; a request refused for what the node is doing now (a
+/probe while a run's data loop serves a ring) gets 409. Bodies are JSON (parsed
+by pydantic into strict types) or a safetensors stream: nothing is unpickled.
 
 Logs: whatever a peer sent (paths, field names, values) is logged escaped
 (control characters as \\n, \\x1b, ...) and clipped, so it cannot forge log
@@ -30,7 +31,7 @@ from ..protocol.auth import check_bearer
 from . import layer_move
 from .control_messages import InitRequest, MoveSpec, ProbeRequest, RunRef
 from .runtime import NodeRuntime
-from .validate import InitError
+from .validate import InitError, NodeBusy
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
@@ -208,7 +209,8 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
 
     @router.post("/probe", **private)
     async def probe(req: ProbeRequest) -> dict:
-        """ms per block per decode step for a run's shape (timed once, then cached)."""
+        """ms per block per decode step for a run's shape (timed once, then cached);
+        409 while a run's data loop serves a ring, unless the speed is cached."""
         return await rt.probe(req)
 
     @router.post("/init", **private)
@@ -301,6 +303,11 @@ async def _init_error(request: Request, exc: InitError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=400)
 
 
+async def _busy(request: Request, exc: NodeBusy) -> JSONResponse:
+    log.warning("refused %s: %s", printable(request.url.path), printable(str(exc), 500))
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
 async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
     log.warning("refused %s: %s", printable(request.url.path), exc)
     return JSONResponse({"detail": str(exc)}, status_code=413, headers={"connection": "close"})
@@ -319,7 +326,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 ERROR_HANDLERS = ((RequestValidationError, _invalid), (InitError, _init_error),
-                  (BodyTooLarge, _too_large), (ConnectionError, _conn_error),
+                  (NodeBusy, _busy), (BodyTooLarge, _too_large), (ConnectionError, _conn_error),
                   (Exception, _unexpected))
 
 

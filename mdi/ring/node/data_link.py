@@ -9,7 +9,10 @@ thread's jobs) with poll:
 - a frame from the previous node is read (sock_io.recv_frame: header checked
   before any payload byte), handed to `on_frame`, which computes it on this
   very thread and sends what goes on (sock_io.send_frame, one sendmsg);
-  `on_frame` returns False after STOP;
+  `on_frame` returns False after STOP; a previous node that stops inside a
+  frame fails the run once the node's timeout passes without a byte
+  (sock_io.FrameStalled), so it cannot hold the thread, and the jobs queued on
+  it, for good;
 - anything from the next node (which never sends on this link), or its EOF,
   means it is gone;
 - `close()` (the event loop dropping the run) wakes the thread and shuts both
@@ -30,7 +33,7 @@ import threading
 import time
 from typing import Callable
 
-from ..protocol.sock_io import set_send_timeout
+from ..protocol.sock_io import set_recv_timeout, set_send_timeout
 from .compute_thread import NodeComputeThread
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -41,7 +44,9 @@ class DownstreamError(ConnectionError):
 
 
 class DataLink:
-    """down: the next node's link, authenticated. on_frame(up_socket, waiting_since)
+    """down: the next node's link, authenticated; send_timeout: how long a send to it,
+    and a read inside a frame from the previous node, may go without progress
+    (the node's --timeout). on_frame(up_socket, waiting_since)
     reads, computes and forwards one frame (False after STOP; waiting_since: the
     perf_counter time the thread began to wait for it); on_end(error) hears why
     the thread ended (None: STOP went through) unless close() came first.
@@ -54,6 +59,7 @@ class DataLink:
                  before: Callable[[socket.socket], None] | None = None,
                  runner: NodeComputeThread | None = None) -> None:
         set_send_timeout(down, send_timeout)
+        self.timeout = send_timeout
         self.down = down
         self.up: socket.socket | None = None
         self.where = where
@@ -77,7 +83,7 @@ class DataLink:
             if self.closed or self._ended:  # too late: the run is gone
                 up.close()
                 return
-            up.setblocking(True)
+            set_recv_timeout(up, self.timeout)  # blocking; a frame cut short fails in time
             self.up = up
         self._wake()
 

@@ -32,7 +32,7 @@ from ...model import GPT, GPTConfig
 from ..protocol.aio import bounded
 from ..protocol.auth import AuthError
 from ..protocol.seq_frames import to_frame, to_message
-from ..protocol.sock_io import recv_frame, send_frame
+from ..protocol.sock_io import FrameStalled, recv_frame, send_frame
 from ..protocol.wire import HEADER_SIZE, Frame, Kind, Limits, WireError
 from .control_messages import InitRequest
 from .data_link import DataLink, DownstreamError
@@ -215,6 +215,8 @@ def link_failure(e: BaseException) -> str:
         return "the previous node closed the link"
     if isinstance(e, DownstreamError):
         return str(e)
+    if isinstance(e, FrameStalled):
+        return f"the previous node stalled: {e}"
     if isinstance(e, WireError):
         return f"bad frame from the previous node: {e}"
     if isinstance(e, OSError):

@@ -39,11 +39,10 @@ import torch
 
 from ...engine.slots import SlotStage
 from ...generate.sampling import sample_generator
-from ...model import GPT, GPTConfig
-from ...model.dtypes import DTYPES
+from ...model import GPT
 from ..cluster.nodes_config import NodeSpec
 from ..plan import limits as mem
-from ..plan.capability import PROBE_STAGES, ProbeCache, node_capabilities
+from ..plan.capability import ProbeCache, node_capabilities
 from ..protocol.aio import bounded
 from ..protocol.auth import AuthError, answer, challenge
 from ..protocol.local_link import is_local, link_scope, listen_local, new_name, open_link
@@ -57,8 +56,8 @@ from .layer_move import held, park_now, take
 from .resume import expect_replays, park, replay_first, resume
 from .data_plane import (NodeRun, fmt_peer, link_failure, peer_allowed, reason, resolve,
                          watchdog)
-from .validate import (InitError, check_memory, check_quantize, validate_device, validate_init,
-                       validate_model)
+from .validate import (InitError, NodeBusy, check_memory, check_probe_memory, check_quantize,
+                       validate_device, validate_init, validate_model)
 
 log = logging.getLogger(__name__)
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a frame before a running run is dropped
@@ -127,26 +126,31 @@ class NodeRuntime:
         return max(0, self.run.mem_bytes - unwritten) + incoming
 
     async def probe(self, req: ProbeRequest) -> dict:
-        """Time this node on a run's shape, on the compute thread (cached per shape)."""
+        """Time this node on a run's shape, on the compute thread (cached per shape).
+        Not while a run's data loop serves a ring (NodeBusy, HTTP 409): it would time
+        between two frames and pause the ring for the whole probe; a cached speed is
+        answered all the same (no compute)."""
         config = validate_model(req.model)
         device = validate_device(req.device or self.spec.device)
-        # the probe holds its stages at once, each with its cache: the first, a middle
-        # one with one and with two blocks, the last (capability.probe_speed)
-        c4 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 4})
-        dtype = DTYPES[req.dtype]
-        need = sum(mem.stage_weight_bytes(c4, a, b, dtype)
-                   + mem.kv_cache_bytes(c4, b - a, req.batch, dtype) for a, b in PROBE_STAGES)
-        have, where = mem.available(device, None)  # --max-memory caps runs; a probe is brief
-        if need > have:
-            raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "
-                            f"(four small stages of its shape), this node has "
-                            f"{mem.format_size(have)} ({where})")
-        loop = asyncio.get_running_loop()
-        speed, cached = await loop.run_in_executor(self.executor, self.probes.get, config,
-                                                   req.batch, req.dtype, device, req.context,
-                                                   req.fresh)
+        shape = (config, req.batch, req.dtype, device, req.context)
+        live = self.serving()
+        if live is not None:
+            speed, cached = (None if req.fresh else self.probes.cached(*shape)), True
+            if speed is None:
+                raise NodeBusy(f"node is serving a live run (run {live.run_id}); probe it "
+                               "before the run starts (a probe now would pause its ring)")
+        else:
+            check_probe_memory(config, req.batch, req.dtype, device)
+            speed, cached = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.probes.get, *shape, req.fresh)
         return {**speed.to_dict(), "cached": cached, "device": device, "batch": req.batch,
                 "dtype": req.dtype, "context": req.context}
+
+    def serving(self) -> NodeRun | None:
+        """The run whose data loop serves a ring now (connected, not parked), if any."""
+        run = self.run
+        live = run is not None and not run.parked and run.link is not None and run.link.alive()
+        return run if live else None
 
     def status(self) -> dict:
         import psutil

@@ -4,7 +4,8 @@ Everything here needs no node state: the model config, the layer range and
 role, the lanes or sample groups, the device, and the fixed batch's sampling
 settings. A refusal is an InitError naming the field (a 400 on the control
 plane); the node's state does not change. The memory check, which needs the
-node's free memory and current run, is `check_memory`.
+node's free memory and current run, is `check_memory` (a probe's:
+`check_probe_memory`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ...model import GPTConfig
 from ...model.cache import context_length
 from ...model.dtypes import DTYPES, KV_DTYPES
 from ..plan import limits as mem
+from ..plan.capability import PROBE_STAGES
 from ..protocol.wire import DTYPE_CODES, Limits
 from .control_messages import InitRequest
 
@@ -30,6 +32,11 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 class InitError(ValueError):
     """A configuration the node refuses; its state does not change."""
+
+
+class NodeBusy(RuntimeError):
+    """A request the node refuses for what it is doing now (HTTP 409), not for what
+    the request says: asked again once that is over, it is served."""
 
 
 def validate_init(req: InitRequest) -> tuple[GPTConfig, Limits, SamplingConfig | None]:
@@ -151,6 +158,21 @@ def check_quantize(mode: str | None, device: str) -> None:
     if mode is not None and mode.startswith("int4") and torch.device(device).type != "cpu":
         raise InitError(f"quantize: {mode} runs on CPU only (torch's int4 kernel is a CPU "
                         f"one), this run's device is {device}; use int8 there")
+
+
+def check_probe_memory(config: GPTConfig, batch: int, dtype: str, device: str) -> None:
+    """InitError when this node cannot hold what a /probe of the shape times at once:
+    four small stages, each with its cache (the first, a middle one with one and with
+    two blocks, the last: capability.probe_speed). --max-memory caps runs, not a probe."""
+    c4 = GPTConfig.from_dict({**config.to_dict(), "n_layer": 4})
+    dt = DTYPES[dtype]
+    need = sum(mem.stage_weight_bytes(c4, a, b, dt) + mem.kv_cache_bytes(c4, b - a, batch, dt)
+               for a, b in PROBE_STAGES)
+    have, where = mem.available(device, None)
+    if need > have:
+        raise InitError(f"memory: timing this model needs {mem.format_size(need)} on {device} "
+                        f"(four small stages of its shape), this node has "
+                        f"{mem.format_size(have)} ({where})")
 
 
 def check_memory(req: InitRequest, config: GPTConfig, limits: Limits, device: str,

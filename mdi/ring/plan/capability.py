@@ -133,11 +133,17 @@ class ProbeCache:
         self._lock = threading.Lock()
         self._speeds: dict[tuple, Speed] = {}
 
+    def cached(self, config: GPTConfig, batch: int, dtype: str, device: str,
+               context: int | None = None) -> Speed | None:
+        """The speed kept for this shape, if any (no compute)."""
+        with self._lock:
+            return self._speeds.get(_key(config, batch, dtype, device, context))
+
     def get(self, config: GPTConfig, batch: int, dtype: str, device: str,
             context: int | None = None, fresh: bool = False) -> tuple[Speed, bool]:
         """(speed, whether it came from the cache); fresh: time it again, for
         FRESH_MIN_TIME_S (a re-plan: the device may have slowed since), and keep that."""
-        key = (tuple(sorted(config.to_dict().items())), batch, dtype, device, context)
+        key = _key(config, batch, dtype, device, context)
         with self._lock:
             if key in self._speeds and not fresh:
                 return self._speeds[key], True
@@ -149,6 +155,10 @@ class ProbeCache:
                  "per step, %.3f ms per frame", config.n_embd, batch, dtype, device,
                  "default" if context is None else context, speed.block_ms, speed.frame_ms)
         return speed, False
+
+
+def _key(config: GPTConfig, batch: int, dtype: str, device: str, context: int | None) -> tuple:
+    return (tuple(sorted(config.to_dict().items())), batch, dtype, device, context)
 
 
 # ---- device and memory --------------------------------------------------------

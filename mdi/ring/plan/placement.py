@@ -42,6 +42,8 @@ from .planner import NodeCost, Plan, PlanError, plan_layers, plan_memory
 log = logging.getLogger(__name__)
 PARTITIONS = ("auto", "even")
 PROBE_TIMEOUT_S = 120.0          # a node timing GPT-2-sized stages under a CPU cap
+BUSY_RETRIES = 5                 # a /probe refused with 409, asked again over ~2.5 s
+BUSY_DELAY_S = 0.1               # the first wait before asking again (then doubled, <= 1 s)
 _LOCAL_PROBES = ProbeCache()     # the starter's own timings, kept for later runs of this process
 
 
@@ -234,21 +236,32 @@ async def _speeds(http: httpx.AsyncClient, ring: list[NodeSpec], config: GPTConf
     if context is not None:
         body["context"] = context
     for spec in ring[1:]:
-        try:
-            r = await http.post(spec.url + "/probe", json={**body, "device": spec.device},
-                                timeout=PROBE_TIMEOUT_S)
-        except httpx.HTTPError as e:
-            raise ConnectionError(f"{spec.describe()} did not answer /probe: "
-                                  f"{e or type(e).__name__}") from None
-        if r.status_code != 200:
-            raise RuntimeError(f"{spec.describe()} refused /probe (HTTP {r.status_code}): "
-                               f"{r.text[:300]}")
-        d = r.json()
-        out.append(_speed_of(d, spec))
+        out.append(await _probe(http, spec, {**body, "device": spec.device}))
     for spec, s in zip(ring, out):
         log.info("%s: %.3f ms per block per step (+%.3f per frame, +%.3f embeddings, "
                  "+%.3f head)", spec.name, s.block_ms, s.frame_ms, s.embed_ms, s.head_ms)
     return out
+
+
+async def _probe(http: httpx.AsyncClient, spec: NodeSpec, body: dict) -> Speed:
+    """One node's /probe. A 409 (the node serves a run's ring, and would pause it) is
+    asked again for a moment: a ring a re-plan just released may not have seen its
+    links close yet; one that stays busy is an error with the node's words."""
+    delay = BUSY_DELAY_S
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            r = await http.post(spec.url + "/probe", json=body, timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise ConnectionError(f"{spec.describe()} did not answer /probe: "
+                                  f"{e or type(e).__name__}") from None
+        if r.status_code != 409 or attempt == BUSY_RETRIES:
+            break
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    if r.status_code != 200:
+        raise RuntimeError(f"{spec.describe()} refused /probe (HTTP {r.status_code}): "
+                           f"{r.text[:300]}")
+    return _speed_of(r.json(), spec)
 
 
 def _speed_of(d: dict, spec: NodeSpec) -> Speed:

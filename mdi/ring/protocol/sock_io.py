@@ -10,6 +10,12 @@ reads exactly what is asked, so nothing is buffered when the thread takes over.
 
 The checks are those of wire.py, in the same order: every header field
 against the run's limits before any payload byte is read or any buffer made.
+
+A node's data loop reads a frame only once poll says its first bytes are there,
+and the socket has a receive timeout (`set_recv_timeout`): a peer that stops
+inside a frame (half a header or payload, then nothing) makes the read fail with
+FrameStalled after that long without a byte, instead of holding the node's
+compute thread, and every job queued on it, for good.
 """
 from __future__ import annotations
 
@@ -112,11 +118,29 @@ def set_send_timeout(sock: socket.socket, seconds: float) -> None:
                     struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
+class FrameStalled(WireError):
+    """The peer sent part of a frame, then nothing for the socket's receive timeout."""
+
+
+def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """A blocking socket whose reads give up (EAGAIN) after `seconds` without a byte."""
+    sock.setblocking(True)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
 def _recv_into(sock: socket.socket, view: memoryview, what: str, eof_ok: bool = False) -> bool:
-    """Fill view from a blocking socket; False on EOF before the first byte (eof_ok)."""
+    """Fill view from a blocking socket; False on EOF before the first byte (eof_ok);
+    FrameStalled when the socket's receive timeout passes without a byte."""
     n, got = len(view), 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        try:
+            k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        except BlockingIOError:  # SO_RCVTIMEO passed without a byte (a partial read returns)
+            raise FrameStalled(f"the peer stopped inside a frame: {got} of the {n} bytes of "
+                               f"its {what} came, then nothing within the receive "
+                               "timeout") from None
         if k == 0:
             if got == 0 and eof_ok:
                 return False
