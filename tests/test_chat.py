@@ -4,17 +4,22 @@ quitting. The expected answers are computed here, in-process, from the same mode
 template: the terminal must show exactly the greedy answer to the whole conversation."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pty
 import re
 import select
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from cluster_helpers import wait_gone
 from mdi.checkpoint import load_model
 from mdi.cli.chat import PLAIN_STOP, PLAIN_TEMPLATE, Conversation
 from mdi.engine.api import SeqParams
@@ -210,3 +215,66 @@ def test_one_device_loads_and_computes_on_the_engine_s_thread(bundled, monkeypat
     assert (answer, reason) == (bundled.tokenizer.decode(want.tokens[0]), "length")
     assert threads == {"load": {engine_thread}, "caches": {engine_thread}, "step": {engine_thread}}
     assert engine_thread != threading.get_ident()
+
+
+# The chat's process with its weights file gated: the load's first open of a
+# safetensors file (checkpoint/st_io.py:open_file) waits until the test closes its end
+# of a fifo. A hook of the test (nothing in mdi waits for it), set before the CLI runs.
+GATED_CHAT = """import sys
+import mdi.checkpoint.st_io as st
+real = st.open_file
+def gated(path):
+    with open(sys.argv[1], "rb") as gate:
+        gate.read()  # until the test closes its end
+    return real(path)
+st.open_file = gated
+from mdi.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def open_gate(fifo: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """The fifo's write end, once the chat has opened its read end: it is in the load."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("the chat never began to load its weights")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            out, err = proc.communicate(timeout=0.05)
+            raise AssertionError(f"the chat exited ({proc.returncode}) before it loaded: {err}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", ["1", "2"])  # the engine's thread loads; the starter's stage 0
+def test_ctrl_c_while_the_model_loads_quits_at_once(tmp_path, nodes):
+    """Ctrl-C during the load waited for the whole load (the engine's thread, or the
+    ring starter's compute thread, was joined). Now the chat exits with 130 and a
+    clean message while the load is still held at the gate: it cannot have waited."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", GATED_CHAT, str(fifo), "chat", "--ckpt",
+                             str(BUNDLED), "--nodes", nodes], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    gate = None
+    try:
+        gate = open_gate(fifo, proc)
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(children) == int(nodes) - 1  # a ring's local node, up before the load
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # with the gate still shut
+        assert proc.returncode == 130, err
+        assert "mdi: interrupted" in err and "Traceback" not in err, err
+        assert ">>> " not in out
+        assert wait_gone(children) == []  # the local node was stopped
+    finally:
+        if gate is not None:
+            os.close(gate)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

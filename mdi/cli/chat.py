@@ -15,7 +15,8 @@ The engine runs on an event loop of its own thread (EngineThread): the terminal'
 thread reads lines and receives Ctrl-C, which cancels the sequence being generated
 (the engine frees its KV slot, on every node) and leaves the engine running. On one
 device that thread also loads the model and computes every step, so that a single
-thread runs torch's work (engine/compute_thread.py says why).
+thread runs torch's work (engine/compute_thread.py says why). Ctrl-C while the
+model loads quits at once (exit code 130), without waiting for the load.
 """
 from __future__ import annotations
 
@@ -106,8 +107,16 @@ class EngineThread:
             engine = factory()
             await engine.start()
             return engine
+        starting = asyncio.run_coroutine_threadsafe(start(), self.loop)
         try:
-            self.engine = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
+            self.engine = starting.result()  # a lock wait: Ctrl-C interrupts it
+        except KeyboardInterrupt:
+            # Ctrl-C during the load: leave now. The load (factory(), on the loop's
+            # thread or a ComputeThread, both daemons) cannot stop part way and goes
+            # with the process; a ring's start stops at its next await.
+            starting.cancel()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
         except BaseException:
             self.close()
             raise

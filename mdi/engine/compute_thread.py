@@ -24,9 +24,9 @@ a GGUF or Hugging Face source converts for the nodes as it streams them.
 from __future__ import annotations
 
 import asyncio
-import functools
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -35,17 +35,36 @@ T = TypeVar("T")
 class ComputeThread:
     """A single worker thread: `call` from a plain thread (blocks), `run` from a
     coroutine (awaits); either way `fn` runs on this thread. Close it (or use it
-    as a context manager) to join the thread."""
+    as a context manager) to join the thread.
+
+    The thread is a daemon of its own, started by the first job, and not a
+    ThreadPoolExecutor's: the interpreter joins those at exit, so a Ctrl-C during
+    a long load (mdi chat over a ring, mdi serve) would wait for the whole load
+    before the command could exit; a daemon goes with the process."""
 
     def __init__(self, name: str = "mdi-compute") -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                self._thread.start()
+            self._jobs.put((future, fn, args, kwargs))
+        return future
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self._pool.submit(fn, *args, **kwargs).result()
+        return self.submit(fn, *args, **kwargs).result()  # a lock wait: Ctrl-C interrupts it
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(fn, *args, **kwargs))
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     @property
     def ident(self) -> int:
@@ -53,13 +72,36 @@ class ComputeThread:
         return self.call(threading.get_ident)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Take no more jobs; join the thread once those queued have run."""
+        with self._lock:
+            self._closed, thread = True, self._thread
+            if thread is not None:
+                self._jobs.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def __enter__(self) -> "ComputeThread":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args, kwargs = job
+            del job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as e:  # noqa: BLE001 - the caller gets it, as from an executor
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args, kwargs  # nothing of a job kept while the thread waits
 
 
 def has_teams() -> bool:
