@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mdi.ring.protocol.auth import answer, challenge
-from mdi.ring.protocol.sock_io import SockStream, _rest, recv_frame, send_frame, set_send_timeout
+from mdi.ring.protocol.sock_io import (FrameStalled, SockStream, _rest, recv_frame, send_frame,
+                                       set_recv_timeout, set_send_timeout)
 from mdi.ring.protocol.wire import (DTYPE_CODES, HEADER_SIZE, Frame, Kind, WireError, admit_frame, decode_frame,
                            encode_frame)
 from test_wire import LIM, REJECTIONS, RUN, assert_same_frame, header, random_act
@@ -149,6 +150,31 @@ def test_send_times_out_when_the_peer_takes_nothing(pair):
     big = Frame(Kind.PREFILL, RUN, 0, 0, random_act((1, 16, 65536), torch.float32))
     with pytest.raises(TimeoutError):
         send_frame(a, big)
+
+
+@pytest.mark.parametrize("cut", [HEADER_SIZE // 2, HEADER_SIZE + 5], ids=["header", "payload"])
+def test_a_frame_cut_short_fails_once_no_byte_comes_within_the_receive_timeout(pair, cut):
+    """A peer that sends part of a frame, then nothing (its link still open): the read
+    fails naming what came, instead of waiting for good. A frame sent in two parts
+    to a socket with a receive timeout is read whole."""
+    a, b = pair
+    set_recv_timeout(b, 0.05)
+    data = encode_frame(FRAMES[0])
+    a.sendall(data[:cut])
+    with pytest.raises(FrameStalled, match="stopped inside a frame: .* bytes of its "
+                       + ("header" if cut < HEADER_SIZE else "payload")):
+        _recv(b)
+    c, d = socket.socketpair()
+    set_recv_timeout(d, 5.0)
+    got: list[Frame] = []
+    t = threading.Thread(target=lambda: got.append(_recv(d)))
+    c.sendall(data[:cut])
+    t.start()
+    c.sendall(data[cut:])
+    t.join(10)
+    assert_same_frame(got[0], FRAMES[0])
+    c.close()
+    d.close()
 
 
 def test_rest_skips_what_was_sent():

@@ -10,9 +10,8 @@ thread's jobs) with poll:
   before any payload byte), handed to `on_frame`, which computes it on this
   very thread and sends what goes on (sock_io.send_frame, one sendmsg);
   `on_frame` returns False after STOP; a previous node that stops inside a
-  frame fails the run once the node's timeout passes without a byte
-  (sock_io.FrameStalled), so it cannot hold the thread, and the jobs queued on
-  it, for good;
+  frame fails the run within the node's timeout (sock_io.FrameStalled), so it
+  cannot hold the thread, and the jobs queued on it, for good;
 - anything from the next node (which never sends on this link), or its EOF,
   means it is gone;
 - `close()` (the event loop dropping the run) wakes the thread and shuts both
@@ -44,9 +43,9 @@ class DownstreamError(ConnectionError):
 
 
 class DataLink:
-    """down: the next node's link, authenticated; send_timeout: how long a send to it,
-    and a read inside a frame from the previous node, may go without progress
-    (the node's --timeout). on_frame(up_socket, waiting_since)
+    """down: the next node's link, authenticated; send_timeout: how long a send to it
+    may go without progress, and within which a frame from the previous node cut
+    short fails (the node's --timeout). on_frame(up_socket, waiting_since)
     reads, computes and forwards one frame (False after STOP; waiting_since: the
     perf_counter time the thread began to wait for it); on_end(error) hears why
     the thread ended (None: STOP went through) unless close() came first.
@@ -83,7 +82,11 @@ class DataLink:
             if self.closed or self._ended:  # too late: the run is gone
                 up.close()
                 return
-            set_recv_timeout(up, self.timeout)  # blocking; a frame cut short fails in time
+            # blocking; a read inside a frame that gets no byte for half the node's
+            # timeout fails the frame (sock_io.FrameStalled). A read that got part of
+            # what it asked returns when its wait ends, and the next one waits again:
+            # a stall fails the run at most the whole timeout after the last byte
+            set_recv_timeout(up, self.timeout / 2)
             self.up = up
         self._wake()
 

@@ -14,8 +14,10 @@ against the run's limits before any payload byte is read or any buffer made.
 A node's data loop reads a frame only once poll says its first bytes are there,
 and the socket has a receive timeout (`set_recv_timeout`): a peer that stops
 inside a frame (half a header or payload, then nothing) makes the read fail with
-FrameStalled after that long without a byte, instead of holding the node's
-compute thread, and every job queued on it, for good.
+FrameStalled once a read gets no byte for that long, instead of holding the
+node's compute thread, and every job queued on it, for good. (A read with
+MSG_WAITALL that got part of what it asked returns when its wait ends; the next
+read waits again: at most two waits after the last byte.)
 """
 from __future__ import annotations
 
