@@ -29,6 +29,8 @@ from .cache_int8 import make_cache
 from .config import GPTConfig
 from .layers import (Block, CachedStep, LinearMode, cached_step, linear, make_norm,
                      rope_inv_freq, rope_table)
+from . import fused_ops
+from .fused_layers import block_forward, norm, step_rope
 from .packed import PackedRows
 
 __all__ = ["GPT", "linear"]
@@ -185,17 +187,26 @@ class GPT(nn.Module):
                 x = x + self.transformer.wpe(input_pos)
             if self.training:
                 x = self.transformer.drop(x)
+        ops = fused_ops.ops() if fused_ops.applies(x) else None  # the kernels, float32 CPU
         rope = None
-        if self.config.positions == "rope":
+        if self.config.positions == "rope" and ops is not None:
+            rope = step_rope(self._inv_freq(x.device), input_pos)  # (B, T, hs) each
+        elif self.config.positions == "rope":
             c = self.config  # (B, T, heads, hs) each: q and k heads rotated, v heads kept
             rope = rope_table(self._inv_freq(x.device), input_pos, x.dtype,
                               c.n_head + c.kv_heads, c.kv_heads)
         for i, block in enumerate(self.transformer.h.values()):
-            x = block.forward(x, step, cache, i, rope, mode)  # (no hooks: see Block.forward)
+            if ops is not None:
+                x = block_forward(ops, block, x, step, cache, i, rope, mode)
+            else:
+                x = block.forward(x, step, cache, i, rope, mode)  # (no hooks: see Block.forward)
         if not self.has_head or not logits:
             return x
-        return self.head(x, mode)
+        return self.head(x, mode, ops)
 
-    def head(self, x: torch.Tensor, mode: LinearMode = "dense") -> torch.Tensor:
-        """Final norm and lm_head: activations (B, T, C) -> logits (B, T, vocab)."""
-        return linear(self.lm_head, self.transformer.ln_f(x), mode)
+    def head(self, x: torch.Tensor, mode: LinearMode = "dense", ops=None) -> torch.Tensor:
+        """Final norm and lm_head: activations (B, T, C) -> logits (B, T, vocab).
+        ops: the fused kernels (fused_ops.ops()) for the norm, where they apply."""
+        ln_f = self.transformer.ln_f
+        h = ln_f(x) if ops is None else norm(ops, ln_f, x, x.dtype == torch.bfloat16)
+        return linear(self.lm_head, h, mode)

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_ops
 from .cache import context_length
 from .int4 import Int4Linear, packable
 from .dtypes import dtype_name
@@ -115,6 +116,13 @@ class Int8Linear(nn.Module):
     many_rows = HEAD_ROWS
     refine = False  # the head: its best candidates recomputed in float32 (kernels.refine_top)
 
+    def weight_only_fits(self, rows: int) -> bool:
+        """Can the weight-only kernel take `rows` rows? torch 2.13's crashed (SIGSEGV)
+        for 2 or more rows of an input width not a multiple of 16 (40: a tiny test
+        model's MLP) and gave NaN or changing values at 1 row; such a layer takes the
+        dequantized GEMM instead."""
+        return self.in_features % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
@@ -123,7 +131,7 @@ class Int8Linear(nn.Module):
             sb = self.__dict__.get("_scale_bf16")  # the kernels' operand; not state
             if sb is None or sb.shape != self.scale.shape:
                 sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
-            if n <= self.few_rows:
+            if n <= self.few_rows and self.weight_only_fits(n):
                 y = torch._weight_int8pack_mm(
                     x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self.weight, sb)
                 if self.refine and x.dtype == torch.float32:
@@ -303,6 +311,8 @@ def configure_stage(stage: nn.Module, quantize_mode: str | None = None,
 
         stage.compiled_decode = CompiledDecode(stage)
         pack = False
+    if any(p.device.type == "cpu" for p in stage.parameters()):
+        fused_ops.ops()  # the decode kernels built (once per machine) or loaded now, not at step 1
     stage.packed_linears = pack
     if pack and not batch_invariant:
         pack_linears(stage)

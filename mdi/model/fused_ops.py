@@ -1,0 +1,124 @@
+"""The decoder layer's small operations as one CPU kernel each (csrc/decode_ops.cpp):
+RMSNorm, a residual add with the norm after it, RoPE with the cache write, decode
+attention over the cache, SwiGLU's gate.
+
+An eager decode step of one sequence spent most of its time between the matrix
+products, in ~90-130 aten calls per layer (issue 21). The kernels are built
+with the system's C++ compiler on first use (~6 s) into MDI_CACHE_DIR/ops (else
+~/.cache/mdi/ops), keyed by the source, torch's version and the flags, and
+loaded from there afterwards. Where no compiler or no build works, or with
+MDI_FUSED_OPS=0, the layers compute as before with torch's operations (the
+same maths; sums in another order, so last bits can differ): `ops()` is then
+None. Every process of a ring should run alike; the log says which way a
+process computes.
+
+Used only where they apply: float32 or bfloat16 CPU activations, no autograd,
+not while torch.compile or torch.export traces (the compiled step has its own
+graph).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_ops.cpp"
+# -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as the
+# source says, on every CPU (tokens equal across a ring's machines)
+# (-fno-trapping-math: FP exception flags are not kept, so the loops of exp vectorize)
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
+         "-fno-trapping-math", "-w"]
+
+_state: dict[str, object] = {}
+
+
+def _vector_flags() -> list[str]:
+    """The widest vectors torch itself uses on this CPU (the results do not depend
+    on them: the kernels' sums run in the source's order)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2"]
+    if cap.startswith("AVX2"):
+        return ["-mavx2"]
+    return []
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build_command(cxx: str, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths  # only when building: a heavy import
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [cxx, *FLAGS, *_vector_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+            str(SOURCE), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]
+
+
+def library_path(environ: dict[str, str] | None = None) -> Path:
+    """Where this source's build, for this torch and these flags, is kept."""
+    env = os.environ if environ is None else environ
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([torch.__version__, *FLAGS, *_vector_flags()]).encode())
+    base = Path(env.get("MDI_CACHE_DIR") or Path.home() / ".cache" / "mdi") / "ops"
+    return base / f"decode_ops-{key.hexdigest()[:16]}.so"
+
+
+def build(path: Path) -> None:
+    """Compile the kernels into `path` (written under another name, then renamed:
+    processes building at once each write their own and the last rename wins)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(_build_command(cxx, Path(tmp)), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ops():
+    """torch.ops.mdi_fused once its library is loaded (built first if needed), or
+    None where it cannot be (logged once) or MDI_FUSED_OPS=0."""
+    if "ops" in _state:
+        return _state["ops"]
+    _state["ops"] = None
+    if os.environ.get("MDI_FUSED_OPS", "1") == "0":
+        log.info("fused decode kernels off (MDI_FUSED_OPS=0): torch's operations instead")
+        return None
+    try:
+        path = library_path()
+        if not path.exists():
+            log.info("building the fused decode kernels (once, a few seconds): %s", path)
+            build(path)
+        torch.ops.load_library(str(path))
+        _state["ops"] = torch.ops.mdi_fused
+    except (OSError, RuntimeError) as e:
+        log.warning("fused decode kernels unavailable, torch's operations instead: %s", e)
+    return _state["ops"]
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Can a forward on activations x use the kernels? float32 or bfloat16 on the CPU,
+    no autograd, not traced by torch.compile or torch.export."""
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and ops() is not None)
