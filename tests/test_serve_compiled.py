@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import openai
 import pytest
@@ -40,25 +41,28 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def stand_in(monkeypatch):
     """aoti's build and load without Inductor; returns the graphs built and those run,
-    as (rows, uniform)."""
+    as (rows, uniform), and the threads that built and ran them."""
     built: list[tuple[int, bool]] = []
     ran: set[tuple[int, bool]] = set()
+    threads: set[str] = set()
 
     def build(stage, args, uniform, path, options=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"uniform": uniform}))
         built.append((args[0].shape[0], uniform))
+        threads.add(threading.current_thread().name)
 
     def load(stage, path):
         uniform = json.loads(path.read_text())["uniform"]
 
         def run(x, pos, live, keys, kv):
             ran.add((x.shape[0], uniform))
+            threads.add(threading.current_thread().name)
             return decode_graph(stage, x, pos, live, keys, kv, uniform)
         return run
     monkeypatch.setattr(aoti, "build_package", build)
     monkeypatch.setattr(aoti, "load_package", load)
-    return built, ran
+    return built, ran, threads
 
 
 def _complete(url: str, prompt, n: int, max_tokens: int = 5) -> list[str]:
@@ -80,7 +84,7 @@ def test_the_graphs_of_a_cache_are_its_buckets_with_and_without_a_mask(rows, wan
 @needs_compiler
 def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
         tiny_ckpt, cache_dir, stand_in, caplog):
-    built, ran = stand_in
+    built, ran, threads = stand_in
     opts = BackendOptions(ckpt=str(tiny_ckpt), max_seqs=3, compile=True)
     with caplog.at_level(logging.INFO, logger="mdi.serve"):
         backend = open_backend(opts)
@@ -99,6 +103,8 @@ def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
                 assert len(_complete(srv.url, prompt, n)) == n * (len(prompt) if isinstance(prompt, list) else 1)
         assert built == []  # every batch found its package ready
         assert ran == set(graphs)  # and the requests ran each of them
+    # built and run on serve's compute thread (backend.py), neither the caller's nor the loop's
+    assert {name.split("_")[0] for name in threads} == {"mdi-compute"}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mdi.serve"), open_backend(opts):  # a second start
         said = [r.getMessage() for r in caplog.records if r.name == "mdi.serve"]
@@ -108,10 +114,24 @@ def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
 
 
 def test_serve_without_compile_prepares_nothing(tiny_ckpt, stand_in):
-    built, _ = stand_in
+    built, _, _ = stand_in
     with open_backend(BackendOptions(ckpt=str(tiny_ckpt), max_seqs=2)):
         pass
     assert built == []
+
+
+@needs_compiler
+def test_a_stop_at_start_begins_no_further_package(tiny_ckpt, cache_dir, stand_in):
+    from mdi.checkpoint import LoadOptions, load_model
+    from mdi.serve.compiled_start import prepare_compiled
+
+    built, _, _ = stand_in
+    model = load_model(str(tiny_ckpt), LoadOptions(compile=True)).model
+    stop = threading.Event()
+    stop.set()
+    assert prepare_compiled(model, 4, stop) == {} and built == []
+    assert sorted(prepare_compiled(model, 2).values()) == ["built"] * 3
+    assert sorted(prepare_compiled(model, 2).values()) == ["ready"] * 3  # held: nothing again
 
 
 @pytest.mark.slow

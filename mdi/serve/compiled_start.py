@@ -14,6 +14,7 @@ each.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from tqdm import tqdm
@@ -29,12 +30,13 @@ def _what(n: int, uniform: bool) -> str:
     return f"{n} row{'s' if n > 1 else ''}{'' if uniform else ' at several positions'}"
 
 
-def prepare_compiled(model, cache_rows: int) -> dict[tuple[int, bool], str]:
+def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
+                     ) -> dict[tuple[int, bool], str]:
     """Load or build the packages of every graph a decode step over rows of a cache of
     `cache_rows` rows (the local engine's one lane: max_seqs) can run; returns what each
     (rows, uniform) was: "loaded", "built", "ready" (already loaded), or none at all (a
     model without --compile, or one whose steps go through torch.compile, which compiles
-    on first use)."""
+    on first use). stop: set (a Ctrl-C at start), no further package is begun."""
     compiled = getattr(model, "compiled_decode", None)
     if compiled is None:
         return {}
@@ -61,6 +63,9 @@ def prepare_compiled(model, cache_rows: int) -> dict[tuple[int, bool], str]:
     with logging_redirect_tqdm(), tqdm(total=todo, unit="package", desc="--compile: building",
                                        disable=None if todo else True, leave=False) as bar:
         for n, uniform, build in plan:
+            if stop is not None and stop.is_set():
+                log.info("--compile: stopped before the decode step for %s", _what(n, uniform))
+                return done
             if build:
                 log.info("--compile: the decode step for %s: building", _what(n, uniform))
             t1 = time.perf_counter()
