@@ -15,7 +15,9 @@ a dynamic size. The cache's length is fixed for a package (the CPU's paged
 cache is whole from the start, cache.py) and dynamic for torch.compile (a grown
 cache compiles nothing again). A bucket has two graphs at most: rows at one
 position (no mask, as the eager step) and rows at several. Everything else is
-static. A decode with every row at position 0 (a one-token prompt) runs
+static. `graphs` lists the graphs steps over a cache can run and `prepare` loads
+or builds one ahead of its first step (`mdi serve` readies them all at start:
+serve/compiled_start.py). A decode with every row at position 0 (a one-token prompt) runs
 eagerly: a size of 1 would be a graph of its own; so does, with a package, a
 step whose keys are the whole cache (the context's last position). Prefill
 stays eager.
