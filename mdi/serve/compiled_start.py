@@ -59,7 +59,7 @@ def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
             "serving: about a minute each on 2 cores, ~%.0f min in all (fewer with a smaller "
             "--max-seqs); once: later starts load them from %s", todo, len(plan),
             ", ".join(str(n) for n in sorted({n for n, *_ in plan})), max(minutes, 1), folder)
-    t0, done = time.perf_counter(), {}
+    t0, done, build_s = time.perf_counter(), {}, []
     with logging_redirect_tqdm(), tqdm(total=todo, unit="package", desc="--compile: building",
                                        disable=None if todo else True, leave=False) as bar:
         for n, uniform, build in plan:
@@ -75,7 +75,11 @@ def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
                 log.info("--compile: the decode step for %s: loaded from cache in %.1f s",
                          _what(n, uniform), took)
             elif how == "built":
-                log.info("--compile: the decode step for %s: built in %.1f s", _what(n, uniform), took)
+                build_s.append(took)
+                left = todo - len(build_s)
+                log.info("--compile: the decode step for %s: built in %.1f s%s", _what(n, uniform),
+                         took, f" ({left} to go, about {left * sum(build_s) / len(build_s):.0f} s)"
+                         if left > 0 else "")
                 bar.update(1)
     log.info("--compile: %d decode-step package(s) ready in %.1f s (%d built, %d loaded)",
              len(done), time.perf_counter() - t0, sum(h == "built" for h in done.values()),
