@@ -100,7 +100,8 @@ def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
         ran.clear()
         with BackgroundServer(create_app(backend.factory, backend.tokenizer, ServeConfig("m"))) as srv:
             for prompt, n in REQUESTS:
-                assert len(_complete(srv.url, prompt, n)) == n * (len(prompt) if isinstance(prompt, list) else 1)
+                rows = n * (len(prompt) if isinstance(prompt, list) else 1)
+                assert len(_complete(srv.url, prompt, n)) == rows
         assert built == []  # every batch found its package ready
         assert ran == set(graphs)  # and the requests ran each of them
     # built and run on serve's compute thread (backend.py), neither the caller's nor the loop's
