@@ -13,7 +13,7 @@ from ..checkpoint.sampling_defaults import sampling_defaults
 from ..engine.step_times import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_SHARE
 from ..engine.replay import DEFAULT_RECOVERY, RECOVERY_CHOICES
 from .common import (RECOVERY_HELP, REPLAN_CHOICES, REPLAN_HELP, BATCH_INVARIANT_HELP, CKPT_HELP,
-                     COMPILE_HELP, DEVICE_HELP,
+                     DEVICE_HELP,
                      AUTO_DTYPE_HELP, DTYPE_CHOICES, NO_RECOVER_HELP,
                      NODES_CONFIG_HELP, NODES_HELP, PARTITION_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP,
                      RING_TIMEOUT_HELP, SPARES_HELP, THREADS_HELP, TOKEN_FILE_HELP, TOKEN_HELP,
@@ -199,6 +199,18 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
+SERVE_COMPILE_HELP = (
+    "compile the decode step ahead of time (AOTInductor; needs a C++ compiler): one package per "
+    "row bucket of 1..--max-seqs rows (1, 2, 4, 8, ...; from 2 rows, one with every row at one "
+    "position and one at several: 7 packages for 8 slots, 11 for 32), all loaded or built at "
+    "start, before the server takes a request, so that no stream waits for one. A first start "
+    "builds them, about a minute each on 2 cores (several minutes in all: the log says how "
+    "long; a smaller --max-seqs builds fewer); later starts load them from "
+    "~/.cache/mdi/inductor/mdi-aoti (MDI_CACHE_DIR moves it), a second or two each. Prefill "
+    "stays eager. Single-device only; not with --batch-invariant (docs/benchmarks.md has its "
+    "figures)")
+
+
 def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
@@ -213,7 +225,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help=RECOVERY_HELP)
     p.add_argument("--replan", choices=REPLAN_CHOICES, default="on", help=REPLAN_HELP)
     p.add_argument("--spares", type=int, default=0, help=SPARES_HELP)
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--compile", action="store_true", help=SERVE_COMPILE_HELP)
     add_prefill_chunk(p)
     p.add_argument("--prefill-share", type=float, default=DEFAULT_PREFILL_SHARE, metavar="S",
                    help="while other requests decode, a prompt's chunk is cut to cost about S "

@@ -15,7 +15,9 @@ a dynamic size. The cache's length is fixed for a package (the CPU's paged
 cache is whole from the start, cache.py) and dynamic for torch.compile (a grown
 cache compiles nothing again). A bucket has two graphs at most: rows at one
 position (no mask, as the eager step) and rows at several. Everything else is
-static. A decode with every row at position 0 (a one-token prompt) runs
+static. `graphs` lists the graphs steps over a cache can run and `prepare` loads
+or builds one ahead of its first step (`mdi serve` readies them all at start:
+serve/compiled_start.py). A decode with every row at position 0 (a one-token prompt) runs
 eagerly: a size of 1 would be a graph of its own; so does, with a package, a
 step whose keys are the whole cache (the context's last position). Prefill
 stays eager.
@@ -118,6 +120,7 @@ class CompiledDecode:
         self.shapes: dict[tuple, float] = {}  # (rows, dtype, uniform) -> first call's seconds
         self.on_graph = on_graph  # (rows, uniform, seconds) of each graph's first call
         self._runners: dict[tuple, Callable] = {}  # AOTInductor: key -> loaded package
+        self.built: set[tuple] = set()  # the keys of the packages this process built
         self._fn = torch.compile(self._step, dynamic=False, fullgraph=True,
                                  options=self.options or None)
 
@@ -125,15 +128,15 @@ class CompiledDecode:
               kv: list[torch.Tensor], uniform: bool) -> torch.Tensor:
         return decode_graph(self.stage, x, pos, live, keys, kv, uniform)
 
-    def _runner(self, key: tuple, args: tuple, uniform: bool) -> Callable:
-        """The loaded package of this graph: from package_dir, else built there."""
+    def _runner(self, key: tuple, args: tuple, uniform: bool, announce: bool = True) -> Callable:
+        """The loaded package of this graph: from package_dir, else built there (logged
+        unless not `announce`: prepare's caller says it)."""
         from . import aoti
 
         run = self._runners.get(key)
         if run is None:
             x, kv = args[0], args[4]
-            base = self.package_dir or cache_dir(os.environ) / "mdi-aoti"
-            path = base / f"decode-{aoti.package_key(self.stage, x, kv, uniform, self.options)}.pt2"
+            path = self.package_path(args, uniform)
             with torch.inference_mode():  # the stage's lazy state made eagerly, not in the trace
                 one = self.stage.new_cache(1)
                 self.stage(x[:1], torch.ones((1, 1), dtype=torch.long, device=x.device), one)
@@ -143,14 +146,74 @@ class CompiledDecode:
                 except Exception as e:  # noqa: BLE001 - a torn or foreign file: rebuilt
                     log.warning("--compile: cannot load %s (%s): building it again", path, e)
             if run is None:
-                log.info("--compile: building the decode step for %d row(s)%s, once (about a "
-                         "minute on 2 cores; later starts load it from %s)", x.shape[0],
-                         "" if uniform else " at several positions", base)
+                if announce:
+                    log.info("--compile: building the decode step for %d row(s)%s, once (about "
+                             "a minute on 2 cores; later starts load it from %s)", x.shape[0],
+                             "" if uniform else " at several positions", path.parent)
                 with torch.inference_mode(False):
                     aoti.build_package(self.stage, args, uniform, path, self.options)
                 run = aoti.load_package(self.stage, path)
+                self.built.add(key)
             self._runners[key] = run
         return run
+
+    def package_path(self, args: tuple, uniform: bool) -> Path:
+        """Where the package of the graph for these step arguments is (or goes)."""
+        from . import aoti
+
+        x, kv = args[0], args[4]
+        base = self.package_dir or cache_dir(os.environ) / "mdi-aoti"
+        return base / f"decode-{aoti.package_key(self.stage, x, kv, uniform, self.options)}.pt2"
+
+    def uses_packages(self, cache: KVCache) -> bool:
+        """Whether steps over rows of `cache` run AOTInductor packages (else torch.compile)."""
+        whole = getattr(cache, "whole", cache)
+        return self.how == "aoti" and whole.paged and whole.kv[0].device.type == "cpu"
+
+    @staticmethod
+    def graphs(rows: int) -> list[tuple[int, bool]]:
+        """The graphs (bucket, uniform) that steps over 1..rows rows of a cache of `rows`
+        rows can run: each bucket with every row at one position, and, from 2 rows, at
+        several (one row is always at one position)."""
+        out = []
+        for n in sorted({bucket(b, rows) for b in range(1, rows + 1)}):
+            out += [(n, True)] + ([(n, False)] if n > 1 else [])
+        return out
+
+    def example(self, cache: KVCache, n: int, uniform: bool) -> tuple[tuple, tuple] | None:
+        """(layout key, step arguments) of a step of n id rows of `cache`, rows at one
+        position or (not uniform) at several, as __call__ makes them; None where no
+        package would run (the context too short for a dynamic keys size in [2, T - 1])."""
+        whole = getattr(cache, "whole", cache)
+        T = whole.kv[0].shape[3]
+        if T < 3 or not self.stage.has_embeddings:
+            return None
+        L = max(2, min(T - 1, 8))  # any size in [2, T - 1]: export makes it dynamic
+        dev = whole.kv[0].device
+        x = torch.zeros((n, 1), dtype=torch.long, device=dev)
+        pos = torch.full((n, 1), L - 1, dtype=torch.long, device=dev)
+        if not uniform:
+            pos[1:, 0] = L - 2
+        live = torch.ones(n, dtype=torch.bool, device=dev)
+        kv = [buf[:, :n] for buf in whole.kv]
+        layout = (n, x.dtype, uniform, tuple(kv[0].shape), tuple(kv[0].stride()))
+        return layout, (x, pos, live, torch.arange(L, device=dev), kv)
+
+    def prepare(self, cache: KVCache, n: int, uniform: bool) -> str:
+        """Load (or build, then load) the package of one graph (graphs()) for steps over
+        rows of `cache`, so that its first step builds nothing: "loaded" (from disk),
+        "built", "ready" (loaded before), or "none" (no package: torch.compile, which
+        compiles on first use, or a context too short)."""
+        made = self.example(cache, n, uniform) if self.uses_packages(cache) else None
+        if made is None:
+            return "none"
+        layout, args = made
+        if layout in self._runners:
+            return "ready"
+        t0 = time.perf_counter()
+        self._runner(layout, args, uniform, announce=False)
+        self.shapes.setdefault(layout[:3], time.perf_counter() - t0)
+        return "built" if layout in self.built else "loaded"
 
     def __call__(self, cache: KVCache, x: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """One decode step as step.decode takes it: x (B, 1) ids or (B, 1, C)
@@ -158,7 +221,7 @@ class CompiledDecode:
         positions[b]. Returns what the stage returns for those B rows."""
         B, L = len(positions), max(positions) + 1
         whole = getattr(cache, "whole", cache)
-        aot = self.how == "aoti" and whole.paged and whole.kv[0].device.type == "cpu"
+        aot = self.uses_packages(whole)
         if L == 1 or (aot and L >= whole.kv[0].shape[3]):
             # every row at position 0 (a one-token prompt): dynamo would give a size of 1
             # a graph of its own, one eager step costs less than that compile; a row at
@@ -186,7 +249,8 @@ class CompiledDecode:
         key = (n, x.dtype, uniform)
         t0 = time.perf_counter()
         if aot:
-            # a package is for one layout of the cache (its rows and length: the views' strides)
+            # a package is for one layout of the cache (its rows and length: the views'
+            # strides); example() makes the same key
             layout = (*key, tuple(kv[0].shape), tuple(kv[0].stride()))
             out = self._runner(layout, (x, pos, live, keys, kv), uniform)(x, pos, live, keys, kv)
         else:

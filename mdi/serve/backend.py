@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,19 @@ def local_backend(opts: BackendOptions) -> Backend:
     # One thread of the process runs all of its torch work: the load, each engine's KV
     # caches and every step (engine/compute_thread.py); the event loop only waits for it
     compute = ComputeThread("mdi-compute")
+    stop = threading.Event()  # a Ctrl-C while --compile builds: no further package begun
     try:
         loaded = compute.call(load_model, opts.ckpt, LoadOptions(  # any --ckpt spec
             device=opts.device, dtype=DTYPES[opts.dtype], quantize=opts.quantize,
             batch_invariant=opts.batch_invariant, max_context=opts.max_context,
             kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
+        if opts.compile:  # every package a step can run, before the server takes a request
+            from .compiled_start import prepare_compiled
+
+            # the engine below has one lane: one cache of max_seqs rows (its layout keys them)
+            compute.call(prepare_compiled, loaded.model, opts.max_seqs, stop)
     except BaseException:
+        stop.set()
         compute.close()
         raise
     model, tok = loaded.model, loaded.tokenizer
