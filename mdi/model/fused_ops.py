@@ -18,13 +18,17 @@ graph).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -35,10 +39,12 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_ops.cpp"
 # -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as the
 # source says, on every CPU (tokens equal across a ring's machines)
 # (-fno-trapping-math: FP exception flags are not kept, so the loops of exp vectorize)
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
-         "-fno-trapping-math", "-w"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
+         "-fno-math-errno", "-fno-trapping-math", "-w"]
+BUILD_TIMEOUT_S = 600
 
 _state: dict[str, object] = {}
+_lock = threading.Lock()
 
 
 def _vector_flags() -> list[str]:
@@ -52,16 +58,29 @@ def _vector_flags() -> list[str]:
     return []
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler's command: $CXX (words, e.g. "ccache g++"), else g++, c++, clang++."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return [found] if found else None
 
 
-def _build_command(cxx: str, out: Path) -> list[str]:
+@functools.cache
+def _compiler_version(cxx: tuple[str, ...]) -> str:
+    try:
+        done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60)
+        return done.stdout.splitlines()[0] if done.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build_command(cxx: list[str], out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths  # only when building: a heavy import
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [cxx, *FLAGS, *_vector_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [*cxx, *FLAGS, *_vector_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
             str(SOURCE), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{torch_lib}"]
@@ -71,7 +90,9 @@ def library_path(environ: dict[str, str] | None = None) -> Path:
     """Where this source's build, for this torch and these flags, is kept."""
     env = os.environ if environ is None else environ
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join([torch.__version__, *FLAGS, *_vector_flags()]).encode())
+    cxx = _compiler() or []
+    key.update("\n".join([torch.__version__, torch.__file__, platform.machine(), *FLAGS,
+                          *_vector_flags(), *cxx, _compiler_version(tuple(cxx))]).encode())
     base = Path(env.get("MDI_CACHE_DIR") or Path.home() / ".cache" / "mdi") / "ops"
     return base / f"decode_ops-{key.hexdigest()[:16]}.so"
 
@@ -86,9 +107,13 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run(_build_command(cxx, Path(tmp)), capture_output=True, text=True)
+        done = subprocess.run(_build_command(cxx, Path(tmp)), capture_output=True, text=True,
+                              errors="replace", timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # (mkstemp made it 0600: others sharing the cache load it too)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -97,23 +122,33 @@ def build(path: Path) -> None:
 
 def ops():
     """torch.ops.mdi_fused once its library is loaded (built first if needed), or
-    None where it cannot be (logged once) or MDI_FUSED_OPS=0."""
-    if "ops" in _state:
+    None where it cannot be (logged once) or MDI_FUSED_OPS=0. A cached build that
+    does not load (torn, or another machine's) is built again once."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"] = _load()
         return _state["ops"]
-    _state["ops"] = None
+
+
+def _load():
     if os.environ.get("MDI_FUSED_OPS", "1") == "0":
         log.info("fused decode kernels off (MDI_FUSED_OPS=0): torch's operations instead")
         return None
     try:
         path = library_path()
-        if not path.exists():
-            log.info("building the fused decode kernels (once, a few seconds): %s", path)
-            build(path)
+        if path.exists():
+            try:
+                torch.ops.load_library(str(path))
+                return torch.ops.mdi_fused
+            except OSError as e:
+                log.warning("the cached fused decode kernels do not load (%s): building them again", e)
+        log.info("building the fused decode kernels (once, a few seconds): %s", path)
+        build(path)
         torch.ops.load_library(str(path))
-        _state["ops"] = torch.ops.mdi_fused
-    except (OSError, RuntimeError) as e:
+        return torch.ops.mdi_fused
+    except Exception as e:  # noqa: BLE001 - any failure: torch's operations, said once
         log.warning("fused decode kernels unavailable, torch's operations instead: %s", e)
-    return _state["ops"]
+        return None
 
 
 def applies(x: torch.Tensor) -> bool:

@@ -187,7 +187,8 @@ class GPT(nn.Module):
                 x = x + self.transformer.wpe(input_pos)
             if self.training:
                 x = self.transformer.drop(x)
-        ops = fused_ops.ops() if fused_ops.applies(x) else None  # the kernels, float32 CPU
+        # the fused kernels: eager CPU inference (not in train mode: no dropout there)
+        ops = fused_ops.ops() if not self.training and fused_ops.applies(x) else None
         rope = None
         if self.config.positions == "rope" and ops is not None:
             rope = step_rope(self._inv_freq(x.device), input_pos)  # (B, T, hs) each

@@ -53,7 +53,7 @@ inline float fold(float* acc) {
 // call per element) and gives the same bits everywhere: x = n ln2 + r with
 // |r| <= ln2/2, e^r by its Taylor polynomial to r^7, 2^n by the exponent bits.
 // x is clamped to [-87.3, 88.7] first: below, it returns e^-87.3 (~1e-38, a
-// softmax weight of nothing) rather than 0; above, e^88.7 rather than infinity.
+// softmax weight of nothing) rather than 0; from ~88.4, infinity. NaN stays NaN.
 inline float exp_fast(float x) {
   const float lo = x > -87.3f ? x : -87.3f;
   const float xc = lo < 88.7f ? lo : 88.7f;
@@ -71,12 +71,13 @@ inline float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return x != x ? x : p * scale;
 }
 
 // bfloat16 as torch converts it: widening is exact; narrowing rounds to nearest
-// even (NaN stays NaN), as c10::BFloat16 does, so a kernel's bfloat16 output has
-// the bits of its float32 result passed through .to(torch.bfloat16)
+// even, as c10::BFloat16 does, so a kernel's bfloat16 output has the bits of its
+// float32 result passed through .to(torch.bfloat16) (a NaN stays a NaN, with
+// other payload bits than torch's vectorized cast writes)
 inline float widen(float x) { return x; }
 inline float widen(at::BFloat16 x) {
   const uint32_t u = static_cast<uint32_t>(x.x) << 16;
@@ -128,7 +129,8 @@ void check_cache(const at::Tensor& kv, int64_t B, int64_t n_kv, int64_t hs, cons
 
 const int64_t* checked_positions(const at::Tensor& pos, int64_t B, int64_t T, int64_t T_max,
                                  const char* what) {
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.dim() == 2 &&
+  TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.is_contiguous() &&
+              pos.dim() == 2 &&
               pos.size(0) == B && pos.size(1) == T, what, ": positions (", B, ", ", T,
               ") int64 needed, got ", pos.sizes());
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -228,6 +230,7 @@ at::Tensor rope_write(const at::Tensor& qkv, const std::optional<at::Tensor>& co
   const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(2), hs = qkv.size(3);
   const bool rotate = cos.has_value();
   if (rotate) {
+    TORCH_CHECK(sin.has_value(), "rope_write: cos without sin");
     check_rows(*cos, "rope_write", false);
     check_rows(*sin, "rope_write", false);
     TORCH_CHECK(cos->numel() == B * T * hs && sin->numel() == B * T * hs && hs % 2 == 0,
@@ -317,7 +320,7 @@ void attend_short(const float* px, const C* pk, const int64_t* pp, int64_t T, Ou
       float top = -INFINITY;
       for (int64_t j = 0; j < L; ++j) {
         score[j] = dot_key(q, k + j * s3, hs) * sc;
-        top = std::max(top, score[j]);
+        top = score[j] > top || score[j] != score[j] ? score[j] : top;  // a NaN wins
       }
       for (int64_t j = 0; j < L; ++j) score[j] = exp_fast(score[j] - top);
       float acc[LANES] = {0};
@@ -348,7 +351,7 @@ void attend_short(const float* px, const C* pk, const int64_t* pp, int64_t T, Ou
 at::Tensor cache_attention(const at::Tensor& qkv, const at::Tensor& kv, const at::Tensor& pos,
                            int64_t n_head, int64_t n_kv, double scale, bool bf16) {
   check_rows(qkv, "cache_attention", false);
-  TORCH_CHECK(qkv.dim() == 4 && qkv.size(2) == n_head + 2 * n_kv && n_head % n_kv == 0,
+  TORCH_CHECK(qkv.dim() == 4 && n_kv > 0 && qkv.size(2) == n_head + 2 * n_kv && n_head % n_kv == 0,
               "cache_attention: qkv (B, T, nh + 2 nkv, hs) needed, got ", qkv.sizes());
   const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(2), hs = qkv.size(3);
   check_cache(kv, B, n_kv, hs, "cache_attention");
@@ -362,8 +365,9 @@ at::Tensor cache_attention(const at::Tensor& qkv, const at::Tensor& kv, const at
     auto q = qkv.select(0, b).select(0, i % T).narrow(0, 0, n_head).unsqueeze(0).unsqueeze(2);
     auto k = kv.select(0, 0).select(0, b).narrow(1, 0, L).unsqueeze(0);  // (1, nkv, L, hs)
     auto v = kv.select(0, 1).select(0, b).narrow(1, 0, L).unsqueeze(0);
-    auto y = at::scaled_dot_product_attention(q.to(kv.scalar_type()), k, v, std::nullopt, 0.0,
-                                              false, scale, true);
+    // in float32, as the queries are: a narrower cache read back widened, as torch's path does
+    auto y = at::scaled_dot_product_attention(q, k.to(at::kFloat), v.to(at::kFloat), std::nullopt,
+                                              0.0, false, scale, true);
     out.select(0, b).select(0, i % T).copy_(y.reshape({n_head * hs}));
   }
   const float* px = qkv.data_ptr<float>();
