@@ -55,8 +55,9 @@ inline float fold(float* acc) {
 // x is clamped to [-87.3, 88.7] first: below, it returns e^-87.3 (~1e-38, a
 // softmax weight of nothing) rather than 0; from ~88.4, infinity. NaN stays NaN.
 inline float exp_fast(float x) {
-  const float lo = x > -87.3f ? x : -87.3f;
-  const float xc = lo < 88.7f ? lo : 88.7f;
+  // (compares that keep a NaN, which then runs through the arithmetic: no branch)
+  const float lo = x < -87.3f ? -87.3f : x;
+  const float xc = lo > 88.7f ? 88.7f : lo;
   // floor(xc log2(e) + 0.5) by truncating a positive number
   const float n = static_cast<float>(static_cast<int32_t>(xc * 1.44269504f + 128.5f)) - 128.0f;
   const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
@@ -71,7 +72,7 @@ inline float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x != x ? x : p * scale;
+  return p * scale;
 }
 
 // bfloat16 as torch converts it: widening is exact; narrowing rounds to nearest
