@@ -255,3 +255,16 @@ def test_a_torn_cached_build_is_built_again(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert Path(path).stat().st_mode & 0o777 == 0o755 & ~umask  # others sharing the cache load it
+
+
+@pytest.mark.slow
+def test_processes_starting_together_build_once(tmp_path):
+    """Three processes on a cold cache: one builds, the others wait for it and load it."""
+    env = {**os.environ, "MDI_CACHE_DIR": str(tmp_path)}
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "from mdi.model import fused_ops; print(fused_ops.ops() is not None)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [o.strip() for o, _ in outs] == ["True"] * 3, [e[-1000:] for _, e in outs]
+    assert sum("building the fused decode kernels" in e for _, e in outs) == 1

@@ -18,6 +18,7 @@ graph).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -130,21 +131,41 @@ def ops():
         return _state["ops"]
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """One build at a time on a machine (processes of a ring starting together wait
+    for the first one's build instead of compiling alike); no lock where flock is
+    missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _load():
     if os.environ.get("MDI_FUSED_OPS", "1") == "0":
         log.info("fused decode kernels off (MDI_FUSED_OPS=0): torch's operations instead")
         return None
     try:
         path = library_path()
+        torn = False
         if path.exists():
             try:
                 torch.ops.load_library(str(path))
                 return torch.ops.mdi_fused
             except OSError as e:
                 log.warning("the cached fused decode kernels do not load (%s): building them again", e)
-        log.info("building the fused decode kernels (once, a few seconds): %s", path)
-        build(path)
-        torch.ops.load_library(str(path))
+                torn = True
+        with _build_lock(path):
+            if not path.exists() or torn:
+                log.info("building the fused decode kernels (once, a few seconds): %s", path)
+                build(path)
+        torch.ops.load_library(str(path))  # (built by this process or one it waited for)
         return torch.ops.mdi_fused
     except Exception as e:  # noqa: BLE001 - any failure: torch's operations, said once
         log.warning("fused decode kernels unavailable, torch's operations instead: %s", e)
