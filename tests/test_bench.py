@@ -65,6 +65,8 @@ def test_bench_local_kv_and_resend(tmp_path):
     assert by["single"]["links"] == "" and by["mdi-2"]["links"] == "unix/unix"
     assert by["mdi-2-resend"]["links"] == "unix/unix"
     assert "links=unix." in (tmp_path / "bench" / "summary.md").read_text()
+    # one machine, one environment: every process of the ring alike (y, or n without a compiler)
+    assert by["single"]["fused_kernels"] == "" and by["mdi-2"]["fused_kernels"] in ("y/y", "n/n")
     # 2 samples on 2 nodes: two groups of one sample; a DECODE frame per token
     assert float(by["mdi-2"]["bytes_per_hop_per_token"]) == HEADER_SIZE + 4 * TINY_EMBD
     # without the cache, every step carries the whole context: the mean follows the policy

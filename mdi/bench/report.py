@@ -18,7 +18,13 @@ CSV_FIELDS = ["timestamp", "config", "mode", "partition", "layers", "stage_ms", 
               "gen_time_s", "tokens_per_s", "first_token_s", "bytes_per_hop_per_token",
               "hop_overhead_us", "tokens_total", "prompt_tokens", "prefill_chunk", "temperature",
               *LATENCY_FIELDS, "tokens_sha", "replan", "slow_at", "tail_tokens_per_s", "replans",
-              "paused_s", "moved"]
+              "paused_s", "moved", "fused_kernels"]
+
+
+def fused_column(plan: dict | None) -> str:
+    """A ring run's processes with the fused decode kernels, the starter first (--json's
+    plan): y/n per process, ? where not known (ring/plan/fused_check.py); '' without a plan."""
+    return "/".join({True: "y", False: "n"}.get(v, "?") for v in (plan or {}).get("fused_kernels", []))
 
 
 def _links(rows: list[dict]) -> str:

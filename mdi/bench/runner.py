@@ -29,6 +29,7 @@ from ..ring.cluster.local_cluster import LocalCluster, child_setup
 from .cgroup import CpuCaps, MemCaps, quota_us
 from .latency import LATENCY_FIELDS
 from .models import random_checkpoint
+from .report import fused_column
 from .netns import NetnsHosts
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,7 @@ class Bench:
                "stage_ms": "/".join("-" if n.get("ms_per_step") is None
                                     else f"{n['ms_per_step']:.2f}"
                                     for n in (res.get("plan") or {}).get("nodes", [])),
+               "fused_kernels": fused_column(res.get("plan")),
                "node_cpu": ",".join(f"{x:g}" for x in cfg.node_cpu[:v.n_nodes])
                if cfg.node_cpu else "",
                "node_mem_mb": ",".join(str(x >> 20) for x in cfg.node_mem[:v.n_nodes])

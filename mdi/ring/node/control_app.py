@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from ...net.log_limit import printable
 from ..protocol.auth import check_bearer
 from . import layer_move
+from ..plan.fused_check import wait_state
 from .control_messages import InitRequest, MoveSpec, ProbeRequest, RunRef
 from .runtime import NodeRuntime
 from .validate import InitError, NodeBusy
@@ -205,6 +206,7 @@ def node_routes(rt: NodeRuntime, on_shutdown: Callable[[], None] | None = None) 
 
     @router.get("/capabilities", **private)
     async def capabilities() -> dict:
+        await wait_state()  # the fused kernels' load begun at start (fused_check.py)
         return rt.capabilities()
 
     @router.post("/probe", **private)

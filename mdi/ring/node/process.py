@@ -25,6 +25,7 @@ import uvicorn
 from ..protocol import aio
 from ...net.log_limit import LogLimiter
 from .control_app import create_control_app
+from ..plan.fused_check import start_loading
 from ...net.http_guard import guarded
 from .runtime import NodeRuntime
 from ..protocol.sock_io import listen_sockets
@@ -70,6 +71,7 @@ async def serve_node(rt: NodeRuntime) -> None:
 
     config.app = create_control_app(rt, on_shutdown=request_exit)
     LogLimiter.install()  # the process's network-facing warnings, from here on
+    start_loading(rt.spec.device)  # the fused kernels, for /capabilities (fused_check.py)
     log.info("%s serving control on %s:%d, data on %s:%d", rt.spec.name, rt.bind_host,
              rt.spec.port, rt.bind_host, rt.spec.port_in)
     try:

@@ -43,6 +43,7 @@ from ...model import GPT
 from ..cluster.nodes_config import NodeSpec
 from ..plan import limits as mem
 from ..plan.capability import ProbeCache, node_capabilities
+from ..plan.fused_check import fused_state
 from ..protocol.aio import bounded
 from ..protocol.auth import AuthError, answer, challenge
 from ..protocol.local_link import is_local, link_scope, listen_local, new_name, open_link
@@ -165,7 +166,8 @@ class NodeRuntime:
                 "last_run": self.last_stats, "runs_completed": self.runs_completed,
                 "rss_bytes": proc.memory_info().rss, "threads": threading.active_count(),
                 "os_threads": proc.num_threads(), "open_fds": proc.num_fds(),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(),
+                "fused_kernels": fused_state(self.spec.device)}
 
     async def drop_run(self, reason: str) -> None:
         """Forget the current run: close its links, free its caches."""

@@ -33,6 +33,7 @@ from ...model.meta import on_meta
 from ...model.quant import quantize as quantize_stage
 from .cgroups import cgroup_cpu_limit
 from .frame_probe import time_stages
+from .fused_check import fused_state
 from .limits import free_memory
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def effective_cpus() -> float:
 
 
 def node_capabilities(device: str = "cpu", max_memory: int | None = None) -> dict:
-    """Device, memory and CPUs, as GET /capabilities reports them.
+    """Device, memory, CPUs and the fused decode kernels, as GET /capabilities reports them.
 
     budget_bytes: what the node accepts for a run's weights and caches, the
     free memory capped by max_memory (`mdi node --max-memory`)."""
@@ -183,7 +184,8 @@ def node_capabilities(device: str = "cpu", max_memory: int | None = None) -> dic
             "memory_free_bytes": free, "max_memory_bytes": max_memory, "budget_bytes": budget,
             "cpu_count": os.cpu_count(), "cpus": effective_cpus(),
             "cpu_set": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "host_id": host_id(), "torch_threads": torch.get_num_threads()}
+            "host_id": host_id(), "torch_threads": torch.get_num_threads(),
+            "fused_kernels": fused_state(device)}  # fused_check.py
 
 
 def host_id() -> str | None:

@@ -34,6 +34,7 @@ from ...model import GPTConfig
 from ...net.peer_http import node_client
 from ..protocol.auth import AuthError
 from .capability import ProbeCache, Speed, node_capabilities, stage_memory
+from .fused_check import FUSED_DTYPES, check_ring, local_state
 from .limits import free_memory
 from ..cluster.nodes_config import NodesConfig, NodeSpec
 from .partition import Shard, even_split, manual_split
@@ -68,6 +69,9 @@ class Placement:
             d["parallel_stages"] = self.parallel
         if not math.isnan(self.plan.bottleneck_ms):
             d["bottleneck_ms"] = round(self.plan.bottleneck_ms, 3)
+        if self.caps:  # the ring's processes in order, the starter first (fused_check.py)
+            d["fused_kernels"] = [v if isinstance(v := c.get("fused_kernels"), bool) else None
+                                  for c in self.caps]
         return d
 
     def describe(self) -> str:
@@ -99,6 +103,7 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
             raise ValueError("give 'layers' for every node or for none")
         shards = manual_split(n_layer, manual)  # type: ignore[arg-type]
     even = even_split(n_layer, len(ring))
+    await asyncio.to_thread(local_state, device)  # stage 0's kernels, loaded (built) now
     async with node_client(timeout, token) as http:
         caps = [node_capabilities(device)] + [await _capabilities(http, s, timeout, retries)
                                               for s in ring[1:]]
@@ -111,6 +116,9 @@ async def place_layers(nodes: NodesConfig, config: GPTConfig, token: str, partit
     caps = [c for s, c in zip(ring, caps) if s.name not in gone]  # the ring's, in its order
     placement.parallel = compute_units(caps)
     placement.caps = caps
+    # not a live re-plan's ring (compared when it formed), nor float16 (no kernels for it)
+    if not fresh and dtype in FUSED_DTYPES:
+        check_ring([s.name for s in ring if s.name not in gone], caps)
     placement.nodes = nodes.leaving_out(gone, keep=fresh)  # fresh: a live re-plan
     return placement
 
