@@ -18,11 +18,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..generate import step
-from ..model import GPT
+from ..model import GPT, fused_ops
 from .report import write_rows
 
 PROMPT = 8  # positions each sequence holds before the profiled step
-FIELDS = ["weights", "rows", "aten_calls", "per_layer", "top"]
+FIELDS = ["weights", "kernels", "rows", "aten_calls", "per_layer", "top"]
 
 
 def count_decode(model: GPT, rows: int) -> tuple[int, Counter]:
@@ -40,11 +40,13 @@ def count_decode(model: GPT, rows: int) -> tuple[int, Counter]:
 
 
 def profile_rows(model: GPT, weights: str, rows: list[int]) -> list[dict]:
+    # mdi's fused decode kernels or torch's operations (MDI_FUSED_OPS=0, no compiler)
+    kernels = "fused" if fused_ops.ops() is not None else "torch"
     out = []
     for n in rows:
         total, names = count_decode(model, n)
         top = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in names.most_common(6))
-        out.append({"weights": weights, "rows": n, "aten_calls": total,
+        out.append({"weights": weights, "kernels": kernels, "rows": n, "aten_calls": total,
                     "per_layer": round(total / model.config.n_layer, 1), "top": top})
     return out
 
@@ -54,7 +56,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'weights':<17} {'rows':>5} {'aten calls':>11} {'per layer':>10}  most called"]
-    lines += [f"{r['weights']:<17} {r['rows']:>5} {r['aten_calls']:>11} {r['per_layer']:>10}  {r['top']}"
-              for r in rows]
+    lines = [f"{'weights':<17} {'kernels':<7} {'rows':>5} {'aten calls':>11} {'per layer':>10}  most called"]
+    lines += [f"{r['weights']:<17} {r['kernels']:<7} {r['rows']:>5} {r['aten_calls']:>11} "
+              f"{r['per_layer']:>10}  {r['top']}" for r in rows]
     return "\n".join(lines)
