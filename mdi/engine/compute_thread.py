@@ -32,6 +32,19 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 
+def run_job(future: Future, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """One submitted job, on the calling thread: its result or error to its future, as
+    an executor's worker does (nothing if the future was cancelled first)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - the submitter gets it, as from an executor
+        future.set_exception(e)
+    else:
+        future.set_result(result)
+
+
 class ComputeThread:
     """A single worker thread: `call` from a plain thread (blocks), `run` from a
     coroutine (awaits); either way `fn` runs on this thread. Close it (or use it
@@ -91,17 +104,8 @@ class ComputeThread:
             job = self._jobs.get()
             if job is None:
                 return
-            future, fn, args, kwargs = job
-            del job
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as e:  # noqa: BLE001 - the caller gets it, as from an executor
-                    future.set_exception(e)
-                else:
-                    future.set_result(result)
-                    del result
-            del future, fn, args, kwargs  # nothing of a job kept while the thread waits
+            run_job(*job)
+            del job  # nothing of a job kept while the thread waits
 
 
 def has_teams() -> bool:

@@ -26,6 +26,8 @@ from collections import deque
 from concurrent.futures import Executor, Future
 from typing import Any, Callable
 
+from ...engine.compute_thread import run_job
+
 log = logging.getLogger(__name__)
 
 
@@ -79,15 +81,8 @@ class NodeComputeThread(Executor):
             with self._lock:
                 if not self._jobs:
                     return
-                future, fn, args, kwargs = self._jobs.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - the submitter gets it, as from an executor
-                future.set_exception(e)
-            else:
-                future.set_result(result)
+                job = self._jobs.popleft()
+            run_job(*job)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
