@@ -49,12 +49,14 @@ def test_a_data_loop_runs_on_the_compute_thread_and_jobs_between_its_frames():
     seen: list[tuple[str, int]] = []
     served = threading.Event()
     ended: list = []
+    jobs: list = []
 
     def on_frame(sock: socket.socket, _t0: float) -> bool:
         data = sock.recv(1)
         seen.append(("frame", threading.get_ident()))
         if data == b"j":  # a job submitted while the loop serves: it waits for this frame
             job = ct.submit(lambda: seen.append(("job", threading.get_ident())))
+            jobs.append(job)
             served.set()
             assert not job.done()
         return data != b"q"
@@ -65,6 +67,7 @@ def test_a_data_loop_runs_on_the_compute_thread_and_jobs_between_its_frames():
         link.attach(up)
         up_peer.sendall(b"j")
         assert served.wait(5)
+        jobs[0].result(5)  # (the next frame only then: one that is already waiting goes first)
         up_peer.sendall(b"q")
         link.join(5)
         assert not link.alive() and ended == [None]
