@@ -1,5 +1,5 @@
 """`mdi serve --compile`: every package of the compiled decode step is loaded or built at
-start (serve/compiled_start.py), so that no request waits for a build.
+start (engine/compiled_start.py), so that no request waits for a build.
 
 The fast test replaces AOTInductor's build and load with a stand-in (a file naming the
 graph; its runner the traced function run eagerly), which keeps what is under test:
@@ -86,14 +86,14 @@ def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
         tiny_ckpt, cache_dir, stand_in, caplog):
     built, ran, threads = stand_in
     opts = BackendOptions(ckpt=str(tiny_ckpt), max_seqs=3, compile=True)
-    with caplog.at_level(logging.INFO, logger="mdi.serve"):
+    with caplog.at_level(logging.INFO, logger="mdi.compile"):
         backend = open_backend(opts)
     with backend:
         graphs = CompiledDecode.graphs(3)
         assert sorted(built) == sorted(graphs)
         assert len(list(cache_dir.glob("decode-*.pt2"))) == len(graphs)
-        said = [r.getMessage() for r in caplog.records if r.name == "mdi.serve"]
-        assert sum(m.endswith(": building") for m in said) == len(graphs)
+        said = [r.getMessage() for r in caplog.records if r.name == "mdi.compile"]
+        assert sum(": building (about " in m for m in said) == len(graphs)
         assert any("building 5 of the decode step's 5 package(s) (row buckets 1, 2, 3)" in m
                    for m in said)
         built.clear()
@@ -107,8 +107,8 @@ def test_serve_readies_every_bucket_at_start_and_builds_nothing_after(
     # built and run on serve's compute thread (backend.py), neither the caller's nor the loop's
     assert {name.split("_")[0] for name in threads} == {"mdi-compute"}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mdi.serve"), open_backend(opts):  # a second start
-        said = [r.getMessage() for r in caplog.records if r.name == "mdi.serve"]
+    with caplog.at_level(logging.INFO, logger="mdi.compile"), open_backend(opts):  # a second start
+        said = [r.getMessage() for r in caplog.records if r.name == "mdi.compile"]
     assert built == []
     assert sum("loaded from cache" in m for m in said) == len(graphs)
     assert any("5 decode-step package(s) ready" in m and "(0 built, 5 loaded)" in m for m in said)
@@ -124,7 +124,7 @@ def test_serve_without_compile_prepares_nothing(tiny_ckpt, stand_in):
 @needs_compiler
 def test_a_stop_at_start_begins_no_further_package(tiny_ckpt, cache_dir, stand_in):
     from mdi.checkpoint import LoadOptions, load_model
-    from mdi.serve.compiled_start import prepare_compiled
+    from mdi.engine.compiled_start import prepare_compiled
 
     built, _, _ = stand_in
     model = load_model(str(tiny_ckpt), LoadOptions(compile=True)).model

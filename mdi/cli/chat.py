@@ -15,8 +15,11 @@ The engine runs on an event loop of its own thread (EngineThread): the terminal'
 thread reads lines and receives Ctrl-C, which cancels the sequence being generated
 (the engine frees its KV slot, on every node) and leaves the engine running. On one
 device that thread also loads the model and computes every step, so that a single
-thread runs torch's work (engine/compute_thread.py says why). Ctrl-C while the
-model loads quits at once (exit code 130), without waiting for the load.
+thread runs torch's work (engine/compute_thread.py says why). With `--compile` that
+thread also readies the compiled decode step's package after the load, before the
+first prompt (engine/compiled_start.py: built once, about a minute on 2 cores, then
+loaded from the cache), so no answer waits for it. Ctrl-C while the model loads or
+the package builds quits at once (exit code 130), without waiting for either.
 """
 from __future__ import annotations
 
@@ -95,7 +98,9 @@ class EngineThread:
     """An engine on an event loop in a thread of its own; answer() streams one sequence
     and returns when it ends, a KeyboardInterrupt in the caller cancelling it."""
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], stop: threading.Event | None = None) -> None:
+        """stop: set on a Ctrl-C during the start (factory may watch it: --compile's
+        builds begin no further package)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="mdi-chat-engine",
                                        daemon=True)
@@ -114,6 +119,8 @@ class EngineThread:
             # Ctrl-C during the load: leave now. The load (factory(), on the loop's
             # thread or a ComputeThread, both daemons) cannot stop part way and goes
             # with the process; a ring's start stops at its next await.
+            if stop is not None:
+                stop.set()
             starting.cancel()
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise
@@ -200,15 +207,22 @@ def _engine(args: argparse.Namespace, ck: Any, tok: Tokenizer, ring: bool) -> It
     if not ring:
         from ..engine.local import LocalEngine
 
+        stop = threading.Event()  # a Ctrl-C at start: --compile begins no further package
+
         def local() -> LocalEngine:
             # on the engine's thread, which loads the model and computes every step itself
             # (compute_inline): one thread runs torch's OpenMP work, so libgomp keeps its
             # helpers spinning between parallel regions (engine/compute_thread.py)
             model = load_model(ck, load_options(args)).model
+            if args.compile:  # its package ready before the first prompt, not in the answer
+                from ..engine.compiled_start import prepare_compiled
+
+                # the engine's one sequence: a cache of one row, the graph of 1 row
+                prepare_compiled(model, 1, stop, before="the first prompt")
             engine = LocalEngine(model, tok, max_seqs=1, prefill_chunk=args.prefill_chunk)
             engine.compute_inline = True
             return engine
-        with EngineThread(local) as engine:
+        with EngineThread(local, stop) as engine:
             yield engine
         return
     from ..ring.starter.ring_engine import RingEngine

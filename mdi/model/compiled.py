@@ -16,11 +16,11 @@ cache is whole from the start, cache.py) and dynamic for torch.compile (a grown
 cache compiles nothing again). A bucket has two graphs at most: rows at one
 position (no mask, as the eager step) and rows at several. Everything else is
 static. `graphs` lists the graphs steps over a cache can run and `prepare` loads
-or builds one ahead of its first step (`mdi serve` readies them all at start:
-serve/compiled_start.py). A decode with every row at position 0 (a one-token prompt) runs
-eagerly: a size of 1 would be a graph of its own; so does, with a package, a
-step whose keys are the whole cache (the context's last position). Prefill
-stays eager.
+or builds one ahead of its first step (`mdi serve` readies them all at start,
+`mdi chat` its one: engine/compiled_start.py). A decode with every row at
+position 0 (a one-token prompt) runs eagerly: a size of 1 would be a graph of
+its own; so does, with a package, a step whose keys are the whole cache (the
+context's last position). Prefill stays eager.
 
 Padding uses rows of the cache itself: a step over rows [a, b) runs on the
 rows [a, a + bucket) (or the last `bucket` rows at the cache's end); the rows

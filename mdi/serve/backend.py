@@ -139,7 +139,7 @@ def local_backend(opts: BackendOptions) -> Backend:
             batch_invariant=opts.batch_invariant, max_context=opts.max_context,
             kv_dtype=KV_DTYPES[opts.kv_dtype] if opts.kv_dtype else None, compile=opts.compile))
         if opts.compile:  # every package a step can run, before the server takes a request
-            from .compiled_start import prepare_compiled
+            from ..engine.compiled_start import prepare_compiled
 
             # the engine below has one lane: one cache of max_seqs rows (its layout keys them)
             compute.call(prepare_compiled, loaded.model, opts.max_seqs, stop)

@@ -1,15 +1,16 @@
-"""`mdi serve --compile`: every package of the compiled decode step ready before the
-server accepts a request.
+"""`--compile`: every package of the compiled decode step ready before the first
+request (`mdi serve`) or the first prompt (`mdi chat`).
 
-A package is built the first time its graph runs (model/compiled.py); under serve that
-time is a request's, and every stream then waits for the build (about a minute on 2
-cores). So serve's start (backend.py, on its compute thread, before the server binds)
-loads or builds the package of every graph its steps can run: each row bucket of
-1..max_seqs rows (1, 2, 4, 8, ..., max_seqs), with every row at one position and,
-from 2 rows, at several. A first start builds them (a log line each, a bar on a
-terminal, the expected time said first); a later start loads them from the cache
-(MDI_CACHE_DIR/inductor/mdi-aoti, or ~/.cache/mdi/inductor/mdi-aoti), a second or two
-each.
+A package is built the first time its graph runs (model/compiled.py); that time would
+be a request's or an answer's (about a minute on 2 cores, with nothing said). So the
+start loads or builds the package of every graph the engine's steps can run: each row
+bucket of 1..rows rows (1, 2, 4, 8, ..., rows), with every row at one position and,
+from 2 rows, at several. `mdi serve` (serve/backend.py, on its compute thread, before
+the server binds) readies those of max_seqs rows; `mdi chat` (cli/chat.py, on the
+engine's thread, before its first prompt) those of its one sequence: one package.
+A first start builds them (a log line each with its expected time, a bar on a
+terminal); a later start loads them from the cache (MDI_CACHE_DIR/inductor/mdi-aoti,
+or ~/.cache/mdi/inductor/mdi-aoti), a second or two each.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-log = logging.getLogger("mdi.serve")
+log = logging.getLogger("mdi.compile")
 
 BUILD_S = 60.0  # one package's build on 2 cores (SmolLM2-135M: 64-84 s; the bundled model 12 s)
 LONG_S = 300.0  # a first start expected to build for longer: said as a warning
@@ -30,13 +31,15 @@ def _what(n: int, uniform: bool) -> str:
     return f"{n} row{'s' if n > 1 else ''}{'' if uniform else ' at several positions'}"
 
 
-def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
+def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None,
+                     before: str = "serving", fewer: str = "--max-seqs"
                      ) -> dict[tuple[int, bool], str]:
     """Load or build the packages of every graph a decode step over rows of a cache of
     `cache_rows` rows (the local engine's one lane: max_seqs) can run; returns what each
     (rows, uniform) was: "loaded", "built", "ready" (already loaded), or none at all (a
     model without --compile, or one whose steps go through torch.compile, which compiles
-    on first use). stop: set (a Ctrl-C at start), no further package is begun."""
+    on first use). stop: set (a Ctrl-C at start), no further package is begun. before:
+    what the builds come before, in the log; fewer: the option that makes fewer of them."""
     compiled = getattr(model, "compiled_decode", None)
     if compiled is None:
         return {}
@@ -56,9 +59,10 @@ def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
         minutes = todo * BUILD_S / 60
         (log.warning if todo * BUILD_S > LONG_S else log.info)(
             "--compile: building %d of the decode step's %d package(s) (row buckets %s) before "
-            "serving: about a minute each on 2 cores, ~%.0f min in all (fewer with a smaller "
-            "--max-seqs); once: later starts load them from %s", todo, len(plan),
-            ", ".join(str(n) for n in sorted({n for n, *_ in plan})), max(minutes, 1), folder)
+            "%s: about a minute each on 2 cores, ~%.0f min in all%s; once: later starts load "
+            "them from %s", todo, len(plan), ", ".join(str(n) for n in sorted({n for n, *_ in plan})),
+            before, max(minutes, 1), f" (fewer with a smaller {fewer})" if cache_rows > 1 else "",
+            folder)
     t0, done, build_s = time.perf_counter(), {}, []
     with logging_redirect_tqdm(), tqdm(total=todo, unit="package", desc="--compile: building",
                                        disable=None if todo else True, leave=False) as bar:
@@ -66,8 +70,9 @@ def prepare_compiled(model, cache_rows: int, stop: threading.Event | None = None
             if stop is not None and stop.is_set():
                 log.info("--compile: stopped before the decode step for %s", _what(n, uniform))
                 return done
-            if build:
-                log.info("--compile: the decode step for %s: building", _what(n, uniform))
+            if build:  # the expected time: the builds so far, else BUILD_S
+                log.info("--compile: the decode step for %s: building (about %.0f s)",
+                         _what(n, uniform), sum(build_s) / len(build_s) if build_s else BUILD_S)
             t1 = time.perf_counter()
             done[n, uniform] = how = compiled.prepare(cache, n, uniform)
             took = time.perf_counter() - t1
