@@ -1,6 +1,6 @@
 """A decoder block's forward through the fused kernels (fused_ops.py), for
-float32 CPU inference: the same layers, weights and GEMMs as Block.forward,
-with the operations between the GEMMs one kernel each.
+float32 or bfloat16 CPU inference: the same layers, weights and GEMMs as
+Block.forward, with the operations between the GEMMs one kernel each.
 
 Per block of a decode step: the input norm, RoPE and the cache write together,
 attention over the cache, the residual add with the second norm, SwiGLU's
@@ -39,9 +39,9 @@ def reads_bf16(layer: torch.nn.Module, rows: int) -> bool:
         return layer.bias is None
     if isinstance(layer, Int8Linear):
         weight_only = rows <= layer.few_rows and layer.weight_only_fits(rows)
-        return layer.bias is None and not layer.refine and (
-            weight_only or (rows >= layer.many_rows or rows <= layer.few_rows)
-            and GEMM_DTYPE == torch.bfloat16)
+        gemm = not weight_only and (rows >= layer.many_rows or rows <= layer.few_rows)
+        return (layer.bias is None and not layer.refine
+                and (weight_only or (gemm and GEMM_DTYPE == torch.bfloat16)))
     return False
 
 
@@ -71,7 +71,7 @@ def norm(ops, m: torch.nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
 
 
 def _writes_plainly(cache: KVCache, layer: int) -> bool:
-    """Does the cache store float32 keys and values with KVCache's own update?"""
+    """Does the cache store float32 or bfloat16 keys and values with KVCache's own update?"""
     return (type(cache).update is KVCache.update
             and cache.kv[layer].dtype in (torch.float32, torch.bfloat16))
 

@@ -125,6 +125,7 @@ def pack_linears(model: nn.Module, one_copy: bool = True) -> int:
             packed_weight(m)
             if one_copy and uses[id(w)] == 1:
                 m.__dict__["_mdi_packed"].only = True
+                m.__dict__.pop("_mdi_wt", None)  # (its view would keep the plain weight alive)
                 m.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"),
                                         requires_grad=False)
             n += 1
