@@ -4,9 +4,9 @@ attention over the cache, SwiGLU's gate.
 
 An eager decode step of one sequence spent most of its time between the matrix
 products, in ~90-130 aten calls per layer (issue 21). The kernels are built
-with the system's C++ compiler on first use (~6 s) into MDI_CACHE_DIR/ops (else
-~/.cache/mdi/ops), keyed by the source, torch's version and the flags, and
-loaded from there afterwards. Where no compiler or no build works, or with
+with the system's C++ compiler on first use (~8 s) into MDI_CACHE_DIR/ops (else
+~/.cache/mdi/ops), keyed by the source, torch's install, the machine, the
+compiler and the flags, and loaded from there afterwards (one build at a time). Where no compiler or no build works, or with
 MDI_FUSED_OPS=0, the layers compute as before with torch's operations (the
 same maths; sums in another order, so last bits can differ): `ops()` is then
 None. Every process of a ring should run alike; the log says which way a
@@ -98,6 +98,19 @@ def library_path(environ: dict[str, str] | None = None) -> Path:
     return base / f"decode_ops-{key.hexdigest()[:16]}.so"
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for
+    every thread for a moment); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def build(path: Path) -> None:
     """Compile the kernels into `path` (written under another name, then renamed:
     processes building at once each write their own and the last rename wins)."""
@@ -112,9 +125,7 @@ def build(path: Path) -> None:
                               errors="replace", timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-2000:]}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)  # (mkstemp made it 0600: others sharing the cache load it too)
+        os.chmod(tmp, 0o755 & ~_umask())  # (mkstemp made it 0600: others sharing the cache load it)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
