@@ -8,8 +8,8 @@
 // 10-20 with its views, SwiGLU's gate 4. Here each is one call, and no
 // temporary tensor is made between its steps.
 //
-// Every sum runs in the order this source gives (LANES partial sums, then summed
-// one after another), built with -ffp-contract=off: the results are the same
+// Every sum runs in the order this source gives (LANES partial sums, then added
+// pairwise: `fold`), built with -ffp-contract=off: the results are the same
 // bits on any x86 CPU and with any vector width the compiler picks, so the
 // processes of a ring, built on different machines, compute alike. Each row of
 // a batch is computed on its own, so a row's numbers never depend on its
