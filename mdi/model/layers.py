@@ -175,7 +175,8 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     # F.linear's own path for a 3-D input (flatten, mm/addmm, view back), without
     # its dispatch layers, and with the weight's transposed view kept on the layer:
     # 3-4 aten calls instead of 11 per small-weight or bfloat16 decode GEMM
-    w = _transposed(layer)
+    # (a traced graph takes the plain view: dynamo cannot trace the kept view's check)
+    w = _plain(layer).t() if torch.compiler.is_compiling() else _transposed(layer)
     x2 = x.view(B * T, C) if x.is_contiguous() else x.reshape(B * T, C)
     y = torch.mm(x2, w) if layer.bias is None else torch.addmm(layer.bias, x2, w)
     return y.view(B, T, -1)
