@@ -233,6 +233,26 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def interrupted(proc: subprocess.Popen) -> str:
+    """SIGINT to a chat held at its gate: it quits at once (130, 'mdi: interrupted', no
+    traceback, no prompt shown), the gate still shut. Returns its stderr."""
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "mdi: interrupted" in err and "Traceback" not in err, err
+    assert ">>> " not in out
+    return err
+
+
+def shut(gate: int | None, proc: subprocess.Popen) -> None:
+    """The test's end: the gate closed, the chat gone."""
+    if gate is not None:
+        os.close(gate)
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 def open_gate(fifo: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
     """The fifo's write end, once the chat has opened its read end: it is in the load."""
     deadline = time.monotonic() + timeout
@@ -266,15 +286,7 @@ def test_ctrl_c_while_the_model_loads_quits_at_once(tmp_path, nodes):
         gate = open_gate(fifo, proc)
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(children) == int(nodes) - 1  # a ring's local node, up before the load
-        os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)  # with the gate still shut
-        assert proc.returncode == 130, err
-        assert "mdi: interrupted" in err and "Traceback" not in err, err
-        assert ">>> " not in out
+        interrupted(proc)
         assert wait_gone(children) == []  # the local node was stopped
     finally:
-        if gate is not None:
-            os.close(gate)
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        shut(gate, proc)
