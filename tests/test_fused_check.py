@@ -82,16 +82,18 @@ def test_state_is_reported_on_a_gpu_as_unknown_and_never_builds_there(monkeypatc
 
 
 def test_local_state_follows_fused_ops(monkeypatch):
-    monkeypatch.setattr(fused_check, "_state", {})
-    monkeypatch.setattr(fused_check.fused_ops, "ops", lambda: None)  # no compiler, or =0
+    state: dict = {}
+    monkeypatch.setattr(fused_check.fused_ops, "_state", state)
+    monkeypatch.setattr(fused_check.fused_ops, "_load", lambda: None)  # no compiler, or =0
     assert fused_check.fused_state() is None  # not asked yet: unknown, no build
     assert fused_check.local_state() is False and fused_check.fused_state() is False
-    monkeypatch.setattr(fused_check.fused_ops, "ops", lambda: object())
+    state.clear()  # (another process's answer)
+    monkeypatch.setattr(fused_check.fused_ops, "_load", lambda: object())
     assert fused_check.local_state() is True and fused_check.fused_state() is True
 
 
 def test_node_reports_the_field_in_capabilities_and_status(monkeypatch):
-    monkeypatch.setattr(fused_check, "_state", {"loaded": False})
+    monkeypatch.setattr(fused_check.fused_ops, "_state", {"ops": None})
     rt = NodeRuntime(NodeSpec("finisher", 0, "127.0.0.1", 1, 2, 3), TOKEN)
     with TestClient(create_control_app(rt)) as client:
         caps = client.get("/capabilities", headers=auth()).json()

@@ -183,9 +183,17 @@ def _load():
         return None
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Can a forward on activations x use the kernels? float32 or bfloat16 on the CPU,
-    no autograd, not traced by torch.compile or torch.export."""
-    return (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and ops() is not None)
+def loaded() -> bool | None:
+    """Whether this process computes with the kernels: None until ops() has answered
+    (nothing is built here)."""
+    return None if "ops" not in _state else _state["ops"] is not None
+
+
+def for_forward(x: torch.Tensor):
+    """The kernels for a forward on activations x, or None where they do not apply:
+    float32 or bfloat16 on the CPU, no autograd, not traced by torch.compile or
+    torch.export (one check per forward)."""
+    if (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return ops()
+    return None

@@ -188,7 +188,7 @@ class GPT(nn.Module):
             if self.training:
                 x = self.transformer.drop(x)
         # the fused kernels: eager CPU inference (not in train mode: no dropout there)
-        ops = fused_ops.ops() if not self.training and fused_ops.applies(x) else None
+        ops = None if self.training else fused_ops.for_forward(x)
         rope = None
         if self.config.positions == "rope" and ops is not None:
             rope = step_rope(self._inv_freq(x.device), input_pos)  # (B, T, hs) each

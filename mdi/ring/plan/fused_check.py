@@ -21,10 +21,9 @@ import threading
 from ...model import fused_ops
 
 log = logging.getLogger(__name__)
-FUSED_DTYPES = ("float32", "bfloat16")  # the activations they apply to (fused_ops.applies)
+FUSED_DTYPES = ("float32", "bfloat16")  # the activations they apply to (fused_ops.for_forward)
 CAPABILITY_WAIT_S = 3.0   # /capabilities waits this long for a build under way (< the starter's 5 s)
 
-_state: dict[str, bool] = {}       # "loaded": whether ops() gave the kernels, once it answered
 _done = threading.Event()
 _start_lock = threading.Lock()
 _thread: list[threading.Thread] = []
@@ -37,9 +36,7 @@ def _on_cpu(device: str | None) -> bool:
 def _load() -> bool:
     """Load (build if need be) this process's kernels; whether they loaded."""
     try:
-        loaded = fused_ops.ops() is not None
-        _state["loaded"] = loaded
-        return loaded
+        return fused_ops.ops() is not None
     finally:  # (ops() answers None on any failure; /capabilities never waits for a dead load)
         _done.set()
 
@@ -59,7 +56,7 @@ def start_loading(device: str = "cpu") -> None:
 def fused_state(device: str = "cpu") -> bool | None:
     """Whether this process computes with the kernels; None while not known (never
     asked, still building) or on a GPU (they apply to CPU activations only). No build."""
-    return _state.get("loaded") if _on_cpu(device) else None
+    return fused_ops.loaded() if _on_cpu(device) else None
 
 
 async def wait_state(timeout: float = CAPABILITY_WAIT_S) -> None:
