@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .int4 import Int4Linear
 from .kernels import GEMM_DTYPE
+from .kept import kept
 from .layers import (Block, CachedStep, CausalSelfAttention, LinearMode, RMSNorm, cached_attention,
                      linear, rope_cos_sin)
 from .packed import packed_attention
@@ -47,19 +48,9 @@ def reads_bf16(layer: torch.nn.Module, rows: int) -> bool:
 
 def float_weight(m: torch.nn.Module) -> torch.Tensor:
     """A norm's weight in float32, the kernels' operand: the weight itself, or a
-    float32 copy kept on the module (not state) until the weight changes."""
+    float32 copy kept on the module until the weight changes."""
     w = m.weight
-    if w.dtype == torch.float32:
-        return w
-    try:
-        version = w._version
-    except RuntimeError:  # an inference tensor cannot change in place
-        version = -1
-    key = (w, w.data_ptr(), version)
-    held = m.__dict__.get("_mdi_w32")
-    if held is None or held[0][0] is not w or held[0][1:] != key[1:]:
-        held = m.__dict__["_mdi_w32"] = (key, w.detach().float())
-    return held[1]
+    return w if w.dtype == torch.float32 else kept(m, "_mdi_w32", w, lambda t: t.detach().float())
 
 
 def norm(ops, m: torch.nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:

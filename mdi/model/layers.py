@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache, in_dtype
 from .config import GPTConfig
+from .kept import kept
 from .packed import PackedRows, packed_attention
 
 
@@ -182,30 +183,9 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     return y.view(B, T, -1)
 
 
-class _View:
-    """A weight and its transposed view, kept on a layer; copies and pickles of the
-    layer start empty (a copied view would be a second copy of the weight)."""
-
-    def __init__(self, weight: torch.Tensor | None, view: torch.Tensor | None) -> None:
-        self.weight, self.view = weight, view
-
-    def __deepcopy__(self, memo: dict) -> "_View":
-        return _View(None, None)
-
-    def __reduce__(self) -> tuple:
-        return (_View, (None, None))
-
-
 def _transposed(layer: nn.Linear) -> torch.Tensor:
-    """layer.weight.t(), a view kept on the layer (not state) while the weight is the
-    same tensor over the same memory (`.to()` swaps a parameter's data in place): it
-    shares the weight's storage, so in-place loads show through."""
-    w = _plain(layer)
-    held = layer.__dict__.get("_mdi_wt")
-    if (held is None or held.weight is not w or held.view.dtype != w.dtype
-            or held.view.data_ptr() != w.data_ptr()):
-        held = layer.__dict__["_mdi_wt"] = _View(w, w.t())
-    return held.view
+    """layer.weight.t(), a view kept on the layer: it shares the weight's storage."""
+    return kept(layer, "_mdi_wt", _plain(layer), torch.Tensor.t)
 
 
 class RMSNorm(nn.Module):
