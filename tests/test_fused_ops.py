@@ -172,15 +172,16 @@ def decode_run(model, prompts, n, fused: bool, monkeypatch) -> tuple[list[list[i
 @pytest.mark.parametrize("weights", ["float32", "int4", "int8"])
 def test_fused_decode_equals_torch_operations(family, weights, make_model, monkeypatch):
     """Rows at different positions (their own lengths), a prefill from 0 and a decode
-    each step: the same tokens; logits within float32 rounding (float32) or the low-bit
-    kernels' bfloat16 rounding of the same inputs."""
+    each step: the same tokens; logits within float32 rounding (float32) or torch's
+    low-bit kernels' bfloat16 rounding of their inputs (the fused path's low-bit
+    products read float32: tests/test_lowbit_ops.py compares both with the exact sums)."""
     model = make_model(FAMILIES[family], seed=4)
     if weights != "float32":
         quantize_linears(model, weights)
     prompts = [[1, 5, 9, 2, 7], [3, 2], [8, 6, 4, 2, 0, 1, 3, 5, 7]]
     want_tokens, want = decode_run(model, prompts, 10, False, monkeypatch)
     tokens, got = decode_run(model, prompts, 10, True, monkeypatch)
-    torch.testing.assert_close(got, want, atol=1e-5 if weights == "float32" else 2e-2, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5 if weights == "float32" else 4e-2, rtol=0)
     assert tokens == want_tokens
 
 

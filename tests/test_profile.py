@@ -29,7 +29,8 @@ def test_a_decode_step_stays_within_its_aten_calls_per_layer(make_model, form, q
         assert total / config.n_layer <= bound, (rows, names.most_common(8))
         assert names["aten::addmm"] + names["aten::mm"] + names["aten::linear"] + \
             names["aten::_int_mm"] + names["aten::_weight_int8pack_mm"] + \
-            names["aten::mkldnn_linear"] + names["aten::_mkl_linear"] > 0  # it did decode
+            names["aten::mkldnn_linear"] + names["aten::_mkl_linear"] + \
+            names["mdi_fused::int8_mm"] > 0  # it did decode
     # the count is per step, not per row: 4 rows cost the calls of 1 (within a few)
     assert abs(counts[4][0] - counts[1][0]) <= 3 * config.n_layer
 

@@ -4,7 +4,8 @@ The whole model is loaded as a run loads it (stored dtype, `--quantize`,
 prepacked float32 weights), prefills PROMPT positions for each of `rows`
 sequences, decodes one warm-up step and then one step under torch.profiler.
 Every aten event of that step is counted, nested ones included (an op and the
-ops it calls), which is the count issue 21 quotes; `per_layer` is the step's
+ops it calls), which is the count issue 21 quotes, and every call of mdi's own
+kernels (`mdi_fused::`, model/csrc: the low-bit products are theirs); `per_layer` is the step's
 count over the model's layers (the embedding and the head included), so it
 falls as the layers' own work does. Counts, not times: they do not drift with
 the machine's load.
@@ -26,7 +27,8 @@ FIELDS = ["weights", "kernels", "rows", "aten_calls", "per_layer", "top"]
 
 
 def count_decode(model: GPT, rows: int) -> tuple[int, Counter]:
-    """The aten events of one decode step of `rows` sequences, and their names."""
+    """The operator calls of one decode step of `rows` sequences (aten's, and mdi's
+    own kernels', model/csrc: each is a call the step makes), and their names."""
     vocab = model.config.vocab_size
     cache = model.new_cache(rows)
     with torch.inference_mode():
@@ -35,7 +37,7 @@ def count_decode(model: GPT, rows: int) -> tuple[int, Counter]:
         step.decode(model, cache, [1 % vocab] * rows, [PROMPT] * rows)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step.decode(model, cache, [2 % vocab] * rows, [PROMPT + 1] * rows)
-    names = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    names = Counter(e.name for e in prof.events() if e.name.startswith(("aten::", "mdi_fused::")))
     return sum(names.values()), names
 
 
@@ -56,7 +58,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'weights':<17} {'kernels':<7} {'rows':>5} {'aten calls':>11} {'per layer':>10}  most called"]
+    lines = [f"{'weights':<17} {'kernels':<7} {'rows':>5} {'op calls':>11} {'per layer':>10}  most called"]
     lines += [f"{r['weights']:<17} {r['kernels']:<7} {r['rows']:>5} {r['aten_calls']:>11} "
               f"{r['per_layer']:>10}  {r['top']}" for r in rows]
     return "\n".join(lines)

@@ -207,8 +207,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "nn.Linear instead of prepacked weights; comma-separated, "
                         "may be empty)")
     p.add_argument("--profile", action="store_true",
-                   help="count the aten calls of one decode step at each of --seqs rows (default "
-                        "1,16 here), per layer, with --quantize's weights (profile.csv)")
+                   help="count the operator calls (aten's and mdi's kernels') of one decode step at "
+                        "each of --seqs rows (default 1,16 here), per layer, with --quantize's "
+                        "weights (profile.csv)")
     p.add_argument("--compile", metavar="LIST",
                    help="off,on: single-device runs at each of --seqs (default 1,16 here), eager "
                         "and with the decode step compiled, this twice (a cold start with an empty "

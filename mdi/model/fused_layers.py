@@ -4,7 +4,8 @@ Block.forward, with the operations between the GEMMs one kernel each.
 
 Per block of a decode step: the input norm, RoPE and the cache write together,
 attention over the cache, the residual add with the second norm, SwiGLU's
-gate, the last residual add. A piece whose kernel does not apply falls back to
+gate, the last residual add (the int4 and int8 products of few rows are the
+kernels' too, in their layers' forward). A piece whose kernel does not apply falls back to
 the layers' own code: LayerNorm (GPT-2), other activations, a cache that
 stores another dtype (--kv-dtype) or computes its own writes (a compiled step's
 buffers), a packed prefill's rows. A prefill attends with
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .int4 import Int4Linear
 from .kernels import GEMM_DTYPE
 from .kept import kept
 from .layers import (Block, CachedStep, CausalSelfAttention, LinearMode, RMSNorm, cached_attention,
@@ -34,15 +34,12 @@ def step_rope(inv_freq: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Te
 def reads_bf16(layer: torch.nn.Module, rows: int) -> bool:
     """Does the linear take bfloat16 activations and give bfloat16 back, so that the
     kernels around it can write and read bfloat16 with the same bits as its own casts
-    (int4, and int8 where its kernel for `rows` is a bfloat16 one; no bias, which it
-    adds after its output is widened to float32)?"""
-    if isinstance(layer, Int4Linear):
-        return layer.bias is None
+    (an int8 layer's bfloat16 GEMM of many rows; no bias, which it adds after its
+    output is widened to float32)? Not an int4 layer, nor an int8 one of few rows:
+    with the kernels loaded their own products read float32 (csrc/lowbit_ops.cpp)."""
     if isinstance(layer, Int8Linear):
-        weight_only = rows <= layer.few_rows and layer.weight_only_fits(rows)
-        gemm = not weight_only and (rows >= layer.many_rows or rows <= layer.few_rows)
-        return (layer.bias is None and not layer.refine
-                and (weight_only or (gemm and GEMM_DTYPE == torch.bfloat16)))
+        return (layer.bias is None and not layer.refine and rows > layer.few_rows
+                and rows >= layer.many_rows and GEMM_DTYPE == torch.bfloat16)
     return False
 
 
@@ -68,7 +65,7 @@ def _writes_plainly(cache: KVCache, layer: int) -> bool:
 
 
 def wants_bf16(layer: torch.nn.Module, x: torch.Tensor, rows: int) -> bool:
-    """Is the input of `layer` bfloat16: a bfloat16 model's, or a low-bit linear's?"""
+    """Is the input of `layer` bfloat16: a bfloat16 model's, or an int8 GEMM's?"""
     return x.dtype == torch.bfloat16 or reads_bf16(layer, rows)
 
 
@@ -110,8 +107,9 @@ def block_forward(ops, block: Block, x: torch.Tensor, step: CachedStep | None,
                   cache: KVCache | None, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
                   mode: LinearMode) -> torch.Tensor:
     """Block.forward's result (within the kernels' rounding) through the kernels.
-    Around a low-bit linear (reads_bf16) the kernels write its bfloat16 input and
-    read its bfloat16 output themselves: the same bits as its own casts, without them."""
+    Around a linear that reads bfloat16 (reads_bf16) the kernels write its bfloat16
+    input and read its bfloat16 output themselves: the same bits as its own casts,
+    without them."""
     rows = x.shape[0] * x.shape[1]
     attn, m = block.attn, block.mlp
     h = norm(ops, block.ln_1, x, wants_bf16(attn.c_attn, x, rows))

@@ -1,10 +1,12 @@
 """The decoder layer's small operations as one CPU kernel each (csrc/decode_ops.cpp):
 RMSNorm, a residual add with the norm after it, RoPE with the cache write, decode
-attention over the cache, SwiGLU's gate.
+attention over the cache, SwiGLU's gate; and the int4 and int8 matrix products of
+few rows against float32 activations (csrc/lowbit_ops.cpp: Int4Linear, and
+Int8Linear up to its `few_rows`).
 
 An eager decode step of one sequence spent most of its time between the matrix
 products, in ~90-130 aten calls per layer (issue 21). The kernels are built
-with the system's C++ compiler on first use (~8 s) into MDI_CACHE_DIR/ops (else
+with the system's C++ compiler on first use (~15 s, its two sources side by side) into MDI_CACHE_DIR/ops (else
 ~/.cache/mdi/ops), keyed by the source, torch's install, the machine, the
 compiler and the flags, and loaded from there afterwards (one build at a time). Where no compiler or no build works, or with
 MDI_FUSED_OPS=0, the layers compute as before with torch's operations (the
@@ -36,15 +38,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_ops.cpp"
-# -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as the
-# source says, on every CPU (tokens equal across a ring's machines)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "decode_ops.cpp", CSRC / "lowbit_ops.cpp"]  # compiled into one library
+HEADERS = [CSRC / "float_bits.h"]
+# -ffp-contract=off: no multiply-add fused where the source does not write one, so
+# every product and sum rounds as the source says, on every CPU (tokens equal
+# across a ring's machines)
 # (-fno-trapping-math: FP exception flags are not kept, so the loops of exp vectorize)
+# (-fopenmp: at::parallel_for's threads; without it the header's pragma runs one thread.
+# The library then needs libgomp.so.1, which torch's own library has loaded already.)
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
-         "-fno-math-errno", "-fno-trapping-math", "-w"]
+         "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-w"]
 BUILD_TIMEOUT_S = 600
 
 _state: dict[str, object] = {}
+_UNSET = object()
 _lock = threading.Lock()
 
 
@@ -53,9 +61,9 @@ def _vector_flags() -> list[str]:
     on them: the kernels' sums run in the source's order)."""
     cap = torch.backends.cpu.get_cpu_capability()
     if cap.startswith("AVX512"):
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2"]
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"]
     if cap.startswith("AVX2"):
-        return ["-mavx2"]
+        return ["-mavx2", "-mfma"]
     return []
 
 
@@ -76,21 +84,47 @@ def _compiler_version(cxx: tuple[str, ...]) -> str:
         return ""
 
 
-def _build_command(cxx: list[str], out: Path) -> list[str]:
+def _build_commands(cxx: list[str], objects: list[Path], out: Path) -> tuple[list[list[str]], list[str]]:
+    """The compiler's command for each source (into `objects`, run side by side: each
+    takes ~10 s) and the link of them into the library `out`."""
     from torch.utils.cpp_extension import include_paths  # only when building: a heavy import
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [*cxx, *FLAGS, *_vector_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-            *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
-            str(SOURCE), "-o", str(out), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{torch_lib}"]
+    common = [*cxx, *FLAGS, *_vector_flags()]
+    compile_ = [[*common, "-c", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                 *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+                 f"-I{CSRC}", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
+    link = [*common, *map(str, objects), "-o", str(out), f"-L{torch_lib}", "-lc10",
+            "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    return compile_, link
+
+
+def _run_all(commands: list[list[str]], what: str) -> None:
+    """Run the commands side by side; a RuntimeError with the first failure's stderr."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              errors="replace") for c in commands]
+    errors = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=BUILD_TIMEOUT_S)
+            if p.returncode != 0:
+                errors.append(err.strip()[-2000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if errors:
+        raise RuntimeError(f"{what} failed: {errors[0]}")
 
 
 def library_path(environ: dict[str, str] | None = None) -> Path:
     """Where this source's build, for this torch and these flags, is kept."""
     env = os.environ if environ is None else environ
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        key.update(f.read_bytes())
     cxx = _compiler() or []
     key.update("\n".join([torch.__version__, torch.__file__, platform.machine(), *FLAGS,
                           *_vector_flags(), *cxx, _compiler_version(tuple(cxx))]).encode())
@@ -121,10 +155,11 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run(_build_command(cxx, Path(tmp)), capture_output=True, text=True,
-                              errors="replace", timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=path.parent) as objs:
+            objects = [Path(objs) / f"{src.stem}.o" for src in SOURCES]
+            compile_, link = _build_commands(cxx, objects, Path(tmp))
+            _run_all(compile_, " ".join(cxx))
+            _run_all([link], f"{' '.join(cxx)} (linking)")
         os.chmod(tmp, 0o755 & ~_umask())  # (mkstemp made it 0600: others sharing the cache load it)
         os.replace(tmp, path)
     finally:
@@ -136,6 +171,9 @@ def ops():
     """torch.ops.mdi_fused once its library is loaded (built first if needed), or
     None where it cannot be (logged once) or MDI_FUSED_OPS=0. A cached build that
     does not load (torn, or another machine's) is built again once."""
+    got = _state.get("ops", _UNSET)  # (once answered, no lock: every linear asks)
+    if got is not _UNSET:
+        return got
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _load()
@@ -158,6 +196,16 @@ def _build_lock(path: Path):
         yield
 
 
+def _register_fakes() -> None:
+    """The low-bit products' output shapes, for torch.compile and torch.export: a
+    compiled step calls the same kernels as the eager one (csrc/lowbit_ops.cpp)."""
+    def mm(x, w, *args, portable=False):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    torch.library.register_fake("mdi_fused::int4_mm")(mm)
+    torch.library.register_fake("mdi_fused::int8_mm")(mm)
+
+
 def _load():
     if os.environ.get("MDI_FUSED_OPS", "1") == "0":
         log.info("fused decode kernels off (MDI_FUSED_OPS=0): torch's operations instead")
@@ -168,6 +216,7 @@ def _load():
         if path.exists():
             try:
                 torch.ops.load_library(str(path))
+                _register_fakes()
                 return torch.ops.mdi_fused
             except OSError as e:
                 log.warning("the cached fused decode kernels do not load (%s): building them again", e)
@@ -177,6 +226,7 @@ def _load():
                 log.info("building the fused decode kernels (once, a few seconds): %s", path)
                 build(path)
         torch.ops.load_library(str(path))  # (built by this process or one it waited for)
+        _register_fakes()
         return torch.ops.mdi_fused
     except Exception as e:  # noqa: BLE001 - any failure: torch's operations, said once
         log.warning("fused decode kernels unavailable, torch's operations instead: %s", e)
@@ -187,6 +237,17 @@ def loaded() -> bool | None:
     """Whether this process computes with the kernels: None until ops() has answered
     (nothing is built here)."""
     return None if "ops" not in _state else _state["ops"] is not None
+
+
+def for_lowbit(x: torch.Tensor):
+    """The kernels for a low-bit product of activations x (csrc/lowbit_ops.cpp), or
+    None: float32 or bfloat16 on the CPU, no autograd; also while torch.compile or
+    torch.export traces (they have fake kernels: a compiled step computes as an
+    eager one)."""
+    if (x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return ops()
+    return None
 
 
 def for_forward(x: torch.Tensor):

@@ -6,8 +6,9 @@ q in [-127, 127]); every `nn.Embedding` table (vocab, C) likewise, one scale
 per row. Weights take 1 byte instead of 4 (plus 4 bytes per row for the scale).
 
 Compute on CPU: one of three kernels by the rows of the call (kernels.py):
-the weight-only `torch._weight_int8pack_mm` (bfloat16 activations) for a few
-rows, a bfloat16 GEMM on the weight converted to bfloat16 for more (float32 on
+weight-only for a few rows (mdi's `int8_mm` with float32 activations where the
+fused kernels are loaded, csrc/lowbit_ops.cpp; else torch's
+`_weight_int8pack_mm`, bfloat16 activations), a bfloat16 GEMM on the weight converted to bfloat16 for more (float32 on
 a CPU without native bfloat16); no 8-bit
 rounding of the activations (it cost SmolLM2 +1.9% perplexity). The dynamic int8
 kernel (`torch._int_mm`, each input row quantized to int8 with its own scale)
@@ -123,14 +124,24 @@ class Int8Linear(nn.Module):
         dequantized GEMM instead."""
         return self.in_features % 16 == 0
 
+    def scales_bf16(self) -> torch.Tensor:
+        """The scales in bfloat16, torch's kernels' operand: kept on the layer (not
+        state; an attribute that aoti.load_package reads from the stage)."""
+        sb = self.__dict__.get("_scale_bf16")
+        if sb is None or sb.shape != self.scale.shape:
+            sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
+        return sb
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         n = x2.shape[0]
-        if x.device.type == "cpu" and (n <= self.few_rows or n >= self.many_rows):
-            sb = self.__dict__.get("_scale_bf16")  # the kernels' operand; not state
-            if sb is None or sb.shape != self.scale.shape:
-                sb = self.__dict__["_scale_bf16"] = self.scale.to(torch.bfloat16)
+        ops = fused_ops.for_lowbit(x2) if n <= self.few_rows else None
+        if ops is not None:  # float32 activations, its own kernel (csrc/lowbit_ops.cpp)
+            y = ops.int8_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight,
+                            self.scale)
+        elif x.device.type == "cpu" and (n <= self.few_rows or n >= self.many_rows):
+            sb = self.scales_bf16()
             if n <= self.few_rows and self.weight_only_fits(n):
                 y = torch._weight_int8pack_mm(
                     x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self.weight, sb)
@@ -324,11 +335,13 @@ def kernel_summary(stage: nn.Module) -> dict[str, int]:
     from .layers import can_pack, has_plain_weight
 
     out: dict[str, int] = {}
+    # the weight-only products: mdi's kernels (float32 activations) where loaded, else torch's
+    acts = "mdi's kernel, float32 activations" if fused_ops.loaded() else "bfloat16 activations"
     for m in stage.modules():
         if isinstance(m, Int4Linear):
-            kind = f"int4 g{m.group} weight-only (bfloat16 activations)"
+            kind = f"int4 g{m.group} weight-only ({acts})"
         elif isinstance(m, Int8Linear):
-            kind = ("int8 weight-only (bfloat16 activations)" if m.few_rows >= HEAD_ROWS else
+            kind = (f"int8 weight-only ({acts})" if m.few_rows >= HEAD_ROWS else
                     "int8 dynamic (per-row int8 activations)" if m.few_rows <= 0 else
                     f"int8 weight-only up to {m.few_rows} rows, {dtype_name(GEMM_DTYPE)} GEMM above"
                     if m.many_rows <= m.few_rows + 1 else

@@ -1,0 +1,468 @@
+// Low-bit matrix products: int4 codes in the packed layout of torch's CPU int4
+// kernel, and int8 rows with a scale per output, read as they are stored (no
+// second copy) against float32 activations.
+//
+// torch's weight-only kernels take bfloat16 activations (its int4 kernel is
+// 10-40x slower with float32 ones) and run a matrix-vector product per row;
+// these read float32 (a bfloat16 input is widened first), so no cast is made
+// around them and a row keeps float32's precision. Their sums run in the order
+// the source gives, each output on its own, with fused multiply-adds: the
+// AVX-512, AVX2 and portable loops give the same bits (std::fma rounds as the
+// vector instructions do), so the processes of a ring compute alike on any CPU,
+// and a row's result never depends on the other rows (--batch-invariant holds).
+//
+// int4: w = (q - 8) * scale + zero per group of `group` inputs, so a group adds
+//   out = fma(scale, sum_k (q_k - 8) x_k, out);  out = fma(zero, sum_k x_k, out)
+// with sum_k (q - 8) x a chain of fmas in k's order (a row's group sums of x
+// first, in k's order).
+// int8: w = q * scale per output; out = scale * sum_k q_k x_k, the sum in 16
+//   lanes (k mod 16), folded pairwise as decode_ops.cpp's sums are.
+//
+// The AVX loops prefetch: the codes 4 KB ahead of the read (their stream), and
+// the scales two groups ahead (N outputs apart: no hardware prefetcher follows
+// them); without it a model's weights streamed from memory at ~7 GB/s, with it
+// ~11-16 here.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "float_bits.h"
+
+namespace {
+
+using mdi::put;
+using mdi::widen;
+
+constexpr int64_t BLOCK = 64;  // rows of the packed layout's full blocks
+constexpr int64_t TAIL = 16;   // rows of its last, partial block's pieces
+constexpr int64_t LANES = 16;
+constexpr int64_t ROWS_AT_ONCE = 4;  // activations rows sharing one unpacking of the codes
+
+// x (M, K) as float32 rows (a bfloat16 input widened)
+std::vector<float> float_rows(const at::Tensor& x) {
+  const int64_t n = x.numel();
+  std::vector<float> out(n);
+  if (x.scalar_type() == at::kFloat) {
+    std::memcpy(out.data(), x.data_ptr<float>(), n * sizeof(float));
+  } else {
+    const at::BFloat16* p = x.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) out[i] = widen(p[i]);
+  }
+  return out;
+}
+
+void check_input(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat ||
+                                      x.scalar_type() == at::kBFloat16),
+              what, ": float32 or bfloat16 CPU activations only, got ", x.scalar_type(), " on ",
+              x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), what,
+              ": activations (rows, ", K, ") contiguous needed, got ", x.sizes());
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// the cache line 4 KB on in a weight's stream
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + 4096, _MM_HINT_T0);
+}
+
+// group g's scales and zeros of a block of 64 outputs (256 bytes), if g < groups
+inline void prefetch_scales(const at::BFloat16* sz, int64_t N, int64_t n0, int64_t g,
+                            int64_t groups) {
+  if (g < groups)
+    for (int i = 0; i < 4; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(sz + (g * N + n0) * 2) + 64 * i, _MM_HINT_T0);
+}
+#endif
+
+// ---- int4 ----
+
+// rows [r0, r0 + R) of one full block of 64 outputs, the portable loop: lane i of
+// the block is output n0 + i (byte j holds outputs j and j + 32 at each k)
+template <int64_t R>
+void int4_block_portable(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
+                         int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G,
+                         float* out, int64_t ldo) {
+  float acc[R][BLOCK];
+  float res[R][BLOCK] = {};
+  for (int64_t g = 0; g < K / group; ++g) {
+    std::memset(acc, 0, sizeof acc);
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const uint8_t* b = codes + k * (BLOCK / 2);
+      for (int64_t r = 0; r < R; ++r) {
+        const float xv = x[r * K + k];
+        for (int64_t j = 0; j < BLOCK / 2; ++j) {
+          acc[r][j] = std::fma(static_cast<float>((b[j] & 15) - 8), xv, acc[r][j]);
+          acc[r][j + 32] = std::fma(static_cast<float>((b[j] >> 4) - 8), xv, acc[r][j + 32]);
+        }
+      }
+    }
+    const at::BFloat16* s = sz + (g * N + n0) * 2;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        res[r][i] = std::fma(widen(s[2 * i]), acc[r][i], res[r][i]);
+        res[r][i] = std::fma(widen(s[2 * i + 1]), xsum[r * G + g], res[r][i]);
+      }
+  }
+  for (int64_t r = 0; r < R; ++r) std::memcpy(out + r * ldo + n0, res[r], sizeof res[r]);
+}
+
+#ifdef __AVX512F__
+// the same block with AVX-512: a k's 32 bytes widened to 32 int32, each nibble
+// looked up as (q - 8) in a 16-float table (vpermps reads an index's low 4 bits)
+template <int64_t R>
+void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
+                int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
+                int64_t ldo) {
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 res[R][4];
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) res[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    __m512 acc[R][4];
+    for (int64_t r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+    prefetch_scales(sz, N, n0, g + 2, K / group);
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const uint8_t* b = codes + k * (BLOCK / 2);
+      if (k % 2 == 0) prefetch_ahead(b);
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+      const __m512i v1 =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+      const __m512 w[4] = {_mm512_permutexvar_ps(v0, table), _mm512_permutexvar_ps(v1, table),
+                           _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), table),
+                           _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), table)};
+      for (int64_t r = 0; r < R; ++r) {
+        const __m512 xv = _mm512_set1_ps(x[r * K + k]);
+        for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);
+      }
+    }
+    // 16 outputs' (scale, zero) pairs are 16 int32: scale in the low half, zero in the high
+    const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
+    for (int i = 0; i < 4; ++i) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * i);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+      for (int64_t r = 0; r < R; ++r) {
+        res[r][i] = _mm512_fmadd_ps(scale, acc[r][i], res[r][i]);
+        res[r][i] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[r * G + g]), res[r][i]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * ldo + n0 + 16 * i, res[r][i]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// the same block with AVX2: 8 outputs a vector, nibbles masked, shifted and converted
+template <int64_t R>
+void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
+                int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
+                int64_t ldo) {
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 res[R][8];
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) res[r][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < K / group; ++g) {
+    prefetch_scales(sz, N, n0, g + 2, K / group);
+    __m256 acc[R][8];
+    for (int64_t r = 0; r < R; ++r)
+      for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const uint8_t* b = codes + k * (BLOCK / 2);
+      if (k % 2 == 0) prefetch_ahead(b);
+      __m256 w[8];
+      for (int q = 0; q < 4; ++q) {
+        const __m256i v =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * q)));
+        w[q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, low), eight));
+        w[4 + q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_set1_ps(x[r * K + k]);
+        for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], xv, acc[r][i]);
+      }
+    }
+    const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
+    for (int i = 0; i < 8; ++i) {
+      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * i));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
+      for (int64_t r = 0; r < R; ++r) {
+        res[r][i] = _mm256_fmadd_ps(scale, acc[r][i], res[r][i]);
+        res[r][i] = _mm256_fmadd_ps(zero, _mm256_set1_ps(xsum[r * G + g]), res[r][i]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + r * ldo + n0 + 8 * i, res[r][i]);
+}
+#else
+template <int64_t R>
+void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
+                int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
+                int64_t ldo) {
+  int4_block_portable<R>(x, K, codes, sz, N, n0, group, xsum, G, out, ldo);
+}
+#endif
+
+// the last block's outputs [n0, N), in pieces of 16 (byte j of a k holds outputs
+// 2j and 2j + 1 of the piece): the same sums as a full block's, portably
+void int4_tail(const float* x, int64_t M, int64_t K, const uint8_t* codes,
+               const at::BFloat16* sz, int64_t N, int64_t n0, int64_t group, const float* xsum,
+               int64_t G, float* out) {
+  const int64_t t = N - n0;  // the codes of these outputs: K * t / 2 bytes from `codes`
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t i = 0; i < t; ++i) {
+      float res = 0;
+      for (int64_t g = 0; g < K / group; ++g) {
+        float acc = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const uint8_t b = codes[k * (t / 2) + i / 2];
+          acc = std::fma(static_cast<float>((i % 2 ? b >> 4 : b & 15) - 8), x[r * K + k], acc);
+        }
+        const at::BFloat16* s = sz + (g * N + n0 + i) * 2;
+        res = std::fma(widen(s[0]), acc, res);
+        res = std::fma(widen(s[1]), xsum[r * G + g], res);
+      }
+      out[r * N + n0 + i] = res;
+    }
+}
+
+template <int64_t R>
+void int4_rows(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz, int64_t N,
+               int64_t group, const float* xsum, int64_t G, float* out, int64_t b0, int64_t b1,
+               bool portable) {
+  for (int64_t b = b0; b < b1; ++b)
+    (portable ? int4_block_portable<R> : int4_block<R>)(x, K, codes + b * BLOCK * K / 2, sz, N,
+                                                         b * BLOCK, group, xsum, G, out, N);
+}
+
+// (N, K, groups) of packed codes and their scales and zeros, checked
+std::tuple<int64_t, int64_t, int64_t> check_int4(const at::Tensor& w, const at::Tensor& sz,
+                                                 int64_t group, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 &&
+              w.is_contiguous(), what, ": packed uint8 codes (N, K / 2) needed, got ",
+              w.scalar_type(), " ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(group > 0 && K % group == 0 && group % 2 == 0, what, ": group ", group,
+              " does not divide the input width ", K);
+  TORCH_CHECK(N % TAIL == 0, what, ": outputs ", N, " not a multiple of ", TAIL);
+  const int64_t G = K / group;
+  TORCH_CHECK(sz.device().is_cpu() && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+              sz.dim() == 3 && sz.size(0) == G && sz.size(1) == N && sz.size(2) == 2,
+              what, ": bfloat16 scales and zeros (", G, ", ", N, ", 2) needed, got ",
+              sz.scalar_type(), " ", sz.sizes());
+  return {N, K, G};
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                   bool portable) {
+  const auto [N, K, G] = check_int4(w, sz, group, "int4_mm");
+  check_input(x, K, "int4_mm");
+  const int64_t M = x.size(0);
+  const std::vector<float> xf = float_rows(x);
+  std::vector<float> xsum(M * G);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xf[r * K + k];
+      xsum[r * G + g] = s;
+    }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  const uint8_t* pc = w.data_ptr<uint8_t>();
+  const at::BFloat16* ps = sz.data_ptr<at::BFloat16>();
+  const int64_t full = N / BLOCK;
+  // threads split the full blocks; the tail goes with the last share
+  at::parallel_for(0, full + 1, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t e = std::min(b1, full);
+    for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
+      const float* xr = xf.data() + r * K;
+      const float* sr = xsum.data() + r * G;
+      float* o = po + r * N;
+      switch (std::min(ROWS_AT_ONCE, M - r)) {
+        case 1: int4_rows<1>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
+        case 2: int4_rows<2>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
+        case 3: int4_rows<3>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
+        default: int4_rows<4>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
+      }
+    }
+    if (b1 == full + 1 && full * BLOCK < N)
+      int4_tail(xf.data(), M, K, pc + full * BLOCK * K / 2, ps, N, full * BLOCK, group,
+                xsum.data(), G, po);
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
+}
+
+
+// ---- int8 ----
+
+// the LANES partial sums added pairwise (halves, then quarters...), as decode_ops.cpp's fold
+inline float fold(float* acc) {
+  for (int64_t w = LANES / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// outputs [n0, n0 + NB) of rows [0, R): lane l of an output's sum takes the k with
+// k mod 16 = l, in k's order
+template <int64_t R, int64_t NB>
+void int8_outputs_portable(const float* x, int64_t K, const int8_t* w, const float* scale,
+                           int64_t n0, float* out, int64_t ldo) {
+  float acc[R][NB][LANES] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < NB; ++n)
+      for (int64_t r = 0; r < R; ++r)
+        acc[r][n][k % LANES] = std::fma(static_cast<float>(w[(n0 + n) * K + k]), x[r * K + k],
+                                        acc[r][n][k % LANES]);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < NB; ++n) out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
+}
+
+#ifdef __AVX512F__
+inline float fold(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <int64_t R, int64_t NB>
+void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
+                  float* out, int64_t ldo) {
+  __m512 acc[R][NB];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < NB; ++n) acc[r][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += LANES) {
+    const __mmask16 m = K - k >= LANES ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 xv[R];
+    for (int64_t r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * K + k);
+    for (int64_t n = 0; n < NB; ++n) {
+      const int8_t* p = w + (n0 + n) * K + k;
+      if (k % 64 == 0) prefetch_ahead(p);  // (one line per line read, every output's)
+      const __m512 wv = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, reinterpret_cast<const __m128i*>(p))));
+      // (a masked-off lane is left as it is, as the portable loop leaves it)
+      for (int64_t r = 0; r < R; ++r) acc[r][n] = _mm512_mask3_fmadd_ps(wv, xv[r], acc[r][n], m);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < NB; ++n) out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// two 8-lane vectors: lanes 0-7 and 8-15 of the 16 partial sums
+inline float fold(__m256 lo, __m256 hi) {
+  const __m256 a = _mm256_add_ps(lo, hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+template <int64_t R, int64_t NB>
+void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
+                  float* out, int64_t ldo) {
+  const int64_t full = K / LANES * LANES;
+  if (full < K) {  // a ragged width: the portable loop (tiny models only)
+    int8_outputs_portable<R, NB>(x, K, w, scale, n0, out, ldo);
+    return;
+  }
+  __m256 acc[R][NB][2];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < NB; ++n) acc[r][n][0] = acc[r][n][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += LANES) {
+    for (int64_t n = 0; n < NB; ++n) {
+      const int8_t* p = w + (n0 + n) * K + k;
+      if (k % 64 == 0) prefetch_ahead(p);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 wv = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
+        for (int64_t r = 0; r < R; ++r)
+          acc[r][n][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k + 8 * h), acc[r][n][h]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < NB; ++n)
+      out[r * ldo + n0 + n] = fold(acc[r][n][0], acc[r][n][1]) * scale[n0 + n];
+}
+#else
+template <int64_t R, int64_t NB>
+void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
+                  float* out, int64_t ldo) {
+  int8_outputs_portable<R, NB>(x, K, w, scale, n0, out, ldo);
+}
+#endif
+
+constexpr int64_t INT8_OUTPUTS = 4;  // outputs sharing one load of the activations
+
+template <int64_t R>
+void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, float* out,
+               int64_t N, int64_t n0, int64_t n1, bool portable) {
+  int64_t n = n0;
+  for (; n + INT8_OUTPUTS <= n1; n += INT8_OUTPUTS)
+    (portable ? int8_outputs_portable<R, INT8_OUTPUTS> : int8_outputs<R, INT8_OUTPUTS>)(
+        x, K, w, scale, n, out, N);
+  for (; n < n1; ++n)
+    (portable ? int8_outputs_portable<R, 1> : int8_outputs<R, 1>)(x, K, w, scale, n, out, N);
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                   bool portable) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
+              w.is_contiguous(), "int8_mm: int8 weight (N, K) contiguous needed, got ",
+              w.scalar_type(), " ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  check_input(x, K, "int8_mm");
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
+              scale.is_contiguous() && scale.dim() == 1 && scale.size(0) == N,
+              "int8_mm: float32 scales (", N, ") needed, got ", scale.scalar_type(), " ",
+              scale.sizes());
+  const int64_t M = x.size(0);
+  const std::vector<float> xf = float_rows(x);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  const int8_t* pw = w.data_ptr<int8_t>();
+  const float* ps = scale.data_ptr<float>();
+  // threads split the outputs in pieces of INT8_OUTPUTS
+  const int64_t pieces = (N + INT8_OUTPUTS - 1) / INT8_OUTPUTS;
+  at::parallel_for(0, pieces, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)),
+                   [&](int64_t p0, int64_t p1) {
+    const int64_t n0 = p0 * INT8_OUTPUTS, n1 = std::min(N, p1 * INT8_OUTPUTS);
+    for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
+      const float* xr = xf.data() + r * K;
+      float* o = po + r * N;
+      switch (std::min(ROWS_AT_ONCE, M - r)) {
+        case 1: int8_rows<1>(xr, K, pw, ps, o, N, n0, n1, portable); break;
+        case 2: int8_rows<2>(xr, K, pw, ps, o, N, n0, n1, portable); break;
+        case 3: int8_rows<3>(xr, K, pw, ps, o, N, n0, n1, portable); break;
+        default: int8_rows<4>(xr, K, pw, ps, o, N, n0, n1, portable); break;
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mdi_fused, m) {
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group, bool portable=False) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool portable=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mdi_fused, CPU, m) {
+  m.impl("int4_mm", int4_mm);
+  m.impl("int8_mm", int8_mm);
+}

@@ -1,0 +1,223 @@
+"""mdi's int4 and int8 products of few rows (mdi/model/csrc/lowbit_ops.cpp) against
+the exact sums of the weights they store: the packed int4 codes are unpacked here
+by the layout's own rule, independently of the kernel. The vector loops (AVX-512
+or AVX2, whichever this machine built) and the portable loop give the same bits;
+a row's result never depends on the rows beside it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdi.generate import step
+from mdi.model import fused_ops
+from mdi.model.int4 import Int4Linear
+from mdi.model.quant import Int8Linear, configure_stage, quantize_rows
+
+from test_fused import FAMILIES
+
+ops = fused_ops.ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="the fused kernels did not build here")
+gen = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def unpack_int4(lin: Int4Linear) -> torch.Tensor:
+    """The float64 weight (N, K) an Int4Linear holds, read from torch's packed layout:
+    blocks of 64 outputs, per input k 32 bytes, byte j holding outputs j (low nibble)
+    and j + 32 (high); the last N % 64 outputs per k in N % 64 / 2 bytes, byte j
+    holding outputs 2j and 2j + 1."""
+    N, K, g = lin.out_features, lin.in_features, lin.group
+    p = lin.weight.flatten().to(torch.int64)
+    codes = torch.empty(N, K, dtype=torch.int64)
+    full = N // 64 * 64
+    if full:
+        b = p[:full * K // 2].view(N // 64, K, 32)
+        codes[:full] = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(full, K)
+    if N > full:
+        b = p[full * K // 2:].view(K, (N - full) // 2)
+        codes[full:] = torch.stack([b & 15, b >> 4], dim=2).reshape(K, N - full).t()
+    sz = lin.scales_and_zeros.double()  # (K / g, N, 2)
+    scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (N, K / g)
+    w = (codes.double() - 8).view(N, K // g, g) * scale[..., None] + zero[..., None]
+    return w.view(N, K)
+
+
+def test_the_unpacking_here_reads_torchs_layout():
+    """The layout rule above, checked against torch's own kernel (bfloat16 activations:
+    exact for an identity matrix; the bfloat16 output rounds)."""
+    for N in (64, 48, 960):
+        lin = Int4Linear.from_float(randn(N, 64), 32)
+        eye = torch.eye(64, dtype=torch.bfloat16)
+        torch_w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, 32,
+                                                              lin.scales_and_zeros).double().t()
+        torch.testing.assert_close(torch_w, unpack_int4(lin), atol=0, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("N,K,group", [(960, 576, 32), (128, 128, 64), (576, 256, 128),
+                                       (80, 64, 32), (48, 32, 32), (16, 64, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_int4_mm_equals_the_exact_sums(N, K, group, rows):
+    lin = Int4Linear.from_float(randn(N, K), group)
+    x = randn(rows, K)
+    got = ops.int4_mm(x, lin.weight, lin.scales_and_zeros, group)
+    want = x.double() @ unpack_int4(lin).t()
+    assert got.dtype == torch.float32 and got.shape == (rows, N)
+    torch.testing.assert_close(got.double(), want, atol=2e-5 * K ** 0.5, rtol=1e-5)
+    # the vector loop and the portable one: the same bits
+    assert torch.equal(got, ops.int4_mm(x, lin.weight, lin.scales_and_zeros, group, True))
+    # each row on its own: the same bits as in the batch
+    for r in (0, rows - 1):
+        assert torch.equal(got[r:r + 1], ops.int4_mm(x[r:r + 1], lin.weight,
+                                                     lin.scales_and_zeros, group))
+    # bfloat16 activations: widened, computed alike, the result rounded once
+    xb = x.bfloat16()
+    assert torch.equal(ops.int4_mm(xb, lin.weight, lin.scales_and_zeros, group),
+                       ops.int4_mm(xb.float(), lin.weight, lin.scales_and_zeros, group).bfloat16())
+
+
+@pytest.mark.parametrize("N,K", [(96, 576), (37, 40), (5, 17), (64, 16), (3, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 6])
+def test_int8_mm_equals_the_exact_sums(N, K, rows):
+    q, scale = quantize_rows(randn(N, K))
+    x = randn(rows, K)
+    got = ops.int8_mm(x, q, scale)
+    want = x.double() @ (q.double() * scale.double()[:, None]).t()
+    torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5, rtol=1e-5)
+    assert torch.equal(got, ops.int8_mm(x, q, scale, True))
+    assert torch.equal(got[-1:], ops.int8_mm(x[-1:], q, scale))
+
+
+def test_bad_inputs_name_what_is_wrong():
+    lin = Int4Linear.from_float(randn(64, 64), 32)
+    w, sz = lin.weight, lin.scales_and_zeros
+    with pytest.raises(RuntimeError, match="activations \\(rows, 64\\)"):
+        ops.int4_mm(randn(2, 32), w, sz, 32)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.int4_mm(randn(2, 64).double(), w, sz, 32)
+    with pytest.raises(RuntimeError, match="group 24 does not divide"):
+        ops.int4_mm(randn(2, 64), w, sz, 24)
+    with pytest.raises(RuntimeError, match="scales and zeros"):
+        ops.int4_mm(randn(2, 64), w, sz[:1], 32)
+    with pytest.raises(RuntimeError, match="packed uint8 codes"):
+        ops.int4_mm(randn(2, 64), w.to(torch.int8), sz, 32)
+    q, scale = quantize_rows(randn(8, 16))
+    with pytest.raises(RuntimeError, match="float32 scales \\(8\\)"):
+        ops.int8_mm(randn(1, 16), q, scale[:4])
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        ops.int8_mm(randn(1, 16), q.float(), scale)
+
+
+def test_the_layers_compute_with_the_kernels_where_they_apply():
+    """Int4Linear on every row count, Int8Linear up to its few_rows: the kernels' bits
+    (+ bias); under autograd torch's kernels (bfloat16 activations) instead."""
+    lin = Int4Linear.from_float(randn(64, 64), 32, bias=randn(64))
+    x = randn(2, 3, 64)
+    with torch.no_grad():
+        y = lin(x)
+    want = ops.int4_mm(x.view(6, 64), lin.weight, lin.scales_and_zeros, 32) + lin.bias
+    assert torch.equal(y, want.view(2, 3, 64))
+    with torch.enable_grad():
+        assert not torch.equal(lin(x), y)  # torch's kernel: bfloat16 activations
+    many = randn(130, 64)  # a prefill's rows: the same kernel
+    with torch.no_grad():
+        assert torch.equal(lin(many), ops.int4_mm(many, lin.weight, lin.scales_and_zeros, 32)
+                           + lin.bias)
+    layer = torch.nn.Linear(40, 24)
+    q8 = Int8Linear.from_linear(layer)
+    q8.few_rows = 4
+    with torch.no_grad():
+        assert torch.equal(q8(x[:1, :, :40].contiguous()),
+                           (ops.int8_mm(x[0, :, :40].contiguous(), q8.weight, q8.scale)
+                            + q8.bias).view(1, 3, 24))
+        many = q8(randn(5, 40))  # more than few_rows: not the kernel's float32 sums
+    assert many.shape == (5, 24)
+
+
+def decode_logits(model, prompts, n) -> torch.Tensor:
+    cache = model.new_cache(len(prompts))
+    seqs = [list(p) for p in prompts]
+    out = []
+    with torch.no_grad():
+        for r, p in enumerate(prompts):
+            step.prefill(model, cache, r, p[:-1])
+        for _ in range(n):
+            logits = step.decode(model, cache, [s[-1] for s in seqs], [len(s) - 1 for s in seqs])
+            out.append(logits.float())
+            for r, s in enumerate(seqs):
+                s.append(int(logits[r].argmax()))
+    return torch.stack(out)
+
+
+def dequantized(model):
+    """The model with every low-bit linear replaced by a float32 one of the weight it holds."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(unpack_int4(m) if isinstance(m, Int4Linear)
+                                   else m.dequantized())
+                if m.bias is not None:
+                    dense.bias.copy_(m.bias)
+            model.set_submodule(name, dense)
+    return model
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_low_bit_decode_is_closer_to_its_weights_exact_sums(weights, make_model, monkeypatch):
+    """A low-bit model decoding with the kernels (float32 activations) is within float32
+    rounding of the same weights held in float32, and closer to it than torch's kernels
+    (bfloat16 activations)."""
+    import copy
+    model = make_model(FAMILIES["llama"], seed=6)
+    configure_stage(model, weights)
+    exact = dequantized(copy.deepcopy(model))
+    prompts = [[1, 5, 9, 2, 7], [3, 2]]
+    monkeypatch.setattr(fused_ops, "_state", {"ops": None})  # torch's operations
+    want = decode_logits(exact, prompts, 6)
+    unfused = decode_logits(model, prompts, 6)
+    monkeypatch.undo()
+    got = decode_logits(model, prompts, 6)
+    err, err_torch = (got - want).abs().max().item(), (unfused - want).abs().max().item()
+    assert err < 1e-4 and err < err_torch / 10, (err, err_torch)
+
+
+CROSS = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+torch.manual_seed(3)
+from mdi.model.int4 import Int4Linear
+from mdi.model.quant import quantize_rows
+outs = []
+for N, K in [(960, 576), (80, 64)]:
+    lin = Int4Linear.from_float(torch.randn(N, K), 32)
+    x = torch.randn(5, K)
+    outs.append(torch.ops.mdi_fused.int4_mm(x, lin.weight, lin.scales_and_zeros, 32))
+for N, K in [(96, 576), (37, 40)]:
+    q, s = quantize_rows(torch.randn(N, K))
+    outs.append(torch.ops.mdi_fused.int8_mm(torch.randn(5, K), q, s))
+torch.save(outs, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")),
+                    reason="the AVX2 build needs an AVX2 CPU to run")
+def test_builds_for_other_cpus_give_the_same_bits(tmp_path, monkeypatch):
+    """The library built as for an AVX2 CPU and as for one without vector extensions
+    computes the same bits as this machine's build: a ring of different CPUs agrees."""
+    import subprocess
+    import sys
+    results = []
+    for name, flags in (("native", None), ("avx2", ["-mavx2", "-mfma"]), ("plain", [])):
+        lib = fused_ops.library_path() if flags is None else tmp_path / f"{name}.so"
+        if flags is not None:
+            monkeypatch.setattr(fused_ops, "_vector_flags", lambda flags=flags: flags)
+            fused_ops.build(lib)
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", CROSS, str(lib), str(out)], check=True, timeout=300)
+        results.append(torch.load(out, weights_only=True))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
