@@ -115,8 +115,9 @@ def package_key(stage: nn.Module, x: torch.Tensor, kv: list[torch.Tensor], unifo
             "x": [list(x.shape), str(x.dtype)],
             "kv": [[list(b.shape), list(b.stride()), str(b.dtype)] for b in kv[:1]], "layers": len(kv),
             "options": options or {}, "machine": machine(),
-            # the low-bit products traced as mdi's kernels, or as torch's (fused_ops.for_lowbit)
-            "lowbit": fused_ops.ops() is not None,
+            # the low-bit products traced as mdi's kernels (which build of them), or as
+            # torch's (fused_ops.for_lowbit)
+            "lowbit": fused_ops.library_path().name if fused_ops.ops() is not None else None,
             "kernels": [[n, getattr(m, "few_rows", None), getattr(m, "many_rows", None),
                          getattr(m, "refine", None)] for n, m in stage.named_modules()
                         if hasattr(m, "few_rows")]}

@@ -84,14 +84,16 @@ def _compiler_version(cxx: tuple[str, ...]) -> str:
         return ""
 
 
-def _build_commands(cxx: list[str], objects: list[Path], out: Path) -> tuple[list[list[str]], list[str]]:
+def _build_commands(cxx: list[str], objects: list[Path], out: Path, openmp: bool = True
+                    ) -> tuple[list[list[str]], list[str]]:
     """The compiler's command for each source (into `objects`, run side by side: each
-    takes ~10 s) and the link of them into the library `out`."""
+    takes ~10 s) and the link of them into the library `out`; without -fopenmp where
+    `openmp` is False."""
     from torch.utils.cpp_extension import include_paths  # only when building: a heavy import
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    common = [*cxx, *FLAGS, *_vector_flags()]
+    common = [*cxx, *(f for f in FLAGS if openmp or f != "-fopenmp"), *_vector_flags()]
     compile_ = [[*common, "-c", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                  *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
                  f"-I{CSRC}", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
@@ -157,8 +159,14 @@ def build(path: Path) -> None:
     try:
         with tempfile.TemporaryDirectory(dir=path.parent) as objs:
             objects = [Path(objs) / f"{src.stem}.o" for src in SOURCES]
-            compile_, link = _build_commands(cxx, objects, Path(tmp))
-            _run_all(compile_, " ".join(cxx))
+            try:
+                compile_, link = _build_commands(cxx, objects, Path(tmp))
+                _run_all(compile_, " ".join(cxx))
+            except RuntimeError as e:  # e.g. clang++ without OpenMP's headers
+                log.warning("building with -fopenmp failed, building without (the kernels "
+                            "then run on one thread each): %s", str(e)[-300:])
+                compile_, link = _build_commands(cxx, objects, Path(tmp), openmp=False)
+                _run_all(compile_, " ".join(cxx))
             _run_all([link], f"{' '.join(cxx)} (linking)")
         os.chmod(tmp, 0o755 & ~_umask())  # (mkstemp made it 0600: others sharing the cache load it)
         os.replace(tmp, path)

@@ -11,8 +11,9 @@ scale d*sc, zero 8*d*sc - dmin*m: the same numbers, see checkpoint/gguf_int4.py)
 
 Storage (`Int4Linear`): the codes packed two to a byte in the layout of
 `torch.ops.aten._weight_int4pack_mm_for_cpu` (made by
-`_convert_weight_to_int4pack_for_cpu`: per block of 64 rows and per input k,
-32 bytes, byte j holding rows j and j + 32), 0.5 byte per weight, and `scales_and_zeros` (K/group, N, 2) in bfloat16, the kernel's
+`_convert_weight_to_int4pack_for_cpu`, by this process's CPU capability: with
+AVX-512 per block of 64 rows and per input k 32 bytes, byte j holding rows j
+and j + 32; `packed_layout`), 0.5 byte per weight, and `scales_and_zeros` (K/group, N, 2) in bfloat16, the kernel's
 operand (0.125 byte per weight at group 32): one stored copy, which the kernel
 reads as it is. The scales' rounding to bfloat16 is the only change from the
 file's numbers (relative 2^-9 of a scale; the codes are exact).
@@ -29,6 +30,7 @@ result depends on that row alone (no activation quantization across rows), so
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +105,25 @@ def packable(N: int, K: int, group: int) -> bool:
             and N % 16 == 0)
 
 
+@functools.cache
+def packed_layout() -> int | None:
+    """How this process's torch packs int4 codes, which depends on its CPU capability
+    (csrc/lowbit_ops.cpp reads each): 64 (AVX-512: blocks of 64 outputs, byte j holding
+    outputs j and j + 32), 32 (AVX2: blocks of 32, j and j + 16), 0 (other CPUs: pairs,
+    2j and 2j + 1); None for a packing none of these describes (mdi's kernel then stays
+    unused, torch's computes). Found by packing a pattern once."""
+    if not int4_kernel_available():
+        return None
+    codes = torch.zeros(64, 32, dtype=torch.int32)
+    codes[1, 0], codes[16, 0], codes[32, 0] = 9, 7, 5  # who shares byte 0 with output 0
+    try:
+        byte = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
+                   .flatten()[0])
+    except RuntimeError:
+        return None
+    return {5 << 4: 64, 7 << 4: 32, 9 << 4: 0}.get(byte)
+
+
 # the kernel's OpOverload, looked up once: `torch.ops.aten.X(...)` resolves two
 # attributes and an overload packet on every call (0.3 us a call, 120 calls a step)
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -170,9 +191,10 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         ops = fused_ops.for_lowbit(x2)
-        if ops is not None:
+        layout = packed_layout() if ops is not None else None
+        if layout is not None:
             y = ops.int4_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight,
-                            self.scales_and_zeros, self.group)
+                            self.scales_and_zeros, self.group, layout)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.view(shape[:-1] + (self.out_features,))

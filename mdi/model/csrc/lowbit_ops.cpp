@@ -27,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -43,8 +44,7 @@ namespace {
 using mdi::put;
 using mdi::widen;
 
-constexpr int64_t BLOCK = 64;  // rows of the packed layout's full blocks
-constexpr int64_t TAIL = 16;   // rows of its last, partial block's pieces
+constexpr int64_t TAIL = 16;   // outputs: torch packs a multiple of 16
 constexpr int64_t LANES = 16;
 constexpr int64_t ROWS_AT_ONCE = 4;  // activations rows sharing one unpacking of the codes
 
@@ -76,40 +76,46 @@ inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + 4096, _MM_HINT_T0);
 }
 
-// group g's scales and zeros of a block of 64 outputs (256 bytes), if g < groups
-inline void prefetch_scales(const at::BFloat16* sz, int64_t N, int64_t n0, int64_t g,
+// group g's scales and zeros of a block of bw outputs (4 bw bytes), if g < groups
+inline void prefetch_scales(const at::BFloat16* sz, int64_t N, int64_t n0, int64_t bw, int64_t g,
                             int64_t groups) {
   if (g < groups)
-    for (int i = 0; i < 4; ++i)
+    for (int64_t i = 0; i < bw / 16; ++i)
       _mm_prefetch(reinterpret_cast<const char*>(sz + (g * N + n0) * 2) + 64 * i, _MM_HINT_T0);
 }
 #endif
 
 // ---- int4 ----
 
-// rows [r0, r0 + R) of one full block of 64 outputs, the portable loop: lane i of
-// the block is output n0 + i (byte j holds outputs j and j + 32 at each k)
-template <int64_t R>
+// torch packs int4 codes by its CPU capability (`layout`): blocks of BW = 64
+// (AVX-512) or 32 (AVX2) outputs, per input k BW / 2 bytes, byte j holding
+// outputs j (low nibble) and j + BW / 2 (high); or (layout 0, other CPUs) blocks
+// of 32 in pairs, byte j holding outputs 2j and 2j + 1; the last N % BW outputs
+// in pairs too. The per-output arithmetic is the same for every layout.
+
+// rows [0, R) of one block of BW outputs, the portable loop: lane i is output n0 + i
+template <int64_t R, int64_t BW>
 void int4_block_portable(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
                          int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G,
                          float* out, int64_t ldo) {
-  float acc[R][BLOCK];
-  float res[R][BLOCK] = {};
+  float acc[R][BW];
+  float res[R][BW] = {};
   for (int64_t g = 0; g < K / group; ++g) {
     std::memset(acc, 0, sizeof acc);
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      const uint8_t* b = codes + k * (BLOCK / 2);
+      const uint8_t* b = codes + k * (BW / 2);
       for (int64_t r = 0; r < R; ++r) {
         const float xv = x[r * K + k];
-        for (int64_t j = 0; j < BLOCK / 2; ++j) {
+        for (int64_t j = 0; j < BW / 2; ++j) {
           acc[r][j] = std::fma(static_cast<float>((b[j] & 15) - 8), xv, acc[r][j]);
-          acc[r][j + 32] = std::fma(static_cast<float>((b[j] >> 4) - 8), xv, acc[r][j + 32]);
+          acc[r][j + BW / 2] =
+              std::fma(static_cast<float>((b[j] >> 4) - 8), xv, acc[r][j + BW / 2]);
         }
       }
     }
     const at::BFloat16* s = sz + (g * N + n0) * 2;
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t i = 0; i < BLOCK; ++i) {
+      for (int64_t i = 0; i < BW; ++i) {
         res[r][i] = std::fma(widen(s[2 * i]), acc[r][i], res[r][i]);
         res[r][i] = std::fma(widen(s[2 * i + 1]), xsum[r * G + g], res[r][i]);
       }
@@ -118,39 +124,41 @@ void int4_block_portable(const float* x, int64_t K, const uint8_t* codes, const 
 }
 
 #ifdef __AVX512F__
-// the same block with AVX-512: a k's 32 bytes widened to 32 int32, each nibble
-// looked up as (q - 8) in a 16-float table (vpermps reads an index's low 4 bits)
-template <int64_t R>
+// the same block with AVX-512: 16 of a k's bytes widened to 16 int32 at a time, each
+// nibble looked up as (q - 8) in a 16-float table (vpermps reads an index's low 4 bits)
+template <int64_t R, int64_t BW>
 void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
                 int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
                 int64_t ldo) {
+  constexpr int V = BW / 16, C = BW / 32;  // vectors of outputs; 16-byte loads per k
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  __m512 res[R][4];
+  __m512 res[R][V];
   for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) res[r][i] = _mm512_setzero_ps();
+    for (int i = 0; i < V; ++i) res[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
-    __m512 acc[R][4];
+    __m512 acc[R][V];
     for (int64_t r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
-    prefetch_scales(sz, N, n0, g + 2, K / group);
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+    prefetch_scales(sz, N, n0, BW, g + 2, K / group);
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      const uint8_t* b = codes + k * (BLOCK / 2);
-      if (k % 2 == 0) prefetch_ahead(b);
-      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-      const __m512i v1 =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
-      const __m512 w[4] = {_mm512_permutexvar_ps(v0, table), _mm512_permutexvar_ps(v1, table),
-                           _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), table),
-                           _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), table)};
+      const uint8_t* b = codes + k * (BW / 2);
+      if (k % (128 / BW) == 0) prefetch_ahead(b);
+      __m512 w[V];
+      for (int c = 0; c < C; ++c) {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * c)));
+        w[c] = _mm512_permutexvar_ps(v, table);                            // outputs 16c..
+        w[C + c] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  // BW / 2 + 16c..
+      }
       for (int64_t r = 0; r < R; ++r) {
         const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-        for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);
+        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);
       }
     }
     // 16 outputs' (scale, zero) pairs are 16 int32: scale in the low half, zero in the high
     const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < V; ++i) {
       const __m512i pair = _mm512_loadu_si512(s + 16 * i);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
@@ -161,41 +169,42 @@ void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloa
     }
   }
   for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * ldo + n0 + 16 * i, res[r][i]);
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + r * ldo + n0 + 16 * i, res[r][i]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // the same block with AVX2: 8 outputs a vector, nibbles masked, shifted and converted
-template <int64_t R>
+template <int64_t R, int64_t BW>
 void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
                 int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
                 int64_t ldo) {
+  constexpr int V = BW / 8, C = BW / 16;  // vectors of outputs; 8-byte loads per k
   const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  __m256 res[R][8];
+  __m256 res[R][V];
   for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < 8; ++i) res[r][i] = _mm256_setzero_ps();
+    for (int i = 0; i < V; ++i) res[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
-    prefetch_scales(sz, N, n0, g + 2, K / group);
-    __m256 acc[R][8];
+    prefetch_scales(sz, N, n0, BW, g + 2, K / group);
+    __m256 acc[R][V];
     for (int64_t r = 0; r < R; ++r)
-      for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_setzero_ps();
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm256_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      const uint8_t* b = codes + k * (BLOCK / 2);
-      if (k % 2 == 0) prefetch_ahead(b);
-      __m256 w[8];
-      for (int q = 0; q < 4; ++q) {
+      const uint8_t* b = codes + k * (BW / 2);
+      if (k % (128 / BW) == 0) prefetch_ahead(b);
+      __m256 w[V];
+      for (int q = 0; q < C; ++q) {
         const __m256i v =
             _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * q)));
         w[q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, low), eight));
-        w[4 + q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
+        w[C + q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
       }
       for (int64_t r = 0; r < R; ++r) {
         const __m256 xv = _mm256_set1_ps(x[r * K + k]);
-        for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], xv, acc[r][i]);
+        for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], xv, acc[r][i]);
       }
     }
     const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < V; ++i) {
       const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * i));
       const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
       const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
@@ -206,47 +215,69 @@ void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloa
     }
   }
   for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + r * ldo + n0 + 8 * i, res[r][i]);
+    for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + r * ldo + n0 + 8 * i, res[r][i]);
 }
 #else
-template <int64_t R>
+template <int64_t R, int64_t BW>
 void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz,
                 int64_t N, int64_t n0, int64_t group, const float* xsum, int64_t G, float* out,
                 int64_t ldo) {
-  int4_block_portable<R>(x, K, codes, sz, N, n0, group, xsum, G, out, ldo);
+  int4_block_portable<R, BW>(x, K, codes, sz, N, n0, group, xsum, G, out, ldo);
 }
 #endif
 
-// the last block's outputs [n0, N), in pieces of 16 (byte j of a k holds outputs
-// 2j and 2j + 1 of the piece): the same sums as a full block's, portably
-void int4_tail(const float* x, int64_t M, int64_t K, const uint8_t* codes,
-               const at::BFloat16* sz, int64_t N, int64_t n0, int64_t group, const float* xsum,
-               int64_t G, float* out) {
-  const int64_t t = N - n0;  // the codes of these outputs: K * t / 2 bytes from `codes`
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t i = 0; i < t; ++i) {
-      float res = 0;
-      for (int64_t g = 0; g < K / group; ++g) {
-        float acc = 0;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-          const uint8_t b = codes[k * (t / 2) + i / 2];
-          acc = std::fma(static_cast<float>((i % 2 ? b >> 4 : b & 15) - 8), x[r * K + k], acc);
+// outputs [n0, n0 + t) packed in pairs (t <= 64; byte j of a k: outputs 2j, 2j + 1),
+// every row: the same sums as a block's, portably
+void int4_pairs(const float* x, int64_t M, int64_t K, const uint8_t* codes,
+                const at::BFloat16* sz, int64_t N, int64_t n0, int64_t t, int64_t group,
+                const float* xsum, int64_t G, float* out) {
+  float acc[64], res[64];
+  for (int64_t r = 0; r < M; ++r) {
+    std::fill(res, res + t, 0.0f);
+    for (int64_t g = 0; g < K / group; ++g) {
+      std::fill(acc, acc + t, 0.0f);
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+        const uint8_t* b = codes + k * (t / 2);
+        const float xv = x[r * K + k];
+        for (int64_t j = 0; j < t / 2; ++j) {
+          acc[2 * j] = std::fma(static_cast<float>((b[j] & 15) - 8), xv, acc[2 * j]);
+          acc[2 * j + 1] = std::fma(static_cast<float>((b[j] >> 4) - 8), xv, acc[2 * j + 1]);
         }
-        const at::BFloat16* s = sz + (g * N + n0 + i) * 2;
-        res = std::fma(widen(s[0]), acc, res);
-        res = std::fma(widen(s[1]), xsum[r * G + g], res);
       }
-      out[r * N + n0 + i] = res;
+      const at::BFloat16* s = sz + (g * N + n0) * 2;
+      for (int64_t i = 0; i < t; ++i) {
+        res[i] = std::fma(widen(s[2 * i]), acc[i], res[i]);
+        res[i] = std::fma(widen(s[2 * i + 1]), xsum[r * G + g], res[i]);
+      }
     }
+    std::memcpy(out + r * N + n0, res, t * sizeof(float));
+  }
 }
 
-template <int64_t R>
+template <int64_t R, int64_t BW>
 void int4_rows(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz, int64_t N,
                int64_t group, const float* xsum, int64_t G, float* out, int64_t b0, int64_t b1,
                bool portable) {
   for (int64_t b = b0; b < b1; ++b)
-    (portable ? int4_block_portable<R> : int4_block<R>)(x, K, codes + b * BLOCK * K / 2, sz, N,
-                                                         b * BLOCK, group, xsum, G, out, N);
+    (portable ? int4_block_portable<R, BW> : int4_block<R, BW>)(
+        x, K, codes + b * BW * K / 2, sz, N, b * BW, group, xsum, G, out, N);
+}
+
+template <int64_t BW>
+void int4_blocks(const float* x, int64_t M, int64_t K, const uint8_t* codes,
+                 const at::BFloat16* sz, int64_t N, int64_t group, const float* xsum, int64_t G,
+                 float* out, int64_t b0, int64_t b1, bool portable) {
+  for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
+    const float* xr = x + r * K;
+    const float* sr = xsum + r * G;
+    float* o = out + r * N;
+    switch (std::min(ROWS_AT_ONCE, M - r)) {
+      case 1: int4_rows<1, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
+      case 2: int4_rows<2, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
+      case 3: int4_rows<3, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
+      default: int4_rows<4, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
+    }
+  }
 }
 
 // (N, K, groups) of packed codes and their scales and zeros, checked
@@ -268,9 +299,11 @@ std::tuple<int64_t, int64_t, int64_t> check_int4(const at::Tensor& w, const at::
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group,
-                   bool portable) {
+                   int64_t layout, bool portable) {
   const auto [N, K, G] = check_int4(w, sz, group, "int4_mm");
   check_input(x, K, "int4_mm");
+  TORCH_CHECK(layout == 64 || layout == 32 || layout == 0, "int4_mm: layout ", layout,
+              " is not one of torch's packings (64, 32, or 0: pairs)");
   const int64_t M = x.size(0);
   const std::vector<float> xf = float_rows(x);
   std::vector<float> xsum(M * G);
@@ -284,28 +317,24 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   float* po = out.data_ptr<float>();
   const uint8_t* pc = w.data_ptr<uint8_t>();
   const at::BFloat16* ps = sz.data_ptr<at::BFloat16>();
-  const int64_t full = N / BLOCK;
-  // threads split the full blocks; the tail goes with the last share
+  const int64_t bw = layout == 0 ? 32 : layout, full = N / bw;
+  // threads split the full blocks; the last outputs (pairs) go with the last share
   at::parallel_for(0, full + 1, 1, [&](int64_t b0, int64_t b1) {
     const int64_t e = std::min(b1, full);
-    for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
-      const float* xr = xf.data() + r * K;
-      const float* sr = xsum.data() + r * G;
-      float* o = po + r * N;
-      switch (std::min(ROWS_AT_ONCE, M - r)) {
-        case 1: int4_rows<1>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
-        case 2: int4_rows<2>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
-        case 3: int4_rows<3>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
-        default: int4_rows<4>(xr, K, pc, ps, N, group, sr, G, o, b0, e, portable); break;
-      }
-    }
-    if (b1 == full + 1 && full * BLOCK < N)
-      int4_tail(xf.data(), M, K, pc + full * BLOCK * K / 2, ps, N, full * BLOCK, group,
-                xsum.data(), G, po);
+    if (layout == 64)
+      int4_blocks<64>(xf.data(), M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
+    else if (layout == 32)
+      int4_blocks<32>(xf.data(), M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
+    else
+      for (int64_t b = b0; b < e; ++b)
+        int4_pairs(xf.data(), M, K, pc + b * bw * K / 2, ps, N, b * bw, bw, group, xsum.data(),
+                   G, po);
+    if (b1 == full + 1 && full * bw < N)
+      int4_pairs(xf.data(), M, K, pc + full * bw * K / 2, ps, N, full * bw, N - full * bw, group,
+                 xsum.data(), G, po);
   });
   return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
 }
-
 
 // ---- int8 ----
 
@@ -458,7 +487,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mdi_fused, m) {
-  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group, bool portable=False) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group, int layout, bool portable=False) -> "
+        "Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool portable=False) -> Tensor");
 }
 
