@@ -112,6 +112,23 @@ def test_a_package_serves_another_checkpoint_of_the_same_shapes(make_model, tmp_
     assert len(list((tmp_path / "inductor" / "mdi-aoti").glob("*.pt2"))) == 1
 
 
+@pytest.mark.slow
+@needs_compiler
+def test_an_int4_step_compiles_to_the_eager_kernels(make_model, tmp_path, monkeypatch):
+    """int4 layers compute with mdi's own kernel (model/csrc/lowbit_ops.cpp, float32
+    activations) in eager steps and, through its fake kernel, in the compiled package:
+    the same tokens, logits within float32 rounding (torch's bfloat16 kernel would be
+    ~1e-2 away)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=64, **LLAMA)
+    eager = configure_stage(make_model(config, seed=3), "int4", pack=False)
+    compiled = configure_stage(make_model(config, seed=3), "int4", pack=True, compile=True)
+    want, want_tokens, _ = _greedy(eager, 4, 4)
+    got, got_tokens, _ = _greedy(compiled, 4, 4)
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+
+
 def test_a_package_key_follows_the_shapes_not_the_weights(make_model, monkeypatch):
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
     a, b = make_model(config, seed=1), make_model(config, seed=2)

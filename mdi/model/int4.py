@@ -30,7 +30,6 @@ result depends on that row alone (no activation quantization across rows), so
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,13 +104,17 @@ def packable(N: int, K: int, group: int) -> bool:
             and N % 16 == 0)
 
 
-@functools.cache
 def packed_layout() -> int | None:
     """How this process's torch packs int4 codes, which depends on its CPU capability
     (csrc/lowbit_ops.cpp reads each): 64 (AVX-512: blocks of 64 outputs, byte j holding
     outputs j and j + 32), 32 (AVX2: blocks of 32, j and j + 16), 0 (other CPUs: pairs,
     2j and 2j + 1); None for a packing none of these describes (mdi's kernel then stays
-    unused, torch's computes). Found by packing a pattern once."""
+    unused, torch's computes). Found at import by packing a pattern (a plain value for
+    a compiled step's trace to read)."""
+    return PACKED_LAYOUT
+
+
+def _find_layout() -> int | None:
     if not int4_kernel_available():
         return None
     codes = torch.zeros(64, 32, dtype=torch.int32)
@@ -122,6 +125,9 @@ def packed_layout() -> int | None:
     except RuntimeError:
         return None
     return {5 << 4: 64, 7 << 4: 32, 9 << 4: 0}.get(byte)
+
+
+PACKED_LAYOUT = _find_layout()
 
 
 # the kernel's OpOverload, looked up once: `torch.ops.aten.X(...)` resolves two
@@ -191,10 +197,9 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         ops = fused_ops.for_lowbit(x2)
-        layout = packed_layout() if ops is not None else None
-        if layout is not None:
+        if ops is not None and PACKED_LAYOUT is not None:
             y = ops.int4_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight,
-                            self.scales_and_zeros, self.group, layout)
+                            self.scales_and_zeros, self.group, PACKED_LAYOUT)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.view(shape[:-1] + (self.out_features,))
