@@ -48,17 +48,15 @@ constexpr int64_t TAIL = 16;   // outputs: torch packs a multiple of 16
 constexpr int64_t LANES = 16;
 constexpr int64_t ROWS_AT_ONCE = 4;  // activations rows sharing one unpacking of the codes
 
-// x (M, K) as float32 rows (a bfloat16 input widened)
-std::vector<float> float_rows(const at::Tensor& x) {
+// x (M, K) as float32 rows: a float32 input's own data (no copy in the per-token
+// path), or a bfloat16 input widened into `copy`
+const float* float_rows(const at::Tensor& x, std::vector<float>& copy) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   const int64_t n = x.numel();
-  std::vector<float> out(n);
-  if (x.scalar_type() == at::kFloat) {
-    std::memcpy(out.data(), x.data_ptr<float>(), n * sizeof(float));
-  } else {
-    const at::BFloat16* p = x.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) out[i] = widen(p[i]);
-  }
-  return out;
+  copy.resize(n);
+  const at::BFloat16* p = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) copy[i] = widen(p[i]);
+  return copy.data();
 }
 
 void check_input(const at::Tensor& x, int64_t K, const char* what) {
@@ -305,7 +303,8 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK(layout == 64 || layout == 32 || layout == 0, "int4_mm: layout ", layout,
               " is not one of torch's packings (64, 32, or 0: pairs)");
   const int64_t M = x.size(0);
-  const std::vector<float> xf = float_rows(x);
+  std::vector<float> widened;
+  const float* xf = float_rows(x, widened);
   std::vector<float> xsum(M * G);
   for (int64_t r = 0; r < M; ++r)
     for (int64_t g = 0; g < G; ++g) {
@@ -322,15 +321,15 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   at::parallel_for(0, full + 1, 1, [&](int64_t b0, int64_t b1) {
     const int64_t e = std::min(b1, full);
     if (layout == 64)
-      int4_blocks<64>(xf.data(), M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
+      int4_blocks<64>(xf, M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
     else if (layout == 32)
-      int4_blocks<32>(xf.data(), M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
+      int4_blocks<32>(xf, M, K, pc, ps, N, group, xsum.data(), G, po, b0, e, portable);
     else
       for (int64_t b = b0; b < e; ++b)
-        int4_pairs(xf.data(), M, K, pc + b * bw * K / 2, ps, N, b * bw, bw, group, xsum.data(),
+        int4_pairs(xf, M, K, pc + b * bw * K / 2, ps, N, b * bw, bw, group, xsum.data(),
                    G, po);
     if (b1 == full + 1 && full * bw < N)
-      int4_pairs(xf.data(), M, K, pc + full * bw * K / 2, ps, N, full * bw, N - full * bw, group,
+      int4_pairs(xf, M, K, pc + full * bw * K / 2, ps, N, full * bw, N - full * bw, group,
                  xsum.data(), G, po);
   });
   return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
@@ -460,7 +459,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
               "int8_mm: float32 scales (", N, ") needed, got ", scale.scalar_type(), " ",
               scale.sizes());
   const int64_t M = x.size(0);
-  const std::vector<float> xf = float_rows(x);
+  std::vector<float> widened;
+  const float* xf = float_rows(x, widened);
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* po = out.data_ptr<float>();
   const int8_t* pw = w.data_ptr<int8_t>();
@@ -471,7 +471,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
                    [&](int64_t p0, int64_t p1) {
     const int64_t n0 = p0 * INT8_OUTPUTS, n1 = std::min(N, p1 * INT8_OUTPUTS);
     for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
-      const float* xr = xf.data() + r * K;
+      const float* xr = xf + r * K;
       float* o = po + r * N;
       switch (std::min(ROWS_AT_ONCE, M - r)) {
         case 1: int8_rows<1>(xr, K, pw, ps, o, N, n0, n1, portable); break;
