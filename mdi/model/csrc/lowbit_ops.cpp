@@ -39,6 +39,11 @@
 
 #include "float_bits.h"
 
+// fully unrolled: a kernel's accumulators (arrays of vectors indexed by these loops) stay
+// in registers; without it g++ 12 kept them on the stack, stored at every step (the
+// int8 kernel ran at a third of the FMA units' speed)
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 using mdi::put;
@@ -132,42 +137,42 @@ void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloa
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 res[R][V];
-  for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < V; ++i) res[r][i] = _mm512_setzero_ps();
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int i = 0; i < V; ++i) res[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
     __m512 acc[R][V];
-    for (int64_t r = 0; r < R; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+    UNROLL for (int64_t r = 0; r < R; ++r)
+      UNROLL for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
     prefetch_scales(sz, N, n0, BW, g + 2, K / group);
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
       const uint8_t* b = codes + k * (BW / 2);
       if (k % (128 / BW) == 0) prefetch_ahead(b);
       __m512 w[V];
-      for (int c = 0; c < C; ++c) {
+      UNROLL for (int c = 0; c < C; ++c) {
         const __m512i v =
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * c)));
         w[c] = _mm512_permutexvar_ps(v, table);                            // outputs 16c..
         w[C + c] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);  // BW / 2 + 16c..
       }
-      for (int64_t r = 0; r < R; ++r) {
+      UNROLL for (int64_t r = 0; r < R; ++r) {
         const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-        for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);
+        UNROLL for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);
       }
     }
     // 16 outputs' (scale, zero) pairs are 16 int32: scale in the low half, zero in the high
     const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
-    for (int i = 0; i < V; ++i) {
+    UNROLL for (int i = 0; i < V; ++i) {
       const __m512i pair = _mm512_loadu_si512(s + 16 * i);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
-      for (int64_t r = 0; r < R; ++r) {
+      UNROLL for (int64_t r = 0; r < R; ++r) {
         res[r][i] = _mm512_fmadd_ps(scale, acc[r][i], res[r][i]);
         res[r][i] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xsum[r * G + g]), res[r][i]);
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + r * ldo + n0 + 16 * i, res[r][i]);
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + r * ldo + n0 + 16 * i, res[r][i]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // the same block with AVX2: 8 outputs a vector, nibbles masked, shifted and converted
@@ -179,41 +184,41 @@ void int4_block(const float* x, int64_t K, const uint8_t* codes, const at::BFloa
   const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   __m256 res[R][V];
-  for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < V; ++i) res[r][i] = _mm256_setzero_ps();
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int i = 0; i < V; ++i) res[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / group; ++g) {
     prefetch_scales(sz, N, n0, BW, g + 2, K / group);
     __m256 acc[R][V];
-    for (int64_t r = 0; r < R; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm256_setzero_ps();
+    UNROLL for (int64_t r = 0; r < R; ++r)
+      UNROLL for (int i = 0; i < V; ++i) acc[r][i] = _mm256_setzero_ps();
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
       const uint8_t* b = codes + k * (BW / 2);
       if (k % (128 / BW) == 0) prefetch_ahead(b);
       __m256 w[V];
-      for (int q = 0; q < C; ++q) {
+      UNROLL for (int q = 0; q < C; ++q) {
         const __m256i v =
             _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * q)));
         w[q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, low), eight));
         w[C + q] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
       }
-      for (int64_t r = 0; r < R; ++r) {
+      UNROLL for (int64_t r = 0; r < R; ++r) {
         const __m256 xv = _mm256_set1_ps(x[r * K + k]);
-        for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], xv, acc[r][i]);
+        UNROLL for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], xv, acc[r][i]);
       }
     }
     const int32_t* s = reinterpret_cast<const int32_t*>(sz + (g * N + n0) * 2);
-    for (int i = 0; i < V; ++i) {
+    UNROLL for (int i = 0; i < V; ++i) {
       const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * i));
       const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
       const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
-      for (int64_t r = 0; r < R; ++r) {
+      UNROLL for (int64_t r = 0; r < R; ++r) {
         res[r][i] = _mm256_fmadd_ps(scale, acc[r][i], res[r][i]);
         res[r][i] = _mm256_fmadd_ps(zero, _mm256_set1_ps(xsum[r * G + g]), res[r][i]);
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + r * ldo + n0 + 8 * i, res[r][i]);
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int i = 0; i < V; ++i) _mm256_storeu_ps(out + r * ldo + n0 + 8 * i, res[r][i]);
 }
 #else
 template <int64_t R, int64_t BW>
@@ -252,28 +257,28 @@ void int4_pairs(const float* x, int64_t M, int64_t K, const uint8_t* codes,
   }
 }
 
-template <int64_t R, int64_t BW>
-void int4_rows(const float* x, int64_t K, const uint8_t* codes, const at::BFloat16* sz, int64_t N,
-               int64_t group, const float* xsum, int64_t G, float* out, int64_t b0, int64_t b1,
-               bool portable) {
-  for (int64_t b = b0; b < b1; ++b)
-    (portable ? int4_block_portable<R, BW> : int4_block<R, BW>)(
-        x, K, codes + b * BW * K / 2, sz, N, b * BW, group, xsum, G, out, N);
-}
-
+// blocks [b0, b1) of BW outputs, every row, ROWS_AT_ONCE rows at a time: a block's codes
+// are read from memory once and from the core's cache for the further rows
 template <int64_t BW>
 void int4_blocks(const float* x, int64_t M, int64_t K, const uint8_t* codes,
                  const at::BFloat16* sz, int64_t N, int64_t group, const float* xsum, int64_t G,
                  float* out, int64_t b0, int64_t b1, bool portable) {
-  for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
-    const float* xr = x + r * K;
-    const float* sr = xsum + r * G;
-    float* o = out + r * N;
-    switch (std::min(ROWS_AT_ONCE, M - r)) {
-      case 1: int4_rows<1, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
-      case 2: int4_rows<2, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
-      case 3: int4_rows<3, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
-      default: int4_rows<4, BW>(xr, K, codes, sz, N, group, sr, G, o, b0, b1, portable); break;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* cb = codes + b * BW * K / 2;
+    for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
+      const float* xr = x + r * K;
+      const float* sr = xsum + r * G;
+      float* o = out + r * N;
+      switch (std::min(ROWS_AT_ONCE, M - r)) {
+#define MDI_INT4_ROWS(R)                                                                 \
+  (portable ? int4_block_portable<R, BW> : int4_block<R, BW>)(xr, K, cb, sz, N, b * BW, group, \
+                                                              sr, G, o, N)
+        case 1: MDI_INT4_ROWS(1); break;
+        case 2: MDI_INT4_ROWS(2); break;
+        case 3: MDI_INT4_ROWS(3); break;
+        default: MDI_INT4_ROWS(4); break;
+#undef MDI_INT4_ROWS
+      }
     }
   }
 }
@@ -368,27 +373,43 @@ inline float fold(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
+// one step of 16 inputs (k.. k + 15, the lanes `m` of them) of every output and row
+template <int64_t R, int64_t NB>
+inline void int8_step(const float* x, int64_t K, const int8_t* w, int64_t k, __mmask16 m,
+                      __m512 (&acc)[R][NB]) {
+  __m512 xv[R];
+  UNROLL for (int64_t r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * K + k);
+  UNROLL for (int64_t n = 0; n < NB; ++n) {
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_maskz_loadu_epi8(m, reinterpret_cast<const __m128i*>(w + n * K + k))));
+    // (a masked-off lane is left as it is, as the portable loop leaves it)
+    UNROLL for (int64_t r = 0; r < R; ++r)
+      acc[r][n] = _mm512_mask3_fmadd_ps(wv, xv[r], acc[r][n], m);
+  }
+}
+
 template <int64_t R, int64_t NB>
 void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
                   float* out, int64_t ldo) {
   __m512 acc[R][NB];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < NB; ++n) acc[r][n] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += LANES) {
-    const __mmask16 m = K - k >= LANES ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 xv[R];
-    for (int64_t r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * K + k);
-    for (int64_t n = 0; n < NB; ++n) {
-      const int8_t* p = w + (n0 + n) * K + k;
-      if (k % 64 == 0) prefetch_ahead(p);  // (one line per line read, every output's)
-      const __m512 wv = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, reinterpret_cast<const __m128i*>(p))));
-      // (a masked-off lane is left as it is, as the portable loop leaves it)
-      for (int64_t r = 0; r < R; ++r) acc[r][n] = _mm512_mask3_fmadd_ps(wv, xv[r], acc[r][n], m);
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int64_t n = 0; n < NB; ++n) acc[r][n] = _mm512_setzero_ps();
+  const int8_t* wn = w + n0 * K;
+  if (K % 64 == 0) {
+    for (int64_t k = 0; k < K; k += 64) {  // a cache line of each output's weights
+      UNROLL for (int64_t n = 0; n < NB; ++n) prefetch_ahead(wn + n * K + k);
+      UNROLL for (int64_t i = 0; i < 64; i += LANES)
+        int8_step<R, NB>(x, K, wn, k + i, 0xffff, acc);
     }
+  } else {
+    for (int64_t k = 0; k < K; k += LANES)
+      int8_step<R, NB>(x, K, wn, k,
+                       K - k >= LANES ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1),
+                       acc);
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < NB; ++n) out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int64_t n = 0; n < NB; ++n)
+      out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // two 8-lane vectors: lanes 0-7 and 8-15 of the 16 partial sums
@@ -408,22 +429,22 @@ void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale
     return;
   }
   __m256 acc[R][NB][2];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < NB; ++n) acc[r][n][0] = acc[r][n][1] = _mm256_setzero_ps();
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int64_t n = 0; n < NB; ++n) acc[r][n][0] = acc[r][n][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += LANES) {
-    for (int64_t n = 0; n < NB; ++n) {
+    UNROLL for (int64_t n = 0; n < NB; ++n) {
       const int8_t* p = w + (n0 + n) * K + k;
       if (k % 64 == 0) prefetch_ahead(p);
-      for (int h = 0; h < 2; ++h) {
+      UNROLL for (int h = 0; h < 2; ++h) {
         const __m256 wv = _mm256_cvtepi32_ps(
             _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
-        for (int64_t r = 0; r < R; ++r)
+        UNROLL for (int64_t r = 0; r < R; ++r)
           acc[r][n][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k + 8 * h), acc[r][n][h]);
       }
     }
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < NB; ++n)
+  UNROLL for (int64_t r = 0; r < R; ++r)
+    UNROLL for (int64_t n = 0; n < NB; ++n)
       out[r * ldo + n0 + n] = fold(acc[r][n][0], acc[r][n][1]) * scale[n0 + n];
 }
 #else
@@ -436,15 +457,24 @@ void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale
 
 constexpr int64_t INT8_OUTPUTS = 4;  // outputs sharing one load of the activations
 
-template <int64_t R>
-void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, float* out,
-               int64_t N, int64_t n0, int64_t n1, bool portable) {
-  int64_t n = n0;
-  for (; n + INT8_OUTPUTS <= n1; n += INT8_OUTPUTS)
-    (portable ? int8_outputs_portable<R, INT8_OUTPUTS> : int8_outputs<R, INT8_OUTPUTS>)(
-        x, K, w, scale, n, out, N);
-  for (; n < n1; ++n)
-    (portable ? int8_outputs_portable<R, 1> : int8_outputs<R, 1>)(x, K, w, scale, n, out, N);
+// outputs [n, n + NB) of every row, ROWS_AT_ONCE rows at a time: the outputs' weights
+// are read from memory once and from the core's cache for the further rows
+template <int64_t NB>
+void int8_all_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                   float* out, int64_t N, int64_t n, bool portable) {
+  for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
+    const float* xr = x + r * K;
+    float* o = out + r * N;
+    switch (std::min(ROWS_AT_ONCE, M - r)) {
+#define MDI_INT8_ROWS(R) \
+  (portable ? int8_outputs_portable<R, NB> : int8_outputs<R, NB>)(xr, K, w, scale, n, o, N)
+      case 1: MDI_INT8_ROWS(1); break;
+      case 2: MDI_INT8_ROWS(2); break;
+      case 3: MDI_INT8_ROWS(3); break;
+      default: MDI_INT8_ROWS(4); break;
+#undef MDI_INT8_ROWS
+    }
+  }
 }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
@@ -470,16 +500,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   at::parallel_for(0, pieces, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)),
                    [&](int64_t p0, int64_t p1) {
     const int64_t n0 = p0 * INT8_OUTPUTS, n1 = std::min(N, p1 * INT8_OUTPUTS);
-    for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
-      const float* xr = xf + r * K;
-      float* o = po + r * N;
-      switch (std::min(ROWS_AT_ONCE, M - r)) {
-        case 1: int8_rows<1>(xr, K, pw, ps, o, N, n0, n1, portable); break;
-        case 2: int8_rows<2>(xr, K, pw, ps, o, N, n0, n1, portable); break;
-        case 3: int8_rows<3>(xr, K, pw, ps, o, N, n0, n1, portable); break;
-        default: int8_rows<4>(xr, K, pw, ps, o, N, n0, n1, portable); break;
-      }
-    }
+    int64_t n = n0;
+    for (; n + INT8_OUTPUTS <= n1; n += INT8_OUTPUTS)
+      int8_all_rows<INT8_OUTPUTS>(xf, M, K, pw, ps, po, N, n, portable);
+    for (; n < n1; ++n) int8_all_rows<1>(xf, M, K, pw, ps, po, N, n, portable);
   });
   return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
 }
