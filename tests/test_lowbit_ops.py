@@ -1,5 +1,6 @@
-"""mdi's int4 and int8 products of few rows (mdi/model/csrc/lowbit_ops.cpp) against
-the exact sums of the weights they store: the packed int4 codes are unpacked here
+"""mdi's int4 products (mdi/model/csrc/lowbit_ops.cpp) and int8 products of few rows
+(rows_ops.cpp; tests/test_rows_ops.py has their sums and bfloat16's) against the
+exact sums of the weights they store: the packed int4 codes are unpacked here
 by the layout's own rule, independently of the kernel. The vector loops (AVX-512
 or AVX2, whichever this machine built) and the portable loop give the same bits;
 a row's result never depends on the rows beside it."""
@@ -95,18 +96,6 @@ def test_int4_mm_equals_the_exact_sums(N, K, group, rows):
                        int4_mm(xb.float(), lin).bfloat16())
 
 
-@pytest.mark.parametrize("N,K", [(96, 576), (37, 40), (5, 17), (64, 16), (3, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 4, 6])
-def test_int8_mm_equals_the_exact_sums(N, K, rows):
-    q, scale = quantize_rows(randn(N, K))
-    x = randn(rows, K)
-    got = ops.int8_mm(x, q, scale)
-    want = x.double() @ (q.double() * scale.double()[:, None]).t()
-    torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5, rtol=1e-5)
-    assert torch.equal(got, ops.int8_mm(x, q, scale, True))
-    assert torch.equal(got[-1:], ops.int8_mm(x[-1:], q, scale))
-
-
 def test_bad_inputs_name_what_is_wrong():
     lin = Int4Linear.from_float(randn(64, 64), 32)
     w, sz = lin.weight, lin.scales_and_zeros
@@ -192,7 +181,7 @@ torch.ops.load_library(sys.argv[1])
 from mdi.model.int4 import Int4Linear, packed_layout
 from mdi.model.quant import quantize_rows
 outs = []
-int4s, int8s = torch.load(sys.argv[3], weights_only=True)  # (torch.randn differs by capability)
+int4s, int8s, bf16s = torch.load(sys.argv[3], weights_only=True)  # (randn differs by capability)
 for w, x in int4s:
     lin = Int4Linear.from_float(w, 32)  # packed by this process's capability
     outs.append(torch.ops.mdi_fused.int4_mm(x, lin.weight, lin.scales_and_zeros, 32,
@@ -200,6 +189,8 @@ for w, x in int4s:
 for w, x in int8s:
     q, s = quantize_rows(w)
     outs.append(torch.ops.mdi_fused.int8_mm(x, q, s))
+for w, x in bf16s:
+    outs += [torch.ops.mdi_fused.bf16_mm(x, w), torch.ops.mdi_fused.bf16_mm(x.bfloat16(), w)]
 torch.save((packed_layout(), outs), sys.argv[2])
 """
 
@@ -213,7 +204,8 @@ def test_builds_for_other_cpus_give_the_same_bits(tmp_path, monkeypatch):
     computes the same bits as this machine's build: a ring of different CPUs agrees."""
     inputs = tmp_path / "inputs.pt"
     torch.save(([(randn(n, k), randn(5, k)) for n, k in [(960, 576), (80, 64), (112, 64)]],
-                [(randn(n, k), randn(5, k)) for n, k in [(96, 576), (37, 40)]]), inputs)
+                [(randn(n, k), randn(5, k)) for n, k in [(96, 576), (37, 40)]],
+                [(randn(n, k).bfloat16(), randn(5, k)) for n, k in [(96, 576), (37, 40)]]), inputs)
     results, layouts = [], []
     for name, flags, cap in (("native", None, None), ("avx2", ["-mavx2", "-mfma"], "avx2"),
                              ("plain", [], "default")):

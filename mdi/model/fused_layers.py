@@ -36,7 +36,7 @@ def reads_bf16(layer: torch.nn.Module, rows: int) -> bool:
     kernels around it can write and read bfloat16 with the same bits as its own casts
     (an int8 layer's bfloat16 GEMM of many rows; no bias, which it adds after its
     output is widened to float32)? Not an int4 layer, nor an int8 one of few rows:
-    with the kernels loaded their own products read float32 (csrc/lowbit_ops.cpp)."""
+    with the kernels loaded their own products read float32 (csrc/rows_ops.cpp)."""
     if isinstance(layer, Int8Linear):
         return (layer.bias is None and not layer.refine and rows > layer.few_rows
                 and rows >= layer.many_rows and GEMM_DTYPE == torch.bfloat16)

@@ -1,12 +1,12 @@
 """The decoder layer's small operations as one CPU kernel each (csrc/decode_ops.cpp):
 RMSNorm, a residual add with the norm after it, RoPE with the cache write, decode
-attention over the cache, SwiGLU's gate; and the int4 and int8 matrix products of
-few rows against float32 activations (csrc/lowbit_ops.cpp: Int4Linear, and
-Int8Linear up to its `few_rows`).
+attention over the cache, SwiGLU's gate; and matrix products against float32 activations: int4 (csrc/lowbit_ops.cpp:
+Int4Linear), int8 and bfloat16 rows (csrc/rows_ops.cpp: Int8Linear up to its
+`few_rows`, a bfloat16 Linear up to kernels.FEW_ROWS rows).
 
 An eager decode step of one sequence spent most of its time between the matrix
 products, in ~90-130 aten calls per layer (issue 21). The kernels are built
-with the system's C++ compiler on first use (~15 s, its two sources side by side) into MDI_CACHE_DIR/ops (else
+with the system's C++ compiler on first use (~15 s, its three sources side by side) into MDI_CACHE_DIR/ops (else
 ~/.cache/mdi/ops), keyed by the source, torch's install, the machine, the
 compiler and the flags, and loaded from there afterwards (one build at a time). Where no compiler or no build works, or with
 MDI_FUSED_OPS=0, the layers compute as before with torch's operations (the
@@ -39,8 +39,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "decode_ops.cpp", CSRC / "lowbit_ops.cpp"]  # compiled into one library
-HEADERS = [CSRC / "float_bits.h"]
+# compiled into one library
+SOURCES = [CSRC / "decode_ops.cpp", CSRC / "lowbit_ops.cpp", CSRC / "rows_ops.cpp"]
+HEADERS = [CSRC / "float_bits.h", CSRC / "kernel_common.h"]
 # -ffp-contract=off: no multiply-add fused where the source does not write one, so
 # every product and sum rounds as the source says, on every CPU (tokens equal
 # across a ring's machines)
@@ -206,12 +207,13 @@ def _build_lock(path: Path):
 
 def _register_fakes() -> None:
     """The low-bit products' output shapes, for torch.compile and torch.export: a
-    compiled step calls the same kernels as the eager one (csrc/lowbit_ops.cpp)."""
+    compiled step calls the same kernels as the eager one (csrc/lowbit_ops.cpp, rows_ops.cpp)."""
     def mm(x, w, *args, portable=False):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     torch.library.register_fake("mdi_fused::int4_mm")(mm)
     torch.library.register_fake("mdi_fused::int8_mm")(mm)
+    torch.library.register_fake("mdi_fused::bf16_mm")(mm)
 
 
 def _load():
@@ -248,7 +250,7 @@ def loaded() -> bool | None:
 
 
 def for_lowbit(x: torch.Tensor):
-    """The kernels for a low-bit product of activations x (csrc/lowbit_ops.cpp), or
+    """The kernels for a product of activations x (csrc/lowbit_ops.cpp, rows_ops.cpp), or
     None: float32 or bfloat16 on the CPU, no autograd; also while torch.compile or
     torch.export traces (they have fake kernels: a compiled step computes as an
     eager one)."""

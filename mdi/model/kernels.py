@@ -10,7 +10,7 @@ bfloat16 activations:
   paid once for all of them.
 An Int8Linear runs the first up to `few_rows` rows, the second from
 `many_rows`. Where the fused kernels are loaded (fused_ops.py) the first is
-mdi's own `int8_mm` (csrc/lowbit_ops.cpp): the same weight against float32
+mdi's own `int8_mm` (csrc/rows_ops.cpp): the same weight against float32
 activations (no bfloat16 rounding of the input or the output, so the head needs
 no `refine_top`), 1.0-1.2x torch's kernel. The thresholds are fixed, so every process of a ring (and a
 single-device run) makes the same choice for the same rows and their tokens

@@ -18,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_ops
 from .cache import KVCache, in_dtype
 from .config import GPTConfig
 from .kept import kept
+from .kernels import FEW_ROWS
 from .packed import PackedRows, packed_attention
 
 
@@ -173,6 +175,12 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     if torch.is_grad_enabled():
         _plain(layer)
         return layer(x)
+    if x.dtype == torch.bfloat16 and B * T <= FEW_ROWS and reads_rows(layer):
+        ops = fused_ops.for_lowbit(x)
+        if ops is not None:  # float32 sums of exact inputs, one rounding (csrc/rows_ops.cpp)
+            x2 = x.view(B * T, C) if x.is_contiguous() else x.reshape(B * T, C)
+            y = ops.bf16_mm(x2, layer.weight)
+            return (y if layer.bias is None else y + layer.bias).view(B, T, -1)
     # F.linear's own path for a 3-D input (flatten, mm/addmm, view back), without
     # its dispatch layers, and with the weight's transposed view kept on the layer:
     # 3-4 aten calls instead of 11 per small-weight or bfloat16 decode GEMM
@@ -181,6 +189,15 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     x2 = x.view(B * T, C) if x.is_contiguous() else x.reshape(B * T, C)
     y = torch.mm(x2, w) if layer.bias is None else torch.addmm(layer.bias, x2, w)
     return y.view(B, T, -1)
+
+
+def reads_rows(layer: nn.Linear) -> bool:
+    """Can mdi's bfloat16 kernel (fused_ops: `bf16_mm`) read the layer's weight as
+    stored? A bfloat16 CPU weight, contiguous (out, in). It takes a decode step's
+    few rows (up to FEW_ROWS: 1.4x torch's bfloat16 product at one row, level at
+    16, slower above; docs/benchmarks.md); prefills keep torch's GEMM."""
+    w = layer.weight
+    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
 
 
 def _transposed(layer: nn.Linear) -> torch.Tensor:

@@ -7,7 +7,7 @@ per row. Weights take 1 byte instead of 4 (plus 4 bytes per row for the scale).
 
 Compute on CPU: one of three kernels by the rows of the call (kernels.py):
 weight-only for a few rows (mdi's `int8_mm` with float32 activations where the
-fused kernels are loaded, csrc/lowbit_ops.cpp; else torch's
+fused kernels are loaded, csrc/rows_ops.cpp; else torch's
 `_weight_int8pack_mm`, bfloat16 activations), a bfloat16 GEMM on the weight converted to bfloat16 for more (float32 on
 a CPU without native bfloat16); no 8-bit
 rounding of the activations (it cost SmolLM2 +1.9% perplexity). The dynamic int8
@@ -137,7 +137,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         n = x2.shape[0]
         ops = fused_ops.for_lowbit(x2) if n <= self.few_rows else None
-        if ops is not None:  # float32 activations, its own kernel (csrc/lowbit_ops.cpp)
+        if ops is not None:  # float32 activations, its own kernel (csrc/rows_ops.cpp)
             y = ops.int8_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight,
                             self.scale)
         elif x.device.type == "cpu" and (n <= self.few_rows or n >= self.many_rows):

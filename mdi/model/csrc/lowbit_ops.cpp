@@ -1,11 +1,11 @@
-// Low-bit matrix products: int4 codes in the packed layout of torch's CPU int4
-// kernel, and int8 rows with a scale per output, read as they are stored (no
-// second copy) against float32 activations.
+// int4 matrix products: codes in the packed layout of torch's CPU int4 kernel,
+// read as they are stored (no second copy) against float32 activations
+// (rows_ops.cpp: int8 and bfloat16 rows).
 //
 // torch's weight-only kernels take bfloat16 activations (its int4 kernel is
 // 10-40x slower with float32 ones) and run a matrix-vector product per row;
-// these read float32 (a bfloat16 input is widened first), so no cast is made
-// around them and a row keeps float32's precision. Their sums run in the order
+// this reads float32 (a bfloat16 input is widened first), so no cast is made
+// around it and a row keeps float32's precision. Its sums run in the order
 // the source gives, each output on its own, with fused multiply-adds: the
 // AVX-512, AVX2 and portable loops give the same bits (std::fma rounds as the
 // vector instructions do), so the processes of a ring compute alike on any CPU,
@@ -15,8 +15,6 @@
 //   out = fma(scale, sum_k (q_k - 8) x_k, out);  out = fma(zero, sum_k x_k, out)
 // with sum_k (q - 8) x a chain of fmas in k's order (a row's group sums of x
 // first, in k's order).
-// int8: w = q * scale per output; out = scale * sum_k q_k x_k, the sum in 16
-//   lanes (k mod 16), folded pairwise as decode_ops.cpp's sums are.
 //
 // The AVX loops prefetch: the codes 4 KB ahead of the read (their stream), and
 // the scales two groups ahead (N outputs apart: no hardware prefetcher follows
@@ -38,43 +36,21 @@
 #endif
 
 #include "float_bits.h"
-
-// fully unrolled: a kernel's accumulators (arrays of vectors indexed by these loops) stay
-// in registers; without it g++ 12 kept them on the stack, stored at every step (the
-// int8 kernel ran at a third of the FMA units' speed)
-#define UNROLL _Pragma("GCC unroll 16")
+#include "kernel_common.h"
 
 namespace {
 
+using mdi::check_input;
+using mdi::float_rows;
 using mdi::put;
+using mdi::ROWS_AT_ONCE;
 using mdi::widen;
 
 constexpr int64_t TAIL = 16;   // outputs: torch packs a multiple of 16
-constexpr int64_t LANES = 16;
-constexpr int64_t ROWS_AT_ONCE = 4;  // activations rows sharing one unpacking of the codes
-
-// x (M, K) as float32 rows: a float32 input's own data (no copy in the per-token
-// path), or a bfloat16 input widened into `copy`
-const float* float_rows(const at::Tensor& x, std::vector<float>& copy) {
-  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
-  const int64_t n = x.numel();
-  copy.resize(n);
-  const at::BFloat16* p = x.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < n; ++i) copy[i] = widen(p[i]);
-  return copy.data();
-}
-
-void check_input(const at::Tensor& x, int64_t K, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat ||
-                                      x.scalar_type() == at::kBFloat16),
-              what, ": float32 or bfloat16 CPU activations only, got ", x.scalar_type(), " on ",
-              x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), what,
-              ": activations (rows, ", K, ") contiguous needed, got ", x.sizes());
-}
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// the cache line 4 KB on in a weight's stream
+// the cache line 4 KB on in the codes' stream (one stream a block: nearer and into
+// L1 was faster here than rows_ops.cpp's distance)
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + 4096, _MM_HINT_T0);
 }
@@ -340,183 +316,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
 }
 
-// ---- int8 ----
-
-// the LANES partial sums added pairwise (halves, then quarters...), as decode_ops.cpp's fold
-inline float fold(float* acc) {
-  for (int64_t w = LANES / 2; w > 0; w /= 2)
-    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
-// outputs [n0, n0 + NB) of rows [0, R): lane l of an output's sum takes the k with
-// k mod 16 = l, in k's order
-template <int64_t R, int64_t NB>
-void int8_outputs_portable(const float* x, int64_t K, const int8_t* w, const float* scale,
-                           int64_t n0, float* out, int64_t ldo) {
-  float acc[R][NB][LANES] = {};
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < NB; ++n)
-      for (int64_t r = 0; r < R; ++r)
-        acc[r][n][k % LANES] = std::fma(static_cast<float>(w[(n0 + n) * K + k]), x[r * K + k],
-                                        acc[r][n][k % LANES]);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < NB; ++n) out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
-}
-
-#ifdef __AVX512F__
-inline float fold(__m512 v) {
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
-}
-
-// one step of 16 inputs (k.. k + 15, the lanes `m` of them) of every output and row
-template <int64_t R, int64_t NB>
-inline void int8_step(const float* x, int64_t K, const int8_t* w, int64_t k, __mmask16 m,
-                      __m512 (&acc)[R][NB]) {
-  __m512 xv[R];
-  UNROLL for (int64_t r = 0; r < R; ++r) xv[r] = _mm512_maskz_loadu_ps(m, x + r * K + k);
-  UNROLL for (int64_t n = 0; n < NB; ++n) {
-    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-        _mm_maskz_loadu_epi8(m, reinterpret_cast<const __m128i*>(w + n * K + k))));
-    // (a masked-off lane is left as it is, as the portable loop leaves it)
-    UNROLL for (int64_t r = 0; r < R; ++r)
-      acc[r][n] = _mm512_mask3_fmadd_ps(wv, xv[r], acc[r][n], m);
-  }
-}
-
-template <int64_t R, int64_t NB>
-void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
-                  float* out, int64_t ldo) {
-  __m512 acc[R][NB];
-  UNROLL for (int64_t r = 0; r < R; ++r)
-    UNROLL for (int64_t n = 0; n < NB; ++n) acc[r][n] = _mm512_setzero_ps();
-  const int8_t* wn = w + n0 * K;
-  if (K % 64 == 0) {
-    for (int64_t k = 0; k < K; k += 64) {  // a cache line of each output's weights
-      UNROLL for (int64_t n = 0; n < NB; ++n) prefetch_ahead(wn + n * K + k);
-      UNROLL for (int64_t i = 0; i < 64; i += LANES)
-        int8_step<R, NB>(x, K, wn, k + i, 0xffff, acc);
-    }
-  } else {
-    for (int64_t k = 0; k < K; k += LANES)
-      int8_step<R, NB>(x, K, wn, k,
-                       K - k >= LANES ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1),
-                       acc);
-  }
-  UNROLL for (int64_t r = 0; r < R; ++r)
-    UNROLL for (int64_t n = 0; n < NB; ++n)
-      out[r * ldo + n0 + n] = fold(acc[r][n]) * scale[n0 + n];
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-// two 8-lane vectors: lanes 0-7 and 8-15 of the 16 partial sums
-inline float fold(__m256 lo, __m256 hi) {
-  const __m256 a = _mm256_add_ps(lo, hi);
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
-}
-
-template <int64_t R, int64_t NB>
-void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
-                  float* out, int64_t ldo) {
-  const int64_t full = K / LANES * LANES;
-  if (full < K) {  // a ragged width: the portable loop (tiny models only)
-    int8_outputs_portable<R, NB>(x, K, w, scale, n0, out, ldo);
-    return;
-  }
-  __m256 acc[R][NB][2];
-  UNROLL for (int64_t r = 0; r < R; ++r)
-    UNROLL for (int64_t n = 0; n < NB; ++n) acc[r][n][0] = acc[r][n][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += LANES) {
-    UNROLL for (int64_t n = 0; n < NB; ++n) {
-      const int8_t* p = w + (n0 + n) * K + k;
-      if (k % 64 == 0) prefetch_ahead(p);
-      UNROLL for (int h = 0; h < 2; ++h) {
-        const __m256 wv = _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
-        UNROLL for (int64_t r = 0; r < R; ++r)
-          acc[r][n][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k + 8 * h), acc[r][n][h]);
-      }
-    }
-  }
-  UNROLL for (int64_t r = 0; r < R; ++r)
-    UNROLL for (int64_t n = 0; n < NB; ++n)
-      out[r * ldo + n0 + n] = fold(acc[r][n][0], acc[r][n][1]) * scale[n0 + n];
-}
-#else
-template <int64_t R, int64_t NB>
-void int8_outputs(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0,
-                  float* out, int64_t ldo) {
-  int8_outputs_portable<R, NB>(x, K, w, scale, n0, out, ldo);
-}
-#endif
-
-constexpr int64_t INT8_OUTPUTS = 4;  // outputs sharing one load of the activations
-
-// outputs [n, n + NB) of every row, ROWS_AT_ONCE rows at a time: the outputs' weights
-// are read from memory once and from the core's cache for the further rows
-template <int64_t NB>
-void int8_all_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                   float* out, int64_t N, int64_t n, bool portable) {
-  for (int64_t r = 0; r < M; r += ROWS_AT_ONCE) {
-    const float* xr = x + r * K;
-    float* o = out + r * N;
-    switch (std::min(ROWS_AT_ONCE, M - r)) {
-#define MDI_INT8_ROWS(R) \
-  (portable ? int8_outputs_portable<R, NB> : int8_outputs<R, NB>)(xr, K, w, scale, n, o, N)
-      case 1: MDI_INT8_ROWS(1); break;
-      case 2: MDI_INT8_ROWS(2); break;
-      case 3: MDI_INT8_ROWS(3); break;
-      default: MDI_INT8_ROWS(4); break;
-#undef MDI_INT8_ROWS
-    }
-  }
-}
-
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                   bool portable) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kChar && w.dim() == 2 &&
-              w.is_contiguous(), "int8_mm: int8 weight (N, K) contiguous needed, got ",
-              w.scalar_type(), " ", w.sizes());
-  const int64_t N = w.size(0), K = w.size(1);
-  check_input(x, K, "int8_mm");
-  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat &&
-              scale.is_contiguous() && scale.dim() == 1 && scale.size(0) == N,
-              "int8_mm: float32 scales (", N, ") needed, got ", scale.scalar_type(), " ",
-              scale.sizes());
-  const int64_t M = x.size(0);
-  std::vector<float> widened;
-  const float* xf = float_rows(x, widened);
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
-  const int8_t* pw = w.data_ptr<int8_t>();
-  const float* ps = scale.data_ptr<float>();
-  // threads split the outputs in pieces of INT8_OUTPUTS
-  const int64_t pieces = (N + INT8_OUTPUTS - 1) / INT8_OUTPUTS;
-  at::parallel_for(0, pieces, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K, 1)),
-                   [&](int64_t p0, int64_t p1) {
-    const int64_t n0 = p0 * INT8_OUTPUTS, n1 = std::min(N, p1 * INT8_OUTPUTS);
-    int64_t n = n0;
-    for (; n + INT8_OUTPUTS <= n1; n += INT8_OUTPUTS)
-      int8_all_rows<INT8_OUTPUTS>(xf, M, K, pw, ps, po, N, n, portable);
-    for (; n < n1; ++n) int8_all_rows<1>(xf, M, K, pw, ps, po, N, n, portable);
-  });
-  return x.scalar_type() == at::kFloat ? out : out.to(at::kBFloat16);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mdi_fused, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor sz, int group, int layout, bool portable=False) -> "
         "Tensor");
-  m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool portable=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mdi_fused, CPU, m) {
   m.impl("int4_mm", int4_mm);
-  m.impl("int8_mm", int8_mm);
 }
