@@ -16,13 +16,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import int4
 from .cache import KVCache
-from .kernels import GEMM_DTYPE
+from .kernels import FEW_ROWS, GEMM_DTYPE
 from .kept import kept
 from .layers import (Block, CachedStep, CausalSelfAttention, LinearMode, RMSNorm, cached_attention,
-                     linear, rope_cos_sin)
+                     linear, reads_rows, rope_cos_sin)
 from .packed import packed_attention
 from .quant import Int8Linear
+
+# a decode step's layer as one call (csrc/layer_ops.cpp) where it applies; tests and
+# benchmarks turn it off to compare with the calls one by one
+LAYER_KERNEL = True
 
 
 def step_rope(inv_freq: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +108,55 @@ def attention(ops, a: CausalSelfAttention, x: torch.Tensor, step: CachedStep | N
     return linear(a.c_proj, y.to(torch.bfloat16) if bf16 else y, mode)
 
 
+def _linear_operands(m: torch.nn.Module, x: torch.Tensor, mode: LinearMode) -> tuple | None:
+    """(kind, group, weight, scales, bias) of a linear that the layer kernel computes as
+    its own forward does on the rows of x (B, 1, C) (the same kernel: int4_mm at any
+    rows, int8_mm up to few_rows, bf16_mm as layers.linear picks it), or None."""
+    rows = x.shape[0]
+    if isinstance(m, int4.Int4Linear):
+        return None if int4.PACKED_LAYOUT is None else (0, m.group, m.weight,
+                                                         m.scales_and_zeros, m.bias)
+    if isinstance(m, Int8Linear):
+        return (1, 0, m.weight, m.scale, m.bias) if rows <= m.few_rows else None
+    if (type(m) is torch.nn.Linear and x.dtype == torch.bfloat16 and mode != "per_row"
+            and rows <= FEW_ROWS and reads_rows(m)):
+        return (2, 0, m.weight, None, m.bias)
+    return None
+
+
+def layer_operands(block: Block, x: torch.Tensor, mode: LinearMode) -> tuple | None:
+    """decode_layer's operands after (x, pos, cos, sin, kv) for a decode step (one
+    position per row) of a block whose pieces it computes as block_forward would:
+    RMSNorms, SwiGLU, and four linears it reads (_linear_operands); else None."""
+    attn, m = block.attn, block.mlp
+    ln_1, ln_2 = block.ln_1, block.ln_2
+    if not (type(ln_1) is RMSNorm and type(ln_2) is RMSNorm and m.swiglu):
+        return None
+    linears, meta = [], [attn.n_head, attn.n_kv_head, int4.PACKED_LAYOUT or 0]
+    for lin in (attn.c_attn, attn.c_proj, m.c_fc, m.c_proj):
+        got = _linear_operands(lin, x, mode)
+        if got is None:
+            return None
+        meta += got[:2]
+        linears += got[2:]
+    return (float_weight(ln_1), float_weight(ln_2), linears, meta,
+            [ln_1.eps, ln_2.eps, attn.hs ** -0.5])
+
+
 def block_forward(ops, block: Block, x: torch.Tensor, step: CachedStep | None,
                   cache: KVCache | None, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
                   mode: LinearMode) -> torch.Tensor:
     """Block.forward's result (within the kernels' rounding) through the kernels.
     Around a linear that reads bfloat16 (reads_bf16) the kernels write its bfloat16
     input and read its bfloat16 output themselves: the same bits as its own casts,
-    without them."""
+    without them. A decode step's layer whose pieces all have kernels is one call
+    (layer_operands; the same kernels in the same order)."""
+    if (LAYER_KERNEL and rope is not None and x.shape[1] == 1 and cache is not None
+            and step.packed is None and x.is_contiguous() and _writes_plainly(cache, layer)):
+        operands = layer_operands(block, x, mode)
+        if operands is not None:
+            pos = step.input_pos if step.input_pos.is_contiguous() else step.input_pos.contiguous()
+            return ops.decode_layer(x, pos, rope[0], rope[1], cache.kv[layer], *operands)
     rows = x.shape[0] * x.shape[1]
     attn, m = block.attn, block.mlp
     h = norm(ops, block.ln_1, x, wants_bf16(attn.c_attn, x, rows))

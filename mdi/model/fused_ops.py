@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 # compiled into one library
-SOURCES = [CSRC / "decode_ops.cpp", CSRC / "lowbit_ops.cpp", CSRC / "rows_ops.cpp"]
+SOURCES = [CSRC / "decode_ops.cpp", CSRC / "lowbit_ops.cpp", CSRC / "rows_ops.cpp",
+           CSRC / "layer_ops.cpp"]
 HEADERS = [CSRC / "float_bits.h", CSRC / "kernel_common.h"]
 # -ffp-contract=off: no multiply-add fused where the source does not write one, so
 # every product and sum rounds as the source says, on every CPU (tokens equal
