@@ -9,6 +9,7 @@ import torch
 
 from mdi.generate import step
 from mdi.model import fused_layers, fused_ops
+from mdi.model.kernels import FEW_ROWS
 from mdi.model.quant import configure_stage
 
 from test_fused import FAMILIES
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(ops is None, reason="the fused kernels did not b
 PROMPTS = [[1, 5, 9, 2, 7], [3, 2], [8, 6, 4, 2, 0, 1, 3, 5, 7]]
 
 
-def decode(model, layer_kernel: bool, monkeypatch, n: int = 6):
+def decode(model, layer_kernel: bool, monkeypatch, n: int = 6, prompts=PROMPTS):
     """Logits (n, rows, vocab) of greedy decode steps after each prompt's prefill, and
     how many layer calls went through decode_layer."""
     monkeypatch.setattr(fused_layers, "LAYER_KERNEL", layer_kernel)
@@ -30,10 +31,10 @@ def decode(model, layer_kernel: bool, monkeypatch, n: int = 6):
         calls.append(got is not None)
         return got
     monkeypatch.setattr(fused_layers, "layer_operands", spy)
-    cache = model.new_cache(len(PROMPTS))
-    seqs, logits = [list(p) for p in PROMPTS], []
+    cache = model.new_cache(len(prompts))
+    seqs, logits = [list(p) for p in prompts], []
     with torch.inference_mode():
-        for r, p in enumerate(PROMPTS):
+        for r, p in enumerate(prompts):
             step.prefill(model, cache, r, p[:-1])
         for _ in range(n):
             out = step.decode(model, cache, [s[-1] for s in seqs], [len(s) - 1 for s in seqs])
@@ -70,6 +71,32 @@ def test_layers_it_does_not_compute_keep_the_calls_one_by_one(case, make_model, 
     got, calls = decode(model, True, monkeypatch)
     # (an int8 layer still takes it for the one-row prefill of [3, 2], within few_rows)
     assert calls == (model.config.n_layer if case == "many int8 rows" else 0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["batch-invariant int8", "batch-invariant bfloat16",
+                                  "bfloat16 cache", "float32 cache", "many bfloat16 rows"])
+def test_what_it_takes_and_leaves_in_other_setups(case, make_model, monkeypatch):
+    """--batch-invariant: int8 layers are row-independent, so taken; a bfloat16 Linear
+    computes per row there (torch's bmm), so left. A cache of another dtype than the
+    activations: the same kernels write it. More than FEW_ROWS bfloat16 rows: torch's
+    GEMM, so left. Logits equal either way."""
+    model = make_model(FAMILIES["qwen2"], seed=5)  # (its qkv projection has a bias)
+    bf16 = "bfloat16" in case and "cache" not in case or case == "float32 cache"
+    if bf16:
+        model = model.to(torch.bfloat16)
+    configure_stage(model, "int8" if "int8" in case or "cache" in case else None,
+                    batch_invariant="batch-invariant" in case,
+                    kv_dtype={"bfloat16 cache": torch.bfloat16,
+                              "float32 cache": torch.float32}.get(case))
+    prompts = [[1 + i % 7, 2] for i in range(FEW_ROWS + 1)] if "many" in case else PROMPTS
+    want, _ = decode(model, False, monkeypatch, prompts=prompts)
+    got, calls = decode(model, True, monkeypatch, prompts=prompts)
+    # the steps of one position per row that take it: the 6 decode steps (of all the rows)
+    # and each one-position prefill (of one row)
+    prefills = 0 if case == "batch-invariant bfloat16" else sum(len(p) == 2 for p in prompts)
+    steps = prefills + (0 if case in ("batch-invariant bfloat16", "many bfloat16 rows") else 6)
+    assert calls == steps * model.config.n_layer
     assert torch.equal(got, want)
 
 

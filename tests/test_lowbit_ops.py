@@ -190,7 +190,8 @@ for w, x in int8s:
     q, s = quantize_rows(w)
     outs.append(torch.ops.mdi_fused.int8_mm(x, q, s))
 for w, x in bf16s:
-    outs += [torch.ops.mdi_fused.bf16_mm(x, w), torch.ops.mdi_fused.bf16_mm(x.bfloat16(), w)]
+    b = w[:, 0].contiguous()
+    outs += [torch.ops.mdi_fused.bf16_mm(x, w), torch.ops.mdi_fused.bf16_mm(x.bfloat16(), w, b)]
 torch.save((packed_layout(), outs), sys.argv[2])
 """
 
@@ -204,8 +205,9 @@ def test_builds_for_other_cpus_give_the_same_bits(tmp_path, monkeypatch):
     computes the same bits as this machine's build: a ring of different CPUs agrees."""
     inputs = tmp_path / "inputs.pt"
     torch.save(([(randn(n, k), randn(5, k)) for n, k in [(960, 576), (80, 64), (112, 64)]],
-                [(randn(n, k), randn(5, k)) for n, k in [(96, 576), (37, 40)]],
-                [(randn(n, k).bfloat16(), randn(5, k)) for n, k in [(96, 576), (37, 40)]]), inputs)
+                [(randn(n, k), randn(5, k)) for n, k in [(96, 576), (37, 40), (21, 96)]],
+                [(randn(n, k).bfloat16(), randn(5, k)) for n, k in [(96, 576), (37, 40), (22, 48)]]),
+               inputs)
     results, layouts = [], []
     for name, flags, cap in (("native", None, None), ("avx2", ["-mavx2", "-mfma"], "avx2"),
                              ("plain", [], "default")):

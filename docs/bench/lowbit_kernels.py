@@ -1,4 +1,4 @@
-"""mdi's int4 and int8 products (model/csrc/lowbit_ops.cpp) against torch's
+"""mdi's int4 and int8 products (model/csrc/lowbit_ops.cpp, rows_ops.cpp) against torch's
 weight-only kernels on the same stored weights: SmolLM2-135M's 120 block matrices,
 COPIES distinct copies (so a pass reads them from L3 or memory, as a decode step
 does), at 1-16 rows; and the int8 head (49152 x 576) at one row.

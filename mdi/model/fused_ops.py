@@ -1,12 +1,14 @@
 """The decoder layer's small operations as one CPU kernel each (csrc/decode_ops.cpp):
 RMSNorm, a residual add with the norm after it, RoPE with the cache write, decode
-attention over the cache, SwiGLU's gate; and matrix products against float32 activations: int4 (csrc/lowbit_ops.cpp:
-Int4Linear), int8 and bfloat16 rows (csrc/rows_ops.cpp: Int8Linear up to its
-`few_rows`, a bfloat16 Linear up to kernels.FEW_ROWS rows).
+attention over the cache, SwiGLU's gate; matrix products against float32
+activations: int4 (csrc/lowbit_ops.cpp: Int4Linear), int8 and bfloat16 rows
+(csrc/rows_ops.cpp: Int8Linear up to its `few_rows`, a bfloat16 Linear up to
+kernels.FEW_ROWS rows); and a decode step's whole Llama-family layer as one call
+of those kernels (csrc/layer_ops.cpp: fused_layers.block_forward).
 
 An eager decode step of one sequence spent most of its time between the matrix
 products, in ~90-130 aten calls per layer (issue 21). The kernels are built
-with the system's C++ compiler on first use (~15 s, its three sources side by side) into MDI_CACHE_DIR/ops (else
+with the system's C++ compiler on first use (~20 s, its four sources side by side) into MDI_CACHE_DIR/ops (else
 ~/.cache/mdi/ops), keyed by the source, torch's install, the machine, the
 compiler and the flags, and loaded from there afterwards (one build at a time). Where no compiler or no build works, or with
 MDI_FUSED_OPS=0, the layers compute as before with torch's operations (the

@@ -179,8 +179,7 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
         ops = fused_ops.for_lowbit(x)
         if ops is not None:  # float32 sums of exact inputs, one rounding (csrc/rows_ops.cpp)
             x2 = x.view(B * T, C) if x.is_contiguous() else x.reshape(B * T, C)
-            y = ops.bf16_mm(x2, layer.weight)
-            return (y if layer.bias is None else y + layer.bias).view(B, T, -1)
+            return ops.bf16_mm(x2, layer.weight, layer.bias).view(B, T, -1)
     # F.linear's own path for a 3-D input (flatten, mm/addmm, view back), without
     # its dispatch layers, and with the weight's transposed view kept on the layer:
     # 3-4 aten calls instead of 11 per small-weight or bfloat16 decode GEMM
@@ -192,12 +191,14 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
 
 
 def reads_rows(layer: nn.Linear) -> bool:
-    """Can mdi's bfloat16 kernel (fused_ops: `bf16_mm`) read the layer's weight as
-    stored? A bfloat16 CPU weight, contiguous (out, in). It takes a decode step's
-    few rows (up to FEW_ROWS: 1.4x torch's bfloat16 product at one row, level at
-    16, slower above; docs/benchmarks.md); prefills keep torch's GEMM."""
-    w = layer.weight
-    return w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+    """Can mdi's bfloat16 kernel (fused_ops: `bf16_mm`) read the layer's weight and
+    bias as stored? A bfloat16 CPU weight, contiguous (out, in), and a bfloat16 bias
+    or none. It takes up to FEW_ROWS rows (a decode step: 1.4x torch's bfloat16
+    product at one row, level at 16, slower above; docs/benchmarks.md); more rows
+    keep torch's GEMM."""
+    w, b = layer.weight, layer.bias
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+            and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous())))
 
 
 def _transposed(layer: nn.Linear) -> torch.Tensor:

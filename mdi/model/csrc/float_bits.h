@@ -1,5 +1,5 @@
-// bfloat16 as torch converts it, for the kernels of decode_ops.cpp and
-// lowbit_ops.cpp: widening is exact; narrowing rounds to nearest even, as
+// bfloat16 as torch converts it, for the kernels of decode_ops.cpp,
+// lowbit_ops.cpp and rows_ops.cpp: widening is exact; narrowing rounds to nearest even, as
 // c10::BFloat16 does, so a kernel's bfloat16 output has the bits of its float32
 // result passed through .to(torch.bfloat16) (a NaN stays a NaN, with other
 // payload bits than torch's vectorized cast writes)

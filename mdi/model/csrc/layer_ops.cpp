@@ -12,8 +12,8 @@
 //   x = x + linear(mlp.c_proj, silu_mul(linear(c_fc, h)))
 //
 // Each linear is one of mdi's products (`kinds`): int4 codes (int4_mm), int8 rows
-// (int8_mm), bfloat16 rows (bf16_mm), plus its bias if any, as Int4Linear,
-// Int8Linear and layers.linear add it. Which layers qualify is the caller's
+// (int8_mm), bfloat16 rows (bf16_mm, which adds the bias itself), plus its bias
+// if any, as Int4Linear, Int8Linear and layers.linear add it. Which layers qualify is the caller's
 // decision (fused_layers.layer_operands).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -41,8 +41,8 @@ at::Tensor linear(const at::Tensor& h, int64_t kind, int64_t group, int64_t layo
                                       int64_t, int64_t, bool)>("mdi_fused::int4_mm");
   static auto int8_mm = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       bool)>("mdi_fused::int8_mm");
-  static auto bf16_mm =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>("mdi_fused::bf16_mm");
+  static auto bf16_mm = op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, bool)>(
+      "mdi_fused::bf16_mm");
   TORCH_CHECK(w.has_value() && (kind == BF16 || aux.has_value()),
               "decode_layer: a linear's weight (and its scales) needed");
   const at::Tensor x2 = h.reshape({-1, h.size(-1)});
@@ -53,9 +53,9 @@ at::Tensor linear(const at::Tensor& h, int64_t kind, int64_t group, int64_t layo
     y = int8_mm.call(x2, *w, *aux, false);
   } else {
     TORCH_CHECK(kind == BF16, "decode_layer: unknown linear kind ", kind);
-    y = bf16_mm.call(x2, *w, false);
+    y = bf16_mm.call(x2, *w, bias, false);  // (the bias added before the one rounding)
   }
-  if (bias.has_value()) y = y.add(kind == BF16 ? *bias : bias->to(y.scalar_type()));
+  if (bias.has_value() && kind != BF16) y = y.add(bias->to(y.scalar_type()));
   return y.view({h.size(0), h.size(1), y.size(1)});
 }
 

@@ -1,6 +1,7 @@
 // Matrix products of weights stored as rows, against float32 activations: int8
 // rows with a scale per output (`int8_mm`, Int8Linear's few-rows kernel) and
-// bfloat16 rows (`bf16_mm`, a bfloat16 Linear's decode), read as they are stored.
+// bfloat16 rows (`bf16_mm`, a bfloat16 Linear's decode, its bias added to the float32
+// sums), read as they are stored.
 //
 // torch's kernels for these take bfloat16 activations and round the output to
 // bfloat16 inside; these read float32 (a bfloat16 input is widened, exactly) and
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -210,30 +212,39 @@ void all_rows(const float* x, int64_t M, int64_t K, const T* w, const float* sca
   }
 }
 
-// x (M, K) @ w (N, K).T [* scale (N,)], threads splitting the outputs
+// x (M, K) @ w (N, K).T [* scale (N,)] [+ bias (N,)], threads splitting the outputs; a
+// bfloat16 x gets a bfloat16 output, each float32 result (bias included) rounded once
 template <typename T>
 at::Tensor rows_mm(const at::Tensor& x, const T* w, int64_t N, int64_t K, const float* scale,
-                   bool portable) {
+                   const at::BFloat16* bias, bool portable) {
   const int64_t M = x.size(0);
   std::vector<float> widened;
   const float* xf = float_rows(x, widened);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::Tensor out = at::empty({M, N}, x.options());
-  std::vector<float> sums(bf16 ? M * N : 0);  // a bfloat16 output's float32 sums
-  float* po = bf16 ? sums.data() : out.data_ptr<float>();
+  const at::Tensor sums = bf16 ? at::empty({M, N}, x.options().dtype(at::kFloat)) : out;
+  float* po = sums.data_ptr<float>();
+  at::BFloat16* pb = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   const int64_t pieces = (N + OUTPUTS - 1) / OUTPUTS;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(K * sizeof(T), 1));
   at::parallel_for(0, pieces, grain, [&](int64_t p0, int64_t p1) {
-    const int64_t n1 = std::min(N, p1 * OUTPUTS);
-    int64_t n = p0 * OUTPUTS;
+    const int64_t n0 = p0 * OUTPUTS, n1 = std::min(N, p1 * OUTPUTS);
+    int64_t n = n0;
     for (; n + OUTPUTS <= n1; n += OUTPUTS)
       all_rows<T, OUTPUTS>(xf, M, K, w, scale, po, N, n, portable);
     for (; n < n1; ++n) all_rows<T, 1>(xf, M, K, w, scale, po, N, n, portable);
+    if (bias == nullptr && !bf16) return;
+    for (int64_t r = 0; r < M; ++r)  // these outputs' bias, and their one rounding
+      for (int64_t j = n0; j < n1; ++j) {
+        float v = po[r * N + j];
+        if (bias != nullptr) v += widen(bias[j]);
+        if (bf16) {
+          mdi::put(pb + r * N + j, v);  // rounded as .to(torch.bfloat16) rounds (float_bits.h)
+        } else {
+          po[r * N + j] = v;
+        }
+      }
   });
-  if (bf16) {  // rounded as .to(torch.bfloat16) rounds (float_bits.h)
-    at::BFloat16* pb = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < M * N; ++i) mdi::put(pb + i, po[i]);
-  }
   return out;
 }
 
@@ -248,23 +259,30 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
               scale.is_contiguous() && scale.dim() == 1 && scale.size(0) == N,
               "int8_mm: float32 scales (", N, ") needed, got ", scale.scalar_type(), " ",
               scale.sizes());
-  return rows_mm(x, w.data_ptr<int8_t>(), N, K, scale.data_ptr<float>(), portable);
+  return rows_mm(x, w.data_ptr<int8_t>(), N, K, scale.data_ptr<float>(), nullptr, portable);
 }
 
-at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, bool portable) {
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                   bool portable) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
               w.is_contiguous(), "bf16_mm: bfloat16 weight (N, K) contiguous needed, got ",
               w.scalar_type(), " ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
   check_input(x, K, "bf16_mm");
-  return rows_mm(x, w.data_ptr<at::BFloat16>(), N, K, nullptr, portable);
+  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && bias->scalar_type() == at::kBFloat16 &&
+                                    bias->is_contiguous() && bias->dim() == 1 &&
+                                    bias->size(0) == N),
+              "bf16_mm: a bfloat16 bias (", N, ") needed, got ",
+              bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  return rows_mm(x, w.data_ptr<at::BFloat16>(), N, K, nullptr,
+                 bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr, portable);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mdi_fused, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool portable=False) -> Tensor");
-  m.def("bf16_mm(Tensor x, Tensor w, bool portable=False) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor w, Tensor? bias=None, bool portable=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mdi_fused, CPU, m) {
