@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdi.generate import step
 from mdi.model import fused_layers, fused_ops
 from mdi.model.kernels import FEW_ROWS
 from mdi.model.quant import configure_stage
 
 from test_fused import FAMILIES
+from test_fused_ops import decode_run
 
 ops = fused_ops.ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="the fused kernels did not build here")
@@ -31,17 +31,7 @@ def decode(model, layer_kernel: bool, monkeypatch, n: int = 6, prompts=PROMPTS):
         calls.append(got is not None)
         return got
     monkeypatch.setattr(fused_layers, "layer_operands", spy)
-    cache = model.new_cache(len(prompts))
-    seqs, logits = [list(p) for p in prompts], []
-    with torch.inference_mode():
-        for r, p in enumerate(prompts):
-            step.prefill(model, cache, r, p[:-1])
-        for _ in range(n):
-            out = step.decode(model, cache, [s[-1] for s in seqs], [len(s) - 1 for s in seqs])
-            logits.append(out.float())
-            for r, s in enumerate(seqs):
-                s.append(int(out[r].argmax()))
-    return torch.stack(logits), sum(calls)
+    return decode_run(model, prompts, n, True, monkeypatch)[1], sum(calls)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
