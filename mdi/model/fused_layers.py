@@ -7,11 +7,12 @@ attention over the cache, the residual add with the second norm, SwiGLU's
 gate, the last residual add (the int4, int8 and bfloat16 products of few rows
 are the kernels' too, in their layers' forward). Where every piece of a decode
 step's layer has its kernel, the layer is one call (csrc/layer_ops.cpp: the same
-kernels in the same order, without ~80 us of Python between them). A piece whose kernel does not apply falls back to
-the layers' own code: LayerNorm (GPT-2), other activations, a cache that
-stores another dtype (--kv-dtype) or computes its own writes (a compiled step's
-buffers), a packed prefill's rows. A prefill attends with
-scaled_dot_product_attention, whose blocked kernel is faster for many queries.
+kernels in the same order, without ~80 us of Python between them). A piece whose
+kernel does not apply falls back to the layers' own code: LayerNorm (GPT-2),
+other activations, a cache that stores another dtype (--kv-dtype) or computes
+its own writes (a compiled step's buffers), a packed prefill's rows. A prefill
+attends with scaled_dot_product_attention, whose blocked kernel is faster for
+many queries.
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@
 //   x = x + linear(mlp.c_proj, silu_mul(linear(c_fc, h)))
 //
 // Each linear is one of mdi's products (`kinds`): int4 codes (int4_mm), int8 rows
-// (int8_mm), bfloat16 rows (bf16_mm, which adds the bias itself), plus its bias
-// if any, as Int4Linear, Int8Linear and layers.linear add it. Which layers qualify is the caller's
-// decision (fused_layers.layer_operands).
+// (int8_mm), bfloat16 rows (bf16_mm, which adds the bias itself), its bias added
+// as Int4Linear, Int8Linear and layers.linear add it. Which layers qualify is the
+// caller's decision (fused_layers.layer_operands).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

@@ -269,11 +269,11 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, const std::optional
               w.scalar_type(), " ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
   check_input(x, K, "bf16_mm");
-  TORCH_CHECK(!bias.has_value() || (bias->device().is_cpu() && bias->scalar_type() == at::kBFloat16 &&
-                                    bias->is_contiguous() && bias->dim() == 1 &&
-                                    bias->size(0) == N),
-              "bf16_mm: a bfloat16 bias (", N, ") needed, got ",
-              bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  if (bias.has_value())
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kBFloat16 &&
+                    bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == N,
+                "bf16_mm: a bfloat16 bias (", N, ") needed, got ", bias->scalar_type(), " ",
+                bias->sizes());
   return rows_mm(x, w.data_ptr<at::BFloat16>(), N, K, nullptr,
                  bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr, portable);
 }
