@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from mdi.bench import vs_llamacpp
 from mdi.bench.vs_llamacpp import (LlamaCppConfig, format_summary, llamacpp_rate, measured,
                                    summarize)
+from mdi.model import fused_ops
 
 
 @pytest.mark.slow
@@ -146,3 +148,22 @@ def test_the_decode_rate_of_staggered_samples_counts_only_tokens_inside_its_wind
                          step_times=[1.0, 2.0, 3.0, 4.0], n_layers=2, block_size=16,
                          token_times=[[0.5, 0.8, 1.2, 1.5, 3.5], [1.0, 2.0, 2.5, 3.0, 4.0]])
     assert r.decode_tokens_per_s == 4 / 2.0
+
+
+def test_mdi_s_kernels_are_built_before_any_timed_child(monkeypatch, tmp_path):
+    """A child that built the kernels (g++, ~20 s, hundreds of MB) would report that as
+    mdi's time and peak memory: the comparison builds them first, in its own process."""
+    from mdi.checkpoint.shipped import shipped_path
+
+    calls = []
+    monkeypatch.setattr(fused_ops, "ops", lambda: calls.append("kernels"))
+
+    def first_child(*args, **kwargs):
+        calls.append("child")
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(vs_llamacpp, "baseline_rss", first_child)
+    cfg = LlamaCppConfig(str(shipped_path("smollm2-135m-instruct")), str(tmp_path),
+                         out=str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        vs_llamacpp.run_vs_llamacpp(cfg)
+    assert calls == ["kernels", "child"]
