@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import int4
 from .cache import KVCache
-from .kernels import FEW_ROWS, GEMM_DTYPE
+from .kernels import GEMM_DTYPE
 from .kept import kept
 from .layers import (Block, CachedStep, CausalSelfAttention, LinearMode, RMSNorm, cached_attention,
                      linear, reads_rows, rope_cos_sin)
@@ -120,9 +120,8 @@ def _linear_operands(m: torch.nn.Module, x: torch.Tensor, mode: LinearMode) -> t
         return None if int4.PACKED_LAYOUT is None else (0, m.group, m.weight,
                                                          m.scales_and_zeros, m.bias)
     if isinstance(m, Int8Linear):
-        return (1, 0, m.weight, m.scale, m.bias) if rows <= m.few_rows else None
-    if (type(m) is torch.nn.Linear and x.dtype == torch.bfloat16 and mode != "per_row"
-            and rows <= FEW_ROWS and reads_rows(m)):
+        return (1, 0, m.weight, m.scale, m.bias) if m.own_kernel(rows) else None
+    if type(m) is torch.nn.Linear and mode != "per_row" and reads_rows(m, x, rows):
         return (2, 0, m.weight, None, m.bias)
     return None
 

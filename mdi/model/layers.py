@@ -175,7 +175,7 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     if torch.is_grad_enabled():
         _plain(layer)
         return layer(x)
-    if x.dtype == torch.bfloat16 and B * T <= FEW_ROWS and reads_rows(layer):
+    if reads_rows(layer, x, B * T):
         ops = fused_ops.for_lowbit(x)
         if ops is not None:  # float32 sums of exact inputs, one rounding (csrc/rows_ops.cpp)
             x2 = x.view(B * T, C) if x.is_contiguous() else x.reshape(B * T, C)
@@ -190,14 +190,15 @@ def linear(layer: nn.Module, x: torch.Tensor, mode: LinearMode = "dense") -> tor
     return y.view(B, T, -1)
 
 
-def reads_rows(layer: nn.Linear) -> bool:
-    """Can mdi's bfloat16 kernel (fused_ops: `bf16_mm`) read the layer's weight and
-    bias as stored? A bfloat16 CPU weight, contiguous (out, in), and a bfloat16 bias
-    or none. It takes up to FEW_ROWS rows (a decode step: 1.4x torch's bfloat16
-    product at one row, level at 16, slower above; docs/benchmarks.md); more rows
-    keep torch's GEMM."""
+def reads_rows(layer: nn.Linear, x: torch.Tensor, rows: int) -> bool:
+    """Does mdi's bfloat16 kernel (fused_ops: `bf16_mm`, where loaded) compute the
+    layer on `rows` rows of x? bfloat16 activations, a bfloat16 CPU weight,
+    contiguous (out, in), a bfloat16 bias or none, and up to FEW_ROWS rows (a
+    decode step: 1.4x torch's bfloat16 product at one row, level at 16, slower
+    above; docs/benchmarks.md); more rows keep torch's GEMM."""
     w, b = layer.weight, layer.bias
-    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+    return (x.dtype == torch.bfloat16 and rows <= FEW_ROWS and w.dtype == torch.bfloat16
+            and w.device.type == "cpu" and w.is_contiguous()
             and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous())))
 
 

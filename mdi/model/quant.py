@@ -124,6 +124,10 @@ class Int8Linear(nn.Module):
         dequantized GEMM instead."""
         return self.in_features % 16 == 0
 
+    def own_kernel(self, rows: int) -> bool:
+        """Does mdi's `int8_mm` (where loaded) compute `rows` rows: up to few_rows."""
+        return rows <= self.few_rows
+
     def scales_bf16(self) -> torch.Tensor:
         """The scales in bfloat16, torch's kernels' operand: kept on the layer (not
         state; an attribute that aoti.load_package reads from the stage)."""
@@ -136,7 +140,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         n = x2.shape[0]
-        ops = fused_ops.for_lowbit(x2) if n <= self.few_rows else None
+        ops = fused_ops.for_lowbit(x2) if self.own_kernel(n) else None
         if ops is not None:  # float32 activations, its own kernel (csrc/rows_ops.cpp)
             y = ops.int8_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight,
                             self.scale)
